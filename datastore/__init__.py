@@ -1,0 +1,12 @@
+"""The datastore: corpora normalized, deduplicated, tokenized and cut into fixed-length token
+chunks, stored as Parquet shards with a manifest plus memory-mapped arrays for O(1) access.
+
+>>> from datastore import Datastore
+>>> ds = Datastore.open("retromem-demo/datastore")
+>>> tokens, lengths = ds.neighbour_tokens([0, 1, 2])   # chunk + continuation, RETRO's unit
+"""
+
+from datastore.pipeline import BuildConfig, BuildResult, build
+from datastore.store import Chunk, Datastore, Document
+
+__all__ = ["BuildConfig", "BuildResult", "Chunk", "Datastore", "Document", "build"]

@@ -1,0 +1,272 @@
+"""Deduplication: exact (content hash) and near-duplicate (MinHash LSH kept in Bloom filters).
+
+Near duplicates are found as MassiveDS does (MinHash over word 13-gram shingles, Jaccard 0.8)
+but the LSH index is kept as LSHBloom keeps it: one Bloom filter per band instead of a hash
+table of buckets, so memory is fixed by the number of documents and the false-positive rate,
+not by the corpus text. A document is a duplicate when one of its band keys (or its content
+hash, for exact dedup) was already inserted; every document's keys are inserted, which makes
+the result that of connected components over LSH collisions: the first document of each
+cluster, in corpus order, is kept.
+
+All hashing is vectorized over a batch of documents (numpy, uint64 arithmetic modulo 2**64):
+
+* word hashes and shingle hashes are polynomial rolling hashes computed from prefix sums;
+* the MinHash permutations are ``x -> a*x + b mod 2**64`` with odd ``a`` (bijections of the
+  64-bit space, so the minimum is a true MinHash under that permutation family);
+* a band key is a mixed hash of its ``r`` signature values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retromem.errors import ConfigError
+
+_M64 = (1 << 64) - 1
+_B_BYTE = 0x100000001B3  # odd multipliers for the rolling hashes
+_B_WORD = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    ngram: int = 13  # words per shingle (MassiveDS)
+    threshold: float = 0.8  # Jaccard similarity regarded as a near duplicate
+    num_perm: int = 128
+    bands: int = 0  # 0: chosen from threshold and num_perm (minimising FP + FN area)
+    rows: int = 0
+    near_fp_rate: float = 1e-5  # Bloom false-positive rate per band filter
+    exact_fp_rate: float = 1e-9  # Bloom false-positive rate of the content-hash filter
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1:
+            raise ConfigError(f"`dedup.ngram` must be >= 1, got {self.ngram}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"`dedup.threshold` must be in (0, 1), got {self.threshold}")
+        if self.num_perm < 2:
+            raise ConfigError(f"`dedup.num_perm` must be >= 2, got {self.num_perm}")
+        for name in ("near_fp_rate", "exact_fp_rate"):
+            v = getattr(self, name)
+            if not 0.0 < v < 0.5:
+                raise ConfigError(f"`dedup.{name}` must be in (0, 0.5), got {v}")
+        if (self.bands == 0) != (self.rows == 0):
+            raise ConfigError("`dedup.bands` and `dedup.rows` are set together, or both left at 0")
+        if self.bands and self.bands * self.rows > self.num_perm:
+            raise ConfigError(
+                f"`dedup.bands` x `dedup.rows` = {self.bands * self.rows} exceeds "
+                f"`dedup.num_perm` = {self.num_perm}"
+            )
+        if not self.bands:
+            b, r = optimal_bands(self.threshold, self.num_perm)
+            object.__setattr__(self, "bands", b)
+            object.__setattr__(self, "rows", r)
+
+
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising the false-positive plus false-negative probability mass."""
+
+    def integrate(f, a: float, b: float, n: int = 200) -> float:
+        h = (b - a) / n
+        return sum(f(a + (i + 0.5) * h) for i in range(n)) * h
+
+    best, best_err = (1, 1), math.inf
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = integrate(lambda s: 1 - (1 - s**r) ** b, 0.0, threshold)
+            fn = integrate(lambda s: (1 - s**r) ** b, threshold, 1.0)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: decorrelates the linear rolling hashes (uint64 in, uint64 out)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _powers(base: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """base**i and base**-i modulo 2**64 for i < n (base odd)."""
+    inv = pow(base, -1, 1 << 64)
+    p = np.full(n, base, dtype=np.uint64)
+    p[0] = 1
+    q = np.full(n, inv, dtype=np.uint64)
+    q[0] = 1
+    return np.cumprod(p, dtype=np.uint64), np.cumprod(q, dtype=np.uint64)
+
+
+def _range_hash(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int) -> np.ndarray:
+    """Polynomial hash of values[s:e] for each (s, e), position-independent, via prefix sums."""
+    pw, inv = _powers(base, len(values) + 1)
+    prefix = np.zeros(len(values) + 1, dtype=np.uint64)
+    np.cumsum(values * pw[: len(values)], dtype=np.uint64, out=prefix[1:])
+    return (prefix[ends] - prefix[starts]) * inv[starts]
+
+
+@dataclass
+class MinHasher:
+    """MinHash signatures and LSH band keys for batches of documents."""
+
+    cfg: DedupConfig
+    _a: np.ndarray = field(init=False, repr=False)
+    _b: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.cfg.seed)
+        n = self.cfg.bands * self.cfg.rows
+        self._a = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.integers(0, 1 << 63, size=n, dtype=np.uint64)
+
+    def shingles(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(shingle hashes, owning document index) for a batch; each document gets >= 1 shingle.
+
+        Words are maximal runs of ASCII letters/digits or non-ASCII bytes of the lower-cased
+        UTF-8 text; a shingle is ``ngram`` consecutive words (a shorter document is one shingle).
+        """
+        n = self.cfg.ngram
+        joined = "\x00".join(texts)
+        if joined.count("\x00") != len(texts) - 1:  # NUL inside a text (control chars kept)
+            joined = "\x00".join(t.replace("\x00", " ") for t in texts)
+        raw = np.frombuffer(joined.lower().encode("utf-8"), dtype=np.uint8)
+        is_word = (raw >= 0x80) | ((raw >= 0x30) & (raw <= 0x39)) | ((raw >= 0x61) & (raw <= 0x7A))
+        edges = np.diff(np.concatenate(([False], is_word, [False])).astype(np.int8))
+        w_start, w_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        word_hash = _mix64(_range_hash(raw.astype(np.uint64), w_start, w_end, _B_BYTE))
+        # document of each word: separators are the only NUL bytes
+        doc_of_byte_start = np.cumsum(raw == 0)
+        doc_of_word = doc_of_byte_start[w_start] if len(w_start) else np.zeros(0, dtype=np.int64)
+        n_docs = len(texts)
+        first = np.searchsorted(doc_of_word, np.arange(n_docs), side="left")
+        last = np.searchsorted(doc_of_word, np.arange(n_docs), side="right")
+        counts = last - first
+        # full shingles: windows [i, i+n) inside one document
+        s_start = np.arange(max(len(word_hash) - n + 1, 0))
+        full = s_start[doc_of_word[s_start] == doc_of_word[s_start + n - 1]] if len(s_start) else s_start
+        # documents with fewer than n words (including none) get one shingle of all their words
+        short = np.flatnonzero(counts < n)
+        starts = np.concatenate((full, first[short]))
+        ends = np.concatenate((full + n, last[short]))
+        owner = np.concatenate((doc_of_word[full] if len(full) else full, short))
+        hashes = _mix64(_range_hash(word_hash, starts, ends, _B_WORD))
+        order = np.argsort(owner, kind="stable")
+        return hashes[order], owner[order]
+
+    def band_keys(self, texts: list[str], block: int = 1 << 16) -> np.ndarray:
+        """LSH band keys, shape (len(texts), bands), uint64."""
+        hashes, owner = self.shingles(texts)
+        seg = np.searchsorted(owner, np.arange(len(texts)))  # every doc has >= 1 shingle
+        sig = np.empty((len(texts), len(self._a)), dtype=np.uint64)
+        for p0 in range(0, len(self._a), 16):  # bounded temporaries: (16, block)
+            a, b = self._a[p0 : p0 + 16, None], self._b[p0 : p0 + 16, None]
+            parts = []
+            for s0 in range(0, len(hashes), block):
+                parts.append(a * hashes[None, s0 : s0 + block] + b)
+            permuted = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            sig[:, p0 : p0 + 16] = np.minimum.reduceat(permuted, seg, axis=1).T
+        r = self.cfg.rows
+        bands = sig[:, : self.cfg.bands * r].reshape(len(texts), self.cfg.bands, r)
+        key = np.zeros((len(texts), self.cfg.bands), dtype=np.uint64)
+        for j in range(r):
+            key = _mix64(key ^ bands[:, :, j])
+        return _mix64(key + np.arange(self.cfg.bands, dtype=np.uint64))
+
+
+def bloom_params(n_items: int, fp_rate: float) -> tuple[int, int]:
+    """(bits, hash functions) of a Bloom filter holding n_items at fp_rate."""
+    n = max(n_items, 1)
+    bits = max(64, math.ceil(-n * math.log(fp_rate) / math.log(2) ** 2))
+    k = max(1, round(bits / n * math.log(2)))
+    return bits, k
+
+
+def bloom_bytes_per_billion(cfg: DedupConfig) -> int:
+    """Dedup memory for 10**9 documents: what a build of that size holds in RAM."""
+    total = 0
+    if cfg.near:
+        total += cfg.bands * bloom_params(10**9, cfg.near_fp_rate)[0] // 8
+    if cfg.exact:
+        total += bloom_params(10**9, cfg.exact_fp_rate)[0] // 8
+    return total
+
+
+class BloomFilter:
+    """A bit-packed Bloom filter over uint64 keys, with batch query-and-insert."""
+
+    def __init__(self, bits: int, k: int, data: np.ndarray | None = None) -> None:
+        self.bits, self.k = bits, k
+        self.data = np.zeros((bits + 7) // 8, dtype=np.uint8) if data is None else data
+
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        h1 = keys
+        h2 = _mix64(keys ^ np.uint64(0xA0761D6478BD642F)) | np.uint64(1)
+        i = np.arange(self.k, dtype=np.uint64)
+        return ((h1[:, None] + i[None, :] * h2[:, None]) % np.uint64(self.bits)).astype(np.int64)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        pos = self._positions(keys)
+        hit = (self.data[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1
+        return hit.all(axis=1)
+
+    def add(self, keys: np.ndarray) -> None:
+        pos = self._positions(keys).ravel()
+        np.bitwise_or.at(self.data, pos >> 3, (np.uint8(1) << (pos & 7).astype(np.uint8)))
+
+
+def first_occurrence(keys: np.ndarray) -> np.ndarray:
+    """True where keys[i] equals some keys[j], j < i (a duplicate within the batch)."""
+    _, first_idx, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first_idx[inverse.ravel()] < np.arange(len(keys))
+
+
+class Deduplicator:
+    """Stateful exact + near dedup over batches of documents in corpus order."""
+
+    def __init__(self, cfg: DedupConfig, expected_docs: int) -> None:
+        self.cfg = cfg
+        self.exact = BloomFilter(*bloom_params(expected_docs, cfg.exact_fp_rate)) if cfg.exact else None
+        bits, k = bloom_params(expected_docs, cfg.near_fp_rate)
+        self.bands = [BloomFilter(bits, k) for _ in range(cfg.bands)] if cfg.near else []
+
+    def nbytes(self) -> int:
+        return sum(f.data.nbytes for f in ([self.exact] if self.exact else []) + self.bands)
+
+    def process(self, content_hash: np.ndarray, band_keys: np.ndarray) -> np.ndarray:
+        """Reason code per document: 0 keep, 1 exact duplicate, 2 near duplicate.
+
+        content_hash: (n,) uint64; band_keys: (n, bands) uint64.
+        """
+        n = len(content_hash)
+        reason = np.zeros(n, dtype=np.int8)
+        if self.exact is not None:
+            dup = self.exact.contains(content_hash) | first_occurrence(content_hash)
+            reason[dup] = 1
+            self.exact.add(content_hash)
+        if self.bands:
+            near = np.zeros(n, dtype=bool)
+            for j, bloom in enumerate(self.bands):
+                keys = band_keys[:, j]
+                near |= bloom.contains(keys) | first_occurrence(keys)
+                bloom.add(keys)
+            reason[(reason == 0) & near] = 2
+        return reason
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {f"band{j}": f.data for j, f in enumerate(self.bands)}
+        if self.exact is not None:
+            out["exact"] = self.exact.data
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for j, f in enumerate(self.bands):
+            f.data = np.array(state[f"band{j}"])
+        if self.exact is not None:
+            f = self.exact
+            f.data = np.array(state["exact"])

@@ -1,0 +1,101 @@
+"""Executors run one pipeline step over many work items: in local worker processes or on Ray.
+
+Both call the same top-level step function ``fn(ctx, item)`` and hand back ``(item, result)``
+pairs as items finish, so a datastore built under either is the same datastore. Steps write
+their own outputs atomically and skip items already done, so either executor resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Callable, Iterator
+
+from retromem.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+
+
+def _init_worker(threads: int) -> None:
+    # one tokenizer thread pool per worker, sized so workers x threads = cores
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+
+
+class LocalExecutor:
+    """Worker processes on this machine (``workers=1`` runs in-process)."""
+
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = workers or os.cpu_count() or 1
+
+    def map(self, fn: Callable[[dict, int], Any], ctx: dict, items: list[int]) -> Iterator[tuple[int, Any]]:
+        if not items:
+            return
+        n = min(self.workers, len(items))
+        threads = max(1, (os.cpu_count() or 1) // n)
+        if n == 1:
+            _init_worker(threads)
+            for item in items:
+                yield item, fn(ctx, item)
+            return
+        spawn = multiprocessing.get_context("spawn")  # no fork: pyarrow and tokenizers hold threads
+        with ProcessPoolExecutor(n, mp_context=spawn, initializer=_init_worker, initargs=(threads,)) as pool:
+            pending = {pool.submit(fn, ctx, item): item for item in items}
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        item = pending.pop(fut)
+                        yield item, fut.result()
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+
+
+class RayExecutor:
+    """Ray tasks, one per work item, on a local Ray instance or an existing cluster (``address``)."""
+
+    def __init__(self, address: str | None = None, workers: int = 0) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise ConfigError(
+                "`--executor ray` needs Ray: pip install 'retromem[cluster]'"
+            ) from exc
+        self.ray = ray
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = workers or os.cpu_count() or 1
+                kwargs["include_dashboard"] = False
+            ray.init(**kwargs)
+
+    def map(self, fn: Callable[[dict, int], Any], ctx: dict, items: list[int]) -> Iterator[tuple[int, Any]]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=2)(_ray_call)
+        refs = {remote.remote(fn, ctx, item): item for item in items}
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                item = refs.pop(ref)
+                yield item, ray.get(ref)
+
+
+def _ray_call(fn: Callable[[dict, int], Any], ctx: dict, item: int) -> Any:
+    _init_worker(1)
+    return fn(ctx, item)
+
+
+def make_executor(kind: str, workers: int = 0, address: str | None = None):
+    if kind == "local":
+        return LocalExecutor(workers)
+    if kind == "ray":
+        return RayExecutor(address, workers)
+    raise ConfigError(f"`--executor` must be one of {', '.join(EXECUTORS)}, got {kind!r}")

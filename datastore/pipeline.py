@@ -1,0 +1,702 @@
+"""The datastore build: normalize -> dedup -> tokenize -> chunk -> Parquet shards + manifest.
+
+The job is four steps over shards, each resumable:
+
+1. ``ingest`` (parallel, one work unit per input file or group of small files): read records,
+   normalize, apply the error policy, hash the content and compute MinHash band keys; write
+   staged parts of about ``shard_bytes`` of text each.
+2. ``dedup`` (sequential, cheap): run every part's hashes through the exact and LSHBloom
+   filters in corpus order; write a keep/drop reason per document. Checkpointed.
+3. ``tokenize`` (parallel, one part each): batch-tokenize the kept documents with the fast
+   tokenizer and find each chunk's character and byte span.
+4. ``finalize`` (parallel, one part each): with every part's counts known, assign dense global
+   ``doc_id``s and ``chunk_id``s, write the Parquet shards and each part's slice of the
+   memory-mapped arrays; then the manifest.
+
+Every output is written atomically and every finished item leaves a marker in ``_work/``, so a
+killed build re-run with the same command skips finished items and ends with the same bytes.
+The final part index is the shard index; memory is bounded by the shard size (plus the Bloom
+filters, whose size depends only on the number of documents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from datastore import schema
+from datastore.atomic import atomic_path, read_json, sha256_file, write_json
+from datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion, bloom_params
+from datastore.executors import EXECUTORS, make_executor
+from datastore.normalize import NormalizeConfig, normalize
+from datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
+from datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
+from retromem import __version__
+from retromem.errors import ConfigError, DatastoreError, InputError
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+REASONS = {0: "kept", 1: "exact_duplicate", 2: "near_duplicate"}
+_HASH_BATCH_BYTES = 4 << 20  # text per MinHash batch: bounds the hashing temporaries
+_TOKENIZE_BATCH_DOCS = 512
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that defines a datastore build. Fields marked ``run`` do not change the output."""
+
+    inputs: tuple[str, ...]
+    out: str
+    format: str = "auto"
+    text_field: str = "text"
+    id_field: str | None = "id"
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: str = DEFAULT_TOKENIZER
+    chunk_length: int = 64
+    shard_bytes: int = 32 << 20  # normalized text per shard
+    on_error: str = "raise"
+    # run settings
+    workers: int = 0  # 0: one per core
+    executor: str = "local"
+    ray_address: str | None = None
+    keep_work: bool = False
+
+    RUN_FIELDS = ("out", "workers", "executor", "ray_address", "keep_work")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if self.format not in FORMATS:
+            raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not 1 <= self.chunk_length <= 4096:
+            raise ConfigError(f"`chunk_length` must be between 1 and 4096, got {self.chunk_length}")
+        if self.shard_bytes < 1024:
+            raise ConfigError(f"`shard_bytes` must be at least 1024, got {self.shard_bytes}")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"`on_error` must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"`executor` must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        if self.workers < 0:
+            raise ConfigError(f"`workers` must be >= 0, got {self.workers}")
+        if isinstance(self.normalize, dict):
+            object.__setattr__(self, "normalize", NormalizeConfig(**self.normalize))
+        if isinstance(self.dedup, dict):
+            object.__setattr__(self, "dedup", DedupConfig(**self.dedup))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown build config field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the output (recorded in the manifest)."""
+        d = asdict(self)
+        for name in self.RUN_FIELDS:
+            d.pop(name)
+        d["inputs"] = list(self.inputs)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# work directory layout
+
+
+class Layout:
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.work = self.out / "_work"
+
+    manifest = property(lambda s: s.out / "manifest.json")
+    plan = property(lambda s: s.work / "plan.json")
+    tokenizer_dir = property(lambda s: s.out / "tokenizer")
+    tokenizer_json = property(lambda s: s.out / "tokenizer" / "tokenizer.json")
+    arrays = property(lambda s: s.out / "arrays")
+
+    def unit_done(self, u: int) -> Path:
+        return self.work / "ingest" / f"unit-{u:05d}.json"
+
+    def staged(self, u: int, k: int) -> Path:
+        return self.work / "ingest" / f"part-{u:05d}-{k:05d}.parquet"
+
+    def skips(self, u: int) -> Path:
+        return self.work / "ingest" / f"unit-{u:05d}.skips.jsonl"
+
+    def reasons(self, p: int) -> Path:
+        return self.work / "dedup" / f"reasons-{p:05d}.npy"
+
+    checkpoint = property(lambda s: s.work / "dedup" / "checkpoint.npz")
+
+    def tokenized(self, p: int) -> Path:
+        return self.work / "tokenize" / f"part-{p:05d}.npz"
+
+    def tokenize_done(self, p: int) -> Path:
+        return self.work / "tokenize" / f"part-{p:05d}.json"
+
+    def finalize_done(self, p: int) -> Path:
+        return self.work / "finalize" / f"part-{p:05d}.json"
+
+    def shard(self, kind: str, p: int) -> Path:
+        return self.out / kind / f"shard-{p:05d}.parquet"
+
+
+ARRAYS = {
+    # name: (dtype or None for the token dtype, trailing shape)
+    "tokens": None,
+    "chunk_doc_ids": "int64",
+    "chunk_ntokens": "int32",
+    "chunk_byte_spans": "int64",
+    "doc_first_chunk": "int64",
+    "doc_byte_offsets": "int64",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# step 1: ingest
+
+
+def _plan_units(files: list[InputFile], shard_bytes: int) -> list[list[int]]:
+    """Group consecutive input files into work units of about shard_bytes on disk."""
+    units: list[list[int]] = []
+    size = 0
+    for i, f in enumerate(files):
+        if units and size + f.size <= shard_bytes:
+            units[-1].append(i)
+            size += f.size
+        else:
+            units.append([i])
+            size = f.size
+    return units
+
+
+@lru_cache(maxsize=2)
+def _minhasher(dedup: DedupConfig) -> MinHasher:
+    return MinHasher(dedup)
+
+
+def _content_hashes(texts: list[str]) -> list[bytes]:
+    return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
+
+
+def _write_staged(path: Path, cfg: BuildConfig, sources: list[str], ids: list[str], texts: list[str]) -> None:
+    keys = np.zeros((len(texts), cfg.dedup.bands), dtype=np.uint64)
+    if cfg.dedup.near:
+        mh = _minhasher(cfg.dedup)
+        start, size = 0, 0
+        for i, t in enumerate(texts):
+            size += len(t)
+            if size >= _HASH_BATCH_BYTES or i == len(texts) - 1:
+                keys[start : i + 1] = mh.band_keys(texts[start : i + 1])
+                start, size = i + 1, 0
+    band_keys = pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.uint64()), cfg.dedup.bands)
+    table = pa.table(
+        [
+            pa.array(sources, pa.string()),
+            pa.array(ids, pa.string()),
+            pa.array(texts, pa.large_string()),
+            pa.array(_content_hashes(texts), pa.binary(16)),
+            band_keys.cast(pa.list_(pa.uint64())),
+        ],
+        schema=schema.STAGED_SCHEMA,
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="lz4")
+
+
+def ingest_unit(ctx: dict, u: int) -> dict:
+    """Read, validate and normalize one unit's files; write staged parts. Returns its counts."""
+    cfg: BuildConfig = ctx["config"]
+    lay = Layout(cfg.out)
+    done = lay.unit_done(u)
+    if done.exists():
+        return read_json(done)
+    files: list[InputFile] = [ctx["files"][i] for i in ctx["units"][u]]
+    parts: list[dict] = []
+    skips: dict[str, int] = {}
+    skip_lines: list[str] = []
+    sources: list[str] = []
+    ids: list[str] = []
+    texts: list[str] = []
+    size = 0
+    records = 0
+    raw_bytes = 0
+
+    def flush() -> None:
+        nonlocal sources, ids, texts, size
+        if not texts:
+            return
+        _write_staged(lay.staged(u, len(parts)), cfg, sources, ids, texts)
+        parts.append({"docs": len(texts), "text_chars": size})
+        sources, ids, texts, size = [], [], [], 0
+
+    for f in files:
+        for rec in iter_records(f, cfg.text_field, cfg.id_field):
+            if isinstance(rec, Record):
+                records += 1
+                raw_bytes += len(rec.text)
+                text = normalize(rec.text, cfg.normalize)
+                if not text.strip():
+                    rec = InputError(f.path, rec.line, "empty_document",
+                                     f"document {rec.source_id!r} is empty after normalization")
+                else:
+                    sources.append(f.path)
+                    ids.append(rec.source_id)
+                    texts.append(text)
+                    size += len(text)
+                    if size >= cfg.shard_bytes:
+                        flush()
+                    continue
+            if cfg.on_error == "raise":
+                raise rec
+            skips[rec.kind] = skips.get(rec.kind, 0) + 1
+            skip_lines.append(str(rec))
+    flush()
+    if skip_lines:
+        with atomic_path(lay.skips(u)) as tmp:
+            tmp.write_text("\n".join(skip_lines) + "\n")
+    result = {"parts": parts, "records": records, "chars": raw_bytes, "skipped": skips}
+    write_json(done, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# step 2: dedup
+
+
+def _read_hashes(path: Path, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(path, columns=["content_hash", "band_keys"])
+    ch = t.column("content_hash").combine_chunks()
+    content = np.frombuffer(ch.buffers()[1], dtype=np.uint64, count=2 * len(ch)).reshape(-1, 2)[:, 0]
+    bk = t.column("band_keys").combine_chunks().flatten()
+    keys = np.asarray(bk.to_numpy(zero_copy_only=False), dtype=np.uint64).reshape(len(ch), bands)
+    return content.copy(), keys
+
+
+def run_dedup(cfg: BuildConfig, parts: list[tuple[int, int]], total_docs: int) -> dict:
+    lay = Layout(cfg.out)
+    dd = Deduplicator(cfg.dedup, total_docs)
+    start = 0
+    if lay.checkpoint.exists():
+        with np.load(lay.checkpoint) as ck:
+            start = int(ck["parts_done"])
+            dd.load_state({k: ck[k] for k in ck.files if k != "parts_done"})
+    last_save = time.monotonic()
+    bar = tqdm(total=len(parts), initial=start, desc="dedup", unit="shard", disable=None)
+    for p in range(start, len(parts)):
+        content, keys = _read_hashes(lay.staged(*parts[p]), cfg.dedup.bands)
+        reasons = dd.process(content, keys)
+        with atomic_path(lay.reasons(p)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, reasons)
+        bar.update(1)
+        if p == len(parts) - 1 or time.monotonic() - last_save > 30:
+            with atomic_path(lay.checkpoint) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, parts_done=np.int64(p + 1), **dd.state())
+            last_save = time.monotonic()
+    bar.close()
+    counts = {"exact_duplicate": 0, "near_duplicate": 0, "kept": 0}
+    for p in range(len(parts)):
+        r = np.load(lay.reasons(p))
+        for code, name in REASONS.items():
+            counts[name] += int((r == code).sum())
+    return {"bloom_bytes": dd.nbytes(), **counts}
+
+
+# ---------------------------------------------------------------------------------------------
+# step 3: tokenize
+
+
+@lru_cache(maxsize=2)
+def _batch_tokenizer(path: str, chunk_length: int) -> BatchTokenizer:
+    return BatchTokenizer(path, chunk_length)
+
+
+def tokenize_part(ctx: dict, p: int) -> dict:
+    cfg: BuildConfig = ctx["config"]
+    lay = Layout(cfg.out)
+    done = lay.tokenize_done(p)
+    if done.exists():
+        return read_json(done)
+    tok = _batch_tokenizer(str(lay.tokenizer_json), cfg.chunk_length)
+    keep = np.load(lay.reasons(p)) == 0
+    texts = pq.read_table(lay.staged(*ctx["parts"][p]), columns=["text"]).column("text").to_pylist()
+    texts = [t for t, k in zip(texts, keep) if k]
+    ids, ntok, char_starts, byte_starts, doc_bytes = [], [], [], [], []
+    for b in range(0, len(texts), _TOKENIZE_BATCH_DOCS):
+        batch = texts[b : b + _TOKENIZE_BATCH_DOCS]
+        for text, (tids, cstarts) in zip(batch, tok.encode(batch)):
+            raw = text.encode("utf-8")
+            raw_len = len(raw)
+            if raw_len == len(text):
+                bstarts = cstarts
+            else:  # byte offset of each chunk's first character
+                b = np.frombuffer(raw, dtype=np.uint8)
+                bstarts = np.append(np.flatnonzero((b & 0xC0) != 0x80), raw_len)[cstarts]
+            ids.append(tids)
+            ntok.append(len(tids))
+            char_starts.append(cstarts)
+            byte_starts.append(bstarts)
+            doc_bytes.append(raw_len)
+    dtype = np.dtype(ctx["token_dtype"])
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    with atomic_path(lay.tokenized(p)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                ids=cat(ids, dtype),
+                ntok=np.asarray(ntok, np.int64),
+                char_starts=cat(char_starts, np.int64),
+                byte_starts=cat(byte_starts, np.int64),
+                doc_bytes=np.asarray(doc_bytes, np.int64),
+            )
+    L = cfg.chunk_length
+    result = {
+        "docs": len(texts),
+        "tokens": int(sum(ntok)),
+        "chunks": int(sum(-(-n // L) for n in ntok)),
+        "text_bytes": int(sum(doc_bytes)),
+    }
+    write_json(done, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# step 4: finalize
+
+
+def _open_array(lay: Layout, name: str, mode: str, shapes: dict) -> np.ndarray:
+    shape, dtype = shapes[name]
+    return np.lib.format.open_memmap(lay.arrays / f"{name}.npy", mode=mode, dtype=dtype, shape=tuple(shape))
+
+
+def finalize_part(ctx: dict, p: int) -> dict:
+    cfg: BuildConfig = ctx["config"]
+    lay = Layout(cfg.out)
+    done = lay.finalize_done(p)
+    if done.exists():
+        return read_json(done)
+    L = cfg.chunk_length
+    off = ctx["offsets"][p]  # {doc, chunk, byte}
+    staged = pq.read_table(lay.staged(*ctx["parts"][p]), columns=["source", "source_id", "text", "content_hash"])
+    reasons = np.load(lay.reasons(p))
+    keep = reasons == 0
+    with np.load(lay.tokenized(p)) as z:
+        ids, ntok, cstarts, bstarts, doc_bytes = (z[k] for k in ("ids", "ntok", "char_starts", "byte_starts", "doc_bytes"))
+    n_docs = int(keep.sum())
+    n_chunks_doc = -(-ntok // L)
+    n_chunks = int(n_chunks_doc.sum())
+    kept = staged.filter(pa.array(keep))
+    texts = kept.column("text").to_pylist()
+    hashes = [h.hex() for h in kept.column("content_hash").to_pylist()]
+
+    doc_ids = np.arange(off["doc"], off["doc"] + n_docs, dtype=np.int64)
+    first_chunk = off["chunk"] + np.concatenate(([0], np.cumsum(n_chunks_doc)[:-1])).astype(np.int64) if n_docs else np.zeros(0, np.int64)
+    doc_byte_start = off["byte"] + np.concatenate(([0], np.cumsum(doc_bytes)[:-1])).astype(np.int64) if n_docs else np.zeros(0, np.int64)
+
+    # per chunk
+    chunk_doc = np.repeat(doc_ids, n_chunks_doc)
+    chunk_pos = np.concatenate([np.arange(n, dtype=np.int32) for n in n_chunks_doc]) if n_docs else np.zeros(0, np.int32)
+    doc_chars = np.asarray([len(t) for t in texts], dtype=np.int64)
+    local_doc = np.repeat(np.arange(n_docs), n_chunks_doc)
+    last = np.zeros(n_chunks, dtype=bool)
+    if n_chunks:
+        last[np.cumsum(n_chunks_doc) - 1] = True
+    char_end = np.where(last, doc_chars[local_doc], np.roll(cstarts, -1))
+    byte_end = np.where(last, doc_bytes[local_doc], np.roll(bstarts, -1))
+    chunk_tok_start = np.concatenate(([0], np.cumsum(ntok)[:-1]))[local_doc] + chunk_pos.astype(np.int64) * L if n_docs else np.zeros(0, np.int64)
+    chunk_ntok = np.minimum(L, ntok[local_doc] - chunk_pos.astype(np.int64) * L) if n_docs else np.zeros(0, np.int64)
+
+    # token slice (n_chunks, L), padded with the pad id
+    shapes = ctx["array_shapes"]
+    tokens = _open_array(lay, "tokens", "r+", shapes)
+    block = np.full((n_chunks, L), ctx["pad_token_id"], dtype=tokens.dtype)
+    col = np.arange(L)[None, :]
+    valid = col < chunk_ntok[:, None]
+    src = (chunk_tok_start[:, None] + col)[valid]
+    block[valid] = ids[src]
+    tokens[off["chunk"] : off["chunk"] + n_chunks] = block
+    tokens.flush()
+    del tokens
+    for name, values in (
+        ("chunk_doc_ids", chunk_doc),
+        ("chunk_ntokens", chunk_ntok),
+        ("chunk_byte_spans", np.stack([bstarts, byte_end], axis=1) + doc_byte_start[local_doc][:, None] if n_chunks else np.zeros((0, 2), np.int64)),
+    ):
+        arr = _open_array(lay, name, "r+", shapes)
+        arr[off["chunk"] : off["chunk"] + n_chunks] = values
+        arr.flush()
+    for name, values in (("doc_first_chunk", first_chunk), ("doc_byte_offsets", doc_byte_start)):
+        arr = _open_array(lay, name, "r+", shapes)
+        arr[off["doc"] : off["doc"] + n_docs] = values
+        arr.flush()
+    text_bytes = "".join(texts).encode("utf-8")
+    with open(lay.arrays / "text.bin", "r+b") as fh:
+        fh.seek(off["byte"])
+        fh.write(text_bytes)
+
+    # Parquet shards
+    documents = pa.table(
+        [
+            pa.array(doc_ids, pa.int64()),
+            kept.column("source").combine_chunks().cast(pa.string()),
+            kept.column("source_id").combine_chunks().cast(pa.string()),
+            pa.array(texts, pa.large_string()),
+            pa.array(hashes, pa.string()),
+            pa.array(ntok, pa.int64()),
+            pa.array(first_chunk, pa.int64()),
+            pa.array(n_chunks_doc, pa.int64()),
+        ],
+        schema=schema.DOCUMENTS_SCHEMA,
+    )
+    tok_lists = pa.ListArray.from_arrays(
+        pa.array(np.concatenate(([0], np.cumsum(chunk_ntok))).astype(np.int32)),
+        pa.array(block[valid].astype(np.uint32), pa.uint32()),
+    )
+    chunks = pa.table(
+        [
+            pa.array(np.arange(off["chunk"], off["chunk"] + n_chunks, dtype=np.int64), pa.int64()),
+            pa.array(chunk_doc, pa.int64()),
+            pa.array(chunk_pos, pa.int32()),
+            pa.array(cstarts, pa.int64()),
+            pa.array(char_end, pa.int64()),
+            tok_lists,
+        ],
+        schema=schema.CHUNKS_SCHEMA,
+    )
+    dropped = staged.filter(pa.array(~keep))
+    removed = pa.table(
+        [
+            dropped.column("source").combine_chunks().cast(pa.string()),
+            dropped.column("source_id").combine_chunks().cast(pa.string()),
+            pa.array([REASONS[int(r)] for r in reasons[~keep]], pa.string()),
+            pa.array([h.hex() for h in dropped.column("content_hash").to_pylist()], pa.string()),
+        ],
+        schema=schema.REMOVED_SCHEMA,
+    )
+    result: dict[str, Any] = {"shard": p, "documents": n_docs, "chunks": n_chunks, "tokens": int(ntok.sum()),
+                              "text_bytes": len(text_bytes), "removed": int((~keep).sum()),
+                              "first_doc_id": off["doc"], "first_chunk_id": off["chunk"]}
+    for kind, table in (("documents", documents), ("chunks", chunks), ("removed", removed)):
+        path = lay.shard(kind, p)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=8192)
+        result[kind + "_file"] = {"path": str(path.relative_to(lay.out)), "sha256": sha256_file(path),
+                                  "rows": table.num_rows, "bytes": path.stat().st_size}
+    result["tokens_sha256"] = hashlib.sha256(block.tobytes()).hexdigest()
+    result["text_sha256"] = hashlib.sha256(text_bytes).hexdigest()
+    write_json(done, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def _fingerprint(files: list[InputFile]) -> list[dict]:
+    return [{"path": f.path, "format": f.format, "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
+
+
+def _prepare_out(cfg: BuildConfig, overwrite: bool) -> None:
+    lay = Layout(cfg.out)
+    if lay.out.exists() and any(lay.out.iterdir()):
+        is_ours = lay.manifest.exists() or lay.work.exists()
+        if overwrite:
+            if not is_ours:
+                raise ConfigError(f"--overwrite refuses to delete {cfg.out}: it is not a retromem datastore")
+            shutil.rmtree(lay.out)
+        elif not is_ours:
+            raise ConfigError(f"output directory {cfg.out} exists and is not a retromem datastore; choose another --out")
+
+
+def _run_step(executor, name: str, fn, ctx: dict, items: list[int], unit: str, weights: list[int] | None = None) -> dict[int, Any]:
+    results: dict[int, Any] = {}
+    total = sum(weights) if weights else len(items)
+    with tqdm(total=total, desc=name, unit="B" if weights else unit, unit_scale=bool(weights), disable=None) as bar:
+        for item, res in executor.map(fn, ctx, items):
+            results[item] = res
+            bar.update(weights[item] if weights else 1)
+    return results
+
+
+@dataclass
+class BuildResult:
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+    already_complete: bool = False
+
+
+def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
+    """Build (or resume building) the datastore described by ``cfg``."""
+    lay = Layout(cfg.out)
+    files = expand_inputs(list(cfg.inputs), cfg.format)
+    plan = {"config": cfg.identity(), "files": _fingerprint(files)}
+    _prepare_out(cfg, overwrite)
+    if lay.manifest.exists():
+        manifest = read_json(lay.manifest)
+        if manifest.get("build_config") != plan["config"] or manifest.get("inputs") != plan["files"]:
+            raise DatastoreError(
+                f"{cfg.out} holds a finished datastore built with other inputs or settings; "
+                "use another --out, or --overwrite to replace it"
+            )
+        return BuildResult(manifest, {}, already_complete=True)
+    if lay.plan.exists():
+        old = read_json(lay.plan)
+        if old["config"] != plan["config"] or old["files"] != plan["files"]:
+            raise DatastoreError(
+                f"{cfg.out} holds an unfinished build with other inputs or settings "
+                f"(see {lay.plan}); re-run that build, use another --out, or --overwrite"
+            )
+        logger.info("resuming the build in %s", cfg.out)
+    else:
+        lay.work.mkdir(parents=True, exist_ok=True)
+        write_json(lay.plan, plan)
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    # the tokenizer, saved into the datastore so every reader decodes with exactly it
+    if not lay.tokenizer_json.exists():
+        hf = load_hf_tokenizer(cfg.tokenizer)
+        tmp = lay.out / ".tokenizer.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        hf.save_pretrained(str(tmp))
+        write_json(tmp / "retromem_tokenizer.json", asdict(describe(hf, cfg.tokenizer)))
+        os.replace(tmp, lay.tokenizer_dir)
+    tok_info = read_json(lay.tokenizer_dir / "retromem_tokenizer.json")
+    seconds["tokenizer"] = time.perf_counter() - t0
+
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
+    units = _plan_units(files, cfg.shard_bytes)
+    ctx: dict[str, Any] = {"config": cfg, "files": files, "units": units,
+                           "token_dtype": tok_info["token_dtype"], "pad_token_id": tok_info["pad_token_id"]}
+
+    t = time.perf_counter()
+    unit_sizes = [sum(files[i].size for i in u) for u in units]
+    ing = _run_step(executor, "ingest", ingest_unit, ctx, list(range(len(units))), "unit", unit_sizes)
+    seconds["ingest"] = time.perf_counter() - t
+    parts = [(u, k) for u in range(len(units)) for k in range(len(ing[u]["parts"]))]
+    ctx["parts"] = parts
+    total_docs = sum(pt["docs"] for u in range(len(units)) for pt in ing[u]["parts"])
+    if total_docs == 0:
+        raise DatastoreError("the inputs hold no usable document" + (" (all were skipped)" if cfg.on_error == "skip" else ""))
+
+    t = time.perf_counter()
+    dedup_stats = run_dedup(cfg, parts, total_docs)
+    seconds["dedup"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tok = _run_step(executor, "tokenize", tokenize_part, ctx, list(range(len(parts))), "shard")
+    seconds["tokenize"] = time.perf_counter() - t
+
+    # global offsets of every part, then the arrays at their final size
+    offsets, d, c, b = [], 0, 0, 0
+    for p in range(len(parts)):
+        offsets.append({"doc": d, "chunk": c, "byte": b})
+        d, c, b = d + tok[p]["docs"], c + tok[p]["chunks"], b + tok[p]["text_bytes"]
+    L = cfg.chunk_length
+    shapes = {
+        "tokens": ((c, L), tok_info["token_dtype"]),
+        "chunk_doc_ids": ((c,), "int64"),
+        "chunk_ntokens": ((c,), "int32"),
+        "chunk_byte_spans": ((c, 2), "int64"),
+        "doc_first_chunk": ((d + 1,), "int64"),
+        "doc_byte_offsets": ((d + 1,), "int64"),
+    }
+    ctx.update(offsets=offsets, array_shapes=shapes)
+    layout_marker = lay.work / "finalize" / "arrays.json"
+    if not layout_marker.exists():
+        lay.arrays.mkdir(parents=True, exist_ok=True)
+        for name in shapes:
+            _open_array(lay, name, "w+", shapes).flush()
+        with open(lay.arrays / "text.bin", "wb") as fh:
+            fh.truncate(b)
+        ends = _open_array(lay, "doc_first_chunk", "r+", shapes)
+        ends[d] = c
+        ends.flush()
+        ends = _open_array(lay, "doc_byte_offsets", "r+", shapes)
+        ends[d] = b
+        ends.flush()
+        write_json(layout_marker, {k: [list(v[0]), v[1]] for k, v in shapes.items()})
+
+    t = time.perf_counter()
+    fin = _run_step(executor, "finalize", finalize_part, ctx, list(range(len(parts))), "shard")
+    seconds["finalize"] = time.perf_counter() - t
+
+    skipped: dict[str, int] = {}
+    for u in range(len(units)):
+        for k, v in ing[u]["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    if skipped:
+        with atomic_path(lay.out / "skipped.txt") as tmp:
+            with open(tmp, "w") as out:
+                for u in range(len(units)):
+                    if lay.skips(u).exists():
+                        out.write(lay.skips(u).read_text())
+    shards = [fin[p] for p in range(len(parts))]
+    manifest = _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, total_docs)
+    write_json(lay.manifest, manifest)
+    if not cfg.keep_work:
+        shutil.rmtree(lay.work, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - t0
+    return BuildResult(manifest, seconds)
+
+
+def _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, total_docs) -> dict:
+    bits, k = bloom_params(10**9, cfg.dedup.near_fp_rate)
+    stats = {
+        "input_documents": total_docs + sum(skipped.values()),
+        "skipped": skipped,
+        "removed_exact": dedup_stats["exact_duplicate"],
+        "removed_near": dedup_stats["near_duplicate"],
+        "kept": dedup_stats["kept"],
+        "method": "exact content hash (blake2b-128) + MinHash LSH in Bloom filters (LSHBloom)",
+        "ngram": cfg.dedup.ngram, "threshold": cfg.dedup.threshold, "num_perm": cfg.dedup.num_perm,
+        "bands": cfg.dedup.bands, "rows": cfg.dedup.rows,
+        "near_fp_rate": cfg.dedup.near_fp_rate, "exact_fp_rate": cfg.dedup.exact_fp_rate,
+        "bloom_bytes_this_build": dedup_stats["bloom_bytes"],
+        "bloom_bytes_per_billion_documents": bloom_bytes_per_billion(cfg.dedup),
+    }
+    fingerprint = hashlib.sha256()
+    fingerprint.update(tok_info["vocab_hash"].encode())
+    fingerprint.update(str(cfg.chunk_length).encode())
+    for s in shards:
+        for key in ("documents_file", "chunks_file"):
+            fingerprint.update(s[key]["sha256"].encode())
+        fingerprint.update(s["tokens_sha256"].encode())
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "created_by": f"retromem {__version__}",
+        "datastore_id": fingerprint.hexdigest(),
+        "tokenizer": tok_info,
+        "chunk_length": cfg.chunk_length,
+        "counts": {
+            "documents": sum(s["documents"] for s in shards),
+            "chunks": sum(s["chunks"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "text_bytes": sum(s["text_bytes"] for s in shards),
+            "input_chars": sum(r["chars"] for r in ing.values()),
+            "shards": len(shards),
+        },
+        "shards": shards,
+        "arrays": {name: {"file": f"arrays/{name}.npy", "shape": list(s[0]), "dtype": s[1]} for name, s in shapes.items()}
+        | {"text": {"file": "arrays/text.bin", "bytes": sum(s["text_bytes"] for s in shards)}},
+        "dedup": stats,
+        "inputs": plan["files"],
+        "build_config": plan["config"],
+    }

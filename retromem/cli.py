@@ -1,0 +1,304 @@
+"""The ``retromem`` command line: one sub-command group per package, plus ``demo``.
+
+Library errors (:class:`retromem.errors.RetromemError`) become a one-line ``error:`` message
+and exit status 2; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+
+from retromem import __version__
+from retromem.errors import ConfigError, RetromemError
+from retromem.logging import setup_logging
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(value: str | int, flag: str) -> int:
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"`{flag}` must be a size such as 32MiB, 512MB or 1000000, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RetromemError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="retromem")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(verbose: int, quiet: bool) -> None:
+    """retromem: datastores, retrieval indexes, a retrieval service, RETRO and memory modules."""
+    setup_logging(-1 if quiet else verbose)
+
+
+# ---------------------------------------------------------------------------------------------
+# datastore
+
+
+@main.group()
+def datastore() -> None:
+    """Build and inspect datastores (normalize, dedup, tokenize, chunk)."""
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read --config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of build settings")
+    return data
+
+
+@datastore.command("build")
+@click.argument("inputs", nargs=-1)
+@click.option("--out", "-o", help="Output datastore directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of build settings (flags override it).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "text"]), default="auto", show_default=True,
+              help="Input format; auto goes by extension (.jsonl/.json/.ndjson, .parquet, anything else is text; .gz/.zst stripped first).")
+@click.option("--text-field", default="text", show_default=True, help="JSON field or Parquet column holding the text.")
+@click.option("--id-field", default="id", show_default=True, help="JSON field or Parquet column holding the document id ('' for none: file:line).")
+@click.option("--tokenizer", default="smollm2-135m", show_default=True, help="Built-in name (smollm2-135m, gpt2), local directory or hub id.")
+@click.option("--chunk-length", type=int, default=64, show_default=True, help="Tokens per chunk (RETRO: 64).")
+@click.option("--shard-size", default="32MiB", show_default=True, help="Normalized text per shard.")
+@click.option("--exact-dedup/--no-exact-dedup", default=True, show_default=True)
+@click.option("--near-dedup/--no-near-dedup", default=True, show_default=True)
+@click.option("--dedup-threshold", type=float, default=0.8, show_default=True, help="Jaccard similarity of near duplicates.")
+@click.option("--dedup-ngram", type=int, default=13, show_default=True, help="Words per MinHash shingle.")
+@click.option("--num-perm", type=int, default=128, show_default=True, help="MinHash permutations.")
+@click.option("--bloom-fp-rate", type=float, default=1e-5, show_default=True, help="False-positive rate of each LSH band's Bloom filter.")
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
+              help="Bad records: stop with an error naming file and line, or count, log and skip them.")
+@click.option("--workers", type=int, default=0, show_default=True, help="Worker processes (0: one per core).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing datastore at --out first.")
+@click.option("--keep-work", is_flag=True, help="Keep the _work/ directory of intermediate files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@click.pass_context
+@handle_errors
+def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None, config_path: str | None,
+                    fmt: str, text_field: str, id_field: str, tokenizer: str, chunk_length: int,
+                    shard_size: str, exact_dedup: bool, near_dedup: bool, dedup_threshold: float,
+                    dedup_ngram: int, num_perm: int, bloom_fp_rate: float, on_error: str, workers: int,
+                    executor: str, ray_address: str | None, overwrite: bool, keep_work: bool, as_json: bool) -> None:
+    """Build a datastore from INPUTS (files, directories or globs; JSONL, Parquet or text; plain, .gz or .zst).
+
+    Re-running the same command after an interruption resumes where it stopped.
+    """
+    from datastore import BuildConfig, build
+
+    settings: dict[str, Any] = _load_yaml(config_path) if config_path else {}
+    dedup = dict(settings.pop("dedup", {}) or {})
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+    flags = {
+        "format": ("fmt", fmt), "text_field": ("text_field", text_field),
+        "id_field": ("id_field", id_field or None), "tokenizer": ("tokenizer", tokenizer),
+        "chunk_length": ("chunk_length", chunk_length), "shard_bytes": ("shard_size", parse_size(shard_size, "--shard-size")),
+        "on_error": ("on_error", on_error), "workers": ("workers", workers), "executor": ("executor", executor),
+        "ray_address": ("ray_address", ray_address), "keep_work": ("keep_work", keep_work),
+    }
+    for key, (param, value) in flags.items():
+        if given(param) or key not in settings:
+            settings[key] = value
+    dedup_flags = {"exact": ("exact_dedup", exact_dedup), "near": ("near_dedup", near_dedup),
+                   "threshold": ("dedup_threshold", dedup_threshold), "ngram": ("dedup_ngram", dedup_ngram),
+                   "num_perm": ("num_perm", num_perm), "near_fp_rate": ("bloom_fp_rate", bloom_fp_rate)}
+    for key, (param, value) in dedup_flags.items():
+        if given(param) or key not in dedup:
+            dedup[key] = value
+    settings["dedup"] = dedup
+    if inputs:
+        settings["inputs"] = list(inputs)
+    if out:
+        settings["out"] = out
+    if not settings.get("inputs"):
+        raise ConfigError("no input given: name files, directories or globs, or `inputs:` in --config")
+    if not settings.get("out"):
+        raise ConfigError("no output given: pass --out DIR (or `out:` in --config)")
+    if isinstance(settings.get("shard_bytes"), str):
+        settings["shard_bytes"] = parse_size(settings["shard_bytes"], "shard_bytes")
+    cfg = BuildConfig.from_dict(settings)
+    result = build(cfg, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(_summary(result.manifest), indent=2))
+        return
+    if result.already_complete:
+        click.echo(f"{cfg.out} is already complete (same inputs and settings); nothing to do.")
+    _print_summary(result.manifest, result.seconds)
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {"datastore_id": m["datastore_id"], "counts": m["counts"], "tokenizer": m["tokenizer"],
+            "chunk_length": m["chunk_length"], "dedup": m["dedup"]}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _print_summary(m: dict[str, Any], seconds: dict[str, float] | None = None) -> None:
+    c, d, t = m["counts"], m["dedup"], m["tokenizer"]
+    skipped = sum(d["skipped"].values())
+    lines = [
+        f"datastore   {m['datastore_id'][:16]}  (format {m['format_version']}, {m['created_by']})",
+        f"tokenizer   {t['name']}  vocab {t['vocab_size']:,}  {t['token_dtype']}  sha256:{t['vocab_hash'][:12]}",
+        f"documents   {d['input_documents']:,} read -> {skipped:,} skipped, {d['removed_exact']:,} exact duplicates, "
+        f"{d['removed_near']:,} near duplicates removed -> {c['documents']:,} kept",
+        f"chunks      {c['chunks']:,} of {m['chunk_length']} tokens  ({c['tokens']:,} tokens, {c['shards']} shards)",
+        f"text        {_fmt_bytes(c['text_bytes'])} normalized UTF-8",
+        f"dedup       MinHash {d['num_perm']} perms, {d['bands']} bands x {d['rows']} rows, {d['ngram']}-word shingles, "
+        f"Jaccard {d['threshold']}; Bloom memory {_fmt_bytes(d['bloom_bytes_this_build'])} here, "
+        f"{_fmt_bytes(d['bloom_bytes_per_billion_documents'])} per billion documents",
+    ]
+    if skipped:
+        lines.append("skipped     " + ", ".join(f"{k}: {v:,}" for k, v in sorted(d["skipped"].items())) + "  (see skipped.txt)")
+    if seconds:
+        # the pipeline's own time: loading the tokenizer is a one-off, not per byte
+        total = seconds.get("total", 0.0) - seconds.get("tokenizer", 0.0)
+        mb = c["input_chars"] / 1e6
+        lines.append("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+        if total:
+            lines.append(f"throughput  {mb / total:.2f} MB/s of input text, {c['tokens'] / total:,.0f} tokens/s")
+    click.echo("\n".join(lines))
+
+
+@datastore.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--verify", is_flag=True, help="Recompute and check every checksum.")
+@handle_errors
+def datastore_info(path: str, as_json: bool, verify: bool) -> None:
+    """Counts, tokenizer, sizes and dedup statistics of the datastore at PATH."""
+    from datastore import Datastore
+
+    ds = Datastore.open(path)
+    if as_json:
+        click.echo(json.dumps(ds.manifest, indent=2))
+    else:
+        _print_summary(ds.manifest)
+        on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        click.echo(f"on disk     {_fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
+    if verify:
+        problems = ds.verify()
+        for p in problems:
+            click.echo(f"checksum: {p}", err=True)
+        if problems:
+            sys.exit(1)
+        click.echo("verify      all checksums match")
+
+
+@datastore.command("show")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("chunk_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--continuation/--no-continuation", default=True, show_default=True, help="Also show the next chunk of the document.")
+@handle_errors
+def datastore_show(path: str, chunk_id: int, as_json: bool, continuation: bool) -> None:
+    """Show chunk CHUNK_ID of the datastore at PATH: text, tokens, document, continuation."""
+    from datastore import Datastore
+
+    ds = Datastore.open(path)
+    try:
+        (chunk,) = ds.chunks([chunk_id])
+    except IndexError as exc:
+        raise ConfigError(str(exc)) from exc
+    doc = ds.document(chunk.doc_id)
+    nxt = ds.chunks([chunk.continuation_id])[0] if continuation and chunk.continuation_id is not None else None
+    if as_json:
+        record = {
+            "chunk_id": chunk.chunk_id, "doc_id": chunk.doc_id, "position": chunk.position,
+            "char_span": [chunk.char_start, chunk.char_end], "tokens": chunk.tokens.tolist(), "text": chunk.text,
+            "document": {"source": doc.source, "source_id": doc.source_id, "n_chunks": doc.n_chunks},
+            "continuation": None if nxt is None else {"chunk_id": nxt.chunk_id, "tokens": nxt.tokens.tolist(), "text": nxt.text},
+        }
+        click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"chunk {chunk.chunk_id}: document {chunk.doc_id} ({doc.source_id} from {doc.source}), "
+               f"chunk {chunk.position + 1} of {doc.n_chunks}, chars {chunk.char_start}..{chunk.char_end}, {len(chunk.tokens)} tokens")
+    click.echo(f"tokens: {chunk.tokens.tolist()}")
+    click.echo("text:\n" + click.style(chunk.text, fg="green"))
+    if nxt is not None:
+        click.echo(f"continuation (chunk {nxt.chunk_id}):\n" + click.style(nxt.text, fg="cyan"))
+    elif continuation:
+        click.echo("continuation: none (last chunk of its document)")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def demo_corpus() -> Path:
+    """The built-in demo corpus shipped in the package (see retromem/data/PROVENANCE.md)."""
+    return Path(str(resources.files("retromem") / "data" / "python-docs-tutorial-howto.jsonl.gz"))
+
+
+@main.command()
+@click.option("--out", default="retromem-demo", show_default=True, help="Directory for everything the demo builds.")
+@click.option("--workers", type=int, default=0, show_default=True)
+@click.pass_context
+@handle_errors
+def demo(ctx: click.Context, out: str, workers: int) -> None:
+    """Run the main job on the built-in corpus (Python tutorial and HOWTOs): build a datastore and read it back."""
+    from datastore import BuildConfig, Datastore, build
+
+    out_dir = Path(out)
+    corpus = demo_corpus()
+    click.echo(f"[1/2] datastore build: {corpus.name} -> {out_dir / 'datastore'}")
+    cfg = BuildConfig(inputs=(str(corpus),), out=str(out_dir / "datastore"), workers=workers)
+    result = build(cfg)
+    _print_summary(result.manifest, result.seconds or None)
+    ds = Datastore.open(cfg.out)
+    click.echo("\n[2/2] datastore read: a chunk, its continuation, and a document round trip")
+    cid = ds.num_chunks // 2
+    chunk = ds.chunks([cid])[0]
+    toks, lens = ds.neighbour_tokens([cid])
+    click.echo(f"chunk {cid} (document {chunk.doc_id}, position {chunk.position}): {chunk.text[:160]!r}...")
+    click.echo(f"RETRO neighbour unit (chunk + continuation): {int(lens[0])} tokens")
+    doc_ids = ds.document_chunk_ids(chunk.doc_id)
+    tokens = np_concat_tokens(ds, doc_ids)
+    same = ds.tokenizer.decode(tokens) == ds.document_text(chunk.doc_id)
+    click.echo(f"decoding the {len(doc_ids)} chunks of document {chunk.doc_id} gives back its text: {same}")
+    click.echo(f"\nnext: retromem datastore info {cfg.out}   |   retromem datastore show {cfg.out} {cid}")
+
+
+def np_concat_tokens(ds, chunk_ids) -> list[int]:
+    toks, lens = ds.tokens(chunk_ids)
+    return [int(t) for row, n in zip(toks, lens) for t in row[:n]]
+
+
+if __name__ == "__main__":
+    main()
