@@ -67,7 +67,7 @@ class BuildConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: str = DEFAULT_TOKENIZER
     chunk_length: int = 64
-    shard_bytes: int = 32 << 20  # normalized text per shard
+    shard_bytes: int = 16 << 20  # normalized text per shard (also the unit of parallel work)
     on_error: str = "raise"
     # run settings
     workers: int = 0  # 0: one per core

@@ -35,17 +35,21 @@ BUILTIN_TOKENIZERS = ("smollm2-135m", "gpt2")
 def load_hf_tokenizer(spec: str):
     """A ``transformers`` fast tokenizer for ``spec`` (built-in name, local directory or hub id)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from retromem import assets
 
-    if spec == "smollm2-135m":
-        cached = assets.cache_dir() / "tokenizers" / "smollm2-135m"
+    if spec in BUILTIN_TOKENIZERS:
+        # built-ins are converted once (GGUF / slow BPE files -> tokenizer.json) and cached
+        cached = assets.cache_dir() / "tokenizers" / spec
         if not (cached / "tokenizer.json").is_file():
-            gguf = assets.smollm2_gguf()
-            logger.info("extracting the SmolLM2-135M tokenizer from %s", gguf)
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tmp = cached.with_name(cached.name + ".tmp")
+            if spec == "smollm2-135m":
+                gguf = assets.smollm2_gguf()
+                logger.info("extracting the SmolLM2-135M tokenizer from %s", gguf)
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            else:
+                tok = _gpt2_from_bpe_files(*assets.gpt2_bpe_files())
+            tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
             tok.save_pretrained(str(tmp))
             if cached.exists():
                 import shutil
@@ -53,9 +57,6 @@ def load_hf_tokenizer(spec: str):
                 shutil.rmtree(cached)
             os.replace(tmp, cached)
         tok = AutoTokenizer.from_pretrained(str(cached))
-    elif spec == "gpt2":
-        encoder, merges = assets.gpt2_bpe_files()
-        tok = GPT2TokenizerFast(vocab_file=str(encoder), merges_file=str(merges))
     else:
         try:
             tok = AutoTokenizer.from_pretrained(spec)
@@ -71,6 +72,20 @@ def load_hf_tokenizer(spec: str):
             "for batch tokenization. Convert it with transformers (AutoTokenizer(..., use_fast=True))."
         )
     return tok
+
+
+def _gpt2_from_bpe_files(encoder: Path, merges: Path):
+    """GPT-2's byte-level BPE built from encoder.json + vocab.bpe with the tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", model_max_length=1024,
+    )
 
 
 def vocab_hash(backend) -> str:

@@ -86,7 +86,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
 @click.option("--id-field", default="id", show_default=True, help="JSON field or Parquet column holding the document id ('' for none: file:line).")
 @click.option("--tokenizer", default="smollm2-135m", show_default=True, help="Built-in name (smollm2-135m, gpt2), local directory or hub id.")
 @click.option("--chunk-length", type=int, default=64, show_default=True, help="Tokens per chunk (RETRO: 64).")
-@click.option("--shard-size", default="32MiB", show_default=True, help="Normalized text per shard.")
+@click.option("--shard-size", default="16MiB", show_default=True, help="Normalized text per shard.")
 @click.option("--exact-dedup/--no-exact-dedup", default=True, show_default=True)
 @click.option("--near-dedup/--no-near-dedup", default=True, show_default=True)
 @click.option("--dedup-threshold", type=float, default=0.8, show_default=True, help="Jaccard similarity of near duplicates.")

@@ -1,0 +1,35 @@
+import numpy as np
+
+from datastore.tokenizer import BatchTokenizer, load_hf_tokenizer
+from tests.conftest import demo_records
+
+TEXTS = [
+    "plain ascii text " * 40,
+    "Ünïcödé wörds, emoji 🙂🙂 and CJK 漢字かな mixed with ascii; " * 12,
+    "  leading spaces and trailing   \n\n\ttabs\t",
+    "a <|endoftext|> literal special token is text",
+    demo_records()[0]["text"][:5000],
+]
+
+
+def test_byte_level_boundaries_match_tokenizer_offsets(tmp_path):
+    tok = load_hf_tokenizer("gpt2")
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    bt = BatchTokenizer(tmp_path / "tokenizer.json", chunk_length=16)
+    assert bt.byte_level
+    fast = bt.encode(TEXTS)
+    for text, (ids, starts) in zip(TEXTS, fast):
+        ref_ids, ref_starts = bt._encode_with_offsets(text)
+        np.testing.assert_array_equal(ids, ref_ids)
+        # offsets may put a split multi-byte character in either chunk; both tile the text
+        assert starts[0] == 0 and np.all(np.diff(starts) > 0) and starts[-1] < len(text)
+        assert np.abs(starts - ref_starts).max() <= 1
+        assert tok.decode(ids.tolist()) == text
+
+
+def test_special_token_strings_in_text_are_not_control_tokens(tmp_path):
+    tok = load_hf_tokenizer("gpt2")
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    bt = BatchTokenizer(tmp_path / "tokenizer.json", chunk_length=64)
+    ids, _ = bt.encode(["x <|endoftext|> y"])[0]
+    assert tok.eos_token_id not in ids.tolist()
