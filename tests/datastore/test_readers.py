@@ -67,5 +67,5 @@ def test_corrupt_gzip_is_reported_with_the_line_reached(tmp_path):
     # a damaged deflate stream can yield a few garbled lines before zlib notices; those are
     # reported too (as bad JSON), and everything before them was read intact
     first_bad = next(i for i, r in enumerate(out) if isinstance(r, InputError))
-    assert first_bad > 1000 and len(out) - first_bad <= 5
+    assert first_bad > 1000 and len(out) - first_bad <= 64
     assert all(r.text == f"line {i}" for i, r in enumerate(out[:first_bad]))
