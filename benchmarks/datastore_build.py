@@ -112,7 +112,7 @@ def tokenization_comparison(paths: list[str], tokenizer_dir: Path, limit_bytes: 
     batch_s = time.perf_counter() - t
     hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     t = time.perf_counter()
-    n_loop = sum(len(hf.encode(x, add_special_tokens=False)) for x in texts)
+    n_loop = sum(len(hf.encode(x, add_special_tokens=False, split_special_tokens=True)) for x in texts)
     loop_s = time.perf_counter() - t
     return {"bytes": size, "docs": len(texts), "tokens": n_batch, "tokens_loop": n_loop,
             "batch_mb_s": size / batch_s / 1e6, "loop_mb_s": size / loop_s / 1e6, "speedup": loop_s / batch_s}

@@ -155,17 +155,6 @@ class Layout:
         return self.out / kind / f"shard-{p:05d}.parquet"
 
 
-ARRAYS = {
-    # name: (dtype or None for the token dtype, trailing shape)
-    "tokens": None,
-    "chunk_doc_ids": "int64",
-    "chunk_ntokens": "int32",
-    "chunk_byte_spans": "int64",
-    "doc_first_chunk": "int64",
-    "doc_byte_offsets": "int64",
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # step 1: ingest
 
@@ -310,6 +299,7 @@ def run_dedup(cfg: BuildConfig, parts: list[tuple[int, int]], total_docs: int) -
                     np.savez(fh, parts_done=np.int64(p + 1), **dd.state())
             last_save = time.monotonic()
     bar.close()
+    logger.info("dedup: %d shards, Bloom filters %.1f MiB", len(parts), dd.nbytes() / 2**20)
     counts = {"exact_duplicate": 0, "near_duplicate": 0, "kept": 0}
     for p in range(len(parts)):
         r = np.load(lay.reasons(p))
@@ -527,10 +517,13 @@ def _prepare_out(cfg: BuildConfig, overwrite: bool) -> None:
 def _run_step(executor, name: str, fn, ctx: dict, items: list[int], unit: str, weights: list[int] | None = None) -> dict[int, Any]:
     results: dict[int, Any] = {}
     total = sum(weights) if weights else len(items)
+    t = time.perf_counter()
+    # the bar shows on a terminal; the log line below is the record in batch logs
     with tqdm(total=total, desc=name, unit="B" if weights else unit, unit_scale=bool(weights), disable=None) as bar:
         for item, res in executor.map(fn, ctx, items):
             results[item] = res
             bar.update(weights[item] if weights else 1)
+    logger.info("%s: %d %ss done in %.1f s", name, len(items), unit, time.perf_counter() - t)
     return results
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,29 @@ class BatchTokenizer:
         self.chunk_length = chunk_length
         self.byte_level = is_lossless_byte_level(self.backend)
         self._byte_lens = byte_length_table(self.backend) if self.byte_level else None
+        self._tiktoken = tiktoken_equivalent(self.backend) if self.byte_level else None
+        self._threads = max(1, int(os.environ.get("RAYON_NUM_THREADS", "1")))
+
+    @property
+    def engine(self) -> str:
+        return "tiktoken" if self._tiktoken is not None else "tokenizers"
+
+    def encode_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (special-token strings are text)."""
+        if self._tiktoken is None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        enc, unencodable = self._tiktoken
+        hard = [] if unencodable is None else [i for i, t in enumerate(texts) if unencodable.search(t)]
+        if not hard:
+            return enc.encode_ordinary_batch(texts, num_threads=self._threads)
+        hard_set = set(hard)
+        easy = [i for i in range(len(texts)) if i not in hard_set]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(easy, enc.encode_ordinary_batch([texts[i] for i in easy], num_threads=self._threads)):
+            out[i] = ids
+        for i, e in zip(hard, self.backend.encode_batch_fast([texts[i] for i in hard], add_special_tokens=False)):
+            out[i] = e.ids
+        return out
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each text: (token ids as int64, char offset where each chunk starts).
@@ -154,9 +178,8 @@ class BatchTokenizer:
         L = self.chunk_length
         out: list[tuple[np.ndarray, np.ndarray]] = []
         if self.byte_level:
-            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-            for text, enc in zip(texts, encodings):
-                ids = np.asarray(enc.ids, dtype=np.int64)
+            for text, id_list in zip(texts, self.encode_ids(texts)):
+                ids = np.asarray(id_list, dtype=np.int64)
                 lens = self._byte_lens[ids]
                 # byte offset before token i is the sum of the lengths of tokens < i
                 cum = np.cumsum(lens, dtype=np.int64)
@@ -197,6 +220,72 @@ def byte_length_table(backend) -> np.ndarray:
     for idx, added in backend.get_added_tokens_decoder().items():
         table[idx] = len(added.content.encode("utf-8"))
     return table
+
+
+# The pre-tokenizer regex of byte-level BPE (tokenizers' ByteLevel with use_regex=True).
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Probe texts on which a tiktoken twin must reproduce the tokenizer exactly before it is used.
+_PROBES = (
+    "Hello world! It's 2024; they'll say \"don't\" -- 3.14159 x 10^6 items @ $5.\n\n\tIndented\r\n",
+    "Ünïcödé wörds, emoji 🙂🙂, CJK 漢字かな, Arabic مرحبا, combining e\u0301, NBSP\u00a0here.   \n  ",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\n\n    \n<|endoftext|> <s> </s> <|im_end|>",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa " * 3 + "antidisestablishmentarianism",
+)
+
+
+def tiktoken_equivalent(backend):
+    """(tiktoken ``Encoding``, regex of characters it cannot encode) twin of a byte-level BPE, or None.
+
+    tiktoken's BPE is several times faster than the tokenizers library on one core. It ranks
+    merges by the id of the merged token, which equals the tokenizers merge order for
+    vocabularies trained that way (GPT-2, SmolLM2); the twin is used only if the pre-tokenizer
+    is the GPT-2 regex, every added token is special (kept literal here), and it reproduces
+    the tokenizer exactly on the probe texts. Otherwise the caller keeps the tokenizers path.
+    """
+    try:
+        import tiktoken
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:
+        return None
+    spec = json.loads(backend.to_str())
+    if not (spec.get("pre_tokenizer") or {}).get("use_regex", False):
+        return None
+    if any(not t.special for t in backend.get_added_tokens_decoder().values()):
+        return None
+    decode = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    for token, idx in backend.get_vocab(with_added_tokens=False).items():
+        if any(c not in decode for c in token):
+            return None
+        ranks[bytes(decode[c] for c in token)] = idx
+    # Bytes without a token of their own (a pruned vocabulary: SmolLM2 lacks a few control
+    # bytes and rare 4-byte lead bytes) cannot go through tiktoken; texts holding a character
+    # that encodes to one are routed to the tokenizers library instead.
+    missing = [b for b in range(256) if bytes([b]) not in ranks and b not in (0xC0, 0xC1) and b < 0xF5]
+    if any(0x80 <= b < 0xC0 for b in missing):  # a continuation byte: any non-ASCII text may hold it
+        return None
+    ranges = []
+    for b in missing:
+        if b < 0x80:
+            lo, hi = b, b
+        elif b < 0xE0:
+            lo, hi = (b - 0xC0) << 6, ((b - 0xC0) << 6) + 0x3F
+        elif b < 0xF0:
+            lo, hi = (b - 0xE0) << 12, ((b - 0xE0) << 12) + 0xFFF
+        else:
+            lo, hi = (b - 0xF0) << 18, ((b - 0xF0) << 18) + 0x3FFFF
+        ranges.append(f"{re.escape(chr(lo))}-{re.escape(chr(hi))}")
+    unencodable = re.compile(f"[{''.join(ranges)}]") if ranges else None
+    try:
+        enc = tiktoken.Encoding("retromem-twin", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    except Exception as exc:  # e.g. duplicate ranks
+        logger.debug("no tiktoken twin: %s", exc)
+        return None
+    for probe in _PROBES:
+        if enc.encode_ordinary(probe) != backend.encode(probe, add_special_tokens=False).ids:
+            logger.info("tiktoken does not reproduce this tokenizer; using the tokenizers library")
+            return None
+    return enc, unencodable
 
 
 def _bytes_to_chars(raw: bytes, text: str, byte_offsets: np.ndarray) -> np.ndarray:

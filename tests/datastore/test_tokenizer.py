@@ -33,3 +33,24 @@ def test_special_token_strings_in_text_are_not_control_tokens(tmp_path):
     bt = BatchTokenizer(tmp_path / "tokenizer.json", chunk_length=64)
     ids, _ = bt.encode(["x <|endoftext|> y"])[0]
     assert tok.eos_token_id not in ids.tolist()
+
+
+def test_tiktoken_twin_reproduces_the_default_tokenizer_on_real_text(tmp_path):
+    """The fast path (tiktoken) must give exactly the tokenizers library's ids, for both built-ins."""
+    texts = [r["text"] for r in demo_records()]
+    for name in ("smollm2-135m", "gpt2"):
+        tok = load_hf_tokenizer(name)
+        tok.backend_tokenizer.save(str(tmp_path / f"{name}.json"))
+        bt = BatchTokenizer(tmp_path / f"{name}.json", chunk_length=64)
+        assert bt.engine == "tiktoken"
+        reference = [e.ids for e in bt.backend.encode_batch(texts, add_special_tokens=False)]
+        assert bt.encode_ids(texts) == reference
+
+
+def test_characters_outside_a_pruned_vocabulary_fall_back_to_tokenizers(tmp_path):
+    tok = load_hf_tokenizer("smollm2-135m")
+    tok.backend_tokenizer.save(str(tmp_path / "t.json"))
+    bt = BatchTokenizer(tmp_path / "t.json", chunk_length=64)
+    # U+4xxxx encodes with lead byte 0xF1, which SmolLM2's vocabulary lacks; \x04 likewise
+    texts = ["plain text", "rare \U00041234 plane-4 char", "control \x04 byte", "more plain text"]
+    assert bt.encode_ids(texts) == [e.ids for e in bt.backend.encode_batch(texts, add_special_tokens=False)]
