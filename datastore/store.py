@@ -152,14 +152,16 @@ class Datastore:
 
         Tokens are left-aligned: chunk tokens, then continuation tokens, then padding.
         """
-        toks, lens = self.tokens(ids)
-        ctoks, clens = self.continuation(ids)
+        arr = self._check_ids(ids)
         L = self.chunk_length
-        out = np.full((len(lens), 2 * L), self.pad_token_id, dtype=toks.dtype)
-        out[:, :L] = toks
-        full = lens == L  # only a document's last chunk is short, and it has no continuation
-        out[full, L:] = ctoks[full]
-        return out, lens + np.where(full, clens, 0)
+        nxt = np.minimum(arr + 1, self.num_chunks - 1)
+        same = (nxt != arr) & (self._chunk_doc[nxt] == self._chunk_doc[arr])
+        out = np.empty((len(arr), 2 * L), dtype=self._tokens.dtype)
+        out[:, :L] = self._tokens[arr]
+        out[:, L:] = self._tokens[nxt]
+        out[~same, L:] = self.pad_token_id
+        # only a document's last chunk is short, and it never has a continuation
+        return out, self._chunk_ntok[arr] + np.where(same, self._chunk_ntok[nxt], 0)
 
     def chunk_texts(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         arr = self._check_ids(ids)
