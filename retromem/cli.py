@@ -162,7 +162,7 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
             "chunk_length": m["chunk_length"], "dedup": m["dedup"]}
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -179,10 +179,10 @@ def _print_summary(m: dict[str, Any], seconds: dict[str, float] | None = None) -
         f"documents   {d['input_documents']:,} read -> {skipped:,} skipped, {d['removed_exact']:,} exact duplicates, "
         f"{d['removed_near']:,} near duplicates removed -> {c['documents']:,} kept",
         f"chunks      {c['chunks']:,} of {m['chunk_length']} tokens  ({c['tokens']:,} tokens, {c['shards']} shards)",
-        f"text        {_fmt_bytes(c['text_bytes'])} normalized UTF-8",
+        f"text        {fmt_bytes(c['text_bytes'])} normalized UTF-8",
         f"dedup       MinHash {d['num_perm']} perms, {d['bands']} bands x {d['rows']} rows, {d['ngram']}-word shingles, "
-        f"Jaccard {d['threshold']}; Bloom memory {_fmt_bytes(d['bloom_bytes_this_build'])} here, "
-        f"{_fmt_bytes(d['bloom_bytes_per_billion_documents'])} per billion documents",
+        f"Jaccard {d['threshold']}; Bloom memory {fmt_bytes(d['bloom_bytes_this_build'])} here, "
+        f"{fmt_bytes(d['bloom_bytes_per_billion_documents'])} per billion documents",
     ]
     if skipped:
         lines.append("skipped     " + ", ".join(f"{k}: {v:,}" for k, v in sorted(d["skipped"].items())) + "  (see skipped.txt)")
@@ -211,7 +211,7 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
     else:
         _print_summary(ds.manifest)
         on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        click.echo(f"on disk     {_fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
+        click.echo(f"on disk     {fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
     if verify:
         problems = ds.verify()
         for p in problems:
@@ -258,7 +258,38 @@ def datastore_show(path: str, chunk_id: int, as_json: bool, continuation: bool) 
 
 
 # ---------------------------------------------------------------------------------------------
+# groups filled in by the other packages' command modules (imported at the bottom of this file)
+
+
+@main.group()
+def index() -> None:
+    """Dense (FAISS) and n-gram (suffix array, FM-index) indexes over a datastore."""
+
+
+@main.group()
+def ngram() -> None:
+    """The infini-gram language model: per-token scores and interpolation with a neural LM."""
+
+
+@main.group()
+def memory() -> None:
+    """Memory modules (AutoCompressor, Infini-attention): fine-tuning and long-context evaluation."""
+
+
+# ---------------------------------------------------------------------------------------------
 # demo
+
+# Each package's command module appends a step: (order, title, fn(out_dir, datastore_path, echo)).
+# The demo runs them in order after building the datastore, so `retromem demo` grows with the project.
+DEMO_STEPS: list[tuple[int, str, Any]] = []
+
+
+def demo_step(order: int, title: str):
+    def register(fn):
+        DEMO_STEPS.append((order, title, fn))
+        return fn
+
+    return register
 
 
 def demo_corpus() -> Path:
@@ -269,20 +300,26 @@ def demo_corpus() -> Path:
 @main.command()
 @click.option("--out", default="retromem-demo", show_default=True, help="Directory for everything the demo builds.")
 @click.option("--workers", type=int, default=0, show_default=True)
+@click.option("--only", multiple=True, help="Run only the demo steps whose title starts with this (the datastore is always built).")
 @click.pass_context
 @handle_errors
-def demo(ctx: click.Context, out: str, workers: int) -> None:
-    """Run the main job on the built-in corpus (Python tutorial and HOWTOs): build a datastore and read it back."""
+def demo(ctx: click.Context, out: str, workers: int, only: tuple[str, ...]) -> None:
+    """Run the main job on the built-in corpus (Python tutorial and HOWTOs): build a datastore, read it
+    back, then index, query and model it with every part of retromem."""
     from datastore import BuildConfig, Datastore, build
 
     out_dir = Path(out)
     corpus = demo_corpus()
-    click.echo(f"[1/2] datastore build: {corpus.name} -> {out_dir / 'datastore'}")
+    steps = sorted(DEMO_STEPS, key=lambda s: s[0])
+    if only:
+        steps = [s for s in steps if any(s[1].startswith(o) for o in only)]
+    total = 2 + len(steps)
+    click.echo(f"[1/{total}] datastore build: {corpus.name} -> {out_dir / 'datastore'}")
     cfg = BuildConfig(inputs=(str(corpus),), out=str(out_dir / "datastore"), workers=workers)
     result = build(cfg)
     _print_summary(result.manifest, result.seconds or None)
     ds = Datastore.open(cfg.out)
-    click.echo("\n[2/2] datastore read: a chunk, its continuation, and a document round trip")
+    click.echo(f"\n[2/{total}] datastore read: a chunk, its continuation, and a document round trip")
     cid = ds.num_chunks // 2
     chunk = ds.chunks([cid])[0]
     toks, lens = ds.neighbour_tokens([cid])
@@ -292,6 +329,9 @@ def demo(ctx: click.Context, out: str, workers: int) -> None:
     tokens = np_concat_tokens(ds, doc_ids)
     same = ds.tokenizer.decode(tokens) == ds.document_text(chunk.doc_id)
     click.echo(f"decoding the {len(doc_ids)} chunks of document {chunk.doc_id} gives back its text: {same}")
+    for i, (_, title, fn) in enumerate(steps, start=3):
+        click.echo(f"\n[{i}/{total}] {title}")
+        fn(out_dir, Path(cfg.out), click.echo)
     click.echo(f"\nnext: retromem datastore info {cfg.out}   |   retromem datastore show {cfg.out} {cid}")
 
 
@@ -299,6 +339,10 @@ def np_concat_tokens(ds, chunk_ids) -> list[int]:
     toks, lens = ds.tokens(chunk_ids)
     return [int(t) for row, n in zip(toks, lens) for t in row[:n]]
 
+
+# The command modules of the other packages register their sub-commands and demo steps on import.
+# Each gets its own module so that the packages grow without touching this file.
+from retromem import cli_dense, cli_ngram, cli_memory  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
