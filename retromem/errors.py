@@ -41,3 +41,12 @@ class DatastoreError(RetromemError):
 
 class AssetError(RetromemError):
     """An offline model or tokenizer asset cannot be found or fetched."""
+
+
+class QueryError(RetromemError, ValueError):
+    """A query has a bad value: empty, too long, wrong dimension, NaN, k out of range, ..."""
+
+
+class IndexFormatError(RetromemError):
+    """An index directory is missing, truncated or corrupt, or was built from another datastore
+    or embedder than the one it is asked to serve."""
