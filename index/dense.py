@@ -439,7 +439,7 @@ class DenseIndex:
     @staticmethod
     def _read_merged(path: Path, ivfdata: Path):
         faiss = _faiss()
-        index = _read_index(path, mmap=True)
+        index = _read_index(path)  # its OnDiskInvertedLists memory-map the .ivfdata themselves
         ivf = faiss.extract_index_ivf(index)
         invlists = faiss.downcast_InvertedLists(ivf.invlists)
         if hasattr(invlists, "filename") and Path(invlists.filename).resolve() != ivfdata.resolve():

@@ -23,6 +23,7 @@ from retromem.errors import ConfigError
 # FAISS clustering warns below 39 training points per centroid and samples down above 256.
 MIN_POINTS_PER_CENTROID = 39
 MAX_POINTS_PER_CENTROID = 256
+TRAIN_CAP = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -67,21 +68,22 @@ class FactorySpec:
             need = max(need, MIN_POINTS_PER_CENTROID * self.nlist)
         if self.pq_ksub:
             need = max(need, MIN_POINTS_PER_CENTROID * self.pq_ksub)
-        if self.pretransform_bytes or "SQ" in self.factory:
-            need = max(need, 1000)
+        if self.pretransform_bytes:
+            need = max(need, 2 * self.d_in)  # a rotation needs more points than dimensions
         return need
 
     def good_train(self) -> int:
-        """A sample big enough that FAISS would not sample it down: 256 points per centroid
-        (PQ and OPQ gain little beyond 256 * 2**nbits)."""
+        """A good training sample: 256 points per centroid (where FAISS starts to sample down;
+        PQ and OPQ gain little beyond 256 * 2**nbits), but at most a million points for the coarse
+        quantizer (the sample is held in RAM as float32) and never below the minimum."""
         want = 0
         if self.nlist:
-            want = max(want, MAX_POINTS_PER_CENTROID * self.nlist)
+            want = max(want, min(MAX_POINTS_PER_CENTROID * self.nlist, TRAIN_CAP))
         if self.pq_ksub:
             want = max(want, MAX_POINTS_PER_CENTROID * self.pq_ksub)
         if self.pretransform_bytes or "SQ" in self.factory:
             want = max(want, 65536)
-        return want
+        return max(want, self.min_train())
 
 
 _TOKEN_RES = {

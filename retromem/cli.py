@@ -345,4 +345,8 @@ def np_concat_tokens(ds, chunk_ids) -> list[int]:
 from retromem import cli_dense, cli_ngram, cli_memory  # noqa: E402,F401
 
 if __name__ == "__main__":
-    main()
+    # `python -m retromem.cli` runs this file as __main__; the command modules registered their
+    # commands on the importable `retromem.cli`, so run that one
+    from retromem.cli import main as _main
+
+    _main()

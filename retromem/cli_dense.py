@@ -1,7 +1,225 @@
-"""Commands: `retromem index embed|build-dense|search|tune|eval-dense` and `retromem plan` (issue: dense retrieval).
+"""Commands: `retromem index embed|build-dense|search|tune|eval-dense` and `retromem plan` (dense retrieval).
 
-Imported at the end of :mod:`retromem.cli`; attach commands to its groups and register a demo step
-with :func:`retromem.cli.demo_step`.
+Imported at the end of :mod:`retromem.cli`; attaches commands to its groups and registers a demo step.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from retromem.cli import demo_step, fmt_bytes, handle_errors, index, main, parse_size
+from retromem.errors import ConfigError
+
+
+@index.command("embed")
+@click.argument("datastore", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", default=None, help="Embeddings directory (default: DATASTORE/embeddings/<model>).")
+@click.option("--model", default="all-minilm-l6-v2", show_default=True,
+              help="sentence-transformers model: built-in all-minilm-l6-v2 (offline), a local directory or a hub id.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present).")
+@click.option("--fp16/--no-fp16", default=None, help="Half precision (default: on for CUDA, off for CPU).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one embedder actor per GPU of the cluster.")
+@click.option("--ray-address", default=None)
+@click.option("--overwrite", is_flag=True, help="Delete existing embeddings at --out first.")
+@handle_errors
+def index_embed(datastore: str, out: str | None, model: str, batch_size: int, device: str | None, fp16: bool | None,
+                executor: str, ray_address: str | None, overwrite: bool) -> None:
+    """Embed every chunk of DATASTORE, one float16 file per datastore shard; re-run to resume."""
+    from index.embed import EmbedConfig, embed_datastore
+
+    cfg = EmbedConfig(datastore=datastore, out=out, model=model, batch_size=batch_size, device=device, fp16=fp16,
+                      executor=executor, ray_address=ray_address)
+    res = embed_datastore(cfg, overwrite=overwrite)
+    m = res.manifest
+    e = m["embedder"]
+    if res.embedded_shards == 0:
+        click.echo(f"{res.out} is already complete; nothing to do.")
+    click.echo(f"embeddings  {m['num_vectors']:,} x {m['dim']} float16 in {len(m['shards'])} shards -> {res.out}")
+    click.echo(f"embedder    {e['name']}  sha256:{e['weights_sha256'][:12]}  max_seq_length {e['max_seq_length']}")
+    if res.chunks_per_second:
+        click.echo(f"throughput  {res.chunks_per_second:,.0f} chunks/s ({res.seconds:.1f}s)")
+
+
+@index.command("build-dense")
+@click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, help="Index directory.")
+@click.option("--factory", default="auto", show_default=True,
+              help="FAISS factory string (Flat, HNSW32, IVF4096,SQ8, OPQ64,IVF65536_HNSW32,PQ64 ...) or auto.")
+@click.option("--memory-budget", default=None, help="For --factory auto: the most the index may take, e.g. 2GiB.")
+@click.option("--target-recall", type=float, default=0.95, show_default=True, help="Recall@10 the tuning step aims for.")
+@click.option("--train-size", type=int, default=None, help="Training sample (default: 256 points per centroid).")
+@click.option("--shard-vectors", type=int, default=50_000_000, show_default=True, help="Vectors per index shard.")
+@click.option("--merge", type=click.Choice(["none", "ondisk"]), default="none", show_default=True,
+              help="ondisk: merge IVF shards into one index with memory-mapped inverted lists.")
+@click.option("--gpu/--no-gpu", default=None, help="Train, add (and search) on GPUs (default: when faiss-gpu sees one).")
+@click.option("--tune/--no-tune", default=True, show_default=True, help="Find nprobe/efSearch for --target-recall after building.")
+@click.option("--overwrite", is_flag=True)
+@handle_errors
+def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: str | None, target_recall: float,
+                      train_size: int | None, shard_vectors: int, merge: str, gpu: bool | None, tune: bool, overwrite: bool) -> None:
+    """Build a FAISS index over EMBEDDINGS (from `retromem index embed`); re-run to resume."""
+    from index.dense import DenseBuildConfig, build_dense
+
+    cfg = DenseBuildConfig(embeddings=embeddings, out=out, factory=factory,
+                           memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
+                           target_recall=target_recall, train_size=train_size, shard_vectors=shard_vectors,
+                           merge=merge, gpu=gpu, tune=tune)
+    res = build_dense(cfg, overwrite=overwrite)
+    _print_index(res.meta)
+
+
+def _print_index(m: dict) -> None:
+    click.echo(f"index       {m['factory']}  ({m['ntotal']:,} vectors x {m['dim']}, inner product)")
+    click.echo(f"chosen      {m['reason']}")
+    click.echo(f"size        {fmt_bytes(m['index_bytes'])} ({m['index_bytes'] / max(m['ntotal'], 1):.1f} bytes/vector; "
+               f"float32 {4 * m['dim']}; estimated {fmt_bytes(m['estimated_bytes'])})")
+    click.echo(f"built from  datastore {m['datastore_id'][:16]}  embedder {m['embedder']['name']} "
+               f"sha256:{m['embedder']['weights_sha256'][:12]}")
+    t = m.get("tuning")
+    if t:
+        state = "reached" if t["reached"] else "NOT reached (best shown)"
+        click.echo(f"tuned       {t['param']}={t['value']}: recall@{t['k']} target {t['target_recall']} {state}")
+    secs = (m.get("build") or {}).get("seconds")
+    if secs:
+        click.echo("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
+
+
+@index.command("search")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", type=int, default=5, show_default=True)
+@click.option("--nprobe", type=int, default=None)
+@click.option("--ef-search", type=int, default=None)
+@click.option("--exclude-doc", "exclude_docs", type=int, multiple=True, help="doc_id to exclude (every query).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def index_search(index_dir: str, queries: tuple[str, ...], k: int, nprobe: int | None, ef_search: int | None,
+                 exclude_docs: tuple[int, ...], as_json: bool) -> None:
+    """Search the dense index INDEX_DIR for each of QUERIES (texts); show hits with their continuation."""
+    from index.dense import DenseIndex
+
+    idx = DenseIndex.open(index_dir)
+    excl = [list(exclude_docs)] * len(queries) if exclude_docs else None
+    res = idx.search(list(queries), k, nprobe=nprobe, ef_search=ef_search, exclude_doc_ids=excl, fetch=True)
+    if as_json:
+        out = [[{"chunk_id": p.chunk_id, "doc_id": p.doc_id, "score": float(s), "text": p.text,
+                 "continuation_id": p.continuation_id, "continuation": p.continuation_text}
+                for p, s in zip(res.payloads[i], res.scores[i])] for i in range(len(queries))]
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    for i, q in enumerate(queries):
+        click.echo(f"query: {q!r}")
+        for rank, (p, s) in enumerate(zip(res.payloads[i], res.scores[i]), 1):
+            click.echo(f"  {rank}. chunk {p.chunk_id} (doc {p.doc_id})  score {s:.3f}  {_snippet(p.text)}")
+
+
+def _snippet(text: str | None, n: int = 110) -> str:
+    t = " ".join((text or "").split())
+    return repr(t[:n] + ("..." if len(t) > n else ""))
+
+
+@index.command("tune")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--target-recall", type=float, default=0.95, show_default=True)
+@click.option("-k", type=int, default=10, show_default=True)
+@click.option("--queries", "n_queries", type=int, default=500, show_default=True, help="Sampled chunks used as queries.")
+@handle_errors
+def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int) -> None:
+    """Find the smallest nprobe/efSearch reaching --target-recall recall@k against exact search; store it."""
+    from index.dense import tune
+
+    rep = tune(index_dir, target_recall=target_recall, k=k, n_queries=n_queries)
+    if rep.param is None:
+        click.echo(f"{rep.meta['factory']} has no search parameter to tune (exact or fixed).")
+        return
+    for c in rep.curve:
+        click.echo(f"  {rep.param}={int(c[rep.param]):<6} recall@{k}={c['recall']:.4f}  {c['qps']:,.0f} q/s")
+    verdict = "reaches" if rep.reached else "does NOT reach (the codes are too coarse; best kept)"
+    click.echo(f"default {rep.param}={rep.value}: {verdict} recall@{k} >= {target_recall}")
+
+
+@index.command("eval-dense")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--queries", "n_queries", type=int, default=1000, show_default=True)
+@click.option("--nprobe", type=int, default=None)
+@click.option("--ef-search", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def index_eval_dense(index_dir: str, n_queries: int, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+    """Recall@1/10/100 against exact inner-product search, and queries/s of both, on sampled chunks."""
+    from index.dense import DenseIndex, evaluate
+
+    ntotal = DenseIndex.open(index_dir).ntotal
+    ks = tuple(k for k in (1, 10, 100) if k <= ntotal)
+    rep = evaluate(index_dir, n_queries=n_queries, ks=ks, nprobe=nprobe, ef_search=ef_search)
+    if as_json:
+        click.echo(json.dumps({"factory": rep.factory, "queries": rep.queries, "recall": rep.recall, "qps": rep.qps,
+                               "exact_qps": rep.exact_qps, "speedup": rep.speedup, "bytes_per_vector": rep.bytes_per_vector,
+                               "float32_bytes_per_vector": rep.float32_bytes_per_vector, "params": rep.params}, indent=2))
+        return
+    click.echo(f"index       {rep.factory}  params {rep.params}  ({rep.queries} sampled chunks as queries, own document excluded)")
+    click.echo("recall      " + "  ".join(f"@{k} {r:.4f}" for k, r in rep.recall.items()) + "   (against exact inner-product search)")
+    click.echo(f"speed       {rep.qps:,.0f} q/s vs exact {rep.exact_qps:,.0f} q/s: {rep.speedup:.2f}x")
+    click.echo(f"size        {rep.bytes_per_vector:.1f} bytes/vector vs float32 {rep.float32_bytes_per_vector}: {rep.compression:.1f}x smaller")
+
+
+@main.command("plan")
+@click.option("--tokens", default="1e12", show_default=True, help="Datastore size in tokens (e.g. 2e12).")
+@click.option("--chunk-length", type=int, default=64, show_default=True)
+@click.option("--dim", type=int, default=384, show_default=True, help="Embedder dimension (all-MiniLM-L6-v2: 384).")
+@click.option("--factory", default="OPQ64_384,IVF262144_HNSW32,PQ64", show_default=True)
+@click.option("--unit-costs", type=click.Path(dir_okay=False), default=None,
+              help="JSON of unit costs (default: the ones measured for this release; see --measure).")
+@click.option("--measure", is_flag=True, help="Measure unit costs on this machine first (about a minute).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the predicted curves (1e6..1e13 tokens) to this PNG.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def plan_cmd(tokens: str, chunk_length: int, dim: int, factory: str, unit_costs: str | None, measure: bool,
+             plot: str | None, as_json: bool) -> None:
+    """Predict chunks, embedding and index bytes, search RAM and build time for a datastore of --tokens."""
+    from index.plan import UnitCosts, measure_unit_costs, plot_plan, predict
+
+    try:
+        n_tokens = int(float(tokens))
+    except ValueError as exc:
+        raise ConfigError(f"`--tokens` must be a number such as 1e12, got {tokens!r}") from exc
+    costs = measure_unit_costs() if measure else UnitCosts.load(unit_costs)
+    p = predict(n_tokens, chunk_length=chunk_length, dim=dim, factory=factory, costs=costs)
+    if as_json:
+        click.echo(json.dumps(p.as_dict(), indent=2))
+    else:
+        for line in p.describe():
+            click.echo(line)
+    if plot:
+        plot_plan(plot, chunk_length=chunk_length, dim=dim, factory=factory, costs=costs)
+        click.echo(f"plot        {plot}")
+
+
+@demo_step(30, "dense index: embed the chunks, build FAISS, search with exclusion")
+def demo_dense(out_dir: Path, datastore_path: Path, echo) -> None:
+    from index.dense import DenseBuildConfig, DenseIndex, build_dense
+    from index.embed import EmbedConfig, embed_datastore
+
+    emb = embed_datastore(EmbedConfig(datastore=str(datastore_path), out=str(out_dir / "embeddings"), batch_size=64))
+    echo(f"embedded {emb.manifest['num_vectors']:,} chunks with {emb.manifest['embedder']['name']} "
+         f"({emb.manifest['dim']} dims, float16) -> {emb.out}"
+         + (f" at {emb.chunks_per_second:,.0f} chunks/s" if emb.chunks_per_second else " (already done)"))
+    res = build_dense(DenseBuildConfig(embeddings=str(emb.out), out=str(out_dir / "dense-index"), factory="auto",
+                                       memory_budget=2 * 2**20, tune_queries=200))
+    _print_index(res.meta)
+    idx = DenseIndex.open(res.out)
+    queries = ["How do I read a file line by line?", "sort a list of dictionaries by a key"]
+    hits = idx.search(queries, 3, fetch=True)
+    for q, row, scores in zip(queries, hits.payloads, hits.scores):
+        echo(f"query: {q!r}")
+        for p, s in zip(row, scores):
+            echo(f"  chunk {p.chunk_id} (doc {p.doc_id})  score {s:.3f}  {_snippet(p.text, 90)}")
+    top = hits.payloads[0][0]
+    again = idx.search(queries[:1], 3, exclude_doc_ids=[[top.doc_id]])
+    echo(f"excluding document {top.doc_id}: still {int((again.chunk_ids[0] >= 0).sum())} hits, none from it: "
+         f"{not set(idx.datastore.doc_ids(again.chunk_ids[0])) & {top.doc_id}}")

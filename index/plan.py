@@ -1,0 +1,219 @@
+"""Capacity planning for dense retrieval: what a datastore of N tokens costs to embed, index and serve.
+
+``predict`` turns a token count into chunks, float16 embedding bytes, index bytes (from the
+factory-string byte model in :mod:`index.factory`), search RAM, and build time, using unit costs:
+embedding chunks/s, FAISS add vectors/s and k-means seconds per (point x centroid x dimension).
+The shipped unit costs were measured on the development machine (see ``UNIT_COSTS_MEASURED``
+and BENCHMARKS.md); ``measure_unit_costs`` re-measures them on the machine at hand.
+
+Assumptions, stated so a reader can disagree with them:
+- embedding time scales linearly in chunks (fixed-length 64-token chunks, so it does);
+- FAISS add time scales linearly in vectors for IVF (each vector is assigned to one list);
+- coarse k-means costs ``2 x iterations x points x centroids x dim`` FLOPs over the training
+  sample the build would draw (256 points per centroid, at most 1M points, at least 39 per
+  centroid), 10 iterations (FAISS's default for IVF training);
+- search RAM is the whole index in memory; with ``--merge ondisk`` only the fixed part
+  (centroids, rotations, codebooks) must be resident and the inverted lists are paged;
+- GPU figures: the shipped embedding rate on a GPU is the issue's H100 target (5,000 chunks/s with
+  MiniLM in fp16) until a GPU measurement replaces it; FAISS GPU k-means runs at 20 TFLOP/s (a
+  fraction of an H100's FP32 GEMM rate) and GPU add at 20x the measured CPU machine. All three are
+  labelled as assumptions in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.factory import parse_factory
+from retromem.errors import ConfigError
+
+# Measured on the development machine (2 cores, no GPU): benchmarks/dense_retrieval.py --unit-costs
+UNIT_COSTS_MEASURED: dict[str, Any] = {
+    "machine": "2-core x86_64 VM, 24 GiB, no GPU (retromem development machine)",
+    "embed_chunks_per_s_cpu": 35.0,
+    "embed_chunks_per_s_gpu": 5000.0,
+    "embed_gpu_measured": False,
+    "add_vectors_per_s_cpu": 60000.0,
+    "kmeans_flops_per_s_cpu": 2.0e10,
+    "kmeans_flops_per_s_gpu": 2.0e13,
+    "gpu_speedup_faiss": 20.0,
+    "gpu_speedup_measured": False,
+    "cpu_cores": 2,
+}
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    machine: str
+    embed_chunks_per_s_cpu: float
+    embed_chunks_per_s_gpu: float
+    embed_gpu_measured: bool
+    add_vectors_per_s_cpu: float
+    kmeans_flops_per_s_cpu: float
+    kmeans_flops_per_s_gpu: float
+    gpu_speedup_faiss: float
+    gpu_speedup_measured: bool
+    cpu_cores: int
+
+    @classmethod
+    def load(cls, path: str | None = None) -> "UnitCosts":
+        if path is None:
+            return cls(**UNIT_COSTS_MEASURED)
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: data[k] for k in UNIT_COSTS_MEASURED})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--unit-costs {path}: cannot read unit costs ({exc}); expected keys {sorted(UNIT_COSTS_MEASURED)}") from exc
+
+
+@dataclass(frozen=True)
+class Prediction:
+    tokens: int
+    chunks: int
+    factory: str
+    dim: int
+    embedding_bytes: int
+    index_bytes: int
+    search_ram_bytes: int
+    search_ram_ondisk_bytes: int
+    embed_gpu_hours: float
+    embed_cpu_core_hours: float
+    train_cpu_core_hours: float
+    add_cpu_core_hours: float
+    faiss_gpu_hours: float
+    costs: UnitCosts
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["costs"] = asdict(self.costs)
+        d["total_gpu_hours"] = self.embed_gpu_hours + self.faiss_gpu_hours
+        return d
+
+    def describe(self) -> list[str]:
+        c = self.costs
+        gb = lambda b: f"{b / 2**30:,.1f} GiB" if b < 2**40 else f"{b / 2**40:,.2f} TiB"  # noqa: E731
+        return [
+            f"datastore   {self.tokens:.3g} tokens -> {self.chunks:,} chunks",
+            f"embeddings  {gb(self.embedding_bytes)} (float16, {self.dim} dims)",
+            f"index       {self.factory}: {gb(self.index_bytes)} ({self.index_bytes / max(self.chunks, 1):.1f} bytes/vector)",
+            f"search RAM  {gb(self.search_ram_bytes)} in memory; {gb(self.search_ram_ondisk_bytes)} resident with --merge ondisk",
+            f"build       embed {self.embed_gpu_hours:,.1f} GPU-hours ({'measured' if c.embed_gpu_measured else 'assumed'} "
+            f"{c.embed_chunks_per_s_gpu:,.0f} chunks/s/GPU) or {self.embed_cpu_core_hours:,.0f} CPU core-hours "
+            f"(measured {c.embed_chunks_per_s_cpu / c.cpu_cores:,.1f} chunks/s/core)",
+            f"            FAISS train {self.train_cpu_core_hours:,.1f} + add {self.add_cpu_core_hours:,.1f} CPU core-hours (measured), "
+            f"or {self.faiss_gpu_hours:,.2f} GPU-hours ({'measured' if c.gpu_speedup_measured else 'assumed'} "
+            f"k-means {c.kmeans_flops_per_s_gpu / 1e12:.0f} TFLOP/s, add {c.gpu_speedup_faiss:.0f}x this machine)",
+            f"            total on GPUs: {self.embed_gpu_hours + self.faiss_gpu_hours:,.1f} GPU-hours",
+            f"unit costs  {c.machine}",
+        ]
+
+
+def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str = "OPQ64_384,IVF262144_HNSW32,PQ64",
+            costs: UnitCosts | None = None) -> Prediction:
+    if tokens <= 0:
+        raise ConfigError(f"`--tokens` must be positive, got {tokens}")
+    if chunk_length <= 0:
+        raise ConfigError(f"`--chunk-length` must be positive, got {chunk_length}")
+    if dim <= 0:
+        raise ConfigError(f"`--dim` must be positive, got {dim}")
+    costs = costs or UnitCosts.load()
+    spec = parse_factory(factory, dim)
+    chunks = -(-int(tokens) // chunk_length)
+    index_bytes = spec.index_bytes(chunks)
+    train_points = min(chunks, spec.good_train()) if spec.needs_training else 0
+    kmeans_flops = 10 * train_points * max(spec.nlist, spec.pq_ksub) * spec.d * 2
+    cores = max(costs.cpu_cores, 1)
+    # measured rates are for the whole machine: per core-hour, multiply by its cores
+    train_core_h = kmeans_flops / costs.kmeans_flops_per_s_cpu * cores / 3600
+    add_core_h = chunks / costs.add_vectors_per_s_cpu * cores / 3600
+    return Prediction(
+        tokens=int(tokens), chunks=chunks, factory=factory, dim=dim,
+        embedding_bytes=chunks * dim * 2, index_bytes=index_bytes, search_ram_bytes=index_bytes,
+        search_ram_ondisk_bytes=spec.fixed_bytes(),
+        embed_gpu_hours=chunks / costs.embed_chunks_per_s_gpu / 3600,
+        embed_cpu_core_hours=chunks / costs.embed_chunks_per_s_cpu * cores / 3600,
+        train_cpu_core_hours=train_core_h, add_cpu_core_hours=add_core_h,
+        faiss_gpu_hours=kmeans_flops / costs.kmeans_flops_per_s_gpu / 3600 + add_core_h / cores / costs.gpu_speedup_faiss,
+        costs=costs,
+    )
+
+
+def plot_plan(path: str, *, chunk_length: int, dim: int, factory: str, costs: UnitCosts | None = None) -> None:
+    """Predicted bytes and GPU-hours from 1e6 to 1e13 tokens, log-log, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    toks = np.logspace(6, 13, 29)
+    preds = [predict(int(t), chunk_length=chunk_length, dim=dim, factory=factory, costs=costs) for t in toks]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.loglog(toks, [p.embedding_bytes for p in preds], label="embeddings (float16)")
+    a.loglog(toks, [p.index_bytes for p in preds], label=f"index {factory}")
+    a.loglog(toks, [p.search_ram_ondisk_bytes for p in preds], "--", label="search RAM, on-disk lists")
+    a.set_xlabel("datastore tokens")
+    a.set_ylabel("bytes")
+    a.set_title(f"size ({chunk_length}-token chunks, {dim} dims)")
+    a.grid(True, which="both", alpha=0.3)
+    a.legend()
+    b.loglog(toks, [p.embed_gpu_hours for p in preds], label="embed, GPU-hours")
+    b.loglog(toks, [p.faiss_gpu_hours for p in preds], label="FAISS train+add, GPU-hours")
+    b.loglog(toks, [p.embed_cpu_core_hours for p in preds], "--", label="embed, CPU core-hours (measured)")
+    b.set_xlabel("datastore tokens")
+    b.set_ylabel("hours")
+    b.set_title("build time")
+    b.grid(True, which="both", alpha=0.3)
+    b.legend()
+    fig.suptitle(f"retromem plan: unit costs from {costs.machine if costs else UNIT_COSTS_MEASURED['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def measure_unit_costs(embedder: str = "all-minilm-l6-v2", n_embed: int = 256, n_add: int = 200_000) -> UnitCosts:
+    """Measure embedding chunks/s (real demo text), FAISS IVF add vectors/s and k-means FLOP/s here."""
+    import faiss
+
+    from index.embed import Embedder, cpu_count
+    from retromem.cli import demo_corpus
+    import gzip
+
+    with gzip.open(demo_corpus(), "rt", encoding="utf-8") as fh:
+        text = " ".join(json.loads(line)["text"] for line in fh)
+    words = text.split()
+    texts = [" ".join(words[i : i + 48]) for i in range(0, 48 * n_embed, 48)]
+    emb = Embedder(embedder)
+    emb.encode(texts[:16])
+    t0 = time.perf_counter()
+    emb.encode(texts)
+    embed_rate = len(texts) / (time.perf_counter() - t0)
+    gpu = emb.device.startswith("cuda")
+
+    d, nlist = 384, 1024
+    rng = np.random.default_rng(0)
+    xt = rng.standard_normal((nlist * 39, d)).astype(np.float32)
+    index = faiss.index_factory(d, f"IVF{nlist},PQ64", faiss.METRIC_INNER_PRODUCT)
+    t0 = time.perf_counter()
+    index.train(xt)
+    train_s = time.perf_counter() - t0
+    # IVF k-means (10 iterations) plus PQ training (64 sub-quantizers x 256 centroids x 6 dims, 25 iterations)
+    flops = 10 * len(xt) * nlist * d * 2 + 25 * min(len(xt), 65536) * 256 * d * 2
+    xb = rng.standard_normal((n_add, d)).astype(np.float32)
+    t0 = time.perf_counter()
+    index.add(xb)
+    add_rate = n_add / (time.perf_counter() - t0)
+    return UnitCosts(
+        machine=f"{platform.machine()} {platform.node()}, {cpu_count()} cores" + (", GPU" if gpu else ", no GPU"),
+        embed_chunks_per_s_cpu=embed_rate if not gpu else UNIT_COSTS_MEASURED["embed_chunks_per_s_cpu"],
+        embed_chunks_per_s_gpu=embed_rate if gpu else UNIT_COSTS_MEASURED["embed_chunks_per_s_gpu"],
+        embed_gpu_measured=gpu, add_vectors_per_s_cpu=add_rate, kmeans_flops_per_s_cpu=flops / train_s,
+        kmeans_flops_per_s_gpu=UNIT_COSTS_MEASURED["kmeans_flops_per_s_gpu"],
+        gpu_speedup_faiss=UNIT_COSTS_MEASURED["gpu_speedup_faiss"], gpu_speedup_measured=False, cpu_cores=cpu_count(),
+    )

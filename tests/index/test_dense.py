@@ -1,0 +1,398 @@
+"""Dense retrieval on real text: the demo corpus embedded with the offline all-MiniLM-L6-v2, real
+FAISS indexes, recall against exact search, ids back to chunks, exclusion, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import demo_records, write_jsonl
+
+faiss = pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def small_ds(tmp_path_factory):
+    """Six real documents (about 800 chunks), GPT-2 tokens, several datastore shards."""
+    from datastore import BuildConfig, Datastore, build
+
+    d = tmp_path_factory.mktemp("dense")
+    recs = [{"id": r["id"], "text": r["text"]} for r in demo_records()[:6]]
+    write_jsonl(d / "docs.jsonl", recs)
+    cfg = BuildConfig(inputs=(str(d / "docs.jsonl"),), out=str(d / "ds"), tokenizer="gpt2", shard_bytes=60_000, workers=1)
+    build(cfg)
+    return Datastore.open(cfg.out)
+
+
+@pytest.fixture(scope="module")
+def emb_dir(small_ds, tmp_path_factory):
+    from index.embed import EmbedConfig, embed_datastore
+
+    out = tmp_path_factory.mktemp("emb") / "emb"
+    res = embed_datastore(EmbedConfig(datastore=str(small_ds.path), out=str(out), batch_size=64), progress=False)
+    assert res.embedded_shards == len(small_ds.manifest["shards"])
+    return out
+
+
+def _build(emb_dir, out, factory, **kw):
+    from index.dense import DenseBuildConfig, build_dense
+
+    kw.setdefault("tune_queries", 150)
+    return build_dense(DenseBuildConfig(embeddings=str(emb_dir), out=str(out), factory=factory, **kw), progress=False)
+
+
+@pytest.fixture(scope="module")
+def flat_index(emb_dir, tmp_path_factory):
+    from index.dense import DenseIndex
+
+    res = _build(emb_dir, tmp_path_factory.mktemp("flat") / "idx", "Flat")
+    return DenseIndex.open(res.out)
+
+
+@pytest.fixture(scope="module")
+def ivf_index(emb_dir, tmp_path_factory):
+    from index.dense import DenseIndex
+
+    res = _build(emb_dir, tmp_path_factory.mktemp("ivf") / "idx", "IVF16,SQ8", target_recall=0.95)
+    return DenseIndex.open(res.out)
+
+
+# -- the embedding job -----------------------------------------------------------------------
+
+
+def test_embeddings_record_model_and_match_a_fresh_encode(small_ds, emb_dir):
+    from index.embed import Embedder, Embeddings
+
+    emb = Embeddings(emb_dir)
+    e = Embedder("all-minilm-l6-v2")
+    assert emb.embedder.name == "all-minilm-l6-v2" and emb.dim == 384 == e.dim
+    assert emb.embedder.weights_sha256 == e.info.weights_sha256 and len(emb.embedder.weights_sha256) == 64
+    assert emb.num_vectors == small_ds.num_chunks and emb.datastore_id == small_ds.datastore_id
+    ids = np.array([0, 5, small_ds.num_chunks // 2, small_ds.num_chunks - 2])
+    fresh = e.encode(small_ds.chunk_texts(ids))
+    stored = emb.get(ids)
+    assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=2e-3)  # unit norm: inner product = cosine
+    np.testing.assert_allclose(stored, fresh, atol=2e-3)  # float16 storage
+
+
+def test_killed_embedding_job_resumes(small_ds, emb_dir, tmp_path):
+    """kill -9 the real job after its first shard, re-run it: done shards are kept, the rest are
+    embedded, and the result equals an uninterrupted run."""
+    out = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "retromem.cli", "-q", "index", "embed", str(small_ds.path), "--out", str(out), "--batch-size", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((out / "_work").glob("shard-*.done.json")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "embeddings.json").exists()
+    first = sorted(out.glob("shard-*.npy"))[0]
+    mtime = first.stat().st_mtime_ns
+    from index.embed import EmbedConfig, embed_datastore
+
+    res = embed_datastore(EmbedConfig(datastore=str(small_ds.path), out=str(out), batch_size=64), progress=False)
+    n_shards = len(small_ds.manifest["shards"])
+    assert 0 < res.embedded_shards < n_shards
+    assert first.stat().st_mtime_ns == mtime  # not embedded again
+    ref = json.loads((emb_dir / "embeddings.json").read_text())
+    for a, b in zip(res.manifest["shards"], ref["shards"]):
+        x, y = np.load(out / a["file"]), np.load(emb_dir / b["file"])
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3)
+    # a finished job re-run does nothing
+    assert embed_datastore(EmbedConfig(datastore=str(small_ds.path), out=str(out)), progress=False).embedded_shards == 0
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+def test_flat_equals_exact_search_and_ids_map_back(small_ds, emb_dir, flat_index):
+    from index.dense import exact_search
+    from index.embed import Embeddings
+
+    emb = Embeddings(emb_dir)
+    ids, q = emb.sample(40, seed=3)
+    res = flat_index.search(q, 10, fetch=True)
+    _, truth = exact_search(emb, q, 10)
+    assert (res.chunk_ids == truth).mean() > 0.97  # ties may swap
+    assert (res.chunk_ids[:, 0] == ids).all()  # each chunk finds itself first
+    assert np.all(np.diff(res.scores, axis=1) <= 1e-6)
+    for row, pays in zip(res.chunk_ids, res.payloads):
+        for cid, p in zip(row, pays):
+            assert p.chunk_id == cid and p.doc_id == int(small_ds.doc_ids([cid])[0])
+            assert p.text == small_ds.chunk_texts([cid])[0]
+            assert p.tokens.tolist() == small_ds.chunks([cid])[0].tokens.tolist()
+            nxt = small_ds.continuation_ids([cid])[0]
+            assert p.continuation_id == (int(nxt) if nxt >= 0 else None)
+            if p.continuation_id is not None:
+                assert p.continuation_text == small_ds.chunk_texts([nxt])[0]
+
+
+def test_text_queries_find_their_chunk(small_ds, flat_index):
+    cids = [3, small_ds.num_chunks // 3, small_ds.num_chunks - 2]
+    texts = small_ds.chunk_texts(cids)
+    res = flat_index.search(texts, 3)
+    assert res.chunk_ids[:, 0].tolist() == cids
+    assert (res.scores[:, 0] > 0.99).all()
+
+
+def test_compressed_index_recall_against_exact_on_real_text(emb_dir, ivf_index):
+    from index.dense import evaluate
+
+    t = ivf_index.meta["tuning"]
+    assert t["param"] == "nprobe" and t["reached"], t
+    assert ivf_index.meta["index_bytes"] / ivf_index.ntotal < 0.3 * 4 * 384  # SQ8: about 4x smaller than float32
+    rep = evaluate(ivf_index.path, n_queries=150, ks=(1, 10))
+    assert rep.recall[10] >= 0.9, rep.recall
+    # too few probes must cost recall: the tuning is doing something
+    low = evaluate(ivf_index.path, n_queries=150, ks=(10,), nprobe=1)
+    assert low.recall[10] < rep.recall[10]
+
+
+def test_hnsw_tuning_reaches_target(emb_dir, tmp_path):
+    from index.dense import DenseIndex
+
+    res = _build(emb_dir, tmp_path / "hnsw", "HNSW32", target_recall=0.9)
+    t = res.meta["tuning"]
+    assert t["param"] == "efSearch" and t["reached"] and t["curve"][-1]["recall"] >= 0.9
+    idx = DenseIndex.open(res.out)
+    assert idx.defaults["efSearch"] == t["value"]
+
+
+def test_exclusion_keeps_k_hits_from_other_documents(small_ds, flat_index, ivf_index):
+    from index.embed import Embeddings
+
+    emb = Embeddings(flat_index.meta["embeddings_path"])
+    ids, q = emb.sample(20, seed=5)
+    own = small_ds.doc_ids(ids)
+    for idx in (flat_index, ivf_index):
+        res = idx.search(q, 10, exclude_doc_ids=[[d] for d in own])
+        assert (res.chunk_ids >= 0).all()
+        docs = small_ds.doc_ids(res.chunk_ids.reshape(-1)).reshape(res.chunk_ids.shape)
+        assert not (docs == own[:, None]).any()
+    # exclude every document but one: all k hits come from the one left
+    keep = 2
+    others = [d for d in range(small_ds.num_documents) if d != keep]
+    res = flat_index.search(q[:3], 10, exclude_doc_ids=[others] * 3)
+    assert set(small_ds.doc_ids(res.chunk_ids.reshape(-1)).tolist()) == {keep}
+    # None and a bare int work per query
+    res = flat_index.search(q[:2], 5, exclude_doc_ids=[None, int(own[1])])
+    assert res.chunk_ids[0, 0] == ids[0] and int(own[1]) not in small_ds.doc_ids(res.chunk_ids[1]).tolist()
+
+
+def test_shards_merged_by_score_and_on_disk_equal_one_index(emb_dir, tmp_path):
+    from index.dense import DenseIndex
+    from index.embed import Embeddings
+
+    one = DenseIndex.open(_build(emb_dir, tmp_path / "one", "IVF16,Flat", tune=False).out)
+    sharded = DenseIndex.open(_build(emb_dir, tmp_path / "sharded", "IVF16,Flat", tune=False, shard_vectors=300).out)
+    ondisk = DenseIndex.open(_build(emb_dir, tmp_path / "ondisk", "IVF16,Flat", tune=False, shard_vectors=300, merge="ondisk").out)
+    assert len(sharded.meta["shards"]) >= 3 and ondisk.meta["merged"] is not None
+    _, q = Embeddings(emb_dir).sample(30, seed=7)
+    a, b, c = (i.search(q, 10, nprobe=4) for i in (one, sharded, ondisk))
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.scores, c.scores, rtol=1e-5, atol=1e-5)
+    assert (a.chunk_ids == c.chunk_ids).mean() > 0.97
+
+
+def test_killed_build_resumes(emb_dir, tmp_path):
+    """kill -9 a real build between shards; the re-run keeps finished shards and completes."""
+    from index.dense import DenseIndex
+    from index.embed import Embeddings
+
+    out = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "retromem.cli", "-q", "index", "build-dense", str(emb_dir), "--out", str(out),
+           "--factory", "HNSW32", "--shard-vectors", "60", "--no-tune"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "_work").glob("shard-*.done.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "index.json").exists()
+    first = out / "shard-00000.index"
+    mtime = first.stat().st_mtime_ns
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert first.stat().st_mtime_ns == mtime
+    idx = DenseIndex.open(out)
+    emb = Embeddings(emb_dir)
+    assert idx.ntotal == emb.num_vectors and sum(s["ntotal"] for s in idx.meta["shards"]) == emb.num_vectors
+    ids, q = emb.sample(50, seed=11)
+    assert (idx.search(q, 1).chunk_ids[:, 0] == ids).mean() >= 0.98
+
+
+# -- the automatic choice --------------------------------------------------------------------
+
+
+def test_auto_choice_respects_the_memory_budget(emb_dir, tmp_path):
+    from index.factory import choose_factory, parse_factory
+
+    n, d = 10_000_000, 384
+    for budget in (64 * 2**30, 8 * 2**30, 2 * 2**30, 600 * 2**20):
+        c = choose_factory(n, d, budget)
+        assert c.estimated_bytes <= budget
+        assert parse_factory(c.factory, d).index_bytes(n) == c.estimated_bytes
+    assert choose_factory(n, d, 64 * 2**30).factory == "HNSW32"
+    assert "PQ" in choose_factory(n, d, 600 * 2**20).factory
+    with pytest.raises(ValueError, match="budget"):
+        choose_factory(n, d, 10 * 2**20)
+    # built for real: the index on disk fits the budget and the reason is recorded
+    from index.embed import Embeddings
+
+    nvec = Embeddings(emb_dir).num_vectors
+    budget = 400 * nvec  # room for SQ8 codes, not for float32 vectors or a graph
+    res = _build(emb_dir, tmp_path / "auto", "auto", memory_budget=budget)
+    assert "SQ8" in res.meta["factory"] and res.meta["index_bytes"] <= budget
+    assert "budget" in res.meta["reason"] and res.meta["build"]["candidates"]
+
+
+def test_byte_model_matches_built_indexes(emb_dir, flat_index, ivf_index):
+    for idx in (flat_index, ivf_index):
+        est, real = idx.meta["estimated_bytes"], idx.meta["index_bytes"]
+        assert abs(est - real) / real < 0.05, (idx.factory, est, real)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_queries_get_clear_errors(flat_index):
+    from retromem.errors import QueryError
+
+    good = np.ones((1, 384), np.float32) / np.sqrt(384)
+    with pytest.raises(QueryError, match=r"shape \(2, 100\).*\(n, 384\)"):
+        flat_index.search(np.zeros((2, 100), np.float32), 5)
+    with pytest.raises(QueryError, match="2-D"):
+        flat_index.search(good[0], 5)
+    nan = good.copy()
+    nan[0, 7] = np.nan
+    with pytest.raises(QueryError, match="query vector 0 holds NaN"):
+        flat_index.search(nan, 5)
+    for k in (0, -1, 10**6):
+        with pytest.raises(QueryError, match="k must be in 1.."):
+            flat_index.search(good, k)
+    with pytest.raises(QueryError, match="empty"):
+        flat_index.search([], 5)
+    with pytest.raises(QueryError, match="empty"):
+        flat_index.search(np.zeros((0, 384), np.float32), 5)
+    with pytest.raises(QueryError, match="query text 1 is empty"):
+        flat_index.search(["fine", "   "], 5)
+    with pytest.raises(QueryError, match="a batch"):
+        flat_index.search("one string", 5)
+    with pytest.raises(QueryError, match="exclude_doc_ids has 2 entries for 1 queries"):
+        flat_index.search(good, 5, exclude_doc_ids=[[0], [1]])
+    with pytest.raises(QueryError, match="doc_id 999999"):
+        flat_index.search(good, 5, exclude_doc_ids=[[999999]])
+    with pytest.raises(QueryError, match="nprobe"):
+        flat_index.search(good, 5, nprobe=0)
+    assert flat_index.search(good, 5).chunk_ids.shape == (1, 5)  # still serving
+
+
+def test_index_refuses_another_datastore_or_embedder(flat_index, built, tmp_path):
+    from datastore import Datastore
+    from index.dense import DenseIndex
+    from retromem.errors import IndexFormatError
+
+    other = Datastore.open(built[1].out)
+    with pytest.raises(IndexFormatError, match="built from datastore .* not "):
+        DenseIndex.open(flat_index.path, datastore=other)
+    copy = tmp_path / "copy"
+    shutil.copytree(flat_index.path, copy)
+    meta = json.loads((copy / "index.json").read_text())
+    meta["embedder"]["weights_sha256"] = "0" * 64
+    (copy / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match="built with embedder"):
+        DenseIndex.open(copy).search(["a query"], 3)
+
+
+def test_truncated_or_corrupt_index_files(flat_index, tmp_path):
+    from index.dense import DenseIndex
+    from retromem.errors import IndexFormatError
+
+    for damage in ("truncate", "corrupt", "delete"):
+        copy = tmp_path / damage
+        shutil.copytree(flat_index.path, copy)
+        f = copy / "shard-00000.index"
+        data = f.read_bytes()
+        if damage == "truncate":
+            f.write_bytes(data[: len(data) // 2])
+        elif damage == "corrupt":
+            f.write_bytes(b"\x00" * 16 + data[16:])
+        else:
+            f.unlink()
+        with pytest.raises(IndexFormatError, match="shard-00000.index"):
+            DenseIndex.open(copy)
+    with pytest.raises(IndexFormatError, match="no index.json"):
+        DenseIndex.open(tmp_path)
+
+
+def test_bad_build_settings(emb_dir, tmp_path):
+    from index.factory import parse_factory
+    from retromem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="part 2"):
+        parse_factory("IVF16,Bogus", 384)
+    with pytest.raises(ConfigError, match="multiple of 7"):
+        parse_factory("IVF16,PQ7", 384)
+    with pytest.raises(ConfigError, match="at least 39,000 training vectors"):
+        _build(emb_dir, tmp_path / "big", "IVF1000,Flat")
+    with pytest.raises(ConfigError, match="needs `--memory-budget`"):
+        _build(emb_dir, tmp_path / "auto", "auto")
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_cli_search_eval_and_plan(flat_index, ivf_index, small_ds, tmp_path):
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+
+    runner = CliRunner()
+    text = small_ds.chunk_texts([10])[0]
+    r = runner.invoke(main, ["index", "search", str(flat_index.path), text, "-k", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.output)
+    assert hits[0][0]["chunk_id"] == 10 and hits[0][0]["text"] == text
+    r = runner.invoke(main, ["index", "eval-dense", str(ivf_index.path), "--queries", "50", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert set(rep["recall"]) == {"1", "10", "100"} and rep["bytes_per_vector"] < 4 * 384
+    r = runner.invoke(main, ["index", "search", str(flat_index.path), "x", "-k", "0"])
+    assert r.exit_code == 2 and "k must be in 1.." in r.output
+    png = tmp_path / "plan.png"
+    r = runner.invoke(main, ["plan", "--tokens", "1e12", "--json", "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output.split("\nplot")[0])
+    assert plan["chunks"] == 15_625_000_000 and plan["embedding_bytes"] == 15_625_000_000 * 384 * 2
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.gpu
+def test_gpu_build_matches_cpu(emb_dir, flat_index, tmp_path):
+    from index.dense import DenseIndex, gpu_count
+    from index.embed import Embeddings
+
+    if gpu_count() == 0:
+        pytest.skip("no GPU visible to FAISS (faiss-gpu on a CUDA machine)")
+    res = _build(emb_dir, tmp_path / "gpu", "IVF16,Flat", gpu=True, tune=False)
+    gpu_idx = DenseIndex.open(res.out, gpu=True)
+    cpu_idx = DenseIndex.open(res.out, gpu=False)
+    _, q = Embeddings(emb_dir).sample(30, seed=9)
+    a, b = gpu_idx.search(q, 10, nprobe=16), cpu_idx.search(q, 10, nprobe=16)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-3)
