@@ -639,9 +639,15 @@ class NgramIndex:
         ids = self.ids(text, "text") if isinstance(text, str) else self._ids_unbounded(text)
         out = []
         cap = self.limits.max_query_tokens
+        longest = 0
         for i, t in enumerate(ids):
-            r = _check_engine(self.engine.infgram_prob(prompt_ids=ids[max(0, i - cap) : i], cont_id=t), "infgram_prob")
-            out.append(TokenScore(t, float(r["prob"]), int(r["suffix_len"]), int(r["prompt_cnt"]), int(r["cont_cnt"])))
+            # If ids[i-k:i] occurs then so does ids[i-k:i-1], so the longest occurring suffix grows by
+            # at most one token per step: the engine need only see the last `longest + 1` tokens,
+            # which gives the same answer as the whole prefix and keeps long texts linear.
+            k = min(longest + 1, cap, i)
+            r = _check_engine(self.engine.infgram_prob(prompt_ids=ids[i - k : i], cont_id=t), "infgram_prob")
+            longest = int(r["suffix_len"])
+            out.append(TokenScore(t, float(r["prob"]), longest, int(r["prompt_cnt"]), int(r["cont_cnt"])))
         return out
 
     def _ids_unbounded(self, ids: Query) -> list[int]:
