@@ -122,6 +122,45 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
         click.echo(repr(res))
 
 
+@index.command("build-fm")
+@click.argument("datastore_path", metavar="DATASTORE", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, help="Output index directory.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing index at --out first.")
+@handle_errors
+def build_fm(datastore_path: str, out: str, overwrite: bool) -> None:
+    """Build the FM-index (compressed exact substring search) of DATASTORE's normalized text."""
+    from index.fm_index import build_fm_index
+
+    r = build_fm_index(datastore_path, out, overwrite=overwrite)
+    m = r.manifest
+    if r.already_complete:
+        click.echo(f"{out} is already complete for this datastore; nothing to do.")
+    click.echo(f"FM-index      {out}  ({m['library']['package']} {m['library']['version']})")
+    click.echo(f"size          {fmt_bytes(m['index_bytes'])} for {fmt_bytes(m['text_bytes'])} of text: "
+               f"{m['size_ratio']:.0%} of the corpus bytes" + ("" if r.already_complete else f"; built in {r.seconds:.1f}s"))
+
+
+@index.command("fm-query")
+@click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
+@click.argument("pattern")
+@click.option("--limit", type=int, default=3, show_default=True, help="Hits to show with their context.")
+@click.option("--window", type=int, default=80, show_default=True, help="Characters of context either side.")
+@click.option("--datastore", "datastore_path", default=None)
+@handle_errors
+def fm_query(index_path: str, pattern: str, limit: int, window: int, datastore_path: str | None) -> None:
+    """Count PATTERN (any substring) with the FM-index at INDEX and show the first hits in their documents."""
+    from index.fm_index import FMIndex
+
+    fm = FMIndex(index_path, datastore_path)
+    f = fm.find(pattern, limit=limit)
+    click.echo(f"{f.count:,} occurrences")
+    for h in f.hits:
+        c = fm.context(h, len(pattern), window)
+        click.echo(f"- doc {h.doc_id} char {h.offset} -> chunk {h.chunk_id}")
+        click.echo("  " + (c.text[: c.match_start] + click.style(c.text[c.match_start : c.match_end], fg="green")
+                           + c.text[c.match_end :]).replace("\n", " "))
+
+
 @ngram.command("score")
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
 @click.argument("text")
@@ -201,10 +240,11 @@ def demo_ngram(out_dir: Path, datastore_path: Path, echo) -> None:
     echo(f"index of {m['counts']['tokens']:,} tokens in {m['counts']['shards']} shard(s), "
          f"{size / max(m['counts']['tokens'], 1):.2f} bytes per token" + ("" if r.already_complete else f", built in {r.seconds:.1f}s"))
     idx = NgramIndex(out_dir / "ngram", datastore_path)
-    for q in (" list comprehension", " the Python interpreter", " import numpy as np"):
+    for q in (" list comprehension", " the Python interpreter", " lambda"):
         echo(f"count({q!r}) = {idx.count(q).count:,}")
-    p = idx.infgram_prob(" a list comprehension is", " a")
-    echo(f"∞-gram P(' a' | ' a list comprehension is') = {p.prob:.3f} from a {p.suffix_len}-token suffix "
+    prompt, nxt = "Unsupported: I have never seen this prompt before, so the Python", " interpreter"
+    p = idx.infgram_prob(prompt, nxt)
+    echo(f"∞-gram P({nxt!r} | {prompt!r}) = {p.prob:.3f}, backing off to the last {p.suffix_len} tokens "
          f"({p.cont_count}/{p.prompt_count})")
     d = idx.next_token_distribution(" for x in")
     top = ", ".join(f"{idx.datastore.tokenizer.decode([t])!r} {c.prob:.2f}" for t, c in d.top(3))
@@ -218,3 +258,23 @@ def demo_ngram(out_dir: Path, datastore_path: Path, echo) -> None:
         echo("  " + p.text.replace("\n", " ")[:160])
         if p.continuation_text is not None:
             echo(f"  continuation (chunk {p.continuation_id}): " + p.continuation_text.replace("\n", " ")[:120])
+
+
+@demo_step(41, "FM-index: compressed substring search over the datastore text")
+def demo_fm(out_dir: Path, datastore_path: Path, echo) -> None:
+    from index.fm_index import FMIndex, build_fm_index
+    from index.ngram import NgramIndex
+
+    r = build_fm_index(datastore_path, out_dir / "fm", progress=False)
+    m = r.manifest
+    echo(f"FM-index of {fmt_bytes(m['text_bytes'])} of text: {fmt_bytes(m['index_bytes'])} ({m['size_ratio']:.0%} of the corpus)")
+    fm = FMIndex(out_dir / "fm", datastore_path)
+    sa = NgramIndex(out_dir / "ngram", datastore_path)
+    for q in ("list comprehension", " list comprehension", "comprehens"):
+        echo(f"FM count({q!r}) = {fm.count(q):,}   suffix-array token count = "
+             + (f"{sa.count(q).count:,}" if q.startswith(" ") else "n/a (not on token boundaries)"))
+    f = fm.find("generator expression", limit=1)
+    if f.hits:
+        c = fm.context(f.hits[0], len("generator expression"), 60)
+        echo(f"find('generator expression'): {f.count} hits; first in doc {c.doc_id}, chunk {c.chunk_id}: "
+             + c.text.replace("\n", " "))

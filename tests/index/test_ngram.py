@@ -311,3 +311,13 @@ def test_cli_build_query_score(tmp_path, built, streams):
     r = CliRunner().invoke(main, ["index", "ngram-query", str(tmp_path), "x"])
     assert r.exit_code == 2 and "not an n-gram index" in r.output
     assert issubclass(NgramQueryError, RetromemError)
+
+
+def test_score_equals_engine_on_whole_prefixes(idx, streams):
+    """score() gives the engine only the tokens the longest suffix can use; same answers as whole prefixes."""
+    text = streams[7][:150].tolist() + [50_000] + streams[2][300:400].tolist()
+    scores = idx.score(text)
+    for i, s in enumerate(scores):
+        r = idx.engine.infgram_prob(prompt_ids=text[:i], cont_id=text[i])
+        assert (s.prob, s.suffix_len, s.prompt_count, s.cont_count) == (r["prob"], r["suffix_len"], r["prompt_cnt"], r["cont_cnt"])
+    assert max(s.suffix_len for s in scores) > 50  # long contexts really were used
