@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--unseen", type=int, default=200)
     ap.add_argument("--brute", type=int, default=20, help="queries also timed with a brute-force numpy scan")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-tokens", type=int, default=1_000_000_000, help="tokens per index shard")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -47,11 +48,14 @@ def main() -> None:
 
     # -- build -------------------------------------------------------------------------
     t0 = time.perf_counter()
-    r = build_ngram_index(args.datastore, args.out, NgramBuildConfig(), overwrite=True, progress=False)
+    r = build_ngram_index(args.datastore, args.out, NgramBuildConfig(shard_tokens=args.shard_tokens), overwrite=True, progress=False)
     build_s = time.perf_counter() - t0
     m = r.manifest
     tokens = m["counts"]["tokens"]
-    files = {p.name: p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file()}
+    files: dict[str, int] = {}  # summed over shards, by file name
+    for p in Path(args.out).rglob("*"):
+        if p.is_file():
+            files[p.name] = files.get(p.name, 0) + p.stat().st_size
     index_bytes = sum(files.values())
     figures["build"] = {
         "documents": m["counts"]["documents"], "tokens": tokens, "shards": m["counts"]["shards"],
@@ -67,7 +71,9 @@ def main() -> None:
 
     # -- queries -----------------------------------------------------------------------
     idx = NgramIndex(args.out, ds)
-    stream = np.fromfile(Path(args.out) / m["shards"][0]["dir"] / "tokenized.0", dtype="<u2" if m["token_width"] == 2 else "<u4")
+    # every shard's token stream, each document behind its separator: n-grams are drawn from it
+    stream = np.concatenate([np.fromfile(Path(args.out) / sh["dir"] / "tokenized.0", dtype="<u2" if m["token_width"] == 2 else "<u4")
+                             for sh in m["shards"]])
     sep = np.iinfo(stream.dtype).max
     rng = np.random.default_rng(args.seed)
     seen: list[list[int]] = []

@@ -111,13 +111,15 @@ def test_bad_input(fm, fm_dir, ds, tmp_path, corpus_dir):
         fm.count("")
     with pytest.raises(FMQueryError, match="max_query_chars=10"):
         FMIndex(fm_dir, ds, max_query_chars=10).count("x" * 11)
+    with pytest.raises(FMQueryError, match="NUL"):
+        fm.count("a\x00b")
     with pytest.raises(TypeError, match="must be text"):
         fm.count([1, 2])
     with pytest.raises(FMIndexError, match="not an FM-index"):
         FMIndex(tmp_path, ds)
     copy = tmp_path / "copy"
     shutil.copytree(fm_dir, copy)
-    data = copy / "fm_index.bin"
+    data = copy / "fm_index.bin"  # the serialised FM-index
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(FMIndexError, match="truncated"):
         FMIndex(copy, ds)
