@@ -125,17 +125,20 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
 @index.command("build-fm")
 @click.argument("datastore_path", metavar="DATASTORE", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, help="Output index directory.")
+@click.option("--backend", type=click.Choice(["compact", "fm-index"]), default="compact", show_default=True,
+              help="compact: our zstd-compressed FM-index; fm-index: the fm-index package (larger).")
+@click.option("--sample-rate", type=int, default=32, show_default=True, help="compact: keep every n-th suffix-array entry.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing index at --out first.")
 @handle_errors
-def build_fm(datastore_path: str, out: str, overwrite: bool) -> None:
+def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, overwrite: bool) -> None:
     """Build the FM-index (compressed exact substring search) of DATASTORE's normalized text."""
     from index.fm_index import build_fm_index
 
-    r = build_fm_index(datastore_path, out, overwrite=overwrite)
+    r = build_fm_index(datastore_path, out, backend=backend, sample_rate=sample_rate, overwrite=overwrite)
     m = r.manifest
     if r.already_complete:
         click.echo(f"{out} is already complete for this datastore; nothing to do.")
-    click.echo(f"FM-index      {out}  ({m['library']['package']} {m['library']['version']})")
+    click.echo(f"FM-index      {out}  ({m['backend']}: {m['library']['package']} {m['library']['version']})")
     click.echo(f"size          {fmt_bytes(m['index_bytes'])} for {fmt_bytes(m['text_bytes'])} of text: "
                f"{m['size_ratio']:.0%} of the corpus bytes" + ("" if r.already_complete else f"; built in {r.seconds:.1f}s"))
 

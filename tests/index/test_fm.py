@@ -3,6 +3,7 @@ document text, document boundaries, agreement with the suffix array, and bad inp
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -25,10 +26,12 @@ def texts(ds) -> list[str]:
     return [ds.document_text(d) for d in range(ds.num_documents)]
 
 
-@pytest.fixture(scope="module")
-def fm_dir(built, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fm") / "idx"
-    build_fm_index(built[1].out, out, progress=False)
+@pytest.fixture(scope="module", params=["compact", "fm-index"])
+def fm_dir(built, tmp_path_factory, request):
+    """Both backends: our compact FM-index (small blocks and samples, to exercise block edges and LF
+    walks) and the fm-index package's."""
+    out = tmp_path_factory.mktemp("fm") / request.param
+    build_fm_index(built[1].out, out, backend=request.param, sample_rate=8, block_size=1024, progress=False)
     return out
 
 
@@ -119,7 +122,8 @@ def test_bad_input(fm, fm_dir, ds, tmp_path, corpus_dir):
         FMIndex(tmp_path, ds)
     copy = tmp_path / "copy"
     shutil.copytree(fm_dir, copy)
-    data = copy / "fm_index.bin"  # the serialised FM-index
+    name = max(fm.manifest["file_bytes"], key=fm.manifest["file_bytes"].get)  # the index proper
+    data = copy / name
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(FMIndexError, match="truncated"):
         FMIndex(copy, ds)
@@ -140,6 +144,7 @@ def test_cli_build_fm_and_query(built, tmp_path):
     out = tmp_path / "fm"
     r = CliRunner().invoke(main, ["index", "build-fm", built[1].out, "--out", str(out)])
     assert r.exit_code == 0 and "of the corpus bytes" in r.output, r.output
+    assert json.loads((out / "fm_index.json").read_text())["size_ratio"] <= 0.5  # compact backend, the default
     r = CliRunner().invoke(main, ["index", "fm-query", str(out), "interpreter", "--limit", "1"])
     assert r.exit_code == 0 and "occurrences" in r.output and "-> chunk" in r.output
     r = CliRunner().invoke(main, ["index", "fm-query", str(out), ""])
