@@ -94,6 +94,13 @@ def main() -> None:
     print(f"  suffix array   p50 {pct(t_sa, 50):.3f} ms  p99 {pct(t_sa, 99):.3f} ms   -> FM/SA {pct(t_fm, 50) / pct(t_sa, 50):.2f}x at p50")
     print(f"  FM count < suffix-array count on {fewer} of {len(pairs)} queries (must be 0)")
 
+    t_find = []
+    for _, text in pairs[:200]:
+        t = time.perf_counter_ns(); f = fm.find(text, limit=10); fm.contexts(f.hits, len(text), 100)
+        t_find.append((time.perf_counter_ns() - t) / 1e6)
+    figures["find10_with_context_ms"] = {"p50": pct(t_find, 50), "p99": pct(t_find, 99)}
+    print(f"  find (first 10 hits, each mapped to its chunk, with 100 characters of context) over {len(t_find)} queries: "
+          f"p50 {pct(t_find, 50):.2f} ms  p99 {pct(t_find, 99):.2f} ms")
     raw = Path(ds.path / "arrays" / "text.bin").read_bytes()
     t_bf, t_fm2 = [], []
     for _, text in pairs[: args.brute]:
