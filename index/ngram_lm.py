@@ -81,6 +81,20 @@ def read_heldout(path: str | Path, text_field: str = "text", max_docs: int | Non
     return texts
 
 
+def drop_documents_in_datastore(ds, texts: Sequence[str]) -> list[str]:
+    """``texts`` without those the datastore holds verbatim (by its content hash): scoring a document
+    the ∞-gram LM has seen would measure memorisation, not held-out perplexity."""
+    import hashlib
+
+    # the datastore keeps blake2b-128 of each normalized document, as hex
+    held = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+    want = set(held)
+    seen = {h for row in ds.iter_documents(columns=["content_hash"]) if (h := row["content_hash"]) in want}
+    if seen:
+        logger.warning("%d of %d held-out documents are in the datastore; they are left out", len(seen), len(texts))
+    return [t for t, h in zip(texts, held) if h not in seen]
+
+
 def lm_token_probs(model, ids: Sequence[int]) -> np.ndarray:
     """P_LM(ids[i] | ids[:i]) for i = 1..n-1, shape (n - 1,)."""
     import torch
@@ -115,6 +129,7 @@ def evaluate_interpolation(idx, texts: Sequence[str], cfg: InterpolationConfig |
     from retromem.models import load_causal_lm
 
     cfg = cfg or InterpolationConfig()
+    texts = drop_documents_in_datastore(idx.datastore, texts)
     model, tok = load_causal_lm(cfg.model)
     _check_same_tokenizer(idx, tok)
     p_lm, p_inf, suf = [], [], []

@@ -58,3 +58,11 @@ def test_tokenizer_mismatch_is_refused(built, tmp_path):
         evaluate_interpolation(NgramIndex(tmp_path / "ng"), ["some text"], InterpolationConfig(max_docs=1), progress=False)
     with pytest.raises(ConfigError, match="lambdas"):
         InterpolationConfig(lambdas=(0.5, 1.0))
+
+
+def test_held_out_documents_in_the_datastore_are_left_out(smol_index):
+    from index.ngram_lm import drop_documents_in_datastore
+
+    idx, held = smol_index
+    inside = idx.datastore.document_text(0)
+    assert drop_documents_in_datastore(idx.datastore, [inside] + held) == held
