@@ -34,7 +34,7 @@ import numpy as np
 
 from datastore.atomic import read_json, sha256_file, write_json
 from index.types import ChunkPayload, fetch_payloads
-from retromem.errors import ConfigError, DatastoreError, RetromemError
+from retromem.errors import ConfigError, RetromemError
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0:
         while d < d1:
             # a block of whole documents of about block_tokens tokens
             e = d + 1
-            acc = int(lens[0 if d == d0 else d - d0])
+            acc = int(lens[d - d0])
             while e < d1 and acc + int(lens[e - d0]) <= block_tokens:
                 acc += int(lens[e - d0])
                 e += 1
