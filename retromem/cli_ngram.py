@@ -245,7 +245,7 @@ def demo_ngram(out_dir: Path, datastore_path: Path, echo) -> None:
     idx = NgramIndex(out_dir / "ngram", datastore_path)
     for q in (" list comprehension", " the Python interpreter", " lambda"):
         echo(f"count({q!r}) = {idx.count(q).count:,}")
-    prompt, nxt = "Unsupported: I have never seen this prompt before, so the Python", " interpreter"
+    prompt, nxt = "Nobody has written this exact prompt before, so the Python", " interpreter"
     p = idx.infgram_prob(prompt, nxt)
     echo(f"∞-gram P({nxt!r} | {prompt!r}) = {p.prob:.3f}, backing off to the last {p.suffix_len} tokens "
          f"({p.cont_count}/{p.prompt_count})")
