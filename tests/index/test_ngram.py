@@ -1,0 +1,323 @@
+"""The infini-gram suffix-array index over a real (small) datastore, checked against brute-force
+scans of the datastore's own token streams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from index.ngram import (
+    NgramBuildConfig,
+    NgramIndex,
+    NgramIndexError,
+    NgramQueryError,
+    QueryLimits,
+    build_ngram_index,
+)
+from retromem.errors import RetromemError
+
+
+@pytest.fixture(scope="module")
+def ds(built):
+    from datastore import Datastore
+
+    return Datastore.open(built[1].out)
+
+
+@pytest.fixture(scope="module")
+def streams(ds) -> list[np.ndarray]:
+    """Each document's tokens in reading order, from the datastore's chunks."""
+    out = []
+    for d in range(ds.num_documents):
+        toks, lens = ds.tokens(ds.document_chunk_ids(d))
+        out.append(np.concatenate([t[:n] for t, n in zip(toks, lens)]).astype(np.int64))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ngram_dir(built, tmp_path_factory):
+    """Index with small shards, so that queries really span several shards."""
+    out = tmp_path_factory.mktemp("ngram") / "idx"
+    build_ngram_index(built[1].out, out, NgramBuildConfig(shard_tokens=60_000, cpus=2), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def idx(ngram_dir, ds) -> NgramIndex:
+    return NgramIndex(ngram_dir, ds)
+
+
+def brute_positions(streams, ngram) -> set[tuple[int, int]]:
+    ngram = np.asarray(ngram, dtype=np.int64)
+    n = len(ngram)
+    hits = set()
+    for d, s in enumerate(streams):
+        if len(s) < n:
+            continue
+        win = np.lib.stride_tricks.sliding_window_view(s, n)
+        for o in np.flatnonzero((win == ngram).all(axis=1)):
+            hits.add((d, int(o)))
+    return hits
+
+
+def sample_ngrams(streams, L, rng, k=60):
+    """Random n-grams (lengths 1..20) from the corpus; half of them cross a chunk boundary."""
+    out = []
+    docs = [d for d, s in enumerate(streams) if len(s) > 2 * L]
+    for i in range(k):
+        s = streams[docs[rng.integers(len(docs))]]
+        n = int(rng.integers(1, 21))
+        if i % 2 and n > 1:
+            b = L * int(rng.integers(1, len(s) // L))  # a chunk boundary inside the document
+            start = b - int(rng.integers(1, n))
+        else:
+            start = int(rng.integers(0, len(s) - n))
+        out.append(s[start : start + n].tolist())
+    return out
+
+
+def test_index_layout_and_manifest(idx, ds, ngram_dir):
+    m = idx.manifest
+    assert m["datastore_id"] == ds.datastore_id
+    assert m["counts"]["shards"] >= 2 and len(list(ngram_dir.glob("shard-*/table.0"))) == m["counts"]["shards"]
+    assert m["counts"]["tokens"] == int(ds.manifest["counts"]["tokens"])
+    assert m["token_dtype"] == "u16" and m["engine"]["package"] == "infini-gram"
+    assert not (ngram_dir / "_work").exists()
+    # each shard's suffix array is a permutation of its token positions, in sorted order
+    for s, sh in enumerate(m["shards"]):
+        raw = (ngram_dir / sh["dir"] / "tokenized.0").read_bytes()
+        ptrs = idx._ranks_to_ptrs(s, np.arange(sh["tokens"]))
+        assert np.array_equal(np.sort(ptrs), np.arange(0, len(raw), 2))
+        assert all(raw[a : a + 64] <= raw[b : b + 64] for a, b in zip(ptrs[:-1:37], ptrs[1::37]))
+
+
+def test_count_and_find_match_brute_force(idx, streams, ds):
+    rng = np.random.default_rng(0)
+    L = ds.chunk_length
+    first = [int(ds.document_chunk_ids(d)[0]) for d in range(ds.num_documents)]
+    crossing = 0
+    for ng in sample_ngrams(streams, L, rng):
+        truth = brute_positions(streams, ng)
+        assert idx.count(ng).count == len(truth), ng
+        f = idx.find(ng, limit=len(truth) + 1)
+        assert f.count == len(truth)
+        assert {(o.doc_id, o.offset) for o in f.occurrences} == truth
+        for o in f.occurrences[:3]:
+            assert o.chunk_id == first[o.doc_id] + o.offset // L and o.chunk_offset == o.offset % L
+            crossing += o.chunk_offset + len(ng) > L
+    assert crossing > 5  # the sample really exercised n-grams spanning chunk boundaries
+
+
+def test_unseen_ngrams_count_zero(idx, streams):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        ng = rng.integers(0, 50_000, size=int(rng.integers(2, 8))).tolist()
+        assert idx.count(ng).count == len(brute_positions(streams, ng)) == 0
+
+
+def test_nothing_matches_across_documents(idx, streams):
+    checked = 0
+    for d in range(len(streams) - 1):
+        a, b = streams[d], streams[d + 1]
+        ng = np.concatenate([a[-3:], b[:3]])
+        glued = brute_positions([np.concatenate([a, b])], ng)
+        assert glued  # it does occur in the two documents glued together ...
+        assert idx.count(ng.tolist()).count == len(brute_positions(streams, ng))  # ... never in the index
+        checked += 1
+    assert checked >= 5
+
+
+def test_find_hit_fetches_chunk_and_continuation(idx, streams):
+    ng = streams[3][100:106].tolist()
+    f = idx.find(ng, limit=3)
+    (p,) = idx.fetch(f.occurrences[:1])
+    o = f.occurrences[0]
+    assert p.chunk_id == o.chunk_id and p.doc_id == o.doc_id
+    both = np.concatenate([p.tokens, p.continuation_tokens if p.continuation_tokens is not None else []])
+    assert both[o.chunk_offset : o.chunk_offset + len(ng)].tolist() == ng
+    assert p.continuation_id == o.chunk_id + 1
+
+
+def test_prob_and_next_token_distribution(idx, streams):
+    rng = np.random.default_rng(2)
+    for ng in sample_ngrams(streams, 64, rng, k=15):
+        if len(ng) < 2:
+            continue
+        prompt, nxt = ng[:-1], ng[-1]
+        pc = len(brute_positions(streams, prompt))
+        cc = len(brute_positions(streams, ng))
+        p = idx.prob(prompt, nxt)
+        assert (p.prompt_count, p.cont_count) == (pc, cc)
+        assert p.prob == pytest.approx(cc / pc)
+        d = idx.next_token_distribution(prompt)
+        if not d.approx:
+            assert d.tokens[nxt].count == cc
+            followers = {}
+            for doc, o in brute_positions(streams, prompt):
+                if o + len(prompt) < len(streams[doc]):
+                    t = int(streams[doc][o + len(prompt)])
+                    followers[t] = followers.get(t, 0) + 1
+            assert {t: c.count for t, c in d.tokens.items()} == followers
+    assert idx.prob([50_000, 50_001], 5).prob is None  # an unseen prompt has no distribution
+
+
+def test_infgram_backs_off_to_longest_occurring_suffix(idx, streams):
+    seen = streams[5][200:210].tolist()
+    prompt = [50_100, 50_200] + seen[:-1]  # an unseen start, then a real 9-token context
+    r = idx.infgram_prob(prompt, seen[-1])
+    # longest suffix of the prompt that occurs in the corpus, by brute force
+    k = max(k for k in range(0, len(prompt) + 1) if k == 0 or brute_positions(streams, prompt[-k:]))
+    assert r.suffix_len == k >= 9
+    assert r.prompt_count == len(brute_positions(streams, prompt[-k:]))
+    assert r.prob == pytest.approx(len(brute_positions(streams, prompt[-k:] + [seen[-1]])) / r.prompt_count)
+    d = idx.infgram_next_token_distribution(prompt)
+    assert d.suffix_len == k and d.tokens[seen[-1]].prob == pytest.approx(r.prob)
+    scores = idx.score(seen)
+    assert len(scores) == len(seen) and scores[0].suffix_len == 0 and all(s.prob > 0 for s in scores)
+
+
+def test_search_documents_cnf(idx, streams):
+    a, b = streams[2][50:53].tolist(), streams[2][60:62].tolist()
+    r = idx.search_documents([[a], [b]], max_hits=50)
+    assert r.count >= 1 and 2 in r.doc_ids
+    for h in r.hits:  # every hit is a place where both clauses occur close together in one document
+        s = streams[h.doc_id]
+        assert s[h.offset : h.offset + len(a)].tolist() == a or s[h.offset : h.offset + len(b)].tolist() == b
+        near = s[max(0, h.offset - 120) : h.offset + 120]
+        assert brute_positions([near], a) and brute_positions([near], b)
+    # a single OR clause counts the union of its n-grams' occurrences
+    x, y = streams[4][10:12].tolist(), streams[6][30:33].tolist()
+    assume = x[0] != y[0]
+    r2 = idx.search_documents([[x, y]])
+    if assume:
+        assert r2.count == len(brute_positions(streams, x)) + len(brute_positions(streams, y))
+
+
+def test_text_queries_use_the_datastore_tokenizer(idx, ds):
+    text = " the interpreter"
+    ids = ds.tokenizer.encode(text, add_special_tokens=False)
+    assert idx.count(text) == idx.count(ids) and idx.count(text).count > 0
+
+
+@pytest.mark.parametrize("bad, exc, msg", [
+    ("", NgramQueryError, "empty"),
+    ([], NgramQueryError, "empty"),
+    ([1, 2, 70_000], NgramQueryError, "outside the vocabulary"),
+    ([-1], NgramQueryError, "outside the vocabulary"),
+    (list(range(1, 40)), NgramQueryError, "max_query_tokens=32"),
+    ([1.5, 2.0], TypeError, "integer token ids"),
+    (42, TypeError, "text or a sequence"),
+])
+def test_bad_queries_raise(ngram_dir, ds, bad, exc, msg):
+    idx = NgramIndex(ngram_dir, ds, QueryLimits(max_query_tokens=32))
+    with pytest.raises(exc, match=msg):
+        idx.count(bad)
+
+
+def test_bad_cnf_and_next_token(ngram_dir, ds):
+    idx = NgramIndex(ngram_dir, ds, QueryLimits(max_clauses=2, max_terms_per_clause=2))
+    with pytest.raises(NgramQueryError, match="3 clauses, more than max_clauses=2"):
+        idx.search_documents([["a"], ["b"], ["c"]])
+    with pytest.raises(NgramQueryError, match=r"cnf\[0\]` has 3 terms"):
+        idx.search_documents([[" a", " b", " c"]])
+    with pytest.raises(NgramQueryError, match="non-empty"):
+        idx.search_documents([])
+    with pytest.raises(NgramQueryError, match=r"cnf\[1\]"):
+        idx.search_documents([[" a"], []])
+    with pytest.raises(NgramQueryError, match="single token"):
+        idx.prob(" the", " two tokens")
+    with pytest.raises(NgramQueryError, match="outside the vocabulary"):
+        idx.infgram_prob([1, 2], 99_999)
+
+
+def test_index_of_another_datastore_is_refused(tmp_path, corpus_dir, ngram_dir, ds):
+    from datastore import BuildConfig, build
+
+    other = tmp_path / "other"
+    build(BuildConfig(inputs=(str(corpus_dir / "a.jsonl.gz"),), out=str(other), tokenizer="gpt2", workers=1))
+    with pytest.raises(NgramIndexError, match="was built from datastore"):
+        NgramIndex(ngram_dir, other)
+    with pytest.raises(NgramIndexError, match="holds an n-gram index of datastore"):
+        build_ngram_index(other, ngram_dir, progress=False)
+
+
+def test_missing_and_truncated_files(tmp_path, ngram_dir, ds):
+    with pytest.raises(NgramIndexError, match="not an n-gram index"):
+        NgramIndex(tmp_path, ds)
+    copy = tmp_path / "copy"
+    shutil.copytree(ngram_dir, copy)
+    table = copy / "shard-00001" / "table.0"
+    table.write_bytes(table.read_bytes()[:-7])
+    with pytest.raises(NgramIndexError, match="truncated"):
+        NgramIndex(copy, ds)
+    table.unlink()
+    with pytest.raises(NgramIndexError, match="missing"):
+        NgramIndex(copy, ds)
+
+
+def test_killed_build_resumes(tmp_path, built, monkeypatch, ngram_dir, ds):
+    import index.ngram as ng
+
+    out = tmp_path / "resume"
+    real = ng._build_suffix_array
+    calls = []
+
+    def dies_on_second_shard(shard, *a, **kw):
+        calls.append(shard.name)
+        if shard.name == "shard-00001":
+            raise KeyboardInterrupt("killed")
+        return real(shard, *a, **kw)
+
+    monkeypatch.setattr(ng, "_build_suffix_array", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_ngram_index(built[1].out, out, NgramBuildConfig(shard_tokens=60_000, cpus=2), progress=False)
+    assert not (out / "ngram_index.json").exists() and (out / "_work" / "shard-00000.table.done").exists()
+    with pytest.raises(NgramIndexError, match="unfinished build"):
+        NgramIndex(out, ds)
+    done_table = (out / "shard-00000" / "table.0").stat().st_mtime_ns
+    monkeypatch.setattr(ng, "_build_suffix_array", real)
+    r = build_ngram_index(built[1].out, out, NgramBuildConfig(shard_tokens=60_000, cpus=2), progress=False)
+    assert not r.already_complete
+    assert (out / "shard-00000" / "table.0").stat().st_mtime_ns == done_table  # shard 0 was not redone
+    for sh in r.manifest["shards"]:  # and the result is the same index as an uninterrupted build
+        for f in ("tokenized.0", "table.0", "offset.0"):
+            assert (out / sh["dir"] / f).read_bytes() == (ngram_dir / sh["dir"] / f).read_bytes()
+    assert build_ngram_index(built[1].out, out, progress=False).already_complete
+
+
+def test_cli_build_query_score(tmp_path, built, streams):
+    from retromem.cli import main
+
+    run = lambda *a: CliRunner().invoke(main, list(a), catch_exceptions=False)  # noqa: E731
+    out = tmp_path / "cli-idx"
+    r = run("index", "build-ngram", built[1].out, "--out", str(out), "--shard-tokens", "100000", "--cpus", "1")
+    assert r.exit_code == 0, r.output
+    assert "bytes per token" in r.output
+    ng = streams[1][10:14].tolist()
+    r = run("index", "ngram-query", str(out), ",".join(map(str, ng)), "--ids", "--json")
+    assert json.loads(r.output)["count"] == len(brute_positions(streams, ng))
+    r = run("index", "ngram-query", str(out), " the", "--verb", "find", "--limit", "2")
+    assert r.exit_code == 0 and "-> chunk" in r.output
+    r = run("index", "ngram-query", str(out), " the", "--verb", "infgram-prob", "--next", " same")
+    assert r.exit_code == 0 and "suffix_len=1" in r.output
+    r = run("ngram", "score", str(out), "The interpreter reads a line", "--json")
+    assert len(json.loads(r.output)) >= 4
+    r = CliRunner().invoke(main, ["index", "ngram-query", str(out), "1,2,99999999", "--ids"])
+    assert r.exit_code == 2 and "outside the vocabulary" in r.output
+    r = CliRunner().invoke(main, ["index", "ngram-query", str(tmp_path), "x"])
+    assert r.exit_code == 2 and "not an n-gram index" in r.output
+    assert issubclass(NgramQueryError, RetromemError)
+
+
+def test_score_equals_engine_on_whole_prefixes(idx, streams):
+    """score() gives the engine only the tokens the longest suffix can use; same answers as whole prefixes."""
+    text = streams[7][:150].tolist() + [50_000] + streams[2][300:400].tolist()
+    scores = idx.score(text)
+    for i, s in enumerate(scores):
+        r = idx.engine.infgram_prob(prompt_ids=text[:i], cont_id=text[i])
+        assert (s.prob, s.suffix_len, s.prompt_count, s.cont_count) == (r["prob"], r["suffix_len"], r["prompt_cnt"], r["cont_cnt"])
+    assert max(s.suffix_len for s in scores) > 50  # long contexts really were used
