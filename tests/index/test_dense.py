@@ -367,18 +367,18 @@ def test_cli_search_eval_and_plan(flat_index, ivf_index, small_ds, tmp_path):
     text = small_ds.chunk_texts([10])[0]
     r = runner.invoke(main, ["index", "search", str(flat_index.path), text, "-k", "2", "--json"])
     assert r.exit_code == 0, r.output
-    hits = json.loads(r.output)
+    hits = json.loads(r.stdout)
     assert hits[0][0]["chunk_id"] == 10 and hits[0][0]["text"] == text
     r = runner.invoke(main, ["index", "eval-dense", str(ivf_index.path), "--queries", "50", "--json"])
     assert r.exit_code == 0, r.output
-    rep = json.loads(r.output)
+    rep = json.loads(r.stdout)
     assert set(rep["recall"]) == {"1", "10", "100"} and rep["bytes_per_vector"] < 4 * 384
     r = runner.invoke(main, ["index", "search", str(flat_index.path), "x", "-k", "0"])
     assert r.exit_code == 2 and "k must be in 1.." in r.output
     png = tmp_path / "plan.png"
     r = runner.invoke(main, ["plan", "--tokens", "1e12", "--json", "--plot", str(png)])
     assert r.exit_code == 0, r.output
-    plan = json.loads(r.output.split("\nplot")[0])
+    plan = json.loads(r.stdout.split("\nplot")[0])
     assert plan["chunks"] == 15_625_000_000 and plan["embedding_bytes"] == 15_625_000_000 * 384 * 2
     assert png.stat().st_size > 10_000
 
