@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from datastore.atomic import atomic_path, read_json, write_json
-from retromem.errors import ConfigError, RetromemError
+from retromem.errors import ConfigError, IndexFormatError, QueryError
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ SEP = "\x00"
 BACKENDS = ("compact", "fm-index")
 
 
-class FMIndexError(RetromemError):
+class FMIndexError(IndexFormatError):
     """An FM-index directory is missing, truncated, or built from another datastore."""
 
 
-class FMQueryError(RetromemError, ValueError):
+class FMQueryError(QueryError):
     """An FM-index query is empty, too long or not text."""
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from datastore.atomic import read_json, sha256_file, write_json
 from index.types import ChunkPayload, fetch_payloads
-from retromem.errors import ConfigError, RetromemError
+from retromem.errors import ConfigError, IndexFormatError, QueryError
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ _HACK = 100_000
 Query = Union[str, Sequence[int], np.ndarray]
 
 
-class NgramIndexError(RetromemError):
+class NgramIndexError(IndexFormatError):
     """An n-gram index directory is missing, truncated, unfinished, or built from another datastore."""
 
 
-class NgramQueryError(RetromemError, ValueError):
+class NgramQueryError(QueryError):
     """A query is empty, too long, has token ids outside the vocabulary, or a CNF is too large."""
 
 
