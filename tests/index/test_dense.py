@@ -396,3 +396,27 @@ def test_gpu_build_matches_cpu(emb_dir, flat_index, tmp_path):
     _, q = Embeddings(emb_dir).sample(30, seed=9)
     a, b = gpu_idx.search(q, 10, nprobe=16), cpu_idx.search(q, 10, nprobe=16)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-3)
+
+
+def test_ray_executor_embeds_the_same_vectors(tmp_path):
+    """One embedder actor per GPU on a cluster; here a local Ray on CPU with two actors."""
+    pytest.importorskip("ray")
+    from datastore import BuildConfig, build
+    from index.embed import EmbedConfig, Embeddings, embed_datastore
+
+    recs = [{"id": r["id"], "text": r["text"][:6000]} for r in demo_records()[:4]]
+    write_jsonl(tmp_path / "docs.jsonl", recs)
+    cfg = BuildConfig(inputs=(str(tmp_path / "docs.jsonl"),), out=str(tmp_path / "ds"), tokenizer="gpt2", shard_bytes=5_000, workers=1)
+    build(cfg)
+    local = embed_datastore(EmbedConfig(datastore=cfg.out, out=str(tmp_path / "local")), progress=False)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        dist = embed_datastore(EmbedConfig(datastore=cfg.out, out=str(tmp_path / "ray"), executor="ray", ray_actors=2), progress=False)
+    finally:
+        ray.shutdown()
+    assert len(dist.manifest["shards"]) >= 3 and dist.manifest["embedder"] == local.manifest["embedder"]
+    a, b = Embeddings(local.out), Embeddings(dist.out)
+    ids = np.arange(a.num_vectors)
+    np.testing.assert_allclose(a.get(ids), b.get(ids), atol=2e-3)
