@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=200, help="first N documents of python-docs")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "dense"))
-    ap.add_argument("--factory", action="append", default=None, help="compressed factories (default: IVF,SQ8 and IVF,PQ48)")
+    ap.add_argument("--factory", action="append", default=None, help="compressed factories (default: IVF,SQ8 at two list counts, HNSW32_SQ8, IVF,PQ48)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--target-recall", type=float, default=0.95)
     args = ap.parse_args()
@@ -85,12 +85,12 @@ def main() -> None:
     emb_meta = json.loads((out / "emb" / "embeddings.json").read_text())
     n = emb_meta["num_vectors"]
 
-    factories = args.factory or ["IVF{nlist},SQ8", "IVF{nlist},PQ48"]
+    factories = args.factory or ["IVF{nlist},SQ8", "IVF{nlist2},SQ8", "HNSW32_SQ8", "IVF{nlist},PQ48"]
     from index.factory import _pow2_nlist
 
     nlist = _pow2_nlist(n)
     results = []
-    for f in ["Flat"] + [f.format(nlist=nlist) for f in factories]:
+    for f in ["Flat"] + [f.format(nlist=nlist, nlist2=2 * nlist) for f in factories]:
         d = out / ("idx-" + f.replace(",", "_"))
         stages.append(run_stage(f"build {f}", cli + ["index", "build-dense", str(out / "emb"), "--out", str(d), "--factory", f,
                                                       "--target-recall", str(args.target_recall), "--overwrite"]))

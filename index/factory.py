@@ -199,6 +199,7 @@ def choose_factory(n: int, d: int, memory_budget: int, target_recall: float = 0.
         cands.append(("Flat", "exact search; small enough to scan every vector"))
     if n <= 20_000_000:
         cands.append(("HNSW32", "graph search: near-exact recall, no training, float32 vectors kept"))
+        cands.append(("HNSW32_SQ8", "graph search over 8-bit scalar codes: fast, about 2.3x smaller than float32"))
     cands.append((f"{coarse},SQ8", "inverted lists with 8-bit scalar codes (4x smaller than float32), recall near exact"))
     pq_ms = [m for m in (192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4) if d % m == 0 and m < d]
     for m in pq_ms:

@@ -34,14 +34,16 @@ import numpy as np
 from index.factory import parse_factory
 from retromem.errors import ConfigError
 
-# Measured on the development machine (2 cores, no GPU): benchmarks/dense_retrieval.py --unit-costs
+# Measured on the development machine (2 cores, no GPU, shared with other jobs while measured, so
+# conservative): embedding from benchmarks/dense_retrieval.py (14,351 python-docs chunks, whole job),
+# FAISS add and k-means from `retromem plan --measure` (IVF1024,PQ64). See BENCHMARKS.md.
 UNIT_COSTS_MEASURED: dict[str, Any] = {
-    "machine": "2-core x86_64 VM, 24 GiB, no GPU (retromem development machine)",
-    "embed_chunks_per_s_cpu": 35.0,
+    "machine": "2-core x86_64 VM, 24 GiB, no GPU (retromem development machine, under load)",
+    "embed_chunks_per_s_cpu": 13.4,
     "embed_chunks_per_s_gpu": 5000.0,
     "embed_gpu_measured": False,
-    "add_vectors_per_s_cpu": 60000.0,
-    "kmeans_flops_per_s_cpu": 2.0e10,
+    "add_vectors_per_s_cpu": 18860.0,
+    "kmeans_flops_per_s_cpu": 5.6e9,
     "kmeans_flops_per_s_gpu": 2.0e13,
     "gpu_speedup_faiss": 20.0,
     "gpu_speedup_measured": False,
