@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--segment", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/out/memory_infini")
+    ap.add_argument("--modes", default="full,infini", help="Which modes to run (results of others in --out are kept).")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -67,8 +68,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows = []
-    runs = [("full", n) for n in lengths if n <= args.full_max] + [("infini", n) for n in lengths]
+    modes = args.modes.split(",")
+    old = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
+    rows = [r for r in old if r["mode"] not in modes]  # earlier runs of the other modes (marked as such)
+    for r in rows:
+        r["earlier_run"] = True
+    runs = [("full", n) for n in lengths if n <= args.full_max and "full" in modes] + \
+        [("infini", n) for n in lengths if "infini" in modes]
     for mode, n in runs:
         proc = subprocess.run([sys.executable, __file__, "--child", mode, str(n), "--segment", str(args.segment),
                                "--threads", str(args.threads)], capture_output=True, text=True, cwd=REPO)
@@ -86,7 +92,8 @@ def main() -> None:
         peaks = [r["peak_rss_mib"] for r in inf]
         print(f"infini peak RSS {min(peaks):.0f}..{max(peaks):.0f} MiB: max/min = {max(peaks) / min(peaks):.3f}")
         for r in inf:
-            base = next((f for f in rows if f["mode"] == "full" and f["length"] == r["length"]), None)
+            base = next((f for f in rows if f["mode"] == "full" and f["length"] == r["length"]
+                         and not f.get("earlier_run")), None)
             if base:
                 print(f"length {r['length']}: infini/full tokens/s = {r['tokens_per_s'] / base['tokens_per_s']:.3f}, "
                       f"peak RSS infini/full = {r['peak_rss_mib'] / base['peak_rss_mib']:.3f}")

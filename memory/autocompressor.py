@@ -82,8 +82,10 @@ class AutoCompressorOutput:
     logits: torch.Tensor | None  # (B, kept, V)
     softprompt: torch.Tensor | None  # (B, P, hidden) when output_softprompt
 
-    def __getitem__(self, key: str):
-        return getattr(self, key)
+    def __getitem__(self, key: str | int | slice):  # Trainer reads outputs[0] as the loss
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(getattr(self, k) for k in self.keys())[key]
 
     def keys(self):
         return [k for k in ("loss", "logits") if getattr(self, k) is not None]
@@ -107,7 +109,7 @@ class AutoCompressorLM(nn.Module):
         if not isinstance(base, nn.Module):
             raise TypeError(f"`base` must be a Hugging Face causal LM (nn.Module), got {type(base).__name__}")
         self.model_type = check_architecture(base, SUPPORTED_MODEL_TYPES, "AutoCompressor")
-        self.config = config or AutoCompressorConfig()
+        self.memory_config = config or AutoCompressorConfig()
         self.base = base
         emb = base.get_input_embeddings().weight
         eos = base.config.eos_token_id
@@ -115,10 +117,15 @@ class AutoCompressorLM(nn.Module):
         if eos is None:
             raise ValueError("the base model's config has no `eos_token_id`; summary tokens are initialised from it")
         # (κ, hidden): every summary token starts as EOS; their positions tell them apart
-        self.summary_embeddings = nn.Parameter(emb.detach()[eos].clone().repeat(self.config.summary_length, 1))
+        self.summary_embeddings = nn.Parameter(emb.detach()[eos].clone().repeat(self.memory_config.summary_length, 1))
         self.hidden_size = emb.shape[1]
         self.max_positions = getattr(base.config, "n_positions", None) if self.model_type == "gpt2" else None
-        self._rng = random.Random(self.config.seed)
+        self._rng = random.Random(self.memory_config.seed)
+
+    @property
+    def config(self):
+        """The base model's Hugging Face config (what Trainer and generation utilities expect)."""
+        return self.base.config
 
     def memory_parameters(self) -> list[nn.Parameter]:
         return [self.summary_embeddings]
@@ -143,7 +150,7 @@ class AutoCompressorLM(nn.Module):
             if not segment_lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in segment_lengths):
                 raise ValueError(f"`segment_lengths` must be a non-empty list of positive integers, got {segment_lengths!r}")
             return list(segment_lengths)
-        c = self.config
+        c = self.memory_config
         if self.training and c.randomize_segments:
             return sample_segment_lengths(length, c.segment_min, c.segment_max, self._rng)
         return [c.segment_max]
@@ -182,8 +189,8 @@ class AutoCompressorLM(nn.Module):
             raise ValueError(f"`labels` must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         given = self._check_softprompt(softprompt, B)
         bounds = segment_bounds(L, self._segment_lengths(L, segment_lengths))
-        kappa = self.config.summary_length
-        window = self.config.stop_gradient_after
+        kappa = self.memory_config.summary_length
+        window = self.memory_config.stop_gradient_after
         embed = self.base.get_input_embeddings()
         lm_head = self.base.get_output_embeddings()
         summaries: list[torch.Tensor] = []
@@ -208,7 +215,7 @@ class AutoCompressorLM(nn.Module):
                     kept.append(logits[:, -1:])
             if compress:
                 new = hidden[:, P + N:]  # (B, κ, hidden): this segment's summary vectors
-                summaries = summaries + [new] if self.config.accumulate_summary else [new]
+                summaries = summaries + [new] if self.memory_config.accumulate_summary else [new]
         out_sp = None
         if output_softprompt:
             out_sp = torch.cat(([given] if given is not None else []) + summaries, dim=1) if (given is not None or summaries) \
@@ -234,7 +241,7 @@ class AutoCompressorLM(nn.Module):
         input_ids = check_input_ids(input_ids)
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-        seg = self.config.segment_max
+        seg = self.memory_config.segment_max
         sp = self._check_softprompt(softprompt, input_ids.shape[0])
         pending = input_ids
         if auto_compress and pending.shape[1] > seg:
@@ -257,7 +264,7 @@ class AutoCompressorLM(nn.Module):
     # -- saving ---------------------------------------------------------------------------------
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        return save_wrapper(self, out_dir, "autocompressor", asdict(self.config))
+        return save_wrapper(self, out_dir, "autocompressor", asdict(self.memory_config))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "AutoCompressorLM":
@@ -326,7 +333,7 @@ def precompute_summaries(model: AutoCompressorLM, tokenizer: Any, texts: Iterabl
         done[key] = model.compress_text(tokenizer, text, segment_lengths)[0].float().cpu().contiguous()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     save_file(done, str(tmp), metadata={"hidden_size": str(model.hidden_size),
-                                        "summary_length": str(model.config.summary_length),
+                                        "summary_length": str(model.memory_config.summary_length),
                                         "model_type": model.model_type})
     os.replace(tmp, out)
     return out

@@ -223,8 +223,10 @@ class InfiniOutput:
     logits: torch.Tensor | None  # (B, kept, V): see ``keep_logits``
     memory: InfiniMemory
 
-    def __getitem__(self, key: str):  # Trainer reads outputs["loss"]
-        return getattr(self, key)
+    def __getitem__(self, key: str | int | slice):  # Trainer reads outputs[0] as the loss
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(getattr(self, k) for k in self.keys())[key]
 
     def keys(self):
         return [k for k in ("loss", "logits") if getattr(self, k) is not None]
@@ -242,12 +244,17 @@ class InfiniAttentionLM(nn.Module):
         if not isinstance(base, nn.Module):
             raise TypeError(f"`base` must be a Hugging Face causal LM (nn.Module), got {type(base).__name__}")
         check_architecture(base, SUPPORTED_MODEL_TYPES, "Infini-attention")
-        self.config = config or InfiniAttentionConfig()
+        self.memory_config = config or InfiniAttentionConfig()
         self.base = base
         for layer in base.model.layers:
             if not isinstance(layer.self_attn, InfiniAttention):
-                layer.self_attn = InfiniAttention(layer.self_attn, self.config)
+                layer.self_attn = InfiniAttention(layer.self_attn, self.memory_config)
         self.gate_mode: GateMode = "learned"
+
+    @property
+    def config(self):
+        """The base model's Hugging Face config (what Trainer and generation utilities expect)."""
+        return self.base.config
 
     # -- modes and telemetry ------------------------------------------------------------------
 
@@ -291,26 +298,34 @@ class InfiniAttentionLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"`labels` must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         memory = memory if memory is not None else InfiniMemory()
-        seg = self.config.segment_length
+        seg = self.memory_config.segment_length
         loss = SegmentLoss(labels)
         kept: list[torch.Tensor] = []
         L = input_ids.shape[1]
         for i, start in enumerate(range(0, L, seg)):
             end = min(start + seg, L)
-            logits = self._segment(input_ids[:, start:end], memory)
-            loss.add(logits, start, end)
+            need_all = labels is not None or keep_logits == "all"
+            # only the last position's logits unless asked: a 2,048-token segment's full logits are 400 MB
+            logits = self._segment(input_ids[:, start:end], memory, logits_to_keep=0 if need_all else 1)
+            if labels is not None:
+                loss.add(logits, start, end)
             if keep_logits == "all":
                 kept.append(logits)
             elif keep_logits == "last" and end == L:
                 kept.append(logits[:, -1:])
-            if self.config.bptt_segments is not None and memory.segments_seen % self.config.bptt_segments == 0:
+            del logits
+            if self.memory_config.bptt_segments is not None and memory.segments_seen % self.memory_config.bptt_segments == 0:
                 memory.detach_()  # end of a BPTT window: older segments get no gradient from later ones
+        with torch.no_grad():  # telemetry for the trainer's logs
+            self.last_memory_stats = {
+                "memory_M_norm": float(torch.stack([m.norm() for m in memory.M.values()]).mean()) if memory.M else 0.0,
+                "memory_z_mean": float(torch.stack([z.mean() for z in memory.z.values()]).mean()) if memory.z else 0.0}
         return InfiniOutput(loss=loss.value(), logits=torch.cat(kept, dim=1) if kept else None, memory=memory)
 
-    def _segment(self, ids: torch.Tensor, memory: InfiniMemory) -> torch.Tensor:
+    def _segment(self, ids: torch.Tensor, memory: InfiniMemory, logits_to_keep: int = 0) -> torch.Tensor:
         T = ids.shape[1]
         position_ids = torch.arange(T, device=ids.device).unsqueeze(0)  # RoPE restarts every segment
-        out = self.base(input_ids=ids, position_ids=position_ids, use_cache=False,
+        out = self.base(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep,
                         infini_memory=memory if self.gate_mode != "local" else None)
         if memory.write:
             memory.tokens_seen += T
@@ -325,7 +340,7 @@ class InfiniAttentionLM(nn.Module):
         input_ids = check_input_ids(input_ids)
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-        seg = self.config.segment_length
+        seg = self.memory_config.segment_length
         memory = memory if memory is not None else InfiniMemory()
         L = input_ids.shape[1]
         full = (L - 1) // seg * seg  # keep at least one token in the open segment
@@ -352,7 +367,7 @@ class InfiniAttentionLM(nn.Module):
     # -- saving -------------------------------------------------------------------------------
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        return save_wrapper(self, out_dir, "infini_attention", asdict(self.config))
+        return save_wrapper(self, out_dir, "infini_attention", asdict(self.memory_config))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "InfiniAttentionLM":

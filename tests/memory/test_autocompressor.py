@@ -127,7 +127,7 @@ def test_save_load_round_trip(tmp_path):
         m.summary_embeddings.add_(torch.randn_like(m.summary_embeddings))
     m.save_pretrained(tmp_path / "ac")
     back = AutoCompressorLM.from_pretrained(tmp_path / "ac")
-    assert back.config == m.config
+    assert back.memory_config == m.memory_config
     ids = torch.randint(3, 128, (1, 30))
     with torch.no_grad():
         assert_close(back(ids, segment_lengths=[12]).logits, m(ids, segment_lengths=[12]).logits)

@@ -144,7 +144,7 @@ def test_save_load_round_trip(tmp_path):
             a.memory_gate.copy_(torch.linspace(-1, 1, 4) + i)
     m.save_pretrained(tmp_path / "model")
     back = InfiniAttentionLM.from_pretrained(tmp_path / "model")
-    assert back.config == m.config
+    assert back.memory_config == m.memory_config
     ids = torch.randint(3, 128, (1, 30))
     with torch.no_grad():
         assert_close(back(ids, keep_logits="all").logits, m(ids, keep_logits="all").logits)
