@@ -140,7 +140,7 @@ def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
     base, tok = load_causal_lm("smollm2-135m")
     ds = Datastore.open(datastore_path)
     doc = max(range(min(ds.num_documents, 40)), key=lambda d: len(ds.document_text(d)))
-    ids = tok(ds.document_text(doc), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :1024]
+    ids = tok(ds.document_text(doc), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :768]
     model = InfiniAttentionLM(base, InfiniAttentionConfig(segment_length=256)).eval()
     echo(f"Infini-attention (untrained gates, sigmoid(-2) = {float(model.gates().mean()):.3f}): streaming document "
          f"{doc} ({ids.shape[1]} tokens) in segments of 256")
@@ -161,10 +161,10 @@ def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
     # the same base weights, now as an AutoCompressor (attention restored by loading a fresh base)
     base2, _ = load_causal_lm("smollm2-135m")
     ac = AutoCompressorLM(base2, AutoCompressorConfig(summary_length=50, segment_min=256, segment_max=256)).eval()
-    passage = ids[:, :512]
+    passage = ids[:, :256]
     sp = ac.compress(passage, segment_lengths=[256])
     echo(f"AutoCompressor (summary tokens initialised from EOS, NOT fine-tuned: vectors are illustrative): "
          f"{passage.shape[1]} tokens -> soft prompt {tuple(sp.shape)}")
     prompt = tok("\nIn short, this page explains", add_special_tokens=False, return_tensors="pt")["input_ids"]
-    gen = ac.generate(prompt, softprompt=sp, max_new_tokens=12)
+    gen = ac.generate(prompt, softprompt=sp, max_new_tokens=8)
     echo(f"  generate(softprompt=...): {tok.decode(gen[0, prompt.shape[1]:])!r}")

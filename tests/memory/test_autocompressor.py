@@ -171,3 +171,30 @@ def test_bad_input_gets_a_clear_error():
     g = wrap("gpt2", segment_max=250, summary_length=8)
     with pytest.raises(ValueError, match="n_positions"):
         g(torch.randint(3, 128, (1, 255)), segment_lengths=[250], output_softprompt=True)
+
+
+def test_compress_command_stores_summaries_for_datastore_documents(tmp_path, built):
+    from click.testing import CliRunner
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from datastore import Datastore
+    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.cli import main
+
+    manifest, cfg = built
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=32, n_layer=1, n_head=2, n_positions=256))
+    model_dir = tmp_path / "ac"
+    AutoCompressorLM(base, AutoCompressorConfig(summary_length=2, segment_min=64, segment_max=64)).save_pretrained(model_dir)
+    load_hf_tokenizer("gpt2").save_pretrained(str(model_dir))
+    out = tmp_path / "summaries.safetensors"
+    r = CliRunner().invoke(main, ["memory", "compress", cfg.out, "--model", str(model_dir), "--chunks", "0,1,2",
+                                  "--segment-length", "64", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    store = SummaryStore(out)
+    ds = Datastore.open(cfg.out)
+    texts = ds.chunk_texts([0, 1, 2])
+    assert len(store) == len(set(texts)) and all(t in store for t in texts)
+    assert store.get(texts[0]).shape[1] == 32
+    r = CliRunner().invoke(main, ["memory", "compress", cfg.out, "--model", str(model_dir), "--out", str(out)])
+    assert r.exit_code == 2 and "--docs" in r.output
