@@ -127,6 +127,7 @@ def memory_compress(datastore_path: str, model_path: str, docs: str, chunks: str
 
 @demo_step(70, "memory modules: Infini-attention and AutoCompressor on SmolLM2-135M")
 def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
+    import copy
     import time
 
     import torch
@@ -140,15 +141,15 @@ def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
     base, tok = load_causal_lm("smollm2-135m")
     ds = Datastore.open(datastore_path)
     doc = max(range(min(ds.num_documents, 40)), key=lambda d: len(ds.document_text(d)))
-    ids = tok(ds.document_text(doc), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :768]
-    model = InfiniAttentionLM(base, InfiniAttentionConfig(segment_length=256)).eval()
+    ids = tok(ds.document_text(doc), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :512]
+    model = InfiniAttentionLM(copy.deepcopy(base), InfiniAttentionConfig(segment_length=128)).eval()
     echo(f"Infini-attention (untrained gates, sigmoid(-2) = {float(model.gates().mean()):.3f}): streaming document "
-         f"{doc} ({ids.shape[1]} tokens) in segments of 256")
+         f"{doc} ({ids.shape[1]} tokens) in segments of 128")
     mem = None
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, ids.shape[1], 256):
-            piece = ids[:, start:start + 256]
+        for start in range(0, ids.shape[1], 128):
+            piece = ids[:, start:start + 128]
             out = model(piece, labels=piece, memory=mem, keep_logits="none")
             mem = out.memory
             echo(f"  {mem.tokens_seen:5d} tokens seen: memory state {mem.nbytes() / 2**20:.2f} MiB "
@@ -158,13 +159,12 @@ def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
     state.parent.mkdir(parents=True, exist_ok=True)
     mem.save(state)
     echo(f"  memory state saved for resuming the stream: {state}")
-    # the same base weights, now as an AutoCompressor (attention restored by loading a fresh base)
-    base2, _ = load_causal_lm("smollm2-135m")
-    ac = AutoCompressorLM(base2, AutoCompressorConfig(summary_length=50, segment_min=256, segment_max=256)).eval()
+    # the untouched base (Infini-attention wrapped a copy), now as an AutoCompressor
+    ac = AutoCompressorLM(base, AutoCompressorConfig(summary_length=50, segment_min=256, segment_max=256)).eval()
     passage = ids[:, :256]
     sp = ac.compress(passage, segment_lengths=[256])
     echo(f"AutoCompressor (summary tokens initialised from EOS, NOT fine-tuned: vectors are illustrative): "
          f"{passage.shape[1]} tokens -> soft prompt {tuple(sp.shape)}")
     prompt = tok("\nIn short, this page explains", add_special_tokens=False, return_tensors="pt")["input_ids"]
-    gen = ac.generate(prompt, softprompt=sp, max_new_tokens=8)
+    gen = ac.generate(prompt, softprompt=sp, max_new_tokens=6)
     echo(f"  generate(softprompt=...): {tok.decode(gen[0, prompt.shape[1]:])!r}")
