@@ -5,3 +5,166 @@ with :func:`retromem.cli.demo_step`.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from retromem.cli import demo_step, handle_errors, memory
+from retromem.errors import ConfigError
+
+
+def _ints(value: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"`{flag}` must be comma-separated integers, got {value!r}") from None
+
+
+def _floats(value: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"`{flag}` must be comma-separated numbers, got {value!r}") from None
+
+
+@memory.command("train")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file (configs/memory/*.yaml).")
+@click.option("--output-dir", default=None, help="Override `output_dir` of the config.")
+@click.option("--model", default=None, help="Override `model` (built-in name, local directory, saved memory model).")
+@click.option("--tokenizer", default=None, help="Override `tokenizer`.")
+@click.option("--max-steps", type=int, default=None, help="Override `max_steps`.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory.")
+@handle_errors
+def memory_train(config_path: str, output_dir: str | None, model: str | None, tokenizer: str | None,
+                 max_steps: int | None, resume: bool) -> None:
+    """Fine-tune an Infini-attention or AutoCompressor model with Hugging Face Trainer."""
+    from memory.training import load_train_config, train
+
+    cfg = load_train_config(config_path, output_dir=output_dir, model=model, tokenizer=tokenizer, max_steps=max_steps)
+    result = train(cfg, resume=resume)
+    click.echo(f"trained {result.steps} steps (loss {result.train_loss if result.train_loss is None else round(result.train_loss, 4)}); "
+               f"trainable: {result.trainable['memory']:,} memory + {result.trainable['other']:,} other parameters"
+               + (f"; resumed from {result.resumed_from}" if result.resumed_from else ""))
+    click.echo(f"model: {result.final_dir}   telemetry: {result.output_dir / 'telemetry.jsonl'}")
+
+
+@memory.command("eval")
+@click.option("--model", "model_path", default="smollm2-135m", show_default=True,
+              help="A saved memory model directory, or a base model (wrapped untrained with --module).")
+@click.option("--module", type=click.Choice(["infini", "autocompressor"]), default="infini", show_default=True,
+              help="Wrapper for a base model (ignored for a saved memory model).")
+@click.option("--segment-length", type=int, default=2048, show_default=True, help="Segment length when wrapping a base model.")
+@click.option("--lengths", default="1024,2048,4096", show_default=True, help="Passkey input lengths.")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Needle depths (fractions).")
+@click.option("--samples", type=int, default=1, show_default=True, help="Examples per (length, depth); 0 skips passkey.")
+@click.option("--ppl-length", type=int, default=4096, show_default=True, help="Tokens per long document.")
+@click.option("--ppl-docs", type=int, default=4, show_default=True, help="Long documents for perplexity; 0 skips it.")
+@click.option("--full-max", type=int, default=8192, show_default=True, help="Longest input run with full attention.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--out", default="memory-eval", show_default=True, help="Directory for results.json and plots.")
+@handle_errors
+def memory_eval(model_path: str, module: str, segment_length: int, lengths: str, depths: str, samples: int,
+                ppl_length: int, ppl_docs: int, full_max: int, threads: int, out: str) -> None:
+    """Passkey retrieval and long-document perplexity with memory on, knocked out, and full attention."""
+    import torch
+
+    from memory.evaluation import MemoryEvalConfig, evaluate
+
+    torch.set_num_threads(threads)
+    try:
+        cfg = MemoryEvalConfig(out=out, lengths=_ints(lengths, "--lengths"), depths=_floats(depths, "--depths"),
+                               samples=samples, ppl_length=ppl_length, ppl_docs=ppl_docs, full_max=full_max)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    model, tok = load_memory_model(model_path, module, segment_length)
+    summary = evaluate(model, tok, cfg, title=f"{Path(model_path).name} ({type(model).__name__})")
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
+
+
+def load_memory_model(model_path: str, module: str, segment_length: int):
+    from datastore.tokenizer import load_hf_tokenizer
+    from memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
+    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from memory.training import is_saved_memory_model
+    from retromem.models import load_causal_lm
+
+    if is_saved_memory_model(model_path):
+        kind = json.loads((Path(model_path) / "memory_config.json").read_text())["kind"]
+        cls = InfiniAttentionLM if kind == "infini_attention" else AutoCompressorLM
+        return cls.from_pretrained(model_path), load_hf_tokenizer(model_path)
+    try:
+        base, tok = load_causal_lm(model_path)
+        if module == "infini":
+            return InfiniAttentionLM(base, InfiniAttentionConfig(segment_length=segment_length)), tok
+        return AutoCompressorLM(base, AutoCompressorConfig(segment_min=segment_length, segment_max=segment_length)), tok
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+@memory.command("compress")
+@click.argument("datastore_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_path", required=True, help="A saved AutoCompressor directory (or a base model, untrained summaries).")
+@click.option("--docs", default="", help="Comma-separated doc_ids to compress whole.")
+@click.option("--chunks", default="", help="Comma-separated chunk_ids to compress.")
+@click.option("--segment-length", type=int, default=2048, show_default=True)
+@click.option("--out", required=True, help="safetensors file of summary vectors keyed by content hash.")
+@handle_errors
+def memory_compress(datastore_path: str, model_path: str, docs: str, chunks: str, segment_length: int, out: str) -> None:
+    """Precompute AutoCompressor summary vectors for datastore chunks or documents."""
+    from memory.autocompressor import AutoCompressorLM, SummaryStore, datastore_texts, precompute_summaries
+
+    model, tok = load_memory_model(model_path, "autocompressor", segment_length)
+    if not isinstance(model, AutoCompressorLM):
+        raise ConfigError(f"`--model` {model_path} is not an AutoCompressor")
+    texts = datastore_texts(datastore_path, chunk_ids=_ints(chunks, "--chunks") or None, doc_ids=_ints(docs, "--docs"))
+    if not texts:
+        raise ConfigError("give `--docs` or `--chunks` to compress")
+    path = precompute_summaries(model, tok, texts, out)
+    click.echo(f"{len(SummaryStore(path))} summaries in {path}")
+
+
+@demo_step(70, "memory modules: Infini-attention and AutoCompressor on SmolLM2-135M")
+def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
+    import copy
+    import time
+
+    import torch
+
+    from datastore import Datastore
+    from memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
+    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.models import load_causal_lm
+
+    torch.set_num_threads(2)
+    base, tok = load_causal_lm("smollm2-135m")
+    ds = Datastore.open(datastore_path)
+    doc = max(range(min(ds.num_documents, 40)), key=lambda d: len(ds.document_text(d)))
+    ids = tok(ds.document_text(doc), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :512]
+    model = InfiniAttentionLM(copy.deepcopy(base), InfiniAttentionConfig(segment_length=128)).eval()
+    echo(f"Infini-attention (untrained gates, sigmoid(-2) = {float(model.gates().mean()):.3f}): streaming document "
+         f"{doc} ({ids.shape[1]} tokens) in segments of 128")
+    mem = None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1], 128):
+            piece = ids[:, start:start + 128]
+            out = model(piece, labels=piece, memory=mem, keep_logits="none")
+            mem = out.memory
+            echo(f"  {mem.tokens_seen:5d} tokens seen: memory state {mem.nbytes() / 2**20:.2f} MiB "
+                 f"({len(mem.M)} layers x 3 kv heads x 64x64 M + z), segment loss {float(out.loss):.3f}")
+    echo(f"  {ids.shape[1] / (time.perf_counter() - t0):.0f} tokens/s; state size is the same after every segment")
+    state = out_dir / "memory" / "infini_state.safetensors"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    mem.save(state)
+    echo(f"  memory state saved for resuming the stream: {state}")
+    # the untouched base (Infini-attention wrapped a copy), now as an AutoCompressor
+    ac = AutoCompressorLM(base, AutoCompressorConfig(summary_length=50, segment_min=256, segment_max=256)).eval()
+    passage = ids[:, :256]
+    sp = ac.compress(passage, segment_lengths=[256])
+    echo(f"AutoCompressor (summary tokens initialised from EOS, NOT fine-tuned: vectors are illustrative): "
+         f"{passage.shape[1]} tokens -> soft prompt {tuple(sp.shape)}")
+    prompt = tok("\nIn short, this page explains", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    gen = ac.generate(prompt, softprompt=sp, max_new_tokens=6)
+    echo(f"  generate(softprompt=...): {tok.decode(gen[0, prompt.shape[1]:])!r}")

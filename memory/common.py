@@ -1,0 +1,136 @@
+"""Pieces shared by the memory wrappers: errors, architecture checks, wrapper save/load, and the
+segment-wise next-token loss.
+
+A wrapper (Infini-attention, AutoCompressor) is an ``nn.Module`` holding a Hugging Face causal LM
+(``self.base``) plus its own small parameters. It is saved as one directory: the base model's
+``config.json``, the wrapper's own JSON config, and every weight in ``model.safetensors`` (written
+by ``safetensors.torch.save_model``, which drops the duplicate of tied embeddings). That file is
+also what Hugging Face ``Trainer`` reads back when resuming, so checkpoints and ``from_pretrained``
+share one format and no hub access is ever needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from retromem.errors import RetromemError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class UnsupportedModelError(RetromemError, TypeError):
+    """The Hugging Face model's architecture is not one a memory wrapper supports."""
+
+
+def check_architecture(model: Any, allowed: set[str], what: str) -> str:
+    """The model_type of ``model``, or an UnsupportedModelError naming what is allowed."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in allowed:
+        raise UnsupportedModelError(
+            f"{what} supports Hugging Face causal LMs of model_type {sorted(allowed)}, got "
+            f"{type(model).__name__} (model_type={model_type!r})")
+    return model_type
+
+
+def check_input_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"`input_ids` must be an integer torch.Tensor of shape (batch, length), got {type(input_ids).__name__}"
+                        + (f" of dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"`input_ids` must have shape (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
+    return input_ids.long()
+
+
+def segment_bounds(length: int, segment_lengths: list[int]) -> list[tuple[int, int]]:
+    """[(start, end)] covering ``length`` tokens: the given lengths, then the last one repeated."""
+    bounds, start, i = [], 0, 0
+    while start < length:
+        n = segment_lengths[min(i, len(segment_lengths) - 1)]
+        bounds.append((start, min(start + n, length)))
+        start += n
+        i += 1
+    return bounds
+
+
+class SegmentLoss:
+    """Next-token cross-entropy accumulated segment by segment.
+
+    The last logit of segment s predicts the first label of segment s+1, so the loss over a
+    segmented pass equals the loss of one pass over the whole sequence (labels shifted by one,
+    -100 ignored) while only one segment's logits exist at a time.
+    """
+
+    def __init__(self, labels: torch.Tensor | None) -> None:
+        self.labels = labels
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, start: int, end: int) -> None:
+        if self.labels is None:
+            return
+        target = self.labels[:, start + 1:end + 1]  # (B, <=T): the last segment has one fewer target
+        logits = logits[:, :target.shape[1]]
+        n = int((target != -100).sum())
+        if n == 0:
+            return
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        self.total = loss if self.total is None else self.total + loss
+        self.count += n
+
+    def value(self) -> torch.Tensor | None:
+        if self.total is None:
+            return None
+        return self.total / self.count
+
+
+def save_wrapper(module: torch.nn.Module, out_dir: str | Path, kind: str, config: dict[str, Any]) -> Path:
+    """Write ``module`` (a memory wrapper around ``module.base``) as a self-contained directory."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = module.base
+    base.config.save_pretrained(out)
+    (out / "memory_config.json").write_text(json.dumps({"kind": kind, "config": config}, indent=2))
+    save_model(module, str(out / WEIGHTS_FILE))
+    return out
+
+
+def read_wrapper_config(path: str | Path, kind: str) -> dict[str, Any]:
+    p = Path(path) / "memory_config.json"
+    if not p.is_file():
+        raise RetromemError(f"{path} is not a saved memory model: {p.name} is missing")
+    data = json.loads(p.read_text())
+    if data.get("kind") != kind:
+        raise RetromemError(f"{path} holds a {data.get('kind')!r} model, not {kind!r}")
+    return data["config"]
+
+
+def base_from_config(path: str | Path):
+    """An untrained base causal LM built from the config.json in ``path`` (weights loaded later)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(module, str(Path(path) / WEIGHTS_FILE), strict=False)
+    # tied weights are stored once; anything else missing is a real mismatch
+    real_missing = [k for k in missing if "lm_head" not in k and "wte" not in k and "embed_tokens" not in k]
+    if real_missing or unexpected:
+        raise RetromemError(f"weights in {path} do not fit the model: missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}")

@@ -1,0 +1,243 @@
+"""Long-context evaluation of memory models: passkey retrieval and long-document perplexity.
+
+Every measurement is taken in three modes on the same inputs:
+- ``memory``: the memory model as trained (Infini-attention gates / AutoCompressor summaries);
+- ``knocked_out``: memory removed: every segment sees only itself (Infini gate forced local,
+  AutoCompressor without soft prompts);
+- ``full``: the base model's full attention over the whole input, where it fits (``full_max``).
+
+Passkey is scored teacher-forced: an example is correct when the argmax at every answer position is
+the answer token, which is exactly when greedy decoding would write the key. Accuracy is also
+reported against the number of compressions the needle went through (segment boundaries between
+the needle and the question). Perplexity is that of the last segment of each long document, given
+everything before it through the memory (the AutoCompressor paper's protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODES = ("memory", "knocked_out", "full")
+
+
+@dataclass
+class MemoryEvalConfig:
+    """lengths: passkey input lengths; depths: needle depths in [0, 1]; samples: examples per cell.
+    ppl_length / ppl_docs: long-document perplexity on ``ppl_docs`` documents of ``ppl_length`` tokens.
+    full_max: longest input run with full attention (memory and time grow with it)."""
+
+    out: str
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    samples: int = 1
+    ppl_length: int = 4096
+    ppl_docs: int = 4
+    full_max: int = 8192
+    seed: int = 0
+    corpus: str | None = None
+
+    def __post_init__(self) -> None:
+        self.lengths, self.depths = tuple(int(x) for x in self.lengths), tuple(float(x) for x in self.depths)
+        if not self.lengths or min(self.lengths) < 64:
+            raise ValueError(f"`lengths` must be passkey lengths >= 64 tokens, got {self.lengths}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"`depths` must lie in [0, 1], got {self.depths}")
+        for name in ("samples", "ppl_docs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if self.ppl_length < 64:
+            raise ValueError(f"`ppl_length` must be >= 64, got {self.ppl_length}")
+
+
+def segment_length_of(model: Any) -> int:
+    cfg = model.memory_config
+    return cfg.segment_length if hasattr(cfg, "segment_length") else cfg.segment_max
+
+
+@torch.inference_mode()
+def logits_for(model: Any, ids: torch.Tensor, mode: str, start: int) -> torch.Tensor:
+    """Logits (1, L - start, V) of positions start.. under ``mode`` (only those are kept)."""
+    from memory.infini_attention import InfiniAttentionLM
+
+    L = ids.shape[1]
+    seg = segment_length_of(model)
+    if isinstance(model, InfiniAttentionLM):
+        old_mode, old_seg = model.gate_mode, model.memory_config.segment_length
+        try:
+            if mode == "full":
+                model.set_gate_mode("local")
+                model.memory_config.segment_length = L  # one segment, local attention only = the base model
+            elif mode == "knocked_out":
+                model.set_gate_mode("local")
+            if mode == "memory" or mode == "knocked_out":
+                # run the prefix keeping no logits (knocked out: nothing to carry, skip it), then the tail
+                first = start // seg * seg
+                mem = model(ids[:, :first], keep_logits="none").memory if first and mode == "memory" else None
+                out = model(ids[:, first:], memory=mem, keep_logits="all").logits
+                return out[:, start - first:]
+            return model(ids, keep_logits="all").logits[:, start:]
+        finally:
+            model.set_gate_mode(old_mode)
+            model.memory_config.segment_length = old_seg
+    # AutoCompressor
+    if mode == "full":
+        return model(ids, segment_lengths=[L]).logits[:, start:]
+    first = start // seg * seg
+    if mode == "memory":
+        sp = model.compress(ids[:, :first], segment_lengths=[seg]) if first else None
+        return model(ids[:, first:], softprompt=sp, segment_lengths=[seg]).logits[:, start - first:]
+    return _independent_segments(model, ids[:, first:], seg)[:, start - first:]
+
+
+def _independent_segments(model: Any, ids: torch.Tensor, seg: int) -> torch.Tensor:
+    parts = [model(ids[:, s:s + seg], segment_lengths=[seg]).logits for s in range(0, ids.shape[1], seg)]
+    return torch.cat(parts, 1)
+
+
+def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple[str, ...] = MODES,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from memory.passkey import make_passkey, token_stream
+
+    rng = random.Random(cfg.seed)
+    hay = token_stream(tokenizer, max(cfg.lengths) + 1000, cfg.corpus)
+    seg = segment_length_of(model)
+    jobs = [(n, d, s) for n in cfg.lengths for d in cfg.depths for s in range(cfg.samples)]
+    rows = []
+    for n, depth, s in tqdm(jobs, desc="passkey", disable=not progress):
+        ex = make_passkey(tokenizer, n, depth, hay, rng)
+        ids = torch.tensor([ex.input_ids])
+        answer = ids[:, ex.answer_start:]
+        compressions = ex.answer_start // seg - ex.needle_start // seg
+        for mode in modes:
+            if mode == "full" and n > cfg.full_max:
+                continue
+            logits = logits_for(model, ids, mode, ex.answer_start - 1)[:, :-1]  # predictions of answer tokens
+            correct = bool((logits.argmax(-1) == answer).all())
+            rows.append({"length": n, "depth": depth, "sample": s, "mode": mode, "correct": correct,
+                         "compressions": compressions, "key": ex.key})
+    return rows
+
+
+def perplexity_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple[str, ...] = MODES,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    from memory.passkey import long_documents
+
+    seg = segment_length_of(model)
+    docs = long_documents(tokenizer, cfg.ppl_length, cfg.ppl_docs, cfg.corpus)
+    if len(docs) < cfg.ppl_docs:
+        logger.warning("only %d documents of %d tokens in the corpus", len(docs), cfg.ppl_length)
+    start = max(cfg.ppl_length - seg, 1)  # score the last segment
+    rows = []
+    for i, doc in enumerate(tqdm(docs, desc="perplexity", disable=not progress)):
+        ids = torch.tensor([doc])
+        for mode in modes:
+            if mode == "full" and cfg.ppl_length > cfg.full_max:
+                continue
+            logits = logits_for(model, ids, mode, start - 1)[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start:], reduction="sum")
+            rows.append({"doc": i, "mode": mode, "tokens": int(ids.shape[1] - start), "nll": float(nll)})
+    return rows
+
+
+def summarize(passkey: list[dict], ppl: list[dict]) -> dict[str, Any]:
+    acc: dict[str, dict] = defaultdict(dict)
+    by: dict[tuple, list[bool]] = defaultdict(list)
+    by_comp: dict[tuple, list[bool]] = defaultdict(list)
+    for r in passkey:
+        by[(r["mode"], r["length"])].append(r["correct"])
+        by_comp[(r["mode"], r["compressions"])].append(r["correct"])
+    for (mode, n), v in sorted(by.items()):
+        acc[mode][n] = sum(v) / len(v)
+    comp: dict[str, dict] = defaultdict(dict)
+    for (mode, c), v in sorted(by_comp.items()):
+        comp[mode][c] = sum(v) / len(v)
+    ppl_out = {}
+    for mode in MODES:
+        rs = [r for r in ppl if r["mode"] == mode]
+        if rs:
+            ppl_out[mode] = math.exp(sum(r["nll"] for r in rs) / sum(r["tokens"] for r in rs))
+    return {"passkey_accuracy_by_length": acc, "passkey_accuracy_by_compressions": comp, "perplexity": ppl_out}
+
+
+def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    modes = [m for m in MODES if any(r["mode"] == m for r in passkey)]
+    if modes:
+        lengths = sorted({r["length"] for r in passkey})
+        depths = sorted({r["depth"] for r in passkey})
+        fig, axes = plt.subplots(1, len(modes) + 1, figsize=(4.2 * (len(modes) + 1), 3.6))
+        for ax, mode in zip(axes, modes):
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for i, d in enumerate(depths):
+                for j, n in enumerate(lengths):
+                    v = [r["correct"] for r in passkey if r["mode"] == mode and r["depth"] == d and r["length"] == n]
+                    if v:
+                        grid[i, j] = sum(v) / len(v)
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+            ax.set_xlabel("input tokens")
+            ax.set_ylabel("needle depth")
+            ax.set_title(f"passkey: {mode}")
+        ax = axes[-1]
+        for mode, v in summary["passkey_accuracy_by_compressions"].items():
+            ks = sorted(v)
+            ax.plot(ks, [v[k] for k in ks], "o-", label=mode)
+        ax.set_xlabel("compressions the needle went through")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        p = out / "passkey.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    if summary["perplexity"]:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        names = list(summary["perplexity"])
+        ax.bar(names, [summary["perplexity"][m] for m in names], color=["tab:green", "tab:red", "tab:blue"][:len(names)])
+        ax.set_ylabel("perplexity of the last segment")
+        ax.set_title(title)
+        fig.tight_layout()
+        p = out / "perplexity.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def evaluate(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, title: str = "", progress: bool = True) -> dict[str, Any]:
+    """Run passkey and perplexity in every mode; write results.json and the plots under cfg.out."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    passkey = passkey_eval(model, tokenizer, cfg, progress=progress) if cfg.samples else []
+    ppl = perplexity_eval(model, tokenizer, cfg, progress=progress) if cfg.ppl_docs else []
+    summary = summarize(passkey, ppl)
+    summary["config"] = asdict(cfg)
+    summary["segment_length"] = segment_length_of(model)
+    summary["plots"] = [str(p) for p in plot(passkey, summary, out, title or type(model).__name__)]
+    (out / "results.json").write_text(json.dumps({"summary": summary, "passkey": passkey, "perplexity": ppl}, indent=2))
+    return summary

@@ -1,0 +1,372 @@
+"""Fine-tuning memory modules with Hugging Face ``Trainer``: ``retromem memory train --config``.
+
+What this adds to a plain Trainer run:
+- the memory parameters (Infini-attention gates ``*.memory_gate``, AutoCompressor
+  ``summary_embeddings``) are their own optimizer group with their own learning rate and no weight
+  decay (Hugging Face's Infini-attention reproduction had gates stuck at 0.5 without this);
+- optional LoRA through ``peft`` (adapters injected in place, merged back into the weights when
+  training ends, so the saved model is an ordinary memory wrapper);
+- gate and memory telemetry in every log line and in ``telemetry.jsonl``, with a warning when the
+  gates sit at 0.5 or saturate;
+- checkpoints in the wrapper's own format (``model.safetensors`` + configs), which Trainer reads
+  back on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from retromem.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MEMORY_PARAM_NAMES = ("memory_gate", "summary_embeddings")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"`lora.r` must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"`lora.dropout` must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class MemoryTrainConfig:
+    """One fine-tuning run. ``module`` settings go to InfiniAttentionConfig / AutoCompressorConfig.
+
+    model: base causal LM (built-in name, local directory) or a saved memory model directory.
+    tokenizer: defaults to the model's own; a built-in name ("smollm2-135m", "gpt2") or directory.
+    data: "passkey" (loss on the answer only) or "text" (next-token loss on real long text).
+    train_base: with no LoRA, also train every base weight (else only the memory parameters).
+    memory_lr: learning rate of the gates / summary embeddings (weight decay 0 for them).
+    gate_warn_after: steps after which gates still at 0.5 (or saturated) raise a warning.
+    """
+
+    output_dir: str
+    model: str = "smollm2-135m"
+    tokenizer: str | None = None
+    module: Literal["infini", "autocompressor"] = "infini"
+    infini: dict[str, Any] = field(default_factory=dict)
+    autocompressor: dict[str, Any] = field(default_factory=dict)
+    data: Literal["passkey", "text"] = "passkey"
+    corpus: str | None = None
+    train_length: int = 1024
+    num_examples: int = 256
+    lora: LoraSettings | None = None
+    train_base: bool = False
+    lr: float = 1e-4
+    memory_lr: float = 1e-2
+    weight_decay: float = 0.01
+    max_steps: int = 100
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    logging_steps: int = 5
+    save_steps: int = 50
+    save_total_limit: int = 2
+    seed: int = 0
+    threads: int = 2
+    gate_warn_after: int = 20
+
+    def __post_init__(self) -> None:
+        if self.module not in ("infini", "autocompressor"):
+            raise ConfigError(f"`module` must be 'infini' or 'autocompressor', got {self.module!r}")
+        if self.data not in ("passkey", "text"):
+            raise ConfigError(f"`data` must be 'passkey' or 'text', got {self.data!r}")
+        if isinstance(self.lora, dict):
+            unknown = set(self.lora) - {f.name for f in fields(LoraSettings)}
+            if unknown:
+                raise ConfigError(f"unknown `lora` keys {sorted(unknown)}; allowed: {[f.name for f in fields(LoraSettings)]}")
+            self.lora = LoraSettings(**self.lora)
+        for name in ("train_length", "num_examples", "max_steps", "batch_size", "grad_accum", "logging_steps",
+                     "save_steps", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"`{name}` must be a positive integer, got {v!r}")
+        for name in ("lr", "memory_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"`{name}` must be a positive number, got {v!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
+        self.module_config()  # validate the module's own settings now, not after the model loads
+
+    def module_config(self):
+        from memory.autocompressor import AutoCompressorConfig
+        from memory.infini_attention import InfiniAttentionConfig
+
+        cls, kw = (InfiniAttentionConfig, self.infini) if self.module == "infini" else (AutoCompressorConfig, self.autocompressor)
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(kw) - allowed
+        if unknown:
+            raise ConfigError(f"unknown `{self.module}` keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        try:
+            return cls(**kw)
+        except ValueError as exc:
+            raise ConfigError(f"`{self.module}`: {exc}") from exc
+
+
+def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"`--config` {path} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a training config is a YAML mapping, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    allowed = {f.name for f in fields(MemoryTrainConfig)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if "output_dir" not in data:
+        raise ConfigError(f"{path}: `output_dir` is required (or pass --output-dir)")
+    return MemoryTrainConfig(**data)
+
+
+# -- model and data -------------------------------------------------------------------------------
+
+def is_saved_memory_model(path: str) -> bool:
+    return (Path(path) / "memory_config.json").is_file()
+
+
+def build_model(cfg: MemoryTrainConfig):
+    """(wrapper, tokenizer) for the config: a saved memory model, or a base model wrapped fresh."""
+    from datastore.tokenizer import load_hf_tokenizer
+    from memory.autocompressor import AutoCompressorLM
+    from memory.infini_attention import InfiniAttentionLM
+    from retromem.models import load_causal_lm, model_dir
+
+    cls = InfiniAttentionLM if cfg.module == "infini" else AutoCompressorLM
+    if is_saved_memory_model(cfg.model):
+        model = cls.from_pretrained(cfg.model)
+        tok = load_hf_tokenizer(cfg.tokenizer or cfg.model)
+    elif cfg.tokenizer:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model))
+        tok = load_hf_tokenizer(cfg.tokenizer)
+        model = cls(base, cfg.module_config())
+    else:
+        base, tok = load_causal_lm(cfg.model)
+        model = cls(base, cfg.module_config())
+    return model, tok
+
+
+class MemoryDataset(torch.utils.data.Dataset):
+    """Fixed-length training examples of real text: passkey (answer-only labels) or plain text."""
+
+    def __init__(self, cfg: MemoryTrainConfig, tokenizer: Any) -> None:
+        from memory.passkey import make_passkey, token_stream
+
+        rng = random.Random(cfg.seed)
+        n = cfg.train_length
+        # haystack / text from documents after the first 50, so evaluation (which uses the first
+        # documents' text) does not test on training text
+        stream = token_stream(tokenizer, max(4 * n, min(cfg.num_examples * n, 400_000)), cfg.corpus, skip_docs=50)
+        self.items: list[tuple[list[int], list[int]]] = []
+        for i in range(cfg.num_examples):
+            if cfg.data == "passkey":
+                ex = make_passkey(tokenizer, n, rng.random(), stream, rng)
+                labels = [-100] * ex.answer_start + ex.input_ids[ex.answer_start:]
+                self.items.append((ex.input_ids, labels))
+            else:
+                off = rng.randrange(0, len(stream) - n)
+                ids = stream[off:off + n]
+                self.items.append((ids, ids))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, labels = self.items[i]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+# -- LoRA -----------------------------------------------------------------------------------------
+
+def add_lora(model: torch.nn.Module, lora: LoraSettings) -> None:
+    """Inject LoRA adapters in place into ``model.base`` (the wrapper keeps its structure)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                       target_modules=list(lora.target_modules)), model.base)
+
+
+def merge_lora(model: torch.nn.Module) -> int:
+    """Merge injected LoRA adapters into their base weights and remove them; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def set_trainable(model: torch.nn.Module, cfg: MemoryTrainConfig) -> dict[str, int]:
+    counts = {"memory": 0, "other": 0}
+    for name, p in model.named_parameters():
+        is_memory = any(k in name for k in MEMORY_PARAM_NAMES)
+        if is_memory:
+            p.requires_grad_(True)
+        elif cfg.lora is not None:
+            p.requires_grad_("lora_" in name)
+        else:
+            p.requires_grad_(cfg.train_base)
+        if p.requires_grad:
+            counts["memory" if is_memory else "other"] += p.numel()
+    return counts
+
+
+def parameter_groups(model: torch.nn.Module, cfg: MemoryTrainConfig) -> list[dict[str, Any]]:
+    """Memory parameters (own lr, no decay) | other weights (decay) | biases and norms (no decay)."""
+    memory, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(k in name for k in MEMORY_PARAM_NAMES):
+            memory.append(p)
+        elif p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": memory, "lr": cfg.memory_lr, "weight_decay": 0.0, "name": "memory"},
+              {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+# -- telemetry ------------------------------------------------------------------------------------
+
+def memory_telemetry(model: torch.nn.Module) -> dict[str, float]:
+    """Gate statistics (Infini-attention) or summary-embedding norms (AutoCompressor)."""
+    out: dict[str, float] = {}
+    if hasattr(model, "gates"):
+        g = model.gates()  # (layers, heads)
+        out.update(gate_mean=float(g.mean()), gate_min=float(g.min()), gate_max=float(g.max()),
+                   gate_frac_at_half=float(((g - 0.5).abs() < 0.02).float().mean()),
+                   gate_frac_saturated=float(((g < 0.01) | (g > 0.99)).float().mean()))
+    if hasattr(model, "summary_embeddings"):
+        out["summary_embedding_norm"] = float(model.summary_embeddings.detach().norm(dim=-1).mean())
+    out.update(getattr(model, "last_memory_stats", {}) or {})
+    return out
+
+
+def gate_warnings(tel: dict[str, float], step: int, warn_after: int) -> list[str]:
+    msgs = []
+    if "gate_mean" not in tel or step < warn_after:
+        return msgs
+    if tel["gate_frac_at_half"] > 0.5:
+        msgs.append(f"step {step}: {tel['gate_frac_at_half']:.0%} of gates sit at 0.5 (sigmoid(0)): they are not "
+                    "learning; raise `memory_lr` or check that the gates get gradient")
+    if tel["gate_frac_saturated"] > 0.5:
+        msgs.append(f"step {step}: {tel['gate_frac_saturated']:.0%} of gates are saturated (<0.01 or >0.99): "
+                    "they no longer get gradient; lower `memory_lr`")
+    return msgs
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def make_trainer(cfg: MemoryTrainConfig, model: torch.nn.Module, tokenizer: Any, dataset: torch.utils.data.Dataset):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    out_dir = Path(cfg.output_dir)
+    telemetry_path = out_dir / "telemetry.jsonl"
+
+    class MemoryTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg), lr=cfg.lr)
+            return self.optimizer
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            target = Path(output_dir or self.args.output_dir)
+            self.model.save_pretrained(target)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(str(target))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+            from memory.common import load_weights
+
+            load_weights(model if model is not None else self.model, resume_from_checkpoint)
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            tel = memory_telemetry(self.model)
+            logs = {**logs, **tel}
+            for msg in gate_warnings(tel, self.state.global_step, cfg.gate_warn_after):
+                logger.warning(msg)
+            with telemetry_path.open("a") as fh:
+                fh.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+            super().log(logs, *args, **kwargs)
+
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, report_to=[],
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False, lr_scheduler_type="constant_with_warmup")
+    # examples are fixed-length: stack them, no padding collator (the tokenizer may have no pad token)
+    return MemoryTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         data_collator=default_data_collator)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: float | None
+    trainable: dict[str, int]
+    resumed_from: str | None
+
+
+def train(cfg: MemoryTrainConfig, resume: bool = False) -> TrainResult:
+    """Fine-tune; with ``resume`` continue from the newest checkpoint in ``output_dir``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    model, tok = build_model(cfg)
+    if cfg.lora is not None:
+        add_lora(model, cfg.lora)
+    trainable = set_trainable(model, cfg)
+    logger.info("trainable parameters: %d memory, %d other", trainable["memory"], trainable["other"])
+    model.train()
+    dataset = MemoryDataset(cfg, tok)
+    trainer = make_trainer(cfg, model, tok, dataset)
+    last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+    if resume and last is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    result = trainer.train(resume_from_checkpoint=last)
+    if cfg.lora is not None:
+        merge_lora(model)
+    final = out / "final"
+    model.eval()
+    model.save_pretrained(final)
+    if tok is not None:
+        tok.save_pretrained(str(final))
+    return TrainResult(out, final, trainer.state.global_step, getattr(result, "training_loss", None), trainable, last)
