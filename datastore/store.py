@@ -106,6 +106,39 @@ class Datastore:
         """Memory-mapped (num_chunks, chunk_length) token ids; short chunks are padded."""
         return self._tokens
 
+    # Whole-datastore arrays for vectorised work (indexes, samplers), memory-mapped, read-only.
+
+    @property
+    def chunk_doc_array(self) -> np.ndarray:
+        """(num_chunks,) doc_id of every chunk."""
+        return self._chunk_doc
+
+    @property
+    def chunk_ntokens_array(self) -> np.ndarray:
+        """(num_chunks,) tokens in every chunk (only a document's last chunk is short)."""
+        return self._chunk_ntok
+
+    @property
+    def chunk_byte_spans_array(self) -> np.ndarray:
+        """(num_chunks, 2) [start, end) of every chunk's text in ``text_bytes``."""
+        return self._byte_spans
+
+    @property
+    def doc_first_chunk_array(self) -> np.ndarray:
+        """(num_documents + 1,) first chunk_id of every document, then num_chunks: document d owns
+        chunks [a[d], a[d + 1])."""
+        return self._doc_first_chunk
+
+    @property
+    def doc_byte_offsets_array(self) -> np.ndarray:
+        """(num_documents + 1,) where every document's text starts in ``text_bytes``, then its size."""
+        return self._doc_bytes
+
+    @property
+    def text_bytes(self) -> np.ndarray:
+        """(text_bytes,) uint8: the normalized UTF-8 text of every document, concatenated in doc_id order."""
+        return self._text
+
     @cached_property
     def tokenizer(self):
         """The datastore's own tokenizer (a transformers fast tokenizer), loaded from its directory."""

@@ -592,7 +592,7 @@ class DenseIndex:
 
     def _search_excluding(self, x, k, nprobe, ef_search, excl: list[np.ndarray]):
         ds = self.datastore
-        first = ds._doc_first_chunk
+        first = ds.doc_first_chunk_array
         # how many hits each query can lose: the chunks of its excluded documents
         lost = np.array([int((first[e + 1] - first[e]).sum()) if len(e) else 0 for e in excl])
         outD = np.full((len(x), k), -np.inf, np.float32)
@@ -601,7 +601,7 @@ class DenseIndex:
         kk = min(k + int(min(lost.max(), 4 * k)), self.ntotal)
         while len(pending):
             D, I = self._raw_search(x[pending], min(kk, MAX_K * 4, self.ntotal), nprobe, ef_search)
-            docs = np.where(I >= 0, ds._chunk_doc[np.maximum(I, 0)], -1)
+            docs = np.where(I >= 0, ds.chunk_doc_array[np.maximum(I, 0)], -1)
             still = []
             for r, q in enumerate(pending):
                 keep = (I[r] >= 0) & ~np.isin(docs[r], excl[q])
@@ -733,7 +733,7 @@ def tune(path: str | Path, *, target_recall: float = 0.95, k: int = 10, n_querie
     k = index._check_k(k)
     emb = Embeddings(index.meta["embeddings_path"])
     qs = sample_queries(index, n_queries, seed, exclude_own_doc)
-    _, truth = exact_search(emb, qs.vectors, k, qs.exclude, np.asarray(index.datastore._chunk_doc))
+    _, truth = exact_search(emb, qs.vectors, k, qs.exclude, np.asarray(index.datastore.chunk_doc_array))
     if _has_param(index.factory, "nprobe", index.dim):
         param, key = "nprobe", "nprobe"
         nlist = parse_factory(index.factory, index.dim).nlist
@@ -802,7 +802,7 @@ def evaluate(path: str | Path, *, n_queries: int = 1000, ks: Sequence[int] = (1,
     kmax = index._check_k(max(ks))
     emb = Embeddings(index.meta["embeddings_path"])
     qs = sample_queries(index, n_queries, seed, exclude_own_doc)
-    chunk_doc = np.asarray(index.datastore._chunk_doc)
+    chunk_doc = np.asarray(index.datastore.chunk_doc_array)
     # the exact reference: a flat inner-product index over the same vectors, searched the same way
     # QPS of both is timed on the plain top-k search (without the exclusion step), best of `repeats`
     # interleaved runs so that a busy machine penalises both alike

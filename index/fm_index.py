@@ -188,11 +188,11 @@ def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str 
     text_bytes = int(ds.manifest["counts"]["text_bytes"])
     logger.info("building the %s FM-index of %d documents (%d bytes)", backend, ds.num_documents, text_bytes)
     if backend == "compact":
-        text = np.fromfile(ds.path / "arrays" / "text.bin", dtype=np.uint8) if text_bytes else np.zeros(0, np.uint8)
+        text = np.array(ds.text_bytes) if text_bytes else np.zeros(0, np.uint8)
         if (text == 0).any():
             raise FMIndexError("a document contains NUL, the FM-index's document separator; rebuild the datastore "
                                "(its normalizer removes control characters)")
-        doc_bytes = np.asarray(np.load(ds.path / "arrays" / "doc_byte_offsets.npy"), dtype=np.int64)
+        doc_bytes = np.asarray(ds.doc_byte_offsets_array, dtype=np.int64)
         info = _build_compact(out, text, doc_bytes, sample_rate, block_size)
         library = {"package": "pydivsufsort + zstandard", "version": f"{md.version('pydivsufsort')} + {md.version('zstandard')}"}
     else:
@@ -304,9 +304,9 @@ class FMIndex:
                 self.fm.__setstate__((self.path / DATA_NAME).read_bytes())
             except Exception as exc:  # the library raises its own error types on bad bytes
                 raise FMIndexError(f"{self.path / DATA_NAME} cannot be read as an FM-index: {exc}") from exc
-        self._spans = np.load(self.datastore.path / "arrays" / "chunk_byte_spans.npy", mmap_mode="r")
-        self._doc_first_chunk = np.load(self.datastore.path / "arrays" / "doc_first_chunk.npy", mmap_mode="r")
-        self._doc_bytes = np.load(self.datastore.path / "arrays" / "doc_byte_offsets.npy", mmap_mode="r")
+        self._spans = self.datastore.chunk_byte_spans_array
+        self._doc_first_chunk = self.datastore.doc_first_chunk_array
+        self._doc_bytes = self.datastore.doc_byte_offsets_array
 
     def _check(self, pattern: str) -> str:
         if not isinstance(pattern, str):

@@ -211,8 +211,8 @@ class NgramBuildConfig:
 
 def _doc_token_counts(ds) -> tuple[np.ndarray, np.ndarray]:
     """(doc_first_chunk (n_docs + 1,), tokens per document (n_docs,))."""
-    first = np.load(ds.path / "arrays" / "doc_first_chunk.npy", mmap_mode="r")
-    ntok = np.load(ds.path / "arrays" / "chunk_ntokens.npy", mmap_mode="r").astype(np.int64)
+    first = ds.doc_first_chunk_array
+    ntok = ds.chunk_ntokens_array.astype(np.int64)
     csum = np.concatenate(([0], np.cumsum(ntok)))
     first = np.asarray(first, dtype=np.int64)
     return first, csum[first[1:]] - csum[first[:-1]]
@@ -239,7 +239,7 @@ def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0:
     dt = _dtype(width)
     sep = np.iinfo(dt).max
     toks = ds.token_array
-    ntok = np.load(ds.path / "arrays" / "chunk_ntokens.npy", mmap_mode="r")
+    ntok = ds.chunk_ntokens_array
     L = ds.chunk_length
     lens = doc_tokens[d0:d1] + 1  # each document is its separator, then its tokens
     offsets = (np.concatenate(([0], np.cumsum(lens)[:-1])) * width).astype(np.uint64)
@@ -484,7 +484,7 @@ class NgramIndex:
         # byte offsets of each document's separator, per shard, to map suffix-array pointers to documents
         self._doc_offsets = [np.fromfile(self.path / s["dir"] / "offset.0", dtype="<u8").astype(np.int64) for s in self._shards]
         self._tables = [np.memmap(self.path / s["dir"] / "table.0", dtype=np.uint8, mode="r") for s in self._shards]
-        self._doc_first_chunk = np.load(self.datastore.path / "arrays" / "doc_first_chunk.npy", mmap_mode="r")
+        self._doc_first_chunk = self.datastore.doc_first_chunk_array
         from infini_gram.engine import InfiniGramEngine
 
         self.engine = InfiniGramEngine(
