@@ -154,7 +154,7 @@ def test_loss_falls_on_real_text_with_neighbours() -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses  # ln(vocab) ~ 7 at the start
+    assert losses[-1] < 0.75 * losses[0], losses  # starts near ln(vocab) ~ 6.3; 20 steps reach ~0.64x
     enc = model.model.layers[1].retro_encoder.in_proj.weight
     assert enc.grad is not None and enc.grad.abs().sum() > 0  # the encoder learns through CCA
 
