@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from retro import RetroConfig, RetroForCausalLM
 from retro.modeling_retro import decoder_config
@@ -115,6 +115,9 @@ def test_save_pretrained_round_trip(model: RetroForCausalLM, tmp_path) -> None:
     loaded = RetroForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.retro_layers == [2, 4] and loaded.config.neighbour_length == R
     torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # model_type "retro" is registered
+    assert isinstance(auto, RetroForCausalLM)
+    torch.testing.assert_close(auto(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits)
 
 
 def test_loss_falls_on_real_text_with_neighbours() -> None:
