@@ -164,3 +164,12 @@ def test_bad_neighbour_shape(kind: str) -> None:
         model(x, neighbour_ids=nb[..., :7])
     # the failed call leaves no neighbours behind: the next plain forward is the base model
     torch.testing.assert_close(model(x).logits, tiny_base(kind)(x).logits, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_generate_without_neighbours_is_the_base_models() -> None:
+    x, _ = inputs(B=1)
+    model = retrofitted("llama")
+    perturb_retro_weights(model)  # CCA is skipped without neighbours, whatever its weights
+    out = model.generate(x[:, :5], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, tiny_base("llama").generate(x[:, :5], max_new_tokens=6, do_sample=False))
