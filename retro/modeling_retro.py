@@ -21,7 +21,8 @@ The input of ``T`` tokens is split into chunks of ``m = chunk_length`` tokens; c
 * ``gated`` configs start every CCA output projection at zero, so the model with retrieval starts
   exactly equal to the model without it.
 
-Neighbour padding masks and key/value caching across generation steps with neighbours are not
+Neighbours cut short (a continuation at a document's end) are padded and masked with
+``neighbour_attention_mask``. Key/value caching across generation steps with neighbours is not
 supported yet: with neighbours, a forward must see the whole sequence (``use_cache=False``).
 """
 
@@ -67,7 +68,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, inner_dim, bias=False)
         self.o_proj = nn.Linear(inner_dim, out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, Tq, q_dim), context (N, Tk, kv_dim), key_mask (N, Tk) bool, True = attend -> (N, Tq, out_dim)."""
         context = x if context is None else context
         N, Tq, _ = x.shape
         Tk = context.shape[1]
@@ -77,7 +80,8 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             cos, sin = rotary_cos_sin(Tq, self.head_dim, self.rope_theta, q)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, H, Tq, hd)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, Tq, hd)
         return self.o_proj(out.transpose(1, 2).reshape(N, Tq, -1))  # (N, Tq, out_dim)
 
 
@@ -105,8 +109,8 @@ class NeighbourEncoderLayer(nn.Module):
         self.mlp_norm = LlamaRMSNorm(d, eps=eps)
         self.mlp = SwiGLU(d, config.encoder_intermediate_size)
 
-    def forward(self, x: torch.Tensor, chunk_states: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_norm(x))
+    def forward(self, x: torch.Tensor, chunk_states: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_norm(x), key_mask=key_mask)
         x = x + self.cross_attn(self.cross_norm(x), chunk_states)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -124,14 +128,17 @@ class NeighbourEncoder(nn.Module):
         self.layers = nn.ModuleList(NeighbourEncoderLayer(config, decoder_hidden) for _ in range(config.encoder_num_layers))
         self.norm = LlamaRMSNorm(config.encoder_hidden_size, eps=eps)
 
-    def forward(self, neighbour_embeds: torch.Tensor, chunk_states: torch.Tensor) -> torch.Tensor:
-        """neighbour_embeds (B, C, k, r, D) token embeddings; chunk_states (B, C, m, D) -> (B, C, k*r, d)."""
+    def forward(self, neighbour_embeds: torch.Tensor, chunk_states: torch.Tensor,
+                neighbour_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """neighbour_embeds (B, C, k, r, D) token embeddings; chunk_states (B, C, m, D); neighbour_mask
+        (B, C, k, r) bool, False = padding -> (B, C, k*r, d)."""
         B, C, k, r, D = neighbour_embeds.shape
         m = chunk_states.shape[2]
         x = self.in_proj(self.embed_norm(neighbour_embeds)).reshape(B * C * k, r, -1)  # (B*C*k, r, d)
         ctx = self.chunk_norm(chunk_states)[:, :, None].expand(B, C, k, m, D).reshape(B * C * k, m, D)  # (B*C*k, m, D)
+        key_mask = None if neighbour_mask is None else neighbour_mask.reshape(B * C * k, r)  # (B*C*k, r)
         for layer in self.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, key_mask)
         return self.norm(x).reshape(B, C, k * r, -1)  # (B, C, k*r, d)
 
 
@@ -148,9 +155,9 @@ class ChunkedCrossAttention(nn.Module):
         if self.gated:
             nn.init.zeros_(self.attn.o_proj.weight)
 
-    def forward(self, hidden: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, D) decoder states from position 0; encoded (B, C, k*r, d) neighbours of the first
-        C chunks (C <= T // m, all complete)."""
+        C chunks (C <= T // m, all complete); mask (B, C, k*r) bool, False = padding."""
         B, T, D = hidden.shape
         C, m = encoded.shape[1], self.chunk_length
         out = hidden.new_zeros(B, T, D)
@@ -161,7 +168,8 @@ class ChunkedCrossAttention(nn.Module):
         n = shifted.shape[1]
         shifted = F.pad(shifted, (0, 0, 0, C * m - n))  # (B, C*m, D)
         q = self.norm(shifted).view(B * C, m, D)  # (B*C, m, D)
-        attended = self.attn(q, encoded.reshape(B * C, encoded.shape[2], -1))  # (B*C, m, D)
+        key_mask = None if mask is None else mask.reshape(B * C, -1)  # (B*C, k*r)
+        attended = self.attn(q, encoded.reshape(B * C, encoded.shape[2], -1), key_mask=key_mask)  # (B*C, m, D)
         out[:, m - 1: m - 1 + n] = attended.view(B, C * m, D)[:, :n]
         return out
 
@@ -171,10 +179,12 @@ class ChunkedCrossAttention(nn.Module):
 
 @dataclass
 class RetroState:
-    """What the hooks of one forward pass share: neighbour token embeddings (B, C, k, r, D) and, once
-    the first RETRO layer has run, the encoded neighbours (B, C_complete, k*r, d)."""
+    """What the hooks of one forward pass share: neighbour token embeddings (B, C, k, r, D), their
+    padding mask (B, C, k, r) (None: no padding) and, once the first RETRO layer has run, the
+    encoded neighbours (B, C_complete, k*r, d)."""
 
     neighbour_embeds: torch.Tensor
+    neighbour_mask: torch.Tensor | None = None
     encoded: torch.Tensor | None = None
 
 
@@ -212,8 +222,13 @@ def _make_hook(context: RetroContext, chunk_length: int):
             # only chunks complete within the input can be attended; later neighbours are not encoded
             C = min(state.neighbour_embeds.shape[1], T // chunk_length)
             chunk_states = hidden[:, : C * chunk_length].reshape(B, C, chunk_length, D)  # (B, C, m, D)
-            state.encoded = encoder(state.neighbour_embeds[:, :C], chunk_states)  # (B, C, k*r, d)
-        hidden = hidden + getattr(module, CCA_ATTR)(hidden, state.encoded)
+            mask = None if state.neighbour_mask is None else state.neighbour_mask[:, :C]  # (B, C, k, r)
+            state.encoded = encoder(state.neighbour_embeds[:, :C], chunk_states, mask)  # (B, C, k*r, d)
+        cca_mask = None
+        if state.neighbour_mask is not None:
+            C = state.encoded.shape[1]
+            cca_mask = state.neighbour_mask[:, :C].reshape(hidden.shape[0], C, -1)  # (B, C, k*r)
+        hidden = hidden + getattr(module, CCA_ATTR)(hidden, state.encoded, cca_mask)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
     return hook
 
@@ -230,6 +245,21 @@ def check_neighbour_ids(neighbour_ids: Any, batch_size: int, config: RetroConfig
         raise ValueError(f"`neighbour_ids` must have shape (batch={batch_size}, n_chunks>=1, num_neighbours={k}, "
                          f"neighbour_length={r}), got {shape}")
     return neighbour_ids
+
+
+def check_neighbour_mask(neighbour_mask: Any, neighbour_ids: torch.Tensor) -> torch.Tensor:
+    """The padding mask (B, n_chunks, k, r) as bool (True = real token); ValueError if its shape is not
+    neighbour_ids' or a neighbour is all padding (it would have nothing to attend to)."""
+    if not isinstance(neighbour_mask, torch.Tensor):
+        raise TypeError(f"`neighbour_attention_mask` must be a torch.Tensor, got {type(neighbour_mask).__name__}")
+    if tuple(neighbour_mask.shape) != tuple(neighbour_ids.shape):
+        raise ValueError(f"`neighbour_attention_mask` must have the shape of neighbour_ids {tuple(neighbour_ids.shape)}, "
+                         f"got {tuple(neighbour_mask.shape)}")
+    mask = neighbour_mask.to(device=neighbour_ids.device).bool()
+    if not bool(mask.any(dim=-1).all()):
+        raise ValueError("`neighbour_attention_mask` leaves a neighbour with no tokens; every neighbour needs at least "
+                         "one real token (a retrieved chunk is never empty)")
+    return mask
 
 
 def check_no_cache_with_neighbours(past_key_values: Any) -> None:
@@ -282,13 +312,20 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
                 attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
                 past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, neighbour_attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """neighbour_ids (B, n_chunks, k, r) token ids of the neighbours of each chunk of the input;
+        neighbour_attention_mask (B, n_chunks, k, r): 1 for real tokens, 0 for padding (a continuation cut
+        short at a document's end); None: no padding."""
+        if neighbour_attention_mask is not None and neighbour_ids is None:
+            raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
         if neighbour_ids is not None:
             ref = input_ids if input_ids is not None else inputs_embeds
             check_neighbour_ids(neighbour_ids, ref.shape[0], self.config)
             check_no_cache_with_neighbours(past_key_values)
             use_cache = False
-            self.retro_context.state = RetroState(self.model.embed_tokens(neighbour_ids))  # (B, C, k, r, D)
+            mask = None if neighbour_attention_mask is None else check_neighbour_mask(neighbour_attention_mask, neighbour_ids)
+            self.retro_context.state = RetroState(self.model.embed_tokens(neighbour_ids), mask)  # (B, C, k, r, D)
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -304,12 +341,13 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Any = None,
-                                      neighbour_ids: torch.LongTensor | None = None, **kwargs: Any) -> dict[str, Any]:
+                                      neighbour_ids: torch.LongTensor | None = None,
+                                      neighbour_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
         if neighbour_ids is None:
             return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
         # fixed neighbours: no key/value cache (see the module docstring), so every step reads the whole sequence
         return {"input_ids": input_ids, "neighbour_ids": neighbour_ids, "attention_mask": kwargs.get("attention_mask"),
-                "use_cache": False}
+                "neighbour_attention_mask": neighbour_attention_mask, "use_cache": False}
 
 
 def decoder_config(config: RetroConfig) -> LlamaConfig:

@@ -6,7 +6,8 @@ Mistral / Qwen2 classes) or a ``GPT2LMHeadModel``: the new blocks hang on the ch
 layers (see :mod:`retro.modeling_retro`), every base parameter gets ``requires_grad=False``, and
 the CCA output projections start at zero, so the retrofitted model's logits equal the base
 model's exactly until training moves them. Afterwards ``model(input_ids, neighbour_ids=...)``
-retrieves; without ``neighbour_ids`` it is the base model. The base parameter names are
+retrieves (with ``neighbour_attention_mask`` for padded neighbours); without ``neighbour_ids``
+it is the base model. The base parameter names are
 unchanged; the new ones contain ``retro_cca`` / ``retro_encoder``, and
 ``save_retro_weights`` / ``load_retro_weights`` store and restore them alone (a few MB instead
 of the whole model).
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from retro.configuration_retro import RetroConfig
 from retro.modeling_retro import (CCA_ATTR, ENCODER_ATTR, RetroContext, RetroState, attach_retro_blocks,
-                                  check_neighbour_ids, check_no_cache_with_neighbours)
+                                  check_neighbour_ids, check_neighbour_mask, check_no_cache_with_neighbours)
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,10 @@ def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: A
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         neighbour_ids = kwargs.pop("neighbour_ids", None)
+        neighbour_mask = kwargs.pop("neighbour_attention_mask", None)
         context.state = None
+        if neighbour_mask is not None and neighbour_ids is None:
+            raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
         if neighbour_ids is not None:
             tokens = args[0] if args else kwargs.get("input_ids")
             if tokens is None:
@@ -122,7 +126,8 @@ def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: A
             check_neighbour_ids(neighbour_ids, tokens.shape[0], config)
             check_no_cache_with_neighbours(kwargs.get("past_key_values"))
             kwargs["use_cache"] = False
-            context.state = RetroState(embed(neighbour_ids))  # (B, C, k, r, D), frozen shared embedding
+            mask = None if neighbour_mask is None else check_neighbour_mask(neighbour_mask, neighbour_ids)
+            context.state = RetroState(embed(neighbour_ids), mask)  # (B, C, k, r, D), frozen shared embedding
         return args, kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

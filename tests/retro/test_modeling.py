@@ -162,6 +162,33 @@ def test_loss_falls_on_real_text_with_neighbours() -> None:
     assert enc.grad is not None and enc.grad.abs().sum() > 0  # the encoder learns through CCA
 
 
+@torch.no_grad()
+def test_padded_neighbour_tokens_are_ignored(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    mask = torch.ones_like(nb)
+    mask[:, :, 1, 5:] = 0  # the 2nd neighbour of every chunk has a continuation cut short: 3 padding tokens
+    ref = model(x, neighbour_ids=nb, neighbour_attention_mask=mask).logits
+    changed = nb.clone()
+    changed[:, :, 1, 5:] = (changed[:, :, 1, 5:] + 7) % 97  # other ids under the padding
+    torch.testing.assert_close(model(x, neighbour_ids=changed, neighbour_attention_mask=mask).logits, ref)
+    # the mask is used at all (without it the padding ids would count) and all-ones equals no mask
+    assert (model(x, neighbour_ids=changed).logits - ref)[:, M - 1:].abs().max() > 1e-4
+    torch.testing.assert_close(model(x, neighbour_ids=nb, neighbour_attention_mask=torch.ones_like(nb)).logits,
+                               model(x, neighbour_ids=nb).logits)
+
+
+def test_bad_neighbour_mask(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    with pytest.raises(ValueError, match=r"`neighbour_attention_mask` must have the shape of neighbour_ids"):
+        model(x, neighbour_ids=nb, neighbour_attention_mask=torch.ones(2, 4, 2, 7))
+    empty = torch.ones_like(nb)
+    empty[0, 1, 0] = 0
+    with pytest.raises(ValueError, match="no tokens"):
+        model(x, neighbour_ids=nb, neighbour_attention_mask=empty)
+    with pytest.raises(ValueError, match="without `neighbour_ids`"):
+        model(x, neighbour_attention_mask=empty)
+
+
 @pytest.mark.parametrize("shape, why", [
     ((2, 4, 3, R), "num_neighbours=2"),
     ((2, 4, K, R + 1), f"neighbour_length={R}"),

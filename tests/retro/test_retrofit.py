@@ -173,3 +173,17 @@ def test_generate_without_neighbours_is_the_base_models() -> None:
     perturb_retro_weights(model)  # CCA is skipped without neighbours, whatever its weights
     out = model.generate(x[:, :5], max_new_tokens=6, do_sample=False)
     assert torch.equal(out, tiny_base("llama").generate(x[:, :5], max_new_tokens=6, do_sample=False))
+
+
+@torch.no_grad()
+def test_retrofitted_gpt2_ignores_padded_neighbour_tokens() -> None:
+    model = retrofitted("gpt2")
+    perturb_retro_weights(model)
+    x, nb = inputs()
+    mask = torch.ones_like(nb)
+    mask[:, :, 0, 6:] = 0
+    ref = model(x, neighbour_ids=nb, neighbour_attention_mask=mask).logits
+    changed = nb.clone()
+    changed[:, :, 0, 6:] = (changed[:, :, 0, 6:] + 7) % V
+    torch.testing.assert_close(model(x, neighbour_ids=changed, neighbour_attention_mask=mask).logits, ref)
+    assert (model(x, neighbour_ids=changed).logits - ref)[:, M - 1:].abs().max() > 1e-4
