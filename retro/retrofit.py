@@ -7,7 +7,7 @@ layers (see :mod:`retro.modeling_retro`), every base parameter gets ``requires_g
 the CCA output projections start at zero, so the retrofitted model's logits equal the base
 model's exactly until training moves them. Afterwards ``model(input_ids, neighbour_ids=...)``
 retrieves (with ``neighbour_attention_mask`` for padded neighbours); without ``neighbour_ids``
-it is the base model. The base parameter names are
+it is the base model. ``model.generate(..., neighbour_ids=...)`` decodes with fixed neighbours. The base parameter names are
 unchanged; the new ones contain ``retro_cca`` / ``retro_encoder``, and
 ``save_retro_weights`` / ``load_retro_weights`` store and restore them alone (a few MB instead
 of the whole model).
@@ -133,6 +133,19 @@ def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: A
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         context.state = None  # a later forward without neighbours must not see these
 
+    base_prepare = model.prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(input_ids: torch.Tensor, past_key_values: Any = None,
+                                      neighbour_ids: torch.Tensor | None = None,
+                                      neighbour_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
+        # generate() accepts only the model kwargs this signature names; with fixed neighbours every step
+        # re-reads the whole sequence (no key/value cache, see retro.modeling_retro)
+        if neighbour_ids is None:
+            return base_prepare(input_ids, past_key_values=past_key_values, **kwargs)
+        return {"input_ids": input_ids, "neighbour_ids": neighbour_ids, "attention_mask": kwargs.get("attention_mask"),
+                "neighbour_attention_mask": neighbour_attention_mask, "use_cache": False}
+
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
     model.register_forward_pre_hook(before, with_kwargs=True)
     model.register_forward_hook(after, with_kwargs=True, always_call=True)
     model.retro_config = config

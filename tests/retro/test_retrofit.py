@@ -187,3 +187,19 @@ def test_retrofitted_gpt2_ignores_padded_neighbour_tokens() -> None:
     changed[:, :, 0, 6:] = (changed[:, :, 0, 6:] + 7) % V
     torch.testing.assert_close(model(x, neighbour_ids=changed, neighbour_attention_mask=mask).logits, ref)
     assert (model(x, neighbour_ids=changed).logits - ref)[:, M - 1:].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@torch.no_grad()
+def test_generate_with_fixed_neighbours_matches_greedy_loop(kind: str) -> None:
+    x, nb = inputs(B=1)
+    model = retrofitted(kind)
+    perturb_retro_weights(model)
+    common = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    out = model.generate(x[:, :5], neighbour_ids=nb, **common)
+    seq = x[:, :5]
+    for _ in range(8):
+        seq = torch.cat([seq, model(seq, neighbour_ids=nb).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences, seq)
+    plain = model.generate(x[:, :5], **common)
+    assert (plain.scores[-1] - out.scores[-1]).abs().max() > 1e-4  # the neighbours reached generate
