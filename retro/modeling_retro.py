@@ -206,31 +206,33 @@ def attach_retro_blocks(layers: nn.ModuleList, config: RetroConfig, decoder_hidd
         setattr(layer, CCA_ATTR, ChunkedCrossAttention(config, decoder_hidden))
         if number == first:
             setattr(layer, ENCODER_ATTR, NeighbourEncoder(config, decoder_hidden))
-        handles.append(layer.register_forward_hook(_make_hook(context, config.chunk_length)))
+        # the hook reads the context from its layer (not a closure), so a deep copy of the model gets its own
+        layer.retro_context = context
+        handles.append(layer.register_forward_hook(_retro_layer_hook))
     return handles
 
 
-def _make_hook(context: RetroContext, chunk_length: int):
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        state = context.state
-        if state is None:  # no retrieval in this forward: the layer is unchanged
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-        if state.encoded is None:
-            encoder = getattr(module, ENCODER_ATTR)
-            B, T, D = hidden.shape
-            # only chunks complete within the input can be attended; later neighbours are not encoded
-            C = min(state.neighbour_embeds.shape[1], T // chunk_length)
-            chunk_states = hidden[:, : C * chunk_length].reshape(B, C, chunk_length, D)  # (B, C, m, D)
-            mask = None if state.neighbour_mask is None else state.neighbour_mask[:, :C]  # (B, C, k, r)
-            state.encoded = encoder(state.neighbour_embeds[:, :C], chunk_states, mask)  # (B, C, k*r, d)
-        cca_mask = None
-        if state.neighbour_mask is not None:
-            C = state.encoded.shape[1]
-            cca_mask = state.neighbour_mask[:, :C].reshape(hidden.shape[0], C, -1)  # (B, C, k*r)
-        hidden = hidden + getattr(module, CCA_ATTR)(hidden, state.encoded, cca_mask)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-    return hook
+def _retro_layer_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    """Runs the encoder (first RETRO layer only) and CCA on a decoder layer's output."""
+    state = module.retro_context.state
+    if state is None:  # no retrieval in this forward: the layer is unchanged
+        return None
+    chunk_length = getattr(module, CCA_ATTR).chunk_length
+    hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+    if state.encoded is None:
+        encoder = getattr(module, ENCODER_ATTR)
+        B, T, D = hidden.shape
+        # only chunks complete within the input can be attended; later neighbours are not encoded
+        C = min(state.neighbour_embeds.shape[1], T // chunk_length)
+        chunk_states = hidden[:, : C * chunk_length].reshape(B, C, chunk_length, D)  # (B, C, m, D)
+        mask = None if state.neighbour_mask is None else state.neighbour_mask[:, :C]  # (B, C, k, r)
+        state.encoded = encoder(state.neighbour_embeds[:, :C], chunk_states, mask)  # (B, C, k*r, d)
+    cca_mask = None
+    if state.neighbour_mask is not None:
+        C = state.encoded.shape[1]
+        cca_mask = state.neighbour_mask[:, :C].reshape(hidden.shape[0], C, -1)  # (B, C, k*r)
+    hidden = hidden + getattr(module, CCA_ATTR)(hidden, state.encoded, cca_mask)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def check_neighbour_ids(neighbour_ids: Any, batch_size: int, config: RetroConfig) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: A
         from ``model.config`` and ``retrieval`` keyword settings.
     After this, ``model(input_ids, neighbour_ids=(B, n_chunks, k, r) ids, ...)`` runs with retrieval.
     """
-    layers, embed = _decoder_parts(model)
+    layers, _ = _decoder_parts(model)
     if getattr(model, "retro_config", None) is not None:
         raise ConfigError(f"{type(model).__name__} is already RETROfitted; retrofit a fresh base model")
     if config is None:
@@ -113,47 +114,53 @@ def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: A
             if hasattr(module, name):
                 getattr(module, name).to(device=ref.device, dtype=ref.dtype)
 
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        neighbour_ids = kwargs.pop("neighbour_ids", None)
-        neighbour_mask = kwargs.pop("neighbour_attention_mask", None)
-        context.state = None
-        if neighbour_mask is not None and neighbour_ids is None:
-            raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
-        if neighbour_ids is not None:
-            tokens = args[0] if args else kwargs.get("input_ids")
-            if tokens is None:
-                tokens = kwargs.get("inputs_embeds")
-            check_neighbour_ids(neighbour_ids, tokens.shape[0], config)
-            check_no_cache_with_neighbours(kwargs.get("past_key_values"))
-            kwargs["use_cache"] = False
-            mask = None if neighbour_mask is None else check_neighbour_mask(neighbour_mask, neighbour_ids)
-            context.state = RetroState(embed(neighbour_ids), mask)  # (B, C, k, r, D), frozen shared embedding
-        return args, kwargs
-
-    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        context.state = None  # a later forward without neighbours must not see these
-
-    base_prepare = model.prepare_inputs_for_generation
-
-    def prepare_inputs_for_generation(input_ids: torch.Tensor, past_key_values: Any = None,
-                                      neighbour_ids: torch.Tensor | None = None,
-                                      neighbour_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
-        # generate() accepts only the model kwargs this signature names; with fixed neighbours every step
-        # re-reads the whole sequence (no key/value cache, see retro.modeling_retro)
-        if neighbour_ids is None:
-            return base_prepare(input_ids, past_key_values=past_key_values, **kwargs)
-        return {"input_ids": input_ids, "neighbour_ids": neighbour_ids, "attention_mask": kwargs.get("attention_mask"),
-                "neighbour_attention_mask": neighbour_attention_mask, "use_cache": False}
-
-    model.prepare_inputs_for_generation = prepare_inputs_for_generation
-    model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True, always_call=True)
+    # hooks and the generate() adapter read the config and context from the model they run on (no closures),
+    # so a deep copy of a retrofitted model is an independent retrofitted model
+    model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, model)
+    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    model.register_forward_hook(_after_forward, with_kwargs=True, always_call=True)
     model.retro_config = config
     model.retro_context = context
     trainable = trainable_fraction(model)
     logger.info("RETROfitted %s at layers %s: %.2f%% of parameters trainable", type(model).__name__,
                 config.retro_layers, 100 * trainable)
     return model
+
+
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Takes ``neighbour_ids`` / ``neighbour_attention_mask`` out of the call and into the RETRO context."""
+    config, context = model.retro_config, model.retro_context
+    neighbour_ids = kwargs.pop("neighbour_ids", None)
+    neighbour_mask = kwargs.pop("neighbour_attention_mask", None)
+    context.state = None
+    if neighbour_mask is not None and neighbour_ids is None:
+        raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
+    if neighbour_ids is not None:
+        tokens = args[0] if args else kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        check_neighbour_ids(neighbour_ids, tokens.shape[0], config)
+        check_no_cache_with_neighbours(kwargs.get("past_key_values"))
+        kwargs["use_cache"] = False
+        mask = None if neighbour_mask is None else check_neighbour_mask(neighbour_mask, neighbour_ids)
+        embeds = model.get_input_embeddings()(neighbour_ids)  # (B, C, k, r, D), the frozen shared embedding
+        context.state = RetroState(embeds, mask)
+    return args, kwargs
+
+
+def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    model.retro_context.state = None  # a later forward without neighbours must not see these
+
+
+def _prepare_inputs_for_generation(model: nn.Module, input_ids: torch.Tensor, past_key_values: Any = None,
+                                   neighbour_ids: torch.Tensor | None = None,
+                                   neighbour_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
+    """generate() accepts only the model kwargs this signature names. With fixed neighbours every step
+    re-reads the whole sequence (no key/value cache, see retro.modeling_retro)."""
+    if neighbour_ids is None:
+        return type(model).prepare_inputs_for_generation(model, input_ids, past_key_values=past_key_values, **kwargs)
+    return {"input_ids": input_ids, "neighbour_ids": neighbour_ids, "attention_mask": kwargs.get("attention_mask"),
+            "neighbour_attention_mask": neighbour_attention_mask, "use_cache": False}
 
 
 def retro_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

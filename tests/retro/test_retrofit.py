@@ -203,3 +203,20 @@ def test_generate_with_fixed_neighbours_matches_greedy_loop(kind: str) -> None:
     assert torch.equal(out.sequences, seq)
     plain = model.generate(x[:, :5], **common)
     assert (plain.scores[-1] - out.scores[-1]).abs().max() > 1e-4  # the neighbours reached generate
+
+
+@torch.no_grad()
+def test_deep_copy_is_an_independent_retrofitted_model() -> None:
+    import copy
+
+    model = retrofitted("llama")
+    perturb_retro_weights(model)
+    twin = copy.deepcopy(model)
+    x, nb = inputs()
+    ref = model(x, neighbour_ids=nb).logits
+    torch.testing.assert_close(twin(x, neighbour_ids=nb).logits, ref)
+    perturb_retro_weights(twin, seed=9)  # training the copy leaves the original alone
+    assert (twin(x, neighbour_ids=nb).logits - ref).abs().max() > 1e-4
+    torch.testing.assert_close(model(x, neighbour_ids=nb).logits, ref)
+    assert twin.retro_context is not model.retro_context
+    assert twin.model.layers[1].retro_context is twin.retro_context
