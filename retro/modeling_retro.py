@@ -293,6 +293,8 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
     model kwarg (then every step re-reads the whole sequence) or none (ordinary cached decoding).
     """
 
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied when config.tie_word_embeddings
+
     def __init__(self, config: RetroConfig) -> None:
         super().__init__(config)
         self.model = LlamaModel(decoder_config(config))

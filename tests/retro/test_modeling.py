@@ -120,6 +120,18 @@ def test_save_pretrained_round_trip(model: RetroForCausalLM, tmp_path) -> None:
     torch.testing.assert_close(auto(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits)
 
 
+@torch.no_grad()
+def test_tied_embeddings_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    tied = RetroForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    x, nb = inputs()
+    tied.save_pretrained(tmp_path)
+    loaded = RetroForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, tied(x, neighbour_ids=nb).logits)
+
+
 def test_loss_falls_on_real_text_with_neighbours() -> None:
     from datastore.tokenizer import load_hf_tokenizer
     from retromem.cli import demo_corpus
