@@ -246,6 +246,10 @@ def check_neighbour_ids(neighbour_ids: Any, batch_size: int, config: RetroConfig
     if neighbour_ids.ndim != 4 or shape[0] != batch_size or shape[2] != k or shape[3] != r or shape[1] < 1:
         raise ValueError(f"`neighbour_ids` must have shape (batch={batch_size}, n_chunks>=1, num_neighbours={k}, "
                          f"neighbour_length={r}), got {shape}")
+    low, high = int(neighbour_ids.min()), int(neighbour_ids.max())
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"`neighbour_ids` must be token ids in [0, {config.vocab_size}) (the model's vocabulary), got "
+                         f"values in [{low}, {high}]; were the neighbours tokenized with another tokenizer?")
     return neighbour_ids
 
 

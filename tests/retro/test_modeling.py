@@ -215,6 +215,13 @@ def test_bad_neighbour_shape(model: RetroForCausalLM, shape: tuple, why: str) ->
     assert why in str(err.value) and str(shape) in str(err.value)
 
 
+def test_neighbour_ids_outside_the_vocabulary(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    nb[0, 1, 0, 3] = 97
+    with pytest.raises(ValueError, match=r"token ids in \[0, 97\).*got values in \[\d+, 97\]"):
+        model(x, neighbour_ids=nb)
+
+
 def test_bad_neighbour_dtype(model: RetroForCausalLM) -> None:
     x, nb = inputs()
     with pytest.raises(TypeError, match="integer token ids"):
