@@ -281,6 +281,7 @@ class RetroPreTrainedModel(PreTrainedModel):
     config_class = RetroConfig
     base_model_prefix = "model"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -132,6 +132,23 @@ def test_tied_embeddings_round_trip(tmp_path) -> None:
     torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, tied(x, neighbour_ids=nb).logits)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    # transformers 5.x checkpoints a decoder layer's forward, not its __call__: the RETRO hooks run outside the
+    # checkpoint, so the replay in backward cannot miss the CCA update (its context is gone by then)
+    x, nb = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = RetroForCausalLM(tiny_config()).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(x, neighbour_ids=nb, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(g is not None for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
 def test_loss_falls_on_real_text_with_neighbours() -> None:
     from datastore.tokenizer import load_hf_tokenizer
     from retromem.cli import demo_corpus
