@@ -21,7 +21,8 @@ The input of ``T`` tokens is split into chunks of ``m = chunk_length`` tokens; c
 * ``gated`` configs start every CCA output projection at zero, so the model with retrieval starts
   exactly equal to the model without it.
 
-Neighbours cut short (a continuation at a document's end) are padded and masked with
+Chunk boundaries count from position 0 of the input, so inputs with neighbours must not be
+left-padded. Neighbours cut short (a continuation at a document's end) are padded and masked with
 ``neighbour_attention_mask``. Key/value caching across generation steps with neighbours is not
 supported yet: with neighbours, a forward must see the whole sequence (``use_cache=False``).
 """
