@@ -141,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.manual_seed(0)
         model = RetroForCausalLM(tiny_config()).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model(x, neighbour_ids=nb, labels=x).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(g is not None for g in grads[1].values())
