@@ -1,0 +1,121 @@
+"""The configuration of RETRO models and of the RETRO blocks that RETROfit inserts.
+
+One ``RetroConfig`` serves two uses:
+
+* ``RetroForCausalLM`` (training from scratch): the decoder fields (``vocab_size``,
+  ``hidden_size``, ``num_hidden_layers``, ...) describe a Llama-style decoder;
+* ``retrofit(model, config)``: the decoder fields are replaced by the base model's, and only the
+  retrieval fields (chunk length, neighbours, encoder size, cross-attention layers) are used.
+
+Cross-attention layer positions are 1-based layer numbers as in the paper and Megatron-LM: the
+chunked cross-attention (CCA) block runs on the output of decoder layer ``l``. The default is
+Megatron-LM's ``range(6 if L <= 15 else 9, L + 1, 3)`` ("every 3rd layer from layer 6"); a
+decoder of fewer than 6 layers gets CCA after its last layer.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+def default_retro_layers(num_hidden_layers: int) -> list[int]:
+    """Megatron-LM's RETRO layer numbers (1-based) for a decoder of ``num_hidden_layers`` layers."""
+    layers = list(range(6 if num_hidden_layers <= 15 else 9, num_hidden_layers + 1, 3))
+    return layers or [num_hidden_layers]
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+class RetroConfig(PretrainedConfig):
+    """Settings of a RETRO decoder, its neighbour encoder and its chunked cross-attention.
+
+    chunk_length: m, tokens per retrieval chunk (paper: 64).
+    num_neighbours: k, neighbours retrieved per chunk (paper: 2).
+    neighbour_length: r, tokens per neighbour, the chunk plus its continuation (paper: 2m).
+    retro_layers: 1-based decoder layer numbers followed by a CCA block; None: the paper's default.
+    encoder_hidden_size / encoder_num_heads / encoder_num_layers / encoder_intermediate_size: the
+        neighbour encoder; the CCA blocks attend with ``encoder_num_heads`` heads of width
+        ``encoder_hidden_size / encoder_num_heads`` (a narrow encoder keeps RETROfit under 10% of
+        the weights). None: half the decoder width, the decoder's head count, 2 layers, 8/3 width.
+    gated: True makes every CCA output projection start at zero, so that the model starts equal
+        to the model without retrieval (what RETROfit needs); False: ordinary initialisation.
+    """
+
+    model_type = "retro"
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 9
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    chunk_length: int = 64
+    num_neighbours: int = 2
+    neighbour_length: int | None = None
+    retro_layers: list[int] | None = None
+    encoder_hidden_size: int | None = None
+    encoder_num_heads: int | None = None
+    encoder_num_layers: int = 2
+    encoder_intermediate_size: int | None = None
+    gated: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self, **kwargs) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "chunk_length", "num_neighbours", "encoder_num_layers"):
+            _positive_int(name, getattr(self, name))
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                             f"({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                             f"`num_key_value_heads` ({self.num_key_value_heads})")
+        if self.neighbour_length is None:
+            self.neighbour_length = 2 * self.chunk_length
+        _positive_int("neighbour_length", self.neighbour_length)
+        if self.retro_layers is None:
+            self.retro_layers = default_retro_layers(self.num_hidden_layers)
+        self.retro_layers = list(self.retro_layers)
+        check_retro_layers(self.retro_layers, self.num_hidden_layers)
+        if self.encoder_num_heads is None:
+            self.encoder_num_heads = self.num_attention_heads
+        _positive_int("encoder_num_heads", self.encoder_num_heads)
+        if self.encoder_hidden_size is None:
+            # half the decoder width, rounded down to a whole number of heads (at least one per head)
+            per_head = max(1, self.hidden_size // 2 // self.encoder_num_heads)
+            self.encoder_hidden_size = per_head * self.encoder_num_heads
+        _positive_int("encoder_hidden_size", self.encoder_hidden_size)
+        if self.encoder_hidden_size % self.encoder_num_heads:
+            raise ValueError(f"`encoder_hidden_size` ({self.encoder_hidden_size}) must be a multiple of "
+                             f"`encoder_num_heads` ({self.encoder_num_heads})")
+        if (self.encoder_hidden_size // self.encoder_num_heads) % 2:
+            raise ValueError(f"`encoder_hidden_size / encoder_num_heads` must be even (rotary embeddings rotate "
+                             f"pairs), got {self.encoder_hidden_size}/{self.encoder_num_heads}")
+        if self.encoder_intermediate_size is None:
+            self.encoder_intermediate_size = 8 * self.encoder_hidden_size // 3
+        _positive_int("encoder_intermediate_size", self.encoder_intermediate_size)
+        super().__post_init__(**kwargs)
+
+
+def check_retro_layers(retro_layers: list[int], num_hidden_layers: int) -> None:
+    """ValueError unless ``retro_layers`` are distinct 1-based layer numbers of the decoder."""
+    if not retro_layers:
+        raise ValueError("`retro_layers` must name at least one decoder layer (1-based), got []")
+    for layer in retro_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_hidden_layers:
+            raise ValueError(f"`retro_layers` entries must be layer numbers in [1, {num_hidden_layers}] "
+                             f"(1-based, the decoder has {num_hidden_layers} layers), got {layer!r}")
+    if len(set(retro_layers)) != len(retro_layers):
+        raise ValueError(f"`retro_layers` must not repeat a layer, got {retro_layers}")

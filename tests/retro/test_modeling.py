@@ -1,0 +1,270 @@
+"""RetroForCausalLM: causal shift, neighbour use, parity with the plain decoder, generate, save/load,
+training on real text, and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from retro import RetroConfig, RetroForCausalLM
+from retro.modeling_retro import decoder_config
+
+M, K, R = 4, 2, 8  # chunk length, neighbours per chunk, neighbour length
+
+
+def tiny_config(**overrides) -> RetroConfig:
+    fields = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, chunk_length=M, num_neighbours=K, neighbour_length=R, retro_layers=[2, 4],
+                  encoder_num_layers=2)
+    fields.update(overrides)
+    return RetroConfig(**fields)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matrices: with other jobs on the cores, extra intra-op threads only spin (measured 80x slower with 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> RetroForCausalLM:
+    torch.manual_seed(0)
+    return RetroForCausalLM(tiny_config()).eval()
+
+
+def inputs(T: int = 16, B: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 97, (B, T), generator=g)
+    nb = torch.randint(0, 97, (B, T // M, K, R), generator=g)  # (B, n_chunks, k, r)
+    return x, nb
+
+
+@torch.no_grad()
+def test_future_tokens_do_not_change_past_logits(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    ref = model(x, neighbour_ids=nb).logits
+    for t in range(x.shape[1] - 1):
+        changed = x.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
+        out = model(changed, neighbour_ids=nb).logits
+        torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1])
+        assert not torch.allclose(out[:, t + 1:], ref[:, t + 1:])
+
+
+@torch.no_grad()
+def test_neighbours_of_chunk_u_reach_only_positions_from_its_last_token(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    ref = model(x, neighbour_ids=nb).logits
+    for u in range(nb.shape[1]):
+        changed = nb.clone()
+        changed[:, u] = (changed[:, u] + 1) % 97
+        out = model(x, neighbour_ids=changed).logits
+        first = u * M + M - 1  # chunk u is complete at its last token
+        torch.testing.assert_close(out[:, :first], ref[:, :first])
+        # the last token of chunk u is the first to see them (the test fails if neighbours are ignored)
+        assert (out[:, first] - ref[:, first]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_neighbours_of_incomplete_chunks_are_ignored(model: RetroForCausalLM) -> None:
+    x, nb = inputs(T=14)  # 3 complete chunks and half of a 4th
+    nb = torch.cat([nb, nb[:, :1]], dim=1)  # neighbours for the incomplete 4th chunk too
+    ref = model(x, neighbour_ids=nb).logits
+    changed = nb.clone()
+    changed[:, 3] = (changed[:, 3] + 5) % 97
+    torch.testing.assert_close(model(x, neighbour_ids=changed).logits, ref)
+
+
+@torch.no_grad()
+def test_without_neighbours_it_is_the_plain_llama_decoder(model: RetroForCausalLM) -> None:
+    x, _ = inputs()
+    llama = LlamaForCausalLM(decoder_config(model.config)).eval()
+    missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all("retro_" in k for k in unexpected) and unexpected
+    torch.testing.assert_close(model(x).logits, llama(x).logits)
+
+
+@torch.no_grad()
+def test_generate_matches_greedy_loop(model: RetroForCausalLM) -> None:
+    x, nb = inputs(T=16, B=1)
+    prompt = x[:, :5]
+    for kwargs in ({}, {"neighbour_ids": nb}):
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
+        seq = prompt
+        for _ in range(8):
+            nxt = model(seq, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+        assert torch.equal(out, seq), kwargs.keys()
+    # the neighbours reach generate's scores (a random tiny model may still pick the same tokens)
+    common = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    plain, retro = model.generate(prompt, **common), model.generate(prompt, neighbour_ids=nb, **common)
+    assert (plain.scores[-1] - retro.scores[-1]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_save_pretrained_round_trip(model: RetroForCausalLM, tmp_path) -> None:
+    x, nb = inputs()
+    model.save_pretrained(tmp_path)
+    loaded = RetroForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.retro_layers == [2, 4] and loaded.config.neighbour_length == R
+    torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # model_type "retro" is registered
+    assert isinstance(auto, RetroForCausalLM)
+    torch.testing.assert_close(auto(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits)
+
+
+@torch.no_grad()
+def test_tied_embeddings_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    tied = RetroForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    x, nb = inputs()
+    tied.save_pretrained(tmp_path)
+    loaded = RetroForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, tied(x, neighbour_ids=nb).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    # transformers 5.x checkpoints a decoder layer's forward, not its __call__: the RETRO hooks run outside the
+    # checkpoint, so the replay in backward cannot miss the CCA update (its context is gone by then)
+    x, nb = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = RetroForCausalLM(tiny_config()).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(x, neighbour_ids=nb, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(g is not None for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_loss_falls_on_real_text_with_neighbours() -> None:
+    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.cli import demo_corpus
+
+    torch.manual_seed(0)
+    with gzip.open(demo_corpus(), "rt", encoding="utf-8") as fh:
+        text = json.loads(fh.readline())["text"]
+    tok = load_hf_tokenizer("gpt2")
+    gpt2_ids = torch.tensor(tok(text[:12000], verbose=False)["input_ids"])
+    # a compact vocabulary of the ids that occur keeps the tiny model's output layer small (and fast)
+    used, ids = torch.unique(gpt2_ids, return_inverse=True)
+    m, T, B = 8, 32, 8
+    cfg = tiny_config(vocab_size=len(used), chunk_length=m, neighbour_length=2 * m)
+    model = RetroForCausalLM(cfg).train()
+    chunks = ids[: len(ids) // m * m].view(-1, m)  # (n_total, m)
+    n_total = chunks.shape[0]
+
+    def neighbours(chunk_index: torch.Tensor) -> torch.Tensor:
+        # other chunks of the same text (never the chunk itself), each with its continuation
+        out = []
+        for i in range(K):
+            j = (chunk_index + 17 * (i + 1)) % (n_total - 1)
+            out.append(torch.cat([chunks[j], chunks[j + 1]], dim=-1))  # (..., 2m)
+        return torch.stack(out, dim=-2)  # (..., k, 2m)
+
+    starts = torch.arange(B) * (T // m)  # chunk index of each sequence's start
+    chunk_index = starts[:, None] + torch.arange(T // m)  # (B, n_chunks)
+    x = chunks[chunk_index].reshape(B, T)  # (B, T)
+    nb = neighbours(chunk_index)  # (B, n_chunks, k, r)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(x, neighbour_ids=nb, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses  # starts near ln(vocab) ~ 6.3; 20 steps reach ~0.64x
+    enc = model.model.layers[1].retro_encoder.in_proj.weight
+    assert enc.grad is not None and enc.grad.abs().sum() > 0  # the encoder learns through CCA
+
+
+@torch.no_grad()
+def test_padded_neighbour_tokens_are_ignored(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    mask = torch.ones_like(nb)
+    mask[:, :, 1, 5:] = 0  # the 2nd neighbour of every chunk has a continuation cut short: 3 padding tokens
+    ref = model(x, neighbour_ids=nb, neighbour_attention_mask=mask).logits
+    changed = nb.clone()
+    changed[:, :, 1, 5:] = (changed[:, :, 1, 5:] + 7) % 97  # other ids under the padding
+    torch.testing.assert_close(model(x, neighbour_ids=changed, neighbour_attention_mask=mask).logits, ref)
+    # the mask is used at all (without it the padding ids would count) and all-ones equals no mask
+    assert (model(x, neighbour_ids=changed).logits - ref)[:, M - 1:].abs().max() > 1e-4
+    torch.testing.assert_close(model(x, neighbour_ids=nb, neighbour_attention_mask=torch.ones_like(nb)).logits,
+                               model(x, neighbour_ids=nb).logits)
+
+
+def test_bad_neighbour_mask(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    with pytest.raises(ValueError, match=r"`neighbour_attention_mask` must have the shape of neighbour_ids"):
+        model(x, neighbour_ids=nb, neighbour_attention_mask=torch.ones(2, 4, 2, 7))
+    empty = torch.ones_like(nb)
+    empty[0, 1, 0] = 0
+    with pytest.raises(ValueError, match="no tokens"):
+        model(x, neighbour_ids=nb, neighbour_attention_mask=empty)
+    with pytest.raises(ValueError, match="without `neighbour_ids`"):
+        model(x, neighbour_attention_mask=empty)
+
+
+@pytest.mark.parametrize("shape, why", [
+    ((2, 4, 3, R), "num_neighbours=2"),
+    ((2, 4, K, R + 1), f"neighbour_length={R}"),
+    ((3, 4, K, R), "batch=2"),
+    ((2, 4, K * R), "n_chunks>=1"),
+    ((2, 0, K, R), "n_chunks>=1"),
+])
+def test_bad_neighbour_shape(model: RetroForCausalLM, shape: tuple, why: str) -> None:
+    x, _ = inputs()
+    with pytest.raises(ValueError, match=r"`neighbour_ids` must have shape") as err:
+        model(x, neighbour_ids=torch.zeros(shape, dtype=torch.long))
+    assert why in str(err.value) and str(shape) in str(err.value)
+
+
+def test_neighbour_ids_outside_the_vocabulary(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    nb[0, 1, 0, 3] = 97
+    with pytest.raises(ValueError, match=r"token ids in \[0, 97\).*got values in \[\d+, 97\]"):
+        model(x, neighbour_ids=nb)
+
+
+def test_bad_neighbour_dtype(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(x, neighbour_ids=nb.float())
+
+
+def test_neighbours_with_a_cache_are_refused(model: RetroForCausalLM) -> None:
+    x, nb = inputs()
+    cache = model(x[:, :8], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(x[:, 8:], neighbour_ids=nb, past_key_values=cache)
+
+
+@pytest.mark.parametrize("layers", [[0], [5], [2, 2], []])
+def test_retro_layers_outside_the_model(layers: list[int]) -> None:
+    with pytest.raises(ValueError, match="`retro_layers`"):
+        tiny_config(retro_layers=layers)
+
+
+def test_default_retro_layers_follow_the_paper() -> None:
+    assert tiny_config(num_hidden_layers=12, retro_layers=None).retro_layers == [6, 9, 12]
+    assert tiny_config(num_hidden_layers=30, retro_layers=None).retro_layers == list(range(9, 31, 3))
+
+
+@pytest.mark.parametrize("field, value", [("chunk_length", 0), ("num_neighbours", -1), ("neighbour_length", 0),
+                                          ("encoder_hidden_size", 30)])
+def test_bad_config_fields(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        tiny_config(**{field: value})
