@@ -153,7 +153,8 @@ class InfiniAttention(nn.Module):
         self.scaling = attn.scaling
         self.attention_dropout = attn.attention_dropout
         self.is_causal = True
-        self.sliding_window = getattr(attn, "sliding_window", None)
+        # Qwen2 sets the window per layer on the attention module; Mistral reads it from the config
+        self.sliding_window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.num_heads = self.config.num_attention_heads
         self.num_kv_heads = self.config.num_key_value_heads
@@ -182,7 +183,8 @@ class InfiniAttention(nn.Module):
             self.config._attn_implementation, eager_attention_forward)
         local, attn_weights = attention_interface(
             self, q_rope, k_local, v_local, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs)
         # local: (B, T, H, d)
 
         if memory is None or self.gate_mode == "local":

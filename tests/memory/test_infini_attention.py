@@ -188,3 +188,30 @@ def test_layers_own_their_memory():
     assert set(mem.M) == {0, 1}
     assert mem.M[0].data_ptr() != mem.M[1].data_ptr() and not torch.equal(mem.M[0], mem.M[1])
     assert len({id(a.memory_gate) for a in m.attention_layers()}) == 2
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_models_keep_their_window(arch):
+    # a window shorter than the segment: with memory knocked out, the wrapper must see exactly what
+    # the base model sees (the window's mask and the kernel's sliding_window argument)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, sliding_window=8)
+    if arch == "qwen2":
+        kw.update(use_sliding_window=True, max_window_layers=0)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kw)).eval()
+    torch.manual_seed(0)
+    m = InfiniAttentionLM(AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **kw)).eval(),
+                          InfiniAttentionConfig(segment_length=32))
+    ids = torch.randint(3, 128, (2, 32))
+    assert all(a.sliding_window == 8 for a in m.attention_layers())
+    m.set_gate_mode("local")
+    with torch.no_grad():
+        out = m(ids, keep_logits="all").logits
+        assert_close(out, ref(ids).logits)
+        # and the window really matters here: the same weights without it give other logits
+        torch.manual_seed(0)
+        full = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **{**kw, "sliding_window": None})).eval()
+        assert not torch.allclose(out, full(ids).logits, atol=1e-4)
