@@ -35,11 +35,12 @@ from index.factory import parse_factory
 from retromem.errors import ConfigError
 
 # Measured on the development machine (2 cores, no GPU, shared with other jobs while measured, so
-# conservative): embedding from benchmarks/dense_retrieval.py (14,351 python-docs chunks, whole job),
+# conservative): embedding from `retromem index embed` over the whole python-docs corpus (36,446
+# chunks in 1,266 s, model load excluded; the earlier, more loaded 14k-chunk run gave 13.4/s),
 # FAISS add and k-means from `retromem plan --measure` (IVF1024,PQ64). See BENCHMARKS.md.
 UNIT_COSTS_MEASURED: dict[str, Any] = {
     "machine": "2-core x86_64 VM, 24 GiB, no GPU (retromem development machine, under load)",
-    "embed_chunks_per_s_cpu": 13.4,
+    "embed_chunks_per_s_cpu": 28.8,
     "embed_chunks_per_s_gpu": 5000.0,
     "embed_gpu_measured": False,
     "add_vectors_per_s_cpu": 18860.0,
