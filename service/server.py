@@ -95,6 +95,36 @@ def occurrence_msg(o, id_offset: int = 0, doc_offset: int = 0) -> pb.Occurrence:
                          chunk_offset=o.chunk_offset)
 
 
+def stream_search(request_iterator, context, answer, max_message_bytes: int, metrics: Metrics | None):
+    """SearchStream for the server and the router: answer each request (``answer(r, req)`` gives
+    its QueryResults and missing shards) and send the results back in slices below the message cap.
+    Stops early, and counts it, when the client cancels or disconnects."""
+    budget = max_message_bytes - 64 * 1024  # room for framing
+    r = -1
+    try:
+        for r, req in enumerate(request_iterator):
+            check_deadline(context)
+            results, missing = answer(r, req)
+            out, size = pb.SearchResponse(request_index=r, missing_shards=missing), 0
+            for i, qr in enumerate(results):
+                s = qr.ByteSize() + 8
+                if out.results and size + s > budget:
+                    yield out
+                    out, size = pb.SearchResponse(request_index=r, query_offset=i, missing_shards=missing), 0
+                out.results.append(qr)
+                size += s
+            if not context.is_active():
+                return
+            yield out
+    except ServiceError as exc:
+        context.abort(exc.code, exc.message)
+    except QueryError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{r}]: {exc}")
+    finally:  # a client that cancels or disconnects: stop here, nothing more is searched
+        if not context.is_active() and metrics is not None:
+            metrics.cancelled.inc()
+
+
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """The ``retromem.v1.Retrieval`` service over a :class:`Backend` (see module docstring)."""
 
@@ -238,30 +268,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         return out
 
     def SearchStream(self, request_iterator, context):
-        budget = self.limits.max_message_bytes - 64 * 1024  # room for framing
-        r = -1
-        try:
-            for r, req in enumerate(request_iterator):
-                check_deadline(context)
-                res = self._dense_search(self._announced_item(req, context, f"requests[{r}]."), context)
-                out, size, offset = pb.SearchResponse(request_index=r), 0, 0
-                for i, qr in enumerate(self._results(res, 0, len(res.chunk_ids))):
-                    s = qr.ByteSize() + 8
-                    if out.results and size + s > budget:
-                        yield out
-                        out, size = pb.SearchResponse(request_index=r, query_offset=i), 0
-                    out.results.append(qr)
-                    size += s
-                    offset = i
-                if not context.is_active():
-                    break
-                yield out
-        except ServiceError as exc:
-            context.abort(exc.code, exc.message)
-        except QueryError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{r}]: {exc}")
-        if not context.is_active() and self.metrics is not None:
-            self.metrics.cancelled.inc()
+        def answer(r, req):
+            res = self._dense_search(self._announced_item(req, context, f"requests[{r}]."), context)
+            return list(self._results(res, 0, len(res.chunk_ids))), []
+
+        yield from stream_search(request_iterator, context, answer, self.limits.max_message_bytes, self.metrics)
 
     # -- chunks --------------------------------------------------------------------------
 
