@@ -42,6 +42,12 @@ def _build(root: Path, records: list[dict]) -> Built:
     return Built(ds, dense.out, root / "ngram")
 
 
+def build_service_stores(root: Path) -> dict[str, Built]:
+    recs = demo_records()
+    docs = [{"id": recs[i]["id"], "text": recs[i]["text"]} for i in DOCS]
+    return {"union": _build(root / "union", docs), "a": _build(root / "a", docs[:5]), "b": _build(root / "b", docs[5:])}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _few_threads():
     import torch
@@ -50,11 +56,8 @@ def _few_threads():
 
 
 @pytest.fixture(scope="session")
-def stores(tmp_path_factory) -> dict[str, Built]:
-    recs = demo_records()
-    docs = [{"id": recs[i]["id"], "text": recs[i]["text"]} for i in DOCS]
-    root = tmp_path_factory.mktemp("service")
-    return {"union": _build(root / "union", docs), "a": _build(root / "a", docs[:5]), "b": _build(root / "b", docs[5:])}
+def stores(service_stores) -> dict[str, Built]:
+    return service_stores
 
 
 @pytest.fixture(scope="session")
