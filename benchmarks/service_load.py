@@ -71,7 +71,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "retromem.cli", "serve", "--datastore", args.datastore, "--dense", args.dense,
            "--ngram", args.ngram, "--port", "0", "--workers", str(args.workers), "--max-queue", "256",
-           "--torch-threads", "1"]
+           "--torch-threads", "1", "--batch-wait-ms", str(args.batch_wait_ms)] + (["--faiss-threads", str(args.faiss_threads)] if args.faiss_threads else [])
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("serving"):
@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="measured time per cell")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--workers", type=int, default=8, help="server worker threads")
+    ap.add_argument("--faiss-threads", type=int, default=0, help="FAISS threads in both the server and this process (0: default)")
+    ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="the server's dense micro-batching bound")
     ap.add_argument("--only", default="", help="comma-separated workloads (count,dense1,dense64,chunks)")
     ap.add_argument("--json", dest="json_out", help="also write the figures here")
     args = ap.parse_args()
@@ -98,6 +100,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(args.faiss_threads)
     from index.types import fetch_payloads
     from service.config import ServerConfig
     from service.server import Backend
@@ -114,7 +120,8 @@ def main() -> None:
         m = int(rng.integers(2, 5))
         s = int(rng.integers(0, max(1, n - m)))
         ngrams.append([int(t) for t in row[s:s + m]])
-    vecs = dense.embedder.encode(ds.chunk_texts(rng.integers(0, ds.num_chunks, 256)))
+    texts = [t for t in ds.chunk_texts(rng.integers(0, ds.num_chunks, 300)) if t.strip()][:256]
+    vecs = dense.embedder.encode(texts)
     n_chunks = ds.num_chunks
 
     proc, target = start_server(args)

@@ -52,10 +52,11 @@ def _secret(path: str | None, env: str) -> str | None:
 @click.option("--shard-token-file", type=click.Path(dir_okay=False), help="Router: token to send to the shards (default: $RETROMEM_SHARD_TOKEN).")
 @click.option("--shard-tls-ca", type=click.Path(exists=True, dir_okay=False), help="Router: CA certificate of TLS shards.")
 @click.option("--torch-threads", type=int, default=None, help="Threads of the query embedder.")
+@click.option("--faiss-threads", type=int, default=None, help="FAISS OpenMP threads (default: one per core).")
 @handle_errors
 def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, batch_wait_ms, max_dense_batch, max_batch,
           max_k, max_chunks, max_query_tokens, max_message_bytes, token_file, tls_cert, tls_key, metrics_port, grace,
-          partial, shard_timeout, shard_token_file, shard_tls_ca, torch_threads) -> None:
+          partial, shard_timeout, shard_token_file, shard_tls_ca, torch_threads, faiss_threads) -> None:
     """Serve a datastore and its dense and/or n-gram index over gRPC (or, with --shard, route to shard
     servers). Runs until SIGTERM or Ctrl-C, then finishes in-flight requests and exits."""
     from service.config import ServerConfig, ServiceLimits
@@ -68,7 +69,7 @@ def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, 
                        token=_secret(token_file, "RETROMEM_TOKEN"), tls_cert=tls_cert, tls_key=tls_key,
                        metrics_port=metrics_port, grace_s=grace, partial=partial, shard_timeout_s=shard_timeout,
                        shard_token=_secret(shard_token_file, "RETROMEM_SHARD_TOKEN"), shard_tls_ca=shard_tls_ca,
-                       torch_threads=torch_threads, limits=limits)
+                       torch_threads=torch_threads, faiss_threads=faiss_threads, limits=limits)
 
     def ready(running) -> None:
         parts = [p for p, v in (("router", cfg.shards), ("datastore", datastore_path), ("dense", dense), ("ngram", ngram)) if v]

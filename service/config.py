@@ -64,6 +64,7 @@ class ServerConfig:
     shard_token: str | None = None  # router: token to present to the shards
     shard_tls_ca: str | None = None  # router: CA certificate to verify TLS shards with
     torch_threads: int | None = None  # embedder threads (None: torch's default)
+    faiss_threads: int | None = None  # FAISS OpenMP threads (None: FAISS's default, one per core)
     limits: ServiceLimits = field(default_factory=ServiceLimits)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,8 @@ class ServerConfig:
             raise ConfigError(f"`--grace` must be non-negative, got {self.grace_s!r}")
         if self.shard_timeout_s <= 0:
             raise ConfigError(f"`--shard-timeout` must be positive, got {self.shard_timeout_s!r}")
+        if self.faiss_threads is not None and self.faiss_threads < 1:
+            raise ConfigError(f"`--faiss-threads` must be a positive integer, got {self.faiss_threads!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"`--torch-threads` must be a positive integer, got {self.torch_threads!r}")
 

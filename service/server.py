@@ -469,6 +469,10 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
+    if cfg.faiss_threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
     if cfg.shards:
         from service.router import RouterServicer
