@@ -70,3 +70,12 @@ def built(tmp_path_factory, corpus_dir):
     cfg = BuildConfig(inputs=(str(corpus_dir),), out=str(out), tokenizer="gpt2",
                       shard_bytes=100_000, workers=2)
     return build(cfg), cfg
+
+
+@pytest.fixture(scope="session")
+def service_stores(tmp_path_factory):
+    """Small real datastores with dense and n-gram indexes for the service tests and the
+    `retromem serve` / `retromem query` tests (see tests/service/conftest.py)."""
+    from tests.service.conftest import build_service_stores
+
+    return build_service_stores(tmp_path_factory.mktemp("service"))

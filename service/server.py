@@ -1,0 +1,531 @@
+"""The retrieval server: one gRPC API over a datastore, a dense index and an n-gram index.
+
+:class:`RetrievalServicer` is a thin adapter: it checks each request field by field (so that a
+bad one gets the right status code and a message naming the field, and the server keeps
+serving), calls the library (:class:`index.dense.DenseIndex` through the micro-batcher,
+:class:`index.ngram.NgramIndex`, :func:`index.types.fetch_payloads`) and converts the typed
+results to messages. :func:`start_server` wires it into a ``grpc.server`` with a bounded queue
+(``maximum_concurrent_rpcs``: beyond it gRPC answers RESOURCE_EXHAUSTED at once), the standard
+health and reflection services, optional TLS and bearer-token auth, and Prometheus metrics;
+:func:`serve` runs it until SIGTERM/SIGINT, then drains in-flight requests and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from retromem import __version__
+from retromem.errors import ConfigError, QueryError
+from service.batcher import DeadlinePassed, DenseBatcher, DenseItem
+from service.common import (SERVICE_NAME, ServiceError, check_deadline, chunk_msg, decode_text, fetch_flags, invalid,
+                            rpc)
+from service.config import ServerConfig, ServiceLimits
+from service.interceptors import Metrics, MetricsInterceptor, TokenAuth
+from service.v1 import retrieval_pb2 as pb
+from service.v1 import retrieval_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass
+class Backend:
+    """What one server serves; any of the three may be absent."""
+
+    datastore: Any = None  # datastore.Datastore
+    dense: Any = None  # index.dense.DenseIndex
+    ngram: Any = None  # index.ngram.NgramIndex
+
+    @classmethod
+    def open(cls, cfg: ServerConfig) -> "Backend":
+        from datastore import Datastore
+
+        ds = Datastore.open(cfg.datastore) if cfg.datastore else None
+        dense = ngram = None
+        if cfg.dense:
+            from index.dense import DenseIndex
+
+            dense = DenseIndex.open(cfg.dense, datastore=ds)
+            ds = ds or dense.datastore
+        if cfg.ngram:
+            from index.ngram import NgramIndex, QueryLimits
+
+            lim = cfg.limits
+            ngram = NgramIndex(cfg.ngram, ds, QueryLimits(max_query_tokens=lim.max_query_tokens, max_clauses=lim.max_clauses,
+                                                           max_terms_per_clause=lim.max_terms_per_clause))
+            ds = ds or ngram.datastore
+        if dense is not None and ngram is not None and dense.datastore_id != ngram.datastore.datastore_id:
+            raise ConfigError("--dense and --ngram were built from different datastores: serve each on its own")
+        return cls(ds, dense, ngram)
+
+
+def limits_msg(cfg: ServerConfig) -> pb.Limits:
+    lim = cfg.limits
+    return pb.Limits(max_batch=lim.max_batch, max_k=lim.max_k, max_query_bytes=lim.max_query_bytes,
+                     max_query_tokens=lim.max_query_tokens, max_chunks=lim.max_chunks, max_find_limit=lim.max_find_limit,
+                     max_clauses=lim.max_clauses, max_terms_per_clause=lim.max_terms_per_clause,
+                     max_message_bytes=lim.max_message_bytes, workers=cfg.workers, max_queue=cfg.max_queue,
+                     batch_wait_ms=cfg.batch_wait_ms, max_dense_batch=cfg.max_dense_batch)
+
+
+def dist_msg(d, top_k: int, decode) -> pb.DistributionResponse:
+    items = d.top(top_k) if top_k else d.top(len(d.tokens))
+    m = pb.DistributionResponse(prompt_count=d.prompt_count, approx=d.approx)
+    m.tokens.extend(pb.TokenCount(token_id=t, count=c.count, prob=c.prob, text=decode(t)) for t, c in items)
+    if d.suffix_len is not None:
+        m.suffix_len = d.suffix_len
+    return m
+
+
+def occurrence_msg(o, id_offset: int = 0, doc_offset: int = 0) -> pb.Occurrence:
+    return pb.Occurrence(doc_id=o.doc_id + doc_offset, chunk_id=o.chunk_id + id_offset, offset=o.offset,
+                         chunk_offset=o.chunk_offset)
+
+
+def stream_search(request_iterator, context, answer, max_message_bytes: int, metrics: Metrics | None):
+    """SearchStream for the server and the router: answer each request (``answer(r, req)`` gives
+    its QueryResults and missing shards) and send the results back in slices below the message cap.
+    Stops early, and counts it, when the client cancels or disconnects."""
+    budget = max_message_bytes - 64 * 1024  # room for framing
+    r = -1
+    try:
+        for r, req in enumerate(request_iterator):
+            check_deadline(context)
+            results, missing = answer(r, req)
+            out, size = pb.SearchResponse(request_index=r, missing_shards=missing), 0
+            for i, qr in enumerate(results):
+                s = qr.ByteSize() + 8
+                if out.results and size + s > budget:
+                    yield out
+                    out, size = pb.SearchResponse(request_index=r, query_offset=i, missing_shards=missing), 0
+                out.results.append(qr)
+                size += s
+            if not context.is_active():
+                return
+            yield out
+    except ServiceError as exc:
+        context.abort(exc.code, exc.message)
+    except QueryError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{r}]: {exc}")
+    finally:  # a client that cancels or disconnects: stop here, nothing more is searched
+        if not context.is_active() and metrics is not None:
+            metrics.cancelled.inc()
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    """The ``retromem.v1.Retrieval`` service over a :class:`Backend` (see module docstring)."""
+
+    def __init__(self, cfg: ServerConfig, backend: Backend, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.limits: ServiceLimits = cfg.limits
+        self.b = backend
+        self.metrics = metrics
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self.batcher: DenseBatcher | None = None
+        if backend.dense is not None:
+            self.batcher = DenseBatcher(backend.dense, max_batch=cfg.max_dense_batch, wait_s=cfg.batch_wait_ms / 1000,
+                                        on_batch=metrics.dense_batch.observe if metrics else None)
+            if metrics is not None:
+                metrics.dense_queue.set_function(lambda: self.batcher.depth)
+        self._info = self._build_info()
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    # -- info ----------------------------------------------------------------------------
+
+    def _build_info(self) -> pb.InfoResponse:
+        m = pb.InfoResponse(version=__version__, role="server", limits=limits_msg(self.cfg),
+                            auth_required=self.cfg.token is not None)
+        ds = self.b.datastore
+        if ds is not None:
+            man = ds.manifest
+            tok = man["tokenizer"]
+            m.datastore.CopyFrom(pb.DatastoreInfo(
+                datastore_id=ds.datastore_id, num_documents=ds.num_documents, num_chunks=ds.num_chunks,
+                chunk_length=ds.chunk_length, num_tokens=int(man["counts"]["tokens"]), tokenizer=str(tok.get("name", "")),
+                vocab_size=int(tok.get("vocab_size", 0)), vocab_sha256=str(tok.get("vocab_hash", ""))))
+        d = self.b.dense
+        if d is not None:
+            e = d.meta["embedder"]
+            m.dense.CopyFrom(pb.DenseInfo(factory=d.factory, dim=d.dim, ntotal=d.ntotal, embedder=e["name"],
+                                          embedder_sha256=e["weights_sha256"],
+                                          search_defaults={k: int(v) for k, v in d.defaults.items()}))
+        g = self.b.ngram
+        if g is not None:
+            eng = g.manifest.get("engine", {})
+            m.ngram.CopyFrom(pb.NgramInfo(num_tokens=g.num_tokens, shards=len(g.manifest["shards"]),
+                                          engine=f"{eng.get('package', 'infini-gram')} {eng.get('version', '')}".strip()))
+        return m
+
+    @rpc
+    def Info(self, request, context):
+        return self._info
+
+    # -- dense ---------------------------------------------------------------------------
+
+    def _need(self, what: str):
+        part = getattr(self.b, what)
+        if part is None:
+            flag = {"dense": "--dense", "ngram": "--ngram", "datastore": "--datastore"}[what]
+            raise ServiceError(FAILED_PRECONDITION, f"this server has no {what} index loaded (start it with {flag})"
+                               if what != "datastore" else "this server has no datastore loaded (start it with --datastore)")
+        return part
+
+    def _dense_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
+        dense = self._need("dense")
+        lim = self.limits
+        n = len(req.queries)
+        if n == 0:
+            raise invalid(f"`{prefix}queries` is empty: give at least one query")
+        if n > lim.max_batch:
+            raise invalid(f"`{prefix}queries` has {n:,} queries, more than max_batch={lim.max_batch:,}: "
+                          "send them in several requests over SearchStream")
+        if req.k == 0:
+            raise invalid(f"`{prefix}k` must be positive, got 0")
+        kmax = min(lim.max_k, dense.ntotal)
+        if req.k > kmax:
+            raise ServiceError(OUT_OF_RANGE, f"`{prefix}k` is {req.k}; this server allows 1..{kmax}")
+        x = np.zeros((n, dense.dim), np.float32)
+        texts: dict[int, str] = {}
+        exclude: list[np.ndarray | None] | None = None
+        ndocs = self.b.datastore.num_documents
+        for i, q in enumerate(req.queries):
+            kind = q.WhichOneof("query")
+            f = f"{prefix}queries[{i}]"
+            if kind == "text":
+                texts[i] = decode_text(q.text, f"{f}.text", lim.max_query_bytes)
+            elif kind == "vector":
+                v = np.asarray(q.vector.values, dtype=np.float32)
+                if len(v) != dense.dim:
+                    raise invalid(f"`{f}.vector` has {len(v)} values; this index takes {dense.dim}")
+                if not np.isfinite(v).all():
+                    raise invalid(f"`{f}.vector` holds NaN or infinity at position {int(np.flatnonzero(~np.isfinite(v))[0])}")
+                x[i] = v
+            else:
+                raise invalid(f"`{f}` has neither text nor vector")
+            if len(q.exclude_doc_ids):
+                e = np.asarray(q.exclude_doc_ids, dtype=np.int64)
+                bad = (e < 0) | (e >= ndocs)
+                if bad.any():
+                    raise ServiceError(OUT_OF_RANGE, f"`{f}.exclude_doc_ids` holds doc_id {int(e[bad][0])}, outside "
+                                                     f"0..{ndocs - 1}")
+                if exclude is None:
+                    exclude = [None] * n
+                exclude[i] = e
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return DenseItem(x, texts, int(req.k), req.nprobe or None, req.ef_search or None, exclude,
+                         fetch_flags(req.fetch if req.HasField("fetch") else None), deadline)
+
+    def _dense_search(self, item: DenseItem, context):
+        fut = self.batcher.submit(item)
+        remaining = context.time_remaining()
+        try:
+            return fut.result(timeout=remaining)
+        except (futures.TimeoutError, DeadlinePassed):
+            fut.cancel()
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the search finished") from None
+
+    @staticmethod
+    def _results(res, lo: int, hi: int) -> Iterator[pb.QueryResult]:
+        for i in range(lo, hi):
+            ids, scores = res.chunk_ids[i], res.scores[i]
+            keep = ids >= 0
+            r = pb.QueryResult(chunk_ids=ids[keep].tolist(), scores=scores[keep].tolist())
+            if res.payloads is not None:
+                r.chunks.extend(chunk_msg(p) for p in res.payloads[i])
+            yield r
+
+    def _announced_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
+        self._need("dense")
+        self.batcher.arrive()
+        try:
+            return self._dense_item(req, context, prefix)
+        except BaseException:
+            self.batcher.abandon()
+            raise
+
+    @rpc
+    def Search(self, request, context):
+        res = self._dense_search(self._announced_item(request, context), context)
+        out = pb.SearchResponse()
+        out.results.extend(self._results(res, 0, len(res.chunk_ids)))
+        return out
+
+    def SearchStream(self, request_iterator, context):
+        def answer(r, req):
+            res = self._dense_search(self._announced_item(req, context, f"requests[{r}]."), context)
+            return list(self._results(res, 0, len(res.chunk_ids))), []
+
+        yield from stream_search(request_iterator, context, answer, self.limits.max_message_bytes, self.metrics)
+
+    # -- chunks --------------------------------------------------------------------------
+
+    @rpc
+    def GetChunks(self, request, context):
+        from index.types import fetch_payloads
+
+        ds = self._need("datastore")
+        n = len(request.chunk_ids)
+        if n == 0:
+            raise invalid("`chunk_ids` is empty: give at least one chunk id")
+        if n > self.limits.max_chunks:
+            raise invalid(f"`chunk_ids` has {n:,} ids, more than max_chunks={self.limits.max_chunks:,}")
+        ids = np.asarray(request.chunk_ids, dtype=np.int64)
+        bad = (ids < 0) | (ids >= ds.num_chunks)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ServiceError(NOT_FOUND, f"`chunk_ids[{i}]` = {int(ids[i])} is not a chunk of this datastore "
+                                          f"(ids are 0..{ds.num_chunks - 1})")
+        flags = fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True)
+        payloads = fetch_payloads(ds, ids, text="text" in flags, tokens="tokens" in flags,
+                                  continuation="continuation" in flags)
+        return pb.GetChunksResponse(chunks=[chunk_msg(p) for p in payloads])
+
+    # -- n-gram --------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return self.b.ngram.encode(text)
+
+    def _decode(self, token_id: int) -> str:
+        with self._tok_lock:
+            return self.b.ngram.datastore.tokenizer.decode([token_id])
+
+    def _ids(self, q: pb.NgramQuery, field: str, *, allow_empty: bool = False) -> list[int]:
+        g = self._need("ngram")
+        lim = self.limits
+        kind = q.WhichOneof("query")
+        if kind == "text":
+            text = decode_text(q.text, f"{field}.text", lim.max_query_bytes, allow_empty=allow_empty)
+            ids = self._encode(text) if text else []
+            if not ids and not allow_empty:
+                raise invalid(f"`{field}.text` is empty: {text!r} has no tokens")
+        elif kind == "ids":
+            ids = list(q.ids.ids)
+            if not ids and not allow_empty:
+                raise invalid(f"`{field}.ids` is empty: give at least one token id")
+            bad = [t for t in ids if t >= g.vocab_size]
+            if bad:
+                raise ServiceError(OUT_OF_RANGE, f"`{field}.ids` has token id {bad[0]} outside the vocabulary "
+                                                 f"0..{g.vocab_size - 1}")
+        elif allow_empty:
+            ids = []
+        else:
+            raise invalid(f"`{field}` is not set: give text or ids")
+        if len(ids) > lim.max_query_tokens:
+            raise invalid(f"`{field}` has {len(ids):,} tokens, more than max_query_tokens={lim.max_query_tokens:,}")
+        return ids
+
+    def _token(self, t: pb.Token, field: str) -> int:
+        g = self._need("ngram")
+        kind = t.WhichOneof("token")
+        if kind == "text":
+            text = decode_text(t.text, f"{field}.text", self.limits.max_query_bytes)
+            ids = self._encode(text)
+            if len(ids) != 1:
+                raise invalid(f"`{field}.text` must be a single token; {text!r} is {len(ids)} tokens {ids}")
+            return ids[0]
+        if kind == "id":
+            if t.id >= g.vocab_size:
+                raise ServiceError(OUT_OF_RANGE, f"`{field}.id` {t.id} is outside the vocabulary 0..{g.vocab_size - 1}")
+            return int(t.id)
+        raise invalid(f"`{field}` is not set: give text or id")
+
+    @rpc
+    def Count(self, request, context):
+        ids = self._ids(request.query, "query")
+        c = self.b.ngram.count(ids)
+        return pb.CountResponse(count=c.count, approx=c.approx, token_ids=ids)
+
+    @rpc
+    def Prob(self, request, context):
+        ids = self._ids(request.prompt, "prompt", allow_empty=True)
+        p = self.b.ngram.prob(ids, self._token(request.next_token, "next_token"))
+        m = pb.ProbResponse(prompt_count=p.prompt_count, cont_count=p.cont_count)
+        if p.prob is not None:
+            m.prob = p.prob
+        return m
+
+    @rpc
+    def InfgramProb(self, request, context):
+        ids = self._ids(request.prompt, "prompt", allow_empty=True)
+        p = self.b.ngram.infgram_prob(ids, self._token(request.next_token, "next_token"))
+        return pb.ProbResponse(prompt_count=p.prompt_count, cont_count=p.cont_count, prob=p.prob, suffix_len=p.suffix_len)
+
+    @rpc
+    def NextTokenDistribution(self, request, context):
+        ids = self._ids(request.query, "query", allow_empty=True)
+        return dist_msg(self.b.ngram.next_token_distribution(ids), request.top_k, self._decode)
+
+    @rpc
+    def InfgramNextTokenDistribution(self, request, context):
+        ids = self._ids(request.query, "query", allow_empty=True)
+        return dist_msg(self.b.ngram.infgram_next_token_distribution(ids), request.top_k, self._decode)
+
+    def _limit(self, value: int, default: int, field: str) -> int:
+        n = value or default
+        if n > self.limits.max_find_limit:
+            raise ServiceError(OUT_OF_RANGE, f"`{field}` is {n}; this server allows 1..{self.limits.max_find_limit}")
+        return n
+
+    def _chunks(self, hits, fetch: pb.Fetch | None) -> list[pb.Chunk]:
+        flags = fetch_flags(fetch)
+        if not flags or not hits:
+            return []
+        ps = self.b.ngram.fetch(hits, text="text" in flags, tokens="tokens" in flags, continuation="continuation" in flags)
+        return [chunk_msg(p) for p in ps]
+
+    @rpc
+    def Find(self, request, context):
+        ids = self._ids(request.query, "query")
+        r = self.b.ngram.find(ids, limit=self._limit(request.limit, 10, "limit"))
+        return pb.FindResponse(count=r.count, occurrences=[occurrence_msg(o) for o in r.occurrences],
+                               chunks=self._chunks(r.occurrences, request.fetch if request.HasField("fetch") else None))
+
+    @rpc
+    def SearchDocuments(self, request, context):
+        g = self._need("ngram")
+        lim = self.limits
+        if not request.clauses:
+            raise invalid("`clauses` is empty: give at least one clause of n-grams")
+        if len(request.clauses) > lim.max_clauses:
+            raise invalid(f"`clauses` has {len(request.clauses)} clauses, more than max_clauses={lim.max_clauses}")
+        cnf = []
+        for i, clause in enumerate(request.clauses):
+            if not clause.terms:
+                raise invalid(f"`clauses[{i}].terms` is empty: give at least one n-gram")
+            if len(clause.terms) > lim.max_terms_per_clause:
+                raise invalid(f"`clauses[{i}].terms` has {len(clause.terms)} terms, more than "
+                              f"max_terms_per_clause={lim.max_terms_per_clause}")
+            cnf.append([self._ids(t, f"clauses[{i}].terms[{j}]") for j, t in enumerate(clause.terms)])
+        max_hits = self._limit(request.max_hits, 10, "max_hits")
+        r = g.search_documents(cnf, max_hits=max_hits, max_diff_tokens=request.max_diff_tokens or None)
+        return pb.SearchDocumentsResponse(count=r.count, approx=r.approx, hits=[occurrence_msg(o) for o in r.hits],
+                                          doc_ids=r.doc_ids,
+                                          chunks=self._chunks(r.hits, request.fetch if request.HasField("fetch") else None))
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+
+
+@dataclass
+class RunningServer:
+    """A started server: ``port`` is the bound port (useful with ``port=0``)."""
+
+    server: grpc.Server
+    port: int
+    servicer: Any
+    metrics: Metrics
+    health: Any
+    metrics_port: int | None = None
+    _http: Any = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish for ``grace`` seconds, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.servicer.close()
+        if self._http is not None:
+            self._http.shutdown()
+
+
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    if cfg.tls_cert is None:
+        return None
+    try:
+        cert, key = Path(cfg.tls_cert).read_bytes(), Path(cfg.tls_key).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS certificate or key: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningServer:
+    """Open what ``cfg`` names (or use ``backend``), start serving, return at once."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    if cfg.faiss_threads is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(cfg.faiss_threads)
+    metrics = Metrics()
+    if cfg.shards:
+        from service.router import RouterServicer
+
+        servicer = RouterServicer(cfg, metrics)
+    else:
+        servicer = RetrievalServicer(cfg, backend or Backend.open(cfg), metrics)
+        if servicer.b.dense is not None and servicer.b.dense.meta.get("embedder"):
+            servicer.b.dense.embedder  # load the model now: the first text query should not pay for it
+    interceptors = [MetricsInterceptor(metrics)] + ([TokenAuth(cfg.token)] if cfg.token else [])
+    size = cfg.limits.max_message_bytes
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="retromem-rpc"),
+                         interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+                         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                                  ("grpc.so_reuseport", 0)])
+    pb_grpc.add_RetrievalServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    creds = server_credentials(cfg)
+    try:
+        port = server.add_secure_port(cfg.address, creds) if creds else server.add_insecure_port(cfg.address)
+    except RuntimeError as exc:
+        servicer.close()
+        raise ConfigError(f"cannot listen on {cfg.address}: {exc}") from exc
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, port, servicer, metrics, health_servicer)
+    if cfg.metrics_port is not None:
+        running._http, running.metrics_port = metrics.serve_http(cfg.metrics_port, cfg.host)
+    logger.info("serving %s on %s:%d (%s)", "router" if cfg.shards else "retrieval", cfg.host, port,
+                "TLS" if creds else "plaintext")
+    return running
+
+
+def serve(cfg: ServerConfig, *, on_ready=None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests (up to ``cfg.grace_s``) and return."""
+    running = start_server(cfg)
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        logger.info("signal %d: draining in-flight requests (grace %.1fs)", signum, cfg.grace_s)
+        stop.set()
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_ready is not None:
+            on_ready(running)
+        while not stop.wait(0.5):
+            pass
+        running.stop(cfg.grace_s)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

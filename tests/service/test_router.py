@@ -1,0 +1,106 @@
+"""A router over two real shard servers answers as one server over the union of their
+datastores; a killed shard fails the answer, or degrades it naming the shard when asked to."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from service.client import RetrievalClient, ServiceCallError
+from service.config import ServerConfig
+from service.server import start_server
+
+QUERIES = ["How do I read a file line by line?", "sort a list of dictionaries by a key", "porting extension modules",
+           "regular expressions match groups"]
+
+
+def _serve(b, **kw):
+    return start_server(ServerConfig(datastore=str(b.datastore), dense=str(b.dense), ngram=str(b.ngram), port=0,
+                                     workers=4, **kw))
+
+
+@pytest.fixture(scope="module")
+def cluster(stores):
+    union, a, b = _serve(stores["union"]), _serve(stores["a"]), _serve(stores["b"])
+    router = start_server(ServerConfig(shards=(a.target, b.target), port=0, workers=4))
+    yield union, a, b, router
+    for s in (router, union, a, b):
+        s.stop(0)
+
+
+def test_router_info_numbers_shards_consecutively(cluster):
+    union, a, b, router = cluster
+    with RetrievalClient(router.target) as r, RetrievalClient(union.target) as u:
+        ri, ui = r.info(), u.info()
+    assert ri.role == "router" and [s.target for s in ri.shards] == [a.target, b.target]
+    assert ri.datastore.num_chunks == ui.datastore.num_chunks and ri.datastore.num_documents == ui.datastore.num_documents
+    assert ri.shards[1].first_chunk_id == ri.shards[0].num_chunks and ri.dense.ntotal == ui.dense.ntotal
+    assert ri.ngram.num_tokens == ui.ngram.num_tokens
+
+
+def test_router_equals_one_server_over_the_union(cluster):
+    union, _, _, router = cluster
+    with RetrievalClient(router.target) as r, RetrievalClient(union.target) as u:
+        got, want = r.search(QUERIES, 8, fetch=True), u.search(QUERIES, 8, fetch=True)
+        np.testing.assert_array_equal(got.chunk_ids, want.chunk_ids)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+        assert [[(p.chunk_id, p.doc_id, p.text, p.continuation_id) for p in row] for row in got.payloads] == \
+               [[(p.chunk_id, p.doc_id, p.text, p.continuation_id) for p in row] for row in want.payloads]
+        excl = [[int(want.payloads[0][0].doc_id)], None, [0, 9], [5]]
+        np.testing.assert_array_equal(r.search(QUERIES, 8, exclude_doc_ids=excl).chunk_ids,
+                                      u.search(QUERIES, 8, exclude_doc_ids=excl).chunk_ids)
+        ids = [0, 3, 40, 41, 100, int(u.info().datastore.num_chunks) - 1]
+        for x, y in zip(r.get_chunks(ids), u.get_chunks(ids), strict=True):
+            assert (x.chunk_id, x.doc_id, x.text, x.continuation_id, x.continuation_text) == \
+                   (y.chunk_id, y.doc_id, y.text, y.continuation_id, y.continuation_text)
+            assert x.tokens.tolist() == y.tokens.tolist()
+        for q in (" the", " Python", " file", " import"):
+            assert r.count(q) == u.count(q)
+            assert r.prob(q, " the") == pytest.approx(u.prob(q, " the"))
+            assert r.next_token_distribution(q) == u.next_token_distribution(q)
+            f, fu = r.find(q, 1000), u.find(q, 1000)
+            assert f.count == fu.count and sorted((o.doc_id, o.chunk_id, o.offset) for o in f.occurrences) == \
+                   sorted((o.doc_id, o.chunk_id, o.offset) for o in fu.occurrences)
+        for prompt in ("so the Python", "Nobody wrote this, but in the file", "zzqx"):
+            assert r.infgram_prob(prompt, " the") == u.infgram_prob(prompt, " the")
+            assert r.infgram_next_token_distribution(prompt, top_k=5) == u.infgram_next_token_distribution(prompt, top_k=5)
+        cnf = [[" file", " files"], [" open"]]
+        assert r.search_documents(cnf, 1000).count == u.search_documents(cnf, 1000).count
+        assert r.search_documents(cnf, 1000).doc_ids == u.search_documents(cnf, 1000).doc_ids
+        # a k larger than one shard holds still works, as over the union
+        big = int(r.info().shards[0].num_chunks) + 5
+        np.testing.assert_array_equal(r.search(QUERIES[:1], big).chunk_ids, u.search(QUERIES[:1], big).chunk_ids)
+
+
+def test_router_passes_query_errors_on(cluster):
+    *_, router = cluster
+    with RetrievalClient(router.target) as r:
+        with pytest.raises(ServiceCallError) as e:
+            r.count(b"\xff")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "query.text" in e.value.details
+        with pytest.raises(ServiceCallError) as e:
+            r.get_chunks([10**6])
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_killed_shard_fails_or_degrades_by_name(stores):
+    a, b = _serve(stores["a"]), _serve(stores["b"])
+    strict = start_server(ServerConfig(shards=(a.target, b.target), port=0, shard_timeout_s=2))
+    partial = start_server(ServerConfig(shards=(a.target, b.target), port=0, shard_timeout_s=2, partial=True))
+    try:
+        with RetrievalClient(strict.target, retries=0) as s, RetrievalClient(partial.target, retries=0) as p:
+            full = p.count(" the").count
+            b.stop(0)  # kill shard b
+            with pytest.raises(ServiceCallError) as e:
+                s.count(" the")
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE and b.target in e.value.details
+            from service.v1 import retrieval_pb2 as pb
+
+            resp = p.raw("Count", pb.NgramRequest(query=pb.NgramQuery(text=b" the")))
+            assert list(resp.missing_shards) == [b.target] and 0 < resp.count < full
+            res = p.raw("Search", pb.SearchRequest(queries=[pb.Query(text=b"a file")], k=3))
+            assert list(res.missing_shards) == [b.target] and len(res.results[0].chunk_ids) == 3
+    finally:
+        for srv in (strict, partial, a):
+            srv.stop(0)
