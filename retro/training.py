@@ -238,7 +238,7 @@ def make_trainer(cfg: RetroTrainConfig, model: torch.nn.Module, tokenizer: Any, 
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if do_eval else "no", eval_steps=cfg.eval_steps if do_eval else None,
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(), activation_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=False, **_precision(cfg))
     return RetroTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if do_eval else None,
                         processing_class=tokenizer, data_collator=default_data_collator)
@@ -308,7 +308,7 @@ def train(cfg: RetroTrainConfig, resume: bool = False) -> TrainResult:
     result = trainer.train(resume_from_checkpoint=last)
     eval_loss = None
     if eval_ds is not None:
-        eval_loss = trainer.evaluate().get("eval_loss")
+        eval_loss = trainer.evaluate(eval_dataset=eval_ds).get("eval_loss")
     model.eval()
     final = save_model(model, tok, out / "final", cfg.model)
     history = trainer.state.log_history
