@@ -86,7 +86,7 @@ class NeighboursConfig:
             raise ConfigError(f"`query` must be auto, embeddings or text, got {self.query!r}")
         if self.candidates is not None and self.candidates < self.k:
             raise ConfigError(f"`candidates` ({self.candidates}) must be >= k ({self.k})")
-        if self.split != "train" and self.eval_fraction == 0 and self.split == "eval":
+        if self.split == "eval" and self.eval_fraction == 0:
             raise ConfigError("`split` eval with `eval_fraction` 0 has no documents")
 
     @property
