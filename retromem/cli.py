@@ -342,7 +342,7 @@ def np_concat_tokens(ds, chunk_ids) -> list[int]:
 
 # The command modules of the other packages register their sub-commands and demo steps on import.
 # Each gets its own module so that the packages grow without touching this file.
-from retromem import cli_dense, cli_ngram, cli_memory, cli_service  # noqa: E402,F401
+from retromem import cli_dense, cli_ngram, cli_memory, cli_service, cli_retro  # noqa: E402,F401
 
 if __name__ == "__main__":
     # `python -m retromem.cli` runs this file as __main__; the command modules registered their

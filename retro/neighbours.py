@@ -1,0 +1,278 @@
+"""The neighbours job: for every chunk of a split, its k nearest chunks from other documents, stored
+as Parquet shards (``retromem retro neighbours``).
+
+The retriever is anything with DenseIndex's verb, ``search(queries, k, *, exclude_doc_ids=...)``
+returning an object with ``chunk_ids`` (n, k) (-1: none) and ``scores``: an in-process
+:class:`index.dense.DenseIndex`, or the retrieval service's client. Queries are the chunks' stored
+embeddings when the index records them (no re-embedding), else their text.
+
+Exclusions: a chunk never retrieves from its own document (the paper's rule). Optionally
+(``leakage_ngram``), a candidate neighbour (chunk + continuation) that shares a ``leakage_ngram``
+-token n-gram with any held-out document is dropped too, so training never reads evaluation text
+through its neighbours; the held-out n-grams are hashed (64-bit) into a sorted array in memory.
+
+Resumable like every batch job here: the split's chunks are cut into shards of ``shard_chunks``;
+each shard is written atomically (temp file, rename) and recorded in ``neighbours.json``, so a
+killed job re-run with the same settings skips finished shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datastore.atomic import atomic_path, read_json, write_json
+from retro.data import SplitSpec, check_split
+from retromem.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "neighbours.json"
+FORMAT_VERSION = 1
+
+# One row per chunk of the split, in chunk_id order; list entries in rank order (best first).
+NEIGHBOURS_SCHEMA = pa.schema([
+    pa.field("chunk_id", pa.int64(), nullable=False),
+    pa.field("doc_id", pa.int64(), nullable=False),
+    pa.field("neighbour_ids", pa.list_(pa.int64()), nullable=False),  # k chunk ids; -1 where fewer were found
+    pa.field("neighbour_doc_ids", pa.list_(pa.int64()), nullable=False),  # their documents; -1 likewise
+    pa.field("scores", pa.list_(pa.float32()), nullable=False),  # retriever scores (inner product)
+])
+
+
+class Retriever(Protocol):
+    """What the job needs from a retriever: DenseIndex.search's signature (texts or (n, dim) vectors)."""
+
+    def search(self, queries: Any, k: int, *, exclude_doc_ids: Any = None, **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class NeighboursConfig:
+    """One neighbours job. ``index``: a dense index directory (ignored when a retriever is passed)."""
+
+    datastore: str
+    out: str
+    index: str | None = None
+    k: int = 2
+    split: Literal["train", "eval", "all"] = "train"
+    eval_fraction: float = 0.05
+    split_seed: int = 0
+    query: Literal["auto", "embeddings", "text"] = "auto"
+    leakage_ngram: int | None = None
+    candidates: int | None = None  # searched per chunk before filtering; default k (4k with leakage_ngram)
+    shard_chunks: int = 8192
+    batch_size: int = 512
+    max_chunks: int | None = None  # the first N chunks of the split (smoke runs)
+
+    def __post_init__(self) -> None:
+        check_split(self.split)
+        SplitSpec(self.eval_fraction, self.split_seed)
+        for name in ("k", "shard_chunks", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"`{name}` must be a positive integer, got {v!r}")
+        for name in ("leakage_ngram", "candidates", "max_chunks"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"`{name}` must be a positive integer or None, got {v!r}")
+        if self.query not in ("auto", "embeddings", "text"):
+            raise ConfigError(f"`query` must be auto, embeddings or text, got {self.query!r}")
+        if self.candidates is not None and self.candidates < self.k:
+            raise ConfigError(f"`candidates` ({self.candidates}) must be >= k ({self.k})")
+        if self.split == "eval" and self.eval_fraction == 0:
+            raise ConfigError("`split` eval with `eval_fraction` 0 has no documents")
+
+    @property
+    def split_spec(self) -> SplitSpec:
+        return SplitSpec(self.eval_fraction, self.split_seed)
+
+    def identity(self) -> dict[str, Any]:
+        """Settings that change the output: a re-run must match them to resume."""
+        d = asdict(self)
+        for name in ("out", "shard_chunks", "batch_size", "index"):
+            d.pop(name)
+        return d
+
+
+@dataclass(frozen=True)
+class NeighboursResult:
+    out: Path
+    chunks: int
+    shards_done: int
+    shards_skipped: int
+    seconds: float
+    dropped_for_leakage: int
+    manifest: dict[str, Any]
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / MANIFEST
+    if not p.is_file():
+        raise ConfigError(f"{path} holds no neighbours: no {MANIFEST} (run `retromem retro neighbours --out {path}`)")
+    return read_json(p)
+
+
+# -- leakage: n-grams of the held-out documents ---------------------------------------------------------
+
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """64-bit hashes of every n-gram of a 1-D token sequence ((len - n + 1,) uint64; empty if shorter)."""
+    t = np.asarray(tokens, dtype=np.uint64)
+    if len(t) < n:
+        return np.zeros(0, np.uint64)
+    h = np.zeros(len(t) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):  # polynomial hash; wrap-around multiplication is the point
+            h = h * _MULT + t[j: len(t) - n + 1 + j] + np.uint64(j + 1)
+    return h
+
+
+def doc_tokens(ds: Any, doc_id: int) -> np.ndarray:
+    first = ds.doc_first_chunk_array
+    ids = np.arange(first[doc_id], first[doc_id + 1])
+    toks, lens = ds.tokens(ids)
+    return np.concatenate([toks[i, : lens[i]] for i in range(len(ids))]) if len(ids) else np.zeros(0, np.int64)
+
+
+class HeldOutNgrams:
+    """The set of n-grams of the held-out documents (sorted hashes), and the check for a token row."""
+
+    def __init__(self, ds: Any, spec: SplitSpec, n: int) -> None:
+        self.n = n
+        parts = [ngram_hashes(doc_tokens(ds, int(d)), n) for d in spec.doc_ids(ds.num_documents, "eval")]
+        self.hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
+    def overlaps(self, tokens: np.ndarray, length: int) -> bool:
+        h = ngram_hashes(tokens[:length], self.n)
+        if len(h) == 0 or len(self.hashes) == 0:
+            return False
+        pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
+        return bool((self.hashes[pos] == h).any())
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+def _query_source(cfg: NeighboursConfig, retriever: Any, ds: Any):
+    """(kind, fn(chunk_ids) -> queries): stored embeddings when the index records them, else texts."""
+    emb_path = (getattr(retriever, "meta", None) or {}).get("embeddings_path")
+    if cfg.query in ("auto", "embeddings") and emb_path and Path(emb_path).is_dir():
+        from index.embed import Embeddings
+
+        emb = Embeddings(emb_path)
+        if emb.datastore_id == ds.datastore_id:
+            return "embeddings", emb.get
+        if cfg.query == "embeddings":
+            raise ConfigError(f"the embeddings at {emb_path} belong to another datastore than {ds.path}")
+    elif cfg.query == "embeddings":
+        raise ConfigError("`query` embeddings: the retriever records no stored embeddings (`embeddings_path`); "
+                          "use `query` text or auto")
+    return "text", ds.chunk_texts
+
+
+def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None, *, overwrite: bool = False,
+                       progress: bool = True) -> NeighboursResult:
+    """Runs (or resumes) the job; returns what was done. ``retriever`` defaults to ``DenseIndex.open(cfg.index)``."""
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    from datastore import Datastore
+
+    t0 = time.perf_counter()
+    ds = Datastore.open(cfg.datastore)
+    if retriever is None:
+        if not cfg.index:
+            raise ConfigError("give `index` (a dense index directory) or a retriever object")
+        from index.dense import DenseIndex
+
+        retriever = DenseIndex.open(cfg.index, datastore=ds)
+    if not callable(getattr(retriever, "search", None)):
+        raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
+    out = Path(cfg.out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    manifest_path = out / MANIFEST
+    ident = cfg.identity()
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        if manifest.get("config") != ident or manifest.get("datastore_id") != ds.datastore_id:
+            raise ConfigError(f"{out} holds neighbours computed with other settings ({manifest.get('config')}); "
+                              f"use another --out or --overwrite")
+    else:
+        manifest = {"format_version": FORMAT_VERSION, "config": ident, "datastore_id": ds.datastore_id,
+                    "datastore_path": str(Path(cfg.datastore).resolve()), "k": cfg.k, "split": cfg.split,
+                    "split_spec": cfg.split_spec.as_dict(), "schema": NEIGHBOURS_SCHEMA.to_string(),
+                    "shards": [], "complete": False}
+        write_json(manifest_path, manifest)
+
+    chunk_ids = cfg.split_spec.chunk_ids(ds, cfg.split)
+    if cfg.max_chunks is not None:
+        chunk_ids = chunk_ids[: cfg.max_chunks]
+    if len(chunk_ids) == 0:
+        raise ConfigError(f"split {cfg.split!r} has no chunks (eval_fraction {cfg.eval_fraction})")
+    n_shards = -(-len(chunk_ids) // cfg.shard_chunks)
+    done = {s["shard"] for s in manifest["shards"] if (out / s["file"]).is_file()}
+    manifest["shards"] = [s for s in manifest["shards"] if s["shard"] in done]
+    kind, get_queries = _query_source(cfg, retriever, ds)
+    leak = HeldOutNgrams(ds, cfg.split_spec, cfg.leakage_ngram) if cfg.leakage_ngram else None
+    n_cand = cfg.candidates or (4 * cfg.k if leak else cfg.k)
+    logger.info("neighbours: %d chunks of split %s in %d shards (%d done), k=%d, queries from %s", len(chunk_ids),
+                cfg.split, n_shards, len(done), cfg.k, kind)
+    dropped = 0
+    todo = [s for s in range(n_shards) if s not in done]
+    bar = tqdm(total=len(chunk_ids), initial=sum(min(cfg.shard_chunks, len(chunk_ids) - s * cfg.shard_chunks) for s in done),
+               unit="chunk", desc="neighbours", disable=not progress)
+    for s in todo:
+        ids = chunk_ids[s * cfg.shard_chunks:(s + 1) * cfg.shard_chunks]
+        docs = ds.doc_ids(ids)
+        nbr = np.full((len(ids), cfg.k), -1, np.int64)
+        scores = np.full((len(ids), cfg.k), -np.inf, np.float32)
+        shard_dropped = 0
+        for b in range(0, len(ids), cfg.batch_size):
+            sel = slice(b, b + cfg.batch_size)
+            res = retriever.search(get_queries(ids[sel]), n_cand, exclude_doc_ids=[[int(d)] for d in docs[sel]])
+            I, D = np.asarray(res.chunk_ids, dtype=np.int64), np.asarray(res.scores, dtype=np.float32)
+            for r in range(len(I)):
+                keep = I[r] >= 0
+                if leak is not None and keep.any():
+                    cand = I[r][keep]
+                    toks, lens = ds.neighbour_tokens(cand)
+                    ok = np.array([not leak.overlaps(toks[j], int(lens[j])) for j in range(len(cand))])
+                    shard_dropped += int((~ok).sum())
+                    keep[np.flatnonzero(keep)[~ok]] = False
+                got = I[r][keep][: cfg.k]
+                nbr[b + r, : len(got)] = got
+                scores[b + r, : len(got)] = D[r][keep][: cfg.k]
+            bar.update(len(I))
+        has = nbr >= 0
+        nbr_docs = np.where(has, ds.chunk_doc_array[np.maximum(nbr, 0)], -1)
+        assert not (nbr_docs == docs[:, None]).any(), "a chunk retrieved from its own document"
+        table = pa.Table.from_arrays([
+            pa.array(ids, pa.int64()), pa.array(docs, pa.int64()),
+            pa.array(nbr.tolist(), pa.list_(pa.int64())), pa.array(nbr_docs.tolist(), pa.list_(pa.int64())),
+            pa.array(np.where(has, scores, np.nan).tolist(), pa.list_(pa.float32())),
+        ], schema=NEIGHBOURS_SCHEMA)
+        name = f"neighbours-{s:05d}.parquet"
+        with atomic_path(out / name) as tmp:
+            pq.write_table(table, tmp)
+        manifest["shards"].append({"shard": s, "file": name, "first_chunk_id": int(ids[0]), "chunks": len(ids),
+                                   "missing": int((~has).sum()), "dropped_for_leakage": shard_dropped})
+        dropped += shard_dropped
+        manifest["shards"].sort(key=lambda r: r["shard"])
+        write_json(manifest_path, manifest)
+    bar.close()
+    manifest["complete"] = len(manifest["shards"]) == n_shards
+    manifest["chunks"] = int(len(chunk_ids))
+    manifest["query"] = kind
+    write_json(manifest_path, manifest)
+    return NeighboursResult(out, len(chunk_ids), len(todo), len(done), time.perf_counter() - t0, dropped, manifest)

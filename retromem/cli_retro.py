@@ -1,0 +1,227 @@
+"""Commands: `retromem retro neighbours|train|eval|generate` (issue: RETRO).
+
+Imported at the end of :mod:`retromem.cli`; adds the ``retro`` group and a demo step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from retromem.cli import demo_step, handle_errors, main
+from retromem.errors import ConfigError
+
+
+@main.group()
+def retro() -> None:
+    """RETRO: the neighbours job, training / RETROfit, evaluation and generation with retrieval."""
+
+
+@retro.command("neighbours")
+@click.argument("datastore", type=click.Path(exists=True, file_okay=False))
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dense index over DATASTORE (retromem index build-dense).")
+@click.option("--out", "-o", required=True, help="Output directory (Parquet shards + neighbours.json).")
+@click.option("-k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
+@click.option("--split", type=click.Choice(["train", "eval", "all"]), default="train", show_default=True)
+@click.option("--eval-fraction", type=float, default=0.05, show_default=True, help="Share of documents held out (by hash of doc_id).")
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--query", type=click.Choice(["auto", "embeddings", "text"]), default="auto", show_default=True,
+              help="auto: the index's stored chunk embeddings when present, else embed the chunk texts.")
+@click.option("--leakage-ngram", type=int, default=None,
+              help="Also drop neighbours sharing an n-gram of this many tokens with a held-out document.")
+@click.option("--candidates", type=int, default=None, help="Hits searched per chunk before filtering (default k, 4k with --leakage-ngram).")
+@click.option("--shard-chunks", type=int, default=8192, show_default=True, help="Chunks per output shard (the unit of resume).")
+@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--max-chunks", type=int, default=None, help="Only the first N chunks of the split (smoke runs).")
+@click.option("--overwrite", is_flag=True, help="Delete existing output first.")
+@handle_errors
+def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: str, eval_fraction: float, split_seed: int,
+                     query: str, leakage_ngram: int | None, candidates: int | None, shard_chunks: int, batch_size: int,
+                     max_chunks: int | None, overwrite: bool) -> None:
+    """Retrieve k neighbours for every chunk of a split of DATASTORE (own document excluded); re-run to resume."""
+    from retro.neighbours import NeighboursConfig, compute_neighbours
+
+    cfg = NeighboursConfig(datastore=datastore, out=out, index=index_dir, k=k, split=split, eval_fraction=eval_fraction,
+                           split_seed=split_seed, query=query, leakage_ngram=leakage_ngram, candidates=candidates,
+                           shard_chunks=shard_chunks, batch_size=batch_size, max_chunks=max_chunks)
+    res = compute_neighbours(cfg, overwrite=overwrite)
+    m = res.manifest
+    missing = sum(s["missing"] for s in m["shards"])
+    if res.shards_done == 0:
+        click.echo(f"{res.out} is already complete; nothing to do.")
+    click.echo(f"neighbours  {res.chunks:,} chunks of split {split} x k={k} -> {res.out} ({len(m['shards'])} shards, "
+               f"queries from {m['query']})")
+    click.echo(f"resume      {res.shards_skipped} shards already done, {res.shards_done} computed in {res.seconds:.1f}s")
+    click.echo(f"excluded    own document always; {sum(s['dropped_for_leakage'] for s in m['shards']):,} candidates "
+               f"dropped for sharing a {leakage_ngram}-gram with held-out documents" if leakage_ngram else
+               "excluded    own document")
+    if missing:
+        click.echo(f"warning     {missing:,} neighbour slots empty (fewer eligible chunks than k)", err=True)
+
+
+@retro.command("train")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file (configs/retro/*.yaml).")
+@click.option("--output-dir", default=None, help="Override `output_dir`.")
+@click.option("--datastore", default=None, help="Override `datastore`.")
+@click.option("--neighbours", multiple=True, help="Override `neighbours` (repeat for several directories).")
+@click.option("--model", default=None, help="Override `model` (the base to RETROfit).")
+@click.option("--max-steps", type=int, default=None, help="Override `max_steps`.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory.")
+@handle_errors
+def retro_train(config_path: str, output_dir: str | None, datastore: str | None, neighbours: tuple[str, ...],
+                model: str | None, max_steps: int | None, resume: bool) -> None:
+    """Train a RETRO model (RETROfit of a frozen base, or from scratch) with Hugging Face Trainer."""
+    from retro.training import load_train_config, train
+
+    cfg = load_train_config(config_path, output_dir=output_dir, datastore=datastore,
+                            neighbours=list(neighbours) or None, model=model, max_steps=max_steps)
+    res = train(cfg, resume=resume)
+    loss = "n/a" if res.train_loss is None else f"{res.train_loss:.4f}"
+    ev = "" if res.eval_loss is None else f"; held-out loss {res.eval_loss:.4f}"
+    click.echo(f"trained {res.steps} steps on {res.train_sequences:,} sequences (train loss {loss}{ev}); "
+               f"{res.trainable_parameters:,} of {res.total_parameters:,} parameters trainable"
+               + (f"; resumed from {res.resumed_from}" if res.resumed_from else ""))
+    click.echo(f"model: {res.final_dir}")
+
+
+@retro.command("eval")
+@click.option("--model", "model_path", required=True, help="A trained RETRO directory (RETROfit weights or a RetroForCausalLM).")
+@click.option("--base-model", default=None, help="The base model (RETROfit: default the recorded base; from scratch: none).")
+@click.option("--datastore", "datastore_path", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--neighbours", multiple=True, required=True, help="Neighbours directories covering the eval split.")
+@click.option("--seq-chunks", type=int, default=4, show_default=True)
+@click.option("--max-sequences", type=int, default=64, show_default=True, help="Held-out sequences, spread over the split (0: all).")
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--overlap-ngram", type=int, default=8, show_default=True, help="n of the leakage analysis's n-gram overlap.")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--out", default="retro-eval", show_default=True, help="Directory for results.json, chunks.jsonl, leakage.png.")
+@handle_errors
+def retro_eval(model_path: str, base_model: str | None, datastore_path: str, neighbours: tuple[str, ...], seq_chunks: int,
+               max_sequences: int, batch_size: int, overlap_ngram: int, threads: int, out: str) -> None:
+    """Held-out perplexity and bits per byte: base model, RETRO with neighbours, RETRO with them removed;
+    and the leakage analysis (gain against neighbour overlap), plotted."""
+    import torch
+
+    from datastore import Datastore
+    from retro.data import NeighbourTable, check_datastore_tokenizer
+    from retro.evaluation import RetroEvalConfig, evaluate
+    from retro.training import BASE_FILE, load_retro_model
+    from retromem.models import load_causal_lm
+
+    torch.set_num_threads(threads)
+    cfg = RetroEvalConfig(out=out, seq_chunks=seq_chunks, max_sequences=max_sequences or None, batch_size=batch_size,
+                          overlap_ngram=overlap_ngram)
+    ds = Datastore.open(datastore_path)
+    model, tok = load_retro_model(model_path, base_model)
+    check_datastore_tokenizer(ds, tok, model.config.vocab_size)
+    base_name = base_model
+    if base_name is None and (Path(model_path) / BASE_FILE).is_file():
+        base_name = json.loads((Path(model_path) / BASE_FILE).read_text())["base_model"]
+    base = load_causal_lm(base_name)[0] if base_name else None
+    table = NeighbourTable(list(neighbours), ds)
+    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}")
+    click.echo(f"{s['sequences']} held-out sequences of {s['sequence_tokens']} tokens from {s['held_out_documents']} "
+               f"documents never trained on; k={s['num_neighbours']}")
+    for name, v in s["settings"].items():
+        click.echo(f"  {name:<10} perplexity {v['perplexity']:8.3f}   bits/byte {v['bits_per_byte']:.4f}")
+    if s["max_abs_token_nll_difference_base_vs_retro_off"] is not None:
+        click.echo(f"  check: base vs RETRO without neighbours, largest per-token difference "
+                   f"{s['max_abs_token_nll_difference_base_vs_retro_off']:.2e} nats")
+    click.echo("leakage (bits/byte by overlap of the chunk with its neighbours):")
+    for b in s["leakage_buckets"]:
+        vals = "  ".join(f"{k[4:]} {v:.4f}" for k, v in b.items() if k.startswith("bpb_") and v is not None)
+        click.echo(f"  {b['overlap']:<14} {b['chunks']:6d} chunks  {vals}")
+    click.echo(f"results: {Path(out) / 'results.json'}   plot: {s['plot']}")
+
+
+@retro.command("generate")
+@click.argument("prompt")
+@click.option("--model", "model_path", default=None,
+              help="A trained RETRO directory; default: SmolLM2-135M RETROfitted with untrained (zero-gated) blocks.")
+@click.option("--base-model", default=None)
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dense index to retrieve from (its datastore must use the model's tokenizer).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--exclude-doc", "exclude_docs", type=int, multiple=True, help="doc_id never retrieved from.")
+@click.option("--sample/--greedy", default=False, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@handle_errors
+def retro_generate(prompt: str, model_path: str | None, base_model: str | None, index_dir: str, max_new_tokens: int,
+                   exclude_docs: tuple[int, ...], sample: bool, temperature: float, top_p: float, seed: int,
+                   threads: int) -> None:
+    """Continue PROMPT, retrieving fresh neighbours from the index each time a chunk completes."""
+    import torch
+
+    from index.dense import DenseIndex
+    from retro.generation import generate_with_retrieval
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    idx = DenseIndex.open(index_dir)
+    model, tok = _generation_model(model_path, base_model, idx.datastore.chunk_length)
+    kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {}
+
+    def show(r) -> None:
+        hits = ", ".join(f"chunk {c} (doc {d}, {s:.2f})" for c, d, s in zip(r.chunk_ids, r.doc_ids, r.scores))
+        click.echo(click.style(f"[chunk {r.chunk_index} complete -> retrieved {hits}]", fg="cyan"), err=True)
+
+    res = generate_with_retrieval(model, tok, idx, prompt, max_new_tokens=max_new_tokens,
+                                  exclude_doc_ids=list(exclude_docs) or None, on_retrieval=show, **kw)
+    click.echo(prompt + click.style(res.text, fg="green"))
+
+
+def _generation_model(model_path: str | None, base_model: str | None, chunk_length: int):
+    from retro import retrofit
+    from retro.training import load_retro_model
+    from retromem.models import load_causal_lm
+
+    if model_path:
+        return load_retro_model(model_path, base_model)
+    base, tok = load_causal_lm(base_model or "smollm2-135m")
+    return retrofit(base, chunk_length=chunk_length, neighbour_length=2 * chunk_length).eval(), tok
+
+
+@demo_step(80, "RETRO: neighbours job, then generation retrieving a fresh chunk at every chunk boundary")
+def demo_retro(out_dir: Path, datastore_path: Path, echo) -> None:
+    import time
+
+    import torch
+
+    from index.dense import DenseIndex
+    from retro.generation import generate_with_retrieval
+    from retro.neighbours import NeighboursConfig, compute_neighbours
+
+    index_dir = out_dir / "dense-index"
+    if not (index_dir / "index.json").is_file():
+        echo(f"skipped: no dense index at {index_dir} (the dense index demo step builds it)")
+        return
+    torch.set_num_threads(2)
+    res = compute_neighbours(NeighboursConfig(datastore=str(datastore_path), out=str(out_dir / "retro-neighbours"),
+                                              index=str(index_dir), split="eval", eval_fraction=0.1), progress=False)
+    missing = sum(s["missing"] for s in res.manifest["shards"])
+    echo(f"neighbours job: {res.chunks} chunks of the held-out split (10% of documents by hash), k=2, own document "
+         f"excluded -> {res.out} ({len(res.manifest['shards'])} Parquet shard(s), {missing} empty slots)")
+    idx = DenseIndex.open(index_dir)
+    ds = idx.datastore
+    model, tok = _generation_model(None, None, ds.chunk_length)
+    doc = int(ds.chunk_doc_array[ds.num_chunks // 3])
+    first_chunk = int(ds.doc_first_chunk_array[doc])
+    prompt = ds.tokens([first_chunk])[0][0, : ds.chunk_length - 8].tolist()  # chunk 0 completes 8 tokens in
+    echo("SmolLM2-135M RETROfitted with UNTRAINED blocks (CCA gated at zero, so the text equals the base model's; "
+         "a trained model comes from `retromem retro train`)")
+    echo(f"prompt: {len(prompt)} tokens of document {doc} (excluded from retrieval): {tok.decode(prompt)[:100]!r}...")
+    t0 = time.perf_counter()
+    out = generate_with_retrieval(model, tok, idx, prompt, max_new_tokens=24, exclude_doc_ids=[doc],
+                                  on_retrieval=lambda r: echo(f"  chunk {r.chunk_index} complete (prompt + generated "
+                                                              f"tokens): retrieved chunks {r.chunk_ids} from documents "
+                                                              f"{r.doc_ids}: {r.texts[0][:70]!r}..."))
+    echo(f"generated {len(out.new_ids)} tokens in {time.perf_counter() - t0:.1f}s, {len(out.retrievals)} retrieval(s) "
+         f"on the way: {out.text[:200]!r}")
+    if doc in {d for r in out.retrievals for d in r.doc_ids}:
+        raise ConfigError("the demo retrieved from the excluded document")

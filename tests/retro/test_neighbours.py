@@ -1,0 +1,117 @@
+"""The neighbours job on a real Flat index: own document never retrieved, explicit schema, a duck-typed
+retriever, the leakage filter, and resume after an interrupted run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from retro.data import NeighbourTable, SplitSpec
+from retro.neighbours import NEIGHBOURS_SCHEMA, NeighboursConfig, compute_neighbours, ngram_hashes, read_manifest
+from retromem.errors import ConfigError
+
+from tests.retro.conftest import SPLIT
+
+
+def _all_rows(out) -> dict:
+    m = read_manifest(out)
+    tables = [pq.read_table(out / s["file"]) for s in m["shards"]]
+    for t in tables:
+        assert t.schema.equals(NEIGHBOURS_SCHEMA)
+    return {name: sum((t.column(name).to_pylist() for t in tables), []) for name in NEIGHBOURS_SCHEMA.names}
+
+
+def test_every_chunk_gets_k_neighbours_never_from_its_own_document(retro_ds, retro_index, tmp_path):
+    cfg = NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "nb"), k=3, split="all", shard_chunks=50)
+    res = compute_neighbours(cfg, retro_index, progress=False)
+    assert res.manifest["complete"] and res.manifest["query"] == "embeddings"
+    rows = _all_rows(res.out)
+    assert rows["chunk_id"] == list(range(retro_ds.num_chunks))
+    nbr = np.array(rows["neighbour_ids"])
+    assert nbr.shape == (retro_ds.num_chunks, 3) and (nbr >= 0).all()
+    own = retro_ds.chunk_doc_array[np.array(rows["chunk_id"])]
+    got = retro_ds.chunk_doc_array[nbr]
+    assert (got != own[:, None]).all()  # the paper's rule
+    assert (got == np.array(rows["neighbour_doc_ids"])).all()
+    # and they are the nearest such chunks: exact search with the same exclusion
+    from index.embed import Embeddings
+
+    emb = Embeddings(retro_index.meta["embeddings_path"]).get(np.arange(retro_ds.num_chunks))
+    for c in (0, 40, retro_ds.num_chunks - 1):
+        scores = emb @ emb[c]
+        scores[retro_ds.chunk_doc_array[:] == own[c]] = -np.inf
+        assert set(np.argsort(-scores)[:3]) == set(nbr[c])
+
+
+class TextOnlyRetriever:
+    """What the service client offers: search() and nothing else (no stored embeddings)."""
+
+    def __init__(self, index, fail_after: int | None = None) -> None:
+        self.index, self.calls, self.fail_after = index, 0, fail_after
+
+    def search(self, queries, k, *, exclude_doc_ids=None, **kw):
+        assert isinstance(queries[0], str)
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("killed")
+        return self.index.search(queries, k, exclude_doc_ids=exclude_doc_ids, **kw)
+
+
+def test_a_duck_typed_retriever_gets_text_queries(retro_ds, retro_index, tmp_path):
+    cfg = NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "nb"), k=2, split="all", max_chunks=24,
+                           batch_size=8)
+    res = compute_neighbours(cfg, TextOnlyRetriever(retro_index), progress=False)
+    assert res.manifest["query"] == "text" and res.chunks == 24
+    rows = _all_rows(res.out)
+    own = retro_ds.chunk_doc_array[np.array(rows["chunk_id"])]
+    assert (np.array(rows["neighbour_doc_ids"]) != own[:, None]).all()
+
+
+def test_interrupted_job_resumes_and_matches_an_uninterrupted_run(retro_ds, retro_index, tmp_path):
+    kw = dict(datastore=str(retro_ds.path), k=2, split="train", shard_chunks=16, batch_size=8, **SPLIT)
+    ref = compute_neighbours(NeighboursConfig(out=str(tmp_path / "ref"), **kw), retro_index, progress=False)
+    out = tmp_path / "nb"
+    with pytest.raises(KeyboardInterrupt):
+        compute_neighbours(NeighboursConfig(out=str(out), **kw), TextOnlyRetriever(retro_index, fail_after=5),
+                           progress=False)
+    partial = read_manifest(out)
+    assert not partial["complete"] and 1 <= len(partial["shards"]) < ref.manifest["shards"][-1]["shard"] + 1
+    assert not list(out.glob(".*tmp*"))  # no half-written shard left behind
+    with pytest.raises(ConfigError, match="other settings"):  # resuming needs the same settings
+        compute_neighbours(NeighboursConfig(out=str(out), **{**kw, "k": 3}), retro_index, progress=False)
+    res = compute_neighbours(NeighboursConfig(out=str(out), **kw), retro_index, progress=False)
+    assert res.shards_skipped == len(partial["shards"]) and res.manifest["complete"]
+    assert _all_rows(out)["neighbour_ids"] == _all_rows(ref.out)["neighbour_ids"]
+    # the split held out whole documents
+    held = SplitSpec(SPLIT["eval_fraction"], SPLIT["split_seed"]).is_eval(retro_ds.chunk_doc_array[np.array(_all_rows(out)["chunk_id"])])
+    assert not held.any()
+
+
+def test_leakage_filter_drops_neighbours_sharing_ngrams_with_held_out_documents(retro_ds, retro_index, tmp_path):
+    n = 6
+    spec = SplitSpec(SPLIT["eval_fraction"], SPLIT["split_seed"])
+    cfg = NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "nb"), k=2, split="train", leakage_ngram=n,
+                           candidates=40, **SPLIT)
+    res = compute_neighbours(cfg, retro_index, progress=False)
+    held = set()
+    for d in spec.doc_ids(retro_ds.num_documents, "eval"):
+        ids = retro_ds.document_chunk_ids(int(d))
+        toks, lens = retro_ds.tokens(ids)
+        held |= set(ngram_hashes(np.concatenate([toks[i, :lens[i]] for i in range(len(ids))]), n).tolist())
+    nbr = np.array(_all_rows(res.out)["neighbour_ids"]).reshape(-1)
+    nbr = nbr[nbr >= 0]
+    toks, lens = retro_ds.neighbour_tokens(nbr)
+    for t, l in zip(toks, lens):
+        assert not set(ngram_hashes(t[:l], n).tolist()) & held
+    assert res.dropped_for_leakage > 0  # the documents share boilerplate (">>> ", "the")
+    assert NeighbourTable(res.out, retro_ds).k == 2
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ConfigError, match="`split`"):
+        NeighboursConfig(datastore="x", out="y", split="test")
+    with pytest.raises(ConfigError, match="`k`"):
+        NeighboursConfig(datastore="x", out="y", k=0)
+    with pytest.raises(ConfigError, match="`candidates`"):
+        NeighboursConfig(datastore="x", out="y", k=4, candidates=2)

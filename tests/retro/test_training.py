@@ -1,0 +1,85 @@
+"""Training through Hugging Face Trainer on real datastore text: a tiny from-scratch RETRO model's loss
+falls; a killed run resumed from its checkpoint ends where an uninterrupted one does; RETROfit runs
+checkpoint the RETRO weights alone and keep the base frozen; bad configs are named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from retro.training import RetroTrainConfig, load_retro_model, load_train_config, train
+from retromem.errors import ConfigError
+
+from tests.retro.conftest import tiny_llama_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _losses(history) -> list[float]:
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_tiny_model_learns_and_a_killed_run_resumes_to_the_same_weights(retro_ds, retro_neighbours, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_train_config(REPO / "configs/retro/tiny-scratch.yaml", output_dir=str(out), datastore=str(retro_ds.path),
+                            neighbours=[str(p) for p in retro_neighbours], max_steps=10)
+    res = train(cfg)
+    losses = _losses(res.log_history)
+    assert res.steps == 10 and len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # from ~ln(50257) = 10.8 down
+    assert res.eval_loss is not None and any("eval_perplexity" in h for h in res.log_history)
+    done = {k: v.clone() for k, v in load_retro_model(res.final_dir)[0].state_dict().items()}
+
+    # kill after the step-8 checkpoint: remove what came later, resume
+    shutil.rmtree(out / "checkpoint-10")
+    shutil.rmtree(out / "final")
+    again = train(cfg, resume=True)
+    assert again.resumed_from is not None and again.resumed_from.endswith("checkpoint-8") and again.steps == 10
+    resumed = load_retro_model(again.final_dir)[0].state_dict()
+    for name, t in done.items():
+        torch.testing.assert_close(resumed[name], t, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_retrofit_run_trains_only_the_retro_blocks_and_checkpoints_them_alone(retro_ds, retro_neighbours, tmp_path):
+    base_dir = tiny_llama_dir(tmp_path / "base")
+    cfg = RetroTrainConfig(output_dir=str(tmp_path / "run"), datastore=str(retro_ds.path),
+                           neighbours=[str(p) for p in retro_neighbours], model=str(base_dir),
+                           retro={"retro_layers": [2], "encoder_num_layers": 1, "num_neighbours": 2},
+                           seq_chunks=2, max_steps=3, save_steps=2, logging_steps=1, eval_steps=None, threads=1)
+    res = train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert (ckpt / "retro_weights.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert (ckpt / "optimizer.pt").is_file()
+    assert res.trainable_parameters < res.total_parameters
+    model, _ = load_retro_model(res.final_dir)  # the base recorded with the weights
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    own = model.state_dict()
+    for name, t in fresh.state_dict().items():
+        torch.testing.assert_close(own[name], t, msg=name)  # frozen
+    moved = [n for n, t in own.items() if "retro_cca" in n and n.endswith("o_proj.weight")]
+    assert moved and all(own[n].abs().sum() > 0 for n in moved)  # the zero-initialised gates trained
+    shutil.rmtree(tmp_path / "run" / "checkpoint-3")
+    assert train(cfg, resume=True).resumed_from.endswith("checkpoint-2")
+
+
+def test_bad_configs_are_named(tmp_path, retro_ds, retro_neighbours):
+    kw = dict(output_dir=str(tmp_path), datastore=str(retro_ds.path), neighbours=[str(p) for p in retro_neighbours])
+    with pytest.raises(ConfigError, match="exactly one of `model`"):
+        RetroTrainConfig(**kw, model="x", from_scratch={"hidden_size": 8})
+    with pytest.raises(ConfigError, match="`chunk_length` comes from the datastore"):
+        RetroTrainConfig(**kw, model="x", retro={"chunk_length": 16})
+    with pytest.raises(ConfigError, match="`max_steps`"):
+        RetroTrainConfig(**kw, model="x", max_steps=0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: a\ndatastore: b\nneighbours: [c]\nmodel: m\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['learning_rate'\\]"):
+        load_train_config(bad)
+    with pytest.raises(ConfigError, match="retro_layers"):  # a layer the base does not have
+        train(RetroTrainConfig(**kw, model=str(tiny_llama_dir(tmp_path / "base")), retro={"retro_layers": [7]}))
+    with pytest.raises(ConfigError, match="tokenized with 'gpt2'"):  # the datastore of another tokenizer
+        train(RetroTrainConfig(**kw, model="smollm2-135m"))
