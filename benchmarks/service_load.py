@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -32,15 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def closed_loop(call, make, concurrency: int, seconds: float, warmup: float = 0.3) -> dict:
-    """C threads call ``call(make(i))`` back to back for ``seconds``; latencies after warm-up."""
+def closed_loop_raw(call, make, concurrency: int, seconds: float, warmup: float = 0.3,
+                    start: float | None = None) -> tuple[list[float], int]:
+    """C threads call ``call(make(rng))`` back to back for ``seconds``; latencies after warm-up, errors."""
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     t_begin, t_end = start + warmup, start + warmup + seconds
 
     def worker(w: int) -> None:
-        rng = np.random.default_rng(w)
+        rng = np.random.default_rng(w + 1000 * os.getpid())
         mine = lat[w]
         while True:
             req = make(rng)
@@ -61,17 +63,86 @@ def closed_loop(call, make, concurrency: int, seconds: float, warmup: float = 0.
         t.start()
     for t in threads:
         t.join()
-    all_lat = np.array([x for l in lat for x in l])
-    return {"n": int(len(all_lat)), "qps": len(all_lat) / seconds, "errors": int(sum(errors)),
+    return [x for l in lat for x in l], int(sum(errors))
+
+
+def summarize(lat: list[float], errors: int, seconds: float) -> dict:
+    all_lat = np.asarray(lat)
+    return {"n": int(len(all_lat)), "qps": len(all_lat) / seconds, "errors": errors,
             "p50_ms": float(np.percentile(all_lat, 50) * 1e3) if len(all_lat) else float("nan"),
             "p99_ms": float(np.percentile(all_lat, 99) * 1e3) if len(all_lat) else float("nan")}
+
+
+def closed_loop(call, make, concurrency: int, seconds: float, warmup: float = 0.3) -> dict:
+    return summarize(*closed_loop_raw(call, make, concurrency, seconds, warmup), seconds)
+
+
+def _client_proc(target: str, method: str, req_type: str, reqs: list[bytes], timeout: float, threads: int,
+                 seconds: float, warmup: float, ready, go, out) -> None:
+    """One load-generating process: its own channel, ``threads`` closed-loop threads (see --client-procs)."""
+    import grpc
+
+    from service.v1 import retrieval_pb2 as pb
+    from service.v1 import retrieval_pb2_grpc as pb_grpc
+
+    ch = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    grpc.channel_ready_future(ch).result(timeout=30)
+    call = getattr(pb_grpc.RetrievalStub(ch), method)
+    parsed = [getattr(pb, req_type).FromString(b) for b in reqs]
+    call(parsed[0], timeout=timeout)
+    ready.put(1)
+    start = go.get()
+    cpu0 = time.process_time()
+    lat, errors = closed_loop_raw(lambda q: call(q, timeout=timeout), lambda r: parsed[int(r.integers(len(parsed)))],
+                                  threads, seconds, warmup, start=start)
+    out.put((lat, errors, time.process_time() - cpu0))
+    ch.close()
+
+
+def remote_closed_loop(ctx, procs: int, target: str, method: str, reqs: list, timeout: float, concurrency: int,
+                       seconds: float, warmup: float = 0.3) -> dict:
+    """The closed loop over gRPC spread over ``procs`` client processes (C threads in all), so that
+    the load generator's own GIL is not the bottleneck. Adds the client processes' CPU seconds."""
+    procs = max(1, min(procs, concurrency))
+    per = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    ready, go, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    raw = [r.SerializeToString() for r in reqs]
+    ps = [ctx.Process(target=_client_proc, args=(target, method, type(reqs[0]).__name__, raw, timeout, n, seconds,
+                                                  warmup, ready, go, out), daemon=True) for n in per]
+    for p in ps:
+        p.start()
+    for _ in ps:
+        ready.get(timeout=120)
+    start = time.perf_counter() + 0.05
+    for _ in ps:
+        go.put(start)
+    lat, errors, cpu = [], 0, 0.0
+    for _ in ps:
+        l, e, c = out.get(timeout=seconds + warmup + 120)
+        lat += l
+        errors += e
+        cpu += c
+    for p in ps:
+        p.join(30)
+    res = summarize(lat, errors, seconds)
+    res["client_cpu_s"] = cpu
+    return res
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "retromem.cli", "serve", "--datastore", args.datastore, "--dense", args.dense,
            "--ngram", args.ngram, "--port", "0", "--workers", str(args.workers), "--max-queue", "256",
-           "--torch-threads", "1", "--batch-wait-ms", str(args.batch_wait_ms)] + (["--faiss-threads", str(args.faiss_threads)] if args.faiss_threads else [])
+           "--torch-threads", "1", "--batch-wait-ms", str(args.batch_wait_ms)] + (["--faiss-threads", str(args.faiss_threads)] if args.faiss_threads else []) + args.server_arg
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("serving"):
@@ -88,7 +159,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="server worker threads")
     ap.add_argument("--faiss-threads", type=int, default=0, help="FAISS threads in both the server and this process (0: default)")
     ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="the server's dense micro-batching bound")
-    ap.add_argument("--only", default="", help="comma-separated workloads (count,dense1,dense64,chunks)")
+    ap.add_argument("--only", default="", help="comma-separated workloads (count,dense1,dense64,chunks; info: the "
+                    "cheapest RPC, to see what the load generator can do)")
+    ap.add_argument("--client-procs", type=int, default=0,
+                    help="spread the gRPC load over this many client processes, each with its own channel "
+                         "(0: client threads in this process sharing one channel)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `retromem serve` argument (repeat)")
     ap.add_argument("--json", dest="json_out", help="also write the figures here")
     args = ap.parse_args()
     demo = Path(args.demo)
@@ -133,42 +209,62 @@ def main() -> None:
     batch_reqs = [pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=v)) for v in vecs[i:i + 64]], k=10)
                   for i in range(0, 192, 8)]
     fetch_all = pb.Fetch(text=True, tokens=True, continuation=True)
+    chunk_reqs = [pb.GetChunksRequest(chunk_ids=rng.integers(0, n_chunks, 8).tolist(), fetch=fetch_all)
+                  for _ in range(512)]
 
     def pick(lst):
         return lambda r: lst[int(r.integers(len(lst)))]
 
+    # workload -> (in-process call, its argument maker, RPC method, its requests, timeout)
     workloads = {
-        "count": (lambda g: ng.count(g), pick(ngrams), lambda q: stub.Count(q, timeout=10), pick(count_reqs)),
-        "dense1": (lambda v: dense.search(v[None], 10), pick(list(vecs)), lambda q: stub.Search(q, timeout=10), pick(one_reqs)),
-        "dense64": (lambda i: dense.search(vecs[i:i + 64], 10), lambda r: int(r.integers(0, 24)) * 8,
-                    lambda q: stub.Search(q, timeout=30), pick(batch_reqs)),
-        "chunks": (lambda ids: fetch_payloads(ds, ids), lambda r: r.integers(0, n_chunks, 8),
-                   lambda q: stub.GetChunks(q, timeout=10),
-                   lambda r: pb.GetChunksRequest(chunk_ids=r.integers(0, n_chunks, 8).tolist(), fetch=fetch_all)),
+        "count": (lambda g: ng.count(g), pick(ngrams), "Count", count_reqs, 10),
+        "dense1": (lambda v: dense.search(v[None], 10), pick(list(vecs)), "Search", one_reqs, 10),
+        "dense64": (lambda i: dense.search(vecs[i:i + 64], 10), lambda r: int(r.integers(0, 24)) * 8, "Search",
+                    batch_reqs, 30),
+        "chunks": (lambda ids: fetch_payloads(ds, ids), lambda r: r.integers(0, n_chunks, 8), "GetChunks", chunk_reqs, 10),
+        # the cheapest RPC there is (a cached message): what the server plus the load generator can do at best
+        "info": (lambda _: None, lambda r: None, "Info", [pb.InfoRequest()], 10),
     }
-    only = [w for w in args.only.split(",") if w] or list(workloads)
+    only = [w for w in args.only.split(",") if w] or ["count", "dense1", "dense64", "chunks"]
     conc = [int(c) for c in args.concurrency.split(",")]
+    ctx = mp.get_context("spawn")
     rows = []
+    gen = f"{args.client_procs} client processes" if args.client_procs else "client threads in this process, one channel"
     print(f"server {target}, {args.workers} worker threads; {os.cpu_count()} cores; {args.seconds:.0f}s per cell; "
-          f"datastore {ds.num_chunks:,} chunks, dense {dense.factory} over {dense.ntotal:,}, n-gram {ng.num_tokens:,} tokens")
+          f"load generator: {gen}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"datastore {ds.num_chunks:,} chunks, dense {dense.factory} over {dense.ntotal:,}, n-gram {ng.num_tokens:,} tokens")
     print(f"{'workload':<8} {'C':>3}  {'in-process p50/p99 ms':>22} {'QPS':>8}   {'gRPC p50/p99 ms':>17} {'QPS':>8}  "
-          f"{'overhead p50':>12}  errors")
+          f"{'overhead p50':>12}  {'server/client CPU us/req':>24}  errors")
     try:
         for w in only:
-            local_call, local_make, remote_call, remote_make = workloads[w]
+            local_call, local_make, method, reqs, timeout = workloads[w]
+            rpc_call = getattr(stub, method)
             for c in conc:
                 loc = closed_loop(local_call, local_make, c, args.seconds)
-                rem = closed_loop(remote_call, remote_make, c, args.seconds)
+                cpu0 = proc_cpu(proc.pid)
+                if args.client_procs:
+                    rem = remote_closed_loop(ctx, args.client_procs, target, method, reqs, timeout, c, args.seconds)
+                else:
+                    c_cpu0 = time.process_time()
+                    rem = closed_loop(lambda q: rpc_call(q, timeout=timeout), pick(reqs), c, args.seconds)
+                    rem["client_cpu_s"] = time.process_time() - c_cpu0
+                # the server's CPU over the cell (warm-up included; per request over all requests it answered)
+                n_all = rem["n"] * (1 + 0.3 / args.seconds)
+                rem["server_cpu_us_per_req"] = (proc_cpu(proc.pid) - cpu0) / max(n_all, 1) * 1e6
+                rem["client_cpu_us_per_req"] = rem["client_cpu_s"] / max(n_all, 1) * 1e6
                 q_unit = 64 if w == "dense64" else 1
                 rows.append({"workload": w, "concurrency": c, "in_process": loc, "grpc": rem,
-                             "overhead_p50_ms": rem["p50_ms"] - loc["p50_ms"], "queries_per_request": q_unit})
+                             "overhead_p50_ms": rem["p50_ms"] - loc["p50_ms"], "queries_per_request": q_unit,
+                             "loadavg": os.getloadavg()[0]})
                 print(f"{w:<8} {c:>3}  {loc['p50_ms']:>9.3f} / {loc['p99_ms']:>8.3f} {loc['qps']:>8,.0f}   "
                       f"{rem['p50_ms']:>7.3f} / {rem['p99_ms']:>7.3f} {rem['qps']:>8,.0f}  "
-                      f"{rem['p50_ms'] - loc['p50_ms']:>+9.3f} ms  {loc['errors'] + rem['errors']}", flush=True)
+                      f"{rem['p50_ms'] - loc['p50_ms']:>+9.3f} ms  {rem['server_cpu_us_per_req']:>11,.0f} / "
+                      f"{rem['client_cpu_us_per_req']:>10,.0f}  {loc['errors'] + rem['errors']}", flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         ch.close()
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
 

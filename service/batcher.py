@@ -1,21 +1,24 @@
 """Micro-batching of concurrent dense queries: many small requests become one FAISS call.
 
-FAISS (and the embedder) answer a batch of n queries much faster than n calls of one query. Each
-request thread submits its queries and waits; one batching thread takes the first waiting item,
-keeps collecting while other request threads are parsing dense requests (at most ``wait_s``,
-at most ``max_batch`` queries; a lone request never waits), embeds every
-text of the batch in one encoder call, and runs one search per group of requests that share
-``k``, ``nprobe``, ``efSearch`` and the fetch flags. A request whose deadline passed while it
-waited is dropped unsearched. A failing group is re-run request by request so that one bad
-request fails alone.
+FAISS (and the embedder) answer a batch of n queries much faster than n calls of one query. There
+is no batching thread: the request threads take turns leading. A request that finds no batch
+running leads at once and searches in its own thread (a lone request pays no thread hand-off and
+never waits). Requests that come while a batch runs queue up; when the batch finishes, its leader
+hands the lead to the oldest queued request, which searches everything queued by then (at most
+``max_batch`` queries) in one call. Before searching, a leader waits for company while other
+request threads are still parsing dense requests (at most ``wait_s``; woken, not polling). A batch
+embeds every text in one encoder call and runs one search per group of requests that share ``k``,
+``nprobe``, ``efSearch`` and the fetch flags. A request whose deadline passed while it waited is
+dropped unsearched. A failing group is re-run request by request so that one bad request fails
+alone.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,7 +34,7 @@ class DeadlinePassed(Exception):
     """The request's deadline passed before its batch ran."""
 
 
-@dataclass
+@dataclass(eq=False)
 class DenseItem:
     """One request's queries: row i is ``texts[i]`` if given there, else ``vectors[i]``."""
 
@@ -44,6 +47,8 @@ class DenseItem:
     fetch: tuple[str, ...]
     deadline: float | None  # time.monotonic() after which nobody waits for the answer
     future: Future = field(default_factory=Future)
+    wake: threading.Event = field(default_factory=threading.Event)  # set: answered, or handed the lead
+    lead: bool = False  # handed the lead by the last batch's leader
 
     @property
     def key(self) -> tuple:
@@ -51,7 +56,7 @@ class DenseItem:
 
 
 class DenseBatcher:
-    """Collects dense queries from request threads into batched searches (see module docstring)."""
+    """Batches dense queries of concurrent request threads (see module docstring)."""
 
     def __init__(self, index: DenseIndex, *, max_batch: int = 256, wait_s: float = 0.002,
                  on_batch: Callable[[int], None] | None = None) -> None:
@@ -59,18 +64,18 @@ class DenseBatcher:
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.on_batch = on_batch  # metrics hook: queries per FAISS call
-        self._queue: queue.Queue[DenseItem | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified when an announced request is queued or dropped
+        self._pending: deque[DenseItem] = deque()
+        self._leading = False  # a batch is being collected or searched; invariant: not leading -> nothing pending
         self._arriving = 0
-        self._thread = threading.Thread(target=self._loop, name="dense-batcher", daemon=True)
-        self._thread.start()
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     def arrive(self) -> None:
-        """A request thread started parsing a dense request: the batcher may wait for it."""
+        """A request thread started parsing a dense request: a leader may wait for it."""
         with self._lock:
             self._arriving += 1
 
@@ -78,53 +83,72 @@ class DenseBatcher:
         """The request announced by :meth:`arrive` will not be submitted (it was invalid)."""
         with self._lock:
             self._arriving -= 1
+            self._arrived.notify_all()
+
+    def search(self, item: DenseItem, timeout: float | None = None) -> SearchResult:
+        """Answer ``item`` (announced by :meth:`arrive`): at once in this thread if no batch is
+        running, else in a later batch. Raises DeadlinePassed when ``timeout`` seconds pass first."""
+        with self._lock:
+            self._arriving -= 1
+            self._pending.append(item)
+            self._arrived.notify_all()
+            lead = not self._leading
+            self._leading = True
+        if not lead and not item.wake.wait(timeout):
+            with self._lock:
+                if not item.lead and not item.future.done():
+                    if item in self._pending:  # not picked up yet: nobody will search it
+                        self._pending.remove(item)
+                    raise DeadlinePassed()
+        if lead or (item.lead and not item.future.done()):
+            self._lead()
+        return item.future.result(timeout=0)
 
     def submit(self, item: DenseItem) -> Future:
-        """Queue ``item`` (announced by :meth:`arrive`); its future gets a SearchResult."""
-        self._queue.put(item)
-        self.abandon()
+        """:meth:`search` without waiting for the answer here: its future gets a SearchResult.
+        (The calling thread may lead a batch before this returns.)"""
+        try:
+            self.search(item)
+        except Exception:
+            pass  # the future holds it
         return item.future
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        """Nothing to stop: batches run in the request threads."""
 
-    def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            n = len(first.vectors)
-            until = time.monotonic() + self.wait_s
-            stop = False
-            while n < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    # wait only for requests already on their way (parsed by a request thread now),
-                    # so a lone request never waits
+    def _lead(self) -> None:
+        """Collect one batch (the oldest pending request first), search it, hand the lead on."""
+        batch: list[DenseItem] = []
+        try:
+            with self._lock:
+                until = time.monotonic() + self.wait_s
+                while self._arriving > 0:  # requests on their way: wait for them a little
                     left = until - time.monotonic()
-                    if self._arriving <= 0 or left <= 0:
+                    if left <= 0 or len(self._pending) and sum(len(it.vectors) for it in self._pending) >= self.max_batch:
                         break
-                    try:
-                        item = self._queue.get(timeout=min(left, 0.0005))
-                    except queue.Empty:
-                        continue
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-                n += len(item.vectors)
+                    self._arrived.wait(left)
+                n = 0
+                while self._pending and (not batch or n + len(self._pending[0].vectors) <= self.max_batch):
+                    it = self._pending.popleft()
+                    batch.append(it)
+                    n += len(it.vectors)
             try:
                 self._run(batch)
-            except Exception as exc:  # never let the batching thread die
+            except Exception as exc:  # never leave a request without an answer
                 logger.exception("dense batch failed")
                 for it in batch:
                     if not it.future.done():
                         it.future.set_exception(exc)
-            if stop:
-                return
+        finally:
+            with self._lock:
+                if self._pending:
+                    nxt = self._pending[0]
+                    nxt.lead = True
+                    nxt.wake.set()
+                else:
+                    self._leading = False
+            for it in batch:
+                it.wake.set()
 
     def _run(self, batch: list[DenseItem]) -> None:
         now = time.monotonic()

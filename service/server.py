@@ -233,12 +233,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                          fetch_flags(req.fetch if req.HasField("fetch") else None), deadline)
 
     def _dense_search(self, item: DenseItem, context):
-        fut = self.batcher.submit(item)
-        remaining = context.time_remaining()
         try:
-            return fut.result(timeout=remaining)
-        except (futures.TimeoutError, DeadlinePassed):
-            fut.cancel()
+            return self.batcher.search(item, timeout=context.time_remaining())
+        except DeadlinePassed:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the search finished") from None
 
     @staticmethod
