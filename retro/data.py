@@ -86,20 +86,28 @@ def check_datastore_tokenizer(ds: Any, tokenizer: Any = None, vocab_size: int | 
     fit a model of ``vocab_size`` token ids. Neighbours tokenized by another tokenizer are not just
     worse, they are noise, so this is checked before any training or evaluation."""
     info = ds.manifest["tokenizer"]
+    check_tokenizer_record(info["name"], info["vocab_hash"], int(info["vocab_size"]), f"the datastore {ds.path}",
+                           tokenizer, vocab_size)
+
+
+def check_tokenizer_record(name: str, vocab_sha256: str, ds_vocab_size: int, where: str, tokenizer: Any = None,
+                           vocab_size: int | None = None) -> None:
+    """:func:`check_datastore_tokenizer` on a datastore's recorded tokenizer (``where`` names it: a
+    local datastore, or a retrieval server's, as its ``Info`` reports)."""
     if tokenizer is not None:
         from datastore.tokenizer import vocab_hash
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ConfigError(f"the model's tokenizer {type(tokenizer).__name__} is not a fast tokenizer; cannot compare "
-                              f"it with the datastore's ({info['name']})")
+                              f"it with the datastore's ({name})")
         got = vocab_hash(backend)
-        if got != info["vocab_hash"]:
-            raise ConfigError(f"the datastore {ds.path} was tokenized with {info['name']!r} (vocab sha256 "
-                              f"{info['vocab_hash'][:12]}) but the model's tokenizer differs (vocab sha256 {got[:12]}); "
+        if got != vocab_sha256:
+            raise ConfigError(f"{where} was tokenized with {name!r} (vocab sha256 "
+                              f"{vocab_sha256[:12]}) but the model's tokenizer differs (vocab sha256 {got[:12]}); "
                               f"rebuild the datastore with `retromem datastore build --tokenizer <the model's tokenizer>`")
-    if vocab_size is not None and int(info["vocab_size"]) > vocab_size:
-        raise ConfigError(f"the datastore {ds.path} has token ids up to {int(info['vocab_size']) - 1} ({info['name']}) but the "
+    if vocab_size is not None and ds_vocab_size > vocab_size:
+        raise ConfigError(f"{where} has token ids up to {ds_vocab_size - 1} ({name}) but the "
                           f"model's vocabulary has {vocab_size}: not the model's tokenizer")
 
 

@@ -58,6 +58,32 @@ def neighbour_rows(payloads: Sequence[Any], k: int, r: int, pad_id: int) -> tupl
     return toks, mask
 
 
+def check_retriever(retriever: Any, tokenizer: Any, cfg: Any) -> None:
+    """ConfigError unless the retriever's datastore was tokenized by the model's tokenizer and cut into
+    the model's chunk length. A local index has a ``datastore``; a :class:`service.client.RetrievalClient`
+    reports the server's datastore through ``info()``; other retrievers are taken on trust."""
+    from retro.data import check_datastore_tokenizer, check_tokenizer_record
+
+    ds = getattr(retriever, "datastore", None)
+    if ds is not None:
+        check_datastore_tokenizer(ds, tokenizer, cfg.vocab_size)
+        chunk_length = ds.chunk_length
+    elif callable(getattr(retriever, "info", None)) and hasattr(retriever, "target"):
+        info = retriever.info()
+        d = info.datastore
+        where = f"the datastore served at {retriever.target}"
+        if not info.HasField("datastore") or not d.vocab_sha256:
+            raise ConfigError(f"the server at {retriever.target} serves no datastore: RETRO needs neighbour tokens")
+        if not info.HasField("dense"):
+            raise ConfigError(f"the server at {retriever.target} serves no dense index: start it with --dense")
+        check_tokenizer_record(d.tokenizer, d.vocab_sha256, int(d.vocab_size), where, tokenizer, cfg.vocab_size)
+        chunk_length = int(d.chunk_length)
+    else:
+        return
+    if chunk_length != cfg.chunk_length:
+        raise ConfigError(f"the retriever's datastore has chunks of {chunk_length} tokens, the model {cfg.chunk_length}")
+
+
 @torch.inference_mode()
 def generate_with_retrieval(model: torch.nn.Module, tokenizer: Any, retriever: Any, prompt: str | Sequence[int], *,
                             max_new_tokens: int = 64, exclude_doc_ids: Sequence[int] | None = None,
@@ -74,14 +100,7 @@ def generate_with_retrieval(model: torch.nn.Module, tokenizer: Any, retriever: A
         raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), got {type(retriever).__name__}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}")
-    ds = getattr(retriever, "datastore", None)
-    if ds is not None:
-        from retro.data import check_datastore_tokenizer
-
-        check_datastore_tokenizer(ds, tokenizer, cfg.vocab_size)
-        if ds.chunk_length != cfg.chunk_length:
-            raise ConfigError(f"the retriever's datastore has chunks of {ds.chunk_length} tokens, the model "
-                              f"{cfg.chunk_length}")
+    check_retriever(retriever, tokenizer, cfg)
     m, k, r = cfg.chunk_length, cfg.num_neighbours, cfg.neighbour_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if isinstance(prompt, str) else list(prompt)

@@ -142,8 +142,14 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
 @click.option("--model", "model_path", default=None,
               help="A trained RETRO directory; default: SmolLM2-135M RETROfitted with untrained (zero-gated) blocks.")
 @click.option("--base-model", default=None)
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dense index to retrieve from (its datastore must use the model's tokenizer).")
+@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Dense index to retrieve from in this process (its datastore must use the model's tokenizer).")
+@click.option("--server", default=None, metavar="HOST:PORT",
+              help="Retrieve through a `retromem serve` server (or router) instead of --index.")
+@click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --server: bearer token file (default: $RETROMEM_TOKEN).")
+@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="With --server: CA certificate of a TLS server.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--exclude-doc", "exclude_docs", type=int, multiple=True, help="doc_id never retrieved from.")
 @click.option("--sample/--greedy", default=False, show_default=True)
@@ -152,19 +158,32 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @handle_errors
-def retro_generate(prompt: str, model_path: str | None, base_model: str | None, index_dir: str, max_new_tokens: int,
+def retro_generate(prompt: str, model_path: str | None, base_model: str | None, index_dir: str | None,
+                   server: str | None, token_file: str | None, tls_ca: str | None, max_new_tokens: int,
                    exclude_docs: tuple[int, ...], sample: bool, temperature: float, top_p: float, seed: int,
                    threads: int) -> None:
-    """Continue PROMPT, retrieving fresh neighbours from the index each time a chunk completes."""
+    """Continue PROMPT, retrieving fresh neighbours (from --index, or --server over gRPC) each time a
+    chunk completes."""
     import torch
 
-    from index.dense import DenseIndex
     from retro.generation import generate_with_retrieval
 
+    if (index_dir is None) == (server is None):
+        raise click.UsageError("give exactly one of --index (in-process) and --server (gRPC)")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    idx = DenseIndex.open(index_dir)
-    model, tok = _generation_model(model_path, base_model, idx.datastore.chunk_length)
+    if server is not None:
+        from retromem.cli_service import _secret
+        from service.client import RetrievalClient
+
+        idx = RetrievalClient(server, token=_secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca, retries=2)
+        chunk_length = int(idx.info().datastore.chunk_length)
+    else:
+        from index.dense import DenseIndex
+
+        idx = DenseIndex.open(index_dir)
+        chunk_length = idx.datastore.chunk_length
+    model, tok = _generation_model(model_path, base_model, chunk_length)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {}
 
     def show(r) -> None:

@@ -85,3 +85,30 @@ def test_bad_inputs_are_named(retro_index, model_and_tok):
         generate_with_retrieval(torch.nn.Linear(2, 2), tok, retro_index, "x")
     with pytest.raises(ConfigError, match="tokenized with 'gpt2'"):  # the index's datastore has another tokenizer
         generate_with_retrieval(model, load_hf_tokenizer("smollm2-135m"), retro_index, "x")
+
+
+@torch.no_grad()
+def test_generation_through_the_service_equals_in_process(retro_ds, retro_index, model_and_tok):
+    """RETRO retrieving through a real `retromem serve` on loopback writes the same tokens, reading
+    the same neighbours, as with the index in process; the server's tokenizer is checked through Info."""
+    from datastore.tokenizer import load_hf_tokenizer
+    from service.client import RetrievalClient
+    from service.config import ServerConfig
+    from service.server import Backend, start_server
+
+    model, tok = model_and_tok
+    doc = int(retro_ds.chunk_doc_array[40])
+    prompt = retro_ds.tokens([40])[0][0, :CHUNK - 3].tolist()
+    local = generate_with_retrieval(model, tok, retro_index, prompt, max_new_tokens=CHUNK + 5, exclude_doc_ids=[doc])
+    running = start_server(ServerConfig(datastore=str(retro_ds.path), dense=str(retro_index.path), port=0, workers=2),
+                           Backend(retro_ds, retro_index, None))
+    try:
+        with RetrievalClient(running.target, timeout=30) as client:
+            remote = generate_with_retrieval(model, tok, client, prompt, max_new_tokens=CHUNK + 5, exclude_doc_ids=[doc])
+            assert remote.new_ids == local.new_ids
+            assert [r.chunk_ids for r in remote.retrievals] == [r.chunk_ids for r in local.retrievals]
+            assert len(remote.retrievals) == 2 and all(doc not in r.doc_ids for r in remote.retrievals)
+            with pytest.raises(ConfigError, match=f"served at {running.target} was tokenized with 'gpt2'"):
+                generate_with_retrieval(model, load_hf_tokenizer("smollm2-135m"), client, "x")
+    finally:
+        running.stop(0)
