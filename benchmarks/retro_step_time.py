@@ -1,6 +1,7 @@
 """Training step time of a RETROfitted model against its base model, on the same batch.
 
-One step = forward, backward and an AdamW update, timed after warm-up, median of --steps. Batch:
+One step = forward, backward and an AdamW update. The settings run in interleaved rounds (the order
+rotating each round), timed after --warmup rounds; the median of --steps rounds is reported. Batch:
 --batch sequences of --seq-chunks real datastore chunks, each chunk with k=2 neighbours of 2m tokens
 (chunk + continuation) read from the datastore. Three settings:
 
@@ -37,20 +38,22 @@ def batch(ds, n_seq: int, seq_chunks: int, k: int, seed: int = 0) -> dict[str, t
             "neighbour_attention_mask": torch.from_numpy(nm)}
 
 
-def time_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int, warmup: int) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    model.train()
-    times = []
-    for i in range(warmup + steps):
+class Stepper:
+    """One training setting: a model, its batch and an AdamW over its trainable weights."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        self.model, self.inputs = model.train(), inputs
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        self.times: list[float] = []
+
+    def step(self, record: bool) -> None:
         t0 = time.perf_counter()
-        loss = model(**inputs).loss
+        loss = self.model(**self.inputs).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if record:
+            self.times.append(time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -78,22 +81,31 @@ def main() -> None:
     T = inputs["input_ids"].shape[1]
     print(f"model {args.model}; batch {args.batch} x {T} tokens, k={cfg.num_neighbours} neighbours x "
           f"{cfg.neighbour_length} tokens per chunk; CCA after layers {cfg.retro_layers}; {args.threads} threads; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} interleaved rounds after {args.warmup} warm-up")
 
-    results = {}
     m = copy.deepcopy(base)
     for p in m.parameters():
         p.requires_grad_(True)
-    results["base"] = statistics.median(time_steps(m, plain, args.steps, args.warmup))
-    del m
+    settings = {"base": Stepper(m, plain)}
     m = retrofit(copy.deepcopy(base), cfg)
     frac = trainable_fraction(m)
-    results["retrofit"] = statistics.median(time_steps(m, inputs, args.steps, args.warmup))
+    settings["retrofit"] = Stepper(m, inputs)
+    m = retrofit(copy.deepcopy(base), cfg)
     for p in m.parameters():
         p.requires_grad_(True)
-    results["retro-full"] = statistics.median(time_steps(m, inputs, args.steps, args.warmup))
-    for name, t in results.items():
-        print(f"{name:<11} {t:7.3f} s/step  {args.batch * T / t:8.1f} tokens/s  ratio to base {t / results['base']:.2f}")
+    settings["retro-full"] = Stepper(m, inputs)
+    # interleaved rounds, the order rotating each round: a change of load on a shared machine hits
+    # every setting alike instead of whichever happened to run then
+    names = list(settings)
+    for r in range(args.warmup + args.steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            settings[name].step(record=r >= args.warmup)
+    base_t = statistics.median(settings["base"].times)
+    for name, st in settings.items():
+        t = statistics.median(st.times)
+        per_round = [x / b for x, b in zip(st.times, settings["base"].times)]
+        print(f"{name:<11} {t:7.3f} s/step  {args.batch * T / t:8.1f} tokens/s  ratio to base {t / base_t:.2f}  "
+              f"(per-round ratios {min(per_round):.2f}-{max(per_round):.2f})")
     print(f"retrofit trains {100 * frac:.2f}% of the weights")
 
 
