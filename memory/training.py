@@ -122,22 +122,9 @@ class MemoryTrainConfig:
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
-    import yaml
+    from retromem.yamlconfig import load_yaml_dataclass
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"`--config` {path} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a training config is a YAML mapping, got {type(data).__name__}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    allowed = {f.name for f in fields(MemoryTrainConfig)}
-    unknown = set(data) - allowed
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-    if "output_dir" not in data:
-        raise ConfigError(f"{path}: `output_dir` is required (or pass --output-dir)")
-    return MemoryTrainConfig(**data)
+    return load_yaml_dataclass(path, MemoryTrainConfig, required=("output_dir",), **overrides)
 
 
 # -- model and data -------------------------------------------------------------------------------

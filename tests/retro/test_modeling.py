@@ -24,14 +24,6 @@ def tiny_config(**overrides) -> RetroConfig:
     return RetroConfig(**fields)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: with other jobs on the cores, extra intra-op threads only spin (measured 80x slower with 2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model() -> RetroForCausalLM:

@@ -14,14 +14,6 @@ from retromem.errors import ConfigError
 M, K, R, V = 4, 2, 8, 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: with other jobs on the cores, extra intra-op threads only spin
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_base(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
