@@ -104,15 +104,6 @@ class DenseBatcher:
             self._lead()
         return item.future.result(timeout=0)
 
-    def submit(self, item: DenseItem) -> Future:
-        """:meth:`search` without waiting for the answer here: its future gets a SearchResult.
-        (The calling thread may lead a batch before this returns.)"""
-        try:
-            self.search(item)
-        except Exception:
-            pass  # the future holds it
-        return item.future
-
     def close(self) -> None:
         """Nothing to stop: batches run in the request threads."""
 
@@ -192,12 +183,12 @@ class DenseBatcher:
             return
         if self.on_batch is not None:
             self.on_batch(sum(len(it.vectors) for it in items))
-        x = np.concatenate([it.vectors for it in items]) if len(items) > 1 else items[0].vectors
-        excl = None
-        if any(it.exclude is not None for it in items):
-            excl = [e for it in items for e in (it.exclude if it.exclude is not None else [None] * len(it.vectors))]
         first = items[0]
         try:
+            x = np.concatenate([it.vectors for it in items]) if len(items) > 1 else first.vectors
+            excl = None
+            if any(it.exclude is not None for it in items):
+                excl = [e for it in items for e in (it.exclude if it.exclude is not None else [None] * len(it.vectors))]
             res = self.index.search(x, first.k, nprobe=first.nprobe, ef_search=first.ef_search,
                                     exclude_doc_ids=excl, fetch=first.fetch or False)
         except Exception as exc:
