@@ -3,18 +3,29 @@
 Authentication reads ``authorization: Bearer <token>`` from the call metadata and answers
 UNAUTHENTICATED without a valid token; the health and reflection services stay open, so that
 load balancers can probe and tools can discover the API. Metrics: per-method latency histograms,
-request and error counts (by status code), RPCs in flight (running plus queued) and the dense
-batcher's queue, in a registry of the server's own (no module-level state), exported over HTTP
-when the server is given a metrics port.
+request and error counts (by status code), RPCs running in a worker thread, RPCs admitted and
+waiting for one (the bounded queue's depth), RPCs refused at once because that queue was full, and
+the dense batcher's queue, in a registry of the server's own (no module-level state), exported
+over HTTP when the server is given a metrics port.
+
+Queue depth and refusals come from the admission count of the ``grpc.server`` itself (read through
+:meth:`MetricsInterceptor.bind`): gRPC refuses a call (RESOURCE_EXHAUSTED, before any handler or
+interceptor wrapper runs) when its count of admitted calls has reached ``maximum_concurrent_rpcs``,
+and it runs the interceptors under the same lock with the same count, so the interceptor sees
+exactly the calls it is about to refuse.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import threading
 import time
 from typing import Callable
 
 import grpc
+
+logger = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
@@ -71,8 +82,11 @@ class Metrics:
         self.requests = Counter("retromem_rpc_requests", "RPCs started", ["method"], registry=self.registry)
         self.errors = Counter("retromem_rpc_errors", "RPCs that ended with a status other than OK",
                               ["method", "code"], registry=self.registry)
-        self.in_flight = Gauge("retromem_rpc_in_flight", "RPCs running or queued for a worker thread",
-                               registry=self.registry)
+        self.in_flight = Gauge("retromem_rpc_in_flight", "RPCs running in a worker thread", registry=self.registry)
+        self.queued = Gauge("retromem_rpc_queued", "RPCs admitted and waiting for a worker thread",
+                            registry=self.registry)
+        self.refused = Counter("retromem_rpc_refused", "RPCs refused at once (RESOURCE_EXHAUSTED): no worker "
+                               "thread or queue slot was free", ["method"], registry=self.registry)
         self.dense_queue = Gauge("retromem_dense_queue_depth", "Dense requests waiting for the micro-batcher",
                                  registry=self.registry)
         self.dense_batch = Histogram("retromem_dense_batch_queries", "Queries per batched FAISS search",
@@ -106,6 +120,28 @@ class Metrics:
 class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+        self._state = None  # the grpc server's admission state, once bound
+        self._running = 0
+        self._lock = threading.Lock()
+        metrics.queued.set_function(self._queued)
+
+    def bind(self, server: grpc.Server) -> None:
+        """Read admissions from ``server`` (a ``grpc.server`` with ``maximum_concurrent_rpcs``). Its
+        count is private to grpcio: where it is missing, queue depth and refusals are not reported."""
+        state = getattr(server, "_state", None)
+        if state is None or not hasattr(state, "active_rpc_count") or not hasattr(state, "maximum_concurrent_rpcs"):
+            logger.warning("this grpcio does not expose its admission count: retromem_rpc_queued and "
+                           "retromem_rpc_refused stay at 0")
+            return
+        self._state = state
+
+    def _queued(self) -> float:
+        st = self._state
+        if st is None:
+            return 0.0
+        # admitted = running + waiting; a call whose handler returned is still admitted while its
+        # response is sent, so clamp the brief difference
+        return float(max(0, st.active_rpc_count - self._running))
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -113,6 +149,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return None
         method = details.method.rsplit("/", 1)[-1]
         m = self.m
+        st = self._state
+        if st is not None and st.maximum_concurrent_rpcs is not None and st.active_rpc_count >= st.maximum_concurrent_rpcs:
+            m.refused.labels(method).inc()  # gRPC refuses this call as soon as we return
+            return handler
         latency, requests = m._for(method)
 
         def wrap(behaviour, streaming):
@@ -120,14 +160,14 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 def run_stream(request, context):
                     t0 = time.perf_counter()
                     requests.inc()
-                    m.in_flight.inc()
+                    self._started()
                     try:
                         yield from behaviour(request, context)
                     except BaseException:
                         m.error(method, context.code())
                         raise
                     finally:
-                        m.in_flight.dec()
+                        self._ended()
                         latency.observe(time.perf_counter() - t0)
 
                 return run_stream
@@ -135,16 +175,26 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             def run(request, context):
                 t0 = time.perf_counter()
                 requests.inc()
-                m.in_flight.inc()
+                self._started()
                 try:
                     return behaviour(request, context)
                 except BaseException:
                     m.error(method, context.code())
                     raise
                 finally:
-                    m.in_flight.dec()
+                    self._ended()
                     latency.observe(time.perf_counter() - t0)
 
             return run
 
         return _rewrap(handler, wrap)
+
+    def _started(self) -> None:
+        with self._lock:
+            self._running += 1
+        self.m.in_flight.inc()
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._running -= 1
+        self.m.in_flight.dec()

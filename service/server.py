@@ -479,12 +479,14 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
         servicer = RetrievalServicer(cfg, backend or Backend.open(cfg), metrics)
         if servicer.b.dense is not None and servicer.b.dense.meta.get("embedder"):
             servicer.b.dense.embedder  # load the model now: the first text query should not pay for it
-    interceptors = [MetricsInterceptor(metrics)] + ([TokenAuth(cfg.token)] if cfg.token else [])
+    metrics_interceptor = MetricsInterceptor(metrics)
+    interceptors = [metrics_interceptor] + ([TokenAuth(cfg.token)] if cfg.token else [])
     size = cfg.limits.max_message_bytes
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="retromem-rpc"),
                          interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                          options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                                   ("grpc.so_reuseport", 0)])
+    metrics_interceptor.bind(server)
     pb_grpc.add_RetrievalServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1))

@@ -244,6 +244,44 @@ def test_bounded_queue_answers_resource_exhausted_at_once(union, backend):
         running.stop(0)
 
 
+def test_metrics_show_the_queue_and_count_refusals(union, backend):
+    """One worker, one queue slot: a held stream runs, the next call waits (queue depth 1), the one
+    after is refused at once and counted; then everything drains."""
+    running = start_server(ServerConfig(datastore=str(union.datastore), dense=str(union.dense), port=0, workers=1,
+                                        max_queue=1), Backend(backend.datastore, backend.dense, None))
+
+    def gauge(name: str) -> float:
+        line = next(ln for ln in running.metrics.text().splitlines() if ln.startswith(name + " "))
+        return float(line.split()[1])
+
+    try:
+        with RetrievalClient(running.target, retries=0) as c:
+            gate = threading.Event()
+
+            def held():
+                yield pb.SearchRequest(queries=[pb.Query(text=b"a file")], k=1)
+                gate.wait(10)
+
+            stream = c.stub.SearchStream(held(), timeout=20)
+            next(stream)
+            waiting = c.stub.GetChunks.future(pb.GetChunksRequest(chunk_ids=[0]), timeout=20)
+            deadline = time.time() + 5
+            while gauge("retromem_rpc_queued") < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            assert gauge("retromem_rpc_queued") == 1 and gauge("retromem_rpc_in_flight") == 1
+            got, _ = code_of(lambda: c.get_chunks([1]))
+            assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert 'retromem_rpc_refused_total{method="GetChunks"} 1.0' in running.metrics.text()
+            gate.set()
+            assert list(stream) == [] and len(waiting.result(10).chunks) == 1
+            deadline = time.time() + 5
+            while gauge("retromem_rpc_in_flight") > 0 and time.time() < deadline:
+                time.sleep(0.01)
+            assert gauge("retromem_rpc_queued") == 0 and gauge("retromem_rpc_in_flight") == 0
+    finally:
+        running.stop(0)
+
+
 def test_client_disconnecting_mid_stream(client, server, backend):
     x = backend.dense.embedder.encode(["a file"])
     req = pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=x[0]))] * 8, k=50,
