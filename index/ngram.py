@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import resource
 import shutil
@@ -447,6 +448,14 @@ class QueryLimits:
                 raise ConfigError(f"`{f}` must be a positive integer, got {v!r}")
 
 
+def _map(path: Path) -> mmap.mmap | bytes:
+    """A read-only memory map of ``path`` (an empty file maps to b"", which mmap refuses)."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def _check_engine(result: Any, verb: str) -> Any:
     # the package signals bad arguments with a dict; we check arguments first, so this is a bug
     if isinstance(result, dict) and "error" in result:
@@ -484,6 +493,10 @@ class NgramIndex:
         # byte offsets of each document's separator, per shard, to map suffix-array pointers to documents
         self._doc_offsets = [np.fromfile(self.path / s["dir"] / "offset.0", dtype="<u8").astype(np.int64) for s in self._shards]
         self._tables = [np.memmap(self.path / s["dir"] / "table.0", dtype=np.uint8, mode="r") for s in self._shards]
+        # the same files as plain mmaps, for the suffix-array binary search of count and find
+        self._ds_maps = [_map(self.path / s["dir"] / "tokenized.0") for s in self._shards]
+        self._sa_maps = [_map(self.path / s["dir"] / "table.0") for s in self._shards]
+        self._dtype = _dtype(self.width)
         self._doc_first_chunk = self.datastore.doc_first_chunk_array
         from infini_gram.engine import InfiniGramEngine
 
@@ -558,8 +571,38 @@ class NgramIndex:
     # -- verbs ---------------------------------------------------------------------------
 
     def count(self, ngram: Query) -> Count:
-        r = _check_engine(self.engine.count(input_ids=self.ids(ngram, "ngram")), "count")
-        return Count(int(r["count"]), bool(r["approx"]))
+        return Count(sum(hi - lo for lo, hi in self._segments(self.ids(ngram, "ngram"))), False)
+
+    def _segments(self, ids: list[int]) -> list[tuple[int, int]]:
+        """Per shard, the suffix-array rank range [lo, hi) of the suffixes that start with ``ids``.
+
+        The same binary search as the engine's ``find`` (byte-wise comparison of the little-endian
+        token bytes, which is the order the suffix array is sorted in), done here: the engine starts
+        and joins an OS thread per shard for every query, which costs ~10x the search itself on a
+        small machine (BENCHMARKS.md, "n-gram search"). A test checks both agree."""
+        q = np.asarray(ids, dtype=self._dtype).tobytes()
+        n_bytes = len(q)
+        out = []
+        for s, (ds, sa) in enumerate(zip(self._ds_maps, self._sa_maps)):
+            p = int(self._shards[s]["ptr_size"])
+            lo, hi = 0, len(sa) // p
+            while lo < hi:  # first suffix >= q
+                mid = (lo + hi) >> 1
+                ptr = int.from_bytes(sa[mid * p:mid * p + p], "little")
+                if ds[ptr:ptr + n_bytes] < q:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            start, hi = lo, len(sa) // p
+            while lo < hi:  # first suffix whose first len(q) bytes are > q
+                mid = (lo + hi) >> 1
+                ptr = int.from_bytes(sa[mid * p:mid * p + p], "little")
+                if ds[ptr:ptr + n_bytes] <= q:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out.append((start, lo))
+        return out
 
     def prob(self, prompt: Query, next_token: int | str) -> Prob:
         r = _check_engine(self.engine.prob(prompt_ids=self.ids(prompt, "prompt", allow_empty=True),
@@ -589,14 +632,14 @@ class NgramIndex:
         """Occurrences of ``ngram`` (the first ``limit`` in suffix-array order) and their total count."""
         if not isinstance(limit, int) or limit < 0:
             raise ConfigError(f"`limit` must be a non-negative integer, got {limit!r}")
-        r = _check_engine(self.engine.find(input_ids=self.ids(ngram, "ngram")), "find")
+        segments = self._segments(self.ids(ngram, "ngram"))
         occ: list[Occurrence] = []
-        for s, (lo, hi) in enumerate(r["segment_by_shard"]):
+        for s, (lo, hi) in enumerate(segments):
             take = min(hi - lo, limit - len(occ))
             if take <= 0:
                 continue
             occ.extend(self._locate(s, self._ranks_to_ptrs(s, np.arange(lo, lo + take, dtype=np.int64))))
-        return FindResult(int(r["cnt"]), tuple(occ))
+        return FindResult(sum(hi - lo for lo, hi in segments), tuple(occ))
 
     def search_documents(self, cnf: Sequence[Sequence[Query]], max_hits: int = 10,
                          max_diff_tokens: int | None = None) -> DocumentSearch:

@@ -139,8 +139,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         st = self._state
         if st is None:
             return 0.0
-        # admitted = running + waiting; a call whose handler returned is still admitted while its
-        # response is sent, so clamp the brief difference
+        # admitted = running + waiting; a call whose handler returned stays admitted until its
+        # response is sent, so for that moment it shows as waiting
         return float(max(0, st.active_rpc_count - self._running))
 
     def intercept_service(self, continuation, details):

@@ -112,6 +112,21 @@ def test_count_and_find_match_brute_force(idx, streams, ds):
     assert crossing > 5  # the sample really exercised n-grams spanning chunk boundaries
 
 
+def test_suffix_array_search_equals_the_engines_find(idx, streams, ds):
+    """count/find search the suffix array themselves (no thread per shard per query): the rank
+    ranges must be the engine's own, shard by shard, for n-grams that occur and ones that do not."""
+    rng = np.random.default_rng(7)
+    grams = sample_ngrams(streams, ds.chunk_length, rng, k=150)
+    grams += [rng.integers(0, idx.vocab_size, size=int(rng.integers(1, 4))).tolist() for _ in range(100)]
+    grams += [[int(t)] for t in rng.choice(streams[0], 20)]
+    for g in grams:
+        ours = idx._segments(g)
+        r = idx.engine.find(input_ids=g)
+        assert sum(hi - lo for lo, hi in ours) == r["cnt"], g
+        for (lo, hi), (elo, ehi) in zip(ours, r["segment_by_shard"]):
+            assert hi - lo == ehi - elo and (hi == lo or (lo, hi) == (elo, ehi)), g
+
+
 def test_unseen_ngrams_count_zero(idx, streams):
     rng = np.random.default_rng(1)
     for _ in range(20):
