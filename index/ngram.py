@@ -456,6 +456,21 @@ def _map(path: Path) -> mmap.mmap | bytes:
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def _bound(ds: Any, sa: Any, p: int, q: bytes, lo: int, hi: int, *, upper: bool) -> int:
+    """Binary search over suffix-array ranks [lo, hi): the first rank whose suffix, cut to len(q)
+    bytes, is >= q (lower bound) or > q (upper bound). Entries are p-byte little-endian pointers."""
+    n = len(q)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        ptr = int.from_bytes(sa[mid * p:mid * p + p], "little")
+        head = ds[ptr:ptr + n]
+        if head < q or (upper and head == q):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _check_engine(result: Any, verb: str) -> Any:
     # the package signals bad arguments with a dict; we check arguments first, so this is a bug
     if isinstance(result, dict) and "error" in result:
@@ -581,27 +596,11 @@ class NgramIndex:
         and joins an OS thread per shard for every query, which costs ~10x the search itself on a
         small machine (BENCHMARKS.md, "n-gram search"). A test checks both agree."""
         q = np.asarray(ids, dtype=self._dtype).tobytes()
-        n_bytes = len(q)
         out = []
         for s, (ds, sa) in enumerate(zip(self._ds_maps, self._sa_maps)):
             p = int(self._shards[s]["ptr_size"])
-            lo, hi = 0, len(sa) // p
-            while lo < hi:  # first suffix >= q
-                mid = (lo + hi) >> 1
-                ptr = int.from_bytes(sa[mid * p:mid * p + p], "little")
-                if ds[ptr:ptr + n_bytes] < q:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            start, hi = lo, len(sa) // p
-            while lo < hi:  # first suffix whose first len(q) bytes are > q
-                mid = (lo + hi) >> 1
-                ptr = int.from_bytes(sa[mid * p:mid * p + p], "little")
-                if ds[ptr:ptr + n_bytes] <= q:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            out.append((start, lo))
+            start = _bound(ds, sa, p, q, 0, len(sa) // p, upper=False)
+            out.append((start, _bound(ds, sa, p, q, start, len(sa) // p, upper=True)))
         return out
 
     def prob(self, prompt: Query, next_token: int | str) -> Prob:
