@@ -66,6 +66,24 @@ def rpc(fn: Callable) -> Callable:
     return wrapper
 
 
+def check_search_request(req: pb.SearchRequest, limits: Any, ntotal: int, prefix: str = "") -> int:
+    """The checks every server and router makes of a Search request before anything else: some
+    queries, no more than ``max_batch``, and 1 <= k <= min(max_k, vectors in the index). Returns the
+    number of queries."""
+    n = len(req.queries)
+    if n == 0:
+        raise invalid(f"`{prefix}queries` is empty: give at least one query")
+    if n > limits.max_batch:
+        raise invalid(f"`{prefix}queries` has {n:,} queries, more than max_batch={limits.max_batch:,}: "
+                      "send them in several requests over SearchStream")
+    if req.k == 0:
+        raise invalid(f"`{prefix}k` must be positive, got 0")
+    kmax = min(limits.max_k, int(ntotal))
+    if req.k > kmax:
+        raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, f"`{prefix}k` is {req.k}; this server allows 1..{kmax}")
+    return n
+
+
 def decode_text(data: bytes, field: str, max_bytes: int, *, allow_empty: bool = False) -> str:
     """A query's UTF-8 text, checked: valid UTF-8, not empty (unless allowed), not too long."""
     if len(data) > max_bytes:

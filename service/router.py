@@ -26,7 +26,7 @@ import numpy as np
 
 from retromem import __version__
 from retromem.errors import ConfigError
-from service.common import ServiceError, invalid, rpc, shift_chunk
+from service.common import ServiceError, check_search_request, invalid, rpc, shift_chunk
 from service.config import ServerConfig
 from service.interceptors import Metrics
 from service.server import limits_msg, stream_search
@@ -188,18 +188,7 @@ class RouterServicer(pb_grpc.RetrievalServicer):
 
     def _search(self, req: pb.SearchRequest, context, prefix: str = "") -> tuple[list[pb.QueryResult], list[str]]:
         self._need("dense")
-        lim = self.limits
-        n = len(req.queries)
-        if n == 0:
-            raise invalid(f"`{prefix}queries` is empty: give at least one query")
-        if n > lim.max_batch:
-            raise invalid(f"`{prefix}queries` has {n:,} queries, more than max_batch={lim.max_batch:,}: "
-                          "send them in several requests over SearchStream")
-        if req.k == 0:
-            raise invalid(f"`{prefix}k` must be positive, got 0")
-        kmax = min(lim.max_k, int(self._info.dense.ntotal))
-        if req.k > kmax:
-            raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, f"`{prefix}k` is {req.k}; this server allows 1..{kmax}")
+        n = check_search_request(req, self.limits, self._info.dense.ntotal, prefix)
         for i, q in enumerate(req.queries):
             e = np.asarray(q.exclude_doc_ids, dtype=np.int64)
             bad = (e < 0) | (e >= self.num_docs)

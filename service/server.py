@@ -27,8 +27,8 @@ import numpy as np
 from retromem import __version__
 from retromem.errors import ConfigError, QueryError
 from service.batcher import DeadlinePassed, DenseBatcher, DenseItem
-from service.common import (SERVICE_NAME, ServiceError, check_deadline, chunk_msg, decode_text, fetch_flags, invalid,
-                            rpc)
+from service.common import (SERVICE_NAME, ServiceError, check_deadline, check_search_request, chunk_msg, decode_text,
+                            fetch_flags, invalid, rpc)
 from service.config import ServerConfig, ServiceLimits
 from service.interceptors import Metrics, MetricsInterceptor, TokenAuth
 from service.v1 import retrieval_pb2 as pb
@@ -189,17 +189,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def _dense_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
         dense = self._need("dense")
         lim = self.limits
-        n = len(req.queries)
-        if n == 0:
-            raise invalid(f"`{prefix}queries` is empty: give at least one query")
-        if n > lim.max_batch:
-            raise invalid(f"`{prefix}queries` has {n:,} queries, more than max_batch={lim.max_batch:,}: "
-                          "send them in several requests over SearchStream")
-        if req.k == 0:
-            raise invalid(f"`{prefix}k` must be positive, got 0")
-        kmax = min(lim.max_k, dense.ntotal)
-        if req.k > kmax:
-            raise ServiceError(OUT_OF_RANGE, f"`{prefix}k` is {req.k}; this server allows 1..{kmax}")
+        n = check_search_request(req, lim, dense.ntotal, prefix)
         x = np.zeros((n, dense.dim), np.float32)
         texts: dict[int, str] = {}
         exclude: list[np.ndarray | None] | None = None
