@@ -84,6 +84,23 @@ def check_search_request(req: pb.SearchRequest, limits: Any, ntotal: int, prefix
     return n
 
 
+def check_chunk_ids(chunk_ids: Any, limits: Any, num_chunks: int) -> np.ndarray:
+    """The ids of a GetChunks request, checked: some, no more than ``max_chunks``, each a chunk of
+    the datastore (NOT_FOUND names the first that is not)."""
+    n = len(chunk_ids)
+    if n == 0:
+        raise invalid("`chunk_ids` is empty: give at least one chunk id")
+    if n > limits.max_chunks:
+        raise invalid(f"`chunk_ids` has {n:,} ids, more than max_chunks={limits.max_chunks:,}")
+    ids = np.asarray(chunk_ids, dtype=np.int64)
+    bad = (ids < 0) | (ids >= num_chunks)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"`chunk_ids[{i}]` = {int(ids[i])} is not a chunk of this "
+                                                      f"datastore (ids are 0..{num_chunks - 1})")
+    return ids
+
+
 def decode_text(data: bytes, field: str, max_bytes: int, *, allow_empty: bool = False) -> str:
     """A query's UTF-8 text, checked: valid UTF-8, not empty (unless allowed), not too long."""
     if len(data) > max_bytes:

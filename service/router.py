@@ -26,7 +26,7 @@ import numpy as np
 
 from retromem import __version__
 from retromem.errors import ConfigError
-from service.common import ServiceError, check_search_request, invalid, rpc, shift_chunk
+from service.common import ServiceError, check_chunk_ids, check_search_request, invalid, rpc, shift_chunk
 from service.config import ServerConfig
 from service.interceptors import Metrics
 from service.server import limits_msg, stream_search
@@ -238,17 +238,7 @@ class RouterServicer(pb_grpc.RetrievalServicer):
     @rpc
     def GetChunks(self, request, context):
         self._need("datastore")
-        n = len(request.chunk_ids)
-        if n == 0:
-            raise invalid("`chunk_ids` is empty: give at least one chunk id")
-        if n > self.limits.max_chunks:
-            raise invalid(f"`chunk_ids` has {n:,} ids, more than max_chunks={self.limits.max_chunks:,}")
-        ids = np.asarray(request.chunk_ids, dtype=np.int64)
-        bad = (ids < 0) | (ids >= self.num_chunks)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"`chunk_ids[{i}]` = {int(ids[i])} is not a chunk of this "
-                                                          f"datastore (ids are 0..{self.num_chunks - 1})")
+        ids = check_chunk_ids(request.chunk_ids, self.limits, self.num_chunks)
         owner = np.searchsorted(self._chunk_starts, ids, side="right") - 1
         requests = {}
         for si in np.unique(owner).tolist():

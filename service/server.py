@@ -27,8 +27,8 @@ import numpy as np
 from retromem import __version__
 from retromem.errors import ConfigError, QueryError
 from service.batcher import DeadlinePassed, DenseBatcher, DenseItem
-from service.common import (SERVICE_NAME, ServiceError, check_deadline, check_search_request, chunk_msg, decode_text,
-                            fetch_flags, invalid, rpc)
+from service.common import (SERVICE_NAME, ServiceError, check_chunk_ids, check_deadline, check_search_request,
+                            chunk_msg, decode_text, fetch_flags, invalid, rpc)
 from service.config import ServerConfig, ServiceLimits
 from service.interceptors import Metrics, MetricsInterceptor, TokenAuth
 from service.v1 import retrieval_pb2 as pb
@@ -37,7 +37,6 @@ from service.v1 import retrieval_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
-NOT_FOUND = grpc.StatusCode.NOT_FOUND
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -268,17 +267,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         from index.types import fetch_payloads
 
         ds = self._need("datastore")
-        n = len(request.chunk_ids)
-        if n == 0:
-            raise invalid("`chunk_ids` is empty: give at least one chunk id")
-        if n > self.limits.max_chunks:
-            raise invalid(f"`chunk_ids` has {n:,} ids, more than max_chunks={self.limits.max_chunks:,}")
-        ids = np.asarray(request.chunk_ids, dtype=np.int64)
-        bad = (ids < 0) | (ids >= ds.num_chunks)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ServiceError(NOT_FOUND, f"`chunk_ids[{i}]` = {int(ids[i])} is not a chunk of this datastore "
-                                          f"(ids are 0..{ds.num_chunks - 1})")
+        ids = check_chunk_ids(request.chunk_ids, self.limits, ds.num_chunks)
         flags = fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True)
         payloads = fetch_payloads(ds, ids, text="text" in flags, tokens="tokens" in flags,
                                   continuation="continuation" in flags)
