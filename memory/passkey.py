@@ -74,6 +74,7 @@ class PasskeyExample:
     answer_start: int  # index of the first answer token
     needle_start: int  # index of the first needle token
     key: str
+    needle_len: int  # tokens of the needle
 
 
 def make_passkey(tokenizer: Any, length: int, depth: float, haystack: list[int], rng: random.Random,
@@ -94,4 +95,4 @@ def make_passkey(tokenizer: Any, length: int, depth: float, haystack: list[int],
     cut = round(depth * n_hay)
     ids = prefix + hay[:cut] + needle + hay[cut:] + question + answer
     assert len(ids) == length
-    return PasskeyExample(ids, length - len(answer), len(prefix) + cut, key)
+    return PasskeyExample(ids, length - len(answer), len(prefix) + cut, key, len(needle))

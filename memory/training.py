@@ -55,6 +55,10 @@ class MemoryTrainConfig:
     train_base: with no LoRA, also train every base weight (else only the memory parameters).
     memory_lr: learning rate of the gates / summary embeddings (weight decay 0 for them).
     gate_warn_after: steps after which gates still at 0.5 (or saturated) raise a warning.
+    needle_min_compressions: passkey data only: the whole needle lies at least this many segment
+        boundaries before the question (0: anywhere, so some examples are answerable by local
+        attention alone and teach the memory nothing). Needs a fixed segment length (Infini-attention,
+        or an AutoCompressor with segment_min == segment_max).
     """
 
     output_dir: str
@@ -82,6 +86,7 @@ class MemoryTrainConfig:
     seed: int = 0
     threads: int = 2
     gate_warn_after: int = 20
+    needle_min_compressions: int = 0
 
     def __post_init__(self) -> None:
         if self.module not in ("infini", "autocompressor"):
@@ -104,6 +109,11 @@ class MemoryTrainConfig:
                 raise ConfigError(f"`{name}` must be a positive number, got {v!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
+        n = self.needle_min_compressions
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"`needle_min_compressions` must be a non-negative integer, got {n!r}")
+        if n and self.data != "passkey":
+            raise ConfigError("`needle_min_compressions` applies to `data: passkey` only")
         self.module_config()  # validate the module's own settings now, not after the model loads
 
     def module_config(self):
@@ -119,6 +129,13 @@ class MemoryTrainConfig:
             return cls(**kw)
         except ValueError as exc:
             raise ConfigError(f"`{self.module}`: {exc}") from exc
+
+    def segment_length(self) -> int | None:
+        """The fixed segment length of the module, or None where segments vary in length."""
+        mc = self.module_config()
+        if self.module == "infini":
+            return mc.segment_length
+        return mc.segment_max if mc.segment_min == mc.segment_max or not mc.randomize_segments else None
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
@@ -160,23 +177,45 @@ class MemoryDataset(torch.utils.data.Dataset):
     """Fixed-length training examples of real text: passkey (answer-only labels) or plain text."""
 
     def __init__(self, cfg: MemoryTrainConfig, tokenizer: Any) -> None:
-        from memory.passkey import make_passkey, token_stream
+        from memory.passkey import PasskeyExample, token_stream
 
         rng = random.Random(cfg.seed)
         n = cfg.train_length
         # haystack / text from documents after the first 50, so evaluation (which uses the first
         # documents' text) does not test on training text
         stream = token_stream(tokenizer, max(4 * n, min(cfg.num_examples * n, 400_000)), cfg.corpus, skip_docs=50)
+        seg = cfg.segment_length() if cfg.needle_min_compressions else None
+        if cfg.needle_min_compressions and seg is None:
+            raise ConfigError("`needle_min_compressions` needs a fixed segment length; this AutoCompressor's "
+                              "segment_min and segment_max differ")
         self.items: list[tuple[list[int], list[int]]] = []
+        self.passkeys: list[PasskeyExample] = []  # passkey data: where each needle and answer lie
         for i in range(cfg.num_examples):
             if cfg.data == "passkey":
-                ex = make_passkey(tokenizer, n, rng.random(), stream, rng)
+                ex = self._passkey(tokenizer, n, stream, rng, seg, cfg.needle_min_compressions)
+                self.passkeys.append(ex)
                 labels = [-100] * ex.answer_start + ex.input_ids[ex.answer_start:]
                 self.items.append((ex.input_ids, labels))
             else:
                 off = rng.randrange(0, len(stream) - n)
                 ids = stream[off:off + n]
                 self.items.append((ids, ids))
+
+    @staticmethod
+    def _passkey(tokenizer: Any, n: int, stream: list[int], rng: random.Random, seg: int | None, min_back: int):
+        """A passkey example; with ``min_back`` the needle's depth is drawn from the depths that put
+        the whole needle at least ``min_back`` segment boundaries before the question."""
+        from memory.passkey import make_passkey
+
+        if not min_back:
+            return make_passkey(tokenizer, n, rng.random(), stream, rng)
+        for _ in range(1000):
+            ex = make_passkey(tokenizer, n, rng.random(), stream, rng)
+            needle_last = ex.needle_start + ex.needle_len - 1
+            if (ex.answer_start - 1) // seg - needle_last // seg >= min_back:
+                return ex
+        raise ConfigError(f"no passkey example of {n} tokens puts the needle {min_back} segment(s) of {seg} tokens "
+                          f"before the question: raise `train_length` or lower `needle_min_compressions`")
 
     def __len__(self) -> int:
         return len(self.items)

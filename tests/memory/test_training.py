@@ -146,3 +146,38 @@ def test_config_errors_name_the_field(tmp_path):
     bad.write_text(f"output_dir: {tmp_path / 'o'}\nmodel: {d}\ntokenizer: gpt2\nmodule: infini\n")
     r = CliRunner().invoke(main, ["memory", "train", "--config", str(bad)])
     assert r.exit_code == 2 and "model_type" in r.output
+
+
+def test_passkey_needle_min_compressions_puts_every_needle_in_an_earlier_segment(tmp_path):
+    from datastore.tokenizer import load_hf_tokenizer
+    from memory.passkey import NEEDLE
+    from memory.training import MemoryDataset, MemoryTrainConfig
+    from retromem.errors import ConfigError
+
+    tok = load_hf_tokenizer("gpt2")
+
+    def spans(cfg):  # (segment of the first answer prediction, segment of the needle's last token)
+        ds = MemoryDataset(cfg, tok)
+        assert len(ds.passkeys) == cfg.num_examples
+        for ex, (ids, labels) in zip(ds.passkeys, ds.items):
+            assert ids[ex.needle_start:ex.needle_start + ex.needle_len] == tok(NEEDLE.format(key=ex.key))["input_ids"]
+            assert labels[ex.answer_start - 1] == -100 and labels[ex.answer_start] == ids[ex.answer_start]
+        return [((ex.answer_start - 1) // 32, (ex.needle_start + ex.needle_len - 1) // 32) for ex in ds.passkeys]
+
+    base = dict(output_dir=str(tmp_path), module="infini", infini={"segment_length": 32}, train_length=160,
+                num_examples=40)
+    anywhere = spans(MemoryTrainConfig(**base))
+    assert any(q == n for q, n in anywhere)  # without the option some needles share the question's segment
+    for min_back in (1, 3):
+        placed = spans(MemoryTrainConfig(**base, needle_min_compressions=min_back))
+        assert all(q - n >= min_back for q, n in placed), placed
+    with pytest.raises(ConfigError, match="needle_min_compressions"):
+        MemoryDataset(MemoryTrainConfig(**base, needle_min_compressions=5), tok)  # 160 tokens cannot hold 5 boundaries
+    with pytest.raises(ConfigError, match="needle_min_compressions"):
+        MemoryTrainConfig(**base, needle_min_compressions=-1)
+    with pytest.raises(ConfigError, match="passkey"):
+        MemoryTrainConfig(**{**base, "data": "text"}, needle_min_compressions=1)
+    with pytest.raises(ConfigError, match="fixed segment length"):
+        MemoryDataset(MemoryTrainConfig(output_dir=str(tmp_path), module="autocompressor", train_length=160,
+                                        num_examples=2, needle_min_compressions=1,
+                                        autocompressor={"segment_min": 32, "segment_max": 48}), tok)
