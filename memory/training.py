@@ -130,12 +130,15 @@ class MemoryTrainConfig:
         except ValueError as exc:
             raise ConfigError(f"`{self.module}`: {exc}") from exc
 
-    def segment_length(self) -> int | None:
-        """The fixed segment length of the module, or None where segments vary in length."""
-        mc = self.module_config()
-        if self.module == "infini":
-            return mc.segment_length
-        return mc.segment_max if mc.segment_min == mc.segment_max or not mc.randomize_segments else None
+
+def fixed_segment_length(module_config: Any) -> int | None:
+    """The segment length a memory module always uses in training, or None where it varies."""
+    from memory.infini_attention import InfiniAttentionConfig
+
+    if isinstance(module_config, InfiniAttentionConfig):
+        return module_config.segment_length
+    mc = module_config
+    return mc.segment_max if mc.segment_min == mc.segment_max or not mc.randomize_segments else None
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
@@ -160,6 +163,14 @@ def build_model(cfg: MemoryTrainConfig):
     cls = InfiniAttentionLM if cfg.module == "infini" else AutoCompressorLM
     if is_saved_memory_model(cfg.model):
         model = cls.from_pretrained(cfg.model)
+        # a saved model keeps its own module settings; settings in the config must agree with them
+        given = cfg.infini if cfg.module == "infini" else cfg.autocompressor
+        saved = asdict(model.memory_config)
+        clash = {k: (v, saved[k]) for k, v in given.items() if saved.get(k) != v}
+        if clash:
+            raise ConfigError(f"`{cfg.module}` settings {', '.join(f'{k}={v!r}' for k, (v, _) in clash.items())} differ "
+                              f"from those of the saved model {cfg.model} "
+                              f"({', '.join(f'{k}={s!r}' for k, (_, s) in clash.items())}); drop them or make them match")
         tok = load_hf_tokenizer(cfg.tokenizer or cfg.model)
     elif cfg.tokenizer:
         from transformers import AutoModelForCausalLM
@@ -176,7 +187,8 @@ def build_model(cfg: MemoryTrainConfig):
 class MemoryDataset(torch.utils.data.Dataset):
     """Fixed-length training examples of real text: passkey (answer-only labels) or plain text."""
 
-    def __init__(self, cfg: MemoryTrainConfig, tokenizer: Any) -> None:
+    def __init__(self, cfg: MemoryTrainConfig, tokenizer: Any, segment_length: int | None = None) -> None:
+        """``segment_length``: the model's fixed segment length (needle placement); default: the config's."""
         from memory.passkey import PasskeyExample, token_stream
 
         rng = random.Random(cfg.seed)
@@ -184,10 +196,12 @@ class MemoryDataset(torch.utils.data.Dataset):
         # haystack / text from documents after the first 50, so evaluation (which uses the first
         # documents' text) does not test on training text
         stream = token_stream(tokenizer, max(4 * n, min(cfg.num_examples * n, 400_000)), cfg.corpus, skip_docs=50)
-        seg = cfg.segment_length() if cfg.needle_min_compressions else None
-        if cfg.needle_min_compressions and seg is None:
-            raise ConfigError("`needle_min_compressions` needs a fixed segment length; this AutoCompressor's "
-                              "segment_min and segment_max differ")
+        seg = None
+        if cfg.needle_min_compressions:
+            seg = segment_length or fixed_segment_length(cfg.module_config())
+            if seg is None:
+                raise ConfigError("`needle_min_compressions` needs a fixed segment length; this AutoCompressor draws "
+                                  "segment lengths between segment_min and segment_max")
         self.items: list[tuple[list[int], list[int]]] = []
         self.passkeys: list[PasskeyExample] = []  # passkey data: where each needle and answer lie
         for i in range(cfg.num_examples):
@@ -382,7 +396,7 @@ def train(cfg: MemoryTrainConfig, resume: bool = False) -> TrainResult:
     trainable = set_trainable(model, cfg)
     logger.info("trainable parameters: %d memory, %d other", trainable["memory"], trainable["other"])
     model.train()
-    dataset = MemoryDataset(cfg, tok)
+    dataset = MemoryDataset(cfg, tok, fixed_segment_length(model.memory_config))
     trainer = make_trainer(cfg, model, tok, dataset)
     last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     if resume and last is None:

@@ -105,6 +105,12 @@ def test_train_infini_with_lora_checkpoints_resume_and_eval(tmp_path, tiny_dir, 
     assert max(comps) == 4 and min(comps) >= 0  # needle at 0% of 160 tokens, segments of 32: 4 boundaries
     assert set(res["summary"]["perplexity"]) == {"memory", "knocked_out", "full"}
     assert (ev / "passkey.png").stat().st_size > 1000 and (ev / "perplexity.png").is_file()
+    # continuing from the saved model: its own settings rule, and a config that contradicts them is refused
+    cont = tmp_path / "continue.yaml"
+    cont.write_text(f"output_dir: {tmp_path / 'cont'}\nmodel: {out / 'final'}\ntokenizer: gpt2\nmodule: infini\n"
+                    "infini:\n  segment_length: 64\n")
+    r = CliRunner().invoke(main, ["memory", "train", "--config", str(cont)])
+    assert r.exit_code == 2 and "segment_length=64" in r.output and "segment_length=32" in r.output, r.output
 
 
 def test_train_autocompressor_gpt2(tmp_path):
