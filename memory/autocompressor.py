@@ -169,7 +169,8 @@ class AutoCompressorLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, softprompt: torch.Tensor | None = None,
                 segment_lengths: list[int] | None = None, output_softprompt: bool = False,
-                keep_logits: Literal["all", "last", "none"] = "all", **unused: Any) -> AutoCompressorOutput:
+                keep_logits: Literal["all", "last", "none"] = "all", label_weights: torch.Tensor | None = None,
+                **unused: Any) -> AutoCompressorOutput:
         """Run ``input_ids`` (B, L) segment by segment.
 
         softprompt: (B or 1, P, hidden) summary vectors made earlier (e.g. by :meth:`compress`),
@@ -179,6 +180,7 @@ class AutoCompressorLM(nn.Module):
             uses no summary tokens at all, and then equals the base model.
         output_softprompt: also compress the last segment and return the whole soft prompt
             (given soft prompt + every segment's summaries), to pass back later.
+        label_weights: (B, L) weights of the labels' cross-entropy (see ``SegmentLoss``).
         """
         unknown = {k for k, v in unused.items() if v is not None and k not in ("attention_mask", "num_items_in_batch")}
         if unknown:
@@ -194,7 +196,7 @@ class AutoCompressorLM(nn.Module):
         embed = self.base.get_input_embeddings()
         lm_head = self.base.get_output_embeddings()
         summaries: list[torch.Tensor] = []
-        loss = SegmentLoss(labels)
+        loss = SegmentLoss(labels, label_weights)
         kept: list[torch.Tensor] = []
         for i, (start, end) in enumerate(bounds):
             if window is not None and i > 0 and i % (window + 1) == 0:

@@ -69,25 +69,40 @@ class SegmentLoss:
     The last logit of segment s predicts the first label of segment s+1, so the loss over a
     segmented pass equals the loss of one pass over the whole sequence (labels shifted by one,
     -100 ignored) while only one segment's logits exist at a time.
+
+    ``weights`` (same shape as labels, >= 0) weight each label's cross-entropy: the loss is then
+    Σ w·CE / Σ w over the labels that are not ignored (None: every label weighs 1, the mean).
     """
 
-    def __init__(self, labels: torch.Tensor | None) -> None:
+    def __init__(self, labels: torch.Tensor | None, weights: torch.Tensor | None = None) -> None:
+        if weights is not None:
+            if labels is None or weights.shape != labels.shape:
+                raise ValueError(f"`label_weights` must have the shape of labels "
+                                 f"{None if labels is None else tuple(labels.shape)}, got {tuple(weights.shape)}")
+            if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+                raise ValueError("`label_weights` must be finite and >= 0")
         self.labels = labels
+        self.weights = weights
         self.total: torch.Tensor | None = None
-        self.count = 0
+        self.count: float | torch.Tensor = 0
 
     def add(self, logits: torch.Tensor, start: int, end: int) -> None:
         if self.labels is None:
             return
         target = self.labels[:, start + 1:end + 1]  # (B, <=T): the last segment has one fewer target
         logits = logits[:, :target.shape[1]]
-        n = int((target != -100).sum())
-        if n == 0:
+        if int((target != -100).sum()) == 0:
             return
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        if self.weights is None:
+            loss = F.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="sum")
+            n: float | torch.Tensor = int((target != -100).sum())
+        else:
+            w = self.weights[:, start + 1:end + 1].reshape(-1).float() * (target.reshape(-1) != -100)
+            loss = (F.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="none") * w).sum()
+            n = w.sum()
         self.total = loss if self.total is None else self.total + loss
-        self.count += n
+        self.count = self.count + n
 
     def value(self) -> torch.Tensor | None:
         if self.total is None:

@@ -282,7 +282,8 @@ class InfiniAttentionLM(nn.Module):
     # -- running ------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, memory: InfiniMemory | None = None,
-                keep_logits: Literal["all", "last", "none"] = "last", **unused: Any) -> InfiniOutput:
+                keep_logits: Literal["all", "last", "none"] = "last", label_weights: torch.Tensor | None = None,
+                **unused: Any) -> InfiniOutput:
         """Run ``input_ids`` (B, L) segment by segment.
 
         labels: (B, L) token ids (-100 ignored); the loss is next-token cross-entropy over the
@@ -290,6 +291,7 @@ class InfiniAttentionLM(nn.Module):
         memory: state from an earlier call (streaming); a fresh one if None.
         keep_logits: "all" returns (B, L, V) logits, "last" only (B, 1, V), "none" nothing
             (long inputs: the full logits of 64K tokens would take gigabytes).
+        label_weights: (B, L) weights of the labels' cross-entropy (see ``SegmentLoss``).
         """
         unknown = {k for k, v in unused.items() if v is not None and k not in ("attention_mask", "num_items_in_batch")}
         if unknown:
@@ -301,7 +303,7 @@ class InfiniAttentionLM(nn.Module):
             raise ValueError(f"`labels` must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         memory = memory if memory is not None else InfiniMemory()
         seg = self.memory_config.segment_length
-        loss = SegmentLoss(labels)
+        loss = SegmentLoss(labels, label_weights)
         kept: list[torch.Tensor] = []
         L = input_ids.shape[1]
         for i, start in enumerate(range(0, L, seg)):

@@ -59,6 +59,12 @@ class MemoryTrainConfig:
         boundaries before the question (0: anywhere, so some examples are answerable by local
         attention alone and teach the memory nothing). Needs a fixed segment length (Infini-attention,
         or an AutoCompressor with segment_min == segment_max).
+    local_needle_share: passkey data only: this share of the examples have their needle in the
+        question's own segment (so that the model keeps answering from local attention when the
+        needle is near); needle_min_compressions applies to the rest.
+    passkey_text_weight: passkey data only: the share of each example's loss given to next-token
+        prediction of its text (haystack, needle, question); the answer gets the rest. 0 trains on
+        the answer alone, which lets the model forget language modelling (perplexity explodes).
     """
 
     output_dir: str
@@ -87,6 +93,8 @@ class MemoryTrainConfig:
     threads: int = 2
     gate_warn_after: int = 20
     needle_min_compressions: int = 0
+    local_needle_share: float = 0.0
+    passkey_text_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.module not in ("infini", "autocompressor"):
@@ -114,6 +122,12 @@ class MemoryTrainConfig:
             raise ConfigError(f"`needle_min_compressions` must be a non-negative integer, got {n!r}")
         if n and self.data != "passkey":
             raise ConfigError("`needle_min_compressions` applies to `data: passkey` only")
+        for name in ("local_needle_share", "passkey_text_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"`{name}` must be a number in [0, 1), got {v!r}")
+            if v and self.data != "passkey":
+                raise ConfigError(f"`{name}` applies to `data: passkey` only")
         self.module_config()  # validate the module's own settings now, not after the model loads
 
     def module_config(self):
@@ -197,18 +211,26 @@ class MemoryDataset(torch.utils.data.Dataset):
         # documents' text) does not test on training text
         stream = token_stream(tokenizer, max(4 * n, min(cfg.num_examples * n, 400_000)), cfg.corpus, skip_docs=50)
         seg = None
-        if cfg.needle_min_compressions:
+        if cfg.needle_min_compressions or cfg.local_needle_share:
             seg = segment_length or fixed_segment_length(cfg.module_config())
             if seg is None:
-                raise ConfigError("`needle_min_compressions` needs a fixed segment length; this AutoCompressor draws "
+                raise ConfigError("`needle_min_compressions` / `local_needle_share` need a fixed segment length; this AutoCompressor draws "
                                   "segment lengths between segment_min and segment_max")
         self.items: list[tuple[list[int], list[int]]] = []
+        self.weights: list[list[float]] = []  # per-label loss weights (passkey_text_weight > 0)
         self.passkeys: list[PasskeyExample] = []  # passkey data: where each needle and answer lie
         for i in range(cfg.num_examples):
             if cfg.data == "passkey":
-                ex = self._passkey(tokenizer, n, stream, rng, seg, cfg.needle_min_compressions)
+                local = cfg.local_needle_share > 0 and rng.random() < cfg.local_needle_share
+                ex = self._passkey(tokenizer, n, stream, rng, seg, 0 if local else cfg.needle_min_compressions, local)
                 self.passkeys.append(ex)
-                labels = [-100] * ex.answer_start + ex.input_ids[ex.answer_start:]
+                tw = cfg.passkey_text_weight
+                if tw:
+                    labels = list(ex.input_ids)
+                    n_text, n_answer = ex.answer_start - 1, n - ex.answer_start  # label 0 is never predicted
+                    self.weights.append([0.0] + [tw / n_text] * n_text + [(1 - tw) / n_answer] * n_answer)
+                else:
+                    labels = [-100] * ex.answer_start + ex.input_ids[ex.answer_start:]
                 self.items.append((ex.input_ids, labels))
             else:
                 off = rng.randrange(0, len(stream) - n)
@@ -216,18 +238,23 @@ class MemoryDataset(torch.utils.data.Dataset):
                 self.items.append((ids, ids))
 
     @staticmethod
-    def _passkey(tokenizer: Any, n: int, stream: list[int], rng: random.Random, seg: int | None, min_back: int):
+    def _passkey(tokenizer: Any, n: int, stream: list[int], rng: random.Random, seg: int | None, min_back: int,
+                 local: bool = False):
         """A passkey example; with ``min_back`` the needle's depth is drawn from the depths that put
-        the whole needle at least ``min_back`` segment boundaries before the question."""
+        the whole needle at least ``min_back`` segment boundaries before the question, with ``local``
+        from those that put it inside the question's own segment."""
         from memory.passkey import make_passkey
 
-        if not min_back:
+        if not min_back and not local:
             return make_passkey(tokenizer, n, rng.random(), stream, rng)
         for _ in range(1000):
             ex = make_passkey(tokenizer, n, rng.random(), stream, rng)
-            needle_last = ex.needle_start + ex.needle_len - 1
-            if (ex.answer_start - 1) // seg - needle_last // seg >= min_back:
+            question_seg, needle_last = (ex.answer_start - 1) // seg, ex.needle_start + ex.needle_len - 1
+            if (ex.needle_start // seg == question_seg) if local else (question_seg - needle_last // seg >= min_back):
                 return ex
+        if local:
+            raise ConfigError(f"no passkey example of {n} tokens fits the needle into the question's segment of {seg} "
+                              "tokens: lower `local_needle_share` to 0 or raise the segment length")
         raise ConfigError(f"no passkey example of {n} tokens puts the needle {min_back} segment(s) of {seg} tokens "
                           f"before the question: raise `train_length` or lower `needle_min_compressions`")
 
@@ -236,7 +263,10 @@ class MemoryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids, labels = self.items[i]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if self.weights:
+            item["label_weights"] = torch.tensor(self.weights[i])
+        return item
 
 
 # -- LoRA -----------------------------------------------------------------------------------------

@@ -162,13 +162,13 @@ def test_passkey_needle_min_compressions_puts_every_needle_in_an_earlier_segment
 
     tok = load_hf_tokenizer("gpt2")
 
-    def spans(cfg):  # (segment of the first answer prediction, segment of the needle's last token)
+    def spans(cfg, seg=32):  # (segment of the first answer prediction, segment of the needle's last token)
         ds = MemoryDataset(cfg, tok)
         assert len(ds.passkeys) == cfg.num_examples
         for ex, (ids, labels) in zip(ds.passkeys, ds.items):
             assert ids[ex.needle_start:ex.needle_start + ex.needle_len] == tok(NEEDLE.format(key=ex.key))["input_ids"]
             assert labels[ex.answer_start - 1] == -100 and labels[ex.answer_start] == ids[ex.answer_start]
-        return [((ex.answer_start - 1) // 32, (ex.needle_start + ex.needle_len - 1) // 32) for ex in ds.passkeys]
+        return [((ex.answer_start - 1) // seg, (ex.needle_start + ex.needle_len - 1) // seg) for ex in ds.passkeys]
 
     base = dict(output_dir=str(tmp_path), module="infini", infini={"segment_length": 32}, train_length=160,
                 num_examples=40)
@@ -179,11 +179,73 @@ def test_passkey_needle_min_compressions_puts_every_needle_in_an_earlier_segment
         assert all(q - n >= min_back for q, n in placed), placed
     with pytest.raises(ConfigError, match="needle_min_compressions"):
         MemoryDataset(MemoryTrainConfig(**base, needle_min_compressions=5), tok)  # 160 tokens cannot hold 5 boundaries
+    # a share of the needles in the question's own segment, the rest at least one boundary back
+    mixed = spans(MemoryTrainConfig(**{**base, "infini": {"segment_length": 64}, "train_length": 192},
+                                    needle_min_compressions=1, local_needle_share=0.3), seg=64)
+    n_local = sum(q == n for q, n in mixed)
+    assert 0 < n_local < len(mixed) and all(q == n or q - n >= 1 for q, n in mixed)
     with pytest.raises(ConfigError, match="needle_min_compressions"):
         MemoryTrainConfig(**base, needle_min_compressions=-1)
+    with pytest.raises(ConfigError, match="local_needle_share"):
+        MemoryTrainConfig(**base, local_needle_share=1.5)
+    with pytest.raises(ConfigError, match="question's segment"):  # 32 tokens cannot hold needle and question
+        MemoryDataset(MemoryTrainConfig(**base, local_needle_share=0.5), tok)
     with pytest.raises(ConfigError, match="passkey"):
         MemoryTrainConfig(**{**base, "data": "text"}, needle_min_compressions=1)
     with pytest.raises(ConfigError, match="fixed segment length"):
         MemoryDataset(MemoryTrainConfig(output_dir=str(tmp_path), module="autocompressor", train_length=160,
                                         num_examples=2, needle_min_compressions=1,
                                         autocompressor={"segment_min": 32, "segment_max": 48}), tok)
+
+
+def test_passkey_text_weight_splits_each_example_loss_between_text_and_answer(tmp_path):
+    from datastore.tokenizer import load_hf_tokenizer
+    from memory.training import MemoryDataset, MemoryTrainConfig
+    from retromem.errors import ConfigError
+
+    tok = load_hf_tokenizer("gpt2")
+    cfg = MemoryTrainConfig(output_dir=str(tmp_path), infini={"segment_length": 32}, train_length=96, num_examples=6,
+                            passkey_text_weight=0.25)
+    ds = MemoryDataset(cfg, tok)
+    for i, ex in enumerate(ds.passkeys):
+        item = ds[i]
+        w = item["label_weights"]
+        assert torch.equal(item["labels"], item["input_ids"])  # every token is a target
+        assert w[0] == 0 and torch.isclose(w.sum(), torch.tensor(1.0))
+        assert torch.isclose(w[ex.answer_start:].sum(), torch.tensor(0.75))  # the answer keeps 1 - 0.25
+        assert torch.isclose(w[1:ex.answer_start].sum(), torch.tensor(0.25))
+    plain = MemoryDataset(MemoryTrainConfig(output_dir=str(tmp_path), infini={"segment_length": 32}, train_length=96,
+                                            num_examples=6), tok)
+    assert "label_weights" not in plain[0] and int((plain[0]["labels"] != -100).sum()) == 96 - plain.passkeys[0].answer_start
+    with pytest.raises(ConfigError, match="passkey_text_weight"):
+        MemoryTrainConfig(output_dir=str(tmp_path), passkey_text_weight=1.0)
+    with pytest.raises(ConfigError, match="applies to `data: passkey`"):
+        MemoryTrainConfig(output_dir=str(tmp_path), data="text", passkey_text_weight=0.5)
+
+
+def test_segment_loss_weights_each_label():
+    import torch.nn.functional as F
+
+    from memory.common import SegmentLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 10, 7)
+    labels = torch.randint(0, 7, (2, 10))
+    labels[0, 3] = -100
+    w = torch.rand(2, 10)
+    loss = SegmentLoss(labels, w)
+    for start in range(0, 10, 4):  # segments of 4: the same loss as one pass over the whole input
+        loss.add(logits[:, start:start + 4], start, min(start + 4, 10))
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+    keep = (labels[:, 1:] != -100).reshape(-1).float()
+    expected = (ce * w[:, 1:].reshape(-1) * keep).sum() / (w[:, 1:].reshape(-1) * keep).sum()
+    torch.testing.assert_close(loss.value(), expected)
+    ones = SegmentLoss(labels, torch.ones(2, 10))
+    plain = SegmentLoss(labels)
+    for seg_loss in (ones, plain):
+        seg_loss.add(logits, 0, 10)
+    torch.testing.assert_close(ones.value(), plain.value())
+    with pytest.raises(ValueError, match="label_weights"):
+        SegmentLoss(labels, torch.ones(2, 9))
+    with pytest.raises(ValueError, match="label_weights"):
+        SegmentLoss(labels, -torch.ones(2, 10))
