@@ -51,7 +51,7 @@ class MemoryTrainConfig:
 
     model: base causal LM (built-in name, local directory) or a saved memory model directory.
     tokenizer: defaults to the model's own; a built-in name ("smollm2-135m", "gpt2") or directory.
-    data: "passkey" (loss on the answer only) or "text" (next-token loss on real long text).
+    data: "passkey" (loss on the answer, see passkey_text_weight) or "text" (next-token loss on real long text).
     train_base: with no LoRA, also train every base weight (else only the memory parameters).
     memory_lr: learning rate of the gates / summary embeddings (weight decay 0 for them).
     gate_warn_after: steps after which gates still at 0.5 (or saturated) raise a warning.
@@ -199,7 +199,8 @@ def build_model(cfg: MemoryTrainConfig):
 
 
 class MemoryDataset(torch.utils.data.Dataset):
-    """Fixed-length training examples of real text: passkey (answer-only labels) or plain text."""
+    """Fixed-length training examples of real text: passkey (the answer as labels; with
+    ``passkey_text_weight`` every token, weighted) or plain text."""
 
     def __init__(self, cfg: MemoryTrainConfig, tokenizer: Any, segment_length: int | None = None) -> None:
         """``segment_length``: the model's fixed segment length (needle placement); default: the config's."""
