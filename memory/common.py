@@ -84,25 +84,23 @@ class SegmentLoss:
         self.labels = labels
         self.weights = weights
         self.total: torch.Tensor | None = None
-        self.count: float | torch.Tensor = 0
+        self.count: torch.Tensor | float = 0.0
 
     def add(self, logits: torch.Tensor, start: int, end: int) -> None:
         if self.labels is None:
             return
-        target = self.labels[:, start + 1:end + 1]  # (B, <=T): the last segment has one fewer target
-        logits = logits[:, :target.shape[1]]
-        if int((target != -100).sum()) == 0:
+        labels = self.labels[:, start + 1:end + 1]  # (B, <=T): the last segment has one fewer target
+        target = labels.reshape(-1)
+        w = (target != -100).float()
+        if not bool(w.any()):
             return
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        if self.weights is None:
-            loss = F.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="sum")
-            n: float | torch.Tensor = int((target != -100).sum())
-        else:
-            w = self.weights[:, start + 1:end + 1].reshape(-1).float() * (target.reshape(-1) != -100)
-            loss = (F.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="none") * w).sum()
-            n = w.sum()
+        if self.weights is not None:
+            w = w * self.weights[:, start + 1:end + 1].reshape(-1).float()
+        logits = logits[:, :labels.shape[1]]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, ignore_index=-100, reduction="none")
+        loss = (ce * w).sum()
         self.total = loss if self.total is None else self.total + loss
-        self.count = self.count + n
+        self.count = self.count + w.sum()
 
     def value(self) -> torch.Tensor | None:
         if self.total is None:
