@@ -96,7 +96,7 @@ def tokenization_comparison(paths: list[str], tokenizer_dir: Path, limit_bytes: 
     os.environ["RAYON_NUM_THREADS"] = "1"
     from transformers import AutoTokenizer
 
-    from datastore.tokenizer import BatchTokenizer
+    from retromem.datastore.tokenizer import BatchTokenizer
 
     texts, size = [], 0
     for p in paths:
@@ -119,7 +119,7 @@ def tokenization_comparison(paths: list[str], tokenizer_dir: Path, limit_bytes: 
 
 
 def fetch_benchmark(path: Path, n: int = 200_000) -> dict:
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     ds = Datastore.open(path)
     rng = np.random.default_rng(0)

@@ -90,7 +90,7 @@ def main() -> None:
     n = emb_meta["num_vectors"]
 
     factories = args.factory or ["IVF{nlist},SQ8", "IVF{nlist2},SQ8", "HNSW32_SQ8", "IVF{nlist},PQ48"]
-    from index.factory import _pow2_nlist
+    from retromem.index.factory import _pow2_nlist
 
     nlist = _pow2_nlist(n)
     results = []

@@ -28,8 +28,8 @@ def child(mode: str, length: int, segment: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
-    from memory.passkey import token_stream
+    from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.memory.passkey import token_stream
     from retromem.models import load_causal_lm
 
     model, tok = load_causal_lm("smollm2-135m")

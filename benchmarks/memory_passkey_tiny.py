@@ -79,7 +79,7 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
 
     base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256))

@@ -26,8 +26,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
-    from memory.passkey import token_stream
+    from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.memory.passkey import token_stream
     from retromem.models import load_causal_lm
 
     base, tok = load_causal_lm("smollm2-135m")

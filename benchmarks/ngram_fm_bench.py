@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from datastore import Datastore
-    from index.fm_index import FMIndex, build_fm_index
-    from index.ngram import NgramIndex
+    from retromem.datastore import Datastore
+    from retromem.index.fm_index import FMIndex, build_fm_index
+    from retromem.index.ngram import NgramIndex
 
     ds = Datastore.open(args.datastore)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -38,11 +38,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from datastore import Datastore
-    from retro.data import NeighbourTable
-    from retro.evaluation import RetroEvalConfig, evaluate
-    from retro.neighbours import NeighboursConfig, compute_neighbours
-    from retro.training import load_retro_model, load_train_config, train
+    from retromem.datastore import Datastore
+    from retromem.retro.neighbours import NeighbourTable
+    from retromem.retro.evaluation import RetroEvalConfig, evaluate
+    from retromem.retro.neighbours import NeighboursConfig, compute_neighbours
+    from retromem.retro.loading import load_retro_model
+    from retromem.retro.training import load_train_config, train
     from retromem.models import load_causal_lm
 
     cfg = load_train_config(args.config)

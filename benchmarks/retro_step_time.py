@@ -26,7 +26,7 @@ import torch
 
 
 def batch(ds, n_seq: int, seq_chunks: int, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    from retro.data import neighbour_arrays
+    from retromem.retro.data import neighbour_arrays
 
     rng = np.random.default_rng(seed)
     starts = rng.choice(ds.num_chunks - seq_chunks, n_seq, replace=False)
@@ -68,8 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from datastore import Datastore
-    from retro import retro_config_for, retrofit, trainable_fraction
+    from retromem.datastore import Datastore
+    from retromem.retro import retro_config_for, retrofit, trainable_fraction
     from retromem.models import load_causal_lm
 
     ds = Datastore.open(args.datastore)

@@ -82,8 +82,8 @@ def _client_proc(target: str, method: str, req_type: str, reqs: list[bytes], tim
     """One load-generating process: its own channel, ``threads`` closed-loop threads (see --client-procs)."""
     import grpc
 
-    from service.v1 import retrieval_pb2 as pb
-    from service.v1 import retrieval_pb2_grpc as pb_grpc
+    from retromem.service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
     ch = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
     grpc.channel_ready_future(ch).result(timeout=30)
@@ -180,11 +180,11 @@ def main() -> None:
         import faiss
 
         faiss.omp_set_num_threads(args.faiss_threads)
-    from index.types import fetch_payloads
-    from service.config import ServerConfig
-    from service.server import Backend
-    from service.v1 import retrieval_pb2 as pb
-    from service.v1 import retrieval_pb2_grpc as pb_grpc
+    from retromem.index.types import fetch_payloads
+    from retromem.service.config import ServerConfig
+    from retromem.service.servicer import Backend
+    from retromem.service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
     b = Backend.open(ServerConfig(datastore=args.datastore, dense=args.dense, ngram=args.ngram))
     ds, dense, ng = b.datastore, b.dense, b.ngram

@@ -6,7 +6,7 @@ chunks, stored as Parquet shards with a manifest plus memory-mapped arrays for O
 >>> tokens, lengths = ds.neighbour_tokens([0, 1, 2])   # chunk + continuation, RETRO's unit
 """
 
-from datastore.pipeline import BuildConfig, BuildResult, build
-from datastore.store import Chunk, Datastore, Document
+from retromem.datastore.pipeline import BuildConfig, BuildResult, build
+from retromem.datastore.store import Chunk, Datastore, Document
 
 __all__ = ["BuildConfig", "BuildResult", "Chunk", "Datastore", "Document", "build"]

@@ -36,13 +36,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from datastore import schema
-from datastore.atomic import atomic_path, read_json, sha256_file, write_json
-from datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion, bloom_params
-from datastore.executors import EXECUTORS, make_executor
-from datastore.normalize import NormalizeConfig, normalize
-from datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
-from datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
+from retromem.datastore import schema
+from retromem.datastore.atomic import atomic_path, read_json, sha256_file, write_json
+from retromem.datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion, bloom_params
+from retromem.datastore.executors import EXECUTORS, make_executor
+from retromem.datastore.normalize import NormalizeConfig, normalize
+from retromem.datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
+from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
 from retromem import __version__
 from retromem.errors import ConfigError, DatastoreError, InputError
 

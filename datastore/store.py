@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from datastore import schema
-from datastore.atomic import read_json, sha256_file
+from retromem.datastore import schema
+from retromem.datastore.atomic import read_json, sha256_file
 from retromem.errors import DatastoreError
 
 

@@ -1,6 +1,6 @@
 """Dense indexes: FAISS over a datastore's chunk embeddings, built resumably, searched in batches.
 
-``build_dense`` reads the float16 embeddings written by :mod:`index.embed`, trains the index
+``build_dense`` reads the float16 embeddings written by :mod:`retromem.index.embed`, trains the index
 given by a FAISS factory string (or one chosen from a memory budget) on a sample sized for it,
 and adds the vectors in batches with ``chunk_id`` as the FAISS id. The vectors are split into
 index shards of contiguous chunk ranges, each written atomically and recorded, so a killed build
@@ -29,10 +29,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from datastore.atomic import atomic_path, read_json, write_json
-from index.embed import Embedder, Embeddings
-from index.factory import AutoChoice, choose_factory, parse_factory
-from index.types import ChunkPayload, fetch_payloads
+from retromem.datastore.atomic import atomic_path, read_json, write_json
+from retromem.index.embed import Embedder, Embeddings
+from retromem.index.factory import AutoChoice, choose_factory, parse_factory
+from retromem.index.types import ChunkPayload, fetch_payloads
 from retromem.errors import ConfigError, DatastoreError, IndexFormatError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -462,7 +462,7 @@ class DenseIndex:
     def datastore(self):
         """The datastore this index was built from (opened from the recorded path on first use)."""
         if self._datastore is None:
-            from datastore import Datastore
+            from retromem.datastore import Datastore
 
             try:
                 self.attach_datastore(Datastore.open(self.meta["datastore_path"]))

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from datastore.atomic import atomic_path, read_json, sha256_file, write_json
+from retromem.datastore.atomic import atomic_path, read_json, sha256_file, write_json
 from retromem.errors import ConfigError, DatastoreError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def _embed_shard(embedder: Embedder, ds, shard: dict[str, Any], out: Path, block
 
 def embed_datastore(cfg: EmbedConfig, *, overwrite: bool = False, progress: bool = True) -> EmbedResult:
     """Embed every chunk of ``cfg.datastore`` into ``cfg.out``; resumes a killed run."""
-    from datastore import Datastore
+    from retromem.datastore import Datastore
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -276,7 +276,7 @@ class _RayEmbedWorker:
     """One embedder per actor (per GPU): loads the model once, then embeds whole shards."""
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        from datastore import Datastore
+        from retromem.datastore import Datastore
 
         cfg = EmbedConfig(**cfg_dict)
         self.cfg = cfg

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from datastore.atomic import atomic_path, read_json, write_json
+from retromem.datastore.atomic import atomic_path, read_json, write_json
 from retromem.errors import ConfigError, IndexFormatError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str 
 
     from tqdm.auto import tqdm
 
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     if backend not in BACKENDS:
         raise ConfigError(f"`backend` must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -271,7 +271,7 @@ class FMIndex:
     """A finished FM-index with its datastore, for mapping hits to chunks."""
 
     def __init__(self, path: str | Path, datastore=None, max_query_chars: int = 10_000) -> None:
-        from datastore import Datastore
+        from retromem.datastore import Datastore
 
         self.path = Path(path)
         self.max_query_chars = max_query_chars

@@ -33,8 +33,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from datastore.atomic import read_json, sha256_file, write_json
-from index.types import ChunkPayload, fetch_payloads
+from retromem.datastore.atomic import read_json, sha256_file, write_json
+from retromem.index.types import ChunkPayload, fetch_payloads
 from retromem.errors import ConfigError, IndexFormatError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def build_ngram_index(datastore_path: str | Path, out: str | Path, config: Ngram
     """Build (or finish building) the suffix-array index of the datastore at ``datastore_path`` in ``out``."""
     from tqdm.auto import tqdm
 
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     import infini_gram  # noqa: F401  (fail early with a clear message when it is missing)
 
@@ -482,7 +482,7 @@ class NgramIndex:
     """A finished suffix-array index, opened with the infini-gram engine over all its shards."""
 
     def __init__(self, path: str | Path, datastore=None, limits: QueryLimits | None = None) -> None:
-        from datastore import Datastore
+        from retromem.datastore import Datastore
 
         self.path = Path(path)
         self.limits = limits or QueryLimits()

@@ -65,8 +65,8 @@ class InterpolationResult:
 
 def read_heldout(path: str | Path, text_field: str = "text", max_docs: int | None = None) -> list[str]:
     """Texts of a JSONL file (plain, .gz or .zst), normalized as the datastore normalizes its input."""
-    from datastore.normalize import normalize
-    from datastore.readers import InputFile, iter_records
+    from retromem.datastore.normalize import normalize
+    from retromem.datastore.readers import InputFile, iter_records
     from retromem.errors import InputError
 
     texts = []

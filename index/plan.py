@@ -1,7 +1,7 @@
 """Capacity planning for dense retrieval: what a datastore of N tokens costs to embed, index and serve.
 
 ``predict`` turns a token count into chunks, float16 embedding bytes, index bytes (from the
-factory-string byte model in :mod:`index.factory`), search RAM, and build time, using unit costs:
+factory-string byte model in :mod:`retromem.index.factory`), search RAM, and build time, using unit costs:
 embedding chunks/s, FAISS add vectors/s and k-means seconds per (point x centroid x dimension).
 The shipped unit costs were measured on the development machine (see ``UNIT_COSTS_MEASURED``
 and BENCHMARKS.md); ``measure_unit_costs`` re-measures them on the machine at hand.
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from index.factory import parse_factory
+from retromem.index.factory import parse_factory
 from retromem.errors import ConfigError
 
 # Measured on the development machine (2 cores, no GPU, shared with other jobs while measured, so
@@ -184,8 +184,8 @@ def measure_unit_costs(embedder: str = "all-minilm-l6-v2", n_embed: int = 256, n
     """Measure embedding chunks/s (real demo text), FAISS IVF add vectors/s and k-means FLOP/s here."""
     import faiss
 
-    from index.embed import Embedder, cpu_count
-    from retromem.cli import demo_corpus
+    from retromem.index.embed import Embedder, cpu_count
+    from retromem.assets import demo_corpus
     import gzip
 
     with gzip.open(demo_corpus(), "rt", encoding="utf-8") as fh:

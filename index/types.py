@@ -29,7 +29,7 @@ class ChunkPayload:
 
 def fetch_payloads(ds, chunk_ids: Sequence[int] | np.ndarray, *, text: bool = True, tokens: bool = True,
                    continuation: bool = True) -> list[ChunkPayload]:
-    """Payloads of ``chunk_ids`` from datastore ``ds`` (a :class:`datastore.Datastore`), in order.
+    """Payloads of ``chunk_ids`` from datastore ``ds`` (a :class:`retromem.datastore.Datastore`), in order.
 
     Negative ids (FAISS's "no result") are not allowed here: filter them first.
     """

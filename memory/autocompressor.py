@@ -34,7 +34,7 @@ from typing import Any, Iterable, Literal
 import torch
 import torch.nn as nn
 
-from memory.common import (SegmentLoss, base_from_config, check_architecture, check_input_ids, load_weights,
+from retromem.memory.common import (SegmentLoss, base_from_config, check_architecture, check_input_ids, load_weights,
                            read_wrapper_config, save_wrapper, segment_bounds)
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def precompute_summaries(model: AutoCompressorLM, tokenizer: Any, texts: Iterabl
 def datastore_texts(datastore_path: str | Path, chunk_ids: Iterable[int] | None = None,
                     doc_ids: Iterable[int] | None = None) -> list[str]:
     """Chunk texts or whole-document texts of a retromem datastore, to pass to precompute_summaries."""
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     ds = Datastore.open(datastore_path)
     texts = list(ds.chunk_texts(list(chunk_ids))) if chunk_ids is not None else []

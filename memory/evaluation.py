@@ -68,7 +68,7 @@ def segment_length_of(model: Any) -> int:
 @torch.inference_mode()
 def logits_for(model: Any, ids: torch.Tensor, mode: str, start: int) -> torch.Tensor:
     """Logits (1, L - start, V) of positions start.. under ``mode`` (only those are kept)."""
-    from memory.infini_attention import InfiniAttentionLM
+    from retromem.memory.infini_attention import InfiniAttentionLM
 
     L = ids.shape[1]
     seg = segment_length_of(model)
@@ -109,7 +109,7 @@ def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple
                  progress: bool = True) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from memory.passkey import make_passkey, token_stream
+    from retromem.memory.passkey import make_passkey, token_stream
 
     rng = random.Random(cfg.seed)
     hay = token_stream(tokenizer, max(cfg.lengths) + 1000, cfg.corpus)
@@ -135,7 +135,7 @@ def perplexity_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tu
                     progress: bool = True) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from memory.passkey import long_documents
+    from retromem.memory.passkey import long_documents
 
     seg = segment_length_of(model)
     docs = long_documents(tokenizer, cfg.ppl_length, cfg.ppl_docs, cfg.corpus)

@@ -23,7 +23,7 @@ Guards against the failures of open implementations:
   (K, V projections through M and z) gets gradient from later segments;
 - every layer owns its own state; nothing is shared across layers;
 - β is a named parameter (``*.memory_gate``) that the trainer puts in its own parameter group
-  with its own learning rate and no weight decay (see :mod:`memory.training`).
+  with its own learning rate and no weight decay (see :mod:`retromem.memory.training`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memory.common import (SegmentLoss, base_from_config, check_architecture, check_input_ids, load_weights,
+from retromem.memory.common import (SegmentLoss, base_from_config, check_architecture, check_input_ids, load_weights,
                            read_wrapper_config, save_wrapper)
 
 logger = logging.getLogger(__name__)

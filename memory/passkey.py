@@ -26,7 +26,7 @@ def default_corpus() -> Path:
     shared = Path(os.environ.get("RETROMEM_SHARED", "/work/shared")) / "corpora" / "python-docs.jsonl.gz"
     if shared.is_file():
         return shared
-    from retromem.cli import demo_corpus
+    from retromem.assets import demo_corpus
 
     return demo_corpus()
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from retromem.errors import ConfigError
+from retromem.memory.loading import is_saved_memory_model
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +132,8 @@ class MemoryTrainConfig:
         self.module_config()  # validate the module's own settings now, not after the model loads
 
     def module_config(self):
-        from memory.autocompressor import AutoCompressorConfig
-        from memory.infini_attention import InfiniAttentionConfig
+        from retromem.memory.autocompressor import AutoCompressorConfig
+        from retromem.memory.infini_attention import InfiniAttentionConfig
 
         cls, kw = (InfiniAttentionConfig, self.infini) if self.module == "infini" else (AutoCompressorConfig, self.autocompressor)
         allowed = {f.name for f in fields(cls)}
@@ -147,7 +148,7 @@ class MemoryTrainConfig:
 
 def fixed_segment_length(module_config: Any) -> int | None:
     """The segment length a memory module always uses in training, or None where it varies."""
-    from memory.infini_attention import InfiniAttentionConfig
+    from retromem.memory.infini_attention import InfiniAttentionConfig
 
     if isinstance(module_config, InfiniAttentionConfig):
         return module_config.segment_length
@@ -163,15 +164,11 @@ def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
 
 # -- model and data -------------------------------------------------------------------------------
 
-def is_saved_memory_model(path: str) -> bool:
-    return (Path(path) / "memory_config.json").is_file()
-
-
 def build_model(cfg: MemoryTrainConfig):
     """(wrapper, tokenizer) for the config: a saved memory model, or a base model wrapped fresh."""
-    from datastore.tokenizer import load_hf_tokenizer
-    from memory.autocompressor import AutoCompressorLM
-    from memory.infini_attention import InfiniAttentionLM
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+    from retromem.memory.autocompressor import AutoCompressorLM
+    from retromem.memory.infini_attention import InfiniAttentionLM
     from retromem.models import load_causal_lm, model_dir
 
     cls = InfiniAttentionLM if cfg.module == "infini" else AutoCompressorLM
@@ -204,7 +201,7 @@ class MemoryDataset(torch.utils.data.Dataset):
 
     def __init__(self, cfg: MemoryTrainConfig, tokenizer: Any, segment_length: int | None = None) -> None:
         """``segment_length``: the model's fixed segment length (needle placement); default: the config's."""
-        from memory.passkey import PasskeyExample, token_stream
+        from retromem.memory.passkey import PasskeyExample, token_stream
 
         rng = random.Random(cfg.seed)
         n = cfg.train_length
@@ -244,7 +241,7 @@ class MemoryDataset(torch.utils.data.Dataset):
         """A passkey example; with ``min_back`` the needle's depth is drawn from the depths that put
         the whole needle at least ``min_back`` segment boundaries before the question, with ``local``
         from those that put it inside the question's own segment."""
-        from memory.passkey import make_passkey
+        from retromem.memory.passkey import make_passkey
 
         if not min_back and not local:
             return make_passkey(tokenizer, n, rng.random(), stream, rng)
@@ -377,7 +374,7 @@ def make_trainer(cfg: MemoryTrainConfig, model: torch.nn.Module, tokenizer: Any,
                 self.processing_class.save_pretrained(str(target))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-            from memory.common import load_weights
+            from retromem.memory.common import load_weights
 
             load_weights(model if model is not None else self.model, resume_from_checkpoint)
 

@@ -7,9 +7,9 @@ Importing the package registers ``model_type="retro"`` with transformers' Auto c
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from retro.configuration_retro import RetroConfig
-from retro.modeling_retro import RetroForCausalLM
-from retro.retrofit import load_retro_weights, retro_config_for, retrofit, save_retro_weights, trainable_fraction
+from retromem.retro.configuration_retro import RetroConfig
+from retromem.retro.modeling_retro import RetroForCausalLM
+from retromem.retro.retrofit import load_retro_weights, retro_config_for, retrofit, save_retro_weights, trainable_fraction
 
 AutoConfig.register(RetroConfig.model_type, RetroConfig, exist_ok=True)
 AutoModelForCausalLM.register(RetroConfig, RetroForCausalLM, exist_ok=True)

@@ -1,10 +1,8 @@
-"""RETRO training and evaluation data from a datastore: document splits, the neighbour table written
-by the neighbours job, and a dataset of (input tokens, neighbour tokens) read from the token array.
+"""RETRO training and evaluation data from a datastore: the tokenizer checks, and a dataset of
+(input tokens, neighbour tokens) read from the token array with the neighbour table written by the
+neighbours job (:class:`retromem.retro.neighbours.NeighbourTable`) over a document split
+(:mod:`retromem.retro.splits`).
 
-* Splits are by document, deterministic: a document is held out when a hash of
-  (``split_seed``, ``doc_id``) falls below ``eval_fraction``, so the same documents are held out by
-  the neighbours job, training and evaluation, whatever order they run in, and no held-out
-  document is ever a training sequence.
 * A sequence is ``seq_chunks`` consecutive chunks of the split (chunk-aligned: RETRO chunk u is
   datastore chunk u), so its tokens come straight from ``Datastore.token_array`` and chunk u's
   neighbours are the neighbour table's row for that chunk. Padding at a document's short last
@@ -16,70 +14,13 @@ by the neighbours job, and a dataset of (input tokens, neighbour tokens) read fr
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from retromem.errors import ConfigError
-
-SPLITS = ("train", "eval", "all")
-
-
-# -- splits ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """Held-out documents: those whose hash of (seed, doc_id) is below ``eval_fraction``."""
-
-    eval_fraction: float = 0.05
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"`split_seed` must be an integer, got {self.seed!r}")
-
-    def is_eval(self, doc_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(n,) bool: True for held-out documents."""
-        out = np.empty(len(doc_ids), dtype=bool)
-        for i, d in enumerate(np.asarray(doc_ids, dtype=np.int64).tolist()):
-            h = hashlib.blake2b(f"{self.seed}:{d}".encode(), digest_size=8).digest()
-            out[i] = int.from_bytes(h, "little") / 2**64 < self.eval_fraction
-        return out
-
-    def doc_ids(self, num_documents: int, split: str) -> np.ndarray:
-        check_split(split)
-        docs = np.arange(num_documents, dtype=np.int64)
-        if split == "all":
-            return docs
-        held = self.is_eval(docs)
-        return docs[held] if split == "eval" else docs[~held]
-
-    def chunk_ids(self, ds: Any, split: str) -> np.ndarray:
-        """Chunk ids (ascending) of the split's documents in datastore ``ds``."""
-        first = np.asarray(ds.doc_first_chunk_array)
-        docs = self.doc_ids(ds.num_documents, split)
-        if len(docs) == 0:
-            return np.zeros(0, np.int64)
-        return np.concatenate([np.arange(first[d], first[d + 1], dtype=np.int64) for d in docs])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"eval_fraction": float(self.eval_fraction), "seed": int(self.seed)}
-
-
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"`split` must be one of {', '.join(SPLITS)}, got {split!r}")
-
-
-# -- tokenizer identity ------------------------------------------------------------------------------
-
+from retromem.retro.neighbours import NeighbourTable
 
 def check_datastore_tokenizer(ds: Any, tokenizer: Any = None, vocab_size: int | None = None) -> None:
     """ConfigError unless the datastore's tokens were made by ``tokenizer`` (same vocabulary hash) and
@@ -95,7 +36,7 @@ def check_tokenizer_record(name: str, vocab_sha256: str, ds_vocab_size: int, whe
     """:func:`check_datastore_tokenizer` on a datastore's recorded tokenizer (``where`` names it: a
     local datastore, or a retrieval server's, as its ``Info`` reports)."""
     if tokenizer is not None:
-        from datastore.tokenizer import vocab_hash
+        from retromem.datastore.tokenizer import vocab_hash
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
@@ -109,64 +50,6 @@ def check_tokenizer_record(name: str, vocab_sha256: str, ds_vocab_size: int, whe
     if vocab_size is not None and ds_vocab_size > vocab_size:
         raise ConfigError(f"{where} has token ids up to {ds_vocab_size - 1} ({name}) but the "
                           f"model's vocabulary has {vocab_size}: not the model's tokenizer")
-
-
-# -- the neighbour table -----------------------------------------------------------------------------
-
-
-class NeighbourTable:
-    """chunk_id -> its k retrieved neighbour chunk ids (-1: none found), from one or more directories
-    written by :func:`retro.neighbours.compute_neighbours`."""
-
-    def __init__(self, paths: str | Path | Sequence[str | Path], ds: Any | None = None) -> None:
-        import pyarrow.parquet as pq
-
-        from retro.neighbours import read_manifest
-
-        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        if not paths:
-            raise ConfigError("`neighbours` must name at least one directory written by `retromem retro neighbours`")
-        ids, nbrs, self.manifests = [], [], []
-        for p in paths:
-            m = read_manifest(p)
-            if not m.get("complete"):
-                raise ConfigError(f"neighbours at {p} are incomplete: re-run `retromem retro neighbours` to finish them")
-            if ds is not None and m["datastore_id"] != ds.datastore_id:
-                raise ConfigError(f"neighbours at {p} were computed for datastore {m['datastore_id'][:16]}, "
-                                  f"not {ds.datastore_id[:16]} ({ds.path})")
-            self.manifests.append(m)
-            for shard in m["shards"]:
-                t = pq.read_table(Path(p) / shard["file"], columns=["chunk_id", "neighbour_ids"])
-                ids.append(t.column("chunk_id").to_numpy())
-                nbrs.append(np.asarray(t.column("neighbour_ids").to_pylist(), dtype=np.int64).reshape(len(t), -1))
-        ks = {int(m["k"]) for m in self.manifests}
-        if len(ks) != 1:
-            raise ConfigError(f"neighbour directories {paths} hold different k: {sorted(ks)}")
-        self.k = ks.pop()
-        self.chunk_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        table = np.concatenate(nbrs) if nbrs else np.zeros((0, self.k), np.int64)
-        order = np.argsort(self.chunk_ids, kind="stable")
-        self.chunk_ids, self.neighbours = self.chunk_ids[order], table[order]  # (n,), (n, k)
-
-    @property
-    def split_spec(self) -> SplitSpec:
-        specs = {(m["split_spec"]["eval_fraction"], m["split_spec"]["seed"]) for m in self.manifests}
-        if len(specs) != 1:
-            raise ConfigError(f"neighbour directories were computed with different splits: {sorted(specs)}")
-        frac, seed = specs.pop()
-        return SplitSpec(frac, seed)
-
-    def lookup(self, chunk_ids: np.ndarray) -> np.ndarray:
-        """(n, k) neighbour ids of ``chunk_ids``; ConfigError if any chunk has no row."""
-        q = np.asarray(chunk_ids, dtype=np.int64)
-        pos = np.searchsorted(self.chunk_ids, q)
-        pos = np.minimum(pos, max(len(self.chunk_ids) - 1, 0))
-        ok = len(self.chunk_ids) > 0 and bool((self.chunk_ids[pos] == q).all()) if len(q) else True
-        if not ok:
-            missing = q[self.chunk_ids[pos] != q] if len(self.chunk_ids) else q
-            raise ConfigError(f"no neighbours for chunk {int(missing[0])} (and {len(missing) - 1} more): run "
-                              f"`retromem retro neighbours` for the split these chunks belong to")
-        return self.neighbours[pos]
 
 
 def neighbour_arrays(ds: Any, neighbour_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

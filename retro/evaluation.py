@@ -1,7 +1,7 @@
 """RETRO evaluation on held-out documents (``retromem retro eval``): perplexity and bits per byte in
 three settings on the same sequences, and the paper's leakage analysis.
 
-Settings, all on the same token sequences of the held-out split (:mod:`retro.data`):
+Settings, all on the same token sequences of the held-out split (:mod:`retromem.retro.data`):
 
 * ``base``: the base model alone (for RETROfit: the pretrained model, loaded separately);
 * ``retro``: the RETRO model with its retrieved neighbours;
@@ -81,7 +81,7 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Ten
 def chunk_overlap(chunk: np.ndarray, neighbours: np.ndarray, mask: np.ndarray, n: int) -> float:
     """Fraction of ``chunk``'s tokens inside an n-gram that occurs in a neighbour (rows of ``neighbours``
     (k, r), real tokens where ``mask``)."""
-    from retro.neighbours import ngram_hashes
+    from retromem.retro.neighbours import ngram_hashes
 
     if len(chunk) < n:
         return 0.0
@@ -114,8 +114,8 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
     under ``cfg.out``; returns the summary."""
     from tqdm.auto import tqdm
 
-    from datastore.tokenizer import byte_length_table
-    from retro.data import RetroDataset
+    from retromem.datastore.tokenizer import byte_length_table
+    from retromem.retro.data import RetroDataset
 
     t0 = time.perf_counter()
     retro_cfg = model.retro_config if getattr(model, "retro_config", None) is not None else model.config

@@ -4,7 +4,7 @@ continuation) join the model's neighbours, so the next chunk is written reading 
 
 The retriever is duck-typed like the neighbours job's: ``search([text], k, exclude_doc_ids=...,
 fetch=True)`` returning ``payloads`` with ``tokens`` and ``continuation_tokens`` (an in-process
-:class:`index.dense.DenseIndex`, or the service client). Between chunk boundaries decoding is
+:class:`retromem.index.dense.DenseIndex`, or the service client). Between chunk boundaries decoding is
 Hugging Face ``generate`` with fixed neighbours (greedy, sampling, ... as configured); batch size 1.
 """
 
@@ -60,9 +60,9 @@ def neighbour_rows(payloads: Sequence[Any], k: int, r: int, pad_id: int) -> tupl
 
 def check_retriever(retriever: Any, tokenizer: Any, cfg: Any) -> None:
     """ConfigError unless the retriever's datastore was tokenized by the model's tokenizer and cut into
-    the model's chunk length. A local index has a ``datastore``; a :class:`service.client.RetrievalClient`
+    the model's chunk length. A local index has a ``datastore``; a :class:`retromem.service.client.RetrievalClient`
     reports the server's datastore through ``info()``; other retrievers are taken on trust."""
-    from retro.data import check_datastore_tokenizer, check_tokenizer_record
+    from retromem.retro.data import check_datastore_tokenizer, check_tokenizer_record
 
     ds = getattr(retriever, "datastore", None)
     if ds is not None:

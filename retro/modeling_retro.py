@@ -17,7 +17,7 @@ The input of ``T`` tokens is split into chunks of ``m = chunk_length`` tokens; c
   decoder layer ``l`` (1-based ``retro_layers``) and adds its result to the residual stream. Hooks
   leave the base model's modules and parameter names untouched, so the same code serves the
   from-scratch ``RetroForCausalLM`` (a Llama-style decoder from transformers' building blocks)
-  and RETROfit of Hugging Face Llama and GPT-2 models (``retro.retrofit``).
+  and RETROfit of Hugging Face Llama and GPT-2 models (``retromem.retro.retrofit``).
 * ``gated`` configs start every CCA output projection at zero, so the model with retrieval starts
   exactly equal to the model without it.
 
@@ -39,7 +39,7 @@ from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaRMSNorm, apply_rotary_pos_emb
 
-from retro.configuration_retro import RetroConfig
+from retromem.retro.configuration_retro import RetroConfig
 
 CCA_ATTR = "retro_cca"
 ENCODER_ATTR = "retro_encoder"

@@ -1,9 +1,10 @@
-"""The neighbours job: for every chunk of a split, its k nearest chunks from other documents, stored
-as Parquet shards (``retromem retro neighbours``).
+"""The neighbour table: the neighbours job that writes it (for every chunk of a split, its k nearest
+chunks from other documents, stored as Parquet shards: ``retromem retro neighbours``), its schema,
+and its reader (:class:`NeighbourTable`).
 
 The retriever is anything with DenseIndex's verb, ``search(queries, k, *, exclude_doc_ids=...)``
 returning an object with ``chunk_ids`` (n, k) (-1: none) and ``scores``: an in-process
-:class:`index.dense.DenseIndex`, or the retrieval service's client. Queries are the chunks' stored
+:class:`retromem.index.dense.DenseIndex`, or the retrieval service's client. Queries are the chunks' stored
 embeddings when the index records them (no re-embedding), else their text.
 
 Exclusions: a chunk never retrieves from its own document (the paper's rule). Optionally
@@ -22,14 +23,14 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datastore.atomic import atomic_path, read_json, write_json
-from retro.data import SplitSpec, check_split
+from retromem.datastore.atomic import atomic_path, read_json, write_json
+from retromem.retro.splits import SplitSpec, check_split
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def _query_source(cfg: NeighboursConfig, retriever: Any, ds: Any):
     """(kind, fn(chunk_ids) -> queries): stored embeddings when the index records them, else texts."""
     emb_path = (getattr(retriever, "meta", None) or {}).get("embeddings_path")
     if cfg.query in ("auto", "embeddings") and emb_path and Path(emb_path).is_dir():
-        from index.embed import Embeddings
+        from retromem.index.embed import Embeddings
 
         emb = Embeddings(emb_path)
         if emb.datastore_id == ds.datastore_id:
@@ -186,14 +187,14 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
 
     from tqdm.auto import tqdm
 
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     t0 = time.perf_counter()
     ds = Datastore.open(cfg.datastore)
     if retriever is None:
         if not cfg.index:
             raise ConfigError("give `index` (a dense index directory) or a retriever object")
-        from index.dense import DenseIndex
+        from retromem.index.dense import DenseIndex
 
         retriever = DenseIndex.open(cfg.index, datastore=ds)
     if not callable(getattr(retriever, "search", None)):
@@ -276,3 +277,59 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
     manifest["query"] = kind
     write_json(manifest_path, manifest)
     return NeighboursResult(out, len(chunk_ids), len(todo), len(done), time.perf_counter() - t0, dropped, manifest)
+
+
+# -- the reader -------------------------------------------------------------------------------------
+
+
+class NeighbourTable:
+    """chunk_id -> its k retrieved neighbour chunk ids (-1: none found), from one or more directories
+    written by :func:`compute_neighbours`."""
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], ds: Any | None = None) -> None:
+        import pyarrow.parquet as pq
+
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise ConfigError("`neighbours` must name at least one directory written by `retromem retro neighbours`")
+        ids, nbrs, self.manifests = [], [], []
+        for p in paths:
+            m = read_manifest(p)
+            if not m.get("complete"):
+                raise ConfigError(f"neighbours at {p} are incomplete: re-run `retromem retro neighbours` to finish them")
+            if ds is not None and m["datastore_id"] != ds.datastore_id:
+                raise ConfigError(f"neighbours at {p} were computed for datastore {m['datastore_id'][:16]}, "
+                                  f"not {ds.datastore_id[:16]} ({ds.path})")
+            self.manifests.append(m)
+            for shard in m["shards"]:
+                t = pq.read_table(Path(p) / shard["file"], columns=["chunk_id", "neighbour_ids"])
+                ids.append(t.column("chunk_id").to_numpy())
+                nbrs.append(np.asarray(t.column("neighbour_ids").to_pylist(), dtype=np.int64).reshape(len(t), -1))
+        ks = {int(m["k"]) for m in self.manifests}
+        if len(ks) != 1:
+            raise ConfigError(f"neighbour directories {paths} hold different k: {sorted(ks)}")
+        self.k = ks.pop()
+        self.chunk_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        table = np.concatenate(nbrs) if nbrs else np.zeros((0, self.k), np.int64)
+        order = np.argsort(self.chunk_ids, kind="stable")
+        self.chunk_ids, self.neighbours = self.chunk_ids[order], table[order]  # (n,), (n, k)
+
+    @property
+    def split_spec(self) -> SplitSpec:
+        specs = {(m["split_spec"]["eval_fraction"], m["split_spec"]["seed"]) for m in self.manifests}
+        if len(specs) != 1:
+            raise ConfigError(f"neighbour directories were computed with different splits: {sorted(specs)}")
+        frac, seed = specs.pop()
+        return SplitSpec(frac, seed)
+
+    def lookup(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """(n, k) neighbour ids of ``chunk_ids``; ConfigError if any chunk has no row."""
+        q = np.asarray(chunk_ids, dtype=np.int64)
+        pos = np.searchsorted(self.chunk_ids, q)
+        pos = np.minimum(pos, max(len(self.chunk_ids) - 1, 0))
+        ok = len(self.chunk_ids) > 0 and bool((self.chunk_ids[pos] == q).all()) if len(q) else True
+        if not ok:
+            missing = q[self.chunk_ids[pos] != q] if len(self.chunk_ids) else q
+            raise ConfigError(f"no neighbours for chunk {int(missing[0])} (and {len(missing) - 1} more): run "
+                              f"`retromem retro neighbours` for the split these chunks belong to")
+        return self.neighbours[pos]

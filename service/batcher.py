@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from index.dense import DenseIndex, SearchResult
+from retromem.index.dense import DenseIndex, SearchResult
 
 logger = logging.getLogger(__name__)
 

@@ -1,24 +1,23 @@
-"""Pieces shared by the server, the router and the client: the status-code error, the decorator
-that turns library errors into status codes, and conversions between protobuf messages and the
-library's result types (:class:`index.types.ChunkPayload`)."""
+"""Request handling shared by the servicer and the router: the status-code error, the decorator that
+turns library errors into status codes, the field-by-field request checks, and the streaming
+search loop. Conversions between messages and library types live in :mod:`retromem.service.messages`."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import grpc
 import numpy as np
 
-from index.types import ChunkPayload
 from retromem.errors import QueryError
-from service.v1 import retrieval_pb2 as pb
+from retromem.service.interceptors import Metrics
+from retromem.service.v1 import retrieval_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "retromem.v1.Retrieval"
-FETCH_ALL = ("text", "tokens", "continuation")
 
 
 class ServiceError(Exception):
@@ -115,60 +114,35 @@ def decode_text(data: bytes, field: str, max_bytes: int, *, allow_empty: bool = 
     return text
 
 
-def fetch_flags(msg: pb.Fetch | None, *, default_all: bool = False) -> tuple[str, ...]:
-    if msg is None:
-        return FETCH_ALL if default_all else ()
-    return tuple(name for name in FETCH_ALL if getattr(msg, name))
-
-
-def fetch_msg(flags: Iterable[str] | bool) -> pb.Fetch:
-    if flags is True:
-        flags = FETCH_ALL
-    elif flags is False or flags is None:
-        flags = ()
-    elif isinstance(flags, str):
-        flags = (flags,)
-    flags = set(flags)
-    bad = flags - set(FETCH_ALL)
-    if bad:
-        raise ValueError(f"fetch must be True or some of {list(FETCH_ALL)}, got {sorted(bad)}")
-    return pb.Fetch(**{name: name in flags for name in FETCH_ALL})
-
-
-def chunk_msg(p: ChunkPayload, id_offset: int = 0, doc_offset: int = 0) -> pb.Chunk:
-    m = pb.Chunk(chunk_id=p.chunk_id + id_offset, doc_id=p.doc_id + doc_offset)
-    if p.text is not None:
-        m.text = p.text
-    if p.tokens is not None:
-        m.tokens.extend(np.asarray(p.tokens).tolist())
-    if p.continuation_id is not None:
-        m.continuation_id = p.continuation_id + id_offset
-        if p.continuation_text is not None:
-            m.continuation_text = p.continuation_text
-        if p.continuation_tokens is not None:
-            m.continuation_tokens.extend(np.asarray(p.continuation_tokens).tolist())
-    return m
-
-
-def payload_from_msg(m: pb.Chunk) -> ChunkPayload:
-    has_cont = m.HasField("continuation_id")
-    return ChunkPayload(
-        chunk_id=int(m.chunk_id), doc_id=int(m.doc_id),
-        text=m.text if m.HasField("text") else None,
-        tokens=np.asarray(m.tokens, dtype=np.int64) if len(m.tokens) else None,
-        continuation_id=int(m.continuation_id) if has_cont else None,
-        continuation_text=m.continuation_text if m.HasField("continuation_text") else None,
-        continuation_tokens=np.asarray(m.continuation_tokens, dtype=np.int64) if has_cont and len(m.continuation_tokens) else None,
-    )
-
-
-def shift_chunk(m: pb.Chunk, id_offset: int, doc_offset: int) -> None:
-    """Renumber a shard's chunk into the router's id space, in place."""
-    m.chunk_id += id_offset
-    m.doc_id += doc_offset
-    if m.HasField("continuation_id"):
-        m.continuation_id += id_offset
-
-
 def status_of(exc: BaseException) -> Any:
     return exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else None
+
+
+def stream_search(request_iterator, context, answer, max_message_bytes: int, metrics: Metrics | None):
+    """SearchStream for the server and the router: answer each request (``answer(r, req)`` gives
+    its QueryResults and missing shards) and send the results back in slices below the message cap.
+    Stops early, and counts it, when the client cancels or disconnects."""
+    budget = max_message_bytes - 64 * 1024  # room for framing
+    r = -1
+    try:
+        for r, req in enumerate(request_iterator):
+            check_deadline(context)
+            results, missing = answer(r, req)
+            out, size = pb.SearchResponse(request_index=r, missing_shards=missing), 0
+            for i, qr in enumerate(results):
+                s = qr.ByteSize() + 8
+                if out.results and size + s > budget:
+                    yield out
+                    out, size = pb.SearchResponse(request_index=r, query_offset=i, missing_shards=missing), 0
+                out.results.append(qr)
+                size += s
+            if not context.is_active():
+                return
+            yield out
+    except ServiceError as exc:
+        context.abort(exc.code, exc.message)
+    except QueryError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{r}]: {exc}")
+    finally:  # a client that cancels or disconnects: stop here, nothing more is searched
+        if not context.is_active() and metrics is not None:
+            metrics.cancelled.inc()

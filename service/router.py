@@ -26,12 +26,12 @@ import numpy as np
 
 from retromem import __version__
 from retromem.errors import ConfigError
-from service.common import ServiceError, check_chunk_ids, check_search_request, invalid, rpc, shift_chunk
-from service.config import ServerConfig
-from service.interceptors import Metrics
-from service.server import limits_msg, stream_search
-from service.v1 import retrieval_pb2 as pb
-from service.v1 import retrieval_pb2_grpc as pb_grpc
+from retromem.service.common import ServiceError, check_chunk_ids, check_search_request, rpc, stream_search
+from retromem.service.config import ServerConfig
+from retromem.service.interceptors import Metrics
+from retromem.service.messages import limits_msg, shift_chunk
+from retromem.service.v1 import retrieval_pb2 as pb
+from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

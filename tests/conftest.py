@@ -19,7 +19,7 @@ SHARED_CORPORA = Path(os.environ.get("RETROMEM_SHARED", REPO.parent / "shared"))
 
 
 def demo_records() -> list[dict]:
-    from retromem.cli import demo_corpus
+    from retromem.assets import demo_corpus
 
     with gzip.open(demo_corpus(), "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
@@ -64,7 +64,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, corpus_dir):
     """A datastore over corpus_dir (GPT-2 tokenizer, small shards so there are several)."""
-    from datastore import BuildConfig, build
+    from retromem.datastore import BuildConfig, build
 
     out = tmp_path_factory.mktemp("ds") / "store"
     cfg = BuildConfig(inputs=(str(corpus_dir),), out=str(out), tokenizer="gpt2",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from datastore.dedup import BloomFilter, DedupConfig, Deduplicator, MinHasher, bloom_params, optimal_bands
+from retromem.datastore.dedup import BloomFilter, DedupConfig, Deduplicator, MinHasher, bloom_params, optimal_bands
 from retromem.errors import ConfigError
 from tests.conftest import demo_records, near_duplicate
 

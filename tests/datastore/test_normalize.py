@@ -1,4 +1,4 @@
-from datastore.normalize import NormalizeConfig, normalize
+from retromem.datastore.normalize import NormalizeConfig, normalize
 
 
 def test_nfc_composes_combining_marks():

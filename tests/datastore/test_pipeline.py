@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from datastore import BuildConfig, Datastore, build
-from datastore.normalize import normalize
+from retromem.datastore import BuildConfig, Datastore, build
+from retromem.datastore.normalize import normalize
 from retromem.errors import DatastoreError, InputError
 from tests.conftest import SHARED_CORPORA, demo_records, write_jsonl
 
@@ -77,7 +77,7 @@ def test_parquet_shards_match_arrays_and_manifest(built):
     m = ds.manifest
     for s in m["shards"]:
         t = pq.read_table(Path(cfg.out) / s["chunks_file"]["path"])
-        assert t.schema.equals(__import__("datastore.schema").schema.CHUNKS_SCHEMA)
+        assert t.schema.equals(__import__("retromem.datastore.schema", fromlist=["CHUNKS_SCHEMA"]).CHUNKS_SCHEMA)
         ids = t.column("chunk_id").to_numpy()
         toks, lens = ds.tokens(ids)
         for row, tk, n in zip(t.column("tokens").to_pylist(), toks, lens):

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datastore.readers import Record, expand_inputs, iter_records
+from retromem.datastore.readers import Record, expand_inputs, iter_records
 from retromem.errors import ConfigError, InputError
 from tests.conftest import write_jsonl
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from datastore import Datastore
+from retromem.datastore import Datastore
 from retromem.errors import DatastoreError
 
 

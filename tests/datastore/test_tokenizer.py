@@ -1,6 +1,6 @@
 import numpy as np
 
-from datastore.tokenizer import BatchTokenizer, load_hf_tokenizer
+from retromem.datastore.tokenizer import BatchTokenizer, load_hf_tokenizer
 from tests.conftest import demo_records
 
 TEXTS = [

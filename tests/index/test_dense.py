@@ -23,7 +23,7 @@ faiss = pytest.importorskip("faiss")
 @pytest.fixture(scope="module")
 def small_ds(tmp_path_factory):
     """Six real documents (about 800 chunks), GPT-2 tokens, several datastore shards."""
-    from datastore import BuildConfig, Datastore, build
+    from retromem.datastore import BuildConfig, Datastore, build
 
     d = tmp_path_factory.mktemp("dense")
     recs = [{"id": r["id"], "text": r["text"]} for r in demo_records()[:6]]
@@ -35,7 +35,7 @@ def small_ds(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def emb_dir(small_ds, tmp_path_factory):
-    from index.embed import EmbedConfig, embed_datastore
+    from retromem.index.embed import EmbedConfig, embed_datastore
 
     out = tmp_path_factory.mktemp("emb") / "emb"
     res = embed_datastore(EmbedConfig(datastore=str(small_ds.path), out=str(out), batch_size=64), progress=False)
@@ -44,7 +44,7 @@ def emb_dir(small_ds, tmp_path_factory):
 
 
 def _build(emb_dir, out, factory, **kw):
-    from index.dense import DenseBuildConfig, build_dense
+    from retromem.index.dense import DenseBuildConfig, build_dense
 
     kw.setdefault("tune_queries", 150)
     return build_dense(DenseBuildConfig(embeddings=str(emb_dir), out=str(out), factory=factory, **kw), progress=False)
@@ -52,7 +52,7 @@ def _build(emb_dir, out, factory, **kw):
 
 @pytest.fixture(scope="module")
 def flat_index(emb_dir, tmp_path_factory):
-    from index.dense import DenseIndex
+    from retromem.index.dense import DenseIndex
 
     res = _build(emb_dir, tmp_path_factory.mktemp("flat") / "idx", "Flat")
     return DenseIndex.open(res.out)
@@ -60,7 +60,7 @@ def flat_index(emb_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ivf_index(emb_dir, tmp_path_factory):
-    from index.dense import DenseIndex
+    from retromem.index.dense import DenseIndex
 
     res = _build(emb_dir, tmp_path_factory.mktemp("ivf") / "idx", "IVF16,SQ8", target_recall=0.95)
     return DenseIndex.open(res.out)
@@ -70,7 +70,7 @@ def ivf_index(emb_dir, tmp_path_factory):
 
 
 def test_embeddings_record_model_and_match_a_fresh_encode(small_ds, emb_dir):
-    from index.embed import Embedder, Embeddings
+    from retromem.index.embed import Embedder, Embeddings
 
     emb = Embeddings(emb_dir)
     e = Embedder("all-minilm-l6-v2")
@@ -101,7 +101,7 @@ def test_killed_embedding_job_resumes(small_ds, emb_dir, tmp_path):
     assert not (out / "embeddings.json").exists()
     first = sorted(out.glob("shard-*.npy"))[0]
     mtime = first.stat().st_mtime_ns
-    from index.embed import EmbedConfig, embed_datastore
+    from retromem.index.embed import EmbedConfig, embed_datastore
 
     res = embed_datastore(EmbedConfig(datastore=str(small_ds.path), out=str(out), batch_size=64), progress=False)
     n_shards = len(small_ds.manifest["shards"])
@@ -119,8 +119,8 @@ def test_killed_embedding_job_resumes(small_ds, emb_dir, tmp_path):
 
 
 def test_flat_equals_exact_search_and_ids_map_back(small_ds, emb_dir, flat_index):
-    from index.dense import exact_search
-    from index.embed import Embeddings
+    from retromem.index.dense import exact_search
+    from retromem.index.embed import Embeddings
 
     emb = Embeddings(emb_dir)
     ids, q = emb.sample(40, seed=3)
@@ -149,7 +149,7 @@ def test_text_queries_find_their_chunk(small_ds, flat_index):
 
 
 def test_compressed_index_recall_against_exact_on_real_text(emb_dir, ivf_index):
-    from index.dense import evaluate
+    from retromem.index.dense import evaluate
 
     t = ivf_index.meta["tuning"]
     assert t["param"] == "nprobe" and t["reached"], t
@@ -162,7 +162,7 @@ def test_compressed_index_recall_against_exact_on_real_text(emb_dir, ivf_index):
 
 
 def test_hnsw_tuning_reaches_target(emb_dir, tmp_path):
-    from index.dense import DenseIndex
+    from retromem.index.dense import DenseIndex
 
     res = _build(emb_dir, tmp_path / "hnsw", "HNSW32", target_recall=0.9)
     t = res.meta["tuning"]
@@ -172,7 +172,7 @@ def test_hnsw_tuning_reaches_target(emb_dir, tmp_path):
 
 
 def test_exclusion_keeps_k_hits_from_other_documents(small_ds, flat_index, ivf_index):
-    from index.embed import Embeddings
+    from retromem.index.embed import Embeddings
 
     emb = Embeddings(flat_index.meta["embeddings_path"])
     ids, q = emb.sample(20, seed=5)
@@ -193,8 +193,8 @@ def test_exclusion_keeps_k_hits_from_other_documents(small_ds, flat_index, ivf_i
 
 
 def test_shards_merged_by_score_and_on_disk_equal_one_index(emb_dir, tmp_path):
-    from index.dense import DenseIndex
-    from index.embed import Embeddings
+    from retromem.index.dense import DenseIndex
+    from retromem.index.embed import Embeddings
 
     one = DenseIndex.open(_build(emb_dir, tmp_path / "one", "IVF16,Flat", tune=False).out)
     sharded = DenseIndex.open(_build(emb_dir, tmp_path / "sharded", "IVF16,Flat", tune=False, shard_vectors=300).out)
@@ -209,8 +209,8 @@ def test_shards_merged_by_score_and_on_disk_equal_one_index(emb_dir, tmp_path):
 
 def test_killed_build_resumes(emb_dir, tmp_path):
     """kill -9 a real build between shards; the re-run keeps finished shards and completes."""
-    from index.dense import DenseIndex
-    from index.embed import Embeddings
+    from retromem.index.dense import DenseIndex
+    from retromem.index.embed import Embeddings
 
     out = tmp_path / "idx"
     cmd = [sys.executable, "-m", "retromem.cli", "-q", "index", "build-dense", str(emb_dir), "--out", str(out),
@@ -241,7 +241,7 @@ def test_killed_build_resumes(emb_dir, tmp_path):
 
 
 def test_auto_choice_respects_the_memory_budget(emb_dir, tmp_path):
-    from index.factory import choose_factory, parse_factory
+    from retromem.index.factory import choose_factory, parse_factory
 
     n, d = 10_000_000, 384
     for budget in (64 * 2**30, 8 * 2**30, 2 * 2**30, 600 * 2**20):
@@ -253,7 +253,7 @@ def test_auto_choice_respects_the_memory_budget(emb_dir, tmp_path):
     with pytest.raises(ValueError, match="budget"):
         choose_factory(n, d, 10 * 2**20)
     # built for real: the index on disk fits the budget and the reason is recorded
-    from index.embed import Embeddings
+    from retromem.index.embed import Embeddings
 
     nvec = Embeddings(emb_dir).num_vectors
     budget = 460 * nvec  # room for SQ8 codes (392 B/vector + centroids), not for float32 vectors or a graph
@@ -304,8 +304,8 @@ def test_bad_queries_get_clear_errors(flat_index):
 
 
 def test_index_refuses_another_datastore_or_embedder(flat_index, built, tmp_path):
-    from datastore import Datastore
-    from index.dense import DenseIndex
+    from retromem.datastore import Datastore
+    from retromem.index.dense import DenseIndex
     from retromem.errors import IndexFormatError
 
     other = Datastore.open(built[1].out)
@@ -321,7 +321,7 @@ def test_index_refuses_another_datastore_or_embedder(flat_index, built, tmp_path
 
 
 def test_truncated_or_corrupt_index_files(flat_index, tmp_path):
-    from index.dense import DenseIndex
+    from retromem.index.dense import DenseIndex
     from retromem.errors import IndexFormatError
 
     for damage in ("truncate", "corrupt", "delete"):
@@ -342,7 +342,7 @@ def test_truncated_or_corrupt_index_files(flat_index, tmp_path):
 
 
 def test_bad_build_settings(emb_dir, tmp_path):
-    from index.factory import parse_factory
+    from retromem.index.factory import parse_factory
     from retromem.errors import ConfigError
 
     with pytest.raises(ConfigError, match="part 2"):
@@ -385,8 +385,8 @@ def test_cli_search_eval_and_plan(flat_index, ivf_index, small_ds, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_build_matches_cpu(emb_dir, flat_index, tmp_path):
-    from index.dense import DenseIndex, gpu_count
-    from index.embed import Embeddings
+    from retromem.index.dense import DenseIndex, gpu_count
+    from retromem.index.embed import Embeddings
 
     if gpu_count() == 0:
         pytest.skip("no GPU visible to FAISS (faiss-gpu on a CUDA machine)")
@@ -401,8 +401,8 @@ def test_gpu_build_matches_cpu(emb_dir, flat_index, tmp_path):
 def test_ray_executor_embeds_the_same_vectors(tmp_path):
     """One embedder actor per GPU on a cluster; here a local Ray on CPU with two actors."""
     pytest.importorskip("ray")
-    from datastore import BuildConfig, build
-    from index.embed import EmbedConfig, Embeddings, embed_datastore
+    from retromem.datastore import BuildConfig, build
+    from retromem.index.embed import EmbedConfig, Embeddings, embed_datastore
 
     recs = [{"id": r["id"], "text": r["text"][:6000]} for r in demo_records()[:4]]
     write_jsonl(tmp_path / "docs.jsonl", recs)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from index.fm_index import FMIndex, FMIndexError, FMQueryError, build_fm_index
-from index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+from retromem.index.fm_index import FMIndex, FMIndexError, FMQueryError, build_fm_index
+from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
 
 
 @pytest.fixture(scope="module")
 def ds(built):
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     return Datastore.open(built[1].out)
 
@@ -130,7 +130,7 @@ def test_bad_input(fm, fm_dir, ds, tmp_path, corpus_dir):
     data.unlink()
     with pytest.raises(FMIndexError, match="missing"):
         FMIndex(copy, ds)
-    from datastore import BuildConfig, build
+    from retromem.datastore import BuildConfig, build
 
     other = tmp_path / "other"
     build(BuildConfig(inputs=(str(corpus_dir / "b.jsonl"),), out=str(other), tokenizer="gpt2", workers=1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from index.ngram import (
+from retromem.index.ngram import (
     NgramBuildConfig,
     NgramIndex,
     NgramIndexError,
@@ -23,7 +23,7 @@ from retromem.errors import RetromemError
 
 @pytest.fixture(scope="module")
 def ds(built):
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     return Datastore.open(built[1].out)
 
@@ -250,7 +250,7 @@ def test_bad_cnf_and_next_token(ngram_dir, ds):
 
 
 def test_index_of_another_datastore_is_refused(tmp_path, corpus_dir, ngram_dir, ds):
-    from datastore import BuildConfig, build
+    from retromem.datastore import BuildConfig, build
 
     other = tmp_path / "other"
     build(BuildConfig(inputs=(str(corpus_dir / "a.jsonl.gz"),), out=str(other), tokenizer="gpt2", workers=1))
@@ -275,7 +275,7 @@ def test_missing_and_truncated_files(tmp_path, ngram_dir, ds):
 
 
 def test_killed_build_resumes(tmp_path, built, monkeypatch, ngram_dir, ds):
-    import index.ngram as ng
+    import retromem.index.ngram as ng
 
     out = tmp_path / "resume"
     real = ng._build_suffix_array

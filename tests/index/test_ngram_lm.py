@@ -11,8 +11,8 @@ from tests.conftest import demo_records, write_jsonl
 
 @pytest.fixture(scope="module")
 def smol_index(tmp_path_factory):
-    from datastore import BuildConfig, build
-    from index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+    from retromem.datastore import BuildConfig, build
+    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
 
     d = tmp_path_factory.mktemp("lm")
     recs = demo_records()
@@ -26,7 +26,7 @@ def smol_index(tmp_path_factory):
 def test_lm_alone_matches_the_models_own_loss_and_mixtures_are_scored(smol_index, tmp_path):
     import torch
 
-    from index.ngram_lm import InterpolationConfig, evaluate_interpolation, plot_interpolation
+    from retromem.index.ngram_lm import InterpolationConfig, evaluate_interpolation, plot_interpolation
     from retromem.models import load_causal_lm
 
     idx, held = smol_index
@@ -49,8 +49,8 @@ def test_lm_alone_matches_the_models_own_loss_and_mixtures_are_scored(smol_index
 
 
 def test_tokenizer_mismatch_is_refused(built, tmp_path):
-    from index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
-    from index.ngram_lm import InterpolationConfig, evaluate_interpolation
+    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+    from retromem.index.ngram_lm import InterpolationConfig, evaluate_interpolation
     from retromem.errors import ConfigError
 
     build_ngram_index(built[1].out, tmp_path / "ng", NgramBuildConfig(cpus=1), progress=False)  # a gpt2 datastore
@@ -61,7 +61,7 @@ def test_tokenizer_mismatch_is_refused(built, tmp_path):
 
 
 def test_held_out_documents_in_the_datastore_are_left_out(smol_index):
-    from index.ngram_lm import drop_documents_in_datastore
+    from retromem.index.ngram_lm import drop_documents_in_datastore
 
     idx, held = smol_index
     inside = idx.datastore.document_text(0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from memory.autocompressor import (AutoCompressorConfig, AutoCompressorLM, SummaryStore, content_hash,
+from retromem.memory.autocompressor import (AutoCompressorConfig, AutoCompressorLM, SummaryStore, content_hash,
                                    precompute_summaries, sample_segment_lengths)
-from memory.common import UnsupportedModelError
+from retromem.memory.common import UnsupportedModelError
 
 from .conftest import tiny_gpt2, tiny_llama
 
@@ -177,8 +177,8 @@ def test_compress_command_stores_summaries_for_datastore_documents(tmp_path, bui
     from click.testing import CliRunner
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from datastore import Datastore
-    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.datastore import Datastore
+    from retromem.datastore.tokenizer import load_hf_tokenizer
     from retromem.cli import main
 
     manifest, cfg = built

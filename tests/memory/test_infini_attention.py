@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from memory.common import UnsupportedModelError
-from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM, InfiniMemory
+from retromem.memory.common import UnsupportedModelError
+from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM, InfiniMemory
 
 from .conftest import tiny_gpt2, tiny_llama
 

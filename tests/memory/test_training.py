@@ -36,8 +36,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def test_parameter_groups_give_memory_params_their_own_lr_and_no_decay():
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
-    from memory.training import MemoryTrainConfig, add_lora, parameter_groups, set_trainable
+    from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.memory.training import MemoryTrainConfig, add_lora, parameter_groups, set_trainable
 
     cfg = MemoryTrainConfig(output_dir="x", lora={"r": 2}, lr=1e-4, memory_lr=3e-2, weight_decay=0.1)
     m = InfiniAttentionLM(tiny_llama(), InfiniAttentionConfig(segment_length=8))
@@ -54,8 +54,8 @@ def test_parameter_groups_give_memory_params_their_own_lr_and_no_decay():
 
 
 def test_gate_telemetry_warns_at_half_and_saturation():
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
-    from memory.training import gate_warnings, memory_telemetry
+    from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.memory.training import gate_warnings, memory_telemetry
 
     m = InfiniAttentionLM(tiny_llama(), InfiniAttentionConfig(segment_length=8, gate_init=0.0))
     tel = memory_telemetry(m)
@@ -81,7 +81,7 @@ def test_train_infini_with_lora_checkpoints_resume_and_eval(tmp_path, tiny_dir, 
     assert tel and all("gate_mean" in t and "memory_M_norm" in t for t in tel)
     assert any(t.get("memory_M_norm", 0) > 0 for t in tel)
     # gates moved from their init (they get gradient and their own learning rate)
-    from memory.infini_attention import InfiniAttentionLM
+    from retromem.memory.infini_attention import InfiniAttentionLM
 
     trained = InfiniAttentionLM.from_pretrained(out / "final")
     assert (trained.gates() - torch.sigmoid(torch.tensor(-2.0))).abs().max() > 1e-3
@@ -123,7 +123,7 @@ def test_train_autocompressor_gpt2(tmp_path):
     r = CliRunner().invoke(main, ["memory", "train", "--config", str(CONFIGS / "tiny-autocompressor.yaml"),
                                   "--model", str(d), "--output-dir", str(out), "--max-steps", "2"])
     assert r.exit_code == 0, r.output
-    from memory.autocompressor import AutoCompressorLM
+    from retromem.memory.autocompressor import AutoCompressorLM
 
     m = AutoCompressorLM.from_pretrained(out / "final")
     base = GPT2LMHeadModel.from_pretrained(d)
@@ -155,9 +155,9 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_passkey_needle_min_compressions_puts_every_needle_in_an_earlier_segment(tmp_path):
-    from datastore.tokenizer import load_hf_tokenizer
-    from memory.passkey import NEEDLE
-    from memory.training import MemoryDataset, MemoryTrainConfig
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+    from retromem.memory.passkey import NEEDLE
+    from retromem.memory.training import MemoryDataset, MemoryTrainConfig
     from retromem.errors import ConfigError
 
     tok = load_hf_tokenizer("gpt2")
@@ -199,8 +199,8 @@ def test_passkey_needle_min_compressions_puts_every_needle_in_an_earlier_segment
 
 
 def test_passkey_text_weight_splits_each_example_loss_between_text_and_answer(tmp_path):
-    from datastore.tokenizer import load_hf_tokenizer
-    from memory.training import MemoryDataset, MemoryTrainConfig
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+    from retromem.memory.training import MemoryDataset, MemoryTrainConfig
     from retromem.errors import ConfigError
 
     tok = load_hf_tokenizer("gpt2")
@@ -226,7 +226,7 @@ def test_passkey_text_weight_splits_each_example_loss_between_text_and_answer(tm
 def test_segment_loss_weights_each_label():
     import torch.nn.functional as F
 
-    from memory.common import SegmentLoss
+    from retromem.memory.common import SegmentLoss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 10, 7)

@@ -25,7 +25,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def retro_ds(tmp_path_factory):
     """8 documents cut to ~2,500 characters: about 160 chunks of 32 GPT-2 tokens, two shards."""
-    from datastore import BuildConfig, Datastore, build
+    from retromem.datastore import BuildConfig, Datastore, build
 
     d = tmp_path_factory.mktemp("retro-ds")
     recs = [{"id": r["id"], "text": r["text"][:2500]} for r in demo_records()[12:20]]
@@ -38,8 +38,8 @@ def retro_ds(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def retro_index(retro_ds, tmp_path_factory):
-    from index.dense import DenseBuildConfig, DenseIndex, build_dense
-    from index.embed import EmbedConfig, embed_datastore
+    from retromem.index.dense import DenseBuildConfig, DenseIndex, build_dense
+    from retromem.index.embed import EmbedConfig, embed_datastore
 
     root = tmp_path_factory.mktemp("retro-index")
     emb = embed_datastore(EmbedConfig(datastore=str(retro_ds.path), out=str(root / "emb"), batch_size=64), progress=False)
@@ -51,7 +51,7 @@ def retro_index(retro_ds, tmp_path_factory):
 @pytest.fixture(scope="session")
 def retro_neighbours(retro_ds, retro_index, tmp_path_factory):
     """Neighbours (k=2) of every chunk, train and eval splits in two directories."""
-    from retro.neighbours import NeighboursConfig, compute_neighbours
+    from retromem.retro.neighbours import NeighboursConfig, compute_neighbours
 
     root = tmp_path_factory.mktemp("retro-nb")
     out = []
@@ -66,7 +66,7 @@ def tiny_llama_dir(path, seed: int = 0):
     """A tiny Llama over GPT-2's vocabulary saved with the GPT-2 tokenizer: a base model to RETROfit."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.datastore.tokenizer import load_hf_tokenizer
 
     tok = load_hf_tokenizer("gpt2")
     torch.manual_seed(seed)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retro.data import NeighbourTable, RetroDataset, SplitSpec, check_datastore_tokenizer
+from retromem.retro.data import RetroDataset, check_datastore_tokenizer
+from retromem.retro.neighbours import NeighbourTable
+from retromem.retro.splits import SplitSpec
 from retromem.errors import ConfigError
 
 from tests.retro.conftest import SPLIT
@@ -64,7 +66,7 @@ def test_missing_neighbours_and_bad_sizes_are_named(retro_ds, retro_neighbours):
 
 
 def test_a_datastore_of_another_tokenizer_is_refused(retro_ds):
-    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.datastore.tokenizer import load_hf_tokenizer
 
     check_datastore_tokenizer(retro_ds, load_hf_tokenizer("gpt2"), 50257)  # its own: fine
     with pytest.raises(ConfigError, match="tokenized with 'gpt2'.*rebuild the datastore"):

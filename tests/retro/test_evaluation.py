@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from retro import retro_config_for, retrofit
-from retro.data import NeighbourTable
-from retro.evaluation import RetroEvalConfig, bucket_of, chunk_overlap, evaluate
+from retromem.retro import retro_config_for, retrofit
+from retromem.retro.neighbours import NeighbourTable
+from retromem.retro.evaluation import RetroEvalConfig, bucket_of, chunk_overlap, evaluate
 from retromem.errors import ConfigError
 
 from tests.retro.conftest import CHUNK

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from retro import retro_config_for, retrofit
-from retro.generation import generate_with_retrieval, neighbour_rows
+from retromem.retro import retro_config_for, retrofit
+from retromem.retro.generation import generate_with_retrieval, neighbour_rows
 from retromem.errors import ConfigError
 
 from tests.retro.conftest import CHUNK
@@ -20,7 +20,7 @@ from tests.retro.conftest import CHUNK
 def model_and_tok():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.datastore.tokenizer import load_hf_tokenizer
 
     tok = load_hf_tokenizer("gpt2")
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_fresh_neighbours_every_chunk_equal_a_hand_rolled_reference(retro_ds, re
 
 
 def test_bad_inputs_are_named(retro_index, model_and_tok):
-    from datastore.tokenizer import load_hf_tokenizer
+    from retromem.datastore.tokenizer import load_hf_tokenizer
 
     model, tok = model_and_tok
     with pytest.raises(ConfigError, match="max_new_tokens"):
@@ -91,10 +91,11 @@ def test_bad_inputs_are_named(retro_index, model_and_tok):
 def test_generation_through_the_service_equals_in_process(retro_ds, retro_index, model_and_tok):
     """RETRO retrieving through a real `retromem serve` on loopback writes the same tokens, reading
     the same neighbours, as with the index in process; the server's tokenizer is checked through Info."""
-    from datastore.tokenizer import load_hf_tokenizer
-    from service.client import RetrievalClient
-    from service.config import ServerConfig
-    from service.server import Backend, start_server
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+    from retromem.service.client import RetrievalClient
+    from retromem.service.config import ServerConfig
+    from retromem.service.server import start_server
+    from retromem.service.servicer import Backend
 
     model, tok = model_and_tok
     doc = int(retro_ds.chunk_doc_array[40])

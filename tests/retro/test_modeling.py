@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from retro import RetroConfig, RetroForCausalLM
-from retro.modeling_retro import decoder_config
+from retromem.retro import RetroConfig, RetroForCausalLM
+from retromem.retro.modeling_retro import decoder_config
 
 M, K, R = 4, 2, 8  # chunk length, neighbours per chunk, neighbour length
 
@@ -142,8 +142,8 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_loss_falls_on_real_text_with_neighbours() -> None:
-    from datastore.tokenizer import load_hf_tokenizer
-    from retromem.cli import demo_corpus
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+    from retromem.assets import demo_corpus
 
     torch.manual_seed(0)
     with gzip.open(demo_corpus(), "rt", encoding="utf-8") as fh:

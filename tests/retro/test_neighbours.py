@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from retro.data import NeighbourTable, SplitSpec
-from retro.neighbours import NEIGHBOURS_SCHEMA, NeighboursConfig, compute_neighbours, ngram_hashes, read_manifest
+from retromem.retro.splits import SplitSpec
+from retromem.retro.neighbours import NEIGHBOURS_SCHEMA, NeighbourTable, NeighboursConfig, compute_neighbours, ngram_hashes, read_manifest
 from retromem.errors import ConfigError
 
 from tests.retro.conftest import SPLIT
@@ -35,7 +35,7 @@ def test_every_chunk_gets_k_neighbours_never_from_its_own_document(retro_ds, ret
     assert (got != own[:, None]).all()  # the paper's rule
     assert (got == np.array(rows["neighbour_doc_ids"])).all()
     # and they are the nearest such chunks: exact search with the same exclusion
-    from index.embed import Embeddings
+    from retromem.index.embed import Embeddings
 
     emb = Embeddings(retro_index.meta["embeddings_path"]).get(np.arange(retro_ds.num_chunks))
     for c in (0, 40, retro_ds.num_chunks - 1):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from retro import RetroConfig, load_retro_weights, retro_config_for, retrofit, save_retro_weights, trainable_fraction
-from retro.retrofit import WEIGHTS_FILE, retro_state_dict
+from retromem.retro import RetroConfig, load_retro_weights, retro_config_for, retrofit, save_retro_weights, trainable_fraction
+from retromem.retro.retrofit import WEIGHTS_FILE, retro_state_dict
 from retromem.errors import ConfigError
 
 M, K, R, V = 4, 2, 8, 97

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from retro.training import RetroTrainConfig, load_retro_model, load_train_config, train
+from retromem.retro.loading import load_retro_model
+from retromem.retro.training import RetroTrainConfig, load_train_config, train
 from retromem.errors import ConfigError
 
 from tests.retro.conftest import tiny_llama_dir

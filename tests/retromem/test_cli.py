@@ -4,7 +4,8 @@ import json
 
 from click.testing import CliRunner
 
-from retromem.cli import main, parse_size
+from retromem.cli import main
+from retromem.cli._common import parse_size
 
 
 def run(*args):

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from retromem.cli import main
-from service.v1 import retrieval_pb2 as pb
+from retromem.service.v1 import retrieval_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_query_errors_exit_2_naming_the_field(served):
 
 
 def test_sigterm_drains_in_flight_stream_then_exits(service_stores):
-    from service.client import RetrievalClient
+    from retromem.service.client import RetrievalClient
 
     u = service_stores["union"]
     proc, target = _start(["--datastore", str(u.datastore), "--dense", str(u.dense), "--grace", "20"])
@@ -102,7 +102,7 @@ def test_sigterm_drains_in_flight_stream_then_exits(service_stores):
         first = next(stream)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        from service.client import ServiceCallError
+        from retromem.service.client import ServiceCallError
 
         with pytest.raises(ServiceCallError):  # new calls are refused while draining
             c.get_chunks([0], timeout=2)

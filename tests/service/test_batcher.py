@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from index.dense import DenseIndex
-from service.batcher import DeadlinePassed, DenseBatcher, DenseItem
+from retromem.index.dense import DenseIndex
+from retromem.service.batcher import DeadlinePassed, DenseBatcher, DenseItem
 
 
 @pytest.fixture(scope="module")

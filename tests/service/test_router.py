@@ -7,9 +7,9 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import RetrievalClient, ServiceCallError
-from service.config import ServerConfig
-from service.server import start_server
+from retromem.service.client import RetrievalClient, ServiceCallError
+from retromem.service.config import ServerConfig
+from retromem.service.server import start_server
 
 QUERIES = ["How do I read a file line by line?", "sort a list of dictionaries by a key", "porting extension modules",
            "regular expressions match groups"]
@@ -95,7 +95,7 @@ def test_killed_shard_fails_or_degrades_by_name(stores):
             with pytest.raises(ServiceCallError) as e:
                 s.count(" the")
             assert e.value.code == grpc.StatusCode.UNAVAILABLE and b.target in e.value.details
-            from service.v1 import retrieval_pb2 as pb
+            from retromem.service.v1 import retrieval_pb2 as pb
 
             resp = p.raw("Count", pb.NgramRequest(query=pb.NgramQuery(text=b" the")))
             assert list(resp.missing_shards) == [b.target] and 0 < resp.count < full

@@ -12,11 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import RemoteQueryError, RetrievalClient, ServiceCallError
-from service.config import ServerConfig, ServiceLimits
-from service.server import Backend, start_server
-from service.v1 import retrieval_pb2 as pb
-from service.v1 import retrieval_pb2_grpc as pb_grpc
+from retromem.service.client import RemoteQueryError, RetrievalClient, ServiceCallError
+from retromem.service.config import ServerConfig, ServiceLimits
+from retromem.service.server import start_server
+from retromem.service.servicer import Backend
+from retromem.service.v1 import retrieval_pb2 as pb
+from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
 QUERIES = ["How do I read a file line by line?", "sort a list of dictionaries by a key", "porting extension modules"]
 
@@ -100,7 +101,7 @@ def test_large_batch_streams_past_the_message_cap(client, backend):
 
 
 def test_get_chunks_with_continuation(client, backend):
-    from index.types import fetch_payloads
+    from retromem.index.types import fetch_payloads
 
     ds = backend.datastore
     c = int(ds.doc_first_chunk_array[9])  # the first chunk of the longest document

@@ -1,8 +1,5 @@
 """Commands: `retromem serve` (the gRPC retrieval server or router) and `retromem query` (a client
-for every RPC, human-readable or --json), plus the demo step that serves and queries over gRPC.
-
-Imported at the end of :mod:`retromem.cli`; attaches commands to its groups and registers a demo step.
-"""
+for every RPC, human-readable or --json), plus the demo step that serves and queries over gRPC."""
 
 from __future__ import annotations
 
@@ -13,20 +10,11 @@ from pathlib import Path
 
 import click
 
-from retromem.cli import demo_step, handle_errors, main, parse_size
+from retromem.cli._common import handle_errors, parse_size, secret, snippet
 from retromem.errors import ConfigError
 
 
-def _secret(path: str | None, env: str) -> str | None:
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the token file {path}: {exc}") from exc
-    return os.environ.get(env) or None
-
-
-@main.command()
+@click.command("serve")
 @click.option("--datastore", "datastore_path", type=click.Path(exists=True, file_okay=False), help="Datastore directory.")
 @click.option("--dense", type=click.Path(exists=True, file_okay=False), help="Dense index directory.")
 @click.option("--ngram", type=click.Path(exists=True, file_okay=False), help="N-gram (suffix array) index directory.")
@@ -59,16 +47,16 @@ def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, 
           partial, shard_timeout, shard_token_file, shard_tls_ca, torch_threads, faiss_threads) -> None:
     """Serve a datastore and its dense and/or n-gram index over gRPC (or, with --shard, route to shard
     servers). Runs until SIGTERM or Ctrl-C, then finishes in-flight requests and exits."""
-    from service.config import ServerConfig, ServiceLimits
-    from service.server import serve as run
+    from retromem.service.config import ServerConfig, ServiceLimits
+    from retromem.service.server import serve as run
 
     limits = ServiceLimits(max_batch=max_batch, max_k=max_k, max_chunks=max_chunks, max_query_tokens=max_query_tokens,
                            max_message_bytes=parse_size(max_message_bytes, "--max-message-bytes"))
     cfg = ServerConfig(datastore=datastore_path, dense=dense, ngram=ngram, shards=tuple(shards), host=host, port=port,
                        workers=workers, max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_dense_batch=max_dense_batch,
-                       token=_secret(token_file, "RETROMEM_TOKEN"), tls_cert=tls_cert, tls_key=tls_key,
+                       token=secret(token_file, "RETROMEM_TOKEN"), tls_cert=tls_cert, tls_key=tls_key,
                        metrics_port=metrics_port, grace_s=grace, partial=partial, shard_timeout_s=shard_timeout,
-                       shard_token=_secret(shard_token_file, "RETROMEM_SHARD_TOKEN"), shard_tls_ca=shard_tls_ca,
+                       shard_token=secret(shard_token_file, "RETROMEM_SHARD_TOKEN"), shard_tls_ca=shard_tls_ca,
                        torch_threads=torch_threads, faiss_threads=faiss_threads, limits=limits)
 
     def ready(running) -> None:
@@ -86,7 +74,7 @@ def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, 
 # query
 
 
-@main.group()
+@click.group("query")
 @click.option("--target", default=lambda: os.environ.get("RETROMEM_TARGET", "127.0.0.1:50051"), show_default="127.0.0.1:50051 or $RETROMEM_TARGET",
               help="host:port of the server.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token (default: $RETROMEM_TOKEN).")
@@ -100,10 +88,10 @@ def query(ctx: click.Context, target: str, token_file: str | None, tls_ca: str |
 
 
 def _client(ctx: click.Context):
-    from service.client import RetrievalClient
+    from retromem.service.client import RetrievalClient
 
     o = ctx.obj
-    return RetrievalClient(o["target"], token=_secret(o["token_file"], "RETROMEM_TOKEN"), tls_ca=o["tls_ca"],
+    return RetrievalClient(o["target"], token=secret(o["token_file"], "RETROMEM_TOKEN"), tls_ca=o["tls_ca"],
                            timeout=o["timeout"], retries=2)
 
 
@@ -117,7 +105,7 @@ def _emit(ctx: click.Context, msg, human) -> None:
 
 
 def _ngram(q: str, ids: bool):
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     if not ids:
         return pb.NgramQuery(text=q.encode("utf-8"))
@@ -128,7 +116,7 @@ def _ngram(q: str, ids: bool):
 
 
 def _token(t: str, ids: bool):
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     if ids:
         try:
@@ -139,7 +127,7 @@ def _token(t: str, ids: bool):
 
 
 def _fetch(fetch: bool):
-    from service.common import fetch_msg
+    from retromem.service.messages import fetch_msg
 
     return fetch_msg(fetch)
 
@@ -147,11 +135,6 @@ def _fetch(fetch: bool):
 def _missing(m) -> None:
     if len(m.missing_shards):
         click.echo(f"partial answer: shards {', '.join(m.missing_shards)} did not answer", err=True)
-
-
-def _snippet(text: str, n: int = 100) -> str:
-    t = " ".join(text.split())
-    return t if len(t) <= n else t[: n - 1] + "…"
 
 
 def _call(ctx, method: str, request):
@@ -164,7 +147,7 @@ def _call(ctx, method: str, request):
 @handle_errors
 def q_info(ctx):
     """The datastore, indexes, tokenizer, embedder and limits of the server."""
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     def show(m):
         click.echo(f"retromem {m.version} {m.role}{'  (token required)' if m.auth_required else ''}")
@@ -213,7 +196,7 @@ def q_health(ctx, service):
 @handle_errors
 def q_search(ctx, texts, k, exclude, nprobe, ef_search, fetch):
     """Dense search: the top-k chunks for each of TEXTS."""
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     req = pb.SearchRequest(queries=[pb.Query(text=t.encode("utf-8"), exclude_doc_ids=exclude) for t in texts], k=k,
                            nprobe=nprobe, ef_search=ef_search, fetch=_fetch(fetch))
@@ -225,7 +208,7 @@ def q_search(ctx, texts, k, exclude, nprobe, ef_search, fetch):
             for j, (cid, s) in enumerate(zip(r.chunk_ids, r.scores)):
                 line = f"  chunk {cid}  score {s:.3f}"
                 if len(r.chunks):
-                    line += f"  (doc {r.chunks[j].doc_id})  {_snippet(r.chunks[j].text)}"
+                    line += f"  (doc {r.chunks[j].doc_id})  {snippet(r.chunks[j].text)}"
                 click.echo(line)
 
     _emit(ctx, _call(ctx, "Search", req), show)
@@ -238,7 +221,7 @@ def q_search(ctx, texts, k, exclude, nprobe, ef_search, fetch):
 @handle_errors
 def q_chunks(ctx, chunk_ids, continuation):
     """Fetch chunks by id, with their continuation."""
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     req = pb.GetChunksRequest(chunk_ids=chunk_ids, fetch=pb.Fetch(text=True, tokens=True, continuation=continuation))
 
@@ -263,7 +246,7 @@ _ids_opt = click.option("--ids", is_flag=True, help="QUERY (and --next) are toke
 @handle_errors
 def q_count(ctx, ngram, ids):
     """Occurrences of an n-gram."""
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     def show(m):
         _missing(m)
@@ -280,7 +263,7 @@ def _prob_cmd(name: str, method: str, doc: str):
     @click.pass_context
     @handle_errors
     def cmd(ctx, prompt, next_token, ids):
-        from service.v1 import retrieval_pb2 as pb
+        from retromem.service.v1 import retrieval_pb2 as pb
 
         def show(m):
             _missing(m)
@@ -301,7 +284,7 @@ def _dist_cmd(name: str, method: str, doc: str):
     @click.pass_context
     @handle_errors
     def cmd(ctx, prompt, top, ids):
-        from service.v1 import retrieval_pb2 as pb
+        from retromem.service.v1 import retrieval_pb2 as pb
 
         def show(m):
             _missing(m)
@@ -326,7 +309,7 @@ def _occurrences(m, field: str) -> None:
     for j, o in enumerate(occ):
         line = f"  doc {o.doc_id}  chunk {o.chunk_id}  token {o.offset} (chunk offset {o.chunk_offset})"
         if len(m.chunks):
-            line += f"  {_snippet(m.chunks[j].text, 80)}"
+            line += f"  {snippet(m.chunks[j].text, 80)}"
         click.echo(line)
 
 
@@ -339,7 +322,7 @@ def _occurrences(m, field: str) -> None:
 @handle_errors
 def q_find(ctx, ngram, limit, fetch, ids):
     """Where an n-gram occurs (document, chunk, offset)."""
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     def show(m):
         _missing(m)
@@ -360,7 +343,7 @@ def q_find(ctx, ngram, limit, fetch, ids):
 @handle_errors
 def q_search_docs(ctx, cnf, max_hits, max_diff_tokens, fetch, ids):
     """Document search for a CNF in infini-gram's syntax: "a OR b AND c"."""
-    from service.v1 import retrieval_pb2 as pb
+    from retromem.service.v1 import retrieval_pb2 as pb
 
     clauses = [pb.Clause(terms=[_ngram(t, ids) for t in c.split(" OR ")]) for c in cnf.split(" AND ")]
     req = pb.SearchDocumentsRequest(clauses=clauses, max_hits=max_hits, max_diff_tokens=max_diff_tokens,
@@ -378,11 +361,10 @@ def q_search_docs(ctx, cnf, max_hits, max_diff_tokens, fetch, ids):
 # demo
 
 
-@demo_step(60, "gRPC service: serve the datastore and both indexes, query every RPC over loopback")
-def demo_service(out_dir: Path, datastore_path: Path, echo) -> None:
-    from service.client import RetrievalClient
-    from service.config import ServerConfig
-    from service.server import start_server
+def demo(out_dir: Path, datastore_path: Path, echo) -> None:
+    from retromem.service.client import RetrievalClient
+    from retromem.service.config import ServerConfig
+    from retromem.service.server import start_server
 
     dense = out_dir / "dense-index"
     ngram = out_dir / "ngram"
@@ -399,7 +381,7 @@ def demo_service(out_dir: Path, datastore_path: Path, echo) -> None:
             if info.HasField("dense"):
                 res = c.search(["How do I read a file line by line?"], 3, fetch=True)
                 for cid, s, p in zip(res.chunk_ids[0], res.scores[0], res.payloads[0]):
-                    echo(f"  Search: chunk {cid} (doc {p.doc_id}) score {s:.3f}  {_snippet(p.text, 80)}")
+                    echo(f"  Search: chunk {cid} (doc {p.doc_id}) score {s:.3f}  {snippet(p.text, 80)}")
             if info.HasField("ngram"):
                 echo(f"  Count(' list comprehension') = {c.count(' list comprehension').count:,}; "
                      f"InfgramProb(' interpreter' | '... the Python') = "

@@ -1,7 +1,5 @@
-"""Commands: `retromem index embed|build-dense|search|tune|eval-dense` and `retromem plan` (dense retrieval).
-
-Imported at the end of :mod:`retromem.cli`; attaches commands to its groups and registers a demo step.
-"""
+"""Commands: `retromem index dense embed|build|search|tune|eval` (dense retrieval), and the demo step
+that embeds the demo datastore, builds a FAISS index and searches it."""
 
 from __future__ import annotations
 
@@ -10,11 +8,15 @@ from pathlib import Path
 
 import click
 
-from retromem.cli import demo_step, fmt_bytes, handle_errors, index, main, parse_size
-from retromem.errors import ConfigError
+from retromem.cli._common import fmt_bytes, handle_errors, parse_size, snippet
 
 
-@index.command("embed")
+@click.group("dense")
+def group() -> None:
+    """Dense retrieval: embed a datastore's chunks, build, tune, search and evaluate FAISS indexes."""
+
+
+@group.command("embed")
 @click.argument("datastore", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", default=None, help="Embeddings directory (default: DATASTORE/embeddings/<model>).")
 @click.option("--model", default="all-minilm-l6-v2", show_default=True,
@@ -30,7 +32,7 @@ from retromem.errors import ConfigError
 def index_embed(datastore: str, out: str | None, model: str, batch_size: int, device: str | None, fp16: bool | None,
                 executor: str, ray_address: str | None, overwrite: bool) -> None:
     """Embed every chunk of DATASTORE, one float16 file per datastore shard; re-run to resume."""
-    from index.embed import EmbedConfig, embed_datastore
+    from retromem.index.embed import EmbedConfig, embed_datastore
 
     cfg = EmbedConfig(datastore=datastore, out=out, model=model, batch_size=batch_size, device=device, fp16=fp16,
                       executor=executor, ray_address=ray_address)
@@ -45,7 +47,7 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
         click.echo(f"throughput  {res.chunks_per_second:,.0f} chunks/s ({res.seconds:.1f}s)")
 
 
-@index.command("build-dense")
+@group.command("build")
 @click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, help="Index directory.")
 @click.option("--factory", default="auto", show_default=True,
@@ -63,7 +65,7 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
 def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: str | None, target_recall: float,
                       train_size: int | None, shard_vectors: int, merge: str, gpu: bool | None, tune: bool, overwrite: bool) -> None:
     """Build a FAISS index over EMBEDDINGS (from `retromem index embed`); re-run to resume."""
-    from index.dense import DenseBuildConfig, build_dense
+    from retromem.index.dense import DenseBuildConfig, build_dense
 
     cfg = DenseBuildConfig(embeddings=embeddings, out=out, factory=factory,
                            memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
@@ -89,7 +91,7 @@ def _print_index(m: dict) -> None:
         click.echo("time        " + "  ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
 
 
-@index.command("search")
+@group.command("search")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("queries", nargs=-1, required=True)
 @click.option("-k", type=int, default=5, show_default=True)
@@ -101,7 +103,7 @@ def _print_index(m: dict) -> None:
 def index_search(index_dir: str, queries: tuple[str, ...], k: int, nprobe: int | None, ef_search: int | None,
                  exclude_docs: tuple[int, ...], as_json: bool) -> None:
     """Search the dense index INDEX_DIR for each of QUERIES (texts); show hits with their continuation."""
-    from index.dense import DenseIndex
+    from retromem.index.dense import DenseIndex
 
     idx = DenseIndex.open(index_dir)
     excl = [list(exclude_docs)] * len(queries) if exclude_docs else None
@@ -115,15 +117,10 @@ def index_search(index_dir: str, queries: tuple[str, ...], k: int, nprobe: int |
     for i, q in enumerate(queries):
         click.echo(f"query: {q!r}")
         for rank, (p, s) in enumerate(zip(res.payloads[i], res.scores[i]), 1):
-            click.echo(f"  {rank}. chunk {p.chunk_id} (doc {p.doc_id})  score {s:.3f}  {_snippet(p.text)}")
+            click.echo(f"  {rank}. chunk {p.chunk_id} (doc {p.doc_id})  score {s:.3f}  {snippet(p.text, 110, quote=True)}")
 
 
-def _snippet(text: str | None, n: int = 110) -> str:
-    t = " ".join((text or "").split())
-    return repr(t[:n] + ("..." if len(t) > n else ""))
-
-
-@index.command("tune")
+@group.command("tune")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--target-recall", type=float, default=0.95, show_default=True)
 @click.option("-k", type=int, default=10, show_default=True)
@@ -131,7 +128,7 @@ def _snippet(text: str | None, n: int = 110) -> str:
 @handle_errors
 def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int) -> None:
     """Find the smallest nprobe/efSearch reaching --target-recall recall@k against exact search; store it."""
-    from index.dense import tune
+    from retromem.index.dense import tune
 
     rep = tune(index_dir, target_recall=target_recall, k=k, n_queries=n_queries)
     if rep.param is None:
@@ -143,7 +140,7 @@ def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int) -> 
     click.echo(f"default {rep.param}={rep.value}: {verdict} recall@{k} >= {target_recall}")
 
 
-@index.command("eval-dense")
+@group.command("eval")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--queries", "n_queries", type=int, default=1000, show_default=True)
 @click.option("--nprobe", type=int, default=None)
@@ -152,7 +149,7 @@ def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int) -> 
 @handle_errors
 def index_eval_dense(index_dir: str, n_queries: int, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Recall@1/10/100 against exact inner-product search, and queries/s of both, on sampled chunks."""
-    from index.dense import DenseIndex, evaluate
+    from retromem.index.dense import DenseIndex, evaluate
 
     ntotal = DenseIndex.open(index_dir).ntotal
     ks = tuple(k for k in (1, 10, 100) if k <= ntotal)
@@ -171,42 +168,9 @@ def index_eval_dense(index_dir: str, n_queries: int, nprobe: int | None, ef_sear
     click.echo(f"size        {rep.bytes_per_vector:.1f} bytes/vector vs float32 {rep.float32_bytes_per_vector}: {rep.compression:.1f}x smaller")
 
 
-@main.command("plan")
-@click.option("--tokens", default="1e12", show_default=True, help="Datastore size in tokens (e.g. 2e12).")
-@click.option("--chunk-length", type=int, default=64, show_default=True)
-@click.option("--dim", type=int, default=384, show_default=True, help="Embedder dimension (all-MiniLM-L6-v2: 384).")
-@click.option("--factory", default="OPQ64_384,IVF262144_HNSW32,PQ64", show_default=True)
-@click.option("--unit-costs", type=click.Path(dir_okay=False), default=None,
-              help="JSON of unit costs (default: the ones measured for this release; see --measure).")
-@click.option("--measure", is_flag=True, help="Measure unit costs on this machine first (about a minute).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the predicted curves (1e6..1e13 tokens) to this PNG.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
-def plan_cmd(tokens: str, chunk_length: int, dim: int, factory: str, unit_costs: str | None, measure: bool,
-             plot: str | None, as_json: bool) -> None:
-    """Predict chunks, embedding and index bytes, search RAM and build time for a datastore of --tokens."""
-    from index.plan import UnitCosts, measure_unit_costs, plot_plan, predict
-
-    try:
-        n_tokens = int(float(tokens))
-    except ValueError as exc:
-        raise ConfigError(f"`--tokens` must be a number such as 1e12, got {tokens!r}") from exc
-    costs = measure_unit_costs() if measure else UnitCosts.load(unit_costs)
-    p = predict(n_tokens, chunk_length=chunk_length, dim=dim, factory=factory, costs=costs)
-    if as_json:
-        click.echo(json.dumps(p.as_dict(), indent=2))
-    else:
-        for line in p.describe():
-            click.echo(line)
-    if plot:
-        plot_plan(plot, chunk_length=chunk_length, dim=dim, factory=factory, costs=costs)
-        click.echo(f"plot        {plot}")
-
-
-@demo_step(30, "dense index: embed the chunks, build FAISS, search with exclusion")
-def demo_dense(out_dir: Path, datastore_path: Path, echo) -> None:
-    from index.dense import DenseBuildConfig, DenseIndex, build_dense
-    from index.embed import EmbedConfig, embed_datastore
+def demo(out_dir: Path, datastore_path: Path, echo) -> None:
+    from retromem.index.dense import DenseBuildConfig, DenseIndex, build_dense
+    from retromem.index.embed import EmbedConfig, embed_datastore
 
     emb = embed_datastore(EmbedConfig(datastore=str(datastore_path), out=str(out_dir / "embeddings"), batch_size=64))
     echo(f"embedded {emb.manifest['num_vectors']:,} chunks with {emb.manifest['embedder']['name']} "
@@ -221,7 +185,7 @@ def demo_dense(out_dir: Path, datastore_path: Path, echo) -> None:
     for q, row, scores in zip(queries, hits.payloads, hits.scores):
         echo(f"query: {q!r}")
         for p, s in zip(row, scores):
-            echo(f"  chunk {p.chunk_id} (doc {p.doc_id})  score {s:.3f}  {_snippet(p.text, 90)}")
+            echo(f"  chunk {p.chunk_id} (doc {p.doc_id})  score {s:.3f}  {snippet(p.text, 90, quote=True)}")
     top = hits.payloads[0][0]
     again = idx.search(queries[:1], 3, exclude_doc_ids=[[top.doc_id]])
     echo(f"excluding document {top.doc_id}: still {int((again.chunk_ids[0] >= 0).sum())} hits, none from it: "

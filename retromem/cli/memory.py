@@ -1,8 +1,5 @@
-"""Commands: `retromem memory train|eval|compress` (issue: memory modules).
-
-Imported at the end of :mod:`retromem.cli`; attach commands to its groups and register a demo step
-with :func:`retromem.cli.demo_step`.
-"""
+"""Commands: `retromem memory train|eval|compress` (memory modules), and the demo step that streams a
+document through Infini-attention and compresses a passage with an AutoCompressor."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli import demo_step, handle_errors, memory
+from retromem.cli._common import handle_errors
 from retromem.errors import ConfigError
 
 
@@ -29,7 +26,12 @@ def _floats(value: str, flag: str) -> tuple[float, ...]:
         raise ConfigError(f"`{flag}` must be comma-separated numbers, got {value!r}") from None
 
 
-@memory.command("train")
+@click.group("memory")
+def group() -> None:
+    """Memory modules (AutoCompressor, Infini-attention): fine-tuning and long-context evaluation."""
+
+
+@group.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file (configs/memory/*.yaml).")
 @click.option("--output-dir", default=None, help="Override `output_dir` of the config.")
 @click.option("--model", default=None, help="Override `model` (built-in name, local directory, saved memory model).")
@@ -40,7 +42,7 @@ def _floats(value: str, flag: str) -> tuple[float, ...]:
 def memory_train(config_path: str, output_dir: str | None, model: str | None, tokenizer: str | None,
                  max_steps: int | None, resume: bool) -> None:
     """Fine-tune an Infini-attention or AutoCompressor model with Hugging Face Trainer."""
-    from memory.training import load_train_config, train
+    from retromem.memory.training import load_train_config, train
 
     cfg = load_train_config(config_path, output_dir=output_dir, model=model, tokenizer=tokenizer, max_steps=max_steps)
     result = train(cfg, resume=resume)
@@ -50,7 +52,7 @@ def memory_train(config_path: str, output_dir: str | None, model: str | None, to
     click.echo(f"model: {result.final_dir}   telemetry: {result.output_dir / 'telemetry.jsonl'}")
 
 
-@memory.command("eval")
+@group.command("eval")
 @click.option("--model", "model_path", default="smollm2-135m", show_default=True,
               help="A saved memory model directory, or a base model (wrapped untrained with --module).")
 @click.option("--module", type=click.Choice(["infini", "autocompressor"]), default="infini", show_default=True,
@@ -70,7 +72,8 @@ def memory_eval(model_path: str, module: str, segment_length: int, lengths: str,
     """Passkey retrieval and long-document perplexity with memory on, knocked out, and full attention."""
     import torch
 
-    from memory.evaluation import MemoryEvalConfig, evaluate
+    from retromem.memory.evaluation import MemoryEvalConfig, evaluate
+    from retromem.memory.loading import load_memory_model
 
     torch.set_num_threads(threads)
     try:
@@ -83,27 +86,7 @@ def memory_eval(model_path: str, module: str, segment_length: int, lengths: str,
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
 
 
-def load_memory_model(model_path: str, module: str, segment_length: int):
-    from datastore.tokenizer import load_hf_tokenizer
-    from memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
-    from memory.training import is_saved_memory_model
-    from retromem.models import load_causal_lm
-
-    if is_saved_memory_model(model_path):
-        kind = json.loads((Path(model_path) / "memory_config.json").read_text())["kind"]
-        cls = InfiniAttentionLM if kind == "infini_attention" else AutoCompressorLM
-        return cls.from_pretrained(model_path), load_hf_tokenizer(model_path)
-    try:
-        base, tok = load_causal_lm(model_path)
-        if module == "infini":
-            return InfiniAttentionLM(base, InfiniAttentionConfig(segment_length=segment_length)), tok
-        return AutoCompressorLM(base, AutoCompressorConfig(segment_min=segment_length, segment_max=segment_length)), tok
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-@memory.command("compress")
+@group.command("compress")
 @click.argument("datastore_path", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "model_path", required=True, help="A saved AutoCompressor directory (or a base model, untrained summaries).")
 @click.option("--docs", default="", help="Comma-separated doc_ids to compress whole.")
@@ -113,7 +96,8 @@ def load_memory_model(model_path: str, module: str, segment_length: int):
 @handle_errors
 def memory_compress(datastore_path: str, model_path: str, docs: str, chunks: str, segment_length: int, out: str) -> None:
     """Precompute AutoCompressor summary vectors for datastore chunks or documents."""
-    from memory.autocompressor import AutoCompressorLM, SummaryStore, datastore_texts, precompute_summaries
+    from retromem.memory.autocompressor import AutoCompressorLM, SummaryStore, datastore_texts, precompute_summaries
+    from retromem.memory.loading import load_memory_model
 
     model, tok = load_memory_model(model_path, "autocompressor", segment_length)
     if not isinstance(model, AutoCompressorLM):
@@ -125,16 +109,15 @@ def memory_compress(datastore_path: str, model_path: str, docs: str, chunks: str
     click.echo(f"{len(SummaryStore(path))} summaries in {path}")
 
 
-@demo_step(70, "memory modules: Infini-attention and AutoCompressor on SmolLM2-135M")
-def demo_memory(out_dir: Path, datastore_path: Path, echo) -> None:
+def demo(out_dir: Path, datastore_path: Path, echo) -> None:
     import copy
     import time
 
     import torch
 
-    from datastore import Datastore
-    from memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
-    from memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
+    from retromem.datastore import Datastore
+    from retromem.memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
+    from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
     from retromem.models import load_causal_lm
 
     torch.set_num_threads(2)

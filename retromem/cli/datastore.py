@@ -1,66 +1,21 @@
-"""The ``retromem`` command line: one sub-command group per package, plus ``demo``.
-
-Library errors (:class:`retromem.errors.RetromemError`) become a one-line ``error:`` message
-and exit status 2; everything else is a bug and keeps its traceback.
-"""
+"""Commands: `retromem datastore build|info|show`, and the demo's first two steps (build the demo
+datastore, read a chunk, its continuation and a document back)."""
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import click
 
-from retromem import __version__
-from retromem.errors import ConfigError, RetromemError
-from retromem.logging import setup_logging
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+from retromem.cli._common import fmt_bytes, handle_errors, parse_size
+from retromem.errors import ConfigError
 
 
-def parse_size(value: str | int, flag: str) -> int:
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"`{flag}` must be a size such as 32MiB, 512MB or 1000000, got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def handle_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RetromemError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="retromem")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
-def main(verbose: int, quiet: bool) -> None:
-    """retromem: datastores, retrieval indexes, a retrieval service, RETRO and memory modules."""
-    setup_logging(-1 if quiet else verbose)
-
-
-# ---------------------------------------------------------------------------------------------
-# datastore
-
-
-@main.group()
-def datastore() -> None:
+@click.group("datastore")
+def group() -> None:
     """Build and inspect datastores (normalize, dedup, tokenize, chunk)."""
 
 
@@ -76,7 +31,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-@datastore.command("build")
+@group.command("build")
 @click.argument("inputs", nargs=-1)
 @click.option("--out", "-o", help="Output datastore directory.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML file of build settings (flags override it).")
@@ -112,7 +67,7 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
 
     Re-running the same command after an interruption resumes where it stopped.
     """
-    from datastore import BuildConfig, build
+    from retromem.datastore import BuildConfig, build
 
     settings: dict[str, Any] = _load_yaml(config_path) if config_path else {}
     dedup = dict(settings.pop("dedup", {}) or {})
@@ -154,7 +109,7 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
         return
     if result.already_complete:
         click.echo(f"{cfg.out} is already complete (same inputs and settings); nothing to do.")
-    _print_summary(result.manifest, result.seconds)
+    print_summary(result.manifest, result.seconds)
 
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
@@ -162,15 +117,7 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
             "chunk_length": m["chunk_length"], "dedup": m["dedup"]}
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def _print_summary(m: dict[str, Any], seconds: dict[str, float] | None = None) -> None:
+def print_summary(m: dict[str, Any], seconds: dict[str, float] | None = None) -> None:
     c, d, t = m["counts"], m["dedup"], m["tokenizer"]
     skipped = sum(d["skipped"].values())
     lines = [
@@ -196,20 +143,20 @@ def _print_summary(m: dict[str, Any], seconds: dict[str, float] | None = None) -
     click.echo("\n".join(lines))
 
 
-@datastore.command("info")
+@group.command("info")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 @click.option("--verify", is_flag=True, help="Recompute and check every checksum.")
 @handle_errors
 def datastore_info(path: str, as_json: bool, verify: bool) -> None:
     """Counts, tokenizer, sizes and dedup statistics of the datastore at PATH."""
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     ds = Datastore.open(path)
     if as_json:
         click.echo(json.dumps(ds.manifest, indent=2))
     else:
-        _print_summary(ds.manifest)
+        print_summary(ds.manifest)
         on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         click.echo(f"on disk     {fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
     if verify:
@@ -221,7 +168,7 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
         click.echo("verify      all checksums match")
 
 
-@datastore.command("show")
+@group.command("show")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.argument("chunk_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
@@ -229,7 +176,7 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
 @handle_errors
 def datastore_show(path: str, chunk_id: int, as_json: bool, continuation: bool) -> None:
     """Show chunk CHUNK_ID of the datastore at PATH: text, tokens, document, continuation."""
-    from datastore import Datastore
+    from retromem.datastore import Datastore
 
     ds = Datastore.open(path)
     try:
@@ -255,98 +202,3 @@ def datastore_show(path: str, chunk_id: int, as_json: bool, continuation: bool) 
         click.echo(f"continuation (chunk {nxt.chunk_id}):\n" + click.style(nxt.text, fg="cyan"))
     elif continuation:
         click.echo("continuation: none (last chunk of its document)")
-
-
-# ---------------------------------------------------------------------------------------------
-# groups filled in by the other packages' command modules (imported at the bottom of this file)
-
-
-@main.group()
-def index() -> None:
-    """Dense (FAISS) and n-gram (suffix array, FM-index) indexes over a datastore."""
-
-
-@main.group()
-def ngram() -> None:
-    """The infini-gram language model: per-token scores and interpolation with a neural LM."""
-
-
-@main.group()
-def memory() -> None:
-    """Memory modules (AutoCompressor, Infini-attention): fine-tuning and long-context evaluation."""
-
-
-# ---------------------------------------------------------------------------------------------
-# demo
-
-# Each package's command module appends a step: (order, title, fn(out_dir, datastore_path, echo)).
-# The demo runs them in order after building the datastore, so `retromem demo` grows with the project.
-DEMO_STEPS: list[tuple[int, str, Any]] = []
-
-
-def demo_step(order: int, title: str):
-    def register(fn):
-        DEMO_STEPS.append((order, title, fn))
-        return fn
-
-    return register
-
-
-def demo_corpus() -> Path:
-    """The built-in demo corpus shipped in the package (see retromem/data/PROVENANCE.md)."""
-    return Path(str(resources.files("retromem") / "data" / "python-docs-tutorial-howto.jsonl.gz"))
-
-
-@main.command()
-@click.option("--out", default="retromem-demo", show_default=True, help="Directory for everything the demo builds.")
-@click.option("--workers", type=int, default=0, show_default=True)
-@click.option("--only", multiple=True, help="Run only the demo steps whose title starts with this (the datastore is always built).")
-@click.pass_context
-@handle_errors
-def demo(ctx: click.Context, out: str, workers: int, only: tuple[str, ...]) -> None:
-    """Run the main job on the built-in corpus (Python tutorial and HOWTOs): build a datastore, read it
-    back, then index, query and model it with every part of retromem."""
-    from datastore import BuildConfig, Datastore, build
-
-    out_dir = Path(out)
-    corpus = demo_corpus()
-    steps = sorted(DEMO_STEPS, key=lambda s: s[0])
-    if only:
-        steps = [s for s in steps if any(s[1].startswith(o) for o in only)]
-    total = 2 + len(steps)
-    click.echo(f"[1/{total}] datastore build: {corpus.name} -> {out_dir / 'datastore'}")
-    cfg = BuildConfig(inputs=(str(corpus),), out=str(out_dir / "datastore"), workers=workers)
-    result = build(cfg)
-    _print_summary(result.manifest, result.seconds or None)
-    ds = Datastore.open(cfg.out)
-    click.echo(f"\n[2/{total}] datastore read: a chunk, its continuation, and a document round trip")
-    cid = ds.num_chunks // 2
-    chunk = ds.chunks([cid])[0]
-    toks, lens = ds.neighbour_tokens([cid])
-    click.echo(f"chunk {cid} (document {chunk.doc_id}, position {chunk.position}): {chunk.text[:160]!r}...")
-    click.echo(f"RETRO neighbour unit (chunk + continuation): {int(lens[0])} tokens")
-    doc_ids = ds.document_chunk_ids(chunk.doc_id)
-    tokens = np_concat_tokens(ds, doc_ids)
-    same = ds.tokenizer.decode(tokens) == ds.document_text(chunk.doc_id)
-    click.echo(f"decoding the {len(doc_ids)} chunks of document {chunk.doc_id} gives back its text: {same}")
-    for i, (_, title, fn) in enumerate(steps, start=3):
-        click.echo(f"\n[{i}/{total}] {title}")
-        fn(out_dir, Path(cfg.out), click.echo)
-    click.echo(f"\nnext: retromem datastore info {cfg.out}   |   retromem datastore show {cfg.out} {cid}")
-
-
-def np_concat_tokens(ds, chunk_ids) -> list[int]:
-    toks, lens = ds.tokens(chunk_ids)
-    return [int(t) for row, n in zip(toks, lens) for t in row[:n]]
-
-
-# The command modules of the other packages register their sub-commands and demo steps on import.
-# Each gets its own module so that the packages grow without touching this file.
-from retromem import cli_dense, cli_ngram, cli_memory, cli_service, cli_retro  # noqa: E402,F401
-
-if __name__ == "__main__":
-    # `python -m retromem.cli` runs this file as __main__; the command modules registered their
-    # commands on the importable `retromem.cli`, so run that one
-    from retromem.cli import main as _main
-
-    _main()

@@ -1,25 +1,22 @@
-"""Commands: `retromem retro neighbours|train|eval|generate` (issue: RETRO).
-
-Imported at the end of :mod:`retromem.cli`; adds the ``retro`` group and a demo step.
-"""
+"""Commands: `retromem retro neighbours|train|eval|generate` (RETRO), and the demo step that runs the
+neighbours job and generates with retrieval."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from retromem.cli import demo_step, handle_errors, main
+from retromem.cli._common import handle_errors, secret
 from retromem.errors import ConfigError
 
 
-@main.group()
-def retro() -> None:
+@click.group("retro")
+def group() -> None:
     """RETRO: the neighbours job, training / RETROfit, evaluation and generation with retrieval."""
 
 
-@retro.command("neighbours")
+@group.command("neighbours")
 @click.argument("datastore", type=click.Path(exists=True, file_okay=False))
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Dense index over DATASTORE (retromem index build-dense).")
@@ -42,7 +39,7 @@ def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: st
                      query: str, leakage_ngram: int | None, candidates: int | None, shard_chunks: int, batch_size: int,
                      max_chunks: int | None, overwrite: bool) -> None:
     """Retrieve k neighbours for every chunk of a split of DATASTORE (own document excluded); re-run to resume."""
-    from retro.neighbours import NeighboursConfig, compute_neighbours
+    from retromem.retro.neighbours import NeighboursConfig, compute_neighbours
 
     cfg = NeighboursConfig(datastore=datastore, out=out, index=index_dir, k=k, split=split, eval_fraction=eval_fraction,
                            split_seed=split_seed, query=query, leakage_ngram=leakage_ngram, candidates=candidates,
@@ -62,7 +59,7 @@ def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: st
         click.echo(f"warning     {missing:,} neighbour slots empty (fewer eligible chunks than k)", err=True)
 
 
-@retro.command("train")
+@group.command("train")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file (configs/retro/*.yaml).")
 @click.option("--output-dir", default=None, help="Override `output_dir`.")
 @click.option("--datastore", default=None, help="Override `datastore`.")
@@ -74,7 +71,7 @@ def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: st
 def retro_train(config_path: str, output_dir: str | None, datastore: str | None, neighbours: tuple[str, ...],
                 model: str | None, max_steps: int | None, resume: bool) -> None:
     """Train a RETRO model (RETROfit of a frozen base, or from scratch) with Hugging Face Trainer."""
-    from retro.training import load_train_config, train
+    from retromem.retro.training import load_train_config, train
 
     cfg = load_train_config(config_path, output_dir=output_dir, datastore=datastore,
                             neighbours=list(neighbours) or None, model=model, max_steps=max_steps)
@@ -87,7 +84,7 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
     click.echo(f"model: {res.final_dir}")
 
 
-@retro.command("eval")
+@group.command("eval")
 @click.option("--model", "model_path", required=True, help="A trained RETRO directory (RETROfit weights or a RetroForCausalLM).")
 @click.option("--base-model", default=None, help="The base model (RETROfit: default the recorded base; from scratch: none).")
 @click.option("--datastore", "datastore_path", required=True, type=click.Path(exists=True, file_okay=False))
@@ -105,10 +102,11 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
     and the leakage analysis (gain against neighbour overlap), plotted."""
     import torch
 
-    from datastore import Datastore
-    from retro.data import NeighbourTable, check_datastore_tokenizer
-    from retro.evaluation import RetroEvalConfig, evaluate
-    from retro.training import BASE_FILE, load_retro_model
+    from retromem.datastore import Datastore
+    from retromem.retro.data import check_datastore_tokenizer
+    from retromem.retro.neighbours import NeighbourTable
+    from retromem.retro.evaluation import RetroEvalConfig, evaluate
+    from retromem.retro.loading import load_retro_model, recorded_base_model
     from retromem.models import load_causal_lm
 
     torch.set_num_threads(threads)
@@ -117,9 +115,7 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
     ds = Datastore.open(datastore_path)
     model, tok = load_retro_model(model_path, base_model)
     check_datastore_tokenizer(ds, tok, model.config.vocab_size)
-    base_name = base_model
-    if base_name is None and (Path(model_path) / BASE_FILE).is_file():
-        base_name = json.loads((Path(model_path) / BASE_FILE).read_text())["base_model"]
+    base_name = base_model or recorded_base_model(model_path)
     base = load_causal_lm(base_name)[0] if base_name else None
     table = NeighbourTable(list(neighbours), ds)
     s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}")
@@ -137,7 +133,7 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
     click.echo(f"results: {Path(out) / 'results.json'}   plot: {s['plot']}")
 
 
-@retro.command("generate")
+@group.command("generate")
 @click.argument("prompt")
 @click.option("--model", "model_path", default=None,
               help="A trained RETRO directory; default: SmolLM2-135M RETROfitted with untrained (zero-gated) blocks.")
@@ -166,24 +162,24 @@ def retro_generate(prompt: str, model_path: str | None, base_model: str | None, 
     chunk completes."""
     import torch
 
-    from retro.generation import generate_with_retrieval
+    from retromem.retro.generation import generate_with_retrieval
+    from retromem.retro.loading import load_generation_model
 
     if (index_dir is None) == (server is None):
         raise click.UsageError("give exactly one of --index (in-process) and --server (gRPC)")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if server is not None:
-        from retromem.cli_service import _secret
-        from service.client import RetrievalClient
+        from retromem.service.client import RetrievalClient
 
-        idx = RetrievalClient(server, token=_secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca, retries=2)
+        idx = RetrievalClient(server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca, retries=2)
         chunk_length = int(idx.info().datastore.chunk_length)
     else:
-        from index.dense import DenseIndex
+        from retromem.index.dense import DenseIndex
 
         idx = DenseIndex.open(index_dir)
         chunk_length = idx.datastore.chunk_length
-    model, tok = _generation_model(model_path, base_model, chunk_length)
+    model, tok = load_generation_model(model_path, base_model, chunk_length)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {}
 
     def show(r) -> None:
@@ -195,26 +191,15 @@ def retro_generate(prompt: str, model_path: str | None, base_model: str | None, 
     click.echo(prompt + click.style(res.text, fg="green"))
 
 
-def _generation_model(model_path: str | None, base_model: str | None, chunk_length: int):
-    from retro import retrofit
-    from retro.training import load_retro_model
-    from retromem.models import load_causal_lm
-
-    if model_path:
-        return load_retro_model(model_path, base_model)
-    base, tok = load_causal_lm(base_model or "smollm2-135m")
-    return retrofit(base, chunk_length=chunk_length, neighbour_length=2 * chunk_length).eval(), tok
-
-
-@demo_step(80, "RETRO: neighbours job, then generation retrieving a fresh chunk at every chunk boundary")
-def demo_retro(out_dir: Path, datastore_path: Path, echo) -> None:
+def demo(out_dir: Path, datastore_path: Path, echo) -> None:
     import time
 
     import torch
 
-    from index.dense import DenseIndex
-    from retro.generation import generate_with_retrieval
-    from retro.neighbours import NeighboursConfig, compute_neighbours
+    from retromem.index.dense import DenseIndex
+    from retromem.retro.generation import generate_with_retrieval
+    from retromem.retro.loading import load_generation_model
+    from retromem.retro.neighbours import NeighboursConfig, compute_neighbours
 
     index_dir = out_dir / "dense-index"
     if not (index_dir / "index.json").is_file():
@@ -228,7 +213,7 @@ def demo_retro(out_dir: Path, datastore_path: Path, echo) -> None:
          f"excluded -> {res.out} ({len(res.manifest['shards'])} Parquet shard(s), {missing} empty slots)")
     idx = DenseIndex.open(index_dir)
     ds = idx.datastore
-    model, tok = _generation_model(None, None, ds.chunk_length)
+    model, tok = load_generation_model(None, None, ds.chunk_length)
     doc = int(ds.chunk_doc_array[ds.num_chunks // 3])
     first_chunk = int(ds.doc_first_chunk_array[doc])
     prompt = ds.tokens([first_chunk])[0][0, : ds.chunk_length - 8].tolist()  # chunk 0 completes 8 tokens in

@@ -1,8 +1,6 @@
-"""Commands: `retromem index build-ngram|build-fm|ngram-query|fm-query` and `retromem ngram score|eval-interpolation`
-(exact n-gram search and the ∞-gram language model).
-
-Imported at the end of :mod:`retromem.cli`; attaches commands to its groups and registers a demo step.
-"""
+"""Commands: `retromem index ngram build|query|score|eval-interpolation` (exact n-gram search over the
+suffix array and the ∞-gram language model) and `retromem index fm build|query` (the compressed
+FM-index), with their demo steps."""
 
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli import demo_step, fmt_bytes, handle_errors, index, ngram, parse_size
+from retromem.cli._common import fmt_bytes, handle_errors, parse_size
 from retromem.errors import ConfigError
 
 VERBS = ["count", "find", "prob", "ntd", "infgram-prob", "infgram-ntd", "search"]
@@ -33,7 +31,17 @@ def _cnf(text: str, ids: bool) -> list[list]:
     return [[_query(term, ids) for term in clause.split(" OR ")] for clause in text.split(" AND ")]
 
 
-@index.command("build-ngram")
+@click.group("ngram")
+def group() -> None:
+    """Exact n-gram search (infini-gram suffix array) and the ∞-gram language model."""
+
+
+@click.group("fm")
+def fm_group() -> None:
+    """Compressed substring search over the datastore text (FM-index)."""
+
+
+@group.command("build")
 @click.argument("datastore_path", metavar="DATASTORE", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, help="Output index directory.")
 @click.option("--shard-tokens", default="1G", show_default=True, help="Tokens per shard (whole documents), e.g. 500M.")
@@ -44,7 +52,7 @@ def _cnf(text: str, ids: bool) -> list[list]:
 @handle_errors
 def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem: str, overwrite: bool, as_json: bool) -> None:
     """Build the infini-gram suffix-array index of DATASTORE (resumable: re-run to continue)."""
-    from index.ngram import NgramBuildConfig, build_ngram_index
+    from retromem.index.ngram import NgramBuildConfig, build_ngram_index
 
     cfg = NgramBuildConfig(shard_tokens=parse_size(shard_tokens, "--shard-tokens"), cpus=cpus,
                            mem_bytes=parse_size(mem, "--mem"))
@@ -66,7 +74,7 @@ def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem
                    f"{fmt_bytes(r.peak_rss_bytes)}")
 
 
-@index.command("ngram-query")
+@group.command("query")
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
 @click.argument("query")
 @click.option("--verb", type=click.Choice(VERBS), default="count", show_default=True)
@@ -81,7 +89,7 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
     """Query the n-gram index at INDEX. For --verb search, QUERY is a CNF: 'a OR b AND c'."""
     from dataclasses import asdict
 
-    from index.ngram import NgramIndex
+    from retromem.index.ngram import NgramIndex
 
     idx = NgramIndex(index_path, datastore_path)
     q = _query(query, ids)
@@ -122,7 +130,7 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
         click.echo(repr(res))
 
 
-@index.command("build-fm")
+@fm_group.command("build")
 @click.argument("datastore_path", metavar="DATASTORE", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, help="Output index directory.")
 @click.option("--backend", type=click.Choice(["compact", "fm-index"]), default="compact", show_default=True,
@@ -132,7 +140,7 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
 @handle_errors
 def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, overwrite: bool) -> None:
     """Build the FM-index (compressed exact substring search) of DATASTORE's normalized text."""
-    from index.fm_index import build_fm_index
+    from retromem.index.fm_index import build_fm_index
 
     r = build_fm_index(datastore_path, out, backend=backend, sample_rate=sample_rate, overwrite=overwrite)
     m = r.manifest
@@ -143,7 +151,7 @@ def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, over
                f"{m['size_ratio']:.0%} of the corpus bytes" + ("" if r.already_complete else f"; built in {r.seconds:.1f}s"))
 
 
-@index.command("fm-query")
+@fm_group.command("query")
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
 @click.argument("pattern")
 @click.option("--limit", type=int, default=3, show_default=True, help="Hits to show with their context.")
@@ -152,7 +160,7 @@ def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, over
 @handle_errors
 def fm_query(index_path: str, pattern: str, limit: int, window: int, datastore_path: str | None) -> None:
     """Count PATTERN (any substring) with the FM-index at INDEX and show the first hits in their documents."""
-    from index.fm_index import FMIndex
+    from retromem.index.fm_index import FMIndex
 
     fm = FMIndex(index_path, datastore_path)
     f = fm.find(pattern, limit=limit)
@@ -164,7 +172,7 @@ def fm_query(index_path: str, pattern: str, limit: int, window: int, datastore_p
                            + c.text[c.match_end :]).replace("\n", " "))
 
 
-@ngram.command("score")
+@group.command("score")
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
 @click.argument("text")
 @click.option("--datastore", "datastore_path", default=None, help="Datastore directory (default: the one the index records).")
@@ -174,7 +182,7 @@ def ngram_score(index_path: str, text: str, datastore_path: str | None, as_json:
     """Per-token ∞-gram probabilities of TEXT (each token given all the tokens before it)."""
     from dataclasses import asdict
 
-    from index.ngram import NgramIndex
+    from retromem.index.ngram import NgramIndex
 
     idx = NgramIndex(index_path, datastore_path)
     scores = idx.score(text)
@@ -190,7 +198,7 @@ def ngram_score(index_path: str, text: str, datastore_path: str | None, as_json:
                + (f", mean log2 p of those {sum(math.log2(p) for p in nz) / len(nz):.2f}" if nz else ""))
 
 
-@ngram.command("eval-interpolation")
+@group.command("eval-interpolation")
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
 @click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False),
               help="JSONL (.gz/.zst) of held-out documents, not in the datastore.")
@@ -207,8 +215,8 @@ def ngram_score(index_path: str, text: str, datastore_path: str | None, as_json:
 def ngram_eval_interpolation(index_path: str, heldout: str, text_field: str, model: str, max_docs: int, max_tokens: int,
                              lambdas: str, plot: str | None, datastore_path: str | None, as_json: bool) -> None:
     """Perplexity of a causal LM alone and interpolated with the ∞-gram LM, on held-out documents."""
-    from index.ngram import NgramIndex
-    from index.ngram_lm import InterpolationConfig, evaluate_interpolation, plot_interpolation, read_heldout
+    from retromem.index.ngram import NgramIndex
+    from retromem.index.ngram_lm import InterpolationConfig, evaluate_interpolation, plot_interpolation, read_heldout
 
     try:
         lams = tuple(float(x) for x in lambdas.split(","))
@@ -233,9 +241,8 @@ def ngram_eval_interpolation(index_path: str, heldout: str, text_field: str, mod
         click.echo(f"plot: {plot}")
 
 
-@demo_step(40, "n-gram search: infini-gram suffix array over the datastore")
-def demo_ngram(out_dir: Path, datastore_path: Path, echo) -> None:
-    from index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+def demo(out_dir: Path, datastore_path: Path, echo) -> None:
+    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
 
     r = build_ngram_index(datastore_path, out_dir / "ngram", NgramBuildConfig(), progress=False)
     m = r.manifest
@@ -263,10 +270,9 @@ def demo_ngram(out_dir: Path, datastore_path: Path, echo) -> None:
             echo(f"  continuation (chunk {p.continuation_id}): " + p.continuation_text.replace("\n", " ")[:120])
 
 
-@demo_step(41, "FM-index: compressed substring search over the datastore text")
 def demo_fm(out_dir: Path, datastore_path: Path, echo) -> None:
-    from index.fm_index import FMIndex, build_fm_index
-    from index.ngram import NgramIndex
+    from retromem.index.fm_index import FMIndex, build_fm_index
+    from retromem.index.ngram import NgramIndex
 
     r = build_fm_index(datastore_path, out_dir / "fm", progress=False)
     m = r.manifest

@@ -1,0 +1,93 @@
+"""Conversions between the ``retromem.v1`` protobuf messages and the library's result types
+(:class:`retromem.index.types.ChunkPayload`, n-gram distributions and occurrences, the server's
+limits), for the servicer, the router and the client."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from retromem.index.types import ChunkPayload
+from retromem.service.config import ServerConfig
+from retromem.service.v1 import retrieval_pb2 as pb
+
+FETCH_ALL = ("text", "tokens", "continuation")
+
+
+def fetch_flags(msg: pb.Fetch | None, *, default_all: bool = False) -> tuple[str, ...]:
+    if msg is None:
+        return FETCH_ALL if default_all else ()
+    return tuple(name for name in FETCH_ALL if getattr(msg, name))
+
+
+def fetch_msg(flags: Iterable[str] | bool) -> pb.Fetch:
+    if flags is True:
+        flags = FETCH_ALL
+    elif flags is False or flags is None:
+        flags = ()
+    elif isinstance(flags, str):
+        flags = (flags,)
+    flags = set(flags)
+    bad = flags - set(FETCH_ALL)
+    if bad:
+        raise ValueError(f"fetch must be True or some of {list(FETCH_ALL)}, got {sorted(bad)}")
+    return pb.Fetch(**{name: name in flags for name in FETCH_ALL})
+
+
+def chunk_msg(p: ChunkPayload, id_offset: int = 0, doc_offset: int = 0) -> pb.Chunk:
+    m = pb.Chunk(chunk_id=p.chunk_id + id_offset, doc_id=p.doc_id + doc_offset)
+    if p.text is not None:
+        m.text = p.text
+    if p.tokens is not None:
+        m.tokens.extend(np.asarray(p.tokens).tolist())
+    if p.continuation_id is not None:
+        m.continuation_id = p.continuation_id + id_offset
+        if p.continuation_text is not None:
+            m.continuation_text = p.continuation_text
+        if p.continuation_tokens is not None:
+            m.continuation_tokens.extend(np.asarray(p.continuation_tokens).tolist())
+    return m
+
+
+def payload_from_msg(m: pb.Chunk) -> ChunkPayload:
+    has_cont = m.HasField("continuation_id")
+    return ChunkPayload(
+        chunk_id=int(m.chunk_id), doc_id=int(m.doc_id),
+        text=m.text if m.HasField("text") else None,
+        tokens=np.asarray(m.tokens, dtype=np.int64) if len(m.tokens) else None,
+        continuation_id=int(m.continuation_id) if has_cont else None,
+        continuation_text=m.continuation_text if m.HasField("continuation_text") else None,
+        continuation_tokens=np.asarray(m.continuation_tokens, dtype=np.int64) if has_cont and len(m.continuation_tokens) else None,
+    )
+
+
+def shift_chunk(m: pb.Chunk, id_offset: int, doc_offset: int) -> None:
+    """Renumber a shard's chunk into the router's id space, in place."""
+    m.chunk_id += id_offset
+    m.doc_id += doc_offset
+    if m.HasField("continuation_id"):
+        m.continuation_id += id_offset
+
+
+def limits_msg(cfg: ServerConfig) -> pb.Limits:
+    lim = cfg.limits
+    return pb.Limits(max_batch=lim.max_batch, max_k=lim.max_k, max_query_bytes=lim.max_query_bytes,
+                     max_query_tokens=lim.max_query_tokens, max_chunks=lim.max_chunks, max_find_limit=lim.max_find_limit,
+                     max_clauses=lim.max_clauses, max_terms_per_clause=lim.max_terms_per_clause,
+                     max_message_bytes=lim.max_message_bytes, workers=cfg.workers, max_queue=cfg.max_queue,
+                     batch_wait_ms=cfg.batch_wait_ms, max_dense_batch=cfg.max_dense_batch)
+
+
+def dist_msg(d, top_k: int, decode) -> pb.DistributionResponse:
+    items = d.top(top_k) if top_k else d.top(len(d.tokens))
+    m = pb.DistributionResponse(prompt_count=d.prompt_count, approx=d.approx)
+    m.tokens.extend(pb.TokenCount(token_id=t, count=c.count, prob=c.prob, text=decode(t)) for t, c in items)
+    if d.suffix_len is not None:
+        m.suffix_len = d.suffix_len
+    return m
+
+
+def occurrence_msg(o, id_offset: int = 0, doc_offset: int = 0) -> pb.Occurrence:
+    return pb.Occurrence(doc_id=o.doc_id + doc_offset, chunk_id=o.chunk_id + id_offset, offset=o.offset,
+                         chunk_offset=o.chunk_offset)

@@ -1,0 +1,340 @@
+"""The retrieval servicer: one gRPC API over a datastore, a dense index and an n-gram index.
+
+:class:`RetrievalServicer` is a thin adapter: it checks each request field by field (so that a
+bad one gets the right status code and a message naming the field, and the server keeps
+serving), calls the library (:class:`retromem.index.dense.DenseIndex` through the micro-batcher,
+:class:`retromem.index.ngram.NgramIndex`, :func:`retromem.index.types.fetch_payloads`) and converts the typed
+results to messages (:mod:`retromem.service.messages`). :class:`Backend` is what one server
+serves. Wiring it into a running server is :mod:`retromem.service.server`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from retromem import __version__
+from retromem.errors import ConfigError
+from retromem.service.batcher import DeadlinePassed, DenseBatcher, DenseItem
+from retromem.service.common import (ServiceError, check_chunk_ids, check_search_request, decode_text, invalid, rpc,
+                                     stream_search)
+from retromem.service.config import ServerConfig, ServiceLimits
+from retromem.service.interceptors import Metrics
+from retromem.service.messages import chunk_msg, dist_msg, fetch_flags, limits_msg, occurrence_msg
+from retromem.service.v1 import retrieval_pb2 as pb
+from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass
+class Backend:
+    """What one server serves; any of the three may be absent."""
+
+    datastore: Any = None  # datastore.Datastore
+    dense: Any = None  # index.dense.DenseIndex
+    ngram: Any = None  # index.ngram.NgramIndex
+
+    @classmethod
+    def open(cls, cfg: ServerConfig) -> "Backend":
+        from retromem.datastore import Datastore
+
+        ds = Datastore.open(cfg.datastore) if cfg.datastore else None
+        dense = ngram = None
+        if cfg.dense:
+            from retromem.index.dense import DenseIndex
+
+            dense = DenseIndex.open(cfg.dense, datastore=ds)
+            ds = ds or dense.datastore
+        if cfg.ngram:
+            from retromem.index.ngram import NgramIndex, QueryLimits
+
+            lim = cfg.limits
+            ngram = NgramIndex(cfg.ngram, ds, QueryLimits(max_query_tokens=lim.max_query_tokens, max_clauses=lim.max_clauses,
+                                                           max_terms_per_clause=lim.max_terms_per_clause))
+            ds = ds or ngram.datastore
+        if dense is not None and ngram is not None and dense.datastore_id != ngram.datastore.datastore_id:
+            raise ConfigError("--dense and --ngram were built from different datastores: serve each on its own")
+        return cls(ds, dense, ngram)
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    """The ``retromem.v1.Retrieval`` service over a :class:`Backend` (see module docstring)."""
+
+    def __init__(self, cfg: ServerConfig, backend: Backend, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.limits: ServiceLimits = cfg.limits
+        self.b = backend
+        self.metrics = metrics
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self.batcher: DenseBatcher | None = None
+        if backend.dense is not None:
+            self.batcher = DenseBatcher(backend.dense, max_batch=cfg.max_dense_batch, wait_s=cfg.batch_wait_ms / 1000,
+                                        on_batch=metrics.dense_batch.observe if metrics else None)
+            if metrics is not None:
+                metrics.dense_queue.set_function(lambda: self.batcher.depth)
+        self._info = self._build_info()
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+    # -- info ----------------------------------------------------------------------------
+
+    def _build_info(self) -> pb.InfoResponse:
+        m = pb.InfoResponse(version=__version__, role="server", limits=limits_msg(self.cfg),
+                            auth_required=self.cfg.token is not None)
+        ds = self.b.datastore
+        if ds is not None:
+            man = ds.manifest
+            tok = man["tokenizer"]
+            m.datastore.CopyFrom(pb.DatastoreInfo(
+                datastore_id=ds.datastore_id, num_documents=ds.num_documents, num_chunks=ds.num_chunks,
+                chunk_length=ds.chunk_length, num_tokens=int(man["counts"]["tokens"]), tokenizer=str(tok.get("name", "")),
+                vocab_size=int(tok.get("vocab_size", 0)), vocab_sha256=str(tok.get("vocab_hash", ""))))
+        d = self.b.dense
+        if d is not None:
+            e = d.meta["embedder"]
+            m.dense.CopyFrom(pb.DenseInfo(factory=d.factory, dim=d.dim, ntotal=d.ntotal, embedder=e["name"],
+                                          embedder_sha256=e["weights_sha256"],
+                                          search_defaults={k: int(v) for k, v in d.defaults.items()}))
+        g = self.b.ngram
+        if g is not None:
+            eng = g.manifest.get("engine", {})
+            m.ngram.CopyFrom(pb.NgramInfo(num_tokens=g.num_tokens, shards=len(g.manifest["shards"]),
+                                          engine=f"{eng.get('package', 'infini-gram')} {eng.get('version', '')}".strip()))
+        return m
+
+    @rpc
+    def Info(self, request, context):
+        return self._info
+
+    # -- dense ---------------------------------------------------------------------------
+
+    def _need(self, what: str):
+        part = getattr(self.b, what)
+        if part is None:
+            flag = {"dense": "--dense", "ngram": "--ngram", "datastore": "--datastore"}[what]
+            raise ServiceError(FAILED_PRECONDITION, f"this server has no {what} index loaded (start it with {flag})"
+                               if what != "datastore" else "this server has no datastore loaded (start it with --datastore)")
+        return part
+
+    def _dense_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
+        dense = self._need("dense")
+        lim = self.limits
+        n = check_search_request(req, lim, dense.ntotal, prefix)
+        x = np.zeros((n, dense.dim), np.float32)
+        texts: dict[int, str] = {}
+        exclude: list[np.ndarray | None] | None = None
+        ndocs = self.b.datastore.num_documents
+        for i, q in enumerate(req.queries):
+            kind = q.WhichOneof("query")
+            f = f"{prefix}queries[{i}]"
+            if kind == "text":
+                texts[i] = decode_text(q.text, f"{f}.text", lim.max_query_bytes)
+            elif kind == "vector":
+                v = np.asarray(q.vector.values, dtype=np.float32)
+                if len(v) != dense.dim:
+                    raise invalid(f"`{f}.vector` has {len(v)} values; this index takes {dense.dim}")
+                if not np.isfinite(v).all():
+                    raise invalid(f"`{f}.vector` holds NaN or infinity at position {int(np.flatnonzero(~np.isfinite(v))[0])}")
+                x[i] = v
+            else:
+                raise invalid(f"`{f}` has neither text nor vector")
+            if len(q.exclude_doc_ids):
+                e = np.asarray(q.exclude_doc_ids, dtype=np.int64)
+                bad = (e < 0) | (e >= ndocs)
+                if bad.any():
+                    raise ServiceError(OUT_OF_RANGE, f"`{f}.exclude_doc_ids` holds doc_id {int(e[bad][0])}, outside "
+                                                     f"0..{ndocs - 1}")
+                if exclude is None:
+                    exclude = [None] * n
+                exclude[i] = e
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return DenseItem(x, texts, int(req.k), req.nprobe or None, req.ef_search or None, exclude,
+                         fetch_flags(req.fetch if req.HasField("fetch") else None), deadline)
+
+    def _dense_search(self, item: DenseItem, context):
+        try:
+            return self.batcher.search(item, timeout=context.time_remaining())
+        except DeadlinePassed:
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the search finished") from None
+
+    @staticmethod
+    def _results(res, lo: int, hi: int) -> Iterator[pb.QueryResult]:
+        for i in range(lo, hi):
+            ids, scores = res.chunk_ids[i], res.scores[i]
+            keep = ids >= 0
+            r = pb.QueryResult(chunk_ids=ids[keep].tolist(), scores=scores[keep].tolist())
+            if res.payloads is not None:
+                r.chunks.extend(chunk_msg(p) for p in res.payloads[i])
+            yield r
+
+    def _announced_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
+        self._need("dense")
+        self.batcher.arrive()
+        try:
+            return self._dense_item(req, context, prefix)
+        except BaseException:
+            self.batcher.abandon()
+            raise
+
+    @rpc
+    def Search(self, request, context):
+        res = self._dense_search(self._announced_item(request, context), context)
+        out = pb.SearchResponse()
+        out.results.extend(self._results(res, 0, len(res.chunk_ids)))
+        return out
+
+    def SearchStream(self, request_iterator, context):
+        def answer(r, req):
+            res = self._dense_search(self._announced_item(req, context, f"requests[{r}]."), context)
+            return list(self._results(res, 0, len(res.chunk_ids))), []
+
+        yield from stream_search(request_iterator, context, answer, self.limits.max_message_bytes, self.metrics)
+
+    # -- chunks --------------------------------------------------------------------------
+
+    @rpc
+    def GetChunks(self, request, context):
+        from retromem.index.types import fetch_payloads
+
+        ds = self._need("datastore")
+        ids = check_chunk_ids(request.chunk_ids, self.limits, ds.num_chunks)
+        flags = fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True)
+        payloads = fetch_payloads(ds, ids, text="text" in flags, tokens="tokens" in flags,
+                                  continuation="continuation" in flags)
+        return pb.GetChunksResponse(chunks=[chunk_msg(p) for p in payloads])
+
+    # -- n-gram --------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return self.b.ngram.encode(text)
+
+    def _decode(self, token_id: int) -> str:
+        with self._tok_lock:
+            return self.b.ngram.datastore.tokenizer.decode([token_id])
+
+    def _ids(self, q: pb.NgramQuery, field: str, *, allow_empty: bool = False) -> list[int]:
+        g = self._need("ngram")
+        lim = self.limits
+        kind = q.WhichOneof("query")
+        if kind == "text":
+            text = decode_text(q.text, f"{field}.text", lim.max_query_bytes, allow_empty=allow_empty)
+            ids = self._encode(text) if text else []
+            if not ids and not allow_empty:
+                raise invalid(f"`{field}.text` is empty: {text!r} has no tokens")
+        elif kind == "ids":
+            ids = list(q.ids.ids)
+            if not ids and not allow_empty:
+                raise invalid(f"`{field}.ids` is empty: give at least one token id")
+            bad = [t for t in ids if t >= g.vocab_size]
+            if bad:
+                raise ServiceError(OUT_OF_RANGE, f"`{field}.ids` has token id {bad[0]} outside the vocabulary "
+                                                 f"0..{g.vocab_size - 1}")
+        elif allow_empty:
+            ids = []
+        else:
+            raise invalid(f"`{field}` is not set: give text or ids")
+        if len(ids) > lim.max_query_tokens:
+            raise invalid(f"`{field}` has {len(ids):,} tokens, more than max_query_tokens={lim.max_query_tokens:,}")
+        return ids
+
+    def _token(self, t: pb.Token, field: str) -> int:
+        g = self._need("ngram")
+        kind = t.WhichOneof("token")
+        if kind == "text":
+            text = decode_text(t.text, f"{field}.text", self.limits.max_query_bytes)
+            ids = self._encode(text)
+            if len(ids) != 1:
+                raise invalid(f"`{field}.text` must be a single token; {text!r} is {len(ids)} tokens {ids}")
+            return ids[0]
+        if kind == "id":
+            if t.id >= g.vocab_size:
+                raise ServiceError(OUT_OF_RANGE, f"`{field}.id` {t.id} is outside the vocabulary 0..{g.vocab_size - 1}")
+            return int(t.id)
+        raise invalid(f"`{field}` is not set: give text or id")
+
+    @rpc
+    def Count(self, request, context):
+        ids = self._ids(request.query, "query")
+        c = self.b.ngram.count(ids)
+        return pb.CountResponse(count=c.count, approx=c.approx, token_ids=ids)
+
+    @rpc
+    def Prob(self, request, context):
+        ids = self._ids(request.prompt, "prompt", allow_empty=True)
+        p = self.b.ngram.prob(ids, self._token(request.next_token, "next_token"))
+        m = pb.ProbResponse(prompt_count=p.prompt_count, cont_count=p.cont_count)
+        if p.prob is not None:
+            m.prob = p.prob
+        return m
+
+    @rpc
+    def InfgramProb(self, request, context):
+        ids = self._ids(request.prompt, "prompt", allow_empty=True)
+        p = self.b.ngram.infgram_prob(ids, self._token(request.next_token, "next_token"))
+        return pb.ProbResponse(prompt_count=p.prompt_count, cont_count=p.cont_count, prob=p.prob, suffix_len=p.suffix_len)
+
+    @rpc
+    def NextTokenDistribution(self, request, context):
+        ids = self._ids(request.query, "query", allow_empty=True)
+        return dist_msg(self.b.ngram.next_token_distribution(ids), request.top_k, self._decode)
+
+    @rpc
+    def InfgramNextTokenDistribution(self, request, context):
+        ids = self._ids(request.query, "query", allow_empty=True)
+        return dist_msg(self.b.ngram.infgram_next_token_distribution(ids), request.top_k, self._decode)
+
+    def _limit(self, value: int, default: int, field: str) -> int:
+        n = value or default
+        if n > self.limits.max_find_limit:
+            raise ServiceError(OUT_OF_RANGE, f"`{field}` is {n}; this server allows 1..{self.limits.max_find_limit}")
+        return n
+
+    def _chunks(self, hits, fetch: pb.Fetch | None) -> list[pb.Chunk]:
+        flags = fetch_flags(fetch)
+        if not flags or not hits:
+            return []
+        ps = self.b.ngram.fetch(hits, text="text" in flags, tokens="tokens" in flags, continuation="continuation" in flags)
+        return [chunk_msg(p) for p in ps]
+
+    @rpc
+    def Find(self, request, context):
+        ids = self._ids(request.query, "query")
+        r = self.b.ngram.find(ids, limit=self._limit(request.limit, 10, "limit"))
+        return pb.FindResponse(count=r.count, occurrences=[occurrence_msg(o) for o in r.occurrences],
+                               chunks=self._chunks(r.occurrences, request.fetch if request.HasField("fetch") else None))
+
+    @rpc
+    def SearchDocuments(self, request, context):
+        g = self._need("ngram")
+        lim = self.limits
+        if not request.clauses:
+            raise invalid("`clauses` is empty: give at least one clause of n-grams")
+        if len(request.clauses) > lim.max_clauses:
+            raise invalid(f"`clauses` has {len(request.clauses)} clauses, more than max_clauses={lim.max_clauses}")
+        cnf = []
+        for i, clause in enumerate(request.clauses):
+            if not clause.terms:
+                raise invalid(f"`clauses[{i}].terms` is empty: give at least one n-gram")
+            if len(clause.terms) > lim.max_terms_per_clause:
+                raise invalid(f"`clauses[{i}].terms` has {len(clause.terms)} terms, more than "
+                              f"max_terms_per_clause={lim.max_terms_per_clause}")
+            cnf.append([self._ids(t, f"clauses[{i}].terms[{j}]") for j, t in enumerate(clause.terms)])
+        max_hits = self._limit(request.max_hits, 10, "max_hits")
+        r = g.search_documents(cnf, max_hits=max_hits, max_diff_tokens=request.max_diff_tokens or None)
+        return pb.SearchDocumentsResponse(count=r.count, approx=r.approx, hits=[occurrence_msg(o) for o in r.hits],
+                                          doc_ids=r.doc_ids,
+                                          chunks=self._chunks(r.hits, request.fetch if request.HasField("fetch") else None))
