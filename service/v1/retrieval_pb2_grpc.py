@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from retromem.service.v1 import retrieval_pb2 as service_dot_v1_dot_retrieval__pb2
+from retromem.service.v1 import retrieval_pb2 as retromem_dot_service_dot_v1_dot_retrieval__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/v1/retrieval_pb2_grpc.py depends on'
+        + ' but the generated code in retromem/service/v1/retrieval_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,58 +36,58 @@ class RetrievalStub:
         """
         self.Info = channel.unary_unary(
                 '/retromem.v1.Retrieval/Info',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.InfoResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Search = channel.unary_unary(
                 '/retromem.v1.Retrieval/Search',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
                 _registered_method=True)
         self.SearchStream = channel.stream_stream(
                 '/retromem.v1.Retrieval/SearchStream',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
                 _registered_method=True)
         self.GetChunks = channel.unary_unary(
                 '/retromem.v1.Retrieval/GetChunks',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.GetChunksRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.GetChunksResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksResponse.FromString,
                 _registered_method=True)
         self.Count = channel.unary_unary(
                 '/retromem.v1.Retrieval/Count',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.CountResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountResponse.FromString,
                 _registered_method=True)
         self.Prob = channel.unary_unary(
                 '/retromem.v1.Retrieval/Prob',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
                 _registered_method=True)
         self.NextTokenDistribution = channel.unary_unary(
                 '/retromem.v1.Retrieval/NextTokenDistribution',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
                 _registered_method=True)
         self.InfgramProb = channel.unary_unary(
                 '/retromem.v1.Retrieval/InfgramProb',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
                 _registered_method=True)
         self.InfgramNextTokenDistribution = channel.unary_unary(
                 '/retromem.v1.Retrieval/InfgramNextTokenDistribution',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
                 _registered_method=True)
         self.Find = channel.unary_unary(
                 '/retromem.v1.Retrieval/Find',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.FindRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.FindResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.FindRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.FindResponse.FromString,
                 _registered_method=True)
         self.SearchDocuments = channel.unary_unary(
                 '/retromem.v1.Retrieval/SearchDocuments',
-                request_serializer=service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.SerializeToString,
-                response_deserializer=service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.FromString,
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.FromString,
                 _registered_method=True)
 
 
@@ -171,58 +171,58 @@ def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.InfoRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.InfoRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.InfoResponse.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
             ),
             'SearchStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SearchStream,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
             ),
             'GetChunks': grpc.unary_unary_rpc_method_handler(
                     servicer.GetChunks,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.GetChunksRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.GetChunksResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksResponse.SerializeToString,
             ),
             'Count': grpc.unary_unary_rpc_method_handler(
                     servicer.Count,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.CountResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountResponse.SerializeToString,
             ),
             'Prob': grpc.unary_unary_rpc_method_handler(
                     servicer.Prob,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.ProbRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.ProbResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbResponse.SerializeToString,
             ),
             'NextTokenDistribution': grpc.unary_unary_rpc_method_handler(
                     servicer.NextTokenDistribution,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.DistributionResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.DistributionResponse.SerializeToString,
             ),
             'InfgramProb': grpc.unary_unary_rpc_method_handler(
                     servicer.InfgramProb,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.ProbRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.ProbResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbResponse.SerializeToString,
             ),
             'InfgramNextTokenDistribution': grpc.unary_unary_rpc_method_handler(
                     servicer.InfgramNextTokenDistribution,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.DistributionResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.DistributionResponse.SerializeToString,
             ),
             'Find': grpc.unary_unary_rpc_method_handler(
                     servicer.Find,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.FindRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.FindResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.FindRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.FindResponse.SerializeToString,
             ),
             'SearchDocuments': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchDocuments,
-                    request_deserializer=service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.FromString,
-                    response_serializer=service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.SerializeToString,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -250,8 +250,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/Info',
-            service_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.InfoResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/Search',
-            service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class Retrieval:
             request_iterator,
             target,
             '/retromem.v1.Retrieval/SearchStream',
-            service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -331,8 +331,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/GetChunks',
-            service_dot_v1_dot_retrieval__pb2.GetChunksRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.GetChunksResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -358,8 +358,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/Count',
-            service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.CountResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.CountResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -385,8 +385,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/Prob',
-            service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -412,8 +412,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/NextTokenDistribution',
-            service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -439,8 +439,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/InfgramProb',
-            service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -466,8 +466,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/InfgramNextTokenDistribution',
-            service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.DistributionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -493,8 +493,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/Find',
-            service_dot_v1_dot_retrieval__pb2.FindRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.FindResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.FindRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.FindResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -520,8 +520,8 @@ class Retrieval:
             request,
             target,
             '/retromem.v1.Retrieval/SearchDocuments',
-            service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.SerializeToString,
-            service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.FromString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
