@@ -157,9 +157,9 @@ def fixed_segment_length(module_config: Any) -> int | None:
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
-    from retromem.yamlconfig import load_yaml_dataclass
+    from retromem.config import load_yaml
 
-    return load_yaml_dataclass(path, MemoryTrainConfig, required=("output_dir",), **overrides)
+    return load_yaml(path, MemoryTrainConfig, required=("output_dir",), **overrides)
 
 
 # -- model and data -------------------------------------------------------------------------------

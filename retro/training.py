@@ -103,9 +103,9 @@ class RetroTrainConfig:
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> RetroTrainConfig:
-    from retromem.yamlconfig import load_yaml_dataclass
+    from retromem.config import load_yaml
 
-    return load_yaml_dataclass(path, RetroTrainConfig, required=("output_dir", "datastore"), **overrides)
+    return load_yaml(path, RetroTrainConfig, required=("output_dir", "datastore"), **overrides)
 
 
 # -- models ------------------------------------------------------------------------------------------
