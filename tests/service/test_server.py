@@ -235,9 +235,10 @@ def test_bounded_queue_answers_resource_exhausted_at_once(union, backend):
 
             stream = c.stub.SearchStream(held(), timeout=20)
             next(stream)
-            t0 = time.perf_counter()
-            got, details = code_of(lambda: c.count(" the"))
-            assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and time.perf_counter() - t0 < 1.0
+            # refused while the held stream still holds the only slot (the gate is still shut): a call
+            # that was queued instead would sit out its 30 s deadline and end DEADLINE_EXCEEDED
+            got, details = code_of(lambda: c.count(" the", timeout=30))
+            assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and not gate.is_set()
             gate.set()
             assert list(stream) == []
             assert c.search(["a file"], 1).chunk_ids.shape == (1, 1)
