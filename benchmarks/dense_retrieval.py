@@ -81,7 +81,7 @@ def main() -> None:
     print(f"dense retrieval benchmark: first {args.docs} documents of {src.name}")
     stages.append(run_stage("datastore build", cli + ["datastore", "build", str(sub), "--out", str(out / "ds"), "--shard-size", "1MiB"]))
     reused = (out / "emb" / "embeddings.json").exists()
-    emb_stage = run_stage("embed (CPU)", cli + ["index", "embed", str(out / "ds"), "--out", str(out / "emb"), "--batch-size", "64"])
+    emb_stage = run_stage("embed (CPU)", cli + ["index", "dense", "embed", str(out / "ds"), "--out", str(out / "emb"), "--batch-size", "64"])
     if reused and (out / "results.json").exists():  # the embeddings of an earlier run: keep its timing
         emb_stage = next(s for s in json.loads((out / "results.json").read_text())["stages"] if s["stage"] == "embed (CPU)")
         print(f"  (embeddings reused from the earlier run: {emb_stage['seconds']:.1f} s, peak {emb_stage['peak_rss_bytes'] / 2**20:.0f} MiB)")
@@ -96,9 +96,9 @@ def main() -> None:
     results = []
     for f in ["Flat"] + [f.format(nlist=nlist, nlist2=2 * nlist) for f in factories]:
         d = out / ("idx-" + f.replace(",", "_"))
-        stages.append(run_stage(f"build {f}", cli + ["index", "build-dense", str(out / "emb"), "--out", str(d), "--factory", f,
+        stages.append(run_stage(f"build {f}", cli + ["index", "dense", "build", str(out / "emb"), "--out", str(d), "--factory", f,
                                                       "--target-recall", str(args.target_recall), "--overwrite"]))
-        ev = subprocess.run(cli + ["index", "eval-dense", str(d), "--queries", str(args.queries), "--json"],
+        ev = subprocess.run(cli + ["index", "dense", "eval", str(d), "--queries", str(args.queries), "--json"],
                             capture_output=True, text=True, check=True)
         rep = json.loads(ev.stdout)
         meta = json.loads((d / "index.json").read_text())

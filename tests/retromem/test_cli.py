@@ -57,3 +57,34 @@ def test_demo_runs_on_the_built_in_corpus_with_the_default_tokenizer(tmp_path):
     assert r.exit_code == 0, r.output
     assert "smollm2-135m" in r.output
     assert "gives back its text: True" in r.output
+
+
+def test_one_naming_scheme_with_the_old_spellings_as_hidden_aliases():
+    top = run("index", "--help").output
+    assert all(g in top for g in ("dense", "ngram", "fm"))
+    assert "build-dense" not in top and "ngram-query" not in top  # old spellings: hidden
+    for new, old in ((("index", "dense", "build"), ("index", "build-dense")),
+                     (("index", "dense", "eval"), ("index", "eval-dense")),
+                     (("index", "ngram", "query"), ("index", "ngram-query")),
+                     (("index", "ngram", "score"), ("ngram", "score")),
+                     (("index", "fm", "build"), ("index", "build-fm"))):
+        a, b = run(*new, "--help"), run(*old, "--help")
+        assert a.exit_code == 0 and b.exit_code == 0, (new, old)
+        assert a.output.split("\n", 1)[1] == b.output.split("\n", 1)[1]  # same command, only the usage line differs
+
+
+def test_no_library_module_imports_the_command_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import sys, importlib, pkgutil, retromem\n"
+            "for pkg in ('datastore', 'index', 'service', 'retro', 'memory'):\n"
+            "    m = importlib.import_module('retromem.' + pkg)\n"
+            "    for info in pkgutil.walk_packages(m.__path__, m.__name__ + '.'):\n"
+            "        importlib.import_module(info.name)\n"
+            "bad = [m for m in sys.modules if m.startswith('retromem.cli')]\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
