@@ -50,3 +50,7 @@ class QueryError(RetromemError, ValueError):
 class IndexFormatError(RetromemError):
     """An index directory is missing, truncated or corrupt, or was built from another datastore
     or embedder than the one it is asked to serve."""
+
+
+class JobLockedError(RetromemError):
+    """Another job holds the lock of the output directory this job would write."""
