@@ -27,15 +27,15 @@ import hashlib
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn as nn
 
-from retromem.memory.common import (SegmentLoss, base_from_config, check_architecture, check_input_ids, load_weights,
-                           read_wrapper_config, save_wrapper, segment_bounds)
+from retromem.config import boolean, fail, integer, non_negative_int, optional_non_negative_int, positive_int
+from retromem.memory.common import MemoryWrapper, SegmentLoss, check_architecture, check_input_ids, segment_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "gpt2"}
 SUMMARY_PARAM = "summary_embeddings"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoCompressorConfig:
     """Settings of the AutoCompressor wrapper.
 
@@ -65,15 +65,15 @@ class AutoCompressorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("summary_length", "segment_min", "segment_max"):
-            v = getattr(self, name)
-            lo = 0 if name == "summary_length" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}")
+        non_negative_int(self.summary_length, "autocompressor.summary_length")
+        positive_int(self.segment_min, "autocompressor.segment_min", flag="--segment-length")
+        positive_int(self.segment_max, "autocompressor.segment_max", flag="--segment-length")
         if self.segment_min > self.segment_max:
-            raise ValueError(f"`segment_min` ({self.segment_min}) must be <= `segment_max` ({self.segment_max})")
-        if self.stop_gradient_after is not None and (not isinstance(self.stop_gradient_after, int) or self.stop_gradient_after < 0):
-            raise ValueError(f"`stop_gradient_after` must be an integer >= 0 or None, got {self.stop_gradient_after!r}")
+            fail("autocompressor.segment_min", f"be <= `autocompressor.segment_max` ({self.segment_max})", self.segment_min)
+        boolean(self.randomize_segments, "autocompressor.randomize_segments")
+        boolean(self.accumulate_summary, "autocompressor.accumulate_summary")
+        optional_non_negative_int(self.stop_gradient_after, "autocompressor.stop_gradient_after")
+        integer(self.seed, "autocompressor.seed")
 
 
 @dataclass
@@ -101,8 +101,11 @@ def sample_segment_lengths(total: int, lo: int, hi: int, rng: random.Random) -> 
     return out
 
 
-class AutoCompressorLM(nn.Module):
+class AutoCompressorLM(MemoryWrapper):
     """A causal LM that compresses earlier segments into summary vectors used as a soft prompt."""
+
+    kind = "autocompressor"
+    config_class = AutoCompressorConfig
 
     def __init__(self, base: nn.Module, config: AutoCompressorConfig | None = None) -> None:
         super().__init__()
@@ -262,20 +265,6 @@ class AutoCompressorLM(nn.Module):
                 sp = self.compress(pending[:, :seg], softprompt=sp, segment_lengths=[seg])
                 pending = pending[:, seg:]
         return torch.cat([input_ids, *new], dim=1)
-
-    # -- saving ---------------------------------------------------------------------------------
-
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        return save_wrapper(self, out_dir, "autocompressor", asdict(self.memory_config))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "AutoCompressorLM":
-        cfg = AutoCompressorConfig(**read_wrapper_config(path, "autocompressor"))
-        model = cls(base_from_config(path), cfg)
-        load_weights(model, path)
-        model.eval()
-        return model
-
 
 # -- precomputed summary vectors (the paper's retrieval use) ----------------------------------------
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from retromem.errors import RetromemError
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+MEMORY_CONFIG_FILE = "memory_config.json"  # the wrapper's kind and config; marks a saved memory model
 
 
 class UnsupportedModelError(RetromemError, TypeError):
@@ -116,13 +118,13 @@ def save_wrapper(module: torch.nn.Module, out_dir: str | Path, kind: str, config
     out.mkdir(parents=True, exist_ok=True)
     base = module.base
     base.config.save_pretrained(out)
-    (out / "memory_config.json").write_text(json.dumps({"kind": kind, "config": config}, indent=2))
+    (out / MEMORY_CONFIG_FILE).write_text(json.dumps({"kind": kind, "config": config}, indent=2))
     save_model(module, str(out / WEIGHTS_FILE))
     return out
 
 
 def read_wrapper_config(path: str | Path, kind: str) -> dict[str, Any]:
-    p = Path(path) / "memory_config.json"
+    p = Path(path) / MEMORY_CONFIG_FILE
     if not p.is_file():
         raise RetromemError(f"{path} is not a saved memory model: {p.name} is missing")
     data = json.loads(p.read_text())
@@ -137,6 +139,25 @@ def base_from_config(path: str | Path):
 
     config = AutoConfig.from_pretrained(str(path))
     return AutoModelForCausalLM.from_config(config)
+
+
+class MemoryWrapper(torch.nn.Module):
+    """Base of the memory wrappers: a Hugging Face causal LM (``self.base``) plus the wrapper's own
+    parameters and ``memory_config``; saved and loaded as one directory (see the module docstring)."""
+
+    kind: ClassVar[str]  # recorded in memory_config.json
+    config_class: ClassVar[type]  # the wrapper's own config dataclass
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        return save_wrapper(self, out_dir, self.kind, asdict(self.memory_config))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        cfg = cls.config_class(**read_wrapper_config(path, cls.kind))
+        model = cls(base_from_config(path), cfg)
+        load_weights(model, path)
+        model.eval()
+        return model
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:

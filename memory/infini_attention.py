@@ -29,7 +29,7 @@ Guards against the failures of open implementations:
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retromem.memory.common import (SegmentLoss, base_from_config, check_architecture, check_input_ids, load_weights,
-                           read_wrapper_config, save_wrapper)
+from retromem.config import fail, number, one_of, positive_int
+from retromem.memory.common import MemoryWrapper, SegmentLoss, check_architecture, check_input_ids
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ MAX_ABS_GATE_INIT = 6.0  # sigmoid'(6) ≈ 0.0025: past this the gate learns too
 GateMode = Literal["learned", "local", "memory"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class InfiniAttentionConfig:
     """Settings of the Infini-attention wrapper.
 
@@ -67,17 +67,19 @@ class InfiniAttentionConfig:
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if isinstance(self.segment_length, bool) or not isinstance(self.segment_length, int) or self.segment_length <= 0:
-            raise ValueError(f"`segment_length` must be a positive integer, got {self.segment_length!r}")
-        if self.update not in ("linear", "delta"):
-            raise ValueError(f"`update` must be 'linear' or 'delta', got {self.update!r}")
-        if self.bptt_segments is not None and (not isinstance(self.bptt_segments, int) or self.bptt_segments < 1):
-            raise ValueError(f"`bptt_segments` must be a positive integer or None (full BPTT), got {self.bptt_segments!r}")
-        if not isinstance(self.gate_init, (int, float)) or abs(self.gate_init) > MAX_ABS_GATE_INIT:
-            raise ValueError(f"`gate_init` must be a number in [-{MAX_ABS_GATE_INIT}, {MAX_ABS_GATE_INIT}] so that the gate "
-                             f"has gradient (sigmoid saturates beyond), got {self.gate_init!r}")
-        if not self.eps > 0:
-            raise ValueError(f"`eps` must be > 0, got {self.eps!r}")
+        positive_int(self.segment_length, "infini.segment_length", flag="--segment-length")
+        one_of(self.update, "infini.update", ("linear", "delta"))
+        if self.bptt_segments is not None and (isinstance(self.bptt_segments, bool)
+                                               or not isinstance(self.bptt_segments, int) or self.bptt_segments < 1):
+            fail("infini.bptt_segments", "be a positive integer or null (full BPTT)", self.bptt_segments)
+        if not _is_number(self.gate_init) or abs(self.gate_init) > MAX_ABS_GATE_INIT:
+            fail("infini.gate_init", f"be a number in [-{MAX_ABS_GATE_INIT}, {MAX_ABS_GATE_INIT}] so that the gate has "
+                 f"gradient (sigmoid saturates beyond)", self.gate_init)
+        number(self.eps, "infini.eps", gt=0)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -234,12 +236,15 @@ class InfiniOutput:
         return [k for k in ("loss", "logits") if getattr(self, k) is not None]
 
 
-class InfiniAttentionLM(nn.Module):
+class InfiniAttentionLM(MemoryWrapper):
     """A Llama-family causal LM whose attention layers are Infini-attention.
 
     ``forward(input_ids, labels=None, memory=None)`` runs the input segment by segment and returns
     the loss, the logits asked for and the memory after the input (pass it back in to stream).
     """
+
+    kind = "infini_attention"
+    config_class = InfiniAttentionConfig
 
     def __init__(self, base: nn.Module, config: InfiniAttentionConfig | None = None) -> None:
         super().__init__()
@@ -367,16 +372,3 @@ class InfiniAttentionLM(nn.Module):
                 self._segment(pending[:, :seg], memory)
                 pending = pending[:, seg:]
         return torch.cat([input_ids, *new], dim=1)
-
-    # -- saving -------------------------------------------------------------------------------
-
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        return save_wrapper(self, out_dir, "infini_attention", asdict(self.memory_config))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "InfiniAttentionLM":
-        cfg = InfiniAttentionConfig(**read_wrapper_config(path, "infini_attention"))
-        model = cls(base_from_config(path), cfg)
-        load_weights(model, path)
-        model.eval()
-        return model

@@ -10,8 +10,7 @@ from typing import Any, Literal
 import torch
 
 from retromem.errors import ConfigError
-
-MEMORY_CONFIG_FILE = "memory_config.json"
+from retromem.memory.common import MEMORY_CONFIG_FILE
 
 
 def is_saved_memory_model(path: str | Path) -> bool:
@@ -28,9 +27,11 @@ def load_memory_model(model_path: str, module: Literal["infini", "autocompressor
     from retromem.models import load_causal_lm
 
     if is_saved_memory_model(model_path):
-        kind = json.loads((Path(model_path) / MEMORY_CONFIG_FILE).read_text())["kind"]
-        cls = InfiniAttentionLM if kind == "infini_attention" else AutoCompressorLM
-        return cls.from_pretrained(model_path), load_hf_tokenizer(model_path)
+        kind = json.loads((Path(model_path) / MEMORY_CONFIG_FILE).read_text()).get("kind")
+        wrappers = {cls.kind: cls for cls in (InfiniAttentionLM, AutoCompressorLM)}
+        if kind not in wrappers:
+            raise ConfigError(f"{model_path}: {MEMORY_CONFIG_FILE} names kind {kind!r}; known: {sorted(wrappers)}")
+        return wrappers[kind].from_pretrained(model_path), load_hf_tokenizer(model_path)
     if module not in ("infini", "autocompressor"):
         raise ConfigError(f"`--module` must be infini or autocompressor, got {module!r}")
     try:
