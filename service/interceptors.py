@@ -17,6 +17,7 @@ exactly the calls it is about to refuse.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import threading
@@ -155,35 +156,32 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return handler
         latency, requests = m._for(method)
 
+        @contextlib.contextmanager
+        def observed(context):
+            """Count the call, time it, and count its error code if it fails (or is cancelled)."""
+            t0 = time.perf_counter()
+            requests.inc()
+            self._started()
+            try:
+                yield
+            except BaseException:
+                m.error(method, context.code())
+                raise
+            finally:
+                self._ended()
+                latency.observe(time.perf_counter() - t0)
+
         def wrap(behaviour, streaming):
             if streaming:
                 def run_stream(request, context):
-                    t0 = time.perf_counter()
-                    requests.inc()
-                    self._started()
-                    try:
+                    with observed(context):
                         yield from behaviour(request, context)
-                    except BaseException:
-                        m.error(method, context.code())
-                        raise
-                    finally:
-                        self._ended()
-                        latency.observe(time.perf_counter() - t0)
 
                 return run_stream
 
             def run(request, context):
-                t0 = time.perf_counter()
-                requests.inc()
-                self._started()
-                try:
+                with observed(context):
                     return behaviour(request, context)
-                except BaseException:
-                    m.error(method, context.code())
-                    raise
-                finally:
-                    self._ended()
-                    latency.observe(time.perf_counter() - t0)
 
             return run
 
