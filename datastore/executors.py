@@ -1,8 +1,10 @@
-"""Executors run one pipeline step over many work items: in local worker processes or on Ray.
+"""Executors run one job step over many work items: in local worker processes or on Ray.
 
-Both call the same top-level step function ``fn(ctx, item)`` and hand back ``(item, result)``
-pairs as items finish, so a datastore built under either is the same datastore. Steps write
-their own outputs atomically and skip items already done, so either executor resumes.
+Both call the same top-level step function ``fn(ctx, item)`` (``ctx``: a picklable, read-only
+description of the job) and hand back ``(item, result)`` pairs as items finish, so an artifact
+built under either is the same artifact. Steps write their own outputs atomically; the job
+helper (:meth:`retromem.datastore.job.Job.map`) hands them only the items not yet done, so
+either executor resumes. :func:`init_ray` is the one place Ray is started or joined.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class LocalExecutor:
     def __init__(self, workers: int = 0) -> None:
         self.workers = workers or os.cpu_count() or 1
 
-    def map(self, fn: Callable[[dict, int], Any], ctx: dict, items: list[int]) -> Iterator[tuple[int, Any]]:
+    def map(self, fn: Callable[[Any, Any], Any], ctx: Any, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         if not items:
             return
         n = min(self.workers, len(items))
@@ -57,29 +59,39 @@ class LocalExecutor:
                 raise
 
 
+def init_ray(address: str | None = None, num_cpus: int = 0):
+    """The ``ray`` module, initialised: joins the cluster at ``address``, else starts a local Ray
+    with ``num_cpus`` CPUs (0: all cores). A no-op when Ray is already initialised."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("`--executor ray` needs Ray: pip install 'retromem[cluster]'") from exc
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+            kwargs["include_dashboard"] = False
+        ray.init(**kwargs)
+    return ray
+
+
 class RayExecutor:
-    """Ray tasks, one per work item, on a local Ray instance or an existing cluster (``address``)."""
+    """Ray tasks, one per work item, on a local Ray instance or an existing cluster (``address``).
 
-    def __init__(self, address: str | None = None, workers: int = 0) -> None:
-        try:
-            import ray
-        except ImportError as exc:
-            raise ConfigError(
-                "`--executor ray` needs Ray: pip install 'retromem[cluster]'"
-            ) from exc
-        self.ray = ray
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs["num_cpus"] = workers or os.cpu_count() or 1
-                kwargs["include_dashboard"] = False
-            ray.init(**kwargs)
+    ``task_options``: Ray resources of each task (default one CPU; e.g. ``{"num_gpus": 1}``).
+    A step that loads a model caches it per process (``functools.lru_cache``): Ray reuses its
+    worker processes, so the model loads once per worker, not once per item.
+    """
 
-    def map(self, fn: Callable[[dict, int], Any], ctx: dict, items: list[int]) -> Iterator[tuple[int, Any]]:
+    def __init__(self, address: str | None = None, workers: int = 0, task_options: dict[str, Any] | None = None) -> None:
+        self.ray = init_ray(address, workers)
+        self.task_options = {"max_retries": 2, **(task_options or {"num_cpus": 1})}
+
+    def map(self, fn: Callable[[Any, Any], Any], ctx: Any, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         ray = self.ray
-        remote = ray.remote(num_cpus=1, max_retries=2)(_ray_call)
+        remote = ray.remote(**self.task_options)(_ray_call)
         refs = {remote.remote(fn, ctx, item): item for item in items}
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1)
@@ -88,12 +100,13 @@ class RayExecutor:
                 yield item, ray.get(ref)
 
 
-def _ray_call(fn: Callable[[dict, int], Any], ctx: dict, item: int) -> Any:
+def _ray_call(fn: Callable[[Any, Any], Any], ctx: Any, item: Any) -> Any:
     _init_worker(1)
     return fn(ctx, item)
 
 
-def make_executor(kind: str, workers: int = 0, address: str | None = None):
+def make_executor(kind: str, workers: int = 0, address: str | None = None) -> LocalExecutor | RayExecutor:
+    """The executor named by ``--executor``: ``local`` (``workers`` processes) or ``ray``."""
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "ray":

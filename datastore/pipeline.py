@@ -13,23 +13,25 @@ The job is four steps over shards, each resumable:
    ``doc_id``s and ``chunk_id``s, write the Parquet shards and each part's slice of the
    memory-mapped arrays; then the manifest.
 
-Every output is written atomically and every finished item leaves a marker in ``_work/``, so a
-killed build re-run with the same command skips finished items and ends with the same bytes.
-The final part index is the shard index; memory is bounded by the shard size (plus the Bloom
-filters, whose size depends only on the number of documents).
+The output directory is a job of :mod:`retromem.datastore.job` (kind ``datastore``): locked
+while the build runs, never deleted on ``--overwrite`` unless it is a datastore. Every output is
+written atomically and every finished item leaves a done-marker in ``_work/``; the job helper
+hands each step only the items not yet done, so a killed build re-run with the same command
+skips finished items and ends with the same bytes. The steps read one frozen
+:class:`BuildContext`. The final part index is the shard index; memory is bounded by the shard
+size (plus the Bloom filters, whose size depends only on the number of documents).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -37,14 +39,16 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from retromem.datastore import schema
-from retromem.datastore.atomic import atomic_path, read_json, sha256_file, write_json
+from retromem.datastore.atomic import atomic_dir, atomic_path, read_json, sha256_file, write_json
 from retromem.datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion, bloom_params
 from retromem.datastore.executors import EXECUTORS, make_executor
+from retromem.datastore.job import Job, open_job
 from retromem.datastore.normalize import NormalizeConfig, normalize
 from retromem.datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
 from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
 from retromem import __version__
-from retromem.errors import ConfigError, DatastoreError, InputError
+from retromem.config import boolean, from_dict, integer, non_negative_int, one_of
+from retromem.errors import DatastoreError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -79,30 +83,23 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
-        if self.format not in FORMATS:
-            raise ConfigError(f"`format` must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if not 1 <= self.chunk_length <= 4096:
-            raise ConfigError(f"`chunk_length` must be between 1 and 4096, got {self.chunk_length}")
-        if self.shard_bytes < 1024:
-            raise ConfigError(f"`shard_bytes` must be at least 1024, got {self.shard_bytes}")
-        if self.on_error not in ON_ERROR:
-            raise ConfigError(f"`on_error` must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
-        if self.executor not in EXECUTORS:
-            raise ConfigError(f"`executor` must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
-        if self.workers < 0:
-            raise ConfigError(f"`workers` must be >= 0, got {self.workers}")
-        if isinstance(self.normalize, dict):
-            object.__setattr__(self, "normalize", NormalizeConfig(**self.normalize))
-        if isinstance(self.dedup, dict):
-            object.__setattr__(self, "dedup", DedupConfig(**self.dedup))
+        one_of(self.format, "format", FORMATS, flag="--format")
+        integer(self.chunk_length, "chunk_length", ge=1, le=4096, flag="--chunk-length")
+        integer(self.shard_bytes, "shard_bytes", ge=1024, flag="--shard-size")
+        one_of(self.on_error, "on_error", ON_ERROR, flag="--on-error")
+        one_of(self.executor, "executor", EXECUTORS, flag="--executor")
+        non_negative_int(self.workers, "workers", flag="--workers")
+        boolean(self.keep_work, "keep_work", flag="--keep-work")
+        # sections given as mappings (a caller's dict) become their configs, unknown keys refused
+        if isinstance(self.normalize, Mapping):
+            object.__setattr__(self, "normalize", from_dict(NormalizeConfig, self.normalize, prefix="normalize."))
+        if isinstance(self.dedup, Mapping):
+            object.__setattr__(self, "dedup", from_dict(DedupConfig, self.dedup, prefix="dedup."))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown build config field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "") -> "BuildConfig":
+        """From a mapping (a ``--config`` file's); unknown keys are refused at every level."""
+        return from_dict(cls, data, where=where)
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the output (recorded in the manifest)."""
@@ -114,7 +111,7 @@ class BuildConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# work directory layout
+# work directory layout and the build context
 
 
 class Layout:
@@ -127,9 +124,6 @@ class Layout:
     tokenizer_dir = property(lambda s: s.out / "tokenizer")
     tokenizer_json = property(lambda s: s.out / "tokenizer" / "tokenizer.json")
     arrays = property(lambda s: s.out / "arrays")
-
-    def unit_done(self, u: int) -> Path:
-        return self.work / "ingest" / f"unit-{u:05d}.json"
 
     def staged(self, u: int, k: int) -> Path:
         return self.work / "ingest" / f"part-{u:05d}-{k:05d}.parquet"
@@ -145,14 +139,40 @@ class Layout:
     def tokenized(self, p: int) -> Path:
         return self.work / "tokenize" / f"part-{p:05d}.npz"
 
-    def tokenize_done(self, p: int) -> Path:
-        return self.work / "tokenize" / f"part-{p:05d}.json"
-
-    def finalize_done(self, p: int) -> Path:
-        return self.work / "finalize" / f"part-{p:05d}.json"
-
     def shard(self, kind: str, p: int) -> Path:
         return self.out / kind / f"shard-{p:05d}.parquet"
+
+
+# done-marker names (``_work/NAME.json``, see retromem.datastore.job) of each step's work items
+def _ingest_marker(u: int) -> str:
+    return f"ingest/unit-{u:05d}"
+
+
+def _tokenize_marker(p: int) -> str:
+    return f"tokenize/part-{p:05d}"
+
+
+def _finalize_marker(p: int) -> str:
+    return f"finalize/part-{p:05d}"
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the steps of one build read. Frozen and picklable: it travels to worker processes and
+    Ray tasks. Each step's driver makes the next context with ``dataclasses.replace``."""
+
+    config: BuildConfig
+    files: tuple[InputFile, ...]
+    units: tuple[tuple[int, ...], ...]  # indices into files, per ingest unit
+    token_dtype: str  # of the token array: uint16 or uint32, from the tokenizer's vocabulary
+    pad_token_id: int
+    parts: tuple[tuple[int, int], ...] = ()  # (unit, k) of every staged part, in shard order (after ingest)
+    offsets: tuple[dict[str, int], ...] = ()  # per part: first doc id, chunk id, text byte (after tokenize)
+    array_shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.config.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,14 +227,11 @@ def _write_staged(path: Path, cfg: BuildConfig, sources: list[str], ids: list[st
         pq.write_table(table, tmp, compression="lz4")
 
 
-def ingest_unit(ctx: dict, u: int) -> dict:
+def ingest_unit(ctx: BuildContext, u: int) -> dict:
     """Read, validate and normalize one unit's files; write staged parts. Returns its counts."""
-    cfg: BuildConfig = ctx["config"]
-    lay = Layout(cfg.out)
-    done = lay.unit_done(u)
-    if done.exists():
-        return read_json(done)
-    files: list[InputFile] = [ctx["files"][i] for i in ctx["units"][u]]
+    cfg = ctx.config
+    lay = ctx.layout
+    files = [ctx.files[i] for i in ctx.units[u]]
     parts: list[dict] = []
     skips: dict[str, int] = {}
     skip_lines: list[str] = []
@@ -258,9 +275,7 @@ def ingest_unit(ctx: dict, u: int) -> dict:
     if skip_lines:
         with atomic_path(lay.skips(u)) as tmp:
             tmp.write_text("\n".join(skip_lines) + "\n")
-    result = {"parts": parts, "records": records, "chars": raw_bytes, "skipped": skips}
-    write_json(done, result)
-    return result
+    return {"parts": parts, "records": records, "chars": raw_bytes, "skipped": skips}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,15 +332,13 @@ def _batch_tokenizer(path: str, chunk_length: int) -> BatchTokenizer:
     return BatchTokenizer(path, chunk_length)
 
 
-def tokenize_part(ctx: dict, p: int) -> dict:
-    cfg: BuildConfig = ctx["config"]
-    lay = Layout(cfg.out)
-    done = lay.tokenize_done(p)
-    if done.exists():
-        return read_json(done)
+def tokenize_part(ctx: BuildContext, p: int) -> dict:
+    """Tokenize one part's kept documents; write their ids and chunk spans. Returns its counts."""
+    cfg = ctx.config
+    lay = ctx.layout
     tok = _batch_tokenizer(str(lay.tokenizer_json), cfg.chunk_length)
     keep = np.load(lay.reasons(p)) == 0
-    texts = pq.read_table(lay.staged(*ctx["parts"][p]), columns=["text"]).column("text").to_pylist()
+    texts = pq.read_table(lay.staged(*ctx.parts[p]), columns=["text"]).column("text").to_pylist()
     texts = [t for t, k in zip(texts, keep) if k]
     ids, ntok, char_starts, byte_starts, doc_bytes = [], [], [], [], []
     for b in range(0, len(texts), _TOKENIZE_BATCH_DOCS):
@@ -343,7 +356,7 @@ def tokenize_part(ctx: dict, p: int) -> dict:
             char_starts.append(cstarts)
             byte_starts.append(bstarts)
             doc_bytes.append(raw_len)
-    dtype = np.dtype(ctx["token_dtype"])
+    dtype = np.dtype(ctx.token_dtype)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     with atomic_path(lay.tokenized(p)) as tmp:
         with open(tmp, "wb") as fh:
@@ -356,34 +369,30 @@ def tokenize_part(ctx: dict, p: int) -> dict:
                 doc_bytes=np.asarray(doc_bytes, np.int64),
             )
     L = cfg.chunk_length
-    result = {
+    return {
         "docs": len(texts),
         "tokens": int(sum(ntok)),
         "chunks": int(sum(-(-n // L) for n in ntok)),
         "text_bytes": int(sum(doc_bytes)),
     }
-    write_json(done, result)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # step 4: finalize
 
 
-def _open_array(lay: Layout, name: str, mode: str, shapes: dict) -> np.ndarray:
+def _open_array(lay: Layout, name: str, mode: str, shapes: Mapping[str, tuple]) -> np.ndarray:
     shape, dtype = shapes[name]
     return np.lib.format.open_memmap(lay.arrays / f"{name}.npy", mode=mode, dtype=dtype, shape=tuple(shape))
 
 
-def finalize_part(ctx: dict, p: int) -> dict:
-    cfg: BuildConfig = ctx["config"]
-    lay = Layout(cfg.out)
-    done = lay.finalize_done(p)
-    if done.exists():
-        return read_json(done)
+def finalize_part(ctx: BuildContext, p: int) -> dict:
+    """Give one part its global ids; write its Parquet shards and its slice of the arrays."""
+    cfg = ctx.config
+    lay = ctx.layout
     L = cfg.chunk_length
-    off = ctx["offsets"][p]  # {doc, chunk, byte}
-    staged = pq.read_table(lay.staged(*ctx["parts"][p]), columns=["source", "source_id", "text", "content_hash"])
+    off = ctx.offsets[p]  # {doc, chunk, byte}
+    staged = pq.read_table(lay.staged(*ctx.parts[p]), columns=["source", "source_id", "text", "content_hash"])
     reasons = np.load(lay.reasons(p))
     keep = reasons == 0
     with np.load(lay.tokenized(p)) as z:
@@ -413,9 +422,9 @@ def finalize_part(ctx: dict, p: int) -> dict:
     chunk_ntok = np.minimum(L, ntok[local_doc] - chunk_pos.astype(np.int64) * L) if n_docs else np.zeros(0, np.int64)
 
     # token slice (n_chunks, L), padded with the pad id
-    shapes = ctx["array_shapes"]
+    shapes = ctx.array_shapes
     tokens = _open_array(lay, "tokens", "r+", shapes)
-    block = np.full((n_chunks, L), ctx["pad_token_id"], dtype=tokens.dtype)
+    block = np.full((n_chunks, L), ctx.pad_token_id, dtype=tokens.dtype)
     col = np.arange(L)[None, :]
     valid = col < chunk_ntok[:, None]
     src = (chunk_tok_start[:, None] + col)[valid]
@@ -490,7 +499,6 @@ def finalize_part(ctx: dict, p: int) -> dict:
                                   "rows": table.num_rows, "bytes": path.stat().st_size}
     result["tokens_sha256"] = hashlib.sha256(block.tobytes()).hexdigest()
     result["text_sha256"] = hashlib.sha256(text_bytes).hexdigest()
-    write_json(done, result)
     return result
 
 
@@ -502,25 +510,16 @@ def _fingerprint(files: list[InputFile]) -> list[dict]:
     return [{"path": f.path, "format": f.format, "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
 
 
-def _prepare_out(cfg: BuildConfig, overwrite: bool) -> None:
-    lay = Layout(cfg.out)
-    if lay.out.exists() and any(lay.out.iterdir()):
-        is_ours = lay.manifest.exists() or lay.work.exists()
-        if overwrite:
-            if not is_ours:
-                raise ConfigError(f"--overwrite refuses to delete {cfg.out}: it is not a retromem datastore")
-            shutil.rmtree(lay.out)
-        elif not is_ours:
-            raise ConfigError(f"output directory {cfg.out} exists and is not a retromem datastore; choose another --out")
-
-
-def _run_step(executor, name: str, fn, ctx: dict, items: list[int], unit: str, weights: list[int] | None = None) -> dict[int, Any]:
+def _run_step(job: Job, executor, name: str, fn: Callable[[BuildContext, int], dict], ctx: BuildContext,
+              items: list[int], marker: Callable[[int], str], unit: str,
+              weights: list[int] | None = None) -> dict[int, Any]:
+    """``fn`` over the items not yet done (the job skips the rest); every item's result."""
     results: dict[int, Any] = {}
     total = sum(weights) if weights else len(items)
     t = time.perf_counter()
     # the bar shows on a terminal; the log line below is the record in batch logs
     with tqdm(total=total, desc=name, unit="B" if weights else unit, unit_scale=bool(weights), disable=None) as bar:
-        for item, res in executor.map(fn, ctx, items):
+        for item, res in job.map(executor, fn, ctx, items, marker):
             results[item] = res
             bar.update(weights[item] if weights else 1)
     logger.info("%s: %d %ss done in %.1f s", name, len(items), unit, time.perf_counter() - t)
@@ -535,11 +534,19 @@ class BuildResult:
 
 
 def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
-    """Build (or resume building) the datastore described by ``cfg``."""
-    lay = Layout(cfg.out)
+    """Build (or resume building) the datastore described by ``cfg``.
+
+    ``overwrite``: delete the datastore at ``cfg.out`` first (only ever a datastore: anything else
+    there is refused, as is a directory another job is writing).
+    """
     files = expand_inputs(list(cfg.inputs), cfg.format)
     plan = {"config": cfg.identity(), "files": _fingerprint(files)}
-    _prepare_out(cfg, overwrite)
+    with open_job(cfg.out, "datastore", overwrite=overwrite, legacy=("manifest.json", "_work/plan.json")) as job:
+        return _build(job, cfg, files, plan)
+
+
+def _build(job: Job, cfg: BuildConfig, files: list[InputFile], plan: dict[str, Any]) -> BuildResult:
+    lay = Layout(job.path)
     if lay.manifest.exists():
         manifest = read_json(lay.manifest)
         if manifest.get("build_config") != plan["config"] or manifest.get("inputs") != plan["files"]:
@@ -557,7 +564,6 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
             )
         logger.info("resuming the build in %s", cfg.out)
     else:
-        lay.work.mkdir(parents=True, exist_ok=True)
         write_json(lay.plan, plan)
 
     seconds: dict[str, float] = {}
@@ -565,36 +571,33 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
     # the tokenizer, saved into the datastore so every reader decodes with exactly it
     if not lay.tokenizer_json.exists():
         hf = load_hf_tokenizer(cfg.tokenizer)
-        tmp = lay.out / ".tokenizer.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        hf.save_pretrained(str(tmp))
-        write_json(tmp / "retromem_tokenizer.json", asdict(describe(hf, cfg.tokenizer)))
-        os.replace(tmp, lay.tokenizer_dir)
+        with atomic_dir(lay.tokenizer_dir) as tmp:
+            hf.save_pretrained(str(tmp))
+            write_json(tmp / "retromem_tokenizer.json", asdict(describe(hf, cfg.tokenizer)))
     tok_info = read_json(lay.tokenizer_dir / "retromem_tokenizer.json")
     seconds["tokenizer"] = time.perf_counter() - t0
 
     executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
-    units = _plan_units(files, cfg.shard_bytes)
-    ctx: dict[str, Any] = {"config": cfg, "files": files, "units": units,
-                           "token_dtype": tok_info["token_dtype"], "pad_token_id": tok_info["pad_token_id"]}
+    units = tuple(tuple(u) for u in _plan_units(files, cfg.shard_bytes))
+    ctx = BuildContext(config=cfg, files=tuple(files), units=units,
+                       token_dtype=tok_info["token_dtype"], pad_token_id=tok_info["pad_token_id"])
 
     t = time.perf_counter()
     unit_sizes = [sum(files[i].size for i in u) for u in units]
-    ing = _run_step(executor, "ingest", ingest_unit, ctx, list(range(len(units))), "unit", unit_sizes)
+    ing = _run_step(job, executor, "ingest", ingest_unit, ctx, list(range(len(units))), _ingest_marker, "unit", unit_sizes)
     seconds["ingest"] = time.perf_counter() - t
-    parts = [(u, k) for u in range(len(units)) for k in range(len(ing[u]["parts"]))]
-    ctx["parts"] = parts
+    parts = tuple((u, k) for u in range(len(units)) for k in range(len(ing[u]["parts"])))
+    ctx = replace(ctx, parts=parts)
     total_docs = sum(pt["docs"] for u in range(len(units)) for pt in ing[u]["parts"])
     if total_docs == 0:
         raise DatastoreError("the inputs hold no usable document" + (" (all were skipped)" if cfg.on_error == "skip" else ""))
 
     t = time.perf_counter()
-    dedup_stats = run_dedup(cfg, parts, total_docs)
+    dedup_stats = run_dedup(cfg, list(parts), total_docs)
     seconds["dedup"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tok = _run_step(executor, "tokenize", tokenize_part, ctx, list(range(len(parts))), "shard")
+    tok = _run_step(job, executor, "tokenize", tokenize_part, ctx, list(range(len(parts))), _tokenize_marker, "shard")
     seconds["tokenize"] = time.perf_counter() - t
 
     # global offsets of every part, then the arrays at their final size
@@ -611,9 +614,8 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
         "doc_first_chunk": ((d + 1,), "int64"),
         "doc_byte_offsets": ((d + 1,), "int64"),
     }
-    ctx.update(offsets=offsets, array_shapes=shapes)
-    layout_marker = lay.work / "finalize" / "arrays.json"
-    if not layout_marker.exists():
+    ctx = replace(ctx, offsets=tuple(offsets), array_shapes=shapes)
+    if job.done("finalize/arrays") is None:
         lay.arrays.mkdir(parents=True, exist_ok=True)
         for name in shapes:
             _open_array(lay, name, "w+", shapes).flush()
@@ -625,10 +627,10 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
         ends = _open_array(lay, "doc_byte_offsets", "r+", shapes)
         ends[d] = b
         ends.flush()
-        write_json(layout_marker, {k: [list(v[0]), v[1]] for k, v in shapes.items()})
+        job.mark_done("finalize/arrays", {k: [list(v[0]), v[1]] for k, v in shapes.items()})
 
     t = time.perf_counter()
-    fin = _run_step(executor, "finalize", finalize_part, ctx, list(range(len(parts))), "shard")
+    fin = _run_step(job, executor, "finalize", finalize_part, ctx, list(range(len(parts))), _finalize_marker, "shard")
     seconds["finalize"] = time.perf_counter() - t
 
     skipped: dict[str, int] = {}
@@ -645,7 +647,7 @@ def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
     manifest = _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, total_docs)
     write_json(lay.manifest, manifest)
     if not cfg.keep_work:
-        shutil.rmtree(lay.work, ignore_errors=True)
+        job.clear_work()
     seconds["total"] = time.perf_counter() - t0
     return BuildResult(manifest, seconds)
 
