@@ -8,8 +8,11 @@ the stored vectors without embedding again.
 
 Vectors are L2-normalised, so inner product is cosine similarity (the metric sentence-transformers
 models such as all-MiniLM-L6-v2 are trained for), and float16 keeps them at 2 bytes a dimension.
-On a GPU the model runs in fp16; with ``executor="ray"`` one embedder actor per GPU (or per CPU
-worker when there is none) takes shards from a queue.
+On a GPU the model runs in fp16. The job runs on the shared executors
+(:mod:`retromem.datastore.executors`) in an output directory owned by the job helper
+(:mod:`retromem.datastore.job`, kind ``embeddings``): in-process with ``executor="local"``, or
+as Ray tasks with ``executor="ray"``, one per shard, each holding a GPU (or an equal share of the
+CPUs when there is none), the model loaded once per worker process.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from retromem.config import boolean, non_negative_int, one_of, positive_int
 from retromem.datastore.atomic import atomic_path, read_json, sha256_file, write_json
+from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, DatastoreError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -136,30 +141,36 @@ class Embedder:
 # the job
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbedConfig:
+    """One embedding job. ``out`` left None means ``DATASTORE/embeddings/<model slug>`` (:attr:`out_path`)."""
+
     datastore: str
-    out: str | None = None  # default: DATASTORE/embeddings/<model slug>
+    out: str | None = None
     model: str = DEFAULT_EMBEDDER
     batch_size: int = 256
     device: str | None = None
     fp16: bool | None = None
     executor: str = "local"  # local | ray
     ray_address: str | None = None
-    ray_actors: int = 0  # 0: one per GPU, or 1 without GPUs
+    ray_actors: int = 0  # concurrent Ray tasks; 0: one per GPU, or 1 without GPUs
     block: int = 2048  # chunks handed to one encode call (sorted by length inside it)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ConfigError(f"`--batch-size` must be positive, got {self.batch_size}")
-        if self.block <= 0:
-            raise ConfigError(f"`block` must be positive, got {self.block}")
-        if self.executor not in ("local", "ray"):
-            raise ConfigError(f"`--executor` must be local or ray, got {self.executor!r}")
-        if self.out is None:
-            slug = Path(self.model.rstrip("/")).name.lower().replace("/", "--") or "embedder"
-            self.out = str(Path(self.datastore) / "embeddings" / slug)
+        positive_int(self.batch_size, "batch_size", flag="--batch-size")
+        positive_int(self.block, "block")
+        one_of(self.executor, "executor", ("local", "ray"), flag="--executor")
+        non_negative_int(self.ray_actors, "ray_actors")
+        if self.fp16 is not None:
+            boolean(self.fp16, "fp16", flag="--fp16")
+
+    @property
+    def out_path(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        slug = Path(self.model.rstrip("/")).name.lower().replace("/", "--") or "embedder"
+        return Path(self.datastore) / "embeddings" / slug
 
 
 @dataclass(frozen=True)
@@ -171,40 +182,78 @@ class EmbedResult:
     chunks_per_second: float
 
 
+@dataclass(frozen=True)
+class _EmbedContext:
+    """What an embedding step reads (picklable: it travels to Ray tasks)."""
+
+    datastore: str
+    out: str
+    model: str
+    device: str | None
+    fp16: bool | None
+    batch_size: int
+    block: int
+    dim: int
+
+
 def _shard_file(out: Path, shard: int) -> Path:
     return out / f"shard-{shard:05d}.npy"
 
 
-def _embed_shard(embedder: Embedder, ds, shard: dict[str, Any], out: Path, block: int, progress=None) -> dict[str, Any]:
+def _marker(shard: dict[str, Any]) -> str:
+    return f"shard-{shard['shard']:05d}.done"  # _work/shard-00000.done.json
+
+
+@lru_cache(maxsize=1)
+def _embedder(model: str, device: str | None, fp16: bool | None, batch_size: int) -> Embedder:
+    """One model per process: the driver's and every step run in it share it, and a Ray worker
+    process loads it once for all the shards it is given."""
+    return Embedder(model, device=device, fp16=fp16, batch_size=batch_size)
+
+
+def _embed_shard(ctx: _EmbedContext, shard: dict[str, Any]) -> dict[str, Any]:
+    """The step: embed one datastore shard into ``shard-NNNNN.npy``; returns its record."""
+    from retromem.datastore import Datastore
+
     first, n = int(shard["first_chunk_id"]), int(shard["chunks"])
-    vecs = np.empty((n, embedder.dim), dtype=np.float16)
-    for s in range(0, n, block):
-        e = min(n, s + block)
-        texts = ds.chunk_texts(np.arange(first + s, first + e))
-        # a chunk can be whitespace only (e.g. a run of blank lines): embed it as is, not as an error
-        vecs[s:e] = embedder.model.encode(texts, batch_size=embedder.batch_size, convert_to_numpy=True,
-                                          normalize_embeddings=True, show_progress_bar=False).astype(np.float16)
-        if progress is not None:
-            progress.update(e - s)
-    path = _shard_file(out, shard["shard"])
+    vecs = np.empty((n, ctx.dim), dtype=np.float16)
+    if n:  # a shard without chunks (every document empty) gets an empty file, and no model
+        ds = Datastore.open(ctx.datastore)
+        embedder = _embedder(ctx.model, ctx.device, ctx.fp16, ctx.batch_size)
+        for s in range(0, n, ctx.block):
+            e = min(n, s + ctx.block)
+            texts = ds.chunk_texts(np.arange(first + s, first + e))
+            # a chunk can be whitespace only (e.g. a run of blank lines): embed it as is, not as an error
+            vecs[s:e] = embedder.model.encode(texts, batch_size=embedder.batch_size, convert_to_numpy=True,
+                                              normalize_embeddings=True, show_progress_bar=False).astype(np.float16)
+    path = _shard_file(Path(ctx.out), shard["shard"])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, vecs)
-    rec = {"shard": shard["shard"], "first_chunk_id": first, "chunks": n, "file": path.name, "sha256": sha256_file(path)}
-    write_json(out / "_work" / f"shard-{shard['shard']:05d}.done.json", rec)
-    return rec
+    return {"shard": shard["shard"], "first_chunk_id": first, "chunks": n, "file": path.name, "sha256": sha256_file(path)}
 
 
 def embed_datastore(cfg: EmbedConfig, *, overwrite: bool = False, progress: bool = True) -> EmbedResult:
-    """Embed every chunk of ``cfg.datastore`` into ``cfg.out``; resumes a killed run."""
+    """Embed every chunk of ``cfg.datastore`` into ``cfg.out_path``; resumes a killed run.
+
+    ``overwrite``: delete the embeddings there first (only ever embeddings: anything else is
+    refused, as is a directory another job is writing).
+    """
     from retromem.datastore import Datastore
+
+    ds = Datastore.open(cfg.datastore)
+    with open_job(cfg.out_path, "embeddings", overwrite=overwrite,
+                  legacy=("embeddings.json", "_work/started.json")) as job:
+        return _embed_job(job, cfg, ds, progress)
+
+
+def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResult:
     from tqdm.auto import tqdm
 
+    from retromem.datastore.executors import LocalExecutor, RayExecutor, init_ray
+
     t0 = time.perf_counter()
-    ds = Datastore.open(cfg.datastore)
-    out = Path(cfg.out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    out = job.path
     manifest_path = out / "embeddings.json"
     if manifest_path.exists():
         m = read_json(manifest_path)
@@ -214,43 +263,46 @@ def embed_datastore(cfg: EmbedConfig, *, overwrite: bool = False, progress: bool
         if m.get("complete"):
             return EmbedResult(out, m, 0, time.perf_counter() - t0, 0.0)
 
-    embedder = Embedder(cfg.model, device=cfg.device, fp16=cfg.fp16, batch_size=cfg.batch_size) if cfg.executor == "local" else None
-    info = asdict(embedder.info) if embedder else _probe_info(cfg)
-    started = read_json(out / "_work" / "started.json") if (out / "_work" / "started.json").exists() else None
+    device = cfg.device
+    if cfg.executor == "local":
+        executor: LocalExecutor | RayExecutor = LocalExecutor(workers=1)  # one model, in this process
+        info = asdict(_embedder(cfg.model, cfg.device, cfg.fp16, cfg.batch_size).info)
+    else:
+        info = _probe_info(cfg)
+        ray = init_ray(cfg.ray_address)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        tasks = cfg.ray_actors or max(gpus, 1)
+        options = {"num_gpus": 1} if gpus else {"num_cpus": max(1, int(resources.get("CPU", 1)) // tasks)}
+        executor = RayExecutor(cfg.ray_address, task_options=options)
+        device = None if gpus else "cpu"
+    started = job.done("started")
     if started is not None and (started["embedder"]["weights_sha256"] != info["weights_sha256"]
                                 or started["datastore_id"] != ds.datastore_id):
         raise DatastoreError(f"{out} holds a partial run with another embedder or datastore "
                              f"({started['embedder']['name']}): pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     if started is None:
-        write_json(out / "_work" / "started.json", {"datastore_id": ds.datastore_id, "embedder": info})
+        job.mark_done("started", {"datastore_id": ds.datastore_id, "embedder": info})
 
-    done: dict[int, dict] = {}
-    for f in sorted((out / "_work").glob("shard-*.done.json")):
-        rec = read_json(f)
-        if _shard_file(out, rec["shard"]).exists():
-            done[rec["shard"]] = rec
     shards = [{"shard": i, **s} for i, s in enumerate(ds.manifest["shards"])]
-    todo = [s for s in shards if s["shard"] not in done and s["chunks"] > 0]
+    todo = [s for s in shards if job.done(_marker(s)) is None]
+    todo_ids = {s["shard"] for s in todo}
     n_todo = sum(s["chunks"] for s in todo)
-    if done:
-        logger.info("embed: resuming, %d of %d shards already done", len(done), len(shards))
+    if len(todo) < len(shards):
+        logger.info("embed: resuming, %d of %d shards already done", len(shards) - len(todo), len(shards))
+    ctx = _EmbedContext(datastore=str(ds.path), out=str(out), model=cfg.model, device=device, fp16=cfg.fp16,
+                        batch_size=cfg.batch_size, block=cfg.block, dim=int(info["dim"]))
+    done: dict[int, dict] = {}
     t_embed = time.perf_counter()
     bar = tqdm(total=n_todo, unit="chunk", desc="embed", disable=not progress or n_todo == 0)
     try:
-        if cfg.executor == "local":
-            for s in todo:
-                done[s["shard"]] = _embed_shard(embedder, ds, s, out, cfg.block, bar)
-        else:
-            for rec in _embed_ray(cfg, todo, out):
-                done[rec["shard"]] = rec
+        for s, rec in job.map(executor, _embed_shard, ctx, shards, _marker):
+            done[s["shard"]] = rec
+            if s["shard"] in todo_ids:
                 bar.update(rec["chunks"])
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_embed
-    for s in shards:  # shards without chunks (all documents empty) get an empty file too
-        if s["shard"] not in done:
-            done[s["shard"]] = _embed_shard(embedder or Embedder(cfg.model, device="cpu"), ds, s, out, cfg.block)
     manifest = {
         "format_version": EMBEDDINGS_FORMAT,
         "complete": True,
@@ -265,49 +317,12 @@ def embed_datastore(cfg: EmbedConfig, *, overwrite: bool = False, progress: bool
     write_json(manifest_path, manifest)
     rate = n_todo / elapsed if elapsed > 0 else 0.0
     logger.info("embed: %d chunks in %.1fs (%.0f chunks/s)", n_todo, elapsed, rate)
-    return EmbedResult(out, manifest, len(todo), time.perf_counter() - t0, rate)
+    embedded = sum(1 for s in todo if s["chunks"] > 0)
+    return EmbedResult(out, manifest, embedded, time.perf_counter() - t0, rate)
 
 
 def _probe_info(cfg: EmbedConfig) -> dict[str, Any]:
     return asdict(Embedder(cfg.model, device="cpu", fp16=False, batch_size=cfg.batch_size).info)
-
-
-class _RayEmbedWorker:
-    """One embedder per actor (per GPU): loads the model once, then embeds whole shards."""
-
-    def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        from retromem.datastore import Datastore
-
-        cfg = EmbedConfig(**cfg_dict)
-        self.cfg = cfg
-        self.ds = Datastore.open(cfg.datastore)
-        self.embedder = Embedder(cfg.model, device=cfg.device, fp16=cfg.fp16, batch_size=cfg.batch_size)
-
-    def embed(self, shard: dict[str, Any]) -> dict[str, Any]:
-        return _embed_shard(self.embedder, self.ds, shard, Path(self.cfg.out), self.cfg.block)
-
-
-def _embed_ray(cfg: EmbedConfig, todo: list[dict], out: Path):
-    try:
-        import ray
-        from ray.util import ActorPool
-    except ImportError as exc:
-        raise ConfigError("`--executor ray` needs Ray: pip install 'retromem[cluster]'") from exc
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
-        if cfg.ray_address:
-            kwargs["address"] = cfg.ray_address
-        else:
-            kwargs["include_dashboard"] = False
-        ray.init(**kwargs)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = cfg.ray_actors or max(gpus, 1)
-    opts = {"num_gpus": 1} if gpus else {"num_cpus": max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)}
-    worker_cls = ray.remote(**opts)(_RayEmbedWorker)
-    cfg_dict = {k: v for k, v in asdict(cfg).items()}
-    cfg_dict.update(out=str(out), executor="local", device=None if gpus else "cpu")
-    pool = ActorPool([worker_cls.remote(cfg_dict) for _ in range(min(actors, max(len(todo), 1)))])
-    yield from pool.map_unordered(lambda a, s: a.embed.remote(s), todo)
 
 
 # ---------------------------------------------------------------------------------------------
