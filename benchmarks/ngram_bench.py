@@ -40,7 +40,8 @@ def main() -> None:
     import psutil
 
     from retromem.datastore import Datastore
-    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+    from retromem.index.ngram import NgramIndex
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     ds = Datastore.open(args.datastore)
     figures: dict = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU, "

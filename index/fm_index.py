@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from retromem.datastore.atomic import atomic_path, read_json, write_json
 from retromem.errors import ConfigError, IndexFormatError, QueryError
+from retromem.index.types import FMBuildResult, FMContext, FMFindResult, FMHit
 
 logger = logging.getLogger(__name__)
 
@@ -50,41 +50,6 @@ class FMIndexError(IndexFormatError):
 
 class FMQueryError(QueryError):
     """An FM-index query is empty, too long or not text."""
-
-
-@dataclass(frozen=True)
-class FMHit:
-    """An occurrence: character ``offset`` into document ``doc_id``, inside chunk ``chunk_id``."""
-
-    doc_id: int
-    offset: int
-    chunk_id: int
-
-
-@dataclass(frozen=True)
-class FMFindResult:
-    count: int
-    hits: tuple[FMHit, ...]
-
-
-@dataclass(frozen=True)
-class FMContext:
-    """The document text around a hit: ``text[match_start:match_end]`` is the match."""
-
-    doc_id: int
-    chunk_id: int
-    text: str
-    match_start: int
-    match_end: int
-    doc_chars: int
-
-
-@dataclass(frozen=True)
-class FMBuildResult:
-    path: Path
-    manifest: dict
-    already_complete: bool
-    seconds: float
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -1,4 +1,6 @@
-"""Result types shared by the dense and n-gram indexes.
+"""Result types of the index package: what every index verb and build returns, as small frozen
+dataclasses, in one place so that callers (the service, RETRO, the command line) import them
+without pulling in an engine.
 
 A dense hit, an n-gram hit and a RETRO neighbour are the same kind of thing: a ``chunk_id`` in a
 datastore. :func:`fetch_payloads` turns chunk ids into what a caller asked to see (text, tokens,
@@ -7,10 +9,14 @@ the continuation) through the datastore read API, so every index returns the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# chunks, shared by every index
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,210 @@ def fetch_payloads(ds, chunk_ids: Sequence[int] | np.ndarray, *, text: bool = Tr
             continuation_tokens=ctoks.get(n) if n >= 0 else None,
         ))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dense (FAISS)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """``chunk_ids`` (n, k) int64 and ``scores`` (n, k) float32 (cosine), best first. A row holds
+    -1 / -inf only where the index has fewer than k eligible vectors under the search parameters.
+    ``payloads[i][j]`` is hit (i, j) fetched from the datastore when asked for."""
+
+    chunk_ids: np.ndarray
+    scores: np.ndarray
+    payloads: list[list[ChunkPayload]] | None = None
+
+
+@dataclass(frozen=True)
+class DenseBuildResult:
+    out: Path
+    meta: dict[str, Any]  # the index.json written
+    seconds: dict[str, float]  # per build step, and "total"
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    """The search parameter chosen for a target recall, and the recall/speed curve that led to it
+    (``param`` is ``None`` for an index without one: exact or fixed)."""
+
+    param: str | None
+    value: int | None
+    target_recall: float
+    k: int
+    reached: bool
+    curve: list[dict[str, float]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # index.json as rewritten with the new default
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    factory: str
+    queries: int
+    recall: dict[int, float]  # k -> recall@k against exact search
+    qps: float  # this index, at its default parameters
+    exact_qps: float  # exact search over the stored float32 vectors, same queries, same run
+    bytes_per_vector: float
+    float32_bytes_per_vector: int
+    params: dict[str, int]
+    single_qps: float = 0.0  # one query per call
+    exact_single_qps: float = 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.qps / self.exact_qps if self.exact_qps else float("nan")
+
+    @property
+    def single_speedup(self) -> float:
+        return self.single_qps / self.exact_single_qps if self.exact_single_qps else float("nan")
+
+    @property
+    def compression(self) -> float:
+        return self.float32_bytes_per_vector / self.bytes_per_vector
+
+
+# ---------------------------------------------------------------------------------------------
+# exact n-gram search (suffix array)
+
+
+@dataclass(frozen=True)
+class Count:
+    count: int
+    approx: bool = False
+
+
+@dataclass(frozen=True)
+class Prob:
+    """P(next_token | prompt) from counts; ``prob`` is ``None`` when the prompt never occurs."""
+
+    prompt_count: int
+    cont_count: int
+    prob: float | None
+
+
+@dataclass(frozen=True)
+class InfgramProb:
+    """∞-gram probability: the prompt is cut to its longest suffix that occurs in the corpus
+    (``suffix_len`` tokens, 0 for the unigram distribution) and P(next_token | that suffix)."""
+
+    prompt_count: int
+    cont_count: int
+    prob: float
+    suffix_len: int
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    count: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class NextTokenDistribution:
+    """Next-token counts after the prompt (or after its longest occurring suffix, when
+    ``suffix_len`` is set). ``approx`` when the engine sampled ``max_support`` occurrences."""
+
+    prompt_count: int
+    tokens: dict[int, TokenCount]
+    approx: bool
+    suffix_len: int | None = None
+
+    def top(self, k: int = 10) -> list[tuple[int, TokenCount]]:
+        return sorted(self.tokens.items(), key=lambda kv: (-kv[1].count, kv[0]))[:k]
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One place an n-gram occurs: token ``offset`` into document ``doc_id``, which falls in chunk
+    ``chunk_id`` at ``chunk_offset`` (an n-gram may run on into the next chunk)."""
+
+    doc_id: int
+    chunk_id: int
+    offset: int
+    chunk_offset: int
+    shard: int
+
+
+@dataclass(frozen=True)
+class FindResult:
+    count: int
+    occurrences: tuple[Occurrence, ...]  # at most ``limit``, in suffix-array order
+
+
+@dataclass(frozen=True)
+class DocumentSearch:
+    """Matches of a CNF (AND of ORs of n-grams) and where they are."""
+
+    count: int
+    approx: bool
+    hits: tuple[Occurrence, ...]
+
+    @property
+    def doc_ids(self) -> list[int]:
+        return sorted({h.doc_id for h in self.hits})
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    token_id: int
+    prob: float
+    suffix_len: int
+    prompt_count: int
+    cont_count: int
+
+
+@dataclass(frozen=True)
+class NgramBuildResult:
+    path: Path
+    manifest: dict[str, Any]
+    already_complete: bool
+    seconds: float
+    peak_rss_bytes: int  # largest resident set of this process or any indexer child
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed substring search (FM-index)
+
+
+@dataclass(frozen=True)
+class FMHit:
+    """An occurrence: character ``offset`` into document ``doc_id``, inside chunk ``chunk_id``."""
+
+    doc_id: int
+    offset: int
+    chunk_id: int
+
+
+@dataclass(frozen=True)
+class FMFindResult:
+    count: int
+    hits: tuple[FMHit, ...]
+
+
+@dataclass(frozen=True)
+class FMContext:
+    """The document text around a hit: ``text[match_start:match_end]`` is the match."""
+
+    doc_id: int
+    chunk_id: int
+    text: str
+    match_start: int
+    match_end: int
+    doc_chars: int
+
+
+@dataclass(frozen=True)
+class FMBuildResult:
+    path: Path
+    manifest: dict
+    already_complete: bool
+    seconds: float
+
+
+__all__ = [
+    "ChunkPayload", "Count", "DenseBuildResult", "DocumentSearch", "EvalReport", "FMBuildResult", "FMContext",
+    "FMFindResult", "FMHit", "FindResult", "InfgramProb", "NextTokenDistribution", "NgramBuildResult", "Occurrence",
+    "Prob", "SearchResult", "TokenCount", "TokenScore", "TuneReport", "fetch_payloads",
+]

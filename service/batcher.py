@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from retromem.index.dense import DenseIndex, SearchResult
+from retromem.index.dense import DenseIndex
+from retromem.index.types import SearchResult
 
 logger = logging.getLogger(__name__)
 

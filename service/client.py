@@ -1,10 +1,10 @@
 """A Python client of the retrieval service, returning the library's own result types.
 
 ``RetrievalClient(target).search(queries, k, exclude_doc_ids=..., fetch=...)`` returns an
-:class:`retromem.index.dense.SearchResult` exactly as :meth:`retromem.index.dense.DenseIndex.search` does (chunk ids
+:class:`retromem.index.types.SearchResult` exactly as :meth:`retromem.index.dense.DenseIndex.search` does (chunk ids
 and scores as (n, k) arrays, -1 / -inf where fewer than k hits, optional payloads), so either can
 be handed to RETRO or the memory modules as a retriever. The n-gram verbs return
-:mod:`retromem.index.ngram`'s dataclasses and ``get_chunks`` :class:`retromem.index.types.ChunkPayload`.
+:mod:`retromem.index.types`' dataclasses and ``get_chunks`` :class:`retromem.index.types.ChunkPayload`.
 
 Every call has a deadline (``timeout``); every RPC is read-only, so every call is retried on
 UNAVAILABLE with exponential backoff (gRPC's own retry policy). Batches larger than the server's
@@ -23,8 +23,7 @@ from typing import Any, Iterable, Sequence
 import grpc
 import numpy as np
 
-from retromem.index.dense import SearchResult
-from retromem.index.types import ChunkPayload
+from retromem.index.types import ChunkPayload, SearchResult
 from retromem.errors import QueryError, RetromemError
 from retromem.service.common import SERVICE_NAME
 from retromem.service.messages import fetch_msg, payload_from_msg
@@ -77,13 +76,13 @@ def _token(t) -> pb.Token:
 
 
 def _occurrence(o: pb.Occurrence):
-    from retromem.index.ngram import Occurrence
+    from retromem.index.types import Occurrence
 
     return Occurrence(int(o.doc_id), int(o.chunk_id), int(o.offset), int(o.chunk_offset), 0)
 
 
 def _dist(m: pb.DistributionResponse):
-    from retromem.index.ngram import NextTokenDistribution, TokenCount
+    from retromem.index.types import NextTokenDistribution, TokenCount
 
     return NextTokenDistribution(int(m.prompt_count), {int(t.token_id): TokenCount(int(t.count), float(t.prob)) for t in m.tokens},
                                  bool(m.approx), int(m.suffix_len) if m.HasField("suffix_len") else None)
@@ -230,19 +229,19 @@ class RetrievalClient:
     # -- n-gram --------------------------------------------------------------------------
 
     def count(self, ngram, *, timeout: float | None = None):
-        from retromem.index.ngram import Count
+        from retromem.index.types import Count
 
         r = self._call("Count", pb.NgramRequest(query=_ngram_query(ngram)), timeout)
         return Count(int(r.count), bool(r.approx))
 
     def prob(self, prompt, next_token, *, timeout: float | None = None):
-        from retromem.index.ngram import Prob
+        from retromem.index.types import Prob
 
         r = self._call("Prob", pb.ProbRequest(prompt=_ngram_query(prompt), next_token=_token(next_token)), timeout)
         return Prob(int(r.prompt_count), int(r.cont_count), float(r.prob) if r.HasField("prob") else None)
 
     def infgram_prob(self, prompt, next_token, *, timeout: float | None = None):
-        from retromem.index.ngram import InfgramProb
+        from retromem.index.types import InfgramProb
 
         r = self._call("InfgramProb", pb.ProbRequest(prompt=_ngram_query(prompt), next_token=_token(next_token)), timeout)
         return InfgramProb(int(r.prompt_count), int(r.cont_count), float(r.prob), int(r.suffix_len))
@@ -255,14 +254,14 @@ class RetrievalClient:
                                 timeout))
 
     def find(self, ngram, limit: int = 10, *, timeout: float | None = None):
-        from retromem.index.ngram import FindResult
+        from retromem.index.types import FindResult
 
         r = self._call("Find", pb.FindRequest(query=_ngram_query(ngram), limit=limit), timeout)
         return FindResult(int(r.count), tuple(_occurrence(o) for o in r.occurrences))
 
     def search_documents(self, cnf: Sequence[Sequence[Any]], max_hits: int = 10, max_diff_tokens: int | None = None,
                          *, timeout: float | None = None):
-        from retromem.index.ngram import DocumentSearch
+        from retromem.index.types import DocumentSearch
 
         req = pb.SearchDocumentsRequest(clauses=[pb.Clause(terms=[_ngram_query(t) for t in clause]) for clause in cnf],
                                         max_hits=max_hits, max_diff_tokens=max_diff_tokens or 0)

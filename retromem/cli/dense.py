@@ -65,7 +65,7 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
 def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: str | None, target_recall: float,
                       train_size: int | None, shard_vectors: int, merge: str, gpu: bool | None, tune: bool, overwrite: bool) -> None:
     """Build a FAISS index over EMBEDDINGS (from `retromem index embed`); re-run to resume."""
-    from retromem.index.dense import DenseBuildConfig, build_dense
+    from retromem.index.dense_build import DenseBuildConfig, build_dense
 
     cfg = DenseBuildConfig(embeddings=embeddings, out=out, factory=factory,
                            memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
@@ -128,7 +128,7 @@ def index_search(index_dir: str, queries: tuple[str, ...], k: int, nprobe: int |
 @handle_errors
 def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int) -> None:
     """Find the smallest nprobe/efSearch reaching --target-recall recall@k against exact search; store it."""
-    from retromem.index.dense import tune
+    from retromem.index.dense_eval import tune
 
     rep = tune(index_dir, target_recall=target_recall, k=k, n_queries=n_queries)
     if rep.param is None:
@@ -149,7 +149,8 @@ def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int) -> 
 @handle_errors
 def index_eval_dense(index_dir: str, n_queries: int, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Recall@1/10/100 against exact inner-product search, and queries/s of both, on sampled chunks."""
-    from retromem.index.dense import DenseIndex, evaluate
+    from retromem.index.dense import DenseIndex
+    from retromem.index.dense_eval import evaluate
 
     ntotal = DenseIndex.open(index_dir).ntotal
     ks = tuple(k for k in (1, 10, 100) if k <= ntotal)
@@ -169,7 +170,8 @@ def index_eval_dense(index_dir: str, n_queries: int, nprobe: int | None, ef_sear
 
 
 def demo(out_dir: Path, datastore_path: Path, echo) -> None:
-    from retromem.index.dense import DenseBuildConfig, DenseIndex, build_dense
+    from retromem.index.dense import DenseIndex
+    from retromem.index.dense_build import DenseBuildConfig, build_dense
     from retromem.index.embed import EmbedConfig, embed_datastore
 
     emb = embed_datastore(EmbedConfig(datastore=str(datastore_path), out=str(out_dir / "embeddings"), batch_size=64))

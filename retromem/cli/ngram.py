@@ -52,7 +52,7 @@ def fm_group() -> None:
 @handle_errors
 def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem: str, overwrite: bool, as_json: bool) -> None:
     """Build the infini-gram suffix-array index of DATASTORE (resumable: re-run to continue)."""
-    from retromem.index.ngram import NgramBuildConfig, build_ngram_index
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     cfg = NgramBuildConfig(shard_tokens=parse_size(shard_tokens, "--shard-tokens"), cpus=cpus,
                            mem_bytes=parse_size(mem, "--mem"))
@@ -242,7 +242,8 @@ def ngram_eval_interpolation(index_path: str, heldout: str, text_field: str, mod
 
 
 def demo(out_dir: Path, datastore_path: Path, echo) -> None:
-    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+    from retromem.index.ngram import NgramIndex
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     r = build_ngram_index(datastore_path, out_dir / "ngram", NgramBuildConfig(), progress=False)
     m = r.manifest

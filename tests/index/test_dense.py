@@ -44,7 +44,7 @@ def emb_dir(small_ds, tmp_path_factory):
 
 
 def _build(emb_dir, out, factory, **kw):
-    from retromem.index.dense import DenseBuildConfig, build_dense
+    from retromem.index.dense_build import DenseBuildConfig, build_dense
 
     kw.setdefault("tune_queries", 150)
     return build_dense(DenseBuildConfig(embeddings=str(emb_dir), out=str(out), factory=factory, **kw), progress=False)
@@ -119,7 +119,7 @@ def test_killed_embedding_job_resumes(small_ds, emb_dir, tmp_path):
 
 
 def test_flat_equals_exact_search_and_ids_map_back(small_ds, emb_dir, flat_index):
-    from retromem.index.dense import exact_search
+    from retromem.index.dense_eval import exact_search
     from retromem.index.embed import Embeddings
 
     emb = Embeddings(emb_dir)
@@ -149,7 +149,7 @@ def test_text_queries_find_their_chunk(small_ds, flat_index):
 
 
 def test_compressed_index_recall_against_exact_on_real_text(emb_dir, ivf_index):
-    from retromem.index.dense import evaluate
+    from retromem.index.dense_eval import evaluate
 
     t = ivf_index.meta["tuning"]
     assert t["param"] == "nprobe" and t["reached"], t
@@ -385,7 +385,8 @@ def test_cli_search_eval_and_plan(flat_index, ivf_index, small_ds, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_build_matches_cpu(emb_dir, flat_index, tmp_path):
-    from retromem.index.dense import DenseIndex, gpu_count
+    from retromem.index.dense import DenseIndex
+    from retromem.index.dense_faiss import gpu_count
     from retromem.index.embed import Embeddings
 
     if gpu_count() == 0:

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from retromem.index.fm_index import FMIndex, FMIndexError, FMQueryError, build_fm_index
-from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+from retromem.index.ngram import NgramIndex
+from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retromem.index.ngram import (
-    NgramBuildConfig,
-    NgramIndex,
-    NgramIndexError,
-    NgramQueryError,
-    QueryLimits,
-    build_ngram_index,
-)
+from retromem.index.ngram import NgramIndex, NgramQueryError, QueryLimits
+from retromem.index.ngram_build import NgramBuildConfig, NgramIndexError, build_ngram_index
 from retromem.errors import RetromemError
 
 
@@ -275,7 +269,7 @@ def test_missing_and_truncated_files(tmp_path, ngram_dir, ds):
 
 
 def test_killed_build_resumes(tmp_path, built, monkeypatch, ngram_dir, ds):
-    import retromem.index.ngram as ng
+    import retromem.index.ngram_build as ng
 
     out = tmp_path / "resume"
     real = ng._build_suffix_array

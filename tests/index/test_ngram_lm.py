@@ -12,7 +12,8 @@ from tests.conftest import demo_records, write_jsonl
 @pytest.fixture(scope="module")
 def smol_index(tmp_path_factory):
     from retromem.datastore import BuildConfig, build
-    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+    from retromem.index.ngram import NgramIndex
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     d = tmp_path_factory.mktemp("lm")
     recs = demo_records()
@@ -49,7 +50,8 @@ def test_lm_alone_matches_the_models_own_loss_and_mixtures_are_scored(smol_index
 
 
 def test_tokenizer_mismatch_is_refused(built, tmp_path):
-    from retromem.index.ngram import NgramBuildConfig, NgramIndex, build_ngram_index
+    from retromem.index.ngram import NgramIndex
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
     from retromem.index.ngram_lm import InterpolationConfig, evaluate_interpolation
     from retromem.errors import ConfigError
 

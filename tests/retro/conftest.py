@@ -38,7 +38,8 @@ def retro_ds(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def retro_index(retro_ds, tmp_path_factory):
-    from retromem.index.dense import DenseBuildConfig, DenseIndex, build_dense
+    from retromem.index.dense import DenseIndex
+    from retromem.index.dense_build import DenseBuildConfig, build_dense
     from retromem.index.embed import EmbedConfig, embed_datastore
 
     root = tmp_path_factory.mktemp("retro-index")

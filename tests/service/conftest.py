@@ -27,9 +27,9 @@ class Built:
 
 def _build(root: Path, records: list[dict]) -> Built:
     from retromem.datastore import BuildConfig, build
-    from retromem.index.dense import DenseBuildConfig, build_dense
+    from retromem.index.dense_build import DenseBuildConfig, build_dense
     from retromem.index.embed import EmbedConfig, embed_datastore
-    from retromem.index.ngram import NgramBuildConfig, build_ngram_index
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     root.mkdir(parents=True)
     write_jsonl(root / "docs.jsonl", records)

@@ -1,0 +1,261 @@
+"""Building a dense index: FAISS over a datastore's chunk embeddings, resumably, shard by shard.
+
+``build_dense`` reads the float16 embeddings written by :mod:`retromem.index.embed`, trains the index
+given by a FAISS factory string (or one chosen from a memory budget) on a sample sized for it,
+and adds the vectors in batches with ``chunk_id`` as the FAISS id. The vectors are split into
+index shards of contiguous chunk ranges, each written atomically and recorded, so a killed build
+re-run continues with the next shard. IVF shards share one trained quantizer and can instead be
+merged on disk into one index (``faiss.contrib.ondisk``), whose inverted lists are memory-mapped.
+After the build, :func:`retromem.index.dense_eval.tune` picks the search parameter for a target
+recall. ``index.json`` records the datastore and the embedder the index was built from.
+
+Metric: inner product over L2-normalised vectors, i.e. cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retromem.datastore.atomic import read_json, write_json
+from retromem.errors import ConfigError, IndexFormatError
+from retromem.index.dense_eval import tune
+from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has_search_param, read_index, to_gpu,
+                                        use_gpu, write_index)
+from retromem.index.embed import Embeddings
+from retromem.index.factory import AutoChoice, choose_factory, parse_factory
+from retromem.index.types import DenseBuildResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DenseBuildConfig:
+    """What to build: the index over ``embeddings`` in ``out``, its FAISS ``factory`` (or ``auto``
+    within ``memory_budget``), shard size, optional on-disk merge, and the tuning after the build."""
+
+    embeddings: str
+    out: str
+    factory: str = "auto"
+    memory_budget: int | None = None  # bytes; the auto choice must fit it
+    target_recall: float = 0.95
+    train_size: int | None = None  # default: what the factory needs (256 points per centroid)
+    add_batch: int = 65536
+    shard_vectors: int = 50_000_000  # vectors per index shard
+    merge: str = "none"  # none | ondisk  (IVF only: merge shards into one on-disk index)
+    gpu: bool | None = None  # None: use a GPU when faiss-gpu sees one
+    tune: bool = True  # find nprobe/efSearch for target_recall after the build
+    tune_queries: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.add_batch <= 0:
+            raise ConfigError(f"`add_batch` must be positive, got {self.add_batch}")
+        if self.shard_vectors <= 0:
+            raise ConfigError(f"`--shard-vectors` must be positive, got {self.shard_vectors}")
+        if self.merge not in ("none", "ondisk"):
+            raise ConfigError(f"`--merge` must be none or ondisk, got {self.merge!r}")
+        if not 0 < self.target_recall <= 1:
+            raise ConfigError(f"`--target-recall` must be in (0, 1], got {self.target_recall}")
+        if self.train_size is not None and self.train_size <= 0:
+            raise ConfigError(f"`--train-size` must be positive, got {self.train_size}")
+
+
+def _new_index(factory: str, d: int):
+    import faiss
+
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ConfigError(f"FAISS cannot build factory {factory!r} for dimension {d}: {str(exc).splitlines()[-1]}") from exc
+    if _has_ivf(index):
+        return index  # inverted lists store the ids themselves
+    return faiss.IndexIDMap(index)  # flat and graph indexes keep chunk_ids in an id map
+
+
+def _has_ivf(index) -> bool:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _train(index, xt: np.ndarray, gpu: bool) -> None:
+    import faiss
+
+    if gpu and _has_ivf(index):
+        # the FAISS recipe (bench_gpu_1bn): k-means of the coarse quantizer on the GPU(s)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    index.train(xt)
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: bool = True) -> DenseBuildResult:
+    """Build (or resume building) the dense index ``cfg.out`` from the embeddings ``cfg.embeddings``."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+    emb = Embeddings(cfg.embeddings)
+    n, d = emb.num_vectors, emb.dim
+    out = Path(cfg.out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / "index.json").exists():
+        meta = read_json(out / "index.json")
+        if meta.get("complete") and meta.get("datastore_id") == emb.datastore_id and meta.get("build", {}).get("requested_factory") == cfg.factory:
+            return DenseBuildResult(out, meta, {"total": 0.0})
+        raise IndexFormatError(f"{out} already holds a dense index ({meta.get('factory')}); pass --overwrite or another --out")
+
+    # 1. the factory and the plan, fixed on the first run so a resumed run continues the same build
+    work = out / "_work"
+    plan_path = work / "plan.json"
+    if plan_path.exists():
+        plan = read_json(plan_path)
+        if plan["embeddings_datastore_id"] != emb.datastore_id or plan["requested_factory"] != cfg.factory:
+            raise IndexFormatError(f"{out} holds an unfinished build of another index ({plan['factory']} over "
+                                   f"{plan['embeddings_datastore_id'][:16]}); pass --overwrite or another --out")
+        logger.info("build-dense: resuming %s", plan["factory"])
+    else:
+        if cfg.factory == "auto":
+            if cfg.memory_budget is None:
+                raise ConfigError("`--factory auto` needs `--memory-budget` (for example 2GiB)")
+            choice = choose_factory(n, d, cfg.memory_budget, cfg.target_recall)
+        else:
+            spec = parse_factory(cfg.factory, d)
+            choice = AutoChoice(cfg.factory, "given by --factory", spec.index_bytes(n), ())
+        spec = parse_factory(choice.factory, d)
+        n_shards = max(1, math.ceil(n / cfg.shard_vectors))
+        bounds = np.linspace(0, n, n_shards + 1).astype(np.int64).tolist()
+        plan = {"factory": choice.factory, "requested_factory": cfg.factory, "reason": choice.reason,
+                "estimated_bytes": choice.estimated_bytes, "candidates": [list(c) for c in choice.candidates],
+                "embeddings_datastore_id": emb.datastore_id, "shards": [[bounds[i], bounds[i + 1]] for i in range(n_shards)],
+                "needs_training": spec.needs_training, "min_train": spec.min_train(), "good_train": spec.good_train()}
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(plan_path, plan)
+    factory = plan["factory"]
+    logger.info("build-dense: %s for %d vectors of dimension %d: %s", factory, n, d, plan["reason"])
+    gpu = use_gpu(cfg.gpu)
+
+    # 2. train once (IVF centroids, PQ codebooks, OPQ rotation) on a uniform sample
+    trained_path = out / "trained.index"
+    train_info = read_json(work / "trained.json") if (work / "trained.json").exists() else None
+    if train_info is None or not trained_path.exists():
+        t0 = time.perf_counter()
+        index = _new_index(factory, d)
+        size = 0
+        if plan["needs_training"]:
+            size = min(n, cfg.train_size or plan["good_train"])
+            if size < plan["min_train"]:
+                raise ConfigError(
+                    f"factory {factory!r} needs at least {plan['min_train']:,} training vectors "
+                    f"(39 per centroid) but {'--train-size is' if cfg.train_size else 'the datastore has'} {size:,}: "
+                    "use fewer IVF lists / PQ bits, a bigger datastore, or --factory auto")
+            _, xt = emb.sample(size, seed=cfg.seed)
+            logger.info("build-dense: training on %d vectors", size)
+            _train(index, xt, gpu)
+        write_index(index, trained_path)
+        train_info = {"train_size": size, "seconds": time.perf_counter() - t0}
+        write_json(work / "trained.json", train_info)
+    seconds["train"] = train_info["seconds"]
+
+    # 3. add, shard by shard; each shard file is written atomically and recorded as done
+    t0 = time.perf_counter()
+    shard_recs: list[dict[str, Any]] = []
+    todo = sum(hi - lo for i, (lo, hi) in enumerate(plan["shards"]) if not (work / f"shard-{i:05d}.done.json").exists())
+    bar = tqdm(total=todo, unit="vec", desc="add", disable=not progress or todo == 0)
+    for i, (lo, hi) in enumerate(plan["shards"]):
+        done = work / f"shard-{i:05d}.done.json"
+        path = out / f"shard-{i:05d}.index"
+        if done.exists() and path.exists():
+            shard_recs.append(read_json(done))
+            continue
+        index = read_index(trained_path)
+        gindex = to_gpu(index) if gpu else None
+        target = gindex if gindex is not None else index
+        for start, block in emb.iter_blocks(lo, hi, cfg.add_batch):
+            ids = np.arange(start, start + len(block), dtype=np.int64)
+            target.add_with_ids(block, ids)
+            bar.update(len(block))
+        if gindex is not None:
+            index = faiss.index_gpu_to_cpu(gindex)
+        write_index(index, path)
+        rec = {"shard": i, "file": path.name, "first_chunk_id": lo, "ntotal": int(index.ntotal), "bytes": path.stat().st_size}
+        write_json(done, rec)
+        shard_recs.append(rec)
+    bar.close()
+    seconds["add"] = time.perf_counter() - t0
+
+    # 4. optional on-disk merge of IVF shards into one index with memory-mapped inverted lists
+    merged = None
+    if cfg.merge == "ondisk":
+        t0 = time.perf_counter()
+        merged = _merge_ondisk(out, trained_path, shard_recs, factory, d)
+        seconds["merge"] = time.perf_counter() - t0
+
+    meta = {
+        "format_version": INDEX_FORMAT,
+        "complete": True,
+        "kind": "dense",
+        "factory": factory,
+        "reason": plan["reason"],
+        "metric": "inner_product",
+        "dim": d,
+        "ntotal": n,
+        "estimated_bytes": plan["estimated_bytes"],
+        "index_bytes": sum(r["bytes"] for r in shard_recs) if merged is None else merged["bytes"],
+        "datastore_id": emb.datastore_id,
+        "datastore_path": emb.manifest["datastore_path"],
+        "embedder": emb.manifest["embedder"],
+        "embeddings_path": str(Path(cfg.embeddings).resolve()),
+        "shards": shard_recs,
+        "merged": merged,
+        "search_defaults": default_search_params(factory, d),
+        "build": {"requested_factory": cfg.factory, "memory_budget": cfg.memory_budget, "train_size": train_info["train_size"],
+                  "gpu": gpu, "candidates": plan["candidates"], "target_recall": cfg.target_recall},
+        "tuning": None,
+    }
+    write_json(out / "index.json", meta)
+    if cfg.tune and (has_search_param(factory, "nprobe", d) or has_search_param(factory, "efSearch", d)):
+        t0 = time.perf_counter()
+        report = tune(out, target_recall=cfg.target_recall, n_queries=cfg.tune_queries, seed=cfg.seed + 1)
+        meta = report.meta
+        seconds["tune"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+    meta["build"]["seconds"] = seconds
+    write_json(out / "index.json", meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return DenseBuildResult(out, meta, seconds)
+
+
+def _merge_ondisk(out: Path, trained_path: Path, shard_recs: list[dict], factory: str, d: int) -> dict[str, Any]:
+    from faiss.contrib.ondisk import merge_ondisk
+
+    if parse_factory(factory, d).nlist == 0:
+        raise ConfigError(f"`--merge ondisk` works for IVF indexes only, not {factory!r}")
+    index = read_index(trained_path)
+    ivfdata = out / "merged.ivfdata"
+    merge_ondisk(index, [str(out / r["file"]) for r in shard_recs], str(ivfdata))
+    path = out / "merged.index"
+    write_index(index, path)
+    for r in shard_recs:  # the shards' lists now live in merged.ivfdata
+        (out / r["file"]).unlink(missing_ok=True)
+    return {"file": path.name, "ivfdata": ivfdata.name, "bytes": path.stat().st_size + ivfdata.stat().st_size,
+            "ivfdata_bytes": ivfdata.stat().st_size}
+
+

@@ -1,0 +1,191 @@
+"""Measuring a dense index against exact search: the exact reference, recall, tuning the search
+parameter for a target recall, and the recall / speed / size report.
+
+Queries are datastore chunks sampled from the stored embeddings, each excluding its own document
+(as RETRO retrieves). The reference is exact inner-product search over every stored vector. Only
+the searcher's public verbs are used (``DenseIndex.search``, ``knn``, ``check_k``), so what is
+measured is what callers get.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from retromem.datastore.atomic import write_json
+from retromem.errors import ConfigError, IndexFormatError
+from retromem.index.dense import DenseIndex
+from retromem.index.dense_faiss import has_search_param
+from retromem.index.embed import Embeddings
+from retromem.index.factory import parse_factory
+from retromem.index.types import EvalReport, TuneReport
+
+logger = logging.getLogger(__name__)
+
+
+def exact_search(emb: Embeddings, queries: np.ndarray, k: int, exclude_docs: list[np.ndarray] | None = None,
+                 chunk_doc: np.ndarray | None = None, block: int = 262144) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k over every stored embedding, blockwise (memory bounded by
+    ``block`` vectors), optionally excluding documents per query. The reference for recall."""
+    import faiss
+
+    n = len(queries)
+    extra = 0
+    if exclude_docs is not None:
+        assert chunk_doc is not None
+        extra = int(max((np.isin(chunk_doc, e).sum() if len(e) else 0) for e in exclude_docs)) if n else 0
+    kk = min(k + extra, emb.num_vectors)
+    bestD = np.full((n, 0), -np.inf, np.float32)
+    bestI = np.full((n, 0), -1, np.int64)
+    for start, xb in emb.iter_blocks(block=block):
+        D, I = faiss.knn(queries, xb, min(kk, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
+        D = np.asarray(D, np.float32)
+        I = np.asarray(I, np.int64) + start
+        bestD = np.concatenate([bestD, D], axis=1)
+        bestI = np.concatenate([bestI, I], axis=1)
+        order = np.argsort(-bestD, axis=1, kind="stable")[:, :kk]
+        bestD = np.take_along_axis(bestD, order, axis=1)
+        bestI = np.take_along_axis(bestI, order, axis=1)
+    if exclude_docs is None:
+        return bestD[:, :k], bestI[:, :k]
+    outD = np.full((n, k), -np.inf, np.float32)
+    outI = np.full((n, k), -1, np.int64)
+    for q in range(n):
+        keep = ~np.isin(chunk_doc[bestI[q]], exclude_docs[q])
+        m = min(int(keep.sum()), k)
+        outD[q, :m] = bestD[q][keep][:m]
+        outI[q, :m] = bestI[q][keep][:m]
+    return outD, outI
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean |approx[:, :k] ∩ exact[:, :k]| / k (the "k-recall@k" FAISS benchmarks report)."""
+    hits = 0
+    for a, e in zip(approx[:, :k], exact[:, :k]):
+        hits += len(np.intersect1d(a[a >= 0], e[e >= 0]))
+    return hits / (k * len(exact))
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    chunk_ids: np.ndarray
+    vectors: np.ndarray
+    exclude: list[np.ndarray]  # each query's own document
+
+
+def sample_queries(index: DenseIndex, n: int, seed: int, exclude_own_doc: bool = True) -> QuerySet:
+    """Datastore chunks as queries, each excluding its own document (as RETRO retrieves): the
+    query's own vector is in the index, so without exclusion rank 1 would be trivially itself."""
+    emb = Embeddings(index.meta["embeddings_path"])
+    if emb.datastore_id != index.datastore_id:
+        raise IndexFormatError(f"the embeddings at {emb.path} are not those of {index.path}")
+    ids, vecs = emb.sample(n, seed=seed)
+    docs = index.datastore.doc_ids(ids)
+    excl = [np.array([d]) for d in docs] if exclude_own_doc else [np.zeros(0, np.int64) for _ in docs]
+    return QuerySet(ids, vecs, excl)
+
+
+def _timed_search(index: DenseIndex, qs: QuerySet, k: int, **params) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    res = index.search(qs.vectors, k, exclude_doc_ids=qs.exclude, **params)
+    dt = time.perf_counter() - t0
+    return res.chunk_ids, len(qs.vectors) / dt
+
+
+def tune(path: str | Path, *, target_recall: float = 0.95, k: int = 10, n_queries: int = 500, seed: int = 1,
+         exclude_own_doc: bool = True) -> TuneReport:
+    """Smallest nprobe (IVF) or efSearch (HNSW) whose recall@k against exact search reaches
+    ``target_recall`` on sampled chunks; stored in index.json as the default."""
+    if not 0 < target_recall <= 1:
+        raise ConfigError(f"`--target-recall` must be in (0, 1], got {target_recall}")
+    index = DenseIndex.open(path)
+    k = index.check_k(k)
+    emb = Embeddings(index.meta["embeddings_path"])
+    qs = sample_queries(index, n_queries, seed, exclude_own_doc)
+    _, truth = exact_search(emb, qs.vectors, k, qs.exclude, np.asarray(index.datastore.chunk_doc_array))
+    if has_search_param(index.factory, "nprobe", index.dim):
+        param, key = "nprobe", "nprobe"
+        nlist = parse_factory(index.factory, index.dim).nlist
+        values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v <= nlist] or [nlist]
+    elif has_search_param(index.factory, "efSearch", index.dim):
+        param, key = "efSearch", "ef_search"
+        values = [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048) if v >= k]
+    else:
+        return TuneReport(None, None, target_recall, k, True, [], index.meta)
+    curve = []
+    chosen = None
+    for v in values:
+        got, qps = _timed_search(index, qs, k, **{key: v})
+        r = recall_at(got, truth, k)
+        curve.append({param: v, "recall": r, "qps": qps})
+        logger.info("tune: %s=%d recall@%d=%.4f %.0f q/s", param, v, k, r, qps)
+        if r >= target_recall:
+            chosen = v
+            break
+    reached = chosen is not None
+    if not reached:
+        best = max(curve, key=lambda c: c["recall"])
+        chosen = int(best[param])
+        logger.warning("tune: %s reaches recall@%d %.4f at most (%s=%d), short of %.2f: the codes are too coarse; "
+                       "use more PQ bytes, SQ8, or add RFlat", index.factory, k, best["recall"], param, chosen, target_recall)
+    meta = dict(index.meta)
+    meta["search_defaults"] = {**meta.get("search_defaults", {}), param: int(chosen)}
+    meta["tuning"] = {"param": param, "value": int(chosen), "target_recall": target_recall, "k": k, "reached": reached,
+                      "queries": len(qs.vectors), "exclude_own_doc": exclude_own_doc, "curve": curve}
+    write_json(Path(path) / "index.json", meta)
+    return TuneReport(param, int(chosen), target_recall, k, reached, curve, meta)
+
+
+def evaluate(path: str | Path, *, n_queries: int = 1000, ks: Sequence[int] = (1, 10, 100), seed: int = 2,
+             exclude_own_doc: bool = True, repeats: int = 5, **params) -> EvalReport:
+    """Recall@k of the index against exact inner-product search and queries per second of both,
+    on sampled datastore chunks as queries (own document excluded)."""
+    import faiss
+
+    index = DenseIndex.open(path)
+    kmax = index.check_k(max(ks))
+    emb = Embeddings(index.meta["embeddings_path"])
+    qs = sample_queries(index, n_queries, seed, exclude_own_doc)
+    chunk_doc = np.asarray(index.datastore.chunk_doc_array)
+    # the exact reference: a flat inner-product index over the same vectors, searched the same way
+    # QPS of both is timed on the plain top-k search (without the exclusion step), best of `repeats`
+    # interleaved runs so that a busy machine penalises both alike
+    flat = faiss.IndexFlatIP(emb.dim)
+    for _, xb in emb.iter_blocks():
+        flat.add(xb)
+    kw = {"nprobe": params.get("nprobe"), "ef_search": params.get("ef_search")}
+    t_exact, t_index = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        flat.search(qs.vectors, kmax)
+        t_exact.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        index.knn(qs.vectors, kmax, nprobe=kw["nprobe"], ef_search=kw["ef_search"])
+        t_index.append(time.perf_counter() - t0)
+    # one query per call, as a generation loop retrieves: no batching for BLAS to exploit
+    few = qs.vectors[: min(200, len(qs.vectors))]
+    t_exact1, t_index1 = [], []
+    for _ in range(max(1, repeats // 2)):
+        t0 = time.perf_counter()
+        for row in few:
+            flat.search(row[None], kmax)
+        t_exact1.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for row in few:
+            index.knn(row[None], kmax, nprobe=kw["nprobe"], ef_search=kw["ef_search"])
+        t_index1.append(time.perf_counter() - t0)
+    del flat
+    exact_qps = len(qs.vectors) / min(t_exact)
+    qps = len(qs.vectors) / min(t_index)
+    single = (len(few) / min(t_index1), len(few) / min(t_exact1))
+    _, truth = exact_search(emb, qs.vectors, kmax, qs.exclude, chunk_doc)
+    got = index.search(qs.vectors, kmax, exclude_doc_ids=qs.exclude, **kw).chunk_ids
+    recall = {k: recall_at(got, truth, k) for k in ks}
+    return EvalReport(index.factory, len(qs.vectors), recall, qps, exact_qps, index.meta["index_bytes"] / index.ntotal,
+                      4 * index.dim, {**index.defaults, **{k: v for k, v in kw.items() if v is not None}},
+                      single_qps=single[0], exact_single_qps=single[1])

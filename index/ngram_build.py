@@ -1,0 +1,322 @@
+"""Building the exact n-gram index: a datastore's token streams in the ``infini-gram`` package's
+on-disk layout, and the suffix array built by that package's own Rust indexer.
+
+Layout, per shard directory (``shard-00000``, ...): ``tokenized.0`` holds each document as a
+``0xFF..FF`` separator followed by its token ids, little-endian, 2 or 4 bytes per token;
+``offset.0`` the byte offset of each document's separator as uint64; ``table.0`` the suffix array
+(``ptr_size`` little-endian bytes per entry), built with ``rust_indexing make-part | merge | concat``.
+``ngram_index.json`` records the datastore the index came from, each shard and its file sizes.
+
+Large datastores are cut into shards of whole documents; every shard is written atomically and
+marked done, so a killed build re-run continues where it stopped. The query engine over this
+layout is :class:`retromem.index.ngram.NgramIndex`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retromem.datastore.atomic import read_json, sha256_file, write_json
+from retromem.errors import ConfigError, NgramIndexError
+from retromem.index.types import NgramBuildResult
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "ngram_index.json"
+ENGINE_VERSION = 4  # infini-gram index layout v4: tokens in reading order, one suffix array per shard
+# The package's indexer lets each make-part job read this many bytes past its end so that suffixes
+# starting near a part boundary sort correctly; the merge step must be told the same number.
+_HACK = 100_000
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+def token_width_for(vocab_size: int) -> int:
+    """Bytes per token in the infini-gram layout; the all-ones id is the document separator, so
+    the vocabulary must leave it free."""
+    if vocab_size < 0xFFFF:
+        return 2
+    if vocab_size < 0xFFFFFFFF:
+        return 4
+    raise ConfigError(f"vocabulary of {vocab_size} ids is too large for an n-gram index (at most {0xFFFFFFFF - 1})")
+
+
+def token_dtype(width: int) -> np.dtype:
+    """The little-endian numpy dtype of ``width``-byte tokens in ``tokenized.0``."""
+    return np.dtype("<u2") if width == 2 else np.dtype("<u4")
+
+
+def _ptr_size(ds_bytes: int) -> int:
+    # bytes per suffix-array entry, as the package's indexer and engine compute it
+    return max(1, int(math.ceil(math.log2(max(ds_bytes, 2)) / 8)))
+
+
+def _indexer_binary() -> Path:
+    import infini_gram
+
+    exe = Path(infini_gram.__file__).parent / "rust_indexing"
+    if not exe.is_file():
+        raise NgramIndexError(f"the infini-gram package has no indexer at {exe}; reinstall `infini-gram`")
+    return exe
+
+
+def _shard_dir(out: Path, s: int) -> Path:
+    return out / f"shard-{s:05d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+@dataclass(frozen=True)
+class NgramBuildConfig:
+    """How to build: ``shard_tokens`` bounds each shard (whole documents; a single longer document
+    gets a shard of its own), ``cpus`` and ``mem_bytes`` are what the Rust indexer may use."""
+
+    shard_tokens: int = 1_000_000_000
+    cpus: int = 0  # 0: every core
+    mem_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        if self.shard_tokens < 1:
+            raise ConfigError(f"`shard_tokens` must be at least 1, got {self.shard_tokens}")
+        if self.cpus < 0:
+            raise ConfigError(f"`cpus` must be 0 (all cores) or positive, got {self.cpus}")
+        if self.mem_bytes < 16 << 20:
+            raise ConfigError(f"`mem_bytes` must be at least 16 MiB, got {self.mem_bytes}")
+
+
+def _doc_token_counts(ds) -> tuple[np.ndarray, np.ndarray]:
+    """(doc_first_chunk (n_docs + 1,), tokens per document (n_docs,))."""
+    first = ds.doc_first_chunk_array
+    ntok = ds.chunk_ntokens_array.astype(np.int64)
+    csum = np.concatenate(([0], np.cumsum(ntok)))
+    first = np.asarray(first, dtype=np.int64)
+    return first, csum[first[1:]] - csum[first[:-1]]
+
+
+def _plan_shards(doc_tokens: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
+    """[first_doc, end_doc) ranges of whole documents, each at most ``shard_tokens`` (+ separators)
+    unless one document alone is longer."""
+    plan, start, size = [], 0, 0
+    for d, n in enumerate((doc_tokens + 1).tolist()):
+        if size and size + n > shard_tokens:
+            plan.append((start, d))
+            start, size = d, 0
+        size += n
+    if start < len(doc_tokens) or not plan:
+        plan.append((start, len(doc_tokens)))
+    return plan
+
+
+def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0: int, d1: int,
+                        width: int, work: Path, shard: Path, block_tokens: int = 1 << 24) -> None:
+    """tokenized.0 and offset.0 of documents [d0, d1), written through temporary files in
+    ``work`` (the engine reads every file named *tokenized* in a shard directory)."""
+    dt = token_dtype(width)
+    sep = np.iinfo(dt).max
+    toks = ds.token_array
+    ntok = ds.chunk_ntokens_array
+    L = ds.chunk_length
+    lens = doc_tokens[d0:d1] + 1  # each document is its separator, then its tokens
+    offsets = (np.concatenate(([0], np.cumsum(lens)[:-1])) * width).astype(np.uint64)
+    tmp_ds, tmp_od = work / f"{shard.name}.tokenized.tmp", work / f"{shard.name}.offset.tmp"
+    with open(tmp_ds, "wb") as fh:
+        d = d0
+        while d < d1:
+            # a block of whole documents of about block_tokens tokens
+            e = d + 1
+            acc = int(lens[d - d0])
+            while e < d1 and acc + int(lens[e - d0]) <= block_tokens:
+                acc += int(lens[e - d0])
+                e += 1
+            c0, c1 = int(first_chunk[d]), int(first_chunk[e])
+            rows = np.asarray(toks[c0:c1])
+            valid = np.arange(L)[None, :] < np.asarray(ntok[c0:c1])[:, None]
+            flat = rows[valid].astype(dt)  # row-major: each document's tokens in reading order
+            blens = lens[d - d0 : e - d0]
+            out = np.empty(int(blens.sum()), dtype=dt)
+            starts = np.concatenate(([0], np.cumsum(blens)[:-1]))
+            is_sep = np.zeros(len(out), dtype=bool)
+            is_sep[starts] = True
+            out[is_sep] = sep
+            out[~is_sep] = flat
+            fh.write(out.tobytes())
+            d = e
+        fh.flush()
+        os.fsync(fh.fileno())
+    with open(tmp_od, "wb") as fh:
+        fh.write(offsets.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    shard.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp_od, shard / "offset.0")
+    os.replace(tmp_ds, shard / "tokenized.0")
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise NgramIndexError(f"infini-gram indexer failed at {what} (exit {proc.returncode}): {proc.stdout[-2000:]}")
+
+
+def _build_suffix_array(shard: Path, work: Path, width: int, cpus: int, mem_bytes: int) -> None:
+    """table.0 of a shard with the package's indexer: sorted parts in parallel, merged, concatenated."""
+    exe = str(_indexer_binary())
+    data = shard / "tokenized.0"
+    ds_size = data.stat().st_size
+    ratio = _ptr_size(ds_size)
+    # as the package's own driver does: enough batches that each job's part fits in memory
+    batches = 1
+    while batches * (mem_bytes // (12 if width == 1 else 8)) < ds_size:
+        batches *= 2
+    # Every part but the last must have its full _HACK bytes of look-ahead inside the file: the
+    # merge step takes a clipped look-ahead for the end of the file and drops suffixes (the package's
+    # own driver loses ~10% of a small corpus that way). So parts are at least _HACK bytes long.
+    jobs = max(1, min(batches * cpus, ds_size // (_HACK + width)))
+    S = max(ds_size // jobs, width)
+    S += (-S) % width  # parts hold whole tokens
+    parts = work / f"{shard.name}.parts"
+    merged = work / f"{shard.name}.merged"
+    tmp_table = work / f"{shard.name}.table.tmp"
+    for d in (parts, merged):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    ranges = [(i * S, min((i + 1) * S + _HACK, ds_size)) for i in range(jobs) if i * S < ds_size]
+    for b in range(0, len(ranges), cpus):
+        procs = [subprocess.Popen([exe, "make-part", "--data-file", str(data), "--parts-dir", str(parts),
+                                   "--start-byte", str(s), "--end-byte", str(e), "--ratio", str(ratio),
+                                   "--token-width", str(width)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for s, e in ranges[b : b + cpus]]
+        for p in procs:
+            out, _ = p.communicate()
+            if p.returncode != 0:
+                raise NgramIndexError(f"infini-gram indexer failed at make-part of {shard.name} (exit {p.returncode}): "
+                                      f"{out.decode(errors='replace')[-2000:]}")
+    _run([exe, "merge", "--data-file", str(data), "--parts-dir", str(parts), "--merged-dir", str(merged),
+          "--num-threads", str(cpus), "--hacksize", str(_HACK), "--ratio", str(ratio), "--token-width", str(width)],
+         f"merge of {shard.name}")
+    shutil.rmtree(parts)
+    _run([exe, "concat", "--data-file", str(data), "--merged-dir", str(merged), "--merged-file", str(tmp_table),
+          "--num-threads", str(cpus), "--ratio", str(ratio), "--token-width", str(width)], f"concat of {shard.name}")
+    shutil.rmtree(merged)
+    expected = ds_size // width * ratio
+    if tmp_table.stat().st_size != expected:
+        raise NgramIndexError(f"infini-gram indexer wrote {tmp_table.stat().st_size} bytes of suffix array for "
+                              f"{shard.name}, expected {expected}")
+    with open(tmp_table, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp_table, shard / "table.0")
+
+
+def _peak_rss() -> int:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) * 1024  # Linux reports KiB
+
+
+def build_ngram_index(datastore_path: str | Path, out: str | Path, config: NgramBuildConfig | None = None,
+                      *, overwrite: bool = False, progress: bool = True) -> NgramBuildResult:
+    """Build (or finish building) the suffix-array index of the datastore at ``datastore_path`` in ``out``."""
+    from tqdm.auto import tqdm
+
+    from retromem.datastore import Datastore
+
+    import infini_gram  # noqa: F401  (fail early with a clear message when it is missing)
+
+    cfg = config or NgramBuildConfig()
+    t0 = time.perf_counter()
+    ds = Datastore.open(datastore_path)
+    out = Path(out)
+    identity = {"datastore_id": ds.datastore_id, "shard_tokens": cfg.shard_tokens, "format_version": FORMAT_VERSION}
+    manifest_path = out / MANIFEST_NAME
+    work = out / "_work"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if manifest_path.exists():
+        m = read_json(manifest_path)
+        if m.get("datastore_id") != ds.datastore_id:
+            raise NgramIndexError(f"{out} holds an n-gram index of datastore {m.get('datastore_id', '?')[:16]}, not of "
+                                  f"{ds.datastore_id[:16]} at {datastore_path}; pass --overwrite or another --out")
+        return NgramBuildResult(out, m, True, time.perf_counter() - t0, _peak_rss())
+    if out.exists() and any(out.iterdir()):
+        if not (work / "build.json").exists():
+            raise NgramIndexError(f"{out} exists and is not an n-gram index; pass --overwrite or another --out")
+        if read_json(work / "build.json") != identity:
+            raise NgramIndexError(f"{out} holds an unfinished n-gram build of another datastore or other settings; "
+                                  f"pass --overwrite or another --out")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "build.json", identity)
+
+    tok = ds.manifest["tokenizer"]
+    vocab = int(tok["vocab_size"])
+    width = token_width_for(vocab)
+    cpus = cfg.cpus or os.cpu_count() or 1
+    first_chunk, doc_tokens = _doc_token_counts(ds)
+    plan = _plan_shards(doc_tokens, cfg.shard_tokens)
+    total = int(doc_tokens.sum()) + len(doc_tokens)
+    logger.info("n-gram index of %s: %d documents, %d tokens, %d shard(s), %d bytes per token",
+                datastore_path, len(doc_tokens), total, len(plan), width)
+    shards = []
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="n-gram index", disable=not progress)
+    for s, (d0, d1) in enumerate(plan):
+        sd = _shard_dir(out, s)
+        n = int(doc_tokens[d0:d1].sum()) + (d1 - d0)
+        if not (work / f"{sd.name}.tokenized.done").exists():
+            bar.set_postfix_str(f"{sd.name} tokens")
+            _write_token_stream(ds, first_chunk, doc_tokens, d0, d1, width, work, sd)
+            write_json(work / f"{sd.name}.tokenized.done", {"docs": d1 - d0, "tokens": n})
+        if not (work / f"{sd.name}.table.done").exists():
+            bar.set_postfix_str(f"{sd.name} suffix array")
+            _build_suffix_array(sd, work, width, cpus, cfg.mem_bytes)
+            write_json(work / f"{sd.name}.table.done", {"docs": d1 - d0, "tokens": n})
+        ds_bytes = n * width
+        shards.append({
+            "shard": s, "dir": sd.name, "first_doc_id": d0, "documents": d1 - d0, "tokens": n,
+            "tokenized_bytes": ds_bytes, "offset_bytes": (d1 - d0) * 8,
+            "table_bytes": n * _ptr_size(ds_bytes), "ptr_size": _ptr_size(ds_bytes),
+        })
+        bar.update(n)
+    bar.close()
+    import importlib.metadata as md
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "infini-gram suffix array",
+        "engine": {"package": "infini-gram", "version": md.version("infini-gram"), "index_version": ENGINE_VERSION},
+        "datastore_id": ds.datastore_id,
+        "datastore_path": str(Path(datastore_path).resolve()),
+        "datastore_manifest_sha256": sha256_file(ds.path / "manifest.json"),
+        "tokenizer": {k: tok[k] for k in ("name", "vocab_hash", "vocab_size") if k in tok},
+        "vocab_size": vocab,
+        "eos_token_id": int(tok.get("eos_token_id") if tok.get("eos_token_id") is not None else tok["pad_token_id"]),
+        "token_width": width,
+        "token_dtype": "u16" if width == 2 else "u32",
+        "chunk_length": ds.chunk_length,
+        "counts": {"documents": len(doc_tokens), "tokens": int(doc_tokens.sum()), "shards": len(plan)},
+        "shards": shards,
+        "build": {"shard_tokens": cfg.shard_tokens, "cpus": cpus, "mem_bytes": cfg.mem_bytes},
+    }
+    write_json(manifest_path, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return NgramBuildResult(out, manifest, False, time.perf_counter() - t0, _peak_rss())
+
+
+
+__all__ = [
+    "ENGINE_VERSION", "FORMAT_VERSION", "MANIFEST_NAME", "NgramBuildConfig", "NgramIndexError", "build_ngram_index",
+    "token_dtype", "token_width_for",
+]
