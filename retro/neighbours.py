@@ -12,9 +12,11 @@ Exclusions: a chunk never retrieves from its own document (the paper's rule). Op
 -token n-gram with any held-out document is dropped too, so training never reads evaluation text
 through its neighbours; the held-out n-grams are hashed (64-bit) into a sorted array in memory.
 
-Resumable like every batch job here: the split's chunks are cut into shards of ``shard_chunks``;
-each shard is written atomically (temp file, rename) and recorded in ``neighbours.json``, so a
-killed job re-run with the same settings skips finished shards.
+Resumable like every batch job here: the output directory is a job of
+:mod:`retromem.datastore.job` (kind ``neighbours``: locked while the job runs, never deleted on
+``--overwrite`` unless it holds neighbours); the split's chunks are cut into shards of
+``shard_chunks``; each shard is written atomically (temp file, rename) and recorded in
+``neighbours.json``, so a killed job re-run with the same settings skips finished shards.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retromem.config import fail, key_name, one_of, optional_positive_int, positive_int
 from retromem.datastore.atomic import atomic_path, read_json, write_json
-from retromem.retro.splits import SplitSpec, check_split
+from retromem.datastore.job import open_job
+from retromem.retro.splits import SPLITS, SplitSpec
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +58,13 @@ class Retriever(Protocol):
     def search(self, queries: Any, k: int, *, exclude_doc_ids: Any = None, **kwargs: Any) -> Any: ...
 
 
-@dataclass
+# command-line flags of `retromem retro neighbours` that set these fields, named in error messages
+_FLAGS = {"k": "-k", "split": "--split", "eval_fraction": "--eval-fraction", "query": "--query",
+          "leakage_ngram": "--leakage-ngram", "candidates": "--candidates", "shard_chunks": "--shard-chunks",
+          "batch_size": "--batch-size", "max_chunks": "--max-chunks"}
+
+
+@dataclass(frozen=True)
 class NeighboursConfig:
     """One neighbours job. ``index``: a dense index directory (ignored when a retriever is passed)."""
 
@@ -73,22 +83,18 @@ class NeighboursConfig:
     max_chunks: int | None = None  # the first N chunks of the split (smoke runs)
 
     def __post_init__(self) -> None:
-        check_split(self.split)
+        one_of(self.split, "split", SPLITS, flag=_FLAGS["split"])
         SplitSpec(self.eval_fraction, self.split_seed)
         for name in ("k", "shard_chunks", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"`{name}` must be a positive integer, got {v!r}")
+            positive_int(getattr(self, name), name, flag=_FLAGS[name])
         for name in ("leakage_ngram", "candidates", "max_chunks"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"`{name}` must be a positive integer or None, got {v!r}")
-        if self.query not in ("auto", "embeddings", "text"):
-            raise ConfigError(f"`query` must be auto, embeddings or text, got {self.query!r}")
+            optional_positive_int(getattr(self, name), name, flag=_FLAGS[name])
+        one_of(self.query, "query", ("auto", "embeddings", "text"), flag=_FLAGS["query"])
         if self.candidates is not None and self.candidates < self.k:
-            raise ConfigError(f"`candidates` ({self.candidates}) must be >= k ({self.k})")
+            fail("candidates", f"be >= k ({self.k})", self.candidates, flag=_FLAGS["candidates"])
         if self.split == "eval" and self.eval_fraction == 0:
-            raise ConfigError("`split` eval with `eval_fraction` 0 has no documents")
+            raise ConfigError(f"{key_name('split', _FLAGS['split'])} eval with "
+                              f"{key_name('eval_fraction', _FLAGS['eval_fraction'])} 0 has no documents")
 
     @property
     def split_spec(self) -> SplitSpec:
@@ -182,11 +188,8 @@ def _query_source(cfg: NeighboursConfig, retriever: Any, ds: Any):
 
 def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None, *, overwrite: bool = False,
                        progress: bool = True) -> NeighboursResult:
-    """Runs (or resumes) the job; returns what was done. ``retriever`` defaults to ``DenseIndex.open(cfg.index)``."""
-    import shutil
-
-    from tqdm.auto import tqdm
-
+    """Runs (or resumes) the job; returns what was done. ``retriever`` defaults to ``DenseIndex.open(cfg.index)``.
+    ``overwrite`` deletes the neighbours at ``cfg.out`` first (only ever neighbours: anything else is refused)."""
     from retromem.datastore import Datastore
 
     t0 = time.perf_counter()
@@ -199,9 +202,13 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
         retriever = DenseIndex.open(cfg.index, datastore=ds)
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
-    out = Path(cfg.out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    with open_job(cfg.out, "neighbours", overwrite=overwrite, legacy=(MANIFEST,)) as job:
+        return _run(cfg, retriever, ds, job.path, progress, t0)
+
+
+def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, out: Path, progress: bool, t0: float) -> NeighboursResult:
+    from tqdm.auto import tqdm
+
     manifest_path = out / MANIFEST
     ident = cfg.identity()
     if manifest_path.is_file():
