@@ -123,13 +123,10 @@ def _build_library(out: Path, texts: list[str]) -> dict:
 def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str = "compact", sample_rate: int = 32,
                    block_size: int = 32768, overwrite: bool = False, progress: bool = True) -> FMBuildResult:
     """Build the FM-index of the datastore's documents in ``out`` (files are written atomically and the
-    manifest last, so a killed build leaves no index; re-run to build it)."""
-    import importlib.metadata as md
-    import shutil
-
-    from tqdm.auto import tqdm
-
+    manifest last, so a killed build leaves no index; re-run to build it). ``overwrite`` deletes an
+    FM-index at ``out`` first (only ever an FM-index: anything else there is refused)."""
     from retromem.datastore import Datastore
+    from retromem.datastore.job import open_job
 
     if backend not in BACKENDS:
         raise ConfigError(f"`backend` must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -139,17 +136,23 @@ def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str 
         raise ConfigError(f"`block_size` must be an integer of at least 256, got {block_size!r}")
     t0 = time.perf_counter()
     ds = Datastore.open(datastore_path)
-    out = Path(out)
+    with open_job(out, "fm-index", overwrite=overwrite, legacy=(MANIFEST_NAME,)) as job:
+        return _build(job.path, ds, datastore_path, backend, sample_rate, block_size, progress, t0)
+
+
+def _build(out: Path, ds, datastore_path: str | Path, backend: str, sample_rate: int, block_size: int,
+           progress: bool, t0: float) -> FMBuildResult:
+    import importlib.metadata as md
+
+    from tqdm.auto import tqdm
+
     mpath = out / MANIFEST_NAME
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     if mpath.exists():
         m = read_json(mpath)
         if m.get("datastore_id") != ds.datastore_id:
             raise FMIndexError(f"{out} holds an FM-index of datastore {m.get('datastore_id', '?')[:16]}, not of "
                                f"{ds.datastore_id[:16]}; pass --overwrite or another --out")
         return FMBuildResult(out, m, True, time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
     text_bytes = int(ds.manifest["counts"]["text_bytes"])
     logger.info("building the %s FM-index of %d documents (%d bytes)", backend, ds.num_documents, text_bytes)
     if backend == "compact":
