@@ -185,3 +185,28 @@ def test_killed_build_resumes_to_the_same_datastore(tmp_path):
     assert done.returncode == 0, done.stderr
     same_datastore(Datastore.open(out).manifest, Datastore.open(tmp_path / "ref").manifest)
     assert Datastore.open(out).verify() == []
+
+
+def test_config_mistakes_are_config_errors_naming_key_and_flag(tmp_path):
+    """An unknown key under `dedup:` used to end in a bare TypeError traceback (exit 1)."""
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+    from retromem.errors import ConfigError
+
+    base = {"inputs": ["in.jsonl"], "out": str(tmp_path / "out")}
+    with pytest.raises(ConfigError, match=r"unknown keys \['dedup.foo'\]; allowed under `dedup`"):
+        BuildConfig.from_dict({**base, "dedup": {"foo": 1}})
+    with pytest.raises(ConfigError, match=r"unknown keys \['chunk_len'\]"):
+        BuildConfig.from_dict({**base, "chunk_len": 32})
+    with pytest.raises(ConfigError, match=r"`chunk_length` \(--chunk-length\) must be an integer in 1..4096, got 0"):
+        BuildConfig.from_dict({**base, "chunk_length": 0})
+    with pytest.raises(ConfigError, match=r"`normalize.nfc` must be true or false"):
+        BuildConfig(inputs=("in.jsonl",), out="out", normalize={"nfc": "yes"})
+    doc = write_jsonl(tmp_path / "in.jsonl", [{"text": "one short document"}])
+    (tmp_path / "build.yaml").write_text("dedup:\n  foo: 1\n")
+    r = CliRunner().invoke(main, ["datastore", "build", str(doc), "--out", str(tmp_path / "out"),
+                                  "--config", str(tmp_path / "build.yaml")])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit)  # an error line, not a traceback
+    assert r.output.startswith("error: ") and "unknown keys ['dedup.foo']" in r.output
+    assert not (tmp_path / "out").exists()
