@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retromem.config import boolean, integer, non_negative_int, number, positive_int
 from retromem.errors import ConfigError
 
 _M64 = (1 << 64) - 1
@@ -30,8 +31,16 @@ _B_BYTE = 0x100000001B3  # odd multipliers for the rolling hashes
 _B_WORD = 0x9E3779B97F4A7C15
 
 
+# command-line flags of `retromem datastore build` that set these fields, named in error messages
+_FLAGS = {"threshold": "--dedup-threshold", "ngram": "--dedup-ngram", "num_perm": "--num-perm",
+          "near_fp_rate": "--bloom-fp-rate"}
+
+
 @dataclass(frozen=True)
 class DedupConfig:
+    """The ``dedup:`` section of a build config. ``bands`` and ``rows`` left at 0 are chosen from
+    ``threshold`` and ``num_perm`` once, here, so that the manifest records the banding used."""
+
     exact: bool = True
     near: bool = True
     ngram: int = 13  # words per shingle (MassiveDS)
@@ -44,16 +53,16 @@ class DedupConfig:
     seed: int = 1
 
     def __post_init__(self) -> None:
-        if self.ngram < 1:
-            raise ConfigError(f"`dedup.ngram` must be >= 1, got {self.ngram}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"`dedup.threshold` must be in (0, 1), got {self.threshold}")
-        if self.num_perm < 2:
-            raise ConfigError(f"`dedup.num_perm` must be >= 2, got {self.num_perm}")
+        boolean(self.exact, "dedup.exact", flag="--exact-dedup")
+        boolean(self.near, "dedup.near", flag="--near-dedup")
+        positive_int(self.ngram, "dedup.ngram", flag=_FLAGS["ngram"])
+        number(self.threshold, "dedup.threshold", gt=0, lt=1, flag=_FLAGS["threshold"])
+        integer(self.num_perm, "dedup.num_perm", ge=2, flag=_FLAGS["num_perm"])
         for name in ("near_fp_rate", "exact_fp_rate"):
-            v = getattr(self, name)
-            if not 0.0 < v < 0.5:
-                raise ConfigError(f"`dedup.{name}` must be in (0, 0.5), got {v}")
+            number(getattr(self, name), f"dedup.{name}", gt=0, lt=0.5, flag=_FLAGS.get(name))
+        non_negative_int(self.bands, "dedup.bands")
+        non_negative_int(self.rows, "dedup.rows")
+        integer(self.seed, "dedup.seed")
         if (self.bands == 0) != (self.rows == 0):
             raise ConfigError("`dedup.bands` and `dedup.rows` are set together, or both left at 0")
         if self.bands and self.bands * self.rows > self.num_perm:
@@ -61,7 +70,7 @@ class DedupConfig:
                 f"`dedup.bands` x `dedup.rows` = {self.bands * self.rows} exceeds "
                 f"`dedup.num_perm` = {self.num_perm}"
             )
-        if not self.bands:
+        if not self.bands:  # 0 means "choose": normalised once so that every reader sees the same banding
             b, r = optimal_bands(self.threshold, self.num_perm)
             object.__setattr__(self, "bands", b)
             object.__setattr__(self, "rows", r)

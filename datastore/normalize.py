@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from retromem.config import boolean
 
 # C0 and C1 controls except tab and newline (\x85, NEXT LINE, is turned into \n first).
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
@@ -17,9 +19,15 @@ _NEWLINES = re.compile("\r\n|[\r\x85\u2028\u2029]")
 
 @dataclass(frozen=True)
 class NormalizeConfig:
+    """The ``normalize:`` section of a build config: which normalisations apply."""
+
     nfc: bool = True
     newlines: bool = True  # \r\n, \r, U+0085, U+2028, U+2029 -> \n
     control: bool = True  # drop C0/C1 control characters other than \t and \n
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            boolean(getattr(self, f.name), f"normalize.{f.name}")
 
 
 def normalize(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> str:

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from retromem.datastore.atomic import atomic_path, read_json, write_json
-from retromem.errors import ConfigError, IndexFormatError, QueryError
+from retromem.errors import ConfigError, FMIndexError, FMQueryError
 from retromem.index.types import FMBuildResult, FMContext, FMFindResult, FMHit
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ DATA_NAME = "fm_index.bin"
 STARTS_NAME = "doc_starts.npy"
 SEP = "\x00"
 BACKENDS = ("compact", "fm-index")
-
-
-class FMIndexError(IndexFormatError):
-    """An FM-index directory is missing, truncated, or built from another datastore."""
-
-
-class FMQueryError(QueryError):
-    """An FM-index query is empty, too long or not text."""
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from retromem.config import fail, is_int, is_number, positive_int
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,13 +31,13 @@ class InterpolationConfig:
     lambdas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
     def __post_init__(self) -> None:
-        if self.max_docs < 1:
-            raise ConfigError(f"`max_docs` must be at least 1, got {self.max_docs}")
-        if self.max_tokens < 2:
-            raise ConfigError(f"`max_tokens` must be at least 2 (the first token has no context), got {self.max_tokens}")
-        if not self.lambdas or any(not 0.0 <= x < 1.0 for x in self.lambdas):
-            raise ConfigError(f"`lambdas` must be weights in [0, 1), got {self.lambdas}: λ = 1 gives the ∞-gram LM alone, "
-                              f"whose zero probabilities make perplexity infinite")
+        object.__setattr__(self, "lambdas", tuple(self.lambdas))
+        positive_int(self.max_docs, "max_docs", flag="--max-docs")
+        if not is_int(self.max_tokens) or self.max_tokens < 2:
+            fail("max_tokens", "be an integer >= 2 (the first token has no context)", self.max_tokens, flag="--max-tokens")
+        if not self.lambdas or not all(is_number(x) and 0.0 <= x < 1.0 for x in self.lambdas):
+            fail("lambdas", "be weights in [0, 1) (λ = 1 gives the ∞-gram LM alone, whose zero probabilities "
+                 "make perplexity infinite)", self.lambdas, flag="--lambdas")
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,12 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from retromem.errors import RetromemError
+from retromem.errors import RetromemError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 MEMORY_CONFIG_FILE = "memory_config.json"  # the wrapper's kind and config; marks a saved memory model
-
-
-class UnsupportedModelError(RetromemError, TypeError):
-    """The Hugging Face model's architecture is not one a memory wrapper supports."""
 
 
 def check_architecture(model: Any, allowed: set[str], what: str) -> str:

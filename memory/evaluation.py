@@ -20,18 +20,20 @@ import logging
 import math
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from retromem.config import fail, integer, is_int, is_number, non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
 
 MODES = ("memory", "knocked_out", "full")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryEvalConfig:
     """lengths: passkey input lengths; depths: needle depths in [0, 1]; samples: examples per cell.
     ppl_length / ppl_docs: long-document perplexity on ``ppl_docs`` documents of ``ppl_length`` tokens.
@@ -48,16 +50,18 @@ class MemoryEvalConfig:
     corpus: str | None = None
 
     def __post_init__(self) -> None:
-        self.lengths, self.depths = tuple(int(x) for x in self.lengths), tuple(float(x) for x in self.depths)
-        if not self.lengths or min(self.lengths) < 64:
-            raise ValueError(f"`lengths` must be passkey lengths >= 64 tokens, got {self.lengths}")
-        if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"`depths` must lie in [0, 1], got {self.depths}")
-        for name in ("samples", "ppl_docs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-        if self.ppl_length < 64:
-            raise ValueError(f"`ppl_length` must be >= 64, got {self.ppl_length}")
+        if not self.lengths or not all(is_int(n) and n >= 64 for n in self.lengths):
+            fail("lengths", "be passkey lengths >= 64 tokens", self.lengths, flag="--lengths")
+        if not self.depths or not all(is_number(d) and 0.0 <= d <= 1.0 for d in self.depths):
+            fail("depths", "lie in [0, 1]", self.depths, flag="--depths")
+        # normalise the input types (lists, numpy numbers from the command line or YAML)
+        object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
+        non_negative_int(self.samples, "samples", flag="--samples")
+        non_negative_int(self.ppl_docs, "ppl_docs", flag="--ppl-docs")
+        integer(self.ppl_length, "ppl_length", ge=64, flag="--ppl-length")
+        positive_int(self.full_max, "full_max", flag="--full-max")
+        integer(self.seed, "seed")
 
 
 def segment_length_of(model: Any) -> int:
@@ -73,11 +77,11 @@ def logits_for(model: Any, ids: torch.Tensor, mode: str, start: int) -> torch.Te
     L = ids.shape[1]
     seg = segment_length_of(model)
     if isinstance(model, InfiniAttentionLM):
-        old_mode, old_seg = model.gate_mode, model.memory_config.segment_length
+        old_mode, old_cfg = model.gate_mode, model.memory_config
         try:
             if mode == "full":
                 model.set_gate_mode("local")
-                model.memory_config.segment_length = L  # one segment, local attention only = the base model
+                model.memory_config = replace(old_cfg, segment_length=L)  # one segment, local attention only = the base model
             elif mode == "knocked_out":
                 model.set_gate_mode("local")
             if mode == "memory" or mode == "knocked_out":
@@ -89,7 +93,7 @@ def logits_for(model: Any, ids: torch.Tensor, mode: str, start: int) -> torch.Te
             return model(ids, keep_logits="all").logits[:, start:]
         finally:
             model.set_gate_mode(old_mode)
-            model.memory_config.segment_length = old_seg
+            model.memory_config = old_cfg
     # AutoCompressor
     if mode == "full":
         return model(ids, segment_lengths=[L]).logits[:, start:]

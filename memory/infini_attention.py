@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retromem.config import fail, number, one_of, positive_int
+from retromem.config import fail, is_int, is_number, number, one_of, positive_int
 from retromem.memory.common import MemoryWrapper, SegmentLoss, check_architecture, check_input_ids
 
 logger = logging.getLogger(__name__)
@@ -69,17 +69,12 @@ class InfiniAttentionConfig:
     def __post_init__(self) -> None:
         positive_int(self.segment_length, "infini.segment_length", flag="--segment-length")
         one_of(self.update, "infini.update", ("linear", "delta"))
-        if self.bptt_segments is not None and (isinstance(self.bptt_segments, bool)
-                                               or not isinstance(self.bptt_segments, int) or self.bptt_segments < 1):
+        if self.bptt_segments is not None and (not is_int(self.bptt_segments) or self.bptt_segments < 1):
             fail("infini.bptt_segments", "be a positive integer or null (full BPTT)", self.bptt_segments)
-        if not _is_number(self.gate_init) or abs(self.gate_init) > MAX_ABS_GATE_INIT:
+        if not is_number(self.gate_init) or abs(self.gate_init) > MAX_ABS_GATE_INIT:
             fail("infini.gate_init", f"be a number in [-{MAX_ABS_GATE_INIT}, {MAX_ABS_GATE_INIT}] so that the gate has "
                  f"gradient (sigmoid saturates beyond)", self.gate_init)
         number(self.eps, "infini.eps", gt=0)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass

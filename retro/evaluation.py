@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retromem.config import fail, is_int, is_number, optional_positive_int, positive_int
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ SETTINGS = ("base", "retro", "retro_off")
 DEFAULT_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetroEvalConfig:
     """seq_chunks: chunks per evaluated sequence; max_sequences: spread evenly over the held-out split
     (None: all); overlap_ngram: n-gram length of the leakage analysis; edges: overlap bucket edges (a
@@ -55,17 +56,15 @@ class RetroEvalConfig:
     edges: tuple[float, ...] = DEFAULT_EDGES
 
     def __post_init__(self) -> None:
-        for name in ("seq_chunks", "batch_size", "overlap_ngram"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"`{name}` must be a positive integer, got {v!r}")
-        if self.seq_chunks < 2:
-            raise ConfigError(f"`seq_chunks` must be >= 2 (chunk 0 never sees neighbours), got {self.seq_chunks}")
-        if self.max_sequences is not None and self.max_sequences < 1:
-            raise ConfigError(f"`max_sequences` must be positive or None, got {self.max_sequences!r}")
-        self.edges = tuple(float(e) for e in self.edges)
-        if list(self.edges) != sorted(self.edges) or self.edges[0] != 0.0 or self.edges[-1] != 1.0:
-            raise ConfigError(f"`edges` must rise from 0 to 1, got {self.edges}")
+        if not is_int(self.seq_chunks) or self.seq_chunks < 2:
+            fail("seq_chunks", "be an integer >= 2 (chunk 0 never sees neighbours)", self.seq_chunks, flag="--seq-chunks")
+        optional_positive_int(self.max_sequences, "max_sequences", flag="--max-sequences")
+        positive_int(self.batch_size, "batch_size", flag="--batch-size")
+        positive_int(self.overlap_ngram, "overlap_ngram", flag="--overlap-ngram")
+        e = tuple(self.edges)
+        if not e or not all(is_number(x) for x in e) or list(e) != sorted(e) or e[0] != 0.0 or e[-1] != 1.0:
+            fail("edges", "rise from 0 to 1", e)
+        object.__setattr__(self, "edges", tuple(float(x) for x in e))  # normalise the input type (a YAML list)
 
 
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **kw: Any) -> torch.Tensor:

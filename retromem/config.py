@@ -6,9 +6,9 @@ the one helper they share:
 * :func:`from_dict` builds a config from a mapping (a parsed YAML file, a ``--config`` section),
   recursively for fields whose type is another config dataclass (or ``X | None``), turning lists
   into tuples for tuple fields and refusing unknown keys at every level by their dotted name;
-* :func:`load_yaml` reads a YAML file, lets command-line options that are not None win over it,
+* :func:`load_yaml` reads a YAML file (:func:`read_yaml` alone gives its mapping), lets command-line options that are not None win over it,
   and calls :func:`from_dict`;
-* the checks (:func:`positive_int`, :func:`non_negative_int`, :func:`number`, :func:`one_of`,
+* the checks (:func:`boolean`, :func:`positive_int`, :func:`non_negative_int`, :func:`number`, :func:`one_of`,
   ...) raise :class:`~retromem.errors.ConfigError` in one style, naming the key and, when there
   is one, its command-line flag: `` `dedup.threshold` (--dedup-threshold) must be in (0, 1), got 1.5 ``.
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -51,9 +52,9 @@ from retromem.errors import ConfigError
 T = TypeVar("T")
 
 __all__ = [
-    "ConfigError", "from_dict", "load_yaml", "fail", "key_name", "positive_int", "non_negative_int",
+    "ConfigError", "from_dict", "load_yaml", "read_yaml", "fail", "key_name", "boolean", "positive_int", "non_negative_int",
     "optional_positive_int", "optional_non_negative_int", "integer", "number", "optional_number",
-    "one_of",
+    "one_of", "is_int", "is_number",
 ]
 
 
@@ -132,12 +133,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "", prefix:
         raise ConfigError(_located(where, f"{section or cls.__name__}: {exc}")) from exc
 
 
-def load_yaml(path: str | Path, cls: type[T], *, required: Collection[str] = (), **overrides: Any) -> T:
-    """The dataclass ``cls`` built from the YAML file ``path`` (the ``--config`` of a command).
-
-    ``overrides`` (command-line options) replace the file's top-level keys when they are not
-    None; each name in ``required`` must then have a value, from the file or an override.
-    """
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping held by the YAML file ``path`` (a ``--config``); ConfigError if it cannot be one."""
     import yaml
 
     p = Path(path)
@@ -151,6 +148,16 @@ def load_yaml(path: str | Path, cls: type[T], *, required: Collection[str] = (),
         raise ConfigError(f"cannot read `--config` {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | Path, cls: type[T], *, required: Collection[str] = (), **overrides: Any) -> T:
+    """The dataclass ``cls`` built from the YAML file ``path`` (the ``--config`` of a command).
+
+    ``overrides`` (command-line options) replace the file's top-level keys when they are not
+    None; each name in ``required`` must then have a value, from the file or an override.
+    """
+    data = read_yaml(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     for name in required:
         if data.get(name) in (None, "", []):
@@ -172,14 +179,26 @@ def fail(key: str, must: str, value: Any = ..., *, flag: str | None = None) -> N
     raise ConfigError(f"{key_name(key, flag)} must {must}{got}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def boolean(value: Any, key: str, *, flag: str | None = None) -> bool:
+    if not isinstance(value, bool):
+        fail(key, "be true or false", value, flag=flag)
+    return value
+
+
+def is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(value: Any, key: str, *, ge: int | None = None, le: int | None = None,
             flag: str | None = None) -> int:
     """``value`` if it is an int (not a bool) in [ge, le]; either bound may be left open."""
-    if not _is_int(value) or (ge is not None and value < ge) or (le is not None and value > le):
+    if not is_int(value) or (ge is not None and value < ge) or (le is not None and value > le):
         if ge is not None and le is not None:
             must = f"be an integer in {ge}..{le}"
         elif ge is not None:
@@ -193,25 +212,25 @@ def integer(value: Any, key: str, *, ge: int | None = None, le: int | None = Non
 
 
 def positive_int(value: Any, key: str, *, flag: str | None = None) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         fail(key, "be a positive integer", value, flag=flag)
     return value
 
 
 def non_negative_int(value: Any, key: str, *, flag: str | None = None) -> int:
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         fail(key, "be a non-negative integer", value, flag=flag)
     return value
 
 
 def optional_positive_int(value: Any, key: str, *, flag: str | None = None) -> int | None:
-    if value is not None and (not _is_int(value) or value < 1):
+    if value is not None and (not is_int(value) or value < 1):
         fail(key, "be a positive integer or null", value, flag=flag)
     return value
 
 
 def optional_non_negative_int(value: Any, key: str, *, flag: str | None = None) -> int | None:
-    if value is not None and (not _is_int(value) or value < 0):
+    if value is not None and (not is_int(value) or value < 0):
         fail(key, "be a non-negative integer or null", value, flag=flag)
     return value
 
@@ -229,7 +248,7 @@ def _bounds(gt: float | None, ge: float | None, lt: float | None, le: float | No
 
 
 def _in_bounds(value: Any, gt: float | None, ge: float | None, lt: float | None, le: float | None) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return (is_number(value)
             and (gt is None or value > gt) and (ge is None or value >= ge)
             and (lt is None or value < lt) and (le is None or value <= le))
 

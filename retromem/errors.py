@@ -3,9 +3,14 @@
 A caller's mistake raises a subclass of :class:`RetromemError` whose message names what was
 wrong (the file and line, the field, the bad value) and how to fix it. The command line turns
 these into a one-line message and exit status 2 instead of a traceback.
+
+Every error class of the library is defined here, so that the floors above import them from one
+place; the modules that raise them also re-export them under their old import paths.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RetromemError(Exception):
@@ -54,3 +59,61 @@ class IndexFormatError(RetromemError):
 
 class JobLockedError(RetromemError):
     """Another job holds the lock of the output directory this job would write."""
+
+
+class FMQueryError(QueryError):
+    """An FM-index query is empty, too long or not text."""
+
+
+class FMIndexError(IndexFormatError):
+    """An FM-index directory is missing, truncated, or built from another datastore."""
+
+
+class NgramQueryError(QueryError):
+    """A query is empty, too long, has token ids outside the vocabulary, or a CNF is too large."""
+
+
+class NgramIndexError(IndexFormatError):
+    """An n-gram index directory is missing, truncated, unfinished, or built from another datastore."""
+
+
+class UnsupportedModelError(RetromemError, TypeError):
+    """The Hugging Face model's architecture is not one a memory wrapper supports."""
+
+
+# --- the retrieval service -------------------------------------------------------------------
+# ``code`` is a ``grpc.StatusCode``; it is not imported here so that the ground floor needs no grpc.
+
+
+class ServiceCallError(RetromemError):
+    """A call the service refused or could not answer (raised by the client)."""
+
+    def __init__(self, code: Any, details: str, method: str = "") -> None:
+        self.code = code
+        self.details = details
+        self.method = method
+        super().__init__(f"{method + ': ' if method else ''}{code.name}: {details}")
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.details, self.method))
+
+
+class RemoteQueryError(ServiceCallError, QueryError):
+    """The service refused the query itself (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND)."""
+
+
+class ServiceError(Exception):
+    """A request the server refuses: a gRPC status code and a message naming the field.
+
+    Raised inside the server and turned into the call's status there; never seen by a caller,
+    so not a :class:`RetromemError`.
+    """
+
+    def __init__(self, code: Any, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DeadlinePassed(Exception):
+    """The request's deadline passed before its dense batch ran (inside the server)."""

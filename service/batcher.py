@@ -25,14 +25,11 @@ from typing import Callable
 
 import numpy as np
 
+from retromem.errors import DeadlinePassed
 from retromem.index.dense import DenseIndex
 from retromem.index.types import SearchResult
 
 logger = logging.getLogger(__name__)
-
-
-class DeadlinePassed(Exception):
-    """The request's deadline passed before its batch ran."""
 
 
 @dataclass(eq=False)

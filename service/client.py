@@ -24,27 +24,13 @@ import grpc
 import numpy as np
 
 from retromem.index.types import ChunkPayload, SearchResult
-from retromem.errors import QueryError, RetromemError
+from retromem.errors import QueryError, RemoteQueryError, ServiceCallError
 from retromem.service.common import SERVICE_NAME
 from retromem.service.messages import fetch_msg, payload_from_msg
 from retromem.service.v1 import retrieval_pb2 as pb
 from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
 QUERY_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND)
-
-
-class ServiceCallError(RetromemError):
-    """A call the service refused or could not answer."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
-        self.code = code
-        self.details = details
-        self.method = method
-        super().__init__(f"{method + ': ' if method else ''}{code.name}: {details}")
-
-
-class RemoteQueryError(ServiceCallError, QueryError):
-    """The service refused the query itself (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND)."""
 
 
 def _raise(exc: grpc.RpcError, method: str):

@@ -11,22 +11,13 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from retromem.errors import QueryError
+from retromem.errors import QueryError, ServiceError
 from retromem.service.interceptors import Metrics
 from retromem.service.v1 import retrieval_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "retromem.v1.Retrieval"
-
-
-class ServiceError(Exception):
-    """A request the server refuses: a gRPC status code and a message naming the field."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def invalid(message: str) -> ServiceError:

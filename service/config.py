@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from retromem.config import fail, integer, key_name, non_negative_int, number, optional_positive_int, positive_int
 from retromem.errors import ConfigError
 
 MiB = 2**20
+
+# the command-line flags of `retromem serve` that set ServiceLimits fields (the others have none)
+_FLAGS = {"max_batch": "--max-batch", "max_k": "--max-k", "max_chunks": "--max-chunks",
+          "max_query_tokens": "--max-query-tokens", "max_message_bytes": "--max-message-bytes"}
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,14 @@ class ServiceLimits:
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_k", "max_query_bytes", "max_query_tokens", "max_chunks", "max_find_limit",
                      "max_clauses", "max_terms_per_clause"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"`--{name.replace('_', '-')}` must be a positive integer, got {v!r}")
-        if not isinstance(self.max_message_bytes, int) or not 64 * 1024 <= self.max_message_bytes <= 2**31 - 1:
-            raise ConfigError(f"`--max-message-bytes` must be between 64KiB and 2GiB, got {self.max_message_bytes!r}")
+            positive_int(getattr(self, name), f"limits.{name}", flag=_FLAGS.get(name))
+        if not _is_size(self.max_message_bytes):
+            fail("limits.max_message_bytes", "be between 64KiB and 2GiB", self.max_message_bytes,
+                 flag=_FLAGS["max_message_bytes"])
+
+
+def _is_size(v: object) -> bool:  # gRPC's message limits are signed 32-bit
+    return isinstance(v, int) and not isinstance(v, bool) and 64 * 1024 <= v <= 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -76,31 +84,25 @@ class ServerConfig:
         for s in self.shards:
             host, _, port = s.rpartition(":")
             if not host or not port.isdigit():
-                raise ConfigError(f"`--shard` must be host:port, got {s!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ConfigError(f"`--port` must be in 0..65535, got {self.port!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"`--workers` must be a positive integer, got {self.workers!r}")
-        if not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ConfigError(f"`--max-queue` must be a non-negative integer, got {self.max_queue!r}")
-        if not 0 <= self.batch_wait_ms <= 1000:
-            raise ConfigError(f"`--batch-wait-ms` must be between 0 and 1000, got {self.batch_wait_ms!r}")
-        if not isinstance(self.max_dense_batch, int) or self.max_dense_batch < 1:
-            raise ConfigError(f"`--max-dense-batch` must be a positive integer, got {self.max_dense_batch!r}")
+                fail("shards", "be host:port", s, flag="--shard")
+        integer(self.port, "port", ge=0, le=65535, flag="--port")
+        positive_int(self.workers, "workers", flag="--workers")
+        non_negative_int(self.max_queue, "max_queue", flag="--max-queue")
+        number(self.batch_wait_ms, "batch_wait_ms", ge=0, le=1000, flag="--batch-wait-ms")
+        positive_int(self.max_dense_batch, "max_dense_batch", flag="--max-dense-batch")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("`--tls-cert` and `--tls-key` go together: give both or neither")
+            raise ConfigError(f"{key_name('tls_cert', '--tls-cert')} and {key_name('tls_key', '--tls-key')} go together: "
+                              "give both or neither")
         if self.token is not None and not self.token.strip():
-            raise ConfigError("`--token` is empty: give a secret, or no token for an open server")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"`--metrics-port` must be in 0..65535, got {self.metrics_port!r}")
-        if self.grace_s < 0:
-            raise ConfigError(f"`--grace` must be non-negative, got {self.grace_s!r}")
-        if self.shard_timeout_s <= 0:
-            raise ConfigError(f"`--shard-timeout` must be positive, got {self.shard_timeout_s!r}")
-        if self.faiss_threads is not None and self.faiss_threads < 1:
-            raise ConfigError(f"`--faiss-threads` must be a positive integer, got {self.faiss_threads!r}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ConfigError(f"`--torch-threads` must be a positive integer, got {self.torch_threads!r}")
+            raise ConfigError(f"{key_name('token', '--token-file')} is empty: give a secret, or no token for an open server")
+        if self.metrics_port is not None:
+            integer(self.metrics_port, "metrics_port", ge=0, le=65535, flag="--metrics-port")
+        number(self.grace_s, "grace_s", ge=0, flag="--grace")
+        number(self.shard_timeout_s, "shard_timeout_s", gt=0, flag="--shard-timeout")
+        optional_positive_int(self.faiss_threads, "faiss_threads", flag="--faiss-threads")
+        optional_positive_int(self.torch_threads, "torch_threads", flag="--torch-threads")
+        if not isinstance(self.limits, ServiceLimits):
+            fail("limits", "be a ServiceLimits", self.limits)
 
     @property
     def max_concurrent_rpcs(self) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -27,15 +29,66 @@ def parse_size(value: str | int, flag: str) -> int:
 
 
 def handle_errors(fn):
+    """Every user error as one ``error: ...`` line on stderr and exit status 2, never a traceback.
+
+    User errors are what retromem raises on purpose (:class:`RetromemError`: a bad config or
+    option, a missing or corrupt datastore or index, a refused query) and what the operating
+    system says about the paths a user gave (no such file, permission denied, disk full).
+    Anything else is a bug, and keeps its traceback.
+    """
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except RetromemError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            fail(str(exc))
+        except OSError as exc:
+            fail(os_error_message(exc))
 
     return wrapper
+
+
+def fail(message: str) -> NoReturn:
+    """End the command: ``error: message`` on stderr, exit status 2 (click's own for usage errors)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def os_error_message(exc: OSError) -> str:
+    """``path: what went wrong`` for an error the operating system raised about a path."""
+    what = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        what += " (the disk is full: free space or choose another --out)"
+    if exc.filename is None:
+        return what
+    paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+    return f"{paths}: {what}"
+
+
+def parse_list(value: str, flag: str, kind: type = int) -> tuple:
+    """``"1,2 3"`` as a tuple of ``kind`` (int or float); a ConfigError naming ``flag`` otherwise."""
+    try:
+        return tuple(kind(x) for x in value.replace(",", " ").split())
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise ConfigError(f"`{flag}` must be {noun} separated by commas or spaces, got {value!r}") from None
+
+
+def parse_number(value: str, flag: str, kind: type = int, example: str = "") -> int | float:
+    """One number given as text (``1e12`` is an int here when ``kind`` is int)."""
+    try:
+        if kind is not int:
+            return kind(value)
+        try:
+            return int(value)
+        except ValueError:
+            number = float(value)  # 1e12
+            if not number.is_integer():
+                raise
+            return int(number)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"`{flag}` must be a number{' such as ' + example if example else ''}, got {value!r}") from None
 
 
 def fmt_bytes(n: float) -> str:

@@ -11,24 +11,13 @@ from typing import Any
 import click
 
 from retromem.cli._common import fmt_bytes, handle_errors, parse_size
+from retromem.config import from_dict, read_yaml
 from retromem.errors import ConfigError
 
 
 @click.group("datastore")
 def group() -> None:
     """Build and inspect datastores (normalize, dedup, tokenize, chunk)."""
-
-
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read --config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of build settings")
-    return data
 
 
 @group.command("build")
@@ -69,8 +58,11 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
     """
     from retromem.datastore import BuildConfig, build
 
-    settings: dict[str, Any] = _load_yaml(config_path) if config_path else {}
-    dedup = dict(settings.pop("dedup", {}) or {})
+    settings: dict[str, Any] = read_yaml(config_path) if config_path else {}
+    dedup = settings.pop("dedup", None) or {}
+    if not isinstance(dedup, dict):
+        raise ConfigError(f"{config_path}: `dedup` must be a mapping of settings, got {type(dedup).__name__}")
+    dedup = dict(dedup)
 
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
@@ -102,7 +94,7 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
         raise ConfigError("no output given: pass --out DIR (or `out:` in --config)")
     if isinstance(settings.get("shard_bytes"), str):
         settings["shard_bytes"] = parse_size(settings["shard_bytes"], "shard_bytes")
-    cfg = BuildConfig.from_dict(settings)
+    cfg = from_dict(BuildConfig, settings, where=config_path or "")  # unknown keys refused by name, `dedup.foo` too
     result = build(cfg, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(_summary(result.manifest), indent=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import fmt_bytes, handle_errors, parse_size
+from retromem.cli._common import fmt_bytes, handle_errors, parse_list, parse_number, parse_size
 from retromem.errors import ConfigError
 
 VERBS = ["count", "find", "prob", "ntd", "infgram-prob", "infgram-ntd", "search"]
@@ -20,10 +20,7 @@ def _query(text: str, ids: bool):
     """A query as given on the command line: text, or comma/space separated token ids with --ids."""
     if not ids:
         return text
-    try:
-        return [int(x) for x in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise ConfigError(f"--ids expects token ids separated by commas or spaces, got {text!r}") from exc
+    return list(parse_list(text, "QUERY (with --ids)"))
 
 
 def _cnf(text: str, ids: bool) -> list[list]:
@@ -96,7 +93,7 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
     if verb in ("prob", "infgram-prob"):
         if next_token is None:
             raise ConfigError(f"--verb {verb} needs --next TOKEN")
-        nxt = int(next_token) if ids else next_token
+        nxt = parse_number(next_token, "--next (with --ids)") if ids else next_token
         res = idx.prob(q, nxt) if verb == "prob" else idx.infgram_prob(q, nxt)
     elif verb == "count":
         res = idx.count(q)
@@ -218,10 +215,7 @@ def ngram_eval_interpolation(index_path: str, heldout: str, text_field: str, mod
     from retromem.index.ngram import NgramIndex
     from retromem.index.ngram_lm import InterpolationConfig, evaluate_interpolation, plot_interpolation, read_heldout
 
-    try:
-        lams = tuple(float(x) for x in lambdas.split(","))
-    except ValueError as exc:
-        raise ConfigError(f"--lambdas must be comma-separated numbers, got {lambdas!r}") from exc
+    lams = parse_list(lambdas, "--lambdas", float)
     cfg = InterpolationConfig(model=model, max_docs=max_docs, max_tokens=max_tokens, lambdas=lams)
     idx = NgramIndex(index_path, datastore_path)
     texts = read_heldout(heldout, text_field, max_docs)

@@ -6,8 +6,7 @@ import json
 
 import click
 
-from retromem.cli._common import handle_errors
-from retromem.errors import ConfigError
+from retromem.cli._common import handle_errors, parse_number
 
 
 @click.command("plan")
@@ -26,10 +25,7 @@ def plan_cmd(tokens: str, chunk_length: int, dim: int, factory: str, unit_costs:
     """Predict chunks, embedding and index bytes, search RAM and build time for a datastore of --tokens."""
     from retromem.index.plan import UnitCosts, measure_unit_costs, plot_plan, predict
 
-    try:
-        n_tokens = int(float(tokens))
-    except ValueError as exc:
-        raise ConfigError(f"`--tokens` must be a number such as 1e12, got {tokens!r}") from exc
+    n_tokens = parse_number(tokens, "--tokens", int, example="1e12")
     costs = measure_unit_costs() if measure else UnitCosts.load(unit_costs)
     p = predict(n_tokens, chunk_length=chunk_length, dim=dim, factory=factory, costs=costs)
     if as_json:

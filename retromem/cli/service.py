@@ -10,8 +10,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, parse_size, secret, snippet
-from retromem.errors import ConfigError
+from retromem.cli._common import handle_errors, parse_list, parse_number, parse_size, secret, snippet
 
 
 @click.command("serve")
@@ -109,20 +108,14 @@ def _ngram(q: str, ids: bool):
 
     if not ids:
         return pb.NgramQuery(text=q.encode("utf-8"))
-    try:
-        return pb.NgramQuery(ids=pb.TokenIds(ids=[int(x) for x in q.replace(",", " ").split()]))
-    except ValueError as exc:
-        raise ConfigError(f"--ids expects token ids separated by commas or spaces, got {q!r}") from exc
+    return pb.NgramQuery(ids=pb.TokenIds(ids=list(parse_list(q, "QUERY (with --ids)"))))
 
 
 def _token(t: str, ids: bool):
     from retromem.service.v1 import retrieval_pb2 as pb
 
     if ids:
-        try:
-            return pb.Token(id=int(t))
-        except ValueError as exc:
-            raise ConfigError(f"--next with --ids must be a token id, got {t!r}") from exc
+        return pb.Token(id=parse_number(t, "--next (with --ids)"))
     return pb.Token(text=t.encode("utf-8"))
 
 
