@@ -8,22 +8,8 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors
+from retromem.cli._common import handle_errors, parse_list
 from retromem.errors import ConfigError
-
-
-def _ints(value: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"`{flag}` must be comma-separated integers, got {value!r}") from None
-
-
-def _floats(value: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"`{flag}` must be comma-separated numbers, got {value!r}") from None
 
 
 @click.group("memory")
@@ -76,11 +62,8 @@ def memory_eval(model_path: str, module: str, segment_length: int, lengths: str,
     from retromem.memory.loading import load_memory_model
 
     torch.set_num_threads(threads)
-    try:
-        cfg = MemoryEvalConfig(out=out, lengths=_ints(lengths, "--lengths"), depths=_floats(depths, "--depths"),
-                               samples=samples, ppl_length=ppl_length, ppl_docs=ppl_docs, full_max=full_max)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    cfg = MemoryEvalConfig(out=out, lengths=parse_list(lengths, "--lengths"), depths=parse_list(depths, "--depths", float),
+                           samples=samples, ppl_length=ppl_length, ppl_docs=ppl_docs, full_max=full_max)
     model, tok = load_memory_model(model_path, module, segment_length)
     summary = evaluate(model, tok, cfg, title=f"{Path(model_path).name} ({type(model).__name__})")
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
@@ -102,7 +85,8 @@ def memory_compress(datastore_path: str, model_path: str, docs: str, chunks: str
     model, tok = load_memory_model(model_path, "autocompressor", segment_length)
     if not isinstance(model, AutoCompressorLM):
         raise ConfigError(f"`--model` {model_path} is not an AutoCompressor")
-    texts = datastore_texts(datastore_path, chunk_ids=_ints(chunks, "--chunks") or None, doc_ids=_ints(docs, "--docs"))
+    texts = datastore_texts(datastore_path, chunk_ids=parse_list(chunks, "--chunks") or None,
+                           doc_ids=parse_list(docs, "--docs"))
     if not texts:
         raise ConfigError("give `--docs` or `--chunks` to compress")
     path = precompute_summaries(model, tok, texts, out)
