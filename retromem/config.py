@@ -142,8 +142,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"`--config` {path} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"`--config` {path} is not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # its own message spans lines and quotes the text: keep one line
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"`--config` {path} is not valid YAML: {where}{problem}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read `--config` {path}: {exc}") from exc
     if not isinstance(data, dict):

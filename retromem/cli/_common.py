@@ -51,7 +51,8 @@ def handle_errors(fn):
 
 def fail(message: str) -> NoReturn:
     """End the command: ``error: message`` on stderr, exit status 2 (click's own for usage errors)."""
-    click.echo(f"error: {message}", err=True)
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    click.echo(f"error: {one_line}", err=True)
     sys.exit(2)
 
 
