@@ -4,7 +4,8 @@
 given by a FAISS factory string (or one chosen from a memory budget) on a sample sized for it,
 and adds the vectors in batches with ``chunk_id`` as the FAISS id. The vectors are split into
 index shards of contiguous chunk ranges, each written atomically and recorded, so a killed build
-re-run continues with the next shard. IVF shards share one trained quantizer and can instead be
+re-run continues with the next shard; the output directory is a job of
+:mod:`retromem.datastore.job` (locked, done-markers, never deleting what is not a dense index). IVF shards share one trained quantizer and can instead be
 merged on disk into one index (``faiss.contrib.ondisk``), whose inverted lists are memory-mapped.
 After the build, :func:`retromem.index.dense_eval.tune` picks the search parameter for a target
 recall. ``index.json`` records the datastore and the embedder the index was built from.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from retromem.config import boolean, fail, integer, number, one_of, optional_positive_int, positive_int
 from retromem.datastore.atomic import read_json, write_json
+from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, IndexFormatError
 from retromem.index.dense_eval import tune
 from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has_search_param, read_index, to_gpu,
@@ -36,7 +38,7 @@ from retromem.index.types import DenseBuildResult
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DenseBuildConfig:
     """What to build: the index over ``embeddings`` in ``out``, its FAISS ``factory`` (or ``auto``
     within ``memory_budget``), shard size, optional on-disk merge, and the tuning after the build."""
@@ -56,16 +58,19 @@ class DenseBuildConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.add_batch <= 0:
-            raise ConfigError(f"`add_batch` must be positive, got {self.add_batch}")
-        if self.shard_vectors <= 0:
-            raise ConfigError(f"`--shard-vectors` must be positive, got {self.shard_vectors}")
-        if self.merge not in ("none", "ondisk"):
-            raise ConfigError(f"`--merge` must be none or ondisk, got {self.merge!r}")
-        if not 0 < self.target_recall <= 1:
-            raise ConfigError(f"`--target-recall` must be in (0, 1], got {self.target_recall}")
-        if self.train_size is not None and self.train_size <= 0:
-            raise ConfigError(f"`--train-size` must be positive, got {self.train_size}")
+        if not isinstance(self.factory, str) or not self.factory:
+            fail("factory", "be a FAISS factory string or auto", self.factory, flag="--factory")
+        optional_positive_int(self.memory_budget, "memory_budget", flag="--memory-budget")
+        number(self.target_recall, "target_recall", gt=0, le=1, flag="--target-recall")
+        optional_positive_int(self.train_size, "train_size", flag="--train-size")
+        positive_int(self.add_batch, "add_batch")
+        positive_int(self.shard_vectors, "shard_vectors", flag="--shard-vectors")
+        one_of(self.merge, "merge", ("none", "ondisk"), flag="--merge")
+        if self.gpu is not None:
+            boolean(self.gpu, "gpu", flag="--gpu")
+        boolean(self.tune, "tune", flag="--tune")
+        positive_int(self.tune_queries, "tune_queries")
+        integer(self.seed, "seed")
 
 
 def _new_index(factory: str, d: int):
@@ -100,22 +105,33 @@ def _train(index, xt: np.ndarray, gpu: bool) -> None:
     index.train(xt)
 
 
+def _shard_marker(i: int) -> str:
+    return f"shard-{i:05d}.done"  # _work/shard-00000.done.json
+
+
 # ---------------------------------------------------------------------------------------------
 # build
 
 
 def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: bool = True) -> DenseBuildResult:
-    """Build (or resume building) the dense index ``cfg.out`` from the embeddings ``cfg.embeddings``."""
+    """Build (or resume building) the dense index ``cfg.out`` from the embeddings ``cfg.embeddings``.
+
+    The output directory is a job (:func:`retromem.datastore.job.open_job`, kind ``dense-index``):
+    locked while the build runs, and ``overwrite`` only ever empties a dense index.
+    """
+    t_all = time.perf_counter()
+    emb = Embeddings(cfg.embeddings)
+    with open_job(cfg.out, "dense-index", overwrite=overwrite, legacy=("index.json", "_work/plan.json")) as job:
+        return _build(cfg, emb, job, t_all, progress)
+
+
+def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progress: bool) -> DenseBuildResult:
     import faiss
     from tqdm.auto import tqdm
 
-    t_all = time.perf_counter()
     seconds: dict[str, float] = {}
-    emb = Embeddings(cfg.embeddings)
     n, d = emb.num_vectors, emb.dim
-    out = Path(cfg.out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    out = job.path
     if (out / "index.json").exists():
         meta = read_json(out / "index.json")
         if meta.get("complete") and meta.get("datastore_id") == emb.datastore_id and meta.get("build", {}).get("requested_factory") == cfg.factory:
@@ -123,10 +139,8 @@ def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: boo
         raise IndexFormatError(f"{out} already holds a dense index ({meta.get('factory')}); pass --overwrite or another --out")
 
     # 1. the factory and the plan, fixed on the first run so a resumed run continues the same build
-    work = out / "_work"
-    plan_path = work / "plan.json"
-    if plan_path.exists():
-        plan = read_json(plan_path)
+    plan = job.done("plan")
+    if plan is not None:
         if plan["embeddings_datastore_id"] != emb.datastore_id or plan["requested_factory"] != cfg.factory:
             raise IndexFormatError(f"{out} holds an unfinished build of another index ({plan['factory']} over "
                                    f"{plan['embeddings_datastore_id'][:16]}); pass --overwrite or another --out")
@@ -146,15 +160,14 @@ def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: boo
                 "estimated_bytes": choice.estimated_bytes, "candidates": [list(c) for c in choice.candidates],
                 "embeddings_datastore_id": emb.datastore_id, "shards": [[bounds[i], bounds[i + 1]] for i in range(n_shards)],
                 "needs_training": spec.needs_training, "min_train": spec.min_train(), "good_train": spec.good_train()}
-        work.mkdir(parents=True, exist_ok=True)
-        write_json(plan_path, plan)
+        job.mark_done("plan", plan)
     factory = plan["factory"]
     logger.info("build-dense: %s for %d vectors of dimension %d: %s", factory, n, d, plan["reason"])
     gpu = use_gpu(cfg.gpu)
 
     # 2. train once (IVF centroids, PQ codebooks, OPQ rotation) on a uniform sample
     trained_path = out / "trained.index"
-    train_info = read_json(work / "trained.json") if (work / "trained.json").exists() else None
+    train_info = job.done("trained")
     if train_info is None or not trained_path.exists():
         t0 = time.perf_counter()
         index = _new_index(factory, d)
@@ -171,19 +184,19 @@ def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: boo
             _train(index, xt, gpu)
         write_index(index, trained_path)
         train_info = {"train_size": size, "seconds": time.perf_counter() - t0}
-        write_json(work / "trained.json", train_info)
+        job.mark_done("trained", train_info)
     seconds["train"] = train_info["seconds"]
 
     # 3. add, shard by shard; each shard file is written atomically and recorded as done
     t0 = time.perf_counter()
     shard_recs: list[dict[str, Any]] = []
-    todo = sum(hi - lo for i, (lo, hi) in enumerate(plan["shards"]) if not (work / f"shard-{i:05d}.done.json").exists())
+    todo = sum(hi - lo for i, (lo, hi) in enumerate(plan["shards"]) if job.done(_shard_marker(i)) is None)
     bar = tqdm(total=todo, unit="vec", desc="add", disable=not progress or todo == 0)
     for i, (lo, hi) in enumerate(plan["shards"]):
-        done = work / f"shard-{i:05d}.done.json"
         path = out / f"shard-{i:05d}.index"
-        if done.exists() and path.exists():
-            shard_recs.append(read_json(done))
+        rec = job.done(_shard_marker(i))
+        if rec is not None and path.exists():
+            shard_recs.append(rec)
             continue
         index = read_index(trained_path)
         gindex = to_gpu(index) if gpu else None
@@ -196,7 +209,7 @@ def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: boo
             index = faiss.index_gpu_to_cpu(gindex)
         write_index(index, path)
         rec = {"shard": i, "file": path.name, "first_chunk_id": lo, "ntotal": int(index.ntotal), "bytes": path.stat().st_size}
-        write_json(done, rec)
+        job.mark_done(_shard_marker(i), rec)
         shard_recs.append(rec)
     bar.close()
     seconds["add"] = time.perf_counter() - t0
@@ -239,7 +252,7 @@ def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: boo
     seconds["total"] = time.perf_counter() - t_all
     meta["build"]["seconds"] = seconds
     write_json(out / "index.json", meta)
-    shutil.rmtree(work, ignore_errors=True)
+    job.clear_work()
     return DenseBuildResult(out, meta, seconds)
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from retromem.config import fail, is_int, non_negative_int, positive_int
 from retromem.datastore.atomic import read_json, sha256_file, write_json
+from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, NgramIndexError
 from retromem.index.types import NgramBuildResult
 
@@ -91,12 +93,10 @@ class NgramBuildConfig:
     mem_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        if self.shard_tokens < 1:
-            raise ConfigError(f"`shard_tokens` must be at least 1, got {self.shard_tokens}")
-        if self.cpus < 0:
-            raise ConfigError(f"`cpus` must be 0 (all cores) or positive, got {self.cpus}")
-        if self.mem_bytes < 16 << 20:
-            raise ConfigError(f"`mem_bytes` must be at least 16 MiB, got {self.mem_bytes}")
+        positive_int(self.shard_tokens, "shard_tokens", flag="--shard-tokens")
+        non_negative_int(self.cpus, "cpus", flag="--cpus")  # 0: every core
+        if not is_int(self.mem_bytes) or self.mem_bytes < 16 << 20:
+            fail("mem_bytes", "be at least 16 MiB", self.mem_bytes, flag="--mem")
 
 
 def _doc_token_counts(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -230,9 +230,11 @@ def _peak_rss() -> int:
 
 def build_ngram_index(datastore_path: str | Path, out: str | Path, config: NgramBuildConfig | None = None,
                       *, overwrite: bool = False, progress: bool = True) -> NgramBuildResult:
-    """Build (or finish building) the suffix-array index of the datastore at ``datastore_path`` in ``out``."""
-    from tqdm.auto import tqdm
+    """Build (or finish building) the suffix-array index of the datastore at ``datastore_path`` in ``out``.
 
+    The output directory is a job (:func:`retromem.datastore.job.open_job`, kind ``ngram-index``):
+    locked while the build runs, and ``overwrite`` only ever empties an n-gram index.
+    """
     from retromem.datastore import Datastore
 
     import infini_gram  # noqa: F401  (fail early with a clear message when it is missing)
@@ -240,26 +242,31 @@ def build_ngram_index(datastore_path: str | Path, out: str | Path, config: Ngram
     cfg = config or NgramBuildConfig()
     t0 = time.perf_counter()
     ds = Datastore.open(datastore_path)
-    out = Path(out)
+    with open_job(out, "ngram-index", overwrite=overwrite, legacy=(MANIFEST_NAME, "_work/build.json")) as job:
+        return _build(ds, datastore_path, cfg, job, t0, progress)
+
+
+def _shard_marker(shard: Path, step: str) -> str:
+    return f"{shard.name}.{step}.done"  # _work/shard-00000.table.done.json
+
+
+def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: float, progress: bool) -> NgramBuildResult:
+    from tqdm.auto import tqdm
+
+    out, work = job.path, job.work
     identity = {"datastore_id": ds.datastore_id, "shard_tokens": cfg.shard_tokens, "format_version": FORMAT_VERSION}
     manifest_path = out / MANIFEST_NAME
-    work = out / "_work"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     if manifest_path.exists():
         m = read_json(manifest_path)
         if m.get("datastore_id") != ds.datastore_id:
             raise NgramIndexError(f"{out} holds an n-gram index of datastore {m.get('datastore_id', '?')[:16]}, not of "
                                   f"{ds.datastore_id[:16]} at {datastore_path}; pass --overwrite or another --out")
         return NgramBuildResult(out, m, True, time.perf_counter() - t0, _peak_rss())
-    if out.exists() and any(out.iterdir()):
-        if not (work / "build.json").exists():
-            raise NgramIndexError(f"{out} exists and is not an n-gram index; pass --overwrite or another --out")
-        if read_json(work / "build.json") != identity:
-            raise NgramIndexError(f"{out} holds an unfinished n-gram build of another datastore or other settings; "
-                                  f"pass --overwrite or another --out")
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "build.json", identity)
+    recorded = job.done("build")
+    if recorded is not None and recorded != identity:
+        raise NgramIndexError(f"{out} holds an unfinished n-gram build of another datastore or other settings; "
+                              f"pass --overwrite or another --out")
+    job.mark_done("build", identity)
 
     tok = ds.manifest["tokenizer"]
     vocab = int(tok["vocab_size"])
@@ -275,14 +282,14 @@ def build_ngram_index(datastore_path: str | Path, out: str | Path, config: Ngram
     for s, (d0, d1) in enumerate(plan):
         sd = _shard_dir(out, s)
         n = int(doc_tokens[d0:d1].sum()) + (d1 - d0)
-        if not (work / f"{sd.name}.tokenized.done").exists():
+        if job.done(_shard_marker(sd, "tokenized")) is None:
             bar.set_postfix_str(f"{sd.name} tokens")
             _write_token_stream(ds, first_chunk, doc_tokens, d0, d1, width, work, sd)
-            write_json(work / f"{sd.name}.tokenized.done", {"docs": d1 - d0, "tokens": n})
-        if not (work / f"{sd.name}.table.done").exists():
+            job.mark_done(_shard_marker(sd, "tokenized"), {"docs": d1 - d0, "tokens": n})
+        if job.done(_shard_marker(sd, "table")) is None:
             bar.set_postfix_str(f"{sd.name} suffix array")
             _build_suffix_array(sd, work, width, cpus, cfg.mem_bytes)
-            write_json(work / f"{sd.name}.table.done", {"docs": d1 - d0, "tokens": n})
+            job.mark_done(_shard_marker(sd, "table"), {"docs": d1 - d0, "tokens": n})
         ds_bytes = n * width
         shards.append({
             "shard": s, "dir": sd.name, "first_doc_id": d0, "documents": d1 - d0, "tokens": n,
@@ -311,9 +318,8 @@ def build_ngram_index(datastore_path: str | Path, out: str | Path, config: Ngram
         "build": {"shard_tokens": cfg.shard_tokens, "cpus": cpus, "mem_bytes": cfg.mem_bytes},
     }
     write_json(manifest_path, manifest)
-    shutil.rmtree(work, ignore_errors=True)
+    job.clear_work()
     return NgramBuildResult(out, manifest, False, time.perf_counter() - t0, _peak_rss())
-
 
 
 __all__ = [

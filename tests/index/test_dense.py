@@ -47,7 +47,9 @@ def _build(emb_dir, out, factory, **kw):
     from retromem.index.dense_build import DenseBuildConfig, build_dense
 
     kw.setdefault("tune_queries", 150)
-    return build_dense(DenseBuildConfig(embeddings=str(emb_dir), out=str(out), factory=factory, **kw), progress=False)
+    overwrite = kw.pop("overwrite", False)
+    return build_dense(DenseBuildConfig(embeddings=str(emb_dir), out=str(out), factory=factory, **kw),
+                      overwrite=overwrite, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +355,20 @@ def test_bad_build_settings(emb_dir, tmp_path):
         _build(emb_dir, tmp_path / "big", "IVF1000,Flat")
     with pytest.raises(ConfigError, match="needs `--memory-budget`"):
         _build(emb_dir, tmp_path / "auto", "auto")
+    with pytest.raises(ConfigError, match=r"`shard_vectors` \(--shard-vectors\) must be a positive integer, got 0"):
+        _build(emb_dir, tmp_path / "zero", "Flat", shard_vectors=0)
+    with pytest.raises(ConfigError, match=r"`target_recall` \(--target-recall\) must be in \(0, 1\], got 1.5"):
+        _build(emb_dir, tmp_path / "recall", "Flat", target_recall=1.5)
+    with pytest.raises(ConfigError, match=r"`merge` \(--merge\) must be one of 'none', 'ondisk', got 'x'"):
+        _build(emb_dir, tmp_path / "merge", "Flat", merge="x")
+    # --overwrite never deletes (nor writes into) a directory that is not a dense index
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds no retromem dense-index"):
+            _build(emb_dir, mine, "Flat", overwrite=overwrite)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -284,7 +284,7 @@ def test_killed_build_resumes(tmp_path, built, monkeypatch, ngram_dir, ds):
     monkeypatch.setattr(ng, "_build_suffix_array", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         build_ngram_index(built[1].out, out, NgramBuildConfig(shard_tokens=60_000, cpus=2), progress=False)
-    assert not (out / "ngram_index.json").exists() and (out / "_work" / "shard-00000.table.done").exists()
+    assert not (out / "ngram_index.json").exists() and (out / "_work" / "shard-00000.table.done.json").exists()
     with pytest.raises(NgramIndexError, match="unfinished build"):
         NgramIndex(out, ds)
     done_table = (out / "shard-00000" / "table.0").stat().st_mtime_ns
@@ -296,6 +296,26 @@ def test_killed_build_resumes(tmp_path, built, monkeypatch, ngram_dir, ds):
         for f in ("tokenized.0", "table.0", "offset.0"):
             assert (out / sh["dir"] / f).read_bytes() == (ngram_dir / sh["dir"] / f).read_bytes()
     assert build_ngram_index(built[1].out, out, progress=False).already_complete
+
+
+def test_build_settings_and_foreign_out_refused(tmp_path, built):
+    """Settings are checked naming key and flag; --overwrite never deletes a directory that is not
+    an n-gram index (a mistyped --out), nor writes into one."""
+    from retromem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"`shard_tokens` \(--shard-tokens\) must be a positive integer, got 0"):
+        NgramBuildConfig(shard_tokens=0)
+    with pytest.raises(ConfigError, match=r"`cpus` \(--cpus\) must be a non-negative integer, got -1"):
+        NgramBuildConfig(cpus=-1)
+    with pytest.raises(ConfigError, match=r"`mem_bytes` \(--mem\) must be at least 16 MiB"):
+        NgramBuildConfig(mem_bytes=1 << 20)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds no retromem ngram-index"):
+            build_ngram_index(built[1].out, mine, NgramBuildConfig(cpus=1), overwrite=overwrite, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_cli_build_query_score(tmp_path, built, streams):
