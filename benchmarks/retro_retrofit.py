@@ -58,8 +58,8 @@ def main() -> None:
     if model_dir is None:
         t0 = time.perf_counter()
         r = train(cfg, resume=True)
-        print(f"training    {r.steps} steps x {cfg.batch_size} sequences x {cfg.seq_chunks * ds.chunk_length} tokens = "
-              f"{r.steps * cfg.batch_size * cfg.seq_chunks * ds.chunk_length:,} tokens; {r.trainable_parameters:,} of "
+        print(f"training    {r.steps} steps x {cfg.train.batch_size} sequences x {cfg.seq_chunks * ds.chunk_length} tokens = "
+              f"{r.steps * cfg.train.batch_size * cfg.seq_chunks * ds.chunk_length:,} tokens; {r.trainable_parameters:,} of "
               f"{r.total_parameters:,} parameters trainable; {time.perf_counter() - t0:.0f}s this run")
         model_dir = r.final_dir
     model, _ = load_retro_model(model_dir)

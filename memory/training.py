@@ -10,6 +10,9 @@ What this adds to a plain Trainer run:
   gates sit at 0.5 or saturate;
 - checkpoints in the wrapper's own format (``model.safetensors`` + configs), which Trainer reads
   back on ``--resume``.
+
+The Trainer settings (``train:``), the Trainer itself, resume and multi-process runs are the
+shared harness's (:mod:`retromem.training`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from typing import Any, Literal
 
 import torch
 
+from retromem.config import fail, from_dict, integer, non_negative_int, number, one_of, positive_int
 from retromem.errors import ConfigError
 from retromem.memory.loading import is_saved_memory_model
+from retromem.training import TrainerSettings, TrainResult
+from retromem.training import load_train_config as _load_train_config
 
 logger = logging.getLogger(__name__)
 
 MEMORY_PARAM_NAMES = ("memory_gate", "summary_embeddings")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     r: int = 8
     alpha: int = 16
@@ -39,14 +45,25 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"`lora.r` must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"`lora.dropout` must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        positive_int(self.r, "lora.r")
+        number(self.dropout, "lora.dropout", ge=0.0, lt=1.0)
 
 
-@dataclass
+@dataclass(frozen=True)
+class MemoryTrainerSettings(TrainerSettings):
+    """The shared Trainer settings with memory fine-tuning's defaults: a constant learning rate
+    after warmup, no held-out set (so no ``eval_steps``), full precision."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant_with_warmup"
+    logging_steps: int = 5
+    eval_steps: int | None = None
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
+
+
+@dataclass(frozen=True)
 class MemoryTrainConfig:
     """One fine-tuning run. ``module`` settings go to InfiniAttentionConfig / AutoCompressorConfig.
 
@@ -66,6 +83,9 @@ class MemoryTrainConfig:
     passkey_text_weight: passkey data only: the share of each example's loss given to next-token
         prediction of its text (haystack, needle, question); the answer gets the rest. 0 trains on
         the answer alone, which lets the model forget language modelling (perplexity explodes).
+    train: the Trainer settings (:class:`MemoryTrainerSettings`: lr of the other trained weights,
+        max_steps, batch_size, ..., report_to, and ``args`` for any other TrainingArguments field);
+        ``train.seed`` also draws the examples.
     """
 
     output_dir: str
@@ -80,55 +100,37 @@ class MemoryTrainConfig:
     num_examples: int = 256
     lora: LoraSettings | None = None
     train_base: bool = False
-    lr: float = 1e-4
     memory_lr: float = 1e-2
-    weight_decay: float = 0.01
-    max_steps: int = 100
-    batch_size: int = 1
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    logging_steps: int = 5
-    save_steps: int = 50
-    save_total_limit: int = 2
-    seed: int = 0
-    threads: int = 2
     gate_warn_after: int = 20
     needle_min_compressions: int = 0
     local_needle_share: float = 0.0
     passkey_text_weight: float = 0.0
+    train: MemoryTrainerSettings = field(default_factory=MemoryTrainerSettings)
 
     def __post_init__(self) -> None:
-        if self.module not in ("infini", "autocompressor"):
-            raise ConfigError(f"`module` must be 'infini' or 'autocompressor', got {self.module!r}")
-        if self.data not in ("passkey", "text"):
-            raise ConfigError(f"`data` must be 'passkey' or 'text', got {self.data!r}")
+        # mappings given in code become their settings objects, as from_dict would build them
         if isinstance(self.lora, dict):
-            unknown = set(self.lora) - {f.name for f in fields(LoraSettings)}
-            if unknown:
-                raise ConfigError(f"unknown `lora` keys {sorted(unknown)}; allowed: {[f.name for f in fields(LoraSettings)]}")
-            self.lora = LoraSettings(**self.lora)
-        for name in ("train_length", "num_examples", "max_steps", "batch_size", "grad_accum", "logging_steps",
-                     "save_steps", "threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"`{name}` must be a positive integer, got {v!r}")
-        for name in ("lr", "memory_lr"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"`{name}` must be a positive number, got {v!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
-        n = self.needle_min_compressions
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"`needle_min_compressions` must be a non-negative integer, got {n!r}")
+            object.__setattr__(self, "lora", from_dict(LoraSettings, self.lora, prefix="lora."))
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", from_dict(MemoryTrainerSettings, self.train, prefix="train."))
+        one_of(self.module, "module", ("infini", "autocompressor"))
+        one_of(self.data, "data", ("passkey", "text"))
+        positive_int(self.train_length, "train_length")
+        positive_int(self.num_examples, "num_examples")
+        number(self.memory_lr, "memory_lr", gt=0)
+        integer(self.gate_warn_after, "gate_warn_after")
+        n = non_negative_int(self.needle_min_compressions, "needle_min_compressions")
         if n and self.data != "passkey":
             raise ConfigError("`needle_min_compressions` applies to `data: passkey` only")
         for name in ("local_needle_share", "passkey_text_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ConfigError(f"`{name}` must be a number in [0, 1), got {v!r}")
+            v = number(getattr(self, name), name, ge=0.0, lt=1.0)
             if v and self.data != "passkey":
                 raise ConfigError(f"`{name}` applies to `data: passkey` only")
+        if not isinstance(self.train, TrainerSettings):
+            fail("train", "be a mapping of Trainer settings", self.train)
+        if self.train.eval_steps is not None:
+            fail("train.eval_steps", "be null: memory fine-tuning has no held-out set (`retromem memory eval` "
+                 "evaluates the saved model)", self.train.eval_steps)
         self.module_config()  # validate the module's own settings now, not after the model loads
 
     def module_config(self):
@@ -157,9 +159,9 @@ def fixed_segment_length(module_config: Any) -> int | None:
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> MemoryTrainConfig:
-    from retromem.config import load_yaml
-
-    return load_yaml(path, MemoryTrainConfig, required=("output_dir",), **overrides)
+    """``--config`` (a file or a packaged name such as ``memory/tiny-infini.yaml``) with the
+    command line's overrides: top-level keys, and ``train={"max_steps": 5}`` for Trainer settings."""
+    return _load_train_config(path, MemoryTrainConfig, required=("output_dir",), overrides=overrides)
 
 
 # -- model and data -------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ class MemoryDataset(torch.utils.data.Dataset):
         """``segment_length``: the model's fixed segment length (needle placement); default: the config's."""
         from retromem.memory.passkey import PasskeyExample, token_stream
 
-        rng = random.Random(cfg.seed)
+        rng = random.Random(cfg.train.seed)
         n = cfg.train_length
         # haystack / text from documents after the first 50, so evaluation (which uses the first
         # documents' text) does not test on training text
@@ -319,8 +321,8 @@ def parameter_groups(model: torch.nn.Module, cfg: MemoryTrainConfig) -> list[dic
         else:
             decay.append(p)
     groups = [{"params": memory, "lr": cfg.memory_lr, "weight_decay": 0.0, "name": "memory"},
-              {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"},
-              {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "no_decay"}]
+              {"params": decay, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "decay"},
+              {"params": no_decay, "lr": cfg.train.lr, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 
@@ -356,68 +358,48 @@ def gate_warnings(tel: dict[str, float], step: int, warn_after: int) -> list[str
 # -- the run --------------------------------------------------------------------------------------
 
 def make_trainer(cfg: MemoryTrainConfig, model: torch.nn.Module, tokenizer: Any, dataset: torch.utils.data.Dataset):
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    """The shared harness's Trainer with the memory parameter group, checkpoints in the wrapper's
+    own format, and telemetry in every log line (rank 0 writes ``telemetry.jsonl``)."""
+    from transformers import default_data_collator
 
-    out_dir = Path(cfg.output_dir)
-    telemetry_path = out_dir / "telemetry.jsonl"
+    from retromem.memory.common import load_weights
+    from retromem.training import build_training_arguments, checkpoint_trainer_class
 
-    class MemoryTrainer(Trainer):
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg), lr=cfg.lr)
-            return self.optimizer
+    telemetry_path = Path(cfg.output_dir) / "telemetry.jsonl"
 
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            target = Path(output_dir or self.args.output_dir)
-            self.model.save_pretrained(target)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(str(target))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-            from retromem.memory.common import load_weights
-
-            load_weights(model if model is not None else self.model, resume_from_checkpoint)
-
+    class MemoryTrainer(checkpoint_trainer_class()):
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             tel = memory_telemetry(self.model)
             logs = {**logs, **tel}
-            for msg in gate_warnings(tel, self.state.global_step, cfg.gate_warn_after):
-                logger.warning(msg)
-            with telemetry_path.open("a") as fh:
-                fh.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
+            if self.is_world_process_zero():
+                for msg in gate_warnings(tel, self.state.global_step, cfg.gate_warn_after):
+                    logger.warning(msg)
+                with telemetry_path.open("a") as fh:
+                    fh.write(json.dumps({"step": self.state.global_step, **logs}) + "\n")
             super().log(logs, *args, **kwargs)
 
-    args = TrainingArguments(
-        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, report_to=[],
-        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False, lr_scheduler_type="constant_with_warmup")
+    # plain AdamW over the parameter groups unless `train.args.optim` names another optimizer
+    args = build_training_arguments(cfg.train, cfg.output_dir, defaults={"optim": "adamw_torch"})
     # examples are fixed-length: stack them, no padding collator (the tokenizer may have no pad token)
     return MemoryTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         data_collator=default_data_collator)
+                         data_collator=default_data_collator, save_checkpoint=save_memory_model,
+                         load_checkpoint=load_weights, param_groups=lambda m: parameter_groups(m, cfg),
+                         mean_loss=True)  # the wrappers' SegmentLoss is a mean over their own batch
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    output_dir: Path
-    final_dir: Path
-    steps: int
-    train_loss: float | None
-    trainable: dict[str, int]
-    resumed_from: str | None
+def save_memory_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> Path:
+    """The wrapper's own format (``model.safetensors`` + configs) and the tokenizer: checkpoints and the final model."""
+    model.save_pretrained(target)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(target))
+    return target
 
 
 def train(cfg: MemoryTrainConfig, resume: bool = False) -> TrainResult:
     """Fine-tune; with ``resume`` continue from the newest checkpoint in ``output_dir``."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from retromem.training import run, start_run
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    out = start_run(cfg, cfg.train, cfg.output_dir)
     model, tok = build_model(cfg)
     if cfg.lora is not None:
         add_lora(model, cfg.lora)
@@ -426,15 +408,7 @@ def train(cfg: MemoryTrainConfig, resume: bool = False) -> TrainResult:
     model.train()
     dataset = MemoryDataset(cfg, tok, fixed_segment_length(model.memory_config))
     trainer = make_trainer(cfg, model, tok, dataset)
-    last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
-    if resume and last is None:
-        logger.warning("--resume: no checkpoint in %s, starting from scratch", out)
-    result = trainer.train(resume_from_checkpoint=last)
-    if cfg.lora is not None:
-        merge_lora(model)
-    final = out / "final"
-    model.eval()
-    model.save_pretrained(final)
-    if tok is not None:
-        tok.save_pretrained(str(final))
-    return TrainResult(out, final, trainer.state.global_step, getattr(result, "training_loss", None), trainable, last)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return run(trainer, out, resume=resume, save_final=lambda final: save_memory_model(model, tok, final),
+               before_save=(lambda: merge_lora(model)) if cfg.lora is not None else None, trainable=trainable,
+               total_parameters=total, train_examples=len(dataset))

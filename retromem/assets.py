@@ -91,3 +91,21 @@ def demo_corpus() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("retromem") / "data" / "python-docs-tutorial-howto.jsonl.gz"))
+
+
+def config_file(name: str) -> Path:
+    """The example config ``name`` packaged with retromem (``"retro/tiny-scratch.yaml"``), as a path.
+
+    The YAML files under the repository's ``configs/`` ship inside the wheel as ``retromem.configs``.
+    """
+    from importlib import resources
+
+    from retromem.errors import ConfigError
+
+    root = Path(str(resources.files("retromem.configs")))
+    path = root / name
+    if ".." not in Path(name).parts and path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    available = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*.yaml"))
+    raise ConfigError(f"`--config` {name} does not exist, as a file or as a config packaged with retromem "
+                      f"(packaged: {', '.join(available)})")

@@ -18,20 +18,27 @@ def group() -> None:
 
 
 @group.command("train")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file (configs/memory/*.yaml).")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML file, or a config packaged with retromem (memory/infini-smollm2-passkey.yaml).")
 @click.option("--output-dir", default=None, help="Override `output_dir` of the config.")
 @click.option("--model", default=None, help="Override `model` (built-in name, local directory, saved memory model).")
 @click.option("--tokenizer", default=None, help="Override `tokenizer`.")
-@click.option("--max-steps", type=int, default=None, help="Override `max_steps`.")
+@click.option("--max-steps", type=int, default=None, help="Override `train.max_steps`.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory.")
 @handle_errors
 def memory_train(config_path: str, output_dir: str | None, model: str | None, tokenizer: str | None,
                  max_steps: int | None, resume: bool) -> None:
-    """Fine-tune an Infini-attention or AutoCompressor model with Hugging Face Trainer."""
+    """Fine-tune an Infini-attention or AutoCompressor model with Hugging Face Trainer.
+
+    On several processes: torchrun --nproc_per_node N -m retromem.cli memory train --config ...
+    (or accelerate launch); rank 0 alone writes the final model and prints this summary."""
     from retromem.memory.training import load_train_config, train
 
-    cfg = load_train_config(config_path, output_dir=output_dir, model=model, tokenizer=tokenizer, max_steps=max_steps)
+    cfg = load_train_config(config_path, output_dir=output_dir, model=model, tokenizer=tokenizer,
+                            train={"max_steps": max_steps})
     result = train(cfg, resume=resume)
+    if not result.main_process:
+        return
     click.echo(f"trained {result.steps} steps (loss {result.train_loss if result.train_loss is None else round(result.train_loss, 4)}); "
                f"trainable: {result.trainable['memory']:,} memory + {result.trainable['other']:,} other parameters"
                + (f"; resumed from {result.resumed_from}" if result.resumed_from else ""))

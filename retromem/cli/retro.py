@@ -60,25 +60,31 @@ def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: st
 
 
 @group.command("train")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML file (configs/retro/*.yaml).")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML file, or a config packaged with retromem (retro/tiny-scratch.yaml).")
 @click.option("--output-dir", default=None, help="Override `output_dir`.")
 @click.option("--datastore", default=None, help="Override `datastore`.")
 @click.option("--neighbours", multiple=True, help="Override `neighbours` (repeat for several directories).")
 @click.option("--model", default=None, help="Override `model` (the base to RETROfit).")
-@click.option("--max-steps", type=int, default=None, help="Override `max_steps`.")
+@click.option("--max-steps", type=int, default=None, help="Override `train.max_steps`.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory.")
 @handle_errors
 def retro_train(config_path: str, output_dir: str | None, datastore: str | None, neighbours: tuple[str, ...],
                 model: str | None, max_steps: int | None, resume: bool) -> None:
-    """Train a RETRO model (RETROfit of a frozen base, or from scratch) with Hugging Face Trainer."""
+    """Train a RETRO model (RETROfit of a frozen base, or from scratch) with Hugging Face Trainer.
+
+    On several processes: torchrun --nproc_per_node N -m retromem.cli retro train --config ...
+    (or accelerate launch); rank 0 alone writes the final model and prints this summary."""
     from retromem.retro.training import load_train_config, train
 
     cfg = load_train_config(config_path, output_dir=output_dir, datastore=datastore,
-                            neighbours=list(neighbours) or None, model=model, max_steps=max_steps)
+                            neighbours=list(neighbours) or None, model=model, train={"max_steps": max_steps})
     res = train(cfg, resume=resume)
+    if not res.main_process:
+        return
     loss = "n/a" if res.train_loss is None else f"{res.train_loss:.4f}"
     ev = "" if res.eval_loss is None else f"; held-out loss {res.eval_loss:.4f}"
-    click.echo(f"trained {res.steps} steps on {res.train_sequences:,} sequences (train loss {loss}{ev}); "
+    click.echo(f"trained {res.steps} steps on {res.train_examples:,} sequences (train loss {loss}{ev}); "
                f"{res.trainable_parameters:,} of {res.total_parameters:,} parameters trainable"
                + (f"; resumed from {res.resumed_from}" if res.resumed_from else ""))
     click.echo(f"model: {res.final_dir}")

@@ -39,7 +39,7 @@ def test_parameter_groups_give_memory_params_their_own_lr_and_no_decay():
     from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
     from retromem.memory.training import MemoryTrainConfig, add_lora, parameter_groups, set_trainable
 
-    cfg = MemoryTrainConfig(output_dir="x", lora={"r": 2}, lr=1e-4, memory_lr=3e-2, weight_decay=0.1)
+    cfg = MemoryTrainConfig(output_dir="x", lora={"r": 2}, memory_lr=3e-2, train={"lr": 1e-4, "weight_decay": 0.1})
     m = InfiniAttentionLM(tiny_llama(), InfiniAttentionConfig(segment_length=8))
     add_lora(m, cfg.lora)
     counts = set_trainable(m, cfg)

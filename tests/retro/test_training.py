@@ -13,6 +13,7 @@ import torch
 from retromem.retro.loading import load_retro_model
 from retromem.retro.training import RetroTrainConfig, load_train_config, train
 from retromem.errors import ConfigError
+from retromem.training import TrainerSettings
 
 from tests.retro.conftest import tiny_llama_dir
 
@@ -26,7 +27,8 @@ def _losses(history) -> list[float]:
 def test_tiny_model_learns_and_a_killed_run_resumes_to_the_same_weights(retro_ds, retro_neighbours, tmp_path):
     out = tmp_path / "run"
     cfg = load_train_config(REPO / "configs/retro/tiny-scratch.yaml", output_dir=str(out), datastore=str(retro_ds.path),
-                            neighbours=[str(p) for p in retro_neighbours], max_steps=10)
+                            neighbours=[str(p) for p in retro_neighbours], train={"max_steps": 10})
+    assert cfg.train.max_steps == 10 and cfg.train.save_steps == 4  # the override merges into the file's `train:`
     res = train(cfg)
     losses = _losses(res.log_history)
     assert res.steps == 10 and len(losses) == 10
@@ -48,8 +50,8 @@ def test_retrofit_run_trains_only_the_retro_blocks_and_checkpoints_them_alone(re
     base_dir = tiny_llama_dir(tmp_path / "base")
     cfg = RetroTrainConfig(output_dir=str(tmp_path / "run"), datastore=str(retro_ds.path),
                            neighbours=[str(p) for p in retro_neighbours], model=str(base_dir),
-                           retro={"retro_layers": [2], "encoder_num_layers": 1, "num_neighbours": 2},
-                           seq_chunks=2, max_steps=3, save_steps=2, logging_steps=1, eval_steps=None, threads=1)
+                           retro={"retro_layers": [2], "encoder_num_layers": 1, "num_neighbours": 2}, seq_chunks=2,
+                           train=TrainerSettings(max_steps=3, save_steps=2, logging_steps=1, eval_steps=None, threads=1))
     res = train(cfg)
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert (ckpt / "retro_weights.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
@@ -74,8 +76,8 @@ def test_bad_configs_are_named(tmp_path, retro_ds, retro_neighbours):
         RetroTrainConfig(**kw, model="x", from_scratch={"hidden_size": 8})
     with pytest.raises(ConfigError, match="`chunk_length` comes from the datastore"):
         RetroTrainConfig(**kw, model="x", retro={"chunk_length": 16})
-    with pytest.raises(ConfigError, match="`max_steps`"):
-        RetroTrainConfig(**kw, model="x", max_steps=0)
+    with pytest.raises(ConfigError, match="`train.max_steps` \\(--max-steps\\) must be a positive integer, got 0"):
+        RetroTrainConfig(**kw, model="x", train={"max_steps": 0})
     bad = tmp_path / "bad.yaml"
     bad.write_text("output_dir: a\ndatastore: b\nneighbours: [c]\nmodel: m\nlearning_rate: 1\n")
     with pytest.raises(ConfigError, match="unknown keys \\['learning_rate'\\]"):
@@ -84,3 +86,20 @@ def test_bad_configs_are_named(tmp_path, retro_ds, retro_neighbours):
         train(RetroTrainConfig(**kw, model=str(tiny_llama_dir(tmp_path / "base")), retro={"retro_layers": [7]}))
     with pytest.raises(ConfigError, match="tokenized with 'gpt2'"):  # the datastore of another tokenizer
         train(RetroTrainConfig(**kw, model="smollm2-135m"))
+
+
+def test_training_arguments_fields_set_in_the_yaml_reach_the_trainer(retro_ds, retro_neighbours, tmp_path):
+    from retromem.retro.training import build_model, datasets, make_trainer
+    from retromem.datastore import Datastore
+
+    path = tmp_path / "c.yaml"  # `train:` is the file's last mapping: extend it
+    path.write_text((REPO / "configs/retro/tiny-scratch.yaml").read_text()
+                    + "  args:\n    adam_beta2: 0.95\n    max_grad_norm: 0.5\n")
+    cfg = load_train_config(path, output_dir=str(tmp_path / "run"), datastore=str(retro_ds.path),
+                            neighbours=[str(p) for p in retro_neighbours])
+    ds = Datastore.open(cfg.datastore)
+    model, tok = build_model(cfg, ds)
+    trainer = make_trainer(cfg, model, tok, *datasets(cfg, ds, model.config.num_neighbours))
+    assert trainer.args.adam_beta2 == 0.95 and trainer.args.max_grad_norm == 0.5
+    assert trainer.args.learning_rate == 3e-3 and trainer.args.eval_strategy == "steps"  # the harness's own keys
+    assert all(g["betas"] == (0.9, 0.95) for g in trainer.create_optimizer().param_groups)
