@@ -6,11 +6,12 @@ the one helper they share:
 * :func:`from_dict` builds a config from a mapping (a parsed YAML file, a ``--config`` section),
   recursively for fields whose type is another config dataclass (or ``X | None``), turning lists
   into tuples for tuple fields and refusing unknown keys at every level by their dotted name;
-* :func:`load_yaml` reads a YAML file (:func:`read_yaml` alone gives its mapping), lets command-line options that are not None win over it,
-  and calls :func:`from_dict`;
-* the checks (:func:`boolean`, :func:`positive_int`, :func:`non_negative_int`, :func:`number`, :func:`one_of`,
-  ...) raise :class:`~retromem.errors.ConfigError` in one style, naming the key and, when there
-  is one, its command-line flag: `` `dedup.threshold` (--dedup-threshold) must be in (0, 1), got 1.5 ``.
+* :func:`load_yaml` reads a YAML file (:func:`read_yaml` alone gives its mapping), lets
+  command-line options that are not None win over it, and calls :func:`from_dict`;
+* the checks (:func:`boolean`, :func:`positive_int`, :func:`non_negative_int`, :func:`integer`,
+  :func:`number`, :func:`one_of`, their ``optional_`` forms, and :func:`fail` for any other rule)
+  raise :class:`~retromem.errors.ConfigError` in one style, naming the key and, when there is
+  one, its command-line flag: `` `dedup.threshold` (--dedup-threshold) must be in (0, 1), got 1.5 ``.
 
 Usage::
 
@@ -52,9 +53,9 @@ from retromem.errors import ConfigError
 T = TypeVar("T")
 
 __all__ = [
-    "ConfigError", "from_dict", "load_yaml", "read_yaml", "fail", "key_name", "boolean", "positive_int", "non_negative_int",
-    "optional_positive_int", "optional_non_negative_int", "integer", "number", "optional_number",
-    "one_of", "is_int", "is_number",
+    "ConfigError", "from_dict", "load_yaml", "read_yaml", "fail", "key_name", "boolean", "positive_int",
+    "non_negative_int", "optional_positive_int", "optional_non_negative_int", "integer", "number",
+    "optional_number", "one_of", "is_int", "is_number",
 ]
 
 
