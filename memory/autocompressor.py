@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from retromem.config import boolean, fail, integer, non_negative_int, optional_non_negative_int, positive_int
-from retromem.memory.common import MemoryWrapper, SegmentLoss, check_architecture, check_input_ids, segment_bounds
+from retromem.memory.common import (MemoryWrapper, SegmentLoss, WrapperOutput, check_architecture, check_input_ids,
+                                     segment_bounds)
 
 logger = logging.getLogger(__name__)
 
@@ -77,18 +78,10 @@ class AutoCompressorConfig:
 
 
 @dataclass
-class AutoCompressorOutput:
+class AutoCompressorOutput(WrapperOutput):
     loss: torch.Tensor | None
     logits: torch.Tensor | None  # (B, kept, V)
     softprompt: torch.Tensor | None  # (B, P, hidden) when output_softprompt
-
-    def __getitem__(self, key: str | int | slice):  # Trainer reads outputs[0] as the loss
-        if isinstance(key, str):
-            return getattr(self, key)
-        return tuple(getattr(self, k) for k in self.keys())[key]
-
-    def keys(self):
-        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
 
 
 def sample_segment_lengths(total: int, lo: int, hi: int, rng: random.Random) -> list[int]:

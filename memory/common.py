@@ -137,6 +137,20 @@ def base_from_config(path: str | Path):
     return AutoModelForCausalLM.from_config(config)
 
 
+class WrapperOutput:
+    """What a memory wrapper's ``forward`` returns (a dataclass with ``loss`` and ``logits`` first),
+    readable the way Hugging Face ``Trainer`` reads model outputs: ``outputs["loss"]``,
+    ``outputs[0]`` (the loss when there is one), ``outputs.keys()``."""
+
+    def __getitem__(self, key: str | int | slice):  # Trainer reads outputs[0] as the loss
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(getattr(self, k) for k in self.keys())[key]
+
+    def keys(self):
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+
 class MemoryWrapper(torch.nn.Module):
     """Base of the memory wrappers: a Hugging Face causal LM (``self.base``) plus the wrapper's own
     parameters and ``memory_config``; saved and loaded as one directory (see the module docstring)."""

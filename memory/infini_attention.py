@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from retromem.config import fail, is_int, is_number, number, one_of, positive_int
-from retromem.memory.common import MemoryWrapper, SegmentLoss, check_architecture, check_input_ids
+from retromem.memory.common import MemoryWrapper, SegmentLoss, WrapperOutput, check_architecture, check_input_ids
 
 logger = logging.getLogger(__name__)
 
@@ -217,18 +217,10 @@ class InfiniAttention(nn.Module):
 
 
 @dataclass
-class InfiniOutput:
+class InfiniOutput(WrapperOutput):
     loss: torch.Tensor | None
     logits: torch.Tensor | None  # (B, kept, V): see ``keep_logits``
     memory: InfiniMemory
-
-    def __getitem__(self, key: str | int | slice):  # Trainer reads outputs[0] as the loss
-        if isinstance(key, str):
-            return getattr(self, key)
-        return tuple(getattr(self, k) for k in self.keys())[key]
-
-    def keys(self):
-        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
 
 
 class InfiniAttentionLM(MemoryWrapper):
