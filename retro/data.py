@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retromem.config import positive_int
 from retromem.errors import ConfigError
 from retromem.retro.neighbours import NeighbourTable
 
@@ -85,8 +86,7 @@ class RetroDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any, chunk_ids: np.ndarray, seq_chunks: int, table: NeighbourTable | None = None,
                  k: int | None = None, max_sequences: int | None = None, with_neighbours: bool = True) -> None:
-        if isinstance(seq_chunks, bool) or not isinstance(seq_chunks, int) or seq_chunks < 1:
-            raise ConfigError(f"`seq_chunks` must be a positive integer, got {seq_chunks!r}")
+        positive_int(seq_chunks, "seq_chunks", flag="--seq-chunks")
         if with_neighbours and table is None:
             raise ConfigError("a dataset with neighbours needs a NeighbourTable")
         self.ds, self.seq_chunks, self.table = ds, seq_chunks, table

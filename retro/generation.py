@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from retromem.config import positive_int
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,7 @@ def generate_with_retrieval(model: torch.nn.Module, tokenizer: Any, retriever: A
         raise ConfigError(f"{type(model).__name__} is not a RETRO model (RETROfit it or load a RetroForCausalLM)")
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), got {type(retriever).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}")
+    positive_int(max_new_tokens, "max_new_tokens", flag="--max-new-tokens")
     check_retriever(retriever, tokenizer, cfg)
     m, k, r = cfg.chunk_length, cfg.num_neighbours, cfg.neighbour_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

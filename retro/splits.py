@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retromem.errors import ConfigError
+from retromem.config import integer, number, one_of
 
 SPLITS = ("train", "eval", "all")
 
@@ -27,10 +27,8 @@ class SplitSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"`eval_fraction` must be in [0, 1), got {self.eval_fraction!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"`split_seed` must be an integer, got {self.seed!r}")
+        number(self.eval_fraction, "eval_fraction", ge=0, lt=1, flag="--eval-fraction")
+        integer(self.seed, "split_seed", flag="--split-seed")
 
     def is_eval(self, doc_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """(n,) bool: True for held-out documents."""
@@ -61,10 +59,4 @@ class SplitSpec:
 
 
 def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"`split` must be one of {', '.join(SPLITS)}, got {split!r}")
-
-
-# -- tokenizer identity ------------------------------------------------------------------------------
-
-
+    one_of(split, "split", SPLITS, flag="--split")

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from retromem.index.types import ChunkPayload, SearchResult
+from retromem.config import integer, number
 from retromem.errors import QueryError, RemoteQueryError, ServiceCallError
 from retromem.service.common import SERVICE_NAME
 from retromem.service.messages import fetch_msg, payload_from_msg
@@ -84,10 +85,8 @@ class RetrievalClient:
     def __init__(self, target: str, *, token: str | None = None, tls_ca: str | bytes | bool | None = None,
                  tls_server_name: str | None = None, timeout: float = 30.0, retries: int = 4,
                  max_message_bytes: int = 64 * 2**20, stream_batch: int | None = None) -> None:
-        if timeout <= 0:
-            raise ValueError(f"`timeout` must be positive, got {timeout}")
-        if not 0 <= retries <= 4:
-            raise ValueError(f"`retries` must be in 0..4 (gRPC allows 5 attempts), got {retries}")
+        number(timeout, "timeout", gt=0, flag="--timeout")
+        integer(retries, "retries", ge=0, le=4)  # gRPC allows 5 attempts
         self.target = target
         self.timeout = timeout
         self.stream_batch = stream_batch
