@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,14 +138,7 @@ class MemoryTrainConfig:
         from retromem.memory.infini_attention import InfiniAttentionConfig
 
         cls, kw = (InfiniAttentionConfig, self.infini) if self.module == "infini" else (AutoCompressorConfig, self.autocompressor)
-        allowed = {f.name for f in fields(cls)}
-        unknown = set(kw) - allowed
-        if unknown:
-            raise ConfigError(f"unknown `{self.module}` keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        try:
-            return cls(**kw)
-        except ValueError as exc:
-            raise ConfigError(f"`{self.module}`: {exc}") from exc
+        return from_dict(cls, kw, prefix=f"{self.module}.")
 
 
 def fixed_segment_length(module_config: Any) -> int | None:

@@ -199,3 +199,10 @@ def test_one_of():
         one_of(True, "x", (0, 1))
     with pytest.raises(ConfigError, match="got \\[1\\]"):  # unhashable against a set
         one_of([1], "x", {1, 2})
+
+
+def test_a_memory_module_section_refuses_an_unknown_key_by_its_dotted_name():
+    from retromem.memory.training import MemoryTrainConfig
+
+    with pytest.raises(ConfigError, match=r"unknown keys \['infini.segment_lenght'\]; allowed under `infini`"):
+        MemoryTrainConfig(output_dir="x", infini={"segment_lenght": 64})
