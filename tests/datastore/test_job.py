@@ -108,6 +108,7 @@ def test_a_second_job_on_the_same_out_is_refused_at_once(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_second_build_on_the_same_out_is_one_error_line_and_leaves_nothing(tmp_path):
     """The issue's case: a second `datastore build` on an --out being written fails with a traceback
     and leaves .tokenizer.tmp/ behind. Now: exit 2, one `error:` line, nothing written."""

@@ -106,6 +106,7 @@ def test_one_worker_and_two_workers_give_the_same_datastore(tmp_path, corpus_dir
     same_datastore(one.manifest, result.manifest)
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_same_datastore(tmp_path, built):
     pytest.importorskip("ray")
     result, cfg = built
@@ -159,6 +160,7 @@ def _shared_inputs() -> list[str]:
     return [str(f) for f in files]
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_datastore(tmp_path):
     """kill -9 a real build mid-run (several times), re-run it, compare with an uninterrupted build."""
     inputs = _shared_inputs()

@@ -86,6 +86,7 @@ def test_embeddings_record_model_and_match_a_fresh_encode(small_ds, emb_dir):
     np.testing.assert_allclose(stored, fresh, atol=2e-3)  # float16 storage
 
 
+@pytest.mark.slow
 def test_killed_embedding_job_resumes(small_ds, emb_dir, tmp_path):
     """kill -9 the real job after its first shard, re-run it: done shards are kept, the rest are
     embedded, and the result equals an uninterrupted run."""
@@ -415,6 +416,7 @@ def test_gpu_build_matches_cpu(emb_dir, flat_index, tmp_path):
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_ray_executor_embeds_the_same_vectors(tmp_path):
     """One embedder actor per GPU on a cluster; here a local Ray on CPU with two actors."""
     pytest.importorskip("ray")

@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import demo_records, write_jsonl
 
+pytestmark = pytest.mark.slow  # loads SmolLM2-135M
+
 
 @pytest.fixture(scope="module")
 def smol_index(tmp_path_factory):

@@ -14,6 +14,8 @@ from retromem.cli import main
 
 from .conftest import tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.slow  # training runs
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "memory"
 

@@ -17,6 +17,8 @@ from retromem.training import TrainerSettings
 
 from tests.retro.conftest import tiny_llama_dir
 
+pytestmark = pytest.mark.slow  # training runs
+
 REPO = Path(__file__).resolve().parents[2]
 
 

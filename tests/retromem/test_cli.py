@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from retromem.cli import main
@@ -52,6 +53,7 @@ def test_parse_size():
     assert parse_size("16MiB", "x") == 16 << 20 and parse_size("1.5GB", "x") == 1_500_000_000 and parse_size("100", "x") == 100
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_built_in_corpus_with_the_default_tokenizer(tmp_path):
     r = run("demo", "--out", str(tmp_path / "demo"), "--workers", "1")
     assert r.exit_code == 0, r.output
@@ -73,6 +75,7 @@ def test_one_naming_scheme_with_the_old_spellings_as_hidden_aliases():
         assert a.output.split("\n", 1)[1] == b.output.split("\n", 1)[1]  # same command, only the usage line differs
 
 
+@pytest.mark.slow
 def test_no_library_module_imports_the_command_line():
     import subprocess
     import sys

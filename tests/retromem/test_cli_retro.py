@@ -55,7 +55,7 @@ def test_neighbours_train_eval_generate(retro_ds, retro_index, tmp_path):  # noq
 def test_user_errors_exit_2(tmp_path, retro_ds, retro_index):  # noqa: F811
     r = CliRunner().invoke(main, ["retro", "neighbours", str(retro_ds.path), "--index", str(retro_index.path),
                                   "--out", str(tmp_path / "x"), "-k", "0"])
-    assert r.exit_code == 2 and "`k` must be a positive integer" in r.output
+    assert r.exit_code == 2 and "`k` (-k) must be a positive integer, got 0" in r.output
     r = CliRunner().invoke(main, ["retro", "train", "--config", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "does not exist" in r.output
     r = CliRunner().invoke(main, ["retro", "eval", "--model", str(tmp_path), "--datastore", str(retro_ds.path),

@@ -84,6 +84,7 @@ def test_query_errors_exit_2_naming_the_field(served):
     assert r.exit_code == 2 and "INVALID_ARGUMENT" in r.output and "`k`" in r.output
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_stream_then_exits(service_stores):
     from retromem.service.client import RetrievalClient
 
