@@ -40,8 +40,10 @@ class RetroConfig(PretrainedConfig):
         neighbour encoder; the CCA blocks attend with ``encoder_num_heads`` heads of width
         ``encoder_hidden_size / encoder_num_heads`` (a narrow encoder keeps RETROfit under 10% of
         the weights). None: half the decoder width, the decoder's head count, 2 layers, 8/3 width.
-    gated: True makes every CCA output projection start at zero, so that the model starts equal
-        to the model without retrieval (what RETROfit needs); False: ordinary initialisation.
+    gated: True makes every CCA output projection start at zero, so that the model starts exactly
+        equal to the model without retrieval (what RETROfit needs; ``RetroForCausalLM`` keeps it
+        zero through transformers' initialisation and ``from_pretrained``, a test checks both);
+        False: ordinary initialisation.
     """
 
     model_type = "retro"

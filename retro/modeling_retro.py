@@ -285,10 +285,23 @@ class RetroPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer"]
 
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, ChunkedCrossAttention) and module.gated:
-            nn.init.zeros_(module.attn.o_proj.weight)  # gated: start equal to the model without retrieval
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation, then the gated CCA output projections back to zero.
+
+        The CCA blocks hang inside the decoder (``self.model``, a ``LlamaModel``), and transformers
+        initialises a sub-model's modules with that sub-model's own ``_init_weights``, which knows
+        nothing of CCA and draws ``o_proj`` from N(0, initializer_range): an ``_init_weights``
+        branch here would never be reached. ``transformers.initialization.zeros_`` skips tensors
+        already loaded from a checkpoint, so ``from_pretrained`` keeps trained projections and only
+        a missing one starts at zero.
+        """
+        from transformers import initialization as hf_init
+
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, ChunkedCrossAttention) and module.gated:
+                hf_init.zeros_(module.attn.o_proj.weight)  # gated: start equal to the model without retrieval
 
 
 class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):

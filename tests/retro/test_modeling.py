@@ -124,6 +124,53 @@ def test_tied_embeddings_round_trip(tmp_path) -> None:
     torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, tied(x, neighbour_ids=nb).logits)
 
 
+def cca_out_projections(model: RetroForCausalLM) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.endswith("retro_cca.attn.o_proj.weight")}
+
+
+@torch.no_grad()
+def test_gated_model_starts_exactly_without_retrieval(tmp_path) -> None:
+    # transformers initialises the decoder's sub-modules with LlamaModel's own _init_weights, which
+    # once re-drew the zeroed projections (max |W| ~ 0.07, logits off by up to 0.07)
+    torch.manual_seed(0)
+    gated = RetroForCausalLM(tiny_config(gated=True)).eval()
+    proj = cca_out_projections(gated)
+    assert len(proj) == 2 and all(bool((p == 0).all()) for p in proj.values())
+    x, nb = inputs()
+    assert torch.equal(gated(x, neighbour_ids=nb).logits, gated(x).logits)
+    # the rest of the blocks is initialised as usual: only the output projection is zero
+    enc = dict(gated.named_parameters())["model.layers.1.retro_encoder.in_proj.weight"]
+    assert 0.005 < float(enc.std()) < 0.05
+    torch.manual_seed(0)
+    ungated = RetroForCausalLM(tiny_config(gated=False))
+    assert all(float(p.abs().max()) > 0.01 for p in cca_out_projections(ungated).values())
+
+    gated.save_pretrained(tmp_path / "fresh")
+    loaded = RetroForCausalLM.from_pretrained(tmp_path / "fresh").eval()
+    assert all(bool((p == 0).all()) for p in cca_out_projections(loaded).values())
+    assert torch.equal(loaded(x, neighbour_ids=nb).logits, loaded(x).logits)
+    torch.testing.assert_close(loaded(x).logits, gated(x).logits)
+
+    # trained projections survive loading (initialisation only touches what the checkpoint lacks)
+    for p in cca_out_projections(gated).values():
+        p.normal_(0, 0.1)
+    gated.save_pretrained(tmp_path / "trained")
+    loaded = RetroForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    for n, p in cca_out_projections(loaded).items():
+        torch.testing.assert_close(p, cca_out_projections(gated)[n])
+    assert not torch.allclose(loaded(x, neighbour_ids=nb).logits, loaded(x).logits)
+
+    # a checkpoint without the projections: the missing ones start at zero again
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "trained" / "model.safetensors"
+    state = {n: t for n, t in load_file(path).items() if not n.endswith("retro_cca.attn.o_proj.weight")}
+    save_file(state, path, metadata={"format": "pt"})
+    loaded = RetroForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    assert all(bool((p == 0).all()) for p in cca_out_projections(loaded).values())
+    assert torch.equal(loaded(x, neighbour_ids=nb).logits, loaded(x).logits)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     # transformers 5.x checkpoints a decoder layer's forward, not its __call__: the RETRO hooks run outside the
     # checkpoint, so the replay in backward cannot miss the CCA update (its context is gone by then)
