@@ -10,6 +10,10 @@ key/value head, ``M`` (d x d) and a normaliser ``z`` (d), with σ = ELU + 1:
     delta   M_s = M_{s-1} + σ(K)ᵀ (V − σ(K) M_{s-1} / (σ(K) z_{s-1}))
     output  A = g ⊙ A_mem + (1 − g) ⊙ A_local,  g = sigmoid(β), one β per query head
 
+The memory ablation (gate mode "knockout") zeroes the read and keeps the gate: A = (1 − g) ⊙ A_local,
+so an input that fits in one segment (empty memory, A_mem = 0) is unchanged; plain A_local (mode
+"local") also removes the gate's damping and is the base model, not a memory ablation.
+
 The memory path uses the layer's own Q, K, V *before* the rotary embedding, so memory carries no
 positions, and RoPE positions restart at 0 in every segment (no position ever exceeds the segment
 length, whatever the input length). The state is O(layers · kv_heads · d²) whatever the input
@@ -45,7 +49,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 GATE_PARAM = "memory_gate"
 MAX_ABS_GATE_INIT = 6.0  # sigmoid'(6) ≈ 0.0025: past this the gate learns too slowly to matter
-GateMode = Literal["learned", "local", "memory"]
+GateMode = Literal["learned", "knockout", "local", "memory"]
+GATE_MODES = ("learned", "knockout", "local", "memory")
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,13 @@ class InfiniAttention(nn.Module):
             sliding_window=self.sliding_window, **kwargs)
         # local: (B, T, H, d)
 
-        if memory is None or self.gate_mode == "local":
+        if self.gate_mode == "knockout":
+            # the memory read is zeroed and nothing else changes: g * 0 + (1 - g) * A_local. With an
+            # empty memory A_mem is exactly 0 (0 / eps), so the first segment is bitwise the same as
+            # with memory on; plain A_local ("local") would also drop the gate's damping of local attention.
+            g = torch.sigmoid(self.memory_gate).to(local.dtype).view(1, 1, -1, 1)
+            out = (1 - g) * local
+        elif memory is None or self.gate_mode == "local":
             out = local
         else:
             out = self._with_memory(q, k, v, local, memory)
@@ -256,10 +267,15 @@ class InfiniAttentionLM(MemoryWrapper):
         return [layer.self_attn for layer in self.base.model.layers]
 
     def set_gate_mode(self, mode: GateMode) -> None:
-        """"learned": mix by the gates; "local": memory knocked out (neither read nor written);
+        """"learned": g * A_mem + (1 - g) * A_local, the model as trained;
+        "knockout": the memory ablation: the read is zeroed and the gate kept, (1 - g) * A_local
+        (the memory is neither read nor written); the first segment, where memory is empty, is
+        identical to "learned";
+        "local": plain local attention A_local, the gate removed too (within one segment this is the
+        base model; it is NOT a memory ablation of a trained model: it also undoes the gate's damping);
         "memory": memory read only (diagnostics)."""
-        if mode not in ("learned", "local", "memory"):
-            raise ValueError(f"gate mode must be 'learned', 'local' or 'memory', got {mode!r}")
+        if mode not in GATE_MODES:
+            raise ValueError(f"gate mode must be one of {', '.join(map(repr, GATE_MODES))}, got {mode!r}")
         self.gate_mode = mode
         for attn in self.attention_layers():
             attn.gate_mode = mode
@@ -322,7 +338,7 @@ class InfiniAttentionLM(MemoryWrapper):
         T = ids.shape[1]
         position_ids = torch.arange(T, device=ids.device).unsqueeze(0)  # RoPE restarts every segment
         out = self.base(input_ids=ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep,
-                        infini_memory=memory if self.gate_mode != "local" else None)
+                        infini_memory=memory if self.gate_mode not in ("local", "knockout") else None)
         if memory.write:
             memory.tokens_seen += T
             memory.segments_seen += 1

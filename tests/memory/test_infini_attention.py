@@ -45,6 +45,47 @@ def test_memory_changes_later_segments_but_not_the_first():
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
+def test_knockout_zeroes_the_memory_read_and_keeps_the_gate(update):
+    """The memory ablation: out = g * 0 + (1 - g) * A_local. In the first segment the memory is empty,
+    so its read is exactly 0 (0 / eps) and memory on and knocked out run the same float operations:
+    the logits are required to be bitwise equal, not merely close. Once memory holds a segment, the
+    two differ. Plain local attention ("local") drops the gate's damping too and so differs already
+    in the first segment: it is not a memory ablation."""
+    m = wrap(seg=16, update=update)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for a in m.attention_layers():  # a different gate per head, as after training (g in ~0.1..0.9)
+            a.memory_gate.copy_(torch.randn(a.memory_gate.shape) * 1.5)
+    ids = torch.randint(3, 128, (2, 48))
+    with torch.no_grad():
+        on = m(ids, keep_logits="all").logits
+        m.set_gate_mode("knockout")
+        off = m(ids, keep_logits="all").logits
+        second_alone = m(ids[:, 16:32], keep_logits="all").logits  # knocked out: nothing carries over
+        m.set_gate_mode("local")
+        plain = m(ids, keep_logits="all").logits
+        m.set_gate_mode("learned")
+    assert torch.equal(on[:, :16], off[:, :16])
+    assert (on[:, 16:32] - off[:, 16:32]).abs().max() > 1e-3
+    assert (on[:, 32:] - off[:, 32:]).abs().max() > 1e-3
+    assert_close(off[:, 16:32], second_alone)
+    assert (plain[:, :16] - on[:, :16]).abs().max() > 1e-3  # the old "local" ablation moved segment one
+
+
+def test_knockout_neither_reads_nor_writes_memory():
+    m = wrap(seg=16, gate_init=0.0)
+    ids = torch.randint(3, 128, (1, 32))
+    with torch.no_grad():
+        mem = m(ids, keep_logits="none").memory
+        before = {k: v.clone() for k, v in mem.M.items()}
+        m.set_gate_mode("knockout")
+        with_mem = m(ids[:, :16], memory=mem, keep_logits="all").logits
+        without = m(ids[:, :16], keep_logits="all").logits
+    assert torch.equal(with_mem, without)  # a full memory is not read
+    assert all(torch.equal(before[k], mem.M[k]) for k in before)  # nor written
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
 def test_memory_state_size_does_not_depend_on_input_length(update):
     m = wrap(seg=16, update=update)
     sizes = set()
