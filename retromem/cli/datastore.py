@@ -135,6 +135,16 @@ def print_summary(m: dict[str, Any], seconds: dict[str, float] | None = None) ->
     click.echo("\n".join(lines))
 
 
+def _detection_line(d: dict[str, Any]) -> str:
+    """The LSH detection curve of the banding this datastore was deduplicated with."""
+    from retromem.datastore.dedup import detection_curve, detection_midpoint
+
+    b, r = d["bands"], d["rows"]
+    curve = "  ".join(f"{s:.2f}:{p:.2f}" for s, p in detection_curve(b, r))
+    return (f"near-dup    P(caught) by Jaccard  {curve}  (50% at {detection_midpoint(b, r):.3f}, "
+            f"threshold {d['threshold']})")
+
+
 @group.command("info")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
@@ -149,6 +159,7 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
         click.echo(json.dumps(ds.manifest, indent=2))
     else:
         print_summary(ds.manifest)
+        click.echo(_detection_line(ds.manifest["dedup"]))
         on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         click.echo(f"on disk     {fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
     if verify:
