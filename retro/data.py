@@ -10,6 +10,8 @@ neighbours job (:class:`retromem.retro.neighbours.NeighbourTable`) over a docume
   next; each chunk's neighbours still exclude that chunk's own document.
 * Neighbour tokens are the retrieved chunk plus its continuation (``Datastore.neighbour_tokens``),
   ``(n_chunks, k, 2m)`` with a padding mask.
+* The control without retrieval signal: :class:`RandomNeighbourTable` lends each chunk the retrieved
+  neighbours of a random chunk of other documents; the dataset takes it in place of the table.
 """
 
 from __future__ import annotations
@@ -73,6 +75,72 @@ def neighbour_arrays(ds: Any, neighbour_ids: np.ndarray, k: int) -> tuple[np.nda
     return toks.reshape(*lead, r), mask.reshape(*lead, r)
 
 
+# -- the random-neighbour control -------------------------------------------------------------------
+
+
+class RandomNeighbourTable:
+    """A neighbour table that gives each chunk the retrieved neighbours of a random other chunk.
+
+    The control for "any text in the neighbour slots": the neighbours are real retrieved neighbour
+    sets (k chunks of the same length, similar to each other, as the model sees in training), only
+    retrieved for another query. Each chunk of ``chunk_ids`` gets the row of a donor drawn (seeded)
+    from ``table``'s chunks of the training split (all of the table's chunks if it holds none), such
+    that neither the donor nor any of its neighbours is from the chunk's own document: no text of
+    the evaluated document can leak in through the control. Same interface as
+    :class:`~retromem.retro.neighbours.NeighbourTable` (``k``, ``split_spec``, ``lookup``), so
+    :class:`RetroDataset` takes either.
+
+    ``donors`` (n,) holds each chunk's donor chunk id, in ``chunk_ids`` order (ascending).
+    """
+
+    def __init__(self, table: NeighbourTable, ds: Any, chunk_ids: np.ndarray, *, seed: int = 0,
+                 max_rounds: int = 200) -> None:
+        self.k, self.split_spec = table.k, table.split_spec
+        self.chunk_ids = np.unique(np.asarray(chunk_ids, dtype=np.int64))
+        doc_of = np.asarray(ds.chunk_doc_array)
+        pool = table.chunk_ids
+        train_pool = pool[~self.split_spec.is_eval(doc_of[pool])] if len(pool) else pool
+        self.donor_split = "train" if len(train_pool) else "all"
+        pool = train_pool if len(train_pool) else pool
+        rows = table.lookup(pool)  # (P, k)
+        pool_docs = doc_of[pool]  # (P,)
+        nb_docs = np.where(rows >= 0, doc_of[np.clip(rows, 0, None)], -1)  # (P, k)
+        # a donor with no neighbour at all gives the model nothing to read: not a fair control
+        usable = (rows >= 0).any(axis=1)
+        pool, rows, pool_docs, nb_docs = pool[usable], rows[usable], pool_docs[usable], nb_docs[usable]
+        if len(pool) == 0:
+            raise ConfigError("the neighbour table holds no chunk with a neighbour to lend as a random neighbour")
+        target_docs = doc_of[self.chunk_ids]  # (n,)
+        rng = np.random.default_rng(seed)
+        pick = np.full(len(self.chunk_ids), -1, dtype=np.int64)
+        todo = np.arange(len(self.chunk_ids))
+        for _ in range(max_rounds):  # rejection sampling: redraw only the chunks whose donor shares their document
+            if len(todo) == 0:
+                break
+            cand = rng.integers(0, len(pool), size=len(todo))
+            ok = (pool_docs[cand] != target_docs[todo]) & (nb_docs[cand] != target_docs[todo, None]).all(axis=1)
+            pick[todo[ok]] = cand[ok]
+            todo = todo[~ok]
+        if len(todo):
+            raise ConfigError(f"found no random donor chunk outside the document of chunk {int(self.chunk_ids[todo[0]])} "
+                              f"after {max_rounds} draws: the neighbour table covers too few other documents")
+        self.donors = pool[pick]  # (n,)
+        self.neighbours = rows[pick]  # (n, k)
+
+    def lookup(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """(n, k) neighbour ids lent to ``chunk_ids``; ConfigError for a chunk the table was not built for."""
+        q = np.asarray(chunk_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.chunk_ids, q), max(len(self.chunk_ids) - 1, 0))
+        if len(q) and (len(self.chunk_ids) == 0 or not bool((self.chunk_ids[pos] == q).all())):
+            raise ConfigError("RandomNeighbourTable.lookup: a chunk outside the chunks it was built for")
+        return self.neighbours[pos]
+
+    def donor_of(self, chunk_ids: np.ndarray) -> np.ndarray:
+        """(n,) the donor chunk whose neighbours each of ``chunk_ids`` reads."""
+        q = np.asarray(chunk_ids, dtype=np.int64)
+        return self.donors[np.searchsorted(self.chunk_ids, q)]
+
+
 # -- the dataset ---------------------------------------------------------------------------------------
 
 
@@ -84,7 +152,8 @@ class RetroDataset(torch.utils.data.Dataset):
     neighbour fields out (the model without retrieval).
     """
 
-    def __init__(self, ds: Any, chunk_ids: np.ndarray, seq_chunks: int, table: NeighbourTable | None = None,
+    def __init__(self, ds: Any, chunk_ids: np.ndarray, seq_chunks: int,
+                 table: NeighbourTable | RandomNeighbourTable | None = None,
                  k: int | None = None, max_sequences: int | None = None, with_neighbours: bool = True) -> None:
         positive_int(seq_chunks, "seq_chunks", flag="--seq-chunks")
         if with_neighbours and table is None:

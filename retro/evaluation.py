@@ -1,12 +1,27 @@
 """RETRO evaluation on held-out documents (``retromem retro eval``): perplexity and bits per byte in
-three settings on the same sequences, and the paper's leakage analysis.
+four settings on the same tokens, paired bootstrap intervals for the differences that decide whether
+the model reads its neighbours, and the paper's leakage analysis.
 
 Settings, all on the same token sequences of the held-out split (:mod:`retromem.retro.data`):
 
 * ``base``: the base model alone (for RETROfit: the pretrained model, loaded separately);
 * ``retro``: the RETRO model with its retrieved neighbours;
+* ``retro_random``: the RETRO model with the retrieved neighbours of a random other chunk (a chunk
+  of the training split, and neither it nor its neighbours from the evaluated chunk's document;
+  :class:`~retromem.retro.data.RandomNeighbourTable`): same k, same token length, real neighbour
+  sets, no retrieval signal. This controls for "any text in the neighbour slots";
 * ``retro_off``: the RETRO model with the neighbours removed (for RETROfit this must equal ``base``:
   the run reports the difference as a check).
+
+Differences (``differences`` in results.json), each the mean per-token negative log-likelihood of
+the first setting minus the second (nats; negative = the first is better; ``exp`` of it is the
+perplexity ratio) with a paired bootstrap interval (:func:`retromem.stats.paired_bootstrap`,
+resampling whole held-out documents, or sequences with ``groups="sequence"``):
+
+* ``retro - retro_random``: what retrieval adds over arbitrary neighbours; the claim "RETRO reads
+  its neighbours" needs this interval below zero;
+* ``retro - retro_off`` and ``retro_random - retro_off``: neighbours against none;
+* ``retro_off - base``: what training changed without neighbours (domain adaptation).
 
 Bits per byte = total negative log-likelihood (nats) / ln 2 / UTF-8 bytes of the predicted tokens
 (byte-level BPE: each token's byte length from the vocabulary), so it compares across tokenizers.
@@ -15,8 +30,10 @@ Leakage analysis (Borgeaud et al. 2021, section 4.4): with the causal shift, the
 are predicted by positions that attend to the neighbours of chunk u-1 (retrieved with chunk u-1,
 each with its continuation). For every chunk u >= 1 the overlap is the fraction of its tokens
 covered by an ``overlap_ngram``-token n-gram that also occurs in one of those neighbours; chunks
-are bucketed by overlap and each bucket's bits per byte reported for every setting. A gain that only
-appears at high overlap is copying of leaked text, not better language modelling.
+are bucketed by overlap and each bucket's bits per byte reported for every setting, with the gain
+of retrieved over random neighbours and its interval. A gain that only appears at high overlap is
+copying of leaked text, not better language modelling; a gain flat across buckets and equal with
+random neighbours is not retrieval at all.
 """
 
 from __future__ import annotations
@@ -33,20 +50,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retromem.config import fail, is_int, is_number, optional_positive_int, positive_int
+from retromem.config import fail, integer, is_int, is_number, number, one_of, optional_positive_int, positive_int
 from retromem.errors import ConfigError
+from retromem.stats import paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("base", "retro", "retro_off")
+SETTINGS = ("base", "retro", "retro_random", "retro_off")
+# (first, second): reported as first - second, when both settings ran
+DIFFERENCES = (("retro", "retro_random"), ("retro", "retro_off"), ("retro_random", "retro_off"), ("retro_off", "base"))
 DEFAULT_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
+GROUPS = ("document", "sequence")
 
 
 @dataclass(frozen=True)
 class RetroEvalConfig:
     """seq_chunks: chunks per evaluated sequence; max_sequences: spread evenly over the held-out split
     (None: all); overlap_ngram: n-gram length of the leakage analysis; edges: overlap bucket edges (a
-    bucket of exactly 0 overlap comes first, then (e_i, e_i+1])."""
+    bucket of exactly 0 overlap comes first, then (e_i, e_i+1]); seed: of the random neighbours and the
+    bootstrap; bootstrap: resamples; level: interval coverage; groups: the bootstrap's resampling unit
+    (held-out ``document`` or evaluated ``sequence``)."""
 
     out: str
     seq_chunks: int = 4
@@ -54,6 +77,10 @@ class RetroEvalConfig:
     batch_size: int = 2
     overlap_ngram: int = 8
     edges: tuple[float, ...] = DEFAULT_EDGES
+    seed: int = 0
+    bootstrap: int = 1000
+    level: float = 0.95
+    groups: str = "document"
 
     def __post_init__(self) -> None:
         if not is_int(self.seq_chunks) or self.seq_chunks < 2:
@@ -65,6 +92,10 @@ class RetroEvalConfig:
         if not e or not all(is_number(x) for x in e) or list(e) != sorted(e) or e[0] != 0.0 or e[-1] != 1.0:
             fail("edges", "rise from 0 to 1", e)
         object.__setattr__(self, "edges", tuple(float(x) for x in e))  # normalise the input type (a YAML list)
+        integer(self.seed, "seed", flag="--seed")
+        positive_int(self.bootstrap, "bootstrap", flag="--bootstrap")
+        number(self.level, "level", gt=0, lt=1, flag="--level")
+        one_of(self.groups, "groups", GROUPS, flag="--groups")
 
 
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -106,15 +137,35 @@ def bucket_of(overlap: float, edges: tuple[float, ...]) -> int:
     return 1 + min(int(np.searchsorted(edges, overlap, side="left")) - 1, len(edges) - 2)
 
 
+def difference(nll: dict[str, np.ndarray], first: str, second: str, groups: np.ndarray, cfg: RetroEvalConfig,
+               select: np.ndarray | None = None) -> dict[str, Any] | None:
+    """Mean per-token NLL of ``first`` minus ``second`` (nats) with its paired bootstrap interval over
+    ``groups``, on the tokens ``select`` (bool, default all); also as a perplexity ratio."""
+    a, b, g = nll[first], nll[second], groups
+    if select is not None:
+        a, b, g = a[select], b[select], g[select]
+    if len(a) == 0:
+        return None
+    r = paired_bootstrap(a, b, groups=g, n=cfg.bootstrap, seed=cfg.seed, level=cfg.level)
+    return {"first": first, "second": second, "mean_nll": r.mean, "low": r.low, "high": r.high,
+            "ppl_ratio": math.exp(r.mean), "ppl_ratio_low": math.exp(r.low), "ppl_ratio_high": math.exp(r.high),
+            "excludes_zero": r.excludes_zero(), "level": r.level, "tokens": r.n_items, "groups": r.n_groups,
+            "resamples": r.n_resamples}
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, base: torch.nn.Module | None = None,
              title: str = "RETRO", progress: bool = True) -> dict[str, Any]:
     """Runs every setting on the held-out sequences; writes results.json, chunks.jsonl and leakage.png
-    under ``cfg.out``; returns the summary."""
+    under ``cfg.out``; returns the summary.
+
+    ``table`` must cover the held-out chunks; the random neighbours are lent by its training-split
+    chunks (pass the training neighbours too, as ``retromem retro eval --neighbours nb-train
+    --neighbours nb-eval`` does), or by other held-out documents' chunks when it has none."""
     from tqdm.auto import tqdm
 
     from retromem.datastore.tokenizer import byte_length_table
-    from retromem.retro.data import RetroDataset
+    from retromem.retro.data import RandomNeighbourTable, RetroDataset
 
     t0 = time.perf_counter()
     retro_cfg = model.retro_config if getattr(model, "retro_config", None) is not None else model.config
@@ -128,66 +179,99 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
         raise ConfigError("the neighbours cover no held-out sequence: run `retromem retro neighbours --split eval` "
                           "with the same --eval-fraction/--split-seed")
     data = RetroDataset(ds, covered, cfg.seq_chunks, table, k=k, max_sequences=cfg.max_sequences)
+    random_table = RandomNeighbourTable(table, ds, data.windows.reshape(-1), seed=cfg.seed)
+    random_data = RetroDataset(ds, covered, cfg.seq_chunks, random_table, k=k, max_sequences=cfg.max_sequences)
+    assert np.array_equal(data.windows, random_data.windows)  # the same tokens, only the neighbours differ
     nbytes_of = torch.from_numpy(byte_length_table(ds.tokenizer.backend_tokenizer))
+    doc_of = np.asarray(ds.chunk_doc_array)
     m = ds.chunk_length
-    models = {"retro": model, "retro_off": model}
+    models = {"retro": model, "retro_random": model, "retro_off": model}
     if base is not None:
         models["base"] = base
     for mod in {id(x): x for x in models.values()}.values():
         mod.eval()
-    totals = {s: [0.0, 0, 0] for s in models}  # nll nats, tokens, bytes
+    # per predicted token: its NLL in every setting, its bytes, its resampling group, its chunk record (-1: chunk 0)
+    tok_nll: dict[str, list[np.ndarray]] = {s: [] for s in models}
+    tok_bytes, tok_group, tok_chunk = [], [], []
     chunks: list[dict[str, Any]] = []
     max_abs_off_base = 0.0
     bar = tqdm(total=len(data), unit="seq", desc="retro eval", disable=not progress)
     for start in range(0, len(data), cfg.batch_size):
-        items = [data[i] for i in range(start, min(start + cfg.batch_size, len(data)))]
+        idx = range(start, min(start + cfg.batch_size, len(data)))
+        items = [data[i] for i in idx]
+        rand = [random_data[i] for i in idx]
         batch = {key: torch.stack([it[key] for it in items]) for key in items[0]}
+        rbatch = {key: torch.stack([it[key] for it in rand]) for key in ("neighbour_ids", "neighbour_attention_mask")}
         x, y = batch["input_ids"], batch["labels"]
         nll = {
             "retro": token_nll(model, x, y, neighbour_ids=batch["neighbour_ids"],
                                neighbour_attention_mask=batch["neighbour_attention_mask"]),
+            "retro_random": token_nll(model, x, y, neighbour_ids=rbatch["neighbour_ids"],
+                                      neighbour_attention_mask=rbatch["neighbour_attention_mask"]),
             "retro_off": token_nll(model, x, y),
         }
         if base is not None:
             nll["base"] = token_nll(base, x, y)
             max_abs_off_base = max(max_abs_off_base, float(np.nanmax((nll["base"] - nll["retro_off"]).abs().numpy())))
-        ok = ~torch.isnan(nll["retro"])
-        nb = nbytes_of[x.clamp(max=len(nbytes_of) - 1)].float()
-        for s, v in nll.items():
-            totals[s][0] += float(v[ok].double().sum())
-            totals[s][1] += int(ok.sum())
-            totals[s][2] += int(nb[ok].sum())
+        ok = ~torch.isnan(nll["retro"])  # (B, T)
+        nb = nbytes_of[x.clamp(max=len(nbytes_of) - 1)].float()  # (B, T)
         nt, nm = batch["neighbour_ids"].numpy(), batch["neighbour_attention_mask"].numpy()
+        rt, rm = rbatch["neighbour_ids"].numpy(), rbatch["neighbour_attention_mask"].numpy()
         for b in range(len(items)):
             win = data.windows[start + b]
+            chunk_of_pos = np.full(x.shape[1], -1, dtype=np.int64)  # (T,) chunk record of each position
             for u in range(1, cfg.seq_chunks):
                 sl = slice(u * m, (u + 1) * m)
                 sel = ok[b, sl]
                 if not bool(sel.any()):
                     continue
                 toks = x[b, sl][sel].numpy()
-                rec = {"chunk_id": int(win[u]), "doc_id": int(ds.chunk_doc_array[win[u]]), "tokens": int(sel.sum()),
+                rec = {"chunk_id": int(win[u]), "doc_id": int(doc_of[win[u]]), "tokens": int(sel.sum()),
                        "bytes": int(nb[b, sl][sel].sum()),
-                       "overlap": chunk_overlap(toks, nt[b, u - 1], nm[b, u - 1], cfg.overlap_ngram)}
+                       "overlap": chunk_overlap(toks, nt[b, u - 1], nm[b, u - 1], cfg.overlap_ngram),
+                       "overlap_random": chunk_overlap(toks, rt[b, u - 1], rm[b, u - 1], cfg.overlap_ngram),
+                       "random_donor": int(random_table.donor_of([win[u - 1]])[0])}
                 for s, v in nll.items():
                     rec[f"nll_{s}"] = float(v[b, sl][sel].double().sum())
+                chunk_of_pos[sl] = len(chunks)
                 chunks.append(rec)
+            keep = ok[b].numpy()
+            for s, v in nll.items():
+                tok_nll[s].append(v[b].double().numpy()[keep])
+            tok_bytes.append(nb[b].numpy()[keep])
+            tok_chunk.append(chunk_of_pos[keep])
+            if cfg.groups == "document":
+                group = doc_of[np.repeat(win, m)]  # (T,) the document of each position's chunk
+            else:
+                group = np.full(x.shape[1], start + b, dtype=np.int64)
+            tok_group.append(group[keep])
         bar.update(len(items))
     bar.close()
+
+    nll_all = {s: np.concatenate(v) for s, v in tok_nll.items()}
+    nbytes_all, groups, chunk_all = np.concatenate(tok_bytes), np.concatenate(tok_group), np.concatenate(tok_chunk)
 
     def metrics(nats: float, tokens: int, nbytes: int) -> dict[str, float]:
         return {"perplexity": math.exp(nats / max(tokens, 1)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
                 "tokens": tokens, "bytes": nbytes}
 
-    settings = {s: metrics(*totals[s]) for s in SETTINGS if s in totals}
+    settings = {s: metrics(float(nll_all[s].sum()), len(nll_all[s]), int(nbytes_all.sum()))
+                for s in SETTINGS if s in nll_all}
+    differences = {f"{a} - {b}": difference(nll_all, a, b, groups, cfg) for a, b in DIFFERENCES
+                   if a in nll_all and b in nll_all}
     labels = bucket_labels(cfg.edges)
+    bucket_of_chunk = np.array([bucket_of(c["overlap"], cfg.edges) for c in chunks], dtype=np.int64)
+    bucket_of_token = np.where(chunk_all >= 0, bucket_of_chunk[np.clip(chunk_all, 0, None)] if len(chunks) else -1, -1)
     buckets = []
     for i, label in enumerate(labels):
-        rows = [c for c in chunks if bucket_of(c["overlap"], cfg.edges) == i]
+        rows = [c for c, bi in zip(chunks, bucket_of_chunk) if bi == i]
         entry: dict[str, Any] = {"overlap": label, "chunks": len(rows)}
         nbytes = sum(c["bytes"] for c in rows)
         for s in settings:
             entry[f"bpb_{s}"] = (sum(c[f"nll_{s}"] for c in rows) / math.log(2) / nbytes) if nbytes else None
+        sel = bucket_of_token == i
+        entry["retro - retro_random"] = difference(nll_all, "retro", "retro_random", groups, cfg, sel)
+        entry["retro - retro_off"] = difference(nll_all, "retro", "retro_off", groups, cfg, sel)
         buckets.append(entry)
     cumulative = []
     for e in cfg.edges:  # the paper's view: only chunks with overlap <= e
@@ -199,8 +283,12 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
         cumulative.append(entry)
     summary = {
         "title": title, "sequences": len(data), "sequence_tokens": cfg.seq_chunks * m, "num_neighbours": k,
-        "held_out_documents": int(len(np.unique(ds.chunk_doc_array[data.windows.reshape(-1)]))),
-        "split": spec.as_dict(), "settings": settings, "leakage_buckets": buckets, "leakage_cumulative": cumulative,
+        "held_out_documents": int(len(np.unique(doc_of[data.windows.reshape(-1)]))),
+        "split": spec.as_dict(), "settings": settings, "differences": differences,
+        "random_neighbours": {"donor_split": random_table.donor_split, "seed": cfg.seed,
+                              "mean_overlap_retrieved": float(np.mean([c["overlap"] for c in chunks])) if chunks else None,
+                              "mean_overlap_random": float(np.mean([c["overlap_random"] for c in chunks])) if chunks else None},
+        "leakage_buckets": buckets, "leakage_cumulative": cumulative,
         "max_abs_token_nll_difference_base_vs_retro_off": max_abs_off_base if base is not None else None,
         "config": asdict(cfg), "seconds": time.perf_counter() - t0,
     }
@@ -215,6 +303,10 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
     return summary
 
 
+NAMES = {"base": "base model", "retro": "RETRO, retrieved neighbours", "retro_random": "RETRO, random neighbours",
+         "retro_off": "RETRO, no neighbours"}
+
+
 def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -222,15 +314,15 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     settings = [s for s in SETTINGS if s in summary["settings"]]
-    names = {"base": "base model", "retro": "RETRO, with neighbours", "retro_off": "RETRO, neighbours removed"}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(18, 4.8))
     buckets = summary["leakage_buckets"]
     x = np.arange(len(buckets))
+    ticks = [f"{b['overlap']}\n{b['chunks']} chunks" for b in buckets]
     w = 0.8 / len(settings)
     for i, s in enumerate(settings):
         vals = [b[f"bpb_{s}"] if b[f"bpb_{s}"] is not None else np.nan for b in buckets]
-        a1.bar(x + (i - (len(settings) - 1) / 2) * w, vals, w, label=names[s])
-    a1.set_xticks(x, [f"{b['overlap']}\n{b['chunks']} chunks" for b in buckets], fontsize=8)
+        a1.bar(x + (i - (len(settings) - 1) / 2) * w, vals, w, label=NAMES[s])
+    a1.set_xticks(x, ticks, fontsize=8)
     a1.set_xlabel(f"overlap of the chunk with its neighbours ({summary['config']['overlap_ngram']}-gram token coverage)")
     a1.set_ylabel("bits per byte")
     a1.set_title("bits per byte by overlap bucket")
@@ -238,11 +330,24 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
     cum = summary["leakage_cumulative"]
     xs = [c["max_overlap"] for c in cum]
     for s in settings:
-        a2.plot(xs, [c[f"bpb_{s}"] if c[f"bpb_{s}"] is not None else np.nan for c in cum], marker="o", label=names[s])
+        a2.plot(xs, [c[f"bpb_{s}"] if c[f"bpb_{s}"] is not None else np.nan for c in cum], marker="o", label=NAMES[s])
     a2.set_xlabel("max overlap of the chunks counted")
     a2.set_ylabel("bits per byte")
     a2.set_title("chunks with overlap <= x (the paper's leakage curve)")
     a2.legend(fontsize=8)
+    level = summary["config"]["level"]
+    for j, (key, label) in enumerate((("retro - retro_random", "retrieved - random neighbours"),
+                                      ("retro - retro_off", "retrieved - no neighbours"))):
+        d = [b[key] for b in buckets]
+        mean = np.array([v["mean_nll"] if v else np.nan for v in d])
+        err = np.array([[v["mean_nll"] - v["low"], v["high"] - v["mean_nll"]] if v else [np.nan, np.nan] for v in d]).T
+        a3.errorbar(x + (j - 0.5) * 0.2, mean, yerr=err, fmt="o", capsize=4, label=label)
+    a3.axhline(0.0, color="grey", lw=0.8)
+    a3.set_xticks(x, ticks, fontsize=8)
+    a3.set_xlabel("overlap bucket (as left)")
+    a3.set_ylabel("mean NLL difference, nats/token (< 0: better)")
+    a3.set_title(f"gain by overlap, {level:.0%} paired bootstrap intervals")
+    a3.legend(fontsize=8)
     fig.suptitle(f"{summary['title']}: {summary['sequences']} held-out sequences of {summary['sequence_tokens']} tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

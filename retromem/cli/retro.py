@@ -94,18 +94,26 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
 @click.option("--model", "model_path", required=True, help="A trained RETRO directory (RETROfit weights or a RetroForCausalLM).")
 @click.option("--base-model", default=None, help="The base model (RETROfit: default the recorded base; from scratch: none).")
 @click.option("--datastore", "datastore_path", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--neighbours", multiple=True, required=True, help="Neighbours directories covering the eval split.")
+@click.option("--neighbours", multiple=True, required=True,
+              help="Neighbours directories covering the eval split; pass the train split's too: its chunks lend the "
+                   "random neighbours of the control.")
 @click.option("--seq-chunks", type=int, default=4, show_default=True)
 @click.option("--max-sequences", type=int, default=64, show_default=True, help="Held-out sequences, spread over the split (0: all).")
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--overlap-ngram", type=int, default=8, show_default=True, help="n of the leakage analysis's n-gram overlap.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random neighbours and the bootstrap.")
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples of each interval.")
+@click.option("--groups", type=click.Choice(["document", "sequence"]), default="document", show_default=True,
+              help="What the bootstrap resamples: held-out documents or evaluated sequences.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", default="retro-eval", show_default=True, help="Directory for results.json, chunks.jsonl, leakage.png.")
 @handle_errors
 def retro_eval(model_path: str, base_model: str | None, datastore_path: str, neighbours: tuple[str, ...], seq_chunks: int,
-               max_sequences: int, batch_size: int, overlap_ngram: int, threads: int, out: str) -> None:
-    """Held-out perplexity and bits per byte: base model, RETRO with neighbours, RETRO with them removed;
-    and the leakage analysis (gain against neighbour overlap), plotted."""
+               max_sequences: int, batch_size: int, overlap_ngram: int, seed: int, bootstrap: int, groups: str,
+               threads: int, out: str) -> None:
+    """Held-out perplexity and bits per byte on the same tokens: base model, RETRO with retrieved
+    neighbours, with random neighbours (another chunk's), with none; paired bootstrap intervals for
+    the differences; and the leakage analysis (gain against neighbour overlap), plotted."""
     import torch
 
     from retromem.datastore import Datastore
@@ -117,7 +125,7 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
 
     torch.set_num_threads(threads)
     cfg = RetroEvalConfig(out=out, seq_chunks=seq_chunks, max_sequences=max_sequences or None, batch_size=batch_size,
-                          overlap_ngram=overlap_ngram)
+                          overlap_ngram=overlap_ngram, seed=seed, bootstrap=bootstrap, groups=groups)
     ds = Datastore.open(datastore_path)
     model, tok = load_retro_model(model_path, base_model)
     check_datastore_tokenizer(ds, tok, model.config.vocab_size)
@@ -126,16 +134,25 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
     table = NeighbourTable(list(neighbours), ds)
     s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}")
     click.echo(f"{s['sequences']} held-out sequences of {s['sequence_tokens']} tokens from {s['held_out_documents']} "
-               f"documents never trained on; k={s['num_neighbours']}")
+               f"documents never trained on; k={s['num_neighbours']}; random neighbours lent by "
+               f"{s['random_neighbours']['donor_split']}-split chunks of other documents")
     for name, v in s["settings"].items():
-        click.echo(f"  {name:<10} perplexity {v['perplexity']:8.3f}   bits/byte {v['bits_per_byte']:.4f}")
+        click.echo(f"  {name:<12} perplexity {v['perplexity']:8.3f}   bits/byte {v['bits_per_byte']:.4f}")
+    click.echo(f"differences in mean NLL (nats/token; < 0: the first is better), {cfg.level:.0%} paired bootstrap "
+               f"intervals over {cfg.groups}s:")
+    for name, d in s["differences"].items():
+        verdict = "excludes 0" if d["excludes_zero"] else "contains 0"
+        click.echo(f"  {name:<26} {d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict}   "
+                   f"perplexity x{d['ppl_ratio']:.4f}")
     if s["max_abs_token_nll_difference_base_vs_retro_off"] is not None:
         click.echo(f"  check: base vs RETRO without neighbours, largest per-token difference "
                    f"{s['max_abs_token_nll_difference_base_vs_retro_off']:.2e} nats")
-    click.echo("leakage (bits/byte by overlap of the chunk with its neighbours):")
+    click.echo("leakage (bits/byte by overlap of the chunk with its retrieved neighbours; retrieved - random in nats/token):")
     for b in s["leakage_buckets"]:
         vals = "  ".join(f"{k[4:]} {v:.4f}" for k, v in b.items() if k.startswith("bpb_") and v is not None)
-        click.echo(f"  {b['overlap']:<14} {b['chunks']:6d} chunks  {vals}")
+        d = b["retro - retro_random"]
+        gain = f"  retrieved - random {d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
+        click.echo(f"  {b['overlap']:<14} {b['chunks']:6d} chunks  {vals}{gain}")
     click.echo(f"results: {Path(out) / 'results.json'}   plot: {s['plot']}")
 
 
