@@ -1,9 +1,16 @@
 """Long-context evaluation of memory models: passkey retrieval and long-document perplexity.
 
-Every measurement is taken in three modes on the same inputs:
+Every measurement is taken in these modes on the same inputs (``MODE_LABELS`` names them in
+results.json and the plots):
 - ``memory``: the memory model as trained (Infini-attention gates / AutoCompressor summaries);
-- ``knocked_out``: memory removed: every segment sees only itself (Infini gate forced local,
-  AutoCompressor without soft prompts);
+- ``knocked_out``: the memory read is zeroed and nothing else changes (Infini gate mode
+  "knockout": (1 - g) * A_local; AutoCompressor: no summaries), so every segment sees only itself
+  and an input that fits in one segment gives the same logits as with memory on;
+- ``other_doc``: the memory of another input of the same length (Infini: the state after another
+  input's prefix; AutoCompressor: that prefix's summaries): controls for "any memory content";
+- ``local_ungated`` (Infini only): plain local attention with the gate removed as well. This was the
+  "knocked out" of earlier reports; it also removes the gate's damping of local attention, so it
+  confounds memory with damping and differs from ``memory`` even where the memory is empty;
 - ``full``: the base model's full attention over the whole input, where it fits (``full_max``).
 
 Passkey is scored teacher-forced: an example is correct when the argmax at every answer position is
@@ -30,7 +37,31 @@ from retromem.config import fail, integer, is_int, is_number, non_negative_int, 
 
 logger = logging.getLogger(__name__)
 
-MODES = ("memory", "knocked_out", "full")
+MODES = ("memory", "knocked_out", "other_doc", "local_ungated", "full")
+MODE_LABELS = {
+    "memory": "memory on",
+    "knocked_out": "memory read zeroed (knocked out)",
+    "other_doc": "memory of another document",
+    "local_ungated": "plain local attention, gate removed (not a memory ablation)",
+    "full": "full attention, same weights",
+}
+
+
+def modes_for(model: Any) -> tuple[str, ...]:
+    """The modes that apply to ``model``: ``local_ungated`` only exists for Infini-attention."""
+    from retromem.memory.infini_attention import InfiniAttentionLM
+
+    return MODES if isinstance(model, InfiniAttentionLM) else tuple(m for m in MODES if m != "local_ungated")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n (95% for z = 1.96)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)
@@ -70,36 +101,46 @@ def segment_length_of(model: Any) -> int:
 
 
 @torch.inference_mode()
-def logits_for(model: Any, ids: torch.Tensor, mode: str, start: int) -> torch.Tensor:
-    """Logits (1, L - start, V) of positions start.. under ``mode`` (only those are kept)."""
+def logits_for(model: Any, ids: torch.Tensor, mode: str, start: int, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (1, L - start, V) of positions start.. under ``mode`` (only those are kept).
+
+    other: (1, >= start) ids of another input, whose prefix builds the memory in mode ``other_doc``.
+    """
     from retromem.memory.infini_attention import InfiniAttentionLM
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     L = ids.shape[1]
     seg = segment_length_of(model)
+    first = start // seg * seg  # the segments before this one are what the memory holds
+    if mode == "other_doc":
+        if other is None or other.shape[1] < first:
+            raise ValueError(f"mode 'other_doc' needs `other` ids of at least {first} tokens")
+        prefix = other[:, :first]
+    else:
+        prefix = ids[:, :first]
     if isinstance(model, InfiniAttentionLM):
         old_mode, old_cfg = model.gate_mode, model.memory_config
         try:
             if mode == "full":
                 model.set_gate_mode("local")
                 model.memory_config = replace(old_cfg, segment_length=L)  # one segment, local attention only = the base model
-            elif mode == "knocked_out":
-                model.set_gate_mode("local")
-            if mode == "memory" or mode == "knocked_out":
-                # run the prefix keeping no logits (knocked out: nothing to carry, skip it), then the tail
-                first = start // seg * seg
-                mem = model(ids[:, :first], keep_logits="none").memory if first and mode == "memory" else None
-                out = model(ids[:, first:], memory=mem, keep_logits="all").logits
-                return out[:, start - first:]
-            return model(ids, keep_logits="all").logits[:, start:]
+                return model(ids, keep_logits="all").logits[:, start:]
+            model.set_gate_mode({"knocked_out": "knockout", "local_ungated": "local"}.get(mode, "learned"))
+            # run the prefix keeping no logits (knocked out: nothing is read, skip it), then the tail
+            carry = mode in ("memory", "other_doc") and first > 0
+            mem = model(prefix, keep_logits="none").memory if carry else None
+            return model(ids[:, first:], memory=mem, keep_logits="all").logits[:, start - first:]
         finally:
             model.set_gate_mode(old_mode)
             model.memory_config = old_cfg
     # AutoCompressor
+    if mode == "local_ungated":
+        raise ValueError("mode 'local_ungated' exists for Infini-attention only")
     if mode == "full":
         return model(ids, segment_lengths=[L]).logits[:, start:]
-    first = start // seg * seg
-    if mode == "memory":
-        sp = model.compress(ids[:, :first], segment_lengths=[seg]) if first else None
+    if mode in ("memory", "other_doc"):
+        sp = model.compress(prefix, segment_lengths=[seg]) if first else None
         return model(ids[:, first:], softprompt=sp, segment_lengths=[seg]).logits[:, start - first:]
     return _independent_segments(model, ids[:, first:], seg)[:, start - first:]
 
@@ -109,13 +150,17 @@ def _independent_segments(model: Any, ids: torch.Tensor, seg: int) -> torch.Tens
     return torch.cat(parts, 1)
 
 
-def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple[str, ...] = MODES,
+def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple[str, ...] | None = None,
                  progress: bool = True) -> list[dict[str, Any]]:
+    """One row per (example, mode). In mode ``other_doc`` the memory comes from another example of
+    the same length and depth with a different key; ``other_key`` says whether that key was answered."""
     from tqdm import tqdm
 
     from retromem.memory.passkey import make_passkey, token_stream
 
+    modes = modes_for(model) if modes is None else modes
     rng = random.Random(cfg.seed)
+    other_rng = random.Random(cfg.seed + 7919)  # its own stream: the scored examples are those of earlier runs
     hay = token_stream(tokenizer, max(cfg.lengths) + 1000, cfg.corpus)
     seg = segment_length_of(model)
     jobs = [(n, d, s) for n in cfg.lengths for d in cfg.depths for s in range(cfg.samples)]
@@ -125,34 +170,53 @@ def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple
         ids = torch.tensor([ex.input_ids])
         answer = ids[:, ex.answer_start:]
         compressions = ex.answer_start // seg - ex.needle_start // seg
+        other = None
+        if "other_doc" in modes:
+            other = make_passkey(tokenizer, n, depth, hay, other_rng)
+            while other.key == ex.key:
+                other = make_passkey(tokenizer, n, depth, hay, other_rng)
         for mode in modes:
             if mode == "full" and n > cfg.full_max:
                 continue
-            logits = logits_for(model, ids, mode, ex.answer_start - 1)[:, :-1]  # predictions of answer tokens
-            correct = bool((logits.argmax(-1) == answer).all())
-            rows.append({"length": n, "depth": depth, "sample": s, "mode": mode, "correct": correct,
-                         "compressions": compressions, "key": ex.key})
+            other_ids = torch.tensor([other.input_ids]) if mode == "other_doc" else None
+            logits = logits_for(model, ids, mode, ex.answer_start - 1, other=other_ids)[:, :-1]  # predictions of answer tokens
+            pred = logits.argmax(-1)
+            row = {"length": n, "depth": depth, "sample": s, "mode": mode, "correct": bool((pred == answer).all()),
+                   "compressions": compressions, "key": ex.key}
+            if mode == "other_doc":
+                other_answer = torch.tensor([other.input_ids[other.answer_start:]])
+                row["other_key"] = other.key
+                row["answered_other_key"] = bool(other_answer.shape == pred.shape and (pred == other_answer).all())
+            rows.append(row)
     return rows
 
 
-def perplexity_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple[str, ...] = MODES,
+def perplexity_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple[str, ...] | None = None,
                     progress: bool = True) -> list[dict[str, Any]]:
+    """One row per (document, mode). In mode ``other_doc`` the memory comes from the next long
+    document of the corpus (one extra document is read so that the last scored one has a partner)."""
     from tqdm import tqdm
 
     from retromem.memory.passkey import long_documents
 
+    modes = modes_for(model) if modes is None else modes
     seg = segment_length_of(model)
-    docs = long_documents(tokenizer, cfg.ppl_length, cfg.ppl_docs, cfg.corpus)
+    pool = long_documents(tokenizer, cfg.ppl_length, cfg.ppl_docs + 1, cfg.corpus)
+    docs = pool[:cfg.ppl_docs]
     if len(docs) < cfg.ppl_docs:
         logger.warning("only %d documents of %d tokens in the corpus", len(docs), cfg.ppl_length)
+    if "other_doc" in modes and len(pool) < 2:
+        logger.warning("one long document only: no other document for mode 'other_doc'")
+        modes = tuple(m for m in modes if m != "other_doc")
     start = max(cfg.ppl_length - seg, 1)  # score the last segment
     rows = []
     for i, doc in enumerate(tqdm(docs, desc="perplexity", disable=not progress)):
         ids = torch.tensor([doc])
+        other = torch.tensor([pool[(i + 1) % len(pool)]])
         for mode in modes:
             if mode == "full" and cfg.ppl_length > cfg.full_max:
                 continue
-            logits = logits_for(model, ids, mode, start - 1)[:, :-1]
+            logits = logits_for(model, ids, mode, start - 1, other=other)[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, start:], reduction="sum")
             rows.append({"doc": i, "mode": mode, "tokens": int(ids.shape[1] - start), "nll": float(nll)})
     return rows
@@ -165,17 +229,26 @@ def summarize(passkey: list[dict], ppl: list[dict]) -> dict[str, Any]:
     for r in passkey:
         by[(r["mode"], r["length"])].append(r["correct"])
         by_comp[(r["mode"], r["compressions"])].append(r["correct"])
+    intervals: dict[str, dict] = defaultdict(dict)
     for (mode, n), v in sorted(by.items()):
         acc[mode][n] = sum(v) / len(v)
+        intervals[mode][n] = {"correct": sum(v), "n": len(v), "wilson95": list(wilson(sum(v), len(v)))}
     comp: dict[str, dict] = defaultdict(dict)
+    comp_intervals: dict[str, dict] = defaultdict(dict)
     for (mode, c), v in sorted(by_comp.items()):
         comp[mode][c] = sum(v) / len(v)
+        comp_intervals[mode][c] = {"correct": sum(v), "n": len(v), "wilson95": list(wilson(sum(v), len(v)))}
+    other = [r for r in passkey if r["mode"] == "other_doc"]
     ppl_out = {}
     for mode in MODES:
         rs = [r for r in ppl if r["mode"] == mode]
         if rs:
             ppl_out[mode] = math.exp(sum(r["nll"] for r in rs) / sum(r["tokens"] for r in rs))
-    return {"passkey_accuracy_by_length": acc, "passkey_accuracy_by_compressions": comp, "perplexity": ppl_out}
+    return {"modes": {m: MODE_LABELS[m] for m in MODES if m in acc or m in ppl_out},
+            "passkey_accuracy_by_length": acc, "passkey_accuracy_by_compressions": comp,
+            "passkey_counts_by_length": intervals, "passkey_counts_by_compressions": comp_intervals,
+            "other_doc_answered_other_key": sum(r["answered_other_key"] for r in other) if other else None,
+            "perplexity": ppl_out}
 
 
 def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) -> list[Path]:
@@ -203,15 +276,15 @@ def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) ->
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
             ax.set_xlabel("input tokens")
             ax.set_ylabel("needle depth")
-            ax.set_title(f"passkey: {mode}")
+            ax.set_title(MODE_LABELS[mode], fontsize=8)
         ax = axes[-1]
         for mode, v in summary["passkey_accuracy_by_compressions"].items():
             ks = sorted(v)
-            ax.plot(ks, [v[k] for k in ks], "o-", label=mode)
+            ax.plot(ks, [v[k] for k in ks], "o-", label=MODE_LABELS[mode])
         ax.set_xlabel("compressions the needle went through")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.05, 1.05)
-        ax.legend()
+        ax.legend(fontsize=6)
         fig.suptitle(title)
         fig.tight_layout()
         p = out / "passkey.png"
@@ -219,9 +292,13 @@ def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) ->
         plt.close(fig)
         paths.append(p)
     if summary["perplexity"]:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
+        fig, ax = plt.subplots(figsize=(6, 4.2))
         names = list(summary["perplexity"])
-        ax.bar(names, [summary["perplexity"][m] for m in names], color=["tab:green", "tab:red", "tab:blue"][:len(names)])
+        colors = {"memory": "tab:green", "knocked_out": "tab:red", "other_doc": "tab:orange", "local_ungated": "tab:gray",
+                  "full": "tab:blue"}
+        ax.bar([MODE_LABELS[m].replace(" (", "\n(").replace(", ", ",\n") for m in names],
+               [summary["perplexity"][m] for m in names], color=[colors[m] for m in names])
+        ax.tick_params(axis="x", labelsize=6)
         ax.set_ylabel("perplexity of the last segment")
         ax.set_title(title)
         fig.tight_layout()

@@ -102,10 +102,10 @@ def test_train_infini_with_lora_checkpoints_resume_and_eval(tmp_path, tiny_dir, 
     assert r.exit_code == 0, r.output
     res = json.loads((ev / "results.json").read_text())
     modes = {row["mode"] for row in res["passkey"]}
-    assert modes == {"memory", "knocked_out", "full"}
+    assert modes == {"memory", "knocked_out", "other_doc", "local_ungated", "full"}  # issue 16: honest knock-out + controls
     comps = {row["compressions"] for row in res["passkey"]}
     assert max(comps) == 4 and min(comps) >= 0  # needle at 0% of 160 tokens, segments of 32: 4 boundaries
-    assert set(res["summary"]["perplexity"]) == {"memory", "knocked_out", "full"}
+    assert set(res["summary"]["perplexity"]) == {"memory", "knocked_out", "other_doc", "local_ungated", "full"}
     assert (ev / "passkey.png").stat().st_size > 1000 and (ev / "perplexity.png").is_file()
     # continuing from the saved model: its own settings rule, and a config that contradicts them is refused
     cont = tmp_path / "continue.yaml"
