@@ -9,7 +9,9 @@ Sequence: random filler tokens; somewhere in the first ``L - segment`` tokens th
 ``--digits`` digit tokens; at the very end the marker QUERY and the same digits (the labels: only
 those digits). Evaluation at the training length and at longer inputs (more compressions between
 key and question): accuracy = every digit predicted right (greedy, teacher-forced within the
-answer), with the memory on and knocked out (gate forced local: nothing read or written).
+answer), with the memory on and knocked out (gate mode "knockout": the memory read is zeroed and the
+gate's (1 - g) damping of local attention kept, nothing read or written; issue 16: the earlier
+"gate forced local" also removed the damping, which confounds memory with it).
 Chance is 10^-digits.
 
     python benchmarks/memory_passkey_tiny.py --steps 1500 --out passkey-tiny.json
@@ -117,7 +119,7 @@ def main() -> None:
           f"(digits right), n={args.eval_n} each; chance {10.0 ** -args.digits:g} (0.1)")
     for L in [int(x) for x in args.eval_lengths.split(",")]:
         on = accuracy(model, L, args.segment, args.digits, args.eval_n, "learned", seed=L)
-        off = accuracy(model, L, args.segment, args.digits, args.eval_n, "local", seed=L)
+        off = accuracy(model, L, args.segment, args.digits, args.eval_n, "knockout", seed=L)
         results[L] = {"memory": on[0], "knocked_out": off[0], "memory_digits": on[1], "knocked_out_digits": off[1]}
         print(f"{L:>7} {f'1-{L // args.segment - 1}':>13} {on[0]:>6.3f} ({on[1]:.2f}) {off[0]:>6.3f} ({off[1]:.2f})")
     if args.out:
