@@ -13,6 +13,13 @@ Data: sequences of ``seq_chunks`` chunks of the datastore's training documents w
 computed by ``retromem retro neighbours`` (:mod:`retromem.retro.data`); the held-out documents come from the
 split recorded with those neighbours, and a periodic evaluation runs on them.
 
+The control run: ``neighbours_mode: random`` trains the same blocks (same trainable parameters,
+same steps, same sequences) on the retrieved neighbours of random chunks of other documents
+(:class:`retromem.retro.data.RandomNeighbourTable`, seeded by ``train.seed``), so the neighbour
+slots hold real text but no retrieval signal. What such a run gains is domain adaptation of the new
+weights; a retrieval run has to beat it (``retromem retro eval`` on both). The periodic evaluation
+reads retrieved neighbours in both modes.
+
 The Trainer settings (``train:``: learning rate, steps, batches, mixed precision, ``report_to``,
 any other ``TrainingArguments`` field under ``train.args``), the Trainer, checkpoint resume and
 multi-process runs are the shared harness's (:mod:`retromem.training`).
@@ -28,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retromem.config import fail, from_dict, optional_positive_int, positive_int
+from retromem.config import fail, from_dict, one_of, optional_positive_int, positive_int
 from retromem.errors import ConfigError
 from retromem.retro.loading import is_retrofitted, save_model
 from retromem.training import TrainerSettings, TrainResult
@@ -38,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # The command-line flags of the keys that have one (``retromem retro train``).
 FLAGS = {"output_dir": "--output-dir", "datastore": "--datastore", "neighbours": "--neighbours", "model": "--model"}
+NEIGHBOURS_MODES = ("retrieved", "random")
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class RetroTrainConfig:
     eval_sequences: held-out sequences of the periodic and final evaluation.
     train: the Trainer settings (:class:`retromem.training.TrainerSettings`: lr, max_steps,
         batch_size, ..., report_to, and ``args`` for any other TrainingArguments field).
+    neighbours_mode: ``retrieved`` (each training chunk reads its own neighbours) or ``random`` (the
+        neighbours of a random chunk of another document: the control without retrieval signal).
     """
 
     output_dir: str
@@ -66,6 +76,7 @@ class RetroTrainConfig:
     eval_sequences: int = 32
     max_train_sequences: int | None = None
     train: TrainerSettings = field(default_factory=TrainerSettings)
+    neighbours_mode: str = "retrieved"
 
     def __post_init__(self) -> None:
         neighbours = (self.neighbours,) if isinstance(self.neighbours, (str, Path)) else self.neighbours
@@ -87,6 +98,7 @@ class RetroTrainConfig:
         optional_positive_int(self.max_train_sequences, "max_train_sequences")
         if not isinstance(self.train, TrainerSettings):
             fail("train", "be a mapping of Trainer settings", self.train)
+        one_of(self.neighbours_mode, "neighbours_mode", NEIGHBOURS_MODES)
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> RetroTrainConfig:
@@ -147,7 +159,7 @@ def make_trainer(cfg: RetroTrainConfig, model: torch.nn.Module, tokenizer: Any, 
 
 
 def datasets(cfg: RetroTrainConfig, ds: Any, k: int) -> tuple[Any, Any | None]:
-    from retromem.retro.data import RetroDataset
+    from retromem.retro.data import RandomNeighbourTable, RetroDataset
     from retromem.retro.neighbours import NeighbourTable
 
     table = NeighbourTable(cfg.neighbours, ds)
@@ -157,7 +169,10 @@ def datasets(cfg: RetroTrainConfig, ds: Any, k: int) -> tuple[Any, Any | None]:
         raise ConfigError(f"the neighbours {cfg.neighbours} cover no chunk of the training split: run "
                           "`retromem retro neighbours --split train`")
     # sequences never cross a gap in the covered chunks (e.g. a --max-chunks run)
-    train = RetroDataset(ds, train_ids, cfg.seq_chunks, table, k=k, max_sequences=cfg.max_train_sequences)
+    train_table = table
+    if cfg.neighbours_mode == "random":  # the control: real neighbour sets, retrieved for other chunks
+        train_table = RandomNeighbourTable(table, ds, train_ids, seed=cfg.train.seed)
+    train = RetroDataset(ds, train_ids, cfg.seq_chunks, train_table, k=k, max_sequences=cfg.max_train_sequences)
     eval_ids = spec.chunk_ids(ds, "eval")
     covered = eval_ids[np.isin(eval_ids, table.chunk_ids)]
     eval_ds = None

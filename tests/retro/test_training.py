@@ -105,3 +105,44 @@ def test_training_arguments_fields_set_in_the_yaml_reach_the_trainer(retro_ds, r
     assert trainer.args.adam_beta2 == 0.95 and trainer.args.max_grad_norm == 0.5
     assert trainer.args.learning_rate == 3e-3 and trainer.args.eval_strategy == "steps"  # the harness's own keys
     assert all(g["betas"] == (0.9, 0.95) for g in trainer.create_optimizer().param_groups)
+
+
+def test_random_neighbours_mode_trains_the_same_blocks_without_retrieval_signal(retro_ds, retro_neighbours, tmp_path):
+    # the control "fine-tuned the same way without retrieval": same sequences, same parameters, same steps;
+    # each training chunk reads the retrieved neighbours of a random chunk of another document
+    import numpy as np
+
+    from retromem.datastore import Datastore
+    from retromem.retro.training import build_model, datasets
+
+    ds = Datastore.open(retro_ds.path)
+    doc_of = np.asarray(ds.chunk_doc_array)
+    kw = dict(datastore=str(retro_ds.path), neighbours=[str(p) for p in retro_neighbours], train={"max_steps": 3})
+    runs = {}
+    for mode in ("retrieved", "random"):
+        cfg = load_train_config(REPO / "configs/retro/tiny-scratch.yaml", output_dir=str(tmp_path / mode),
+                                neighbours_mode=mode, **kw)
+        assert cfg.neighbours_mode == mode
+        model, _ = build_model(cfg, ds)
+        train_ds, eval_ds = datasets(cfg, ds, model.config.num_neighbours)
+        runs[mode] = (cfg, train_ds, eval_ds)
+    (_, retrieved, eval_r), (cfg, rand, eval_x) = runs["retrieved"], runs["random"]
+    np.testing.assert_array_equal(rand.windows, retrieved.windows)  # the same training tokens
+    assert not np.array_equal(rand.neighbours, retrieved.neighbours)
+    nb = rand.neighbours  # (sequences, C, k) neighbour chunk ids
+    have = nb >= 0
+    own = np.broadcast_to(doc_of[rand.windows][..., None], nb.shape)
+    assert (doc_of[nb[have]] != own[have]).all()  # never the chunk's own document
+    assert (nb != retrieved.neighbours).any(axis=-1).mean() > 0.9
+    np.testing.assert_array_equal(eval_x.neighbours, eval_r.neighbours)  # periodic eval: retrieved in both
+    item = rand[0]
+    assert item["neighbour_ids"].shape == retrieved[0]["neighbour_ids"].shape
+
+    res = {mode: train(runs[mode][0]) for mode in ("retrieved", "random")}
+    assert res["random"].steps == res["retrieved"].steps == 3
+    assert res["random"].trainable_parameters == res["retrieved"].trainable_parameters
+    a = load_retro_model(res["retrieved"].final_dir)[0].state_dict()
+    b = load_retro_model(res["random"].final_dir)[0].state_dict()
+    assert any(not torch.equal(a[n], b[n]) for n in a if "retro_encoder" in n)  # other neighbours, other weights
+    with pytest.raises(ConfigError, match="`neighbours_mode` must be one of"):
+        RetroTrainConfig(output_dir="x", datastore="y", neighbours=["z"], model="m", neighbours_mode="none")
