@@ -168,21 +168,29 @@ def random_tokens(ds: Any, tokenizer: Any, eligible: np.ndarray, length: int, rn
 
 
 def _nll_batch(model: torch.nn.Module, seqs: list[list[int]], n_targets: list[int], pad_id: int) -> list[np.ndarray]:
-    """Per-token NLL (nats) of the last ``n_targets[i]`` tokens of each sequence (right-padded batch)."""
+    """Per-token NLL (nats) of the last ``n_targets[i]`` tokens of each sequence.
+
+    Left-padded, with position ids counted from each row's first real token, so every row's targets
+    sit at the end and only the last ``max(n_targets) + 1`` positions go through the LM head (the
+    (B, T, vocab) logits of whole sequences would cost more than the transformer itself)."""
     device = next(model.parameters()).device
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
-    nll = -logp.gather(-1, ids[:, 1:].to(device)[..., None])[..., 0]  # (B, T-1)
-    out = []
-    for i, (s, m) in enumerate(zip(seqs, n_targets)):
-        out.append(nll[i, len(s) - 1 - m: len(s) - 1].cpu().numpy().astype(np.float64))
-    return out
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(n_targets) + 1
+    kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
+    try:
+        logits = model(**kw, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep
+        logits = model(**kw).logits
+    logits = logits[:, -keep:-1].float()  # (B, keep-1, V): position t predicts token t+1
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, ids[:, width - keep + 1:].to(device)[..., None])[..., 0]  # (B, keep-1)
+    return [nll[i, nll.shape[1] - m:].cpu().numpy().astype(np.float64) for i, m in enumerate(n_targets)]
 
 
 @torch.inference_mode()
@@ -248,6 +256,7 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
         raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), "
                         f"got {type(retriever).__name__}")
     ds = datastore
+    _check_same_datastore(retriever, ds)
     k, n = cfg.k, cfg.decontam_ngram
     sep = list(tokenizer(cfg.separator, add_special_tokens=False)["input_ids"]) if cfg.separator else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -394,6 +403,18 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
         prefix_tokens={s: int(sum(len(p) for p in pre.values())) for s, pre in prefixes.items()},
         nll=nll,
     )
+
+
+def _check_same_datastore(retriever: Any, ds: Any) -> None:
+    """ConfigError unless the retriever searches ``ds`` (its chunk ids would name other chunks)."""
+    theirs, where = None, "the index"
+    if getattr(retriever, "datastore", None) is not None:
+        theirs = retriever.datastore.datastore_id
+    elif callable(getattr(retriever, "info", None)) and hasattr(retriever, "target"):
+        info = retriever.info()
+        theirs, where = (info.datastore.datastore_id if info.HasField("datastore") else None), f"the server at {retriever.target}"
+    if theirs is not None and theirs != ds.datastore_id:
+        raise ConfigError(f"{where} serves datastore {theirs}, but --datastore {ds.path} is {ds.datastore_id}")
 
 
 def _per_doc(vals: list[np.ndarray], keys: list[tuple[int, int]], ndocs: int) -> list[np.ndarray]:

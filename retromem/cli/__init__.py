@@ -12,6 +12,7 @@ Command names follow one scheme, ``retromem <area> [<kind>] <verb>``:
     retromem index fm build|query
     retromem serve | retromem query <rpc>
     retromem retro neighbours|train|eval|generate
+    retromem ralm eval
     retromem memory train|eval|compress
     retromem plan | retromem demo
 
@@ -28,7 +29,7 @@ import copy
 import click
 
 from retromem import __version__
-from retromem.cli import datastore, dense, memory, ngram, plan, retro, service
+from retromem.cli import datastore, dense, memory, ngram, plan, ralm, retro, service
 from retromem.cli.demo import demo
 from retromem.logging import setup_logging
 
@@ -68,6 +69,6 @@ _old_ngram = click.Group("ngram", hidden=True, help="Old spelling of `retromem i
 _alias(_old_ngram, "score", ngram.group.commands["score"])
 _alias(_old_ngram, "eval-interpolation", ngram.group.commands["eval-interpolation"])
 
-for _command in (datastore.group, index, service.serve, service.query, retro.group, memory.group, plan.plan_cmd,
-                 demo, _old_ngram):
+for _command in (datastore.group, index, service.serve, service.query, retro.group, ralm.group, memory.group,
+                 plan.plan_cmd, demo, _old_ngram):
     main.add_command(_command)

@@ -22,10 +22,15 @@ CFG = dict(stride=16, query_tokens=16, context_tokens=256, k=2, deep_k=24, max_d
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def llama_dir(tmp_path_factory):
+    return str(tiny_llama_dir(tmp_path_factory.mktemp("ralm-llama")))
+
+
+@pytest.fixture(scope="module")
+def lm(llama_dir):
     from retromem.models import load_causal_lm
 
-    return load_causal_lm(str(tiny_llama_dir(tmp_path_factory.mktemp("ralm-llama"))))
+    return load_causal_lm(llama_dir)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +142,6 @@ def test_bad_config_is_named():
         RalmConfig(eval_fraction=0)
 
 
-@pytest.mark.slow
 def test_through_the_service_equals_in_process(lm, retro_ds, retro_index, result):
     from retromem.service.client import RetrievalClient
     from retromem.service.config import ServerConfig
@@ -158,3 +162,26 @@ def test_through_the_service_equals_in_process(lm, retro_ds, retro_index, result
         for a, b in zip(remote.nll[s], result.nll[s]):
             np.testing.assert_allclose(a, b, atol=1e-5)
     assert [r["ppl"] for r in remote.scaling] == pytest.approx([r["ppl"] for r in result.scaling], abs=1e-4)
+
+
+def test_cli_writes_results_and_plot(llama_dir, retro_ds, retro_index, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+
+    args = ["ralm", "eval", "--model", llama_dir, "--datastore", str(retro_ds.path), "--out", str(tmp_path / "r"),
+            "--stride", "16", "--query-tokens", "16", "-k", "2", "--deep-k", "16", "--max-docs", "2",
+            "--max-doc-tokens", "48", "--eval-fraction", "0.5", "--split-seed", "1", "--fractions", "0.5,1",
+            "--bootstrap", "50", "--threads", "1"]
+    res = CliRunner().invoke(main, args + ["--index", str(retro_index.path)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(report["settings"]) == {"none", "retrieved", "random", "other_query"}
+    assert [r["fraction"] for r in report["scaling"]] == [0.5, 1.0]
+    assert (tmp_path / "r" / "scaling.png").stat().st_size > 1000
+    assert "retrieved - none" in res.output
+    bad = CliRunner().invoke(main, args + ["--index", str(retro_index.path), "--deep-k", "1"])
+    assert bad.exit_code == 2 and "`deep_k` (--deep-k) must be at least k (2)" in bad.output
+    assert CliRunner().invoke(main, args).exit_code == 2  # neither --index nor --server
