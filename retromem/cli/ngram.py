@@ -198,39 +198,58 @@ def ngram_score(index_path: str, text: str, datastore_path: str | None, as_json:
 @group.command("eval-interpolation")
 @click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
 @click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSONL (.gz/.zst) of held-out documents, not in the datastore.")
+              help="JSONL (.gz/.zst) of held-out test documents, not in the datastore.")
+@click.option("--validation", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL of held-out validation documents (disjoint from --heldout) to tune the two weights on; "
+                   "default: split --heldout by document (--validation-fraction, --seed).")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--model", default="smollm2-135m", show_default=True, help="Hugging Face causal LM (built-in name, directory or hub id).")
-@click.option("--max-docs", type=int, default=20, show_default=True)
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Tokens scored per document (its first ones).")
-@click.option("--lambdas", default="0,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", show_default=True,
-              help="Weights of the ∞-gram LM to evaluate.")
-@click.option("--plot", default=None, help="Write a PNG of perplexity against the weight here.")
+@click.option("--max-docs", type=int, default=24, show_default=True, help="Documents per split (validation, test).")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="Whole documents, each capped at this many tokens.")
+@click.option("--prefix-tokens", type=int, default=384, show_default=True,
+              help="Also report each test document's first N tokens (same weights), beside the whole-document figure.")
+@click.option("--lambdas", default="0,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", show_default=True,
+              help="Grid each ∞-gram weight (sparse, non-sparse) is tuned over on the validation documents.")
+@click.option("--validation-fraction", type=float, default=0.5, show_default=True)
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples of documents.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--plot", default=None, help="Write a PNG of perplexity against one weight here.")
 @click.option("--datastore", "datastore_path", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def ngram_eval_interpolation(index_path: str, heldout: str, text_field: str, model: str, max_docs: int, max_tokens: int,
-                             lambdas: str, plot: str | None, datastore_path: str | None, as_json: bool) -> None:
-    """Perplexity of a causal LM alone and interpolated with the ∞-gram LM, on held-out documents."""
+def ngram_eval_interpolation(index_path: str, heldout: str, validation: str | None, text_field: str, model: str,
+                             max_docs: int, max_tokens: int, prefix_tokens: int, lambdas: str, validation_fraction: float,
+                             bootstrap: int, seed: int, plot: str | None, datastore_path: str | None, as_json: bool) -> None:
+    """Perplexity of a causal LM alone and interpolated with the ∞-gram LM (the paper's two weights,
+    sparse and non-sparse estimates, tuned on validation documents), on held-out test documents."""
     from retromem.index.ngram import NgramIndex
     from retromem.index.ngram_lm import InterpolationConfig, evaluate_interpolation, plot_interpolation, read_heldout
 
     lams = parse_list(lambdas, "--lambdas", float)
-    cfg = InterpolationConfig(model=model, max_docs=max_docs, max_tokens=max_tokens, lambdas=lams)
+    cfg = InterpolationConfig(model=model, max_docs=max_docs, max_tokens=max_tokens, prefix_tokens=prefix_tokens,
+                              lambdas=lams, validation_fraction=validation_fraction, bootstrap=bootstrap, seed=seed)
     idx = NgramIndex(index_path, datastore_path)
-    texts = read_heldout(heldout, text_field, max_docs)
-    res = evaluate_interpolation(idx, texts, cfg)
+    if validation:
+        texts, val = read_heldout(heldout, text_field), read_heldout(validation, text_field)
+    else:
+        texts, val = read_heldout(heldout, text_field), None
+    res = evaluate_interpolation(idx, texts, cfg, validation=val)
     if plot:
         plot_interpolation(res, plot)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
-    click.echo(f"{res.documents} held-out documents, {res.tokens:,} tokens scored; model {model}")
-    click.echo(f"LM alone           perplexity {res.lm_perplexity:.3f}")
-    for lam, ppl in zip(res.lambdas, res.perplexities):
-        click.echo(f"λ(∞-gram) = {lam:<5}  perplexity {ppl:.3f}  ({ppl / res.lm_perplexity - 1:+.1%})")
-    click.echo(f"best λ {res.best_lambda} -> {res.best_perplexity:.3f}; ∞-gram sparse estimate (nonzero p) on "
-               f"{res.nonzero_fraction:.1%} of tokens, mean suffix length {res.mean_suffix_len:.1f}")
+    click.echo(f"model {model}; weights tuned on {res.validation.documents} validation documents "
+               f"({res.validation.tokens:,} tokens): λ_sparse {res.lambda_sparse}, λ_dense {res.lambda_dense} "
+               f"(one weight: {res.lambda_single})")
+    for name, f in (("test, whole documents", res.test), (f"test, first {res.prefix_tokens} tokens", res.test_prefix),
+                    ("validation (tuned on)", res.validation)):
+        r, lo, hi = f.ratio
+        click.echo(f"{name}: {f.documents} documents, {f.tokens:,} tokens")
+        click.echo(f"  LM alone {f.lm_perplexity:.3f}  interpolated {f.interpolated_perplexity:.3f}  "
+                   f"({r - 1:+.1%}, 95% CI {lo - 1:+.1%} .. {hi - 1:+.1%} over documents)  one weight {f.single_lambda_perplexity:.3f}")
+        click.echo(f"  sparse ∞-gram estimates on {f.sparse_fraction:.1%} of tokens ({f.sparse_correct:.1%} of them right); "
+                   f"nonzero on {f.nonzero_fraction:.1%}; mean suffix length {f.mean_suffix_len:.1f}")
     if plot:
         click.echo(f"plot: {plot}")
 
