@@ -11,7 +11,11 @@ Settings, all on the same token sequences of the held-out split (:mod:`retromem.
   :class:`~retromem.retro.data.RandomNeighbourTable`): same k, same token length, real neighbour
   sets, no retrieval signal. This controls for "any text in the neighbour slots";
 * ``retro_off``: the RETRO model with the neighbours removed (for RETROfit this must equal ``base``:
-  the run reports the difference as a check).
+  the run reports the difference as a check);
+* ``control`` (when a control model is given): the model trained the same way without retrieval
+  signal (``neighbours_mode: random`` in :mod:`retromem.retro.training`: same blocks, sequences and
+  steps), reading the same retrieved neighbours. It measures domain adaptation of the new weights
+  separately from retrieval.
 
 Differences (``differences`` in results.json), each the mean per-token negative log-likelihood of
 the first setting minus the second (nats; negative = the first is better; ``exp`` of it is the
@@ -21,7 +25,9 @@ resampling whole held-out documents, or sequences with ``groups="sequence"``):
 * ``retro - retro_random``: what retrieval adds over arbitrary neighbours; the claim "RETRO reads
   its neighbours" needs this interval below zero;
 * ``retro - retro_off`` and ``retro_random - retro_off``: neighbours against none;
-* ``retro_off - base``: what training changed without neighbours (domain adaptation).
+* ``retro_off - base``: what training changed without neighbours (domain adaptation);
+* ``retro - control`` and ``control - base``: retrieval training against the control run, and the
+  control run against the base.
 
 Bits per byte = total negative log-likelihood (nats) / ln 2 / UTF-8 bytes of the predicted tokens
 (byte-level BPE: each token's byte length from the vocabulary), so it compares across tokenizers.
@@ -56,9 +62,10 @@ from retromem.stats import paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = ("base", "retro", "retro_random", "retro_off")
+SETTINGS = ("base", "retro", "retro_random", "retro_off", "control")
 # (first, second): reported as first - second, when both settings ran
-DIFFERENCES = (("retro", "retro_random"), ("retro", "retro_off"), ("retro_random", "retro_off"), ("retro_off", "base"))
+DIFFERENCES = (("retro", "retro_random"), ("retro", "retro_off"), ("retro_random", "retro_off"), ("retro_off", "base"),
+               ("retro", "control"), ("control", "base"))
 DEFAULT_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0)
 GROUPS = ("document", "sequence")
 
@@ -155,9 +162,9 @@ def difference(nll: dict[str, np.ndarray], first: str, second: str, groups: np.n
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, base: torch.nn.Module | None = None,
-             title: str = "RETRO", progress: bool = True) -> dict[str, Any]:
+             title: str = "RETRO", progress: bool = True, control: torch.nn.Module | None = None) -> dict[str, Any]:
     """Runs every setting on the held-out sequences; writes results.json, chunks.jsonl and leakage.png
-    under ``cfg.out``; returns the summary.
+    under ``cfg.out``; returns the summary. ``control``: the model trained with random neighbours.
 
     ``table`` must cover the held-out chunks; the random neighbours are lent by its training-split
     chunks (pass the training neighbours too, as ``retromem retro eval --neighbours nb-train
@@ -188,6 +195,12 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
     models = {"retro": model, "retro_random": model, "retro_off": model}
     if base is not None:
         models["base"] = base
+    if control is not None:
+        control_cfg = control.retro_config if getattr(control, "retro_config", None) is not None else control.config
+        if (control_cfg.chunk_length, control_cfg.num_neighbours) != (retro_cfg.chunk_length, k):
+            raise ConfigError(f"the control model reads {control_cfg.num_neighbours} neighbours per "
+                              f"{control_cfg.chunk_length}-token chunk, the RETRO model {k} per {retro_cfg.chunk_length}")
+        models["control"] = control
     for mod in {id(x): x for x in models.values()}.values():
         mod.eval()
     # per predicted token: its NLL in every setting, its bytes, its resampling group, its chunk record (-1: chunk 0)
@@ -213,6 +226,9 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
         if base is not None:
             nll["base"] = token_nll(base, x, y)
             max_abs_off_base = max(max_abs_off_base, float(np.nanmax((nll["base"] - nll["retro_off"]).abs().numpy())))
+        if control is not None:
+            nll["control"] = token_nll(control, x, y, neighbour_ids=batch["neighbour_ids"],
+                                       neighbour_attention_mask=batch["neighbour_attention_mask"])
         ok = ~torch.isnan(nll["retro"])  # (B, T)
         nb = nbytes_of[x.clamp(max=len(nbytes_of) - 1)].float()  # (B, T)
         nt, nm = batch["neighbour_ids"].numpy(), batch["neighbour_attention_mask"].numpy()
@@ -304,7 +320,7 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
 
 
 NAMES = {"base": "base model", "retro": "RETRO, retrieved neighbours", "retro_random": "RETRO, random neighbours",
-         "retro_off": "RETRO, no neighbours"}
+         "retro_off": "RETRO, no neighbours", "control": "control (trained on random), retrieved"}
 
 
 def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
@@ -343,6 +359,7 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
         err = np.array([[v["mean_nll"] - v["low"], v["high"] - v["mean_nll"]] if v else [np.nan, np.nan] for v in d]).T
         a3.errorbar(x + (j - 0.5) * 0.2, mean, yerr=err, fmt="o", capsize=4, label=label)
     a3.axhline(0.0, color="grey", lw=0.8)
+    a3.set_xlim(-0.5, len(buckets) - 0.5)
     a3.set_xticks(x, ticks, fontsize=8)
     a3.set_xlabel("overlap bucket (as left)")
     a3.set_ylabel("mean NLL difference, nats/token (< 0: better)")

@@ -93,6 +93,8 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
 @group.command("eval")
 @click.option("--model", "model_path", required=True, help="A trained RETRO directory (RETROfit weights or a RetroForCausalLM).")
 @click.option("--base-model", default=None, help="The base model (RETROfit: default the recorded base; from scratch: none).")
+@click.option("--control-model", default=None,
+              help="The same run trained with `neighbours_mode: random` (the control without retrieval signal).")
 @click.option("--datastore", "datastore_path", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--neighbours", multiple=True, required=True,
               help="Neighbours directories covering the eval split; pass the train split's too: its chunks lend the "
@@ -108,12 +110,13 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", default="retro-eval", show_default=True, help="Directory for results.json, chunks.jsonl, leakage.png.")
 @handle_errors
-def retro_eval(model_path: str, base_model: str | None, datastore_path: str, neighbours: tuple[str, ...], seq_chunks: int,
+def retro_eval(model_path: str, base_model: str | None, control_model: str | None, datastore_path: str, neighbours: tuple[str, ...], seq_chunks: int,
                max_sequences: int, batch_size: int, overlap_ngram: int, seed: int, bootstrap: int, groups: str,
                threads: int, out: str) -> None:
     """Held-out perplexity and bits per byte on the same tokens: base model, RETRO with retrieved
-    neighbours, with random neighbours (another chunk's), with none; paired bootstrap intervals for
-    the differences; and the leakage analysis (gain against neighbour overlap), plotted."""
+    neighbours, with random neighbours (another chunk's), with none, and the control run (trained on
+    random neighbours) if given; paired bootstrap intervals for the differences; and the leakage
+    analysis (gain against neighbour overlap), plotted."""
     import torch
 
     from retromem.datastore import Datastore
@@ -131,8 +134,9 @@ def retro_eval(model_path: str, base_model: str | None, datastore_path: str, nei
     check_datastore_tokenizer(ds, tok, model.config.vocab_size)
     base_name = base_model or recorded_base_model(model_path)
     base = load_causal_lm(base_name)[0] if base_name else None
+    control = load_retro_model(control_model, base_model)[0] if control_model else None
     table = NeighbourTable(list(neighbours), ds)
-    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}")
+    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}", control=control)
     click.echo(f"{s['sequences']} held-out sequences of {s['sequence_tokens']} tokens from {s['held_out_documents']} "
                f"documents never trained on; k={s['num_neighbours']}; random neighbours lent by "
                f"{s['random_neighbours']['donor_split']}-split chunks of other documents")

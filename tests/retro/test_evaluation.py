@@ -54,12 +54,13 @@ def tiny_retrofit(seed: int = 1, move: float = 0.3):
 
 def test_four_settings_on_the_same_held_out_sequences(retro_ds, retro_neighbours, tmp_path):
     base, model = tiny_retrofit()
+    control = tiny_retrofit(seed=2)[1]  # stands for the run trained with random neighbours
     table = NeighbourTable(retro_neighbours, retro_ds)
     cfg = RetroEvalConfig(out=str(tmp_path / "eval"), seq_chunks=3, max_sequences=6, batch_size=2, overlap_ngram=4,
                           groups="sequence", bootstrap=300)
-    s = evaluate(model, retro_ds, table, cfg, base=base, progress=False)
+    s = evaluate(model, retro_ds, table, cfg, base=base, progress=False, control=control)
     st = s["settings"]
-    assert set(st) == {"base", "retro", "retro_random", "retro_off"} and s["sequences"] == 6
+    assert set(st) == {"base", "retro", "retro_random", "retro_off", "control"} and s["sequences"] == 6
     assert s["max_abs_token_nll_difference_base_vs_retro_off"] < 1e-4  # RETROfit without neighbours is the base
     assert st["retro"]["perplexity"] != pytest.approx(st["base"]["perplexity"], rel=1e-4)
     # the model reads its neighbours, so other neighbours give other figures
@@ -68,7 +69,9 @@ def test_four_settings_on_the_same_held_out_sequences(retro_ds, retro_neighbours
         assert v["tokens"] == st["base"]["tokens"] and v["bytes"] == st["base"]["bytes"]
         assert v["bits_per_byte"] * v["bytes"] * math.log(2) == pytest.approx(math.log(v["perplexity"]) * v["tokens"])
     d = s["differences"]
-    assert set(d) == {"retro - retro_random", "retro - retro_off", "retro_random - retro_off", "retro_off - base"}
+    assert set(d) == {"retro - retro_random", "retro - retro_off", "retro_random - retro_off", "retro_off - base",
+                      "retro - control", "control - base"}
+    assert st["control"]["perplexity"] != pytest.approx(st["retro"]["perplexity"], rel=1e-4)
     for name, v in d.items():
         a, b = name.split(" - ")
         assert v["low"] <= v["mean_nll"] <= v["high"]

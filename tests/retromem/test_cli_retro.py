@@ -39,11 +39,15 @@ def test_neighbours_train_eval_generate(retro_ds, retro_index, tmp_path):  # noq
     final = tmp_path / "run" / "final"
 
     r = run("retro", "eval", "--model", final, "--datastore", retro_ds.path, *dirs, "--seq-chunks", 2,
-            "--max-sequences", 4, "--groups", "sequence", "--threads", 1, "--out", tmp_path / "eval")
+            "--max-sequences", 4, "--groups", "sequence", "--threads", 1, "--out", tmp_path / "eval",
+            "--control-model", final)  # the run itself as its own control: a difference of exactly 0
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert set(res["settings"]) == {"retro", "retro_random", "retro_off"}  # from scratch: no base model unless given
-    assert set(res["differences"]) == {"retro - retro_random", "retro - retro_off", "retro_random - retro_off"}
+    # from scratch: no base model unless given
+    assert set(res["settings"]) == {"retro", "retro_random", "retro_off", "control"}
+    assert set(res["differences"]) == {"retro - retro_random", "retro - retro_off", "retro_random - retro_off",
+                                       "retro - control"}
+    assert res["differences"]["retro - control"]["low"] == res["differences"]["retro - control"]["high"] == 0.0
     assert "retro - retro_random" in r.output and "paired bootstrap" in r.output
     assert "leakage" in r.output and (tmp_path / "eval" / "leakage.png").is_file()
 
