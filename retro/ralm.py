@@ -195,12 +195,15 @@ def _nll_batch(model: torch.nn.Module, seqs: list[list[int]], n_targets: list[in
 
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, items: list[tuple[list[int], int]], *, pad_id: int,
-                    batch_size: int = 8) -> list[np.ndarray]:
-    """Per-token NLL of the last ``m`` tokens of each ``(tokens, m)``; batches sorted by length."""
+                    batch_size: int = 8, progress: str | None = None) -> list[np.ndarray]:
+    """Per-token NLL of the last ``m`` tokens of each ``(tokens, m)``; batches sorted by length.
+    ``progress``: a label for a progress bar, or None for none."""
+    from tqdm.auto import tqdm
+
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
     out: list[np.ndarray | None] = [None] * len(items)
-    for b in range(0, len(order), batch_size):
+    for b in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, unit="batch"):
         idx = order[b:b + batch_size]
         seqs = [items[i][0] for i in idx]
         if limit and max(len(s) for s in seqs) > limit:
@@ -361,7 +364,7 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
         if s == "other_query" and len(docs) < 2:
             continue
         vals = score_sequences(model, [item(i, b, prefixes[s][i, b]) for i, b in keys], pad_id=pad,
-                               batch_size=cfg.batch_size)
+                               batch_size=cfg.batch_size, progress=s if progress else None)
         nll[s] = _per_doc(vals, keys, len(docs))
         logger.info("ralm: scored %s", s)
 
@@ -382,7 +385,8 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
                                        if len(deep[i, b]) else np.zeros(0, bool))
                         for i, b in keys}
                 vals = score_sequences(model, [item(i, b, prefix(sels[i, b])) for i, b in keys], pad_id=pad,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size,
+                                       progress=f"fraction {f:g} seed {seed}" if progress else None)
                 vals_doc = _per_doc(vals, keys, len(docs))
             counts = np.array([len(v) for v in sels.values()])
             row = {"fraction": float(f), "seed": int(seed), "datastore_tokens": int(doc_tokens[member & outside].sum()),
