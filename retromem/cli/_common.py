@@ -116,3 +116,21 @@ def snippet(text: str | None, n: int = 100, quote: bool = False) -> str:
     if quote:
         return repr(t[:n] + ("..." if len(t) > n else ""))
     return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def train_options(example: str):
+    """The options every `train` command shares (the training harness's): --config (a file or a
+    packaged name such as ``example``), --output-dir, --max-steps and --resume."""
+
+    def add(fn):
+        for option in reversed((
+            click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                         help=f"YAML file, or a config packaged with retromem ({example})."),
+            click.option("--output-dir", default=None, help="Override `output_dir` of the config."),
+            click.option("--max-steps", type=int, default=None, help="Override `train.max_steps`."),
+            click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory."),
+        )):
+            fn = option(fn)
+        return fn
+
+    return add

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, parse_list
+from retromem.cli._common import handle_errors, parse_list, train_options
 from retromem.errors import ConfigError
 
 
@@ -18,13 +18,9 @@ def group() -> None:
 
 
 @group.command("train")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="YAML file, or a config packaged with retromem (memory/infini-smollm2-passkey.yaml).")
-@click.option("--output-dir", default=None, help="Override `output_dir` of the config.")
+@train_options("memory/infini-smollm2-passkey.yaml")
 @click.option("--model", default=None, help="Override `model` (built-in name, local directory, saved memory model).")
 @click.option("--tokenizer", default=None, help="Override `tokenizer`.")
-@click.option("--max-steps", type=int, default=None, help="Override `train.max_steps`.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory.")
 @handle_errors
 def memory_train(config_path: str, output_dir: str | None, model: str | None, tokenizer: str | None,
                  max_steps: int | None, resume: bool) -> None:

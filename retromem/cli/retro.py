@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, secret
+from retromem.cli._common import handle_errors, secret, train_options
 from retromem.errors import ConfigError
 
 
@@ -60,14 +60,10 @@ def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: st
 
 
 @group.command("train")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="YAML file, or a config packaged with retromem (retro/tiny-scratch.yaml).")
-@click.option("--output-dir", default=None, help="Override `output_dir`.")
+@train_options("retro/tiny-scratch.yaml")
 @click.option("--datastore", default=None, help="Override `datastore`.")
 @click.option("--neighbours", multiple=True, help="Override `neighbours` (repeat for several directories).")
 @click.option("--model", default=None, help="Override `model` (the base to RETROfit).")
-@click.option("--max-steps", type=int, default=None, help="Override `train.max_steps`.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output directory.")
 @handle_errors
 def retro_train(config_path: str, output_dir: str | None, datastore: str | None, neighbours: tuple[str, ...],
                 model: str | None, max_steps: int | None, resume: bool) -> None:
