@@ -62,7 +62,7 @@ def main() -> None:
 
     from retromem.datastore import Datastore
     from retromem.models import load_causal_lm
-    from retromem.retro.evaluation import RetroEvalConfig, evaluate
+    from retromem.retro.evaluation import RetroEvalConfig, evaluate, format_difference
     from retromem.retro.loading import load_retro_model
     from retromem.retro.neighbours import NeighbourTable, NeighboursConfig, compute_neighbours
     from retromem.retro.training import load_train_config
@@ -97,15 +97,15 @@ def main() -> None:
     print(f"differences, mean NLL nats/token, {ecfg.level:.0%} paired bootstrap over {ecfg.groups}s "
           f"({ecfg.bootstrap} resamples):")
     for name, d in s["differences"].items():
-        print(f"  {name:<26} {d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]   perplexity x{d['ppl_ratio']:.4f} "
-              f"[{d['ppl_ratio_low']:.4f}, {d['ppl_ratio_high']:.4f}]")
+        ratio = f" [{d['ppl_ratio_low']:.4f}, {d['ppl_ratio_high']:.4f}]" if d["low"] is not None else ""
+        print(f"  {name:<26} {format_difference(d, ecfg.groups + 's')}   perplexity x{d['ppl_ratio']:.4f}{ratio}")
     rn = s["random_neighbours"]
     print(f"  mean 8-gram overlap with the neighbours read: retrieved {rn['mean_overlap_retrieved']:.3f}, "
           f"random {rn['mean_overlap_random']:.3f}")
     for b in s["leakage_buckets"]:
         vals = "  ".join(f"{k[4:]} {v:.4f}" for k, v in b.items() if k.startswith("bpb_") and v is not None)
         d = b["retro - retro_random"]
-        gain = f"  retrieved - random {d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
+        gain = f"  retrieved - random {format_difference(d, ecfg.groups + 's')}" if d else ""
         print(f"  overlap {b['overlap']:<14} {b['chunks']:5d} chunks  {vals}{gain}")
     print(f"results     {Path(args.out) / 'results.json'}  plot {s['plot']}")
     if state.is_file():

@@ -154,10 +154,22 @@ def difference(nll: dict[str, np.ndarray], first: str, second: str, groups: np.n
     if len(a) == 0:
         return None
     r = paired_bootstrap(a, b, groups=g, n=cfg.bootstrap, seed=cfg.seed, level=cfg.level)
-    return {"first": first, "second": second, "mean_nll": r.mean, "low": r.low, "high": r.high,
-            "ppl_ratio": math.exp(r.mean), "ppl_ratio_low": math.exp(r.low), "ppl_ratio_high": math.exp(r.high),
-            "excludes_zero": r.excludes_zero(), "level": r.level, "tokens": r.n_items, "groups": r.n_groups,
+    # resampling a single document (or sequence) always redraws the same tokens: no interval to give
+    has = r.n_groups >= 2
+    return {"first": first, "second": second, "mean_nll": r.mean, "low": r.low if has else None,
+            "high": r.high if has else None, "ppl_ratio": math.exp(r.mean),
+            "ppl_ratio_low": math.exp(r.low) if has else None, "ppl_ratio_high": math.exp(r.high) if has else None,
+            "excludes_zero": has and r.excludes_zero(), "level": r.level, "tokens": r.n_items, "groups": r.n_groups,
             "resamples": r.n_resamples}
+
+
+def format_difference(d: dict[str, Any] | None, unit: str = "groups") -> str:
+    """``-0.0020 [-0.0042, +0.0001]`` (nats/token) for a :func:`difference`; says so when there is none."""
+    if d is None:
+        return "no tokens"
+    if d["low"] is None:
+        return f"{d['mean_nll']:+.4f} [no interval: one of {unit} only]"
+    return f"{d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
 
 
 @torch.inference_mode()
@@ -356,7 +368,8 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
                                       ("retro - retro_off", "retrieved - no neighbours"))):
         d = [b[key] for b in buckets]
         mean = np.array([v["mean_nll"] if v else np.nan for v in d])
-        err = np.array([[v["mean_nll"] - v["low"], v["high"] - v["mean_nll"]] if v else [np.nan, np.nan] for v in d]).T
+        err = np.array([[v["mean_nll"] - v["low"], v["high"] - v["mean_nll"]] if v and v["low"] is not None
+                        else [np.nan, np.nan] for v in d]).T
         a3.errorbar(x + (j - 0.5) * 0.2, mean, yerr=err, fmt="o", capsize=4, label=label)
     a3.axhline(0.0, color="grey", lw=0.8)
     a3.set_xlim(-0.5, len(buckets) - 0.5)

@@ -118,7 +118,7 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
     from retromem.datastore import Datastore
     from retromem.retro.data import check_datastore_tokenizer
     from retromem.retro.neighbours import NeighbourTable
-    from retromem.retro.evaluation import RetroEvalConfig, evaluate
+    from retromem.retro.evaluation import RetroEvalConfig, evaluate, format_difference
     from retromem.retro.loading import load_retro_model, recorded_base_model
     from retromem.models import load_causal_lm
 
@@ -141,8 +141,8 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
     click.echo(f"differences in mean NLL (nats/token; < 0: the first is better), {cfg.level:.0%} paired bootstrap "
                f"intervals over {cfg.groups}s:")
     for name, d in s["differences"].items():
-        verdict = "excludes 0" if d["excludes_zero"] else "contains 0"
-        click.echo(f"  {name:<26} {d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict}   "
+        verdict = "excludes 0" if d["excludes_zero"] else ("contains 0" if d["low"] is not None else "")
+        click.echo(f"  {name:<26} {format_difference(d, cfg.groups + 's')} {verdict}   "
                    f"perplexity x{d['ppl_ratio']:.4f}")
     if s["max_abs_token_nll_difference_base_vs_retro_off"] is not None:
         click.echo(f"  check: base vs RETRO without neighbours, largest per-token difference "
@@ -151,7 +151,7 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
     for b in s["leakage_buckets"]:
         vals = "  ".join(f"{k[4:]} {v:.4f}" for k, v in b.items() if k.startswith("bpb_") and v is not None)
         d = b["retro - retro_random"]
-        gain = f"  retrieved - random {d['mean_nll']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
+        gain = f"  retrieved - random {format_difference(d, cfg.groups + 's')}" if d else ""
         click.echo(f"  {b['overlap']:<14} {b['chunks']:6d} chunks  {vals}{gain}")
     click.echo(f"results: {Path(out) / 'results.json'}   plot: {s['plot']}")
 

@@ -34,6 +34,24 @@ def test_chunk_overlap_counts_tokens_covered_by_shared_ngrams():
     assert [bucket_of(x, edges) for x in (0.0, 0.1, 0.25, 0.3, 1.0)] == [0, 1, 1, 2, 3]
 
 
+def test_difference_has_no_interval_over_a_single_group():
+    from retromem.retro.evaluation import difference, format_difference
+
+    rng = np.random.default_rng(0)
+    nll = {"retro": rng.normal(2, 1, 200), "retro_random": rng.normal(2.5, 1, 200)}
+    cfg = RetroEvalConfig(out="x", bootstrap=200)
+    one = difference(nll, "retro", "retro_random", np.zeros(200, dtype=np.int64), cfg)
+    assert one["groups"] == 1 and one["low"] is None and one["high"] is None and not one["excludes_zero"]
+    assert one["mean_nll"] == pytest.approx(float(np.mean(nll["retro"] - nll["retro_random"])))
+    assert "no interval" in format_difference(one, "documents")
+    many = difference(nll, "retro", "retro_random", np.arange(200) % 10, cfg)
+    assert many["groups"] == 10 and many["low"] <= many["mean_nll"] <= many["high"] and many["excludes_zero"]
+    assert format_difference(many).startswith(f"{many['mean_nll']:+.4f} [")
+    half = difference(nll, "retro", "retro_random", np.arange(200) % 10, cfg, select=np.arange(200) < 100)
+    assert half["tokens"] == 100
+    assert difference(nll, "retro", "retro_random", np.arange(200), cfg, select=np.zeros(200, bool)) is None
+
+
 def tiny_retrofit(seed: int = 1, move: float = 0.3):
     """A tiny Llama base and its RETROfit with the gated blocks moved off zero (as training would)."""
     from transformers import LlamaConfig, LlamaForCausalLM
