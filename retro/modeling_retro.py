@@ -294,14 +294,16 @@ class RetroPreTrainedModel(PreTrainedModel):
         nothing of CCA and draws ``o_proj`` from N(0, initializer_range): an ``_init_weights``
         branch here would never be reached. ``transformers.initialization.zeros_`` skips tensors
         already loaded from a checkpoint, so ``from_pretrained`` keeps trained projections and only
-        a missing one starts at zero.
+        a missing one starts at zero; like transformers, a projection initialised once (its module
+        flagged ``_is_hf_initialized``) is left alone by a later call.
         """
         from transformers import initialization as hf_init
 
+        pending = [m.attn.o_proj for m in self.modules() if isinstance(m, ChunkedCrossAttention) and m.gated
+                   and not getattr(m.attn.o_proj, "_is_hf_initialized", False)]
         super().initialize_weights()
-        for module in self.modules():
-            if isinstance(module, ChunkedCrossAttention) and module.gated:
-                hf_init.zeros_(module.attn.o_proj.weight)  # gated: start equal to the model without retrieval
+        for proj in pending:
+            hf_init.zeros_(proj.weight)  # gated: start equal to the model without retrieval
 
 
 class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):

@@ -141,6 +141,12 @@ def test_gated_model_starts_exactly_without_retrieval(tmp_path) -> None:
     # the rest of the blocks is initialised as usual: only the output projection is zero
     enc = dict(gated.named_parameters())["model.layers.1.retro_encoder.in_proj.weight"]
     assert 0.005 < float(enc.std()) < 0.05
+    with torch.no_grad():  # a second initialisation leaves weights that moved alone (as transformers does)
+        first = next(iter(proj.values()))
+        first.fill_(0.5)
+        gated.init_weights()
+        assert bool((first == 0.5).all())
+        first.zero_()
     torch.manual_seed(0)
     ungated = RetroForCausalLM(tiny_config(gated=False))
     assert all(float(p.abs().max()) > 0.01 for p in cca_out_projections(ungated).values())
