@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 
 import pytest
 import torch
@@ -90,13 +91,13 @@ def test_wilson_interval():
     assert wilson(0, 0) == (0.0, 1.0)
 
 
-class ByteTokenizer:
-    """Bytes to ids 3..127 (the tiny Llama's vocabulary), EOS = 2."""
+class WordTokenizer:
+    """Whitespace-separated words to ids 3..127 (the tiny Llama's vocabulary), EOS = 2: short inputs."""
 
     eos_token_id = 2
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [3 + b % 125 for b in text.encode()]}
+        return {"input_ids": [3 + zlib.crc32(w.encode()) % 125 for w in text.split()]}
 
 
 def corpus(tmp_path) -> str:
@@ -113,24 +114,24 @@ def corpus(tmp_path) -> str:
 @pytest.mark.parametrize("make", [infini, autocompressor], ids=["infini", "autocompressor"])
 def test_evaluate_names_every_mode_and_reports_intervals(tmp_path, make):
     m = make()
-    cfg = MemoryEvalConfig(out=str(tmp_path / "ev"), lengths=(320,), depths=(0.0,), samples=2, ppl_length=64,
+    cfg = MemoryEvalConfig(out=str(tmp_path / "ev"), lengths=(96,), depths=(0.0,), samples=2, ppl_length=64,
                            ppl_docs=2, corpus=corpus(tmp_path))
-    summary = evaluate(m, ByteTokenizer(), cfg, progress=False)
+    summary = evaluate(m, WordTokenizer(), cfg, progress=False)
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     modes = modes_for(m)
     assert {r["mode"] for r in res["passkey"]} == set(modes)
     assert set(res["summary"]["perplexity"]) == set(modes)
     assert res["summary"]["modes"] == {k: MODE_LABELS[k] for k in modes}
     for mode in modes:
-        counts = summary["passkey_counts_by_length"][mode][320]
+        counts = summary["passkey_counts_by_length"][mode][96]
         assert counts["n"] == 2 and 0.0 <= counts["wilson95"][0] <= counts["correct"] / 2 <= counts["wilson95"][1] <= 1.0
     other = [r for r in res["passkey"] if r["mode"] == "other_doc"]
     assert all(r["other_key"] != r["key"] and isinstance(r["answered_other_key"], bool) for r in other)
     # the scored examples do not depend on the control: the same keys as a run without it
-    plain = MemoryEvalConfig(out=str(tmp_path / "ev2"), lengths=(320,), depths=(0.0,), samples=2, ppl_docs=0,
+    plain = MemoryEvalConfig(out=str(tmp_path / "ev2"), lengths=(96,), depths=(0.0,), samples=2, ppl_docs=0,
                              corpus=cfg.corpus)
     from retromem.memory.evaluation import passkey_eval
 
-    keys = [r["key"] for r in passkey_eval(m, ByteTokenizer(), plain, modes=("memory",), progress=False)]
+    keys = [r["key"] for r in passkey_eval(m, WordTokenizer(), plain, modes=("memory",), progress=False)]
     assert keys == [r["key"] for r in res["passkey"] if r["mode"] == "memory"]
     assert (tmp_path / "ev" / "passkey.png").stat().st_size > 1000 and (tmp_path / "ev" / "perplexity.png").is_file()
