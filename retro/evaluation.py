@@ -350,11 +350,13 @@ def plot_leakage(summary: dict[str, Any], path: Path) -> Path:
     for i, s in enumerate(settings):
         vals = [b[f"bpb_{s}"] if b[f"bpb_{s}"] is not None else np.nan for b in buckets]
         a1.bar(x + (i - (len(settings) - 1) / 2) * w, vals, w, label=NAMES[s])
+    tallest = max((b[f"bpb_{s}"] or 0.0) for b in buckets for s in settings)
+    a1.set_ylim(0, 1.4 * tallest if tallest > 0 else 1.0)  # room for the legend above the bars
     a1.set_xticks(x, ticks, fontsize=8)
     a1.set_xlabel(f"overlap of the chunk with its neighbours ({summary['config']['overlap_ngram']}-gram token coverage)")
     a1.set_ylabel("bits per byte")
     a1.set_title("bits per byte by overlap bucket")
-    a1.legend(fontsize=8)
+    a1.legend(fontsize=8, loc="upper center", ncol=2)
     cum = summary["leakage_cumulative"]
     xs = [c["max_overlap"] for c in cum]
     for s in settings:
