@@ -64,9 +64,12 @@ def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: st
 @click.option("--datastore", default=None, help="Override `datastore`.")
 @click.option("--neighbours", multiple=True, help="Override `neighbours` (repeat for several directories).")
 @click.option("--model", default=None, help="Override `model` (the base to RETROfit).")
+@click.option("--neighbours-mode", type=click.Choice(["retrieved", "random"]), default=None,
+              help="Override `neighbours_mode`: random trains the control (same blocks and steps, each chunk reads "
+                   "another chunk's neighbours).")
 @handle_errors
 def retro_train(config_path: str, output_dir: str | None, datastore: str | None, neighbours: tuple[str, ...],
-                model: str | None, max_steps: int | None, resume: bool) -> None:
+                model: str | None, neighbours_mode: str | None, max_steps: int | None, resume: bool) -> None:
     """Train a RETRO model (RETROfit of a frozen base, or from scratch) with Hugging Face Trainer.
 
     On several processes: torchrun --nproc_per_node N -m retromem.cli retro train --config ...
@@ -74,7 +77,8 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
     from retromem.retro.training import load_train_config, train
 
     cfg = load_train_config(config_path, output_dir=output_dir, datastore=datastore,
-                            neighbours=list(neighbours) or None, model=model, train={"max_steps": max_steps})
+                            neighbours=list(neighbours) or None, model=model, neighbours_mode=neighbours_mode,
+                            train={"max_steps": max_steps})
     res = train(cfg, resume=resume)
     if not res.main_process:
         return
