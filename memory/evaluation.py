@@ -45,6 +45,8 @@ MODE_LABELS = {
     "local_ungated": "plain local attention, gate removed (not a memory ablation)",
     "full": "full attention, same weights",
 }
+MODE_COLORS = {"memory": "tab:green", "knocked_out": "tab:red", "other_doc": "tab:orange", "local_ungated": "tab:gray",
+               "full": "tab:blue"}
 
 
 def modes_for(model: Any) -> tuple[str, ...]:
@@ -278,9 +280,10 @@ def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) ->
             ax.set_ylabel("needle depth")
             ax.set_title(MODE_LABELS[mode], fontsize=8)
         ax = axes[-1]
-        for mode, v in summary["passkey_accuracy_by_compressions"].items():
+        for mode in modes:  # the order and colours of MODES, not alphabetical
+            v = summary["passkey_accuracy_by_compressions"][mode]
             ks = sorted(v)
-            ax.plot(ks, [v[k] for k in ks], "o-", label=MODE_LABELS[mode])
+            ax.plot(ks, [v[k] for k in ks], "o-", label=MODE_LABELS[mode], color=MODE_COLORS[mode])
         ax.set_xlabel("compressions the needle went through")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.05, 1.05)
@@ -294,10 +297,8 @@ def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) ->
     if summary["perplexity"]:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         names = list(summary["perplexity"])
-        colors = {"memory": "tab:green", "knocked_out": "tab:red", "other_doc": "tab:orange", "local_ungated": "tab:gray",
-                  "full": "tab:blue"}
         ax.bar([MODE_LABELS[m].replace(" (", "\n(").replace(", ", ",\n") for m in names],
-               [summary["perplexity"][m] for m in names], color=[colors[m] for m in names])
+               [summary["perplexity"][m] for m in names], color=[MODE_COLORS[m] for m in names])
         ax.tick_params(axis="x", labelsize=6)
         ax.set_ylabel("perplexity of the last segment")
         ax.set_title(title)
