@@ -134,3 +134,39 @@ def train_options(example: str):
         return fn
 
     return add
+
+
+def retriever_options(index_help: str):
+    """The options of a command that retrieves from a dense index in process (--index) or through a
+    retrieval server (--server, with --token-file and --tls-ca); see :func:`open_retriever`."""
+
+    def add(fn):
+        for option in reversed((
+            click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                         help=index_help),
+            click.option("--server", default=None, metavar="HOST:PORT",
+                         help="Retrieve through a `retromem serve` server (or router) instead of --index."),
+            click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),
+                         help="With --server: bearer token file (default: $RETROMEM_TOKEN)."),
+            click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+                         help="With --server: CA certificate of a TLS server."),
+        )):
+            fn = option(fn)
+        return fn
+
+    return add
+
+
+def open_retriever(index_dir: str | None, server: str | None, token_file: str | None, tls_ca: str | None,
+                   datastore=None):
+    """The retriever that :func:`retriever_options` named: a DenseIndex (over ``datastore`` when given)
+    or a RetrievalClient; both answer ``search(queries, k, exclude_doc_ids=..., fetch=...)``."""
+    if (index_dir is None) == (server is None):
+        raise click.UsageError("give exactly one of --index (in-process) and --server (gRPC)")
+    if server is not None:
+        from retromem.service.client import RetrievalClient
+
+        return RetrievalClient(server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca, retries=2)
+    from retromem.index.dense import DenseIndex
+
+    return DenseIndex.open(index_dir, datastore=datastore) if datastore is not None else DenseIndex.open(index_dir)

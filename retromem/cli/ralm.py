@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, secret
-from retromem.errors import ConfigError
+from retromem.cli._common import handle_errors, open_retriever, parse_list, retriever_options
 
 
 @click.group("ralm")
@@ -17,32 +16,12 @@ def group() -> None:
     """In-context retrieval augmentation (In-Context RALM / REPLUG / MassiveDS) of any causal LM."""
 
 
-def _floats(value: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated numbers, got {value!r}") from None
-
-
-def _ints(value: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be comma-separated integers, got {value!r}") from None
-
-
 @group.command("eval")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Causal LM: a built-in name, a local directory or a hub id (frozen).")
 @click.option("--datastore", required=True, type=click.Path(exists=True, file_okay=False),
               help="Datastore whose held-out documents are scored (and whose chunks are retrieved).")
-@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Dense index over --datastore, searched in this process.")
-@click.option("--server", default=None, metavar="HOST:PORT", help="Retrieve through a `retromem serve` server instead.")
-@click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="With --server: bearer token file (default: $RETROMEM_TOKEN).")
-@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="With --server: CA certificate of a TLS server.")
+@retriever_options("Dense index over --datastore, searched in this process.")
 @click.option("--out", "-o", required=True, help="Output directory: results.json and scaling.png.")
 @click.option("--stride", type=int, default=64, show_default=True, help="Tokens scored per retrieval.")
 @click.option("--query-tokens", type=int, default=32, show_default=True, help="Preceding tokens used as the query.")
@@ -76,23 +55,14 @@ def ralm_eval(model: str, datastore: str, index_dir: str | None, server: str | N
     from retromem.models import load_causal_lm
     from retromem.retro.ralm import RalmConfig, evaluate_ralm, plot_scaling
 
-    if (index_dir is None) == (server is None):
-        raise click.UsageError("give exactly one of --index (in-process) and --server (gRPC)")
     cfg = RalmConfig(stride=stride, query_tokens=query_tokens, context_tokens=context_tokens, k=k, deep_k=deep_k,
                      max_docs=max_docs, max_doc_tokens=max_doc_tokens, eval_fraction=eval_fraction,
-                     split_seed=split_seed, fractions=_floats(fractions, "--fractions"), seeds=_ints(seeds, "--seeds"),
+                     split_seed=split_seed, fractions=parse_list(fractions, "--fractions", float), seeds=parse_list(seeds, "--seeds"),
                      decontam_ngram=decontam_ngram, separator=separator, random_seed=random_seed,
                      batch_size=batch_size, bootstrap=bootstrap)
     torch.set_num_threads(threads)
     ds = Datastore.open(datastore)
-    if server is not None:
-        from retromem.service.client import RetrievalClient
-
-        retriever = RetrievalClient(server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca, retries=2)
-    else:
-        from retromem.index.dense import DenseIndex
-
-        retriever = DenseIndex.open(index_dir, datastore=ds)
+    retriever = open_retriever(index_dir, server, token_file, tls_ca, datastore=ds)
     lm, tok = load_causal_lm(model)
     res = evaluate_ralm(lm, tok, retriever, ds, cfg, progress=True)
     out_dir = Path(out)

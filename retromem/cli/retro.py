@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, secret, train_options
+from retromem.cli._common import handle_errors, open_retriever, retriever_options, train_options
 from retromem.errors import ConfigError
 
 
@@ -165,14 +165,7 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
 @click.option("--model", "model_path", default=None,
               help="A trained RETRO directory; default: SmolLM2-135M RETROfitted with untrained (zero-gated) blocks.")
 @click.option("--base-model", default=None)
-@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Dense index to retrieve from in this process (its datastore must use the model's tokenizer).")
-@click.option("--server", default=None, metavar="HOST:PORT",
-              help="Retrieve through a `retromem serve` server (or router) instead of --index.")
-@click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="With --server: bearer token file (default: $RETROMEM_TOKEN).")
-@click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="With --server: CA certificate of a TLS server.")
+@retriever_options("Dense index to retrieve from in this process (its datastore must use the model's tokenizer).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--exclude-doc", "exclude_docs", type=int, multiple=True, help="doc_id never retrieved from.")
 @click.option("--sample/--greedy", default=False, show_default=True)
@@ -192,20 +185,10 @@ def retro_generate(prompt: str, model_path: str | None, base_model: str | None, 
     from retromem.retro.generation import generate_with_retrieval
     from retromem.retro.loading import load_generation_model
 
-    if (index_dir is None) == (server is None):
-        raise click.UsageError("give exactly one of --index (in-process) and --server (gRPC)")
+    idx = open_retriever(index_dir, server, token_file, tls_ca)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    if server is not None:
-        from retromem.service.client import RetrievalClient
-
-        idx = RetrievalClient(server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca, retries=2)
-        chunk_length = int(idx.info().datastore.chunk_length)
-    else:
-        from retromem.index.dense import DenseIndex
-
-        idx = DenseIndex.open(index_dir)
-        chunk_length = idx.datastore.chunk_length
+    chunk_length = int(idx.info().datastore.chunk_length) if server is not None else idx.datastore.chunk_length
     model, tok = load_generation_model(model_path, base_model, chunk_length)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {}
 
