@@ -135,6 +135,21 @@ class Job:
             self.mark_done(marker(item), result)
             yield item, result
 
+    def finished(self, manifest_name: str, datastore_id: str, *, what: str,
+                 error: type[Exception] = ConfigError) -> dict[str, Any] | None:
+        """The manifest of the finished artifact here, or None when the job has not finished.
+
+        An artifact is finished once its manifest is written (last). One built from another
+        datastore is refused with ``error`` naming both ids, so a re-run never mixes them."""
+        path = self.path / manifest_name
+        if not path.exists():
+            return None
+        m = read_json(path)
+        if m.get("datastore_id") != datastore_id:
+            raise error(f"{self.path} holds {what} of datastore {str(m.get('datastore_id', '?'))[:16]}, not of "
+                        f"{datastore_id[:16]}; pass --overwrite or another --out")
+        return m
+
     def clear_work(self) -> None:
         """Drop ``_work/`` (done-markers and intermediates) once the artifact is complete."""
         shutil.rmtree(self.work, ignore_errors=True)

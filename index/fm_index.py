@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from retromem.datastore.atomic import atomic_path, read_json, write_json
+from retromem.datastore.job import Job
 from retromem.errors import ConfigError, FMIndexError, FMQueryError
 from retromem.index.types import FMBuildResult, FMContext, FMFindResult, FMHit
 
@@ -129,21 +130,18 @@ def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str 
     t0 = time.perf_counter()
     ds = Datastore.open(datastore_path)
     with open_job(out, "fm-index", overwrite=overwrite, legacy=(MANIFEST_NAME,)) as job:
-        return _build(job.path, ds, datastore_path, backend, sample_rate, block_size, progress, t0)
+        return _build(job, ds, datastore_path, backend, sample_rate, block_size, progress, t0)
 
 
-def _build(out: Path, ds, datastore_path: str | Path, backend: str, sample_rate: int, block_size: int,
+def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: int, block_size: int,
            progress: bool, t0: float) -> FMBuildResult:
+    out = job.path
     import importlib.metadata as md
 
     from tqdm.auto import tqdm
 
-    mpath = out / MANIFEST_NAME
-    if mpath.exists():
-        m = read_json(mpath)
-        if m.get("datastore_id") != ds.datastore_id:
-            raise FMIndexError(f"{out} holds an FM-index of datastore {m.get('datastore_id', '?')[:16]}, not of "
-                               f"{ds.datastore_id[:16]}; pass --overwrite or another --out")
+    m = job.finished(MANIFEST_NAME, ds.datastore_id, what="an FM-index", error=FMIndexError)
+    if m is not None:
         return FMBuildResult(out, m, True, time.perf_counter() - t0)
     text_bytes = int(ds.manifest["counts"]["text_bytes"])
     logger.info("building the %s FM-index of %d documents (%d bytes)", backend, ds.num_documents, text_bytes)
@@ -169,7 +167,7 @@ def _build(out: Path, ds, datastore_path: str | Path, backend: str, sample_rate:
         "documents": ds.num_documents, "text_bytes": text_bytes, "index_bytes": size, "file_bytes": file_bytes,
         "size_ratio": size / max(text_bytes, 1),
     }
-    write_json(mpath, m)
+    write_json(out / MANIFEST_NAME, m)
     return FMBuildResult(out, m, False, time.perf_counter() - t0)
 
 

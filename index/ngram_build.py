@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from retromem.config import fail, is_int, non_negative_int, positive_int
-from retromem.datastore.atomic import read_json, sha256_file, write_json
+from retromem.datastore.atomic import sha256_file, write_json
 from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, NgramIndexError
 from retromem.index.types import NgramBuildResult
@@ -255,12 +255,8 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
 
     out, work = job.path, job.work
     identity = {"datastore_id": ds.datastore_id, "shard_tokens": cfg.shard_tokens, "format_version": FORMAT_VERSION}
-    manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
-        m = read_json(manifest_path)
-        if m.get("datastore_id") != ds.datastore_id:
-            raise NgramIndexError(f"{out} holds an n-gram index of datastore {m.get('datastore_id', '?')[:16]}, not of "
-                                  f"{ds.datastore_id[:16]} at {datastore_path}; pass --overwrite or another --out")
+    m = job.finished(MANIFEST_NAME, ds.datastore_id, what="an n-gram index", error=NgramIndexError)
+    if m is not None:
         return NgramBuildResult(out, m, True, time.perf_counter() - t0, _peak_rss())
     recorded = job.done("build")
     if recorded is not None and recorded != identity:
@@ -317,7 +313,7 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
         "shards": shards,
         "build": {"shard_tokens": cfg.shard_tokens, "cpus": cpus, "mem_bytes": cfg.mem_bytes},
     }
-    write_json(manifest_path, manifest)
+    write_json(out / MANIFEST_NAME, manifest)
     job.clear_work()
     return NgramBuildResult(out, manifest, False, time.perf_counter() - t0, _peak_rss())
 
