@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 
 from retromem.datastore.tokenizer import BatchTokenizer, load_hf_tokenizer
@@ -35,6 +36,7 @@ def test_special_token_strings_in_text_are_not_control_tokens(tmp_path):
     assert tok.eos_token_id not in ids.tolist()
 
 
+@pytest.mark.slow  # SmolLM2-135M's tokenizer on real text
 def test_tiktoken_twin_reproduces_the_default_tokenizer_on_real_text(tmp_path):
     """The fast path (tiktoken) must give exactly the tokenizers library's ids, for both built-ins."""
     texts = [r["text"] for r in demo_records()]

@@ -19,6 +19,7 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow  # trains a tiny RETRO model end to end
 def test_neighbours_train_eval_generate(retro_ds, retro_index, tmp_path):  # noqa: F811
     split = ["--eval-fraction", SPLIT["eval_fraction"], "--split-seed", SPLIT["split_seed"]]
     dirs = []
