@@ -220,9 +220,8 @@ def sparse_estimates(idx, ids: Sequence[int], scores) -> np.ndarray:
     """For each TokenScore of ``ids[1:]``: is the ∞-gram estimate sparse, i.e. is the longest suffix
     followed by one distinct token only, in all its occurrences? Exact, from counts: when the actual
     token follows every occurrence, yes; when it follows some, no; when it follows none, take the
-    token after one occurrence and check that it follows all of them. (The engine's sampled
-    next-token distribution is not used: above ``max_support`` occurrences it can report a single
-    token that does not follow them all.)"""
+    token after one occurrence and check that it follows all of them (two binary searches, where a
+    next-token distribution would read up to ``max_support`` occurrences)."""
     out = np.zeros(len(scores), dtype=bool)
     for j, s in enumerate(scores):
         i = j + 1  # s scores ids[i] given ids[:i]

@@ -350,3 +350,37 @@ def test_score_equals_engine_on_whole_prefixes(idx, streams):
         r = idx.engine.infgram_prob(prompt_ids=text[:i], cont_id=text[i])
         assert (s.prob, s.suffix_len, s.prompt_count, s.cont_count) == (r["prob"], r["suffix_len"], r["prompt_cnt"], r["cont_cnt"])
     assert max(s.suffix_len for s in scores) > 50  # long contexts really were used
+
+
+def _followers(streams, prompt) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for doc, o in brute_positions(streams, prompt):
+        if o + len(prompt) < len(streams[doc]):
+            t = int(streams[doc][o + len(prompt)])
+            out[t] = out.get(t, 0) + 1
+    return out
+
+
+def test_next_token_distribution_above_max_support_lists_real_followers_with_exact_counts(ngram_dir, ds, streams):
+    """Above ``max_support`` occurrences only a sample is read, but every token listed is a real
+    follower with its exact count, and every follower more frequent than count / max_support is
+    listed (the engine's sampled answer reported one wrong token with the whole count)."""
+    small = NgramIndex(ngram_dir, ds, QueryLimits(max_support=20))
+    full = NgramIndex(ngram_dir, ds, QueryLimits(max_support=10**9))
+    common = small.encode(" the")
+    for prompt in (common, small.encode(" of the")):
+        truth = _followers(streams, prompt)
+        for idx_, exact in ((small, False), (full, True)):
+            d = idx_.next_token_distribution(prompt)
+            assert d.prompt_count == len(brute_positions(streams, prompt)) > 20
+            assert d.approx == (not exact)
+            assert all(truth.get(t) == c.count for t, c in d.tokens.items()), "a listed count is not the true count"
+            assert all(c.prob == pytest.approx(c.count / d.prompt_count) for c in d.tokens.values())
+            must = {t for t, c in truth.items() if c > d.prompt_count / 20} if d.approx else set(truth)
+            assert must and must <= set(d.tokens)
+    unigram = small.next_token_distribution([])  # every position: sampled, counts exact
+    assert unigram.approx and len(unigram.tokens) > 5
+    assert all(small.count([t]).count == c.count for t, c in unigram.tokens.items())
+    d = small.infgram_next_token_distribution([50_100] + common)
+    assert d.suffix_len == len(common) and d.approx
+    assert all(_followers(streams, common).get(t) == c.count for t, c in d.tokens.items())
