@@ -17,7 +17,9 @@ Passkey is scored teacher-forced: an example is correct when the argmax at every
 the answer token, which is exactly when greedy decoding would write the key. Accuracy is also
 reported against the number of compressions the needle went through (segment boundaries between
 the needle and the question). Perplexity is that of the last segment of each long document, given
-everything before it through the memory (the AutoCompressor paper's protocol).
+everything before it through the memory (the AutoCompressor paper's protocol). The summary pairs
+memory on with every other setting over the same examples (how many only one of them answers, exact
+two-sided sign test) and over the same documents (per-document perplexity, sign test).
 """
 
 from __future__ import annotations
@@ -64,6 +66,29 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (exact McNemar) on the discordant pairs of a paired comparison:
+    ``wins`` examples only the first setting answers, ``losses`` only the second; the p-value."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(passkey: list[dict], mode: str, control: str) -> dict[str, Any]:
+    """``mode`` against ``control`` over the examples both scored (same length, depth, sample)."""
+    key = lambda r: (r["length"], r["depth"], r["sample"])  # noqa: E731
+    a = {key(r): r["correct"] for r in passkey if r["mode"] == mode}
+    b = {key(r): r["correct"] for r in passkey if r["mode"] == control}
+    common = sorted(a.keys() & b.keys())
+    wins = sum(a[k] and not b[k] for k in common)
+    losses = sum(b[k] and not a[k] for k in common)
+    both = sum(a[k] and b[k] for k in common)
+    return {"n": len(common), f"{mode}_only": wins, f"{control}_only": losses, "both": both,
+            "neither": len(common) - wins - losses - both, "sign_test_p": sign_test(wins, losses)}
 
 
 @dataclass(frozen=True)
@@ -177,6 +202,7 @@ def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple
             other = make_passkey(tokenizer, n, depth, hay, other_rng)
             while other.key == ex.key:
                 other = make_passkey(tokenizer, n, depth, hay, other_rng)
+            other_compressions = other.answer_start // seg - other.needle_start // seg
         for mode in modes:
             if mode == "full" and n > cfg.full_max:
                 continue
@@ -188,6 +214,7 @@ def passkey_eval(model: Any, tokenizer: Any, cfg: MemoryEvalConfig, modes: tuple
             if mode == "other_doc":
                 other_answer = torch.tensor([other.input_ids[other.answer_start:]])
                 row["other_key"] = other.key
+                row["other_compressions"] = other_compressions  # where the other input's needle sat
                 row["answered_other_key"] = bool(other_answer.shape == pred.shape and (pred == other_answer).all())
             rows.append(row)
     return rows
@@ -241,16 +268,30 @@ def summarize(passkey: list[dict], ppl: list[dict]) -> dict[str, Any]:
         comp[mode][c] = sum(v) / len(v)
         comp_intervals[mode][c] = {"correct": sum(v), "n": len(v), "wilson95": list(wilson(sum(v), len(v)))}
     other = [r for r in passkey if r["mode"] == "other_doc"]
+    # memory on against every other setting on the same examples: discordant counts and sign test
+    paired = {c: paired_counts(passkey, "memory", c) for c in MODES[1:] if "memory" in acc and c in acc}
     ppl_out = {}
     for mode in MODES:
         rs = [r for r in ppl if r["mode"] == mode]
         if rs:
             ppl_out[mode] = math.exp(sum(r["nll"] for r in rs) / sum(r["tokens"] for r in rs))
+    by_doc: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in ppl:
+        by_doc[r["mode"]][r["doc"]] = math.exp(r["nll"] / r["tokens"])
+    ppl_paired = {}
+    for c in MODES[1:]:
+        if "memory" in by_doc and c in by_doc:
+            docs = sorted(by_doc["memory"].keys() & by_doc[c].keys())
+            lower = sum(by_doc["memory"][d] < by_doc[c][d] for d in docs)
+            higher = sum(by_doc["memory"][d] > by_doc[c][d] for d in docs)
+            ppl_paired[c] = {"docs": len(docs), "memory_lower": lower, "memory_higher": higher,
+                             "sign_test_p": sign_test(lower, higher)}
     return {"modes": {m: MODE_LABELS[m] for m in MODES if m in acc or m in ppl_out},
             "passkey_accuracy_by_length": acc, "passkey_accuracy_by_compressions": comp,
             "passkey_counts_by_length": intervals, "passkey_counts_by_compressions": comp_intervals,
+            "passkey_paired": paired,
             "other_doc_answered_other_key": sum(r["answered_other_key"] for r in other) if other else None,
-            "perplexity": ppl_out}
+            "perplexity": ppl_out, "perplexity_by_doc": dict(by_doc), "perplexity_paired": ppl_paired}
 
 
 def plot(passkey: list[dict], summary: dict[str, Any], out: Path, title: str) -> list[Path]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import zlib
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from retromem.memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
-from retromem.memory.evaluation import MODE_LABELS, MemoryEvalConfig, evaluate, logits_for, modes_for, wilson
+from retromem.memory.evaluation import (MODE_LABELS, MemoryEvalConfig, evaluate, logits_for, modes_for, passkey_eval,
+                                        sign_test, summarize, wilson)
 from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
 
 from .conftest import tiny_llama
@@ -130,8 +132,49 @@ def test_evaluate_names_every_mode_and_reports_intervals(tmp_path, make):
     # the scored examples do not depend on the control: the same keys as a run without it
     plain = MemoryEvalConfig(out=str(tmp_path / "ev2"), lengths=(96,), depths=(0.0,), samples=2, ppl_docs=0,
                              corpus=cfg.corpus)
-    from retromem.memory.evaluation import passkey_eval
-
     keys = [r["key"] for r in passkey_eval(m, WordTokenizer(), plain, modes=("memory",), progress=False)]
     assert keys == [r["key"] for r in res["passkey"] if r["mode"] == "memory"]
     assert (tmp_path / "ev" / "passkey.png").stat().st_size > 1000 and (tmp_path / "ev" / "perplexity.png").is_file()
+
+
+def test_sign_test_is_the_exact_binomial():
+    assert sign_test(0, 0) == 1.0 and sign_test(4, 4) == 1.0
+    assert sign_test(13, 0) == pytest.approx(2 / 2 ** 13)
+    assert sign_test(4, 0) == pytest.approx(0.125)
+    assert sign_test(48, 1) == pytest.approx(2 * 50 / 2 ** 49)
+    assert sign_test(3, 7) == sign_test(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 2 ** 10)
+
+
+def test_autocompressor_other_input_control_matches_length_and_depth(tmp_path):
+    """The "summaries of another input" control reads an input of the same length with its needle
+    at the same depth (so through as many compressions) and another key; the summary pairs every
+    setting with memory on over the same examples."""
+    m = autocompressor()
+    cfg = MemoryEvalConfig(out=str(tmp_path / "ev"), lengths=(64, 96), depths=(0.0, 0.5, 1.0), samples=2, ppl_docs=0,
+                           corpus=corpus(tmp_path))
+    rows = passkey_eval(m, WordTokenizer(), cfg, modes=("memory", "knocked_out", "other_doc"), progress=False)
+    other = [r for r in rows if r["mode"] == "other_doc"]
+    assert len(other) == 2 * 3 * 2
+    assert all(r["other_key"] != r["key"] and r["other_compressions"] == r["compressions"] for r in other)
+    assert {r["compressions"] for r in other} != {0}  # the needle does go through compressions here
+    summary = summarize(rows, [])
+    for control in ("knocked_out", "other_doc"):
+        p = summary["passkey_paired"][control]
+        assert p["n"] == 12 and p["memory_only"] + p[f"{control}_only"] + p["both"] + p["neither"] == 12
+        on = {(r["length"], r["depth"], r["sample"]): r["correct"] for r in rows if r["mode"] == "memory"}
+        ctl = {(r["length"], r["depth"], r["sample"]): r["correct"] for r in rows if r["mode"] == control}
+        assert p["memory_only"] == sum(on[k] and not ctl[k] for k in on)
+        assert p["sign_test_p"] == sign_test(p["memory_only"], p[f"{control}_only"])
+    assert set(summary["passkey_paired"]) == {"knocked_out", "other_doc"}
+
+
+def test_perplexity_is_paired_by_document():
+    rows = []
+    for doc, (on, off) in enumerate([(2.0, 2.5), (3.0, 3.1), (1.0, 0.9), (2.2, 2.4)]):
+        rows += [{"doc": doc, "mode": "memory", "tokens": 10, "nll": 10 * on},
+                 {"doc": doc, "mode": "knocked_out", "tokens": 10, "nll": 10 * off}]
+    s = summarize([], rows)
+    assert s["perplexity_paired"]["knocked_out"] == {"docs": 4, "memory_lower": 3, "memory_higher": 1,
+                                                     "sign_test_p": pytest.approx(0.625)}
+    assert s["perplexity_by_doc"]["memory"][0] == pytest.approx(math.exp(2.0))
+    assert s["perplexity"]["knocked_out"] == pytest.approx(math.exp((2.5 + 3.1 + 0.9 + 2.4) / 4))
