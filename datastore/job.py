@@ -46,7 +46,8 @@ from retromem.errors import ConfigError, JobLockedError
 
 __all__ = ["KINDS", "Job", "atomic_dir", "atomic_path", "open_job"]
 
-KINDS = ("datastore", "embeddings", "dense-index", "ngram-index", "fm-index", "neighbours")
+KINDS = ("datastore", "embeddings", "dense-index", "ngram-index", "fm-index", "neighbours",
+         "lexical-index")
 MARKER = ".retromem-artifact.json"
 LOCK = ".retromem.lock"
 WORK = "_work"

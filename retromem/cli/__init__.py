@@ -29,7 +29,7 @@ import copy
 import click
 
 from retromem import __version__
-from retromem.cli import datastore, dense, memory, ngram, plan, ralm, retro, service
+from retromem.cli import datastore, dense, lexical, memory, ngram, plan, ralm, retro, service
 from retromem.cli.demo import demo
 from retromem.logging import setup_logging
 
@@ -58,6 +58,7 @@ def _alias(group: click.Group, name: str, command: click.Command) -> None:
 index.add_command(dense.group)
 index.add_command(ngram.group)
 index.add_command(ngram.fm_group)
+index.add_command(lexical.group)
 for _old, _group, _verb in (("embed", dense.group, "embed"), ("build-dense", dense.group, "build"),
                             ("search", dense.group, "search"), ("tune", dense.group, "tune"),
                             ("eval-dense", dense.group, "eval"), ("build-ngram", ngram.group, "build"),
