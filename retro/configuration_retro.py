@@ -7,8 +7,9 @@ One ``RetroConfig`` serves two uses:
 * ``retrofit(model, config)``: the decoder fields are replaced by the base model's, and only the
   retrieval fields (chunk length, neighbours, encoder size, cross-attention layers) are used.
 
-Cross-attention layer positions are 1-based layer numbers as in the paper and Megatron-LM: the
-chunked cross-attention (CCA) block runs on the output of decoder layer ``l``. The default is
+Cross-attention layer positions are 1-based layer numbers as in the paper and Megatron-LM: decoder
+layer ``l`` carries a chunked cross-attention (CCA) block, between its self-attention and its
+feed-forward (the paper's placement) or on its output (``cca_placement``). The default is
 Megatron-LM's ``range(6 if L <= 15 else 9, L + 1, 3)`` ("every 3rd layer from layer 6"); a
 decoder of fewer than 6 layers gets CCA after its last layer.
 """
@@ -16,6 +17,13 @@ decoder of fewer than 6 layers gets CCA after its last layer.
 from __future__ import annotations
 
 from transformers import PretrainedConfig
+
+
+CCA_PLACEMENTS = ("before_mlp", "after_layer")
+# The paper's choices, the defaults of new from-scratch training configs (retromem.retro.training).
+PAPER_CCA = {"cca_placement": "before_mlp", "cca_relative_positions": True}
+# What a config without the keys (saved before they existed) means: the behaviour it was trained with.
+LEGACY_CCA = {"cca_placement": "after_layer", "cca_relative_positions": False}
 
 
 def default_retro_layers(num_hidden_layers: int) -> list[int]:
@@ -44,6 +52,20 @@ class RetroConfig(PretrainedConfig):
         equal to the model without retrieval (what RETROfit needs; ``RetroForCausalLM`` keeps it
         zero through transformers' initialisation and ``from_pretrained``, a test checks both);
         False: ordinary initialisation.
+    cca_placement: where CCA sits in a RETRO layer. ``before_mlp`` (the paper's Algorithm 1):
+        between self-attention and feed-forward, h <- h + ATTN(h); h <- h + CCA(h); h <- h + FFW(h),
+        and the neighbour encoder reads the first RETRO layer's states after its self-attention.
+        ``after_layer``: on the layer's output, and the encoder reads that output.
+    cca_relative_positions: rotary positions inside CCA, so that its attention depends on the offset
+        between a decoder token and a neighbour token (as RETRO-pytorch does): the decoder token at
+        offset i of its CCA span (0..m-1; the span starts at the last token of the retrieving chunk)
+        sits at position m - 1 + i, the position of that token in the frame of the retrieving chunk,
+        and neighbour token j (0..r-1, chunk then continuation) at position j. A neighbour that
+        continues the retrieving chunk thus puts the token the decoder is about to predict at a
+        fixed offset (+1), whatever the span offset. False: CCA has no positions.
+    The two CCA options default to None, which means the behaviour of configs saved before they
+    existed (``after_layer``, no positions), so old checkpoints load unchanged; new from-scratch
+    training configs get the paper's choice (:data:`PAPER_CCA`, applied by ``retromem retro train``).
     """
 
     model_type = "retro"
@@ -68,6 +90,8 @@ class RetroConfig(PretrainedConfig):
     encoder_num_layers: int = 2
     encoder_intermediate_size: int | None = None
     gated: bool = False
+    cca_placement: str | None = None
+    cca_relative_positions: bool | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -108,6 +132,14 @@ class RetroConfig(PretrainedConfig):
         if self.encoder_intermediate_size is None:
             self.encoder_intermediate_size = 8 * self.encoder_hidden_size // 3
         _positive_int("encoder_intermediate_size", self.encoder_intermediate_size)
+        if self.cca_placement is None:  # a config saved before the option: its behaviour then
+            self.cca_placement = LEGACY_CCA["cca_placement"]
+        if self.cca_placement not in CCA_PLACEMENTS:
+            raise ValueError(f"`cca_placement` must be one of {', '.join(CCA_PLACEMENTS)}, got {self.cca_placement!r}")
+        if self.cca_relative_positions is None:
+            self.cca_relative_positions = LEGACY_CCA["cca_relative_positions"]
+        if not isinstance(self.cca_relative_positions, bool):
+            raise ValueError(f"`cca_relative_positions` must be true or false, got {self.cca_relative_positions!r}")
         super().__post_init__(**kwargs)
 
 

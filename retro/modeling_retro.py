@@ -12,10 +12,18 @@ The input of ``T`` tokens is split into chunks of ``m = chunk_length`` tokens; c
 * CCA with the paper's causal shift: the tokens at positions [u*m + m - 1, (u+1)*m + m - 1) attend
   to the encoded neighbours of chunk u, i.e. from the last token of chunk u (the first position at
   which chunk u is complete) to the penultimate token of chunk u+1. Positions before m - 1 see no
-  neighbours. Neighbours of chunks not yet complete within the input are never even encoded.
-* The blocks hang on the decoder layers with forward hooks: a CCA block runs on the output of
-  decoder layer ``l`` (1-based ``retro_layers``) and adds its result to the residual stream. Hooks
-  leave the base model's modules and parameter names untouched, so the same code serves the
+  neighbours. Neighbours of chunks not yet complete within the input are never even encoded. With
+  ``cca_relative_positions`` the queries carry rotary positions m - 1 + i (i: offset in the span)
+  and the keys j (0..r-1 inside each neighbour), so the attention depends on their offset.
+* The blocks hang on the decoder layers with hooks, in one of two places (``cca_placement``):
+  - ``before_mlp`` (the paper, Algorithm 1: h <- h + ATTN(h); h <- h + CCA(h); h <- h + FFW(h)): a
+    forward pre-hook on decoder layer ``l`` (1-based ``retro_layers``) records its input h, and a
+    forward hook on its self-attention module returns attn_out + CCA(h + attn_out), so the layer's
+    own residual becomes h + attn_out + CCA and its feed-forward reads that. The encoder reads the
+    first RETRO layer's h + attn_out.
+  - ``after_layer``: a forward hook on the decoder layer adds CCA(output) to its output, and the
+    encoder reads the first RETRO layer's output.
+  Hooks leave the base model's modules and parameter names untouched, so the same code serves the
   from-scratch ``RetroForCausalLM`` (a Llama-style decoder from transformers' building blocks)
   and RETROfit of Hugging Face Llama and GPT-2 models (``retromem.retro.retrofit``).
 * ``gated`` configs start every CCA output projection at zero, so the model with retrieval starts
@@ -43,17 +51,28 @@ from retromem.retro.configuration_retro import RetroConfig
 
 CCA_ATTR = "retro_cca"
 ENCODER_ATTR = "retro_encoder"
+# the self-attention module of a decoder layer: Llama-style, then GPT-2
+ATTENTION_ATTRS = ("self_attn", "attn")
 
 
 # -- shared layers ------------------------------------------------------------------------------
 
 
-def rotary_cos_sin(length: int, head_dim: int, theta: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of rotary embeddings for positions 0..length-1: each (1, length, head_dim)."""
+def rotary_cos_sin(length: int | torch.Tensor, head_dim: int, theta: float,
+                   like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of rotary embeddings for positions 0..length-1 (or the given 1-D positions): each (1, L, head_dim)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=like.device, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(length, device=like.device, dtype=torch.float32), inv_freq)  # (length, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (length, hd), the rotate-half layout Llama uses
+    positions = torch.arange(length, device=like.device) if isinstance(length, int) else length.to(like.device)
+    freqs = torch.outer(positions.to(torch.float32), inv_freq)  # (L, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd), the rotate-half layout Llama uses
     return emb.cos()[None].to(like.dtype), emb.sin()[None].to(like.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (N, H, L, hd) with cos, sin (1, L, hd) (Llama's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (N, H, L, hd)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 class Attention(nn.Module):
@@ -69,16 +88,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, inner_dim, bias=False)
         self.o_proj = nn.Linear(inner_dim, out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, Tq, q_dim), context (N, Tk, kv_dim), key_mask (N, Tk) bool, True = attend -> (N, Tq, out_dim)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (N, Tq, q_dim), context (N, Tk, kv_dim), key_mask (N, Tk) bool, True = attend -> (N, Tq, out_dim).
+        ``positions`` (query positions (Tq,), key positions (Tk,)) for rotary cross-attention; self-attention
+        with ``rope_theta`` uses 0..Tq-1 for both."""
         context = x if context is None else context
         N, Tq, _ = x.shape
         Tk = context.shape[1]
         q = self.q_proj(x).view(N, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, Tq, hd)
         k = self.k_proj(context).view(N, Tk, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, Tk, hd)
         v = self.v_proj(context).view(N, Tk, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, Tk, hd)
-        if self.rope_theta is not None:
+        if positions is not None:  # cross-attention: queries and keys in their own frames
+            q = rotate(q, *rotary_cos_sin(positions[0], self.head_dim, self.rope_theta, q))
+            k = rotate(k, *rotary_cos_sin(positions[1], self.head_dim, self.rope_theta, k))
+        elif self.rope_theta is not None:
             cos, sin = rotary_cos_sin(Tq, self.head_dim, self.rope_theta, q)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, Tk)
@@ -148,10 +172,12 @@ class ChunkedCrossAttention(nn.Module):
 
     def __init__(self, config: RetroConfig, decoder_hidden: int) -> None:
         super().__init__()
-        self.chunk_length = config.chunk_length
+        self.chunk_length, self.neighbour_length = config.chunk_length, config.neighbour_length
         self.norm = LlamaRMSNorm(decoder_hidden, eps=config.rms_norm_eps)
         d = config.encoder_hidden_size
-        self.attn = Attention(decoder_hidden, d, d, decoder_hidden, config.encoder_num_heads)
+        self.relative_positions = config.cca_relative_positions
+        self.attn = Attention(decoder_hidden, d, d, decoder_hidden, config.encoder_num_heads,
+                              rope_theta=config.rope_theta if self.relative_positions else None)
         self.gated = config.gated
         if self.gated:
             nn.init.zeros_(self.attn.o_proj.weight)
@@ -170,7 +196,14 @@ class ChunkedCrossAttention(nn.Module):
         shifted = F.pad(shifted, (0, 0, 0, C * m - n))  # (B, C*m, D)
         q = self.norm(shifted).view(B * C, m, D)  # (B*C, m, D)
         key_mask = None if mask is None else mask.reshape(B * C, -1)  # (B*C, k*r)
-        attended = self.attn(q, encoded.reshape(B * C, encoded.shape[2], -1), key_mask=key_mask)  # (B*C, m, D)
+        positions = None
+        if self.relative_positions:
+            # span offset i sits at m - 1 + i in the retrieving chunk's frame; neighbour token j at j
+            r = self.neighbour_length
+            k_pos = torch.arange(r, device=hidden.device).repeat(encoded.shape[2] // r)  # (k*r,)
+            positions = (torch.arange(m, device=hidden.device) + m - 1, k_pos)
+        attended = self.attn(q, encoded.reshape(B * C, encoded.shape[2], -1), key_mask=key_mask,
+                             positions=positions)  # (B*C, m, D)
         out[:, m - 1: m - 1 + n] = attended.view(B, C * m, D)[:, :n]
         return out
 
@@ -196,10 +229,39 @@ class RetroContext:
         self.state: RetroState | None = None
 
 
+class LayerLink:
+    """A plain (unregistered) reference from a decoder layer's attention module to its layer, so the
+    attention hook finds the layer's CCA block without making the layer a child of its own child.
+    ``copy.deepcopy`` of the model maps it to the copied layer."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+
+@dataclass
+class LayerCall:
+    """One call of a ``before_mlp`` RETRO layer: the forward's state and the layer's input h (B, T, D)."""
+
+    state: RetroState
+    hidden: torch.Tensor
+
+
+def attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention module of a decoder layer (``self_attn`` of Llama-style layers, ``attn`` of GPT-2)."""
+    for name in ATTENTION_ATTRS:
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"`cca_placement: before_mlp` needs the decoder layer's self-attention module "
+                     f"({' or '.join(ATTENTION_ATTRS)}); {type(layer).__name__} has none: use after_layer")
+
+
 def attach_retro_blocks(layers: nn.ModuleList, config: RetroConfig, decoder_hidden: int,
                         context: RetroContext) -> list[Any]:
     """Adds ``retro_cca`` (and, on the first RETRO layer, ``retro_encoder``) to the decoder layers named by
-    ``config.retro_layers`` and a forward hook on each that applies them; returns the hook handles."""
+    ``config.retro_layers`` and the hooks that apply them (see the module docstring); returns the handles."""
     handles = []
     first = min(config.retro_layers)
     for number in sorted(config.retro_layers):
@@ -207,33 +269,68 @@ def attach_retro_blocks(layers: nn.ModuleList, config: RetroConfig, decoder_hidd
         setattr(layer, CCA_ATTR, ChunkedCrossAttention(config, decoder_hidden))
         if number == first:
             setattr(layer, ENCODER_ATTR, NeighbourEncoder(config, decoder_hidden))
-        # the hook reads the context from its layer (not a closure), so a deep copy of the model gets its own
+        # the hooks read the context from their layer (not a closure), so a deep copy of the model gets its own
         layer.retro_context = context
-        handles.append(layer.register_forward_hook(_retro_layer_hook))
+        if config.cca_placement == "after_layer":
+            handles.append(layer.register_forward_hook(_retro_layer_hook))
+        else:
+            attn = attention_module(layer)
+            attn.retro_link = LayerLink(layer)
+            layer.retro_call = None
+            handles.append(layer.register_forward_pre_hook(_record_layer_input, with_kwargs=True))
+            handles.append(attn.register_forward_hook(_cca_after_attention))
     return handles
 
 
-def _retro_layer_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    """Runs the encoder (first RETRO layer only) and CCA on a decoder layer's output."""
-    state = module.retro_context.state
-    if state is None:  # no retrieval in this forward: the layer is unchanged
-        return None
-    chunk_length = getattr(module, CCA_ATTR).chunk_length
-    hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-    if state.encoded is None:
-        encoder = getattr(module, ENCODER_ATTR)
+def _apply_cca(layer: nn.Module, state: RetroState, hidden: torch.Tensor, encode: bool) -> torch.Tensor:
+    """The CCA update (B, T, D) of ``layer`` for decoder states ``hidden`` (B, T, D); with ``encode`` (the
+    first RETRO layer) the neighbours are encoded first, conditioned on ``hidden``'s chunks."""
+    chunk_length = getattr(layer, CCA_ATTR).chunk_length
+    if encode:
         B, T, D = hidden.shape
         # only chunks complete within the input can be attended; later neighbours are not encoded
         C = min(state.neighbour_embeds.shape[1], T // chunk_length)
         chunk_states = hidden[:, : C * chunk_length].reshape(B, C, chunk_length, D)  # (B, C, m, D)
         mask = None if state.neighbour_mask is None else state.neighbour_mask[:, :C]  # (B, C, k, r)
-        state.encoded = encoder(state.neighbour_embeds[:, :C], chunk_states, mask)  # (B, C, k*r, d)
+        state.encoded = getattr(layer, ENCODER_ATTR)(state.neighbour_embeds[:, :C], chunk_states, mask)  # (B, C, k*r, d)
     cca_mask = None
     if state.neighbour_mask is not None:
         C = state.encoded.shape[1]
         cca_mask = state.neighbour_mask[:, :C].reshape(hidden.shape[0], C, -1)  # (B, C, k*r)
-    hidden = hidden + getattr(module, CCA_ATTR)(hidden, state.encoded, cca_mask)
+    return getattr(layer, CCA_ATTR)(hidden, state.encoded, cca_mask)
+
+
+def _retro_layer_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    """``after_layer``: runs the encoder (first RETRO layer only) and CCA on a decoder layer's output."""
+    state = module.retro_context.state
+    if state is None:  # no retrieval in this forward: the layer is unchanged
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+    hidden = hidden + _apply_cca(module, state, hidden, encode=state.encoded is None)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _record_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """``before_mlp``: keeps the layer's input h (and the forward's state) for its attention hook.
+
+    Kept until the layer's next call, not cleared after the forward: activation checkpointing
+    replays the layer's forward (not this hook) during backward, when the forward's state is gone."""
+    state = module.retro_context.state
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    module.retro_call = None if state is None else LayerCall(state, hidden)
+
+
+def _cca_after_attention(module: nn.Module, args: Any, output: Any) -> Any:
+    """``before_mlp``: attn_out -> attn_out + CCA(h + attn_out), so the layer's residual becomes
+    h + attn_out + CCA(h + attn_out) before its feed-forward."""
+    layer = module.retro_link.layer
+    call = layer.retro_call
+    if call is None:  # no retrieval in this forward: the layer is unchanged
+        return None
+    attn_out = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+    # the first RETRO layer encodes on every call, a checkpoint replay included, so the replay's ops match
+    attn_out = attn_out + _apply_cca(layer, call.state, call.hidden + attn_out, encode=hasattr(layer, ENCODER_ATTR))
+    return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
 
 
 def check_neighbour_ids(neighbour_ids: Any, batch_size: int, config: RetroConfig) -> torch.Tensor:

@@ -11,6 +11,13 @@ it is the base model. ``model.generate(..., neighbour_ids=...)`` decodes with fi
 unchanged; the new ones contain ``retro_cca`` / ``retro_encoder``, and
 ``save_retro_weights`` / ``load_retro_weights`` store and restore them alone (a few MB instead
 of the whole model).
+
+``cca_placement`` (a ``retro_config_for`` setting) works for both families: ``before_mlp`` (the
+paper's) hooks the layer's self-attention module (``self_attn`` of Llama-style layers, ``attn`` of
+GPT-2), so CCA's update joins the residual before the layer's feed-forward, and the neighbour
+encoder reads the first RETRO layer's residual after its self-attention; ``after_layer`` adds CCA to
+the layer's output and the encoder reads that output. Unset, RETROfit keeps ``after_layer`` without
+relative positions (what its saved weights were trained with); see ``RetroConfig``.
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ class RetroTrainConfig:
     """One training run.
 
     model: base causal LM to RETROfit (built-in name, local directory or hub id); or
-    from_scratch: RetroConfig fields of a RetroForCausalLM trained whole (then ``model`` must be unset).
+    from_scratch: RetroConfig fields of a RetroForCausalLM trained whole (then ``model`` must be unset);
+        ``cca_placement`` and ``cca_relative_positions`` default to the paper's choice
+        (``configuration_retro.PAPER_CCA``: CCA before the feed-forward, relative positions).
     retro: RETROfit retrieval settings (num_neighbours, retro_layers, encoder_*); chunk_length and
         neighbour_length (2m) always come from the datastore.
     neighbours: directories from `retromem retro neighbours` (the training split and, for periodic
@@ -117,11 +119,14 @@ def build_model(cfg: RetroTrainConfig, ds: Any) -> tuple[torch.nn.Module, Any]:
 
     m = ds.chunk_length
     if cfg.from_scratch is not None:
+        from retromem.retro.configuration_retro import PAPER_CCA
+
         tok = ds.tokenizer
-        try:
+        try:  # a new model: the paper's CCA placement and positions unless the config says otherwise
             config = RetroConfig(vocab_size=int(ds.manifest["tokenizer"]["vocab_size"]), chunk_length=m,
                                  neighbour_length=2 * m, pad_token_id=ds.pad_token_id,
-                                 eos_token_id=ds.manifest["tokenizer"].get("eos_token_id"), **cfg.from_scratch)
+                                 eos_token_id=ds.manifest["tokenizer"].get("eos_token_id"),
+                                 **{**PAPER_CCA, **cfg.from_scratch})
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"`from_scratch`: {exc}") from exc
         return RetroForCausalLM(config), tok

@@ -313,3 +313,130 @@ def test_default_retro_layers_follow_the_paper() -> None:
 def test_bad_config_fields(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=f"`{field}`"):
         tiny_config(**{field: value})
+
+
+# -- CCA placement and relative positions (issue 16: the paper's choices) ----------------------------------
+
+CCA_OPTIONS = [("after_layer", False), ("before_mlp", False), ("after_layer", True), ("before_mlp", True)]
+
+
+def options_model(placement: str, relative: bool, gated: bool = False, seed: int = 0) -> RetroForCausalLM:
+    torch.manual_seed(seed)
+    return RetroForCausalLM(tiny_config(cca_placement=placement, cca_relative_positions=relative, gated=gated)).eval()
+
+
+@pytest.mark.parametrize("placement,relative", CCA_OPTIONS)
+@torch.no_grad()
+def test_gated_start_is_exact_for_every_cca_option(placement: str, relative: bool) -> None:
+    gated = options_model(placement, relative, gated=True)
+    x, nb = inputs()
+    assert torch.equal(gated(x, neighbour_ids=nb).logits, gated(x).logits)
+    # and not by accident: once the projections move, the neighbours reach the logits
+    for p in cca_out_projections(gated).values():
+        p.normal_(0, 0.1)
+    assert (gated(x, neighbour_ids=nb).logits - gated(x).logits)[:, M - 1:].abs().amax(-1).min() > 1e-5
+
+
+@pytest.mark.parametrize("placement,relative", CCA_OPTIONS)
+@torch.no_grad()
+def test_future_neighbours_never_change_earlier_logits(placement: str, relative: bool) -> None:
+    model = options_model(placement, relative)
+    x, nb = inputs()
+    ref = model(x, neighbour_ids=nb).logits
+    for u in range(nb.shape[1]):
+        changed = nb.clone()
+        changed[:, u] = (changed[:, u] + 1) % 97
+        out = model(x, neighbour_ids=changed).logits
+        first = u * M + M - 1  # chunk u is complete at its last token
+        torch.testing.assert_close(out[:, :first], ref[:, :first], rtol=0, atol=0)
+        assert (out[:, first] - ref[:, first]).abs().max() > 1e-4
+    for t in range(x.shape[1] - 1):  # and future tokens never change earlier logits
+        changed = x.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 97
+        torch.testing.assert_close(model(changed, neighbour_ids=nb).logits[:, : t + 1], ref[:, : t + 1])
+
+
+@torch.no_grad()
+def test_before_mlp_places_cca_between_attention_and_feed_forward() -> None:
+    # With the RETRO layers' feed-forward zeroed, CCA before it or on the layer's output is the same sum
+    # (h + attn + CCA(h + attn)); with a live feed-forward, before_mlp feeds CCA's update through it.
+    after, before = options_model("after_layer", False), options_model("before_mlp", False, seed=1)
+    before.load_state_dict(after.state_dict())
+    x, nb = inputs()
+    assert not torch.allclose(after(x, neighbour_ids=nb).logits, before(x, neighbour_ids=nb).logits)
+    torch.testing.assert_close(after(x).logits, before(x).logits, rtol=0, atol=0)  # no neighbours: one decoder
+    for model in (after, before):
+        for number in model.config.retro_layers:
+            model.model.layers[number - 1].mlp.down_proj.weight.zero_()
+    torch.testing.assert_close(after(x, neighbour_ids=nb).logits, before(x, neighbour_ids=nb).logits)
+
+
+@torch.no_grad()
+def test_relative_positions_make_cca_depend_on_neighbour_token_order() -> None:
+    from retromem.retro.modeling_retro import ChunkedCrossAttention
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3 * M, 32)  # (B, T, D)
+    encoded = torch.randn(2, 3, K * R, 16)  # (B, C, k*r, d): encoder width 16 (half the decoder's)
+    perm = torch.randperm(K * R)
+    for relative in (False, True):
+        cca = ChunkedCrossAttention(tiny_config(cca_relative_positions=relative), 32).eval()
+        same = torch.allclose(cca(hidden, encoded), cca(hidden, encoded[:, :, perm]), atol=1e-6)
+        assert same != relative  # without positions the keys are a set; with them, an ordered sequence
+    # rotary: only the offset counts (queries and keys shifted together give the same scores)
+    from retromem.retro.modeling_retro import rotary_cos_sin, rotate
+
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    def score(qp: int, kp: int) -> torch.Tensor:
+        rq = rotate(q, *rotary_cos_sin(torch.tensor([qp]), 8, 10000.0, q))
+        rk = rotate(k, *rotary_cos_sin(torch.tensor([kp]), 8, 10000.0, k))
+        return (rq * rk).sum()
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+@pytest.mark.parametrize("placement,relative", [("before_mlp", True), ("after_layer", True)])
+def test_cca_options_round_trip(placement: str, relative: bool, tmp_path) -> None:
+    model = options_model(placement, relative)
+    x, nb = inputs()
+    model.save_pretrained(tmp_path)
+    loaded = RetroForCausalLM.from_pretrained(tmp_path).eval()
+    assert (loaded.config.cca_placement, loaded.config.cca_relative_positions) == (placement, relative)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits)
+
+
+def test_a_config_saved_before_the_cca_options_loads_with_the_old_behaviour(tmp_path) -> None:
+    old = options_model("after_layer", False)
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("cca_placement", "cca_relative_positions"):
+        saved.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = RetroForCausalLM.from_pretrained(tmp_path).eval()
+    assert (loaded.config.cca_placement, loaded.config.cca_relative_positions) == ("after_layer", False)
+    x, nb = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, old(x, neighbour_ids=nb).logits)
+    assert RetroConfig.from_dict({}).cca_placement == "after_layer"  # a missing key: the old behaviour
+
+
+@pytest.mark.parametrize("field,value", [("cca_placement", "between"), ("cca_relative_positions", "yes")])
+def test_bad_cca_options(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        tiny_config(**{field: value})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_before_mlp() -> None:
+    # before_mlp's CCA runs inside the layer's forward, which checkpointing replays in backward
+    x, nb = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        model = options_model("before_mlp", True).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(x, neighbour_ids=nb, labels=x).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(g is not None for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
