@@ -25,7 +25,7 @@ half a file::
         executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
         for shard, rec in job.map(executor, embed_shard, ctx, shards, marker=lambda s: f"shard-{s:05d}"):
             ...  # progress, totals
-        write_json(job.path / "embeddings.json", manifest)  # the manifest last: it says "complete"
+        job.seal("embeddings.json", manifest)  # the manifest last, with every file's size and checksum
         job.clear_work()  # optional: drop _work/ and its markers
 
 The lock file stays in the finished directory (deleting a lock file others may be waiting on is a
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from retromem.datastore.atomic import atomic_dir, atomic_path, read_json, write_json
+from retromem.datastore.integrity import SECTION, record_files
 from retromem.errors import ConfigError, JobLockedError
 
 __all__ = ["KINDS", "Job", "atomic_dir", "atomic_path", "open_job"]
@@ -150,6 +151,14 @@ class Job:
             raise error(f"{self.path} holds {what} of datastore {str(m.get('datastore_id', '?'))[:16]}, not of "
                         f"{datastore_id[:16]}; pass --overwrite or another --out")
         return m
+
+    def seal(self, manifest_name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the finished artifact's manifest (last: it says "complete") with the size and
+        checksum of every other file here (:func:`retromem.datastore.integrity.record_files`), so
+        opens can check sizes and verify can check every byte; returns what was written."""
+        manifest = {**manifest, SECTION: record_files(self.path, exclude=(manifest_name,))}
+        write_json(self.path / manifest_name, manifest)
+        return manifest
 
     def clear_work(self) -> None:
         """Drop ``_work/`` (done-markers and intermediates) once the artifact is complete."""

@@ -57,6 +57,25 @@ class IndexFormatError(RetromemError):
     or embedder than the one it is asked to serve."""
 
 
+class ArtifactCorruptError(DatastoreError, IndexFormatError):
+    """A file of a finished artifact (datastore, embeddings, index, neighbour table) is damaged:
+    missing, truncated, extended, with a header that does not parse, offsets out of order or out of
+    range, or a checksum that differs from the one recorded when it was written.
+
+    ``path`` names the damaged file, ``what`` says what is wrong with it; the message is
+    ``path: what``. A subclass of both :class:`DatastoreError` and :class:`IndexFormatError`, so
+    callers catching either keep working.
+    """
+
+    def __init__(self, path: Any, what: str) -> None:
+        self.path = str(path)
+        self.what = what
+        super().__init__(f"{self.path}: {what}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.what))
+
+
 class JobLockedError(RetromemError):
     """Another job holds the lock of the output directory this job would write."""
 
@@ -75,6 +94,14 @@ class NgramQueryError(QueryError):
 
 class NgramIndexError(IndexFormatError):
     """An n-gram index directory is missing, truncated, unfinished, or built from another datastore."""
+
+
+class NgramIndexCorruptError(ArtifactCorruptError, NgramIndexError):
+    """A file of an n-gram index is damaged (see :class:`ArtifactCorruptError`)."""
+
+
+class FMIndexCorruptError(ArtifactCorruptError, FMIndexError):
+    """A file of an FM-index is damaged (see :class:`ArtifactCorruptError`)."""
 
 
 class UnsupportedModelError(RetromemError, TypeError):
