@@ -45,6 +45,7 @@ from retromem.datastore.executors import EXECUTORS, make_executor
 from retromem.datastore.job import Job, open_job
 from retromem.datastore.normalize import NormalizeConfig, normalize
 from retromem.datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
+from retromem.datastore.store import CHUNK_ARRAYS, DOC_ARRAYS, shard_arrays_sha256
 from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
 from retromem import __version__
 from retromem.config import boolean, from_dict, integer, non_negative_int, one_of
@@ -644,8 +645,13 @@ def _build(job: Job, cfg: BuildConfig, files: list[InputFile], plan: dict[str, A
                     if lay.skips(u).exists():
                         out.write(lay.skips(u).read_text())
     shards = [fin[p] for p in range(len(parts))]
+    # per-shard checksums of the chunk and document arrays: reads verify the shard they touch
+    arrays = {name: np.load(lay.arrays / f"{name}.npy", mmap_mode="r") for name in CHUNK_ARRAYS + DOC_ARRAYS}
+    for s in shards:
+        s["arrays_sha256"] = shard_arrays_sha256(arrays, s["first_chunk_id"], s["chunks"], s["first_doc_id"], s["documents"])
+    del arrays
     manifest = _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, total_docs)
-    write_json(lay.manifest, manifest)
+    manifest = job.seal(lay.manifest.name, manifest)  # last, with every file's size and checksum
     if not cfg.keep_work:
         job.clear_work()
     seconds["total"] = time.perf_counter() - t0
