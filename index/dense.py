@@ -1,7 +1,7 @@
 """Searching a built dense index: ``DenseIndex.open(path).search(...)``.
 
-Opening checks what was built (format, file sizes, the shards' vector count) and what it was built
-from: the index refuses to serve another datastore or another embedder than the ones its
+Opening checks what was built (format, file sizes, the checksums of the index files before FAISS
+parses a byte of them, the shards' vector count) and what it was built from: the index refuses to serve another datastore or another embedder than the ones its
 ``index.json`` records. ``search`` takes texts (embedded with the recorded model) or vectors,
 searches every shard and merges them by score (as MassiveDS does), excludes given documents per
 query while still returning ``k`` hits, and can fetch each hit's text, tokens and continuation from
@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from retromem.datastore.atomic import read_json
-from retromem.errors import DatastoreError, IndexFormatError, QueryError
+from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files
+from retromem.errors import ArtifactCorruptError, DatastoreError, IndexFormatError, QueryError
 from retromem.index.dense_faiss import INDEX_FORMAT, read_index, search_parameters, set_gpu_params, to_gpu, use_gpu
 from retromem.index.embed import Embedder
 from retromem.index.types import SearchResult, fetch_payloads
@@ -30,26 +30,37 @@ MAX_K = 4096  # the most hits one query may ask for
 class DenseIndex:
     """A built dense index, opened for search (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, datastore=None, mmap: bool = False, gpu: bool | None = False) -> None:
+    def __init__(self, path: str | Path, *, datastore=None, mmap: bool = False, gpu: bool | None = False,
+                 verify: bool = True) -> None:
+        """``verify``: check the recorded checksums of the index files before FAISS reads them (a full
+        read of each file, which FAISS does anyway unless ``mmap``): damaged bytes never reach FAISS,
+        which would crash or answer wrongly. Sizes are always checked."""
         self.path = Path(path)
         meta_path = self.path / "index.json"
         if not meta_path.is_file():
             hint = " (an unfinished build: re-run `retromem index build-dense`)" if (self.path / "_work").exists() else ""
             raise IndexFormatError(f"{self.path} is not a dense index: no index.json{hint}")
-        try:
-            self.meta = read_json(meta_path)
-        except ValueError as exc:
-            raise IndexFormatError(f"{meta_path} is corrupt: {exc}") from exc
+        self.meta = read_manifest(meta_path)
         if self.meta.get("format_version") != INDEX_FORMAT or self.meta.get("kind") != "dense":
             raise IndexFormatError(f"{self.path} holds index format {self.meta.get('format_version')} "
                                    f"({self.meta.get('kind')}); this retromem reads dense format {INDEX_FORMAT}")
-        self.dim = int(self.meta["dim"])
-        self.ntotal = int(self.meta["ntotal"])
-        self.factory = self.meta["factory"]
-        self.defaults = dict(self.meta.get("search_defaults") or {})
+        try:
+            self.dim = int(self.meta["dim"])
+            self.ntotal = int(self.meta["ntotal"])
+            self.factory = self.meta["factory"]
+            self.defaults = dict(self.meta.get("search_defaults") or {})
+            merged = self.meta.get("merged")
+            files = [merged["file"]] if merged else [r["file"] for r in self.meta["shards"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactCorruptError(meta_path, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
+                                                  "the manifest is damaged; rebuild the index") from None
         self._lock = threading.Lock()
-        merged = self.meta.get("merged")
-        files = [merged["file"]] if merged else [r["file"] for r in self.meta["shards"]]
+        check_sizes(self.path, self.meta)
+        if verify and recorded_files(self.meta) is not None:
+            needed = files + ([merged["ivfdata"]] if merged else [])
+            bad = verify_files(self.path, self.meta, names=needed)
+            if bad:
+                raise ArtifactCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild with `retromem index build-dense`")
         if merged and not (self.path / merged["ivfdata"]).is_file():
             raise IndexFormatError(f"{self.path / merged['ivfdata']} is missing: rebuild with `retromem index build-dense --merge ondisk`")
         if merged and (self.path / merged["ivfdata"]).stat().st_size != merged["ivfdata_bytes"]:
@@ -250,7 +261,7 @@ class DenseIndex:
         kk = min(k + int(min(lost.max(), 4 * k)), self.ntotal)
         while len(pending):
             D, I = self.knn(x[pending], min(kk, MAX_K * 4, self.ntotal), nprobe=nprobe, ef_search=ef_search)
-            docs = np.where(I >= 0, ds.chunk_doc_array[np.maximum(I, 0)], -1)
+            docs = np.where(I >= 0, ds.doc_ids(np.maximum(I, 0)).reshape(I.shape), -1)  # read through the verified API
             still = []
             for r, q in enumerate(pending):
                 keep = (I[r] >= 0) & ~np.isin(docs[r], excl[q])

@@ -243,7 +243,7 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
                   "gpu": gpu, "candidates": plan["candidates"], "target_recall": cfg.target_recall},
         "tuning": None,
     }
-    write_json(out / "index.json", meta)
+    meta = job.seal("index.json", meta)  # with every file's size and checksum (tuning rewrites only index.json)
     if cfg.tune and (has_search_param(factory, "nprobe", d) or has_search_param(factory, "efSearch", d)):
         t0 = time.perf_counter()
         report = tune(out, target_recall=cfg.target_recall, n_queries=cfg.tune_queries, seed=cfg.seed + 1)

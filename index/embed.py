@@ -29,9 +29,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from retromem.config import boolean, non_negative_int, one_of, positive_int
-from retromem.datastore.atomic import atomic_path, read_json, sha256_file, write_json
+from retromem.datastore.atomic import atomic_path, read_json, sha256_file
+from retromem.datastore.integrity import check_sizes, load_npy, read_manifest
 from retromem.datastore.job import Job, open_job
-from retromem.errors import ConfigError, DatastoreError, QueryError
+from retromem.errors import ArtifactCorruptError, ConfigError, DatastoreError, QueryError
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
         "num_vectors": ds.num_chunks,
         "shards": [done[s["shard"]] for s in shards],
     }
-    write_json(manifest_path, manifest)
+    manifest = job.seal(manifest_path.name, manifest)  # last, with every file's size and checksum
     rate = n_todo / elapsed if elapsed > 0 else 0.0
     logger.info("embed: %d chunks in %.1fs (%.0f chunks/s)", n_todo, elapsed, rate)
     embedded = sum(1 for s in todo if s["chunks"] > 0)
@@ -330,7 +331,11 @@ def _probe_info(cfg: EmbedConfig) -> dict[str, Any]:
 
 
 class Embeddings:
-    """Stored embeddings of a datastore, opened read-only (memory-mapped float16)."""
+    """Stored embeddings of a datastore, opened read-only (memory-mapped float16).
+
+    Opening checks every shard file's size; the first read of a shard checks its ``.npy`` header
+    and its recorded checksum (a full read of that shard), so damaged vectors never reach an index
+    build (:class:`~retromem.errors.ArtifactCorruptError` naming the file)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -338,11 +343,16 @@ class Embeddings:
         if not mp.exists():
             hint = " (an unfinished run: re-run `retromem index embed` to finish it)" if (self.path / "_work").exists() else ""
             raise DatastoreError(f"{self.path} holds no embeddings: no embeddings.json{hint}")
-        self.manifest = read_json(mp)
-        self.embedder = EmbedderInfo.from_dict(self.manifest["embedder"])
-        self.dim = int(self.manifest["dim"])
-        self.num_vectors = int(self.manifest["num_vectors"])
-        self.shards = self.manifest["shards"]
+        self.manifest = read_manifest(mp)
+        try:
+            self.embedder = EmbedderInfo.from_dict(self.manifest["embedder"])
+            self.dim = int(self.manifest["dim"])
+            self.num_vectors = int(self.manifest["num_vectors"])
+            self.shards = self.manifest["shards"]
+            check_sizes(self.path, self.manifest, names=[r["file"] for r in self.shards])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactCorruptError(mp, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
+                                           "the manifest is damaged; re-run `retromem index embed --overwrite`") from None
         self._arrays: dict[int, np.ndarray] = {}
 
     @property
@@ -353,12 +363,10 @@ class Embeddings:
         if i not in self._arrays:
             rec = self.shards[i]
             f = self.path / rec["file"]
-            try:
-                arr = np.load(f, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise DatastoreError(f"embedding file {f} is missing or corrupt ({exc}): re-run `retromem index embed`") from exc
-            if arr.shape != (rec["chunks"], self.dim):
-                raise DatastoreError(f"embedding file {f} has shape {arr.shape}, expected {(rec['chunks'], self.dim)}")
+            arr = load_npy(f, shape=(rec["chunks"], self.dim), dtype=self.manifest.get("dtype", "float16"))
+            if "sha256" in rec and sha256_file(f) != rec["sha256"]:
+                raise ArtifactCorruptError(f, "differs from its recorded checksum: the file is damaged; "
+                                              "re-run `retromem index embed --overwrite`")
             self._arrays[i] = arr
         return self._arrays[i]
 

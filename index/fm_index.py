@@ -30,9 +30,10 @@ from typing import Sequence
 
 import numpy as np
 
-from retromem.datastore.atomic import atomic_path, read_json, write_json
+from retromem.datastore.atomic import atomic_path
 from retromem.datastore.job import Job
-from retromem.errors import ConfigError, FMIndexError, FMQueryError
+from retromem.datastore.integrity import check_size, check_sizes, load_npy, read_manifest, recorded_files, verify_files
+from retromem.errors import ConfigError, FMIndexCorruptError, FMIndexError, FMQueryError
 from retromem.index.types import FMBuildResult, FMContext, FMFindResult, FMHit
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
         "documents": ds.num_documents, "text_bytes": text_bytes, "index_bytes": size, "file_bytes": file_bytes,
         "size_ratio": size / max(text_bytes, 1),
     }
-    write_json(out / MANIFEST_NAME, m)
+    m = job.seal(MANIFEST_NAME, m)  # last, with every file's size and checksum
     return FMBuildResult(out, m, False, time.perf_counter() - t0)
 
 
@@ -177,11 +178,15 @@ class _CompactEngine:
     def __init__(self, path: Path, m: dict, cache_blocks: int = 1024) -> None:
         self.rows, self.dollar_row = int(m["n"]) + 1, int(m["dollar_row"])
         self.k, self.B = int(m["sample_rate"]), int(m["block_size"])
-        self.occ = np.load(path / "occ.npy")
-        self.offsets = np.load(path / "block_offsets.npy")
-        self.samples = np.load(path / "sa_samples.npy")
-        self.C = np.load(path / "C.npy")
-        self.col = np.load(path / "alphabet_col.npy")
+        def load(name: str) -> np.ndarray:
+            return load_npy(path / name, mmap=False, error=FMIndexCorruptError)
+
+        self.occ, self.offsets, self.samples = load("occ.npy"), load("block_offsets.npy"), load("sa_samples.npy")
+        self.C, self.col = load("C.npy"), load("alphabet_col.npy")
+        size = (path / "bwt.zst").stat().st_size
+        if len(self.offsets) == 0 or self.offsets[0] != 0 or self.offsets[-1] != size or (np.diff(self.offsets) < 0).any():
+            raise FMIndexCorruptError(path / "block_offsets.npy", f"block offsets are not monotone from 0 to {size:,} "
+                                      "(the size of bwt.zst): one of the two files is damaged; rebuild the index")
         self.data = np.memmap(path / "bwt.zst", dtype=np.uint8, mode="r") if self.offsets[-1] else np.zeros(0, np.uint8)
         import zstandard
 
@@ -228,7 +233,9 @@ class _CompactEngine:
 class FMIndex:
     """A finished FM-index with its datastore, for mapping hits to chunks."""
 
-    def __init__(self, path: str | Path, datastore=None, max_query_chars: int = 10_000) -> None:
+    def __init__(self, path: str | Path, datastore=None, max_query_chars: int = 10_000, *, verify: bool = True) -> None:
+        """``verify``: check every file's recorded checksum first (a full read of the index, about 40%
+        of the text's size; its arrays are read whole anyway). Sizes are always checked."""
         from retromem.datastore import Datastore
 
         self.path = Path(path)
@@ -236,22 +243,29 @@ class FMIndex:
         mpath = self.path / MANIFEST_NAME
         if not mpath.exists():
             raise FMIndexError(f"{self.path} is not an FM-index: no {MANIFEST_NAME}")
-        self.manifest = m = read_json(mpath)
+        self.manifest = m = read_manifest(mpath, error=FMIndexCorruptError)
         if m.get("format_version") != FORMAT_VERSION:
             raise FMIndexError(f"{self.path} has FM-index format {m.get('format_version')}; rebuild it with this version")
-        for name, size in m["file_bytes"].items():
-            f = self.path / name
-            if not f.is_file():
-                raise FMIndexError(f"{f} is missing; rebuild with `retromem index build-fm --overwrite`")
-            if f.stat().st_size != size:
-                raise FMIndexError(f"{f} is truncated or corrupt: {f.stat().st_size} bytes, the index records "
-                                   f"{size}; rebuild with `retromem index build-fm --overwrite`")
+        try:
+            check_sizes(self.path, m, error=FMIndexCorruptError)
+            for name, size in m["file_bytes"].items():
+                check_size(self.path / name, int(size), error=FMIndexCorruptError)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FMIndexCorruptError(mpath, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
+                                             "the manifest is damaged; rebuild the index") from None
+        if verify and recorded_files(m) is not None:
+            bad = verify_files(self.path, m)
+            if bad:
+                raise FMIndexCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild with `retromem index build-fm --overwrite`")
         self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore or m["datastore_path"])
         if self.datastore.datastore_id != m["datastore_id"]:
             raise FMIndexError(f"{self.path} was built from datastore {m['datastore_id'][:16]}, not from "
                                f"{self.datastore.datastore_id[:16]} at {self.datastore.path}")
         self.backend = m["backend"]
-        self._starts = np.load(self.path / STARTS_NAME)
+        self._starts = load_npy(self.path / STARTS_NAME, mmap=False, error=FMIndexCorruptError)
+        if len(self._starts) != self.datastore.num_documents or (len(self._starts) and (self._starts[0] != 0 or (np.diff(self._starts) <= 0).any())):
+            raise FMIndexCorruptError(self.path / STARTS_NAME, "document starts are not increasing from 0, one per document: "
+                                      "the file is damaged; rebuild the index")
         if self.backend == "compact":
             self._engine = _CompactEngine(self.path, m)
         else:

@@ -21,8 +21,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from retromem.datastore.atomic import read_json
-from retromem.errors import ConfigError, NgramQueryError
+from retromem.datastore.integrity import check_size, check_sizes, read_manifest, recorded_files, verify_files
+from retromem.errors import ConfigError, NgramIndexCorruptError, NgramQueryError
 from retromem.index.ngram_build import ENGINE_VERSION, FORMAT_VERSION, MANIFEST_NAME, NgramIndexError, token_dtype
 from retromem.index.types import (ChunkPayload, Count, DocumentSearch, FindResult, InfgramProb, NextTokenDistribution,
                                   Occurrence, Prob, TokenCount, TokenScore, fetch_payloads)
@@ -82,7 +82,11 @@ def _check_engine(result: Any, verb: str) -> Any:
 class NgramIndex:
     """A finished suffix-array index, opened with the infini-gram engine over all its shards."""
 
-    def __init__(self, path: str | Path, datastore=None, limits: QueryLimits | None = None) -> None:
+    def __init__(self, path: str | Path, datastore=None, limits: QueryLimits | None = None, *, verify: bool = True) -> None:
+        """``verify``: check the recorded checksums of every shard's files before the native engine
+        maps them (a full read: about 1 s per GB, BENCHMARKS.md); the engine trusts their bytes and
+        crashes the process on damaged ones (a flipped ``table.0`` or ``tokenized.0`` segfaulted it).
+        Sizes and the document offsets are always checked."""
         from retromem.datastore import Datastore
 
         self.path = Path(path)
@@ -91,11 +95,15 @@ class NgramIndex:
         if not mp.exists():
             hint = " (an unfinished build: re-run `retromem index build-ngram` to finish it)" if (self.path / "_work").exists() else ""
             raise NgramIndexError(f"{self.path} is not an n-gram index: no {MANIFEST_NAME}{hint}")
-        self.manifest = m = read_json(mp)
+        self.manifest = m = read_manifest(mp, error=NgramIndexCorruptError)
         if m.get("format_version") != FORMAT_VERSION:
             raise NgramIndexError(f"{self.path} has n-gram index format {m.get('format_version')}; this retromem reads "
                                   f"{FORMAT_VERSION}. Rebuild it with `retromem index build-ngram --overwrite`.")
-        self._check_files()
+        try:
+            self._check_files(verify)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NgramIndexCorruptError(mp, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
+                                             "the manifest is damaged; rebuild the index") from None
         if datastore is None:
             datastore = m["datastore_path"]
         self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
@@ -123,21 +131,42 @@ class NgramIndex:
             max_diff_tokens=self.limits.max_diff_tokens,
         )
 
-    def _check_files(self) -> None:
-        # the native engine memory-maps these files and would read past a short one: check first
-        for s in self.manifest["shards"]:
+    def _check_files(self, verify: bool) -> None:
+        """Everything the native engine would trust, checked before it maps a byte: sizes (it reads
+        past a short file), checksums (``verify``; it crashes on damaged ones), and the document
+        offsets (monotone from 0, each at a document separator)."""
+        m = self.manifest
+        width = int(m["token_width"])
+        check_sizes(self.path, m, error=NgramIndexCorruptError)
+        for s in m["shards"]:
             for name, key in (("tokenized.0", "tokenized_bytes"), ("offset.0", "offset_bytes"), ("table.0", "table_bytes")):
-                f = self.path / s["dir"] / name
-                if not f.is_file():
-                    raise NgramIndexError(f"{f} is missing; rebuild the index with `retromem index build-ngram --overwrite`")
-                size = f.stat().st_size
-                if size != s[key]:
-                    raise NgramIndexError(f"{f} is truncated or corrupt: {size} bytes, the index records {s[key]}; "
-                                          f"rebuild the index with `retromem index build-ngram --overwrite`")
+                check_size(self.path / s["dir"] / name, int(s[key]), error=NgramIndexCorruptError)
+            if int(s["tokenized_bytes"]) != int(s["tokens"]) * width or int(s["table_bytes"]) != int(s["tokens"]) * int(s["ptr_size"]):
+                raise NgramIndexCorruptError(self.path / MANIFEST_NAME, f"shard {s['dir']}: file sizes disagree with its "
+                                             "token count: the manifest is damaged; rebuild the index")
+        if verify and recorded_files(m) is not None:
+            bad = verify_files(self.path, m)
+            if bad:
+                raise NgramIndexCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild the index with "
+                                             "`retromem index build-ngram --overwrite`")
+        sep = np.frombuffer(b"\xff" * width, dtype=token_dtype(width))[0]
+        for s in m["shards"]:
+            f = self.path / s["dir"] / "offset.0"
+            offs = np.fromfile(f, dtype="<u8").astype(np.int64)
+            size = int(s["tokenized_bytes"])
+            if len(offs) != int(s["documents"]) or (len(offs) and (offs[0] != 0 or (np.diff(offs) <= 0).any()
+                                                                   or offs[-1] >= size or (offs % width).any())):
+                raise NgramIndexCorruptError(f, "document offsets are not increasing from 0 within tokenized.0: "
+                                                "the file is damaged; rebuild the index")
+            toks = np.memmap(self.path / s["dir"] / "tokenized.0", dtype=token_dtype(width), mode="r") if size else np.zeros(0)
+            if len(offs) and (np.asarray(toks[offs // width]) != sep).any():
+                raise NgramIndexCorruptError(f, "a document offset does not point at a document separator in tokenized.0: "
+                                                "one of the two files is damaged; rebuild the index")
+            del toks
 
     @classmethod
-    def open(cls, path: str | Path, datastore=None, limits: QueryLimits | None = None) -> "NgramIndex":
-        return cls(path, datastore, limits)
+    def open(cls, path: str | Path, datastore=None, limits: QueryLimits | None = None, *, verify: bool = True) -> "NgramIndex":
+        return cls(path, datastore, limits, verify=verify)
 
     @property
     def num_tokens(self) -> int:
@@ -362,8 +391,9 @@ class NgramIndex:
         return fetch_payloads(self.datastore, [h.chunk_id for h in hits], **kw)
 
 
-def open_ngram_index(path: str | Path, datastore=None, limits: QueryLimits | None = None) -> NgramIndex:
-    return NgramIndex(path, datastore, limits)
+def open_ngram_index(path: str | Path, datastore=None, limits: QueryLimits | None = None, *,
+                     verify: bool = True) -> NgramIndex:
+    return NgramIndex(path, datastore, limits, verify=verify)
 
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from retromem.config import fail, is_int, non_negative_int, positive_int
-from retromem.datastore.atomic import sha256_file, write_json
+from retromem.datastore.atomic import sha256_file
 from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, NgramIndexError
 from retromem.index.types import NgramBuildResult
@@ -313,7 +313,7 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
         "shards": shards,
         "build": {"shard_tokens": cfg.shard_tokens, "cpus": cpus, "mem_bytes": cfg.mem_bytes},
     }
-    write_json(out / MANIFEST_NAME, manifest)
+    manifest = job.seal(MANIFEST_NAME, manifest)  # last, with every file's size and checksum
     job.clear_work()
     return NgramBuildResult(out, manifest, False, time.perf_counter() - t0, _peak_rss())
 

@@ -33,9 +33,11 @@ import pyarrow.parquet as pq
 
 from retromem.config import fail, key_name, one_of, optional_positive_int, positive_int
 from retromem.datastore.atomic import atomic_path, read_json, write_json
-from retromem.datastore.job import open_job
+from retromem.datastore.integrity import check_sizes, recorded_files, verify_files
+from retromem.datastore.integrity import read_manifest as read_checked_manifest
+from retromem.datastore.job import Job, open_job
 from retromem.retro.splits import SPLITS, SplitSpec
-from retromem.errors import ConfigError
+from retromem.errors import ArtifactCorruptError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     p = Path(path) / MANIFEST
     if not p.is_file():
         raise ConfigError(f"{path} holds no neighbours: no {MANIFEST} (run `retromem retro neighbours --out {path}`)")
-    return read_json(p)
+    return read_checked_manifest(p)
 
 
 # -- leakage: n-grams of the held-out documents ---------------------------------------------------------
@@ -203,12 +205,13 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
     with open_job(cfg.out, "neighbours", overwrite=overwrite, legacy=(MANIFEST,)) as job:
-        return _run(cfg, retriever, ds, job.path, progress, t0)
+        return _run(cfg, retriever, ds, job, progress, t0)
 
 
-def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, out: Path, progress: bool, t0: float) -> NeighboursResult:
+def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progress: bool, t0: float) -> NeighboursResult:
     from tqdm.auto import tqdm
 
+    out = job.path
     manifest_path = out / MANIFEST
     ident = cfg.identity()
     if manifest_path.is_file():
@@ -282,7 +285,10 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, out: Path, progre
     manifest["complete"] = len(manifest["shards"]) == n_shards
     manifest["chunks"] = int(len(chunk_ids))
     manifest["query"] = kind
-    write_json(manifest_path, manifest)
+    if manifest["complete"]:
+        manifest = job.seal(MANIFEST, manifest)  # with every shard's size and checksum
+    else:
+        write_json(manifest_path, manifest)
     return NeighboursResult(out, len(chunk_ids), len(todo), len(done), time.perf_counter() - t0, dropped, manifest)
 
 
@@ -308,10 +314,25 @@ class NeighbourTable:
                 raise ConfigError(f"neighbours at {p} were computed for datastore {m['datastore_id'][:16]}, "
                                   f"not {ds.datastore_id[:16]} ({ds.path})")
             self.manifests.append(m)
+            # the shards are read whole anyway: check their recorded sizes and checksums first
+            check_sizes(p, m)
+            if recorded_files(m) is not None and (bad := verify_files(p, m)):
+                raise ArtifactCorruptError(Path(p) / bad[0][0], bad[0][1] + "; re-run `retromem retro neighbours --overwrite`")
             for shard in m["shards"]:
-                t = pq.read_table(Path(p) / shard["file"], columns=["chunk_id", "neighbour_ids"])
-                ids.append(t.column("chunk_id").to_numpy())
-                nbrs.append(np.asarray(t.column("neighbour_ids").to_pylist(), dtype=np.int64).reshape(len(t), -1))
+                f = Path(p) / shard["file"]
+                try:
+                    t = pq.read_table(f, columns=["chunk_id", "neighbour_ids"])
+                    table = np.asarray(t.column("neighbour_ids").to_pylist(), dtype=np.int64).reshape(len(t), int(m["k"]))
+                except (OSError, ValueError, pa.ArrowException) as exc:
+                    raise ArtifactCorruptError(f, f"cannot be read as a neighbour shard ({str(exc).splitlines()[0][:160]})") from None
+                chunk = t.column("chunk_id").to_numpy()
+                if len(chunk) != int(shard["chunks"]) or (len(chunk) and int(chunk[0]) != int(shard["first_chunk_id"])):
+                    raise ArtifactCorruptError(f, f"holds {len(chunk)} rows from chunk {int(chunk[0]) if len(chunk) else None}, "
+                                                  f"the manifest records {shard['chunks']} from {shard['first_chunk_id']}")
+                if ds is not None and (((chunk < 0) | (chunk >= ds.num_chunks)).any() or ((table < -1) | (table >= ds.num_chunks)).any()):
+                    raise ArtifactCorruptError(f, f"holds chunk ids outside 0..{ds.num_chunks - 1}: the file is damaged")
+                ids.append(chunk)
+                nbrs.append(table)
         ks = {int(m["k"]) for m in self.manifests}
         if len(ks) != 1:
             raise ConfigError(f"neighbour directories {paths} hold different k: {sorted(ks)}")
