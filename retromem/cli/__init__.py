@@ -6,7 +6,8 @@ and adds them. Library errors (:class:`retromem.errors.RetromemError`) become a 
 
 Command names follow one scheme, ``retromem <area> [<kind>] <verb>``:
 
-    retromem datastore build|info|show
+    retromem datastore build|info|show|verify
+    retromem index verify
     retromem index dense embed|build|search|tune|eval
     retromem index ngram build|query|score|eval-interpolation
     retromem index fm build|query
@@ -56,6 +57,7 @@ def _alias(group: click.Group, name: str, command: click.Command) -> None:
 
 
 index.add_command(dense.group)
+index.add_command(datastore.index_verify)
 index.add_command(ngram.group)
 index.add_command(ngram.fm_group)
 index.add_command(lexical.group)

@@ -1,5 +1,6 @@
-"""Commands: `retromem datastore build|info|show`, and the demo's first two steps (build the demo
-datastore, read a chunk, its continuation and a document back)."""
+"""Commands: `retromem datastore build|info|show|verify`, `retromem index verify` (any artifact), and
+the demo's first two steps (build the demo datastore, read a chunk, its continuation and a
+document back)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 
 import click
 
-from retromem.cli._common import fmt_bytes, handle_errors, parse_size
+from retromem.cli._common import fail, fmt_bytes, handle_errors, parse_size
 from retromem.config import from_dict, read_yaml
-from retromem.errors import ConfigError
+from retromem.errors import ConfigError, RetromemError
 
 
 @click.group("datastore")
@@ -205,3 +206,125 @@ def datastore_show(path: str, chunk_id: int, as_json: bool, continuation: bool) 
         click.echo(f"continuation (chunk {nxt.chunk_id}):\n" + click.style(nxt.text, fg="cyan"))
     elif continuation:
         click.echo("continuation: none (last chunk of its document)")
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+def _open_checked(kind: str, path: Path, datastore: str | None) -> None:
+    """Open the artifact with its own opener (its structural checks), checksums left to the caller."""
+    if kind == "embeddings":
+        from retromem.index.embed import Embeddings
+
+        emb = Embeddings(path)
+        for i in range(len(emb.shards)):
+            emb.shard(i)
+        return
+    from retromem.datastore import Datastore
+
+    ds = Datastore.open(datastore) if datastore else None
+    if kind == "dense-index":
+        from retromem.index.dense import DenseIndex
+
+        DenseIndex.open(path, datastore=ds, verify=False)
+    elif kind == "ngram-index":
+        from retromem.index.ngram import NgramIndex
+
+        NgramIndex(path, ds, verify=False)
+    elif kind == "fm-index":
+        from retromem.index.fm_index import FMIndex
+
+        FMIndex(path, ds, verify=False)
+    elif kind == "neighbours":
+        from retromem.retro.neighbours import NeighbourTable
+
+        NeighbourTable(path, ds)
+
+
+def verify_path(path: str | Path, datastore: str | None = None, echo=click.echo) -> list[str]:
+    """Check the artifact at ``path`` (any kind): every recorded checksum, then its opener's
+    structural checks. Prints what was checked; returns ``file: what`` for each problem."""
+    import time
+
+    from retromem.datastore.integrity import VerifyReport, artifact_kind, recorded_files, verify_artifact
+
+    path = Path(path)
+    kind = artifact_kind(path)
+    if kind == "datastore":
+        from retromem.datastore import Datastore
+
+        t0 = time.perf_counter()
+        try:
+            ds = Datastore.open(path)
+        except RetromemError as exc:  # structure broken: name every damaged file from the checksums
+            report = verify_artifact(path, kind)
+            return [f"{path / rel}: {what}" for rel, what in report.problems] or [str(exc)]
+        problems = [f"{path / p}" for p in ds.verify()]  # every file, then damaged arrays shard by shard
+        files = recorded_files(ds.manifest) or {}
+        report = VerifyReport(path, kind, bool(files), len(files), sum(int(r["bytes"]) for r in files.values()),
+                              time.perf_counter() - t0)
+    else:
+        report = verify_artifact(path, kind)
+        problems = [f"{path / rel}: {what}" for rel, what in report.problems]
+        if not problems:
+            try:
+                _open_checked(kind, path, datastore)
+            except RetromemError as exc:
+                problems.append(str(exc))
+    if not report.recorded:
+        echo(f"note: {path} ({kind}) records no checksums (written before retromem recorded them): "
+             "structural checks only" + (" and the shards' own checksums" if kind == "datastore" else ""))
+    elif not problems:
+        echo(f"{path} ({kind}): {report.files} files, {fmt_bytes(report.bytes)}: every checksum matches "
+             f"and the structure is sound ({report.seconds:.1f}s)")
+    return problems
+
+
+def _report(problems: list[str]) -> None:
+    if problems:
+        for p in problems[:-1]:
+            click.echo(f"error: {p}", err=True)
+        fail(problems[-1])
+
+
+@group.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def datastore_verify(path: str) -> None:
+    """Recompute the checksum of every file of the datastore at PATH and check its structure; name
+    each damaged file (`error: FILE: what`, exit 2)."""
+    _report(verify_path(path))
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--datastore", "datastore_path", type=click.Path(exists=True, file_okay=False),
+              help="The datastore the index was built from (default: the path it records).")
+@handle_errors
+def index_verify(path: str, datastore_path: str | None) -> None:
+    """Recompute every checksum of the artifact at PATH (any kind: datastore, embeddings, dense, n-gram
+    or FM index, neighbours; told by its marker) and check its structure; name each damaged file."""
+    _report(verify_path(path, datastore_path))
+
+
+def verify_option(command):
+    """``--verify`` for `retromem serve`: recompute every checksum of the artifacts named by
+    ``--datastore``, ``--dense`` and ``--ngram`` before the command opens them; refuse damaged ones."""
+    import functools
+
+    @click.option("--verify", is_flag=True, help="Recompute every checksum of the datastore and indexes before "
+                                                 "serving; refuse to serve damaged ones.")
+    @functools.wraps(command)
+    def wrapper(*args, verify: bool = False, **kwargs):
+        if verify:
+            try:
+                problems = [p for key in ("datastore_path", "dense", "ngram") if kwargs.get(key)
+                            for p in verify_path(kwargs[key], kwargs.get("datastore_path"),
+                                                 echo=lambda m: click.echo(m, err=True))]
+            except RetromemError as exc:
+                fail(str(exc))
+            _report(problems)
+        return command(*args, **kwargs)
+
+    return wrapper
