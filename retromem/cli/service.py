@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from retromem.cli._common import handle_errors, parse_list, parse_number, parse_size, secret, snippet
+from retromem.cli.datastore import verify_option
 
 
 @click.command("serve")
@@ -40,6 +41,7 @@ from retromem.cli._common import handle_errors, parse_list, parse_number, parse_
 @click.option("--shard-tls-ca", type=click.Path(exists=True, dir_okay=False), help="Router: CA certificate of TLS shards.")
 @click.option("--torch-threads", type=int, default=None, help="Threads of the query embedder.")
 @click.option("--faiss-threads", type=int, default=None, help="FAISS OpenMP threads (default: one per core).")
+@verify_option
 @handle_errors
 def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, batch_wait_ms, max_dense_batch, max_batch,
           max_k, max_chunks, max_query_tokens, max_message_bytes, token_file, tls_cert, tls_key, metrics_port, grace,
