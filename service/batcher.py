@@ -52,6 +52,12 @@ class DenseItem:
     def key(self) -> tuple:
         return (self.k, self.nprobe, self.ef_search, self.fetch)
 
+    def rows(self, lo: int, hi: int) -> "DenseItem":
+        """Queries ``lo:hi`` as a request of their own (SearchStream searches a big request in slices)."""
+        return DenseItem(self.vectors[lo:hi], {r - lo: t for r, t in self.texts.items() if lo <= r < hi}, self.k,
+                         self.nprobe, self.ef_search, self.exclude[lo:hi] if self.exclude is not None else None,
+                         self.fetch, self.deadline)
+
 
 class DenseBatcher:
     """Batches dense queries of concurrent request threads (see module docstring)."""

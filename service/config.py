@@ -16,13 +16,18 @@ MiB = 2**20
 
 # the command-line flags of `retromem serve` that set ServiceLimits fields (the others have none)
 _FLAGS = {"max_batch": "--max-batch", "max_k": "--max-k", "max_chunks": "--max-chunks",
-          "max_query_tokens": "--max-query-tokens", "max_message_bytes": "--max-message-bytes"}
+          "max_query_tokens": "--max-query-tokens", "max_message_bytes": "--max-message-bytes",
+          "max_nprobe": "--max-nprobe", "max_ef_search": "--max-ef-search"}
+INT32_MAX = 2**31 - 1  # FAISS (through SWIG) and gRPC take signed 32-bit ints: no limit may exceed it
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
     """Caps on what one request may ask for; exceeding one is the caller's mistake
-    (INVALID_ARGUMENT, or OUT_OF_RANGE for a k above ``max_k``), never a slow server."""
+    (INVALID_ARGUMENT for counts and lengths, OUT_OF_RANGE for a knob such as ``k`` or
+    ``ef_search`` above its cap), never a slow server. Every per-request knob has one, and
+    ``Info`` shows them all. An answer estimated to exceed ``max_message_bytes`` is refused before
+    any work (RESOURCE_EXHAUSTED, pointing at SearchStream)."""
 
     max_batch: int = 1024  # queries per Search request (SearchStream takes any number of requests)
     max_k: int = 1000
@@ -33,11 +38,16 @@ class ServiceLimits:
     max_clauses: int = 8
     max_terms_per_clause: int = 16
     max_message_bytes: int = 16 * MiB  # received and sent; SearchStream slices responses below it
+    max_nprobe: int = 4096  # IVF lists one query may visit (0 in a request: the index's tuned default)
+    max_ef_search: int = 4096  # HNSW efSearch of one query (FAISS reserves about 8 bytes per unit)
+    max_exclude_doc_ids: int = 1024  # documents one query may exclude
+    max_diff_tokens: int = 100  # SearchDocuments: how far apart a match's clauses may be
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_k", "max_query_bytes", "max_query_tokens", "max_chunks", "max_find_limit",
-                     "max_clauses", "max_terms_per_clause"):
-            positive_int(getattr(self, name), f"limits.{name}", flag=_FLAGS.get(name))
+                     "max_clauses", "max_terms_per_clause", "max_nprobe", "max_ef_search", "max_exclude_doc_ids",
+                     "max_diff_tokens"):
+            integer(getattr(self, name), f"limits.{name}", ge=1, le=INT32_MAX, flag=_FLAGS.get(name))
         if not _is_size(self.max_message_bytes):
             fail("limits.max_message_bytes", "be between 64KiB and 2GiB", self.max_message_bytes,
                  flag=_FLAGS["max_message_bytes"])
@@ -58,7 +68,10 @@ class ServerConfig:
     shards: tuple[str, ...] = ()  # router mode: host:port of each shard server, in id order
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (the bound one is reported)
-    workers: int = 8  # threads running requests
+    workers: int = 8  # threads running unary requests (health checks included)
+    max_streams: int = 4  # streams (SearchStream, reflection, health Watch) open at once, on threads of their own
+    stream_idle_s: float = 30.0  # a stream whose client sends nothing for this long is ended (DEADLINE_EXCEEDED)
+    stream_max_s: float = 3600.0  # the longest any stream may stay open
     max_queue: int = 64  # requests waiting for a thread; beyond it: RESOURCE_EXHAUSTED at once
     batch_wait_ms: float = 2.0  # dense micro-batching: how long the first query waits for company
     max_dense_batch: int = 256  # dense micro-batching: queries per FAISS call
@@ -66,6 +79,7 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
     tls_key: str | None = None
     metrics_port: int | None = None  # Prometheus /metrics over HTTP
+    metrics_host: str = "127.0.0.1"  # its address: loopback unless asked (it has no auth)
     grace_s: float = 10.0  # SIGTERM: how long in-flight requests may take to finish
     partial: bool = False  # router: answer without shards that failed, naming them
     shard_timeout_s: float = 10.0  # router: deadline of each shard call (the caller's, if shorter)
@@ -87,6 +101,11 @@ class ServerConfig:
                 fail("shards", "be host:port", s, flag="--shard")
         integer(self.port, "port", ge=0, le=65535, flag="--port")
         positive_int(self.workers, "workers", flag="--workers")
+        positive_int(self.max_streams, "max_streams", flag="--max-streams")
+        number(self.stream_idle_s, "stream_idle_s", gt=0, flag="--stream-idle")
+        number(self.stream_max_s, "stream_max_s", gt=0, flag="--stream-max")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            fail("metrics_host", "be a host name or address", self.metrics_host, flag="--metrics-host")
         non_negative_int(self.max_queue, "max_queue", flag="--max-queue")
         number(self.batch_wait_ms, "batch_wait_ms", ge=0, le=1000, flag="--batch-wait-ms")
         positive_int(self.max_dense_batch, "max_dense_batch", flag="--max-dense-batch")
@@ -105,9 +124,15 @@ class ServerConfig:
             fail("limits", "be a ServiceLimits", self.limits)
 
     @property
+    def threads(self) -> int:
+        """Threads of the server's pool: ``workers`` for unary calls, ``max_streams`` more for streams,
+        so that open streams never take the last thread from a health check or a Search."""
+        return self.workers + self.max_streams
+
+    @property
     def max_concurrent_rpcs(self) -> int:
         """Running plus queued requests: gRPC answers RESOURCE_EXHAUSTED beyond it."""
-        return self.workers + self.max_queue
+        return self.threads + self.max_queue
 
     @property
     def address(self) -> str:

@@ -1,4 +1,4 @@
-"""Server interceptors: bearer-token authentication and Prometheus metrics.
+"""Server interceptors: bearer-token authentication, bounds on streams, and Prometheus metrics.
 
 Authentication reads ``authorization: Bearer <token>`` from the call metadata and answers
 UNAUTHENTICATED without a valid token; the health and reflection services stay open, so that
@@ -7,6 +7,13 @@ request and error counts (by status code), RPCs running in a worker thread, RPCs
 waiting for one (the bounded queue's depth), RPCs refused at once because that queue was full, and
 the dense batcher's queue, in a registry of the server's own (no module-level state), exported
 over HTTP when the server is given a metrics port.
+
+Streams (SearchStream, reflection, health Watch) hold a thread for as long as the client keeps
+them open, so :class:`StreamGuard` bounds them: at most ``max_streams`` at once (the server's pool
+has that many threads beyond its unary workers, so open streams never starve a health check or a
+Search), a stream whose client sends nothing for ``idle_s`` ends with DEADLINE_EXCEEDED, and none
+stays open longer than ``max_s``. On shutdown, streams waiting for their client's next message end
+at once (UNAVAILABLE) instead of holding the drain until the grace period runs out.
 
 Queue depth and refusals come from the admission count of the ``grpc.server`` itself (read through
 :meth:`MetricsInterceptor.bind`): gRPC refuses a call (RESOURCE_EXHAUSTED, before any handler or
@@ -20,11 +27,14 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import queue
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import grpc
+
+from retromem.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,203 @@ class TokenAuth(grpc.ServerInterceptor):
         return _rewrap(handler, deny)
 
 
+_END = object()  # the client closed its side of the stream
+
+
+class _Requests:
+    """A stream's request iterator whose wait for the client's next message can time out.
+
+    gRPC's iterator blocks until a message comes or the call ends; a reader thread of the stream's
+    own takes each message from it when (and only when) the handler asks for one, so nothing is
+    read ahead of the handler and gRPC's flow control still holds back a fast client."""
+
+    def __init__(self, it: Iterator, idle_s: float, deadline: float, max_s: float,
+                 on_timeout: Callable[[], None] = lambda: None) -> None:
+        self._it = it
+        self._idle_s, self._deadline, self._max_s = idle_s, deadline, max_s
+        self._on_timeout = on_timeout
+        self._asks: queue.SimpleQueue = queue.SimpleQueue()
+        self._got: queue.SimpleQueue = queue.SimpleQueue()
+        self._asked = False
+        self._done = False
+        threading.Thread(target=self._read, name="retromem-stream-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        while self._asks.get() is not _END:
+            try:
+                self._got.put((next(self._it), None))
+            except StopIteration:
+                self._got.put((_END, None))
+                return
+            except BaseException as exc:  # the call was cancelled or ended: hand it to the handler
+                self._got.put((None, exc))
+                return
+
+    def interrupt(self, exc: BaseException) -> None:
+        """End the handler's wait for a message with ``exc`` (raised where it reads)."""
+        self._got.put((None, exc))
+
+    def close(self) -> None:
+        self._asks.put(_END)
+
+    def __iter__(self) -> "_Requests":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            self._on_timeout()
+            raise _lifetime(self._max_s)
+        if not self._asked:
+            self._asks.put(True)
+            self._asked = True
+        wait = min(self._idle_s, left)
+        try:
+            msg, exc = self._got.get(timeout=wait)
+        except queue.Empty:
+            self._on_timeout()
+            if wait < left:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"the client sent no message for {self._idle_s:g}s, the most this server waits "
+                                   "(stream_idle_s, --stream-idle): stream ended; open a new one when there is more "
+                                   "to send") from None
+            raise _lifetime(self._max_s) from None
+        self._asked = False
+        if exc is not None:
+            self._done = True
+            raise exc
+        if msg is _END:
+            self._done = True
+            raise StopIteration
+        return msg
+
+
+def _lifetime(max_s: float) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the stream has been open {max_s:g}s, the longest this server keeps one (stream_max_s, "
+                        "--stream-max): stream ended; open a new one for the rest")
+
+
+class StreamGuard(grpc.ServerInterceptor):
+    """Bounds every streaming RPC (see the module docstring): ``max_streams`` at once, the client's
+    silence to ``idle_s``, the whole stream to ``max_s``."""
+
+    def __init__(self, max_streams: int, idle_s: float, max_s: float, metrics: "Metrics | None" = None) -> None:
+        self.max_streams, self.idle_s, self.max_s = max_streams, idle_s, max_s
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._open = 0
+        self._waiting: set[_Requests] = set()
+        self._closing = False
+
+    @property
+    def open_streams(self) -> int:
+        return self._open
+
+    def close(self) -> None:
+        """The server is shutting down: streams waiting for a message end now (UNAVAILABLE), streams
+        at work finish the request in hand and end at their next read; no new stream is admitted."""
+        with self._lock:
+            self._closing = True
+            waiting = list(self._waiting)
+        for r in waiting:
+            r.interrupt(_shutting_down())
+            self._ended("*", "shutdown")
+
+    def intercept_service(self, continuation, details):
+        h = continuation(details)
+        if h is None or not (h.request_streaming or h.response_streaming):
+            return h
+        method = details.method.rsplit("/", 1)[-1]
+        if h.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(self._guard(h.stream_stream, method, True, True),
+                                                         h.request_deserializer, h.response_serializer)
+        if h.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._guard(h.unary_stream, method, False, True),
+                                                        h.request_deserializer, h.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(self._guard(h.stream_unary, method, True, False),
+                                                    h.request_deserializer, h.response_serializer)
+
+    def _ended(self, method: str, why: str) -> None:
+        if self.metrics is not None:
+            self.metrics.streams_ended.labels(method, why).inc()
+
+    def _admit(self, method: str, request, context, request_streaming: bool):
+        """Take a stream slot (or refuse the call); the request (iterator) to hand the handler, and
+        what to undo when the stream ends."""
+        with self._lock:
+            refused = self._closing or self._open >= self.max_streams
+            if not refused:
+                self._open += 1
+        if refused:
+            self._ended(method, "refused")
+            if self._closing:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry on another server")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_streams} streams are open, the most this server runs at once (max_streams, "
+                          "--max-streams): retry later, or use the unary calls")
+        deadline = time.monotonic() + self.max_s
+        timer = None
+        if request_streaming:
+            request = _Requests(request, self.idle_s, deadline, self.max_s, lambda: self._ended(method, "timeout"))
+            with self._lock:
+                self._waiting.add(request)
+        else:  # the server decides when such a stream ends (health Watch): cancel it at its lifetime
+            timer = threading.Timer(self.max_s, context.cancel)
+            timer.daemon = True
+            timer.start()
+        return request, deadline, timer
+
+    def _release(self, request, timer) -> None:
+        if timer is not None:
+            timer.cancel()
+        if isinstance(request, _Requests):
+            request.close()
+        with self._lock:
+            self._open -= 1
+            self._waiting.discard(request)
+
+    def _guard(self, behaviour: Callable, method: str, request_streaming: bool, response_streaming: bool) -> Callable:
+        guard = self
+
+        def aborted(context, exc: ServiceError) -> None:
+            context.abort(exc.code, exc.message)
+
+        if response_streaming:
+            def run_stream(request, context):
+                request, deadline, timer = guard._admit(method, request, context, request_streaming)
+                try:
+                    for response in behaviour(request, context):
+                        yield response
+                        if time.monotonic() > deadline:
+                            guard._ended(method, "timeout")
+                            raise _lifetime(guard.max_s)
+                except ServiceError as exc:
+                    aborted(context, exc)
+                finally:
+                    guard._release(request, timer)
+
+            return run_stream
+
+        def run(request, context):
+            request, deadline, timer = guard._admit(method, request, context, request_streaming)
+            try:
+                return behaviour(request, context)
+            except ServiceError as exc:
+                aborted(context, exc)
+            finally:
+                guard._release(request, timer)
+
+        return run
+
+
+def _shutting_down() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down: send the rest to another server, "
+                                                     "or retry when it is back")
+
+
 class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
@@ -94,6 +301,9 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry)
         self.cancelled = Counter("retromem_stream_cancelled", "Streams the client cancelled or abandoned",
                                  registry=self.registry)
+        self.streams_ended = Counter("retromem_stream_ended", "Streams the server refused or ended: refused (too "
+                                     "many open), timeout (idle or too old), shutdown",
+                                     ["method", "reason"], registry=self.registry)
         self._children: dict[str, tuple] = {}
 
     def _for(self, method: str) -> tuple:

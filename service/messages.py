@@ -76,7 +76,10 @@ def limits_msg(cfg: ServerConfig) -> pb.Limits:
                      max_query_tokens=lim.max_query_tokens, max_chunks=lim.max_chunks, max_find_limit=lim.max_find_limit,
                      max_clauses=lim.max_clauses, max_terms_per_clause=lim.max_terms_per_clause,
                      max_message_bytes=lim.max_message_bytes, workers=cfg.workers, max_queue=cfg.max_queue,
-                     batch_wait_ms=cfg.batch_wait_ms, max_dense_batch=cfg.max_dense_batch)
+                     batch_wait_ms=cfg.batch_wait_ms, max_dense_batch=cfg.max_dense_batch, max_nprobe=lim.max_nprobe,
+                     max_ef_search=lim.max_ef_search, max_exclude_doc_ids=lim.max_exclude_doc_ids,
+                     max_diff_tokens=lim.max_diff_tokens, max_streams=cfg.max_streams, stream_idle_s=cfg.stream_idle_s,
+                     stream_max_s=cfg.stream_max_s)
 
 
 def dist_msg(d, top_k: int, decode) -> pb.DistributionResponse:

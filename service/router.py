@@ -26,7 +26,9 @@ import numpy as np
 
 from retromem import __version__
 from retromem.errors import ConfigError
-from retromem.service.common import ServiceError, check_chunk_ids, check_search_request, rpc, stream_search
+from retromem.service.common import (SEARCH_ADVICE, AnswerSize, ServiceError, check_answer, check_chunk_ids,
+                                     check_search_request, message_budget, rpc, stream_search)
+from retromem.service.messages import fetch_flags
 from retromem.service.config import ServerConfig
 from retromem.service.interceptors import Metrics
 from retromem.service.messages import limits_msg, shift_chunk
@@ -101,6 +103,7 @@ class RouterServicer(pb_grpc.RetrievalServicer):
         self._chunk_starts = np.array([s.first_chunk for s in self.shards], dtype=np.int64)
         self._check_compatible()
         self._info = self._build_info()
+        self.size = AnswerSize.of(self._info.datastore if self._info.HasField("datastore") else None)
 
     def close(self) -> None:
         for s in self.shards:
@@ -127,7 +130,8 @@ class RouterServicer(pb_grpc.RetrievalServicer):
                 datastore_id=ident, num_documents=self.num_docs, num_chunks=self.num_chunks,
                 chunk_length=first.datastore.chunk_length, num_tokens=sum(s.info.datastore.num_tokens for s in self.shards),
                 tokenizer=first.datastore.tokenizer, vocab_size=first.datastore.vocab_size,
-                vocab_sha256=first.datastore.vocab_sha256))
+                vocab_sha256=first.datastore.vocab_sha256,
+                text_bytes=sum(s.info.datastore.text_bytes for s in self.shards)))
         if first.HasField("dense"):
             m.dense.CopyFrom(first.dense)
             m.dense.ntotal = sum(s.info.dense.ntotal for s in self.shards)
@@ -186,9 +190,10 @@ class RouterServicer(pb_grpc.RetrievalServicer):
 
     # -- dense ---------------------------------------------------------------------------
 
-    def _search(self, req: pb.SearchRequest, context, prefix: str = "") -> tuple[list[pb.QueryResult], list[str]]:
+    def _search(self, req: pb.SearchRequest, context, prefix: str = "",
+                streaming: bool = False) -> tuple[list[pb.QueryResult], list[str]]:
         self._need("dense")
-        n = check_search_request(req, self.limits, self._info.dense.ntotal, prefix)
+        n = check_search_request(req, self.limits, self._info.dense.ntotal, prefix, self.size, streaming=streaming)
         for i, q in enumerate(req.queries):
             e = np.asarray(q.exclude_doc_ids, dtype=np.int64)
             bad = (e < 0) | (e >= self.num_docs)
@@ -227,18 +232,40 @@ class RouterServicer(pb_grpc.RetrievalServicer):
     @rpc
     def Search(self, request, context):
         results, missing = self._search(request, context)
-        return pb.SearchResponse(results=results, missing_shards=missing)
+        return check_answer(pb.SearchResponse(results=results, missing_shards=missing), self.limits.max_message_bytes,
+                            f"{len(request.queries):,} queries x {request.k:,} hits", SEARCH_ADVICE)
 
     def SearchStream(self, request_iterator, context):
-        yield from stream_search(request_iterator, context, lambda r, req: self._search(req, context, f"requests[{r}]."),
-                                 self.limits.max_message_bytes, self.metrics)
+        budget = message_budget(self.limits.max_message_bytes)
+
+        def answer(r, req):
+            prefix = f"requests[{r}]."
+            self._need("dense")
+            n = check_search_request(req, self.limits, self._info.dense.ntotal, prefix, self.size, streaming=True)
+            # each shard answers a unary Search: ask in slices that fit in one of its messages
+            step = max(1, int(budget // self.size.query(req.k, fetch_flags(req.fetch if req.HasField("fetch") else None))))
+            if n <= step:
+                return self._search(req, context, prefix, streaming=True)
+            results, missing = [], set()
+            for lo in range(0, n, step):
+                sub = pb.SearchRequest()
+                sub.CopyFrom(req)
+                del sub.queries[:]
+                sub.queries.extend(req.queries[lo:lo + step])
+                got, miss = self._search(sub, context, prefix, streaming=True)
+                results.extend(got)
+                missing.update(miss)
+            return results, sorted(missing)
+
+        yield from stream_search(request_iterator, context, answer, self.limits.max_message_bytes, self.metrics)
 
     # -- chunks --------------------------------------------------------------------------
 
     @rpc
     def GetChunks(self, request, context):
         self._need("datastore")
-        ids = check_chunk_ids(request.chunk_ids, self.limits, self.num_chunks)
+        ids = check_chunk_ids(request.chunk_ids, self.limits, self.num_chunks, self.size,
+                              fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True))
         owner = np.searchsorted(self._chunk_starts, ids, side="right") - 1
         requests = {}
         for si in np.unique(owner).tolist():

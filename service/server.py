@@ -1,15 +1,20 @@
 """Server wiring: :func:`start_server` puts a servicer (the retrieval servicer of
 :mod:`retromem.service.servicer`, or the router of :mod:`retromem.service.router`) into a ``grpc.server`` with a bounded queue
-(``maximum_concurrent_rpcs``: beyond it gRPC answers RESOURCE_EXHAUSTED at once), the standard
-health and reflection services, optional TLS and bearer-token auth, and Prometheus metrics;
-:func:`serve` runs it until SIGTERM/SIGINT, then drains in-flight requests and exits.
+(``maximum_concurrent_rpcs``: beyond it gRPC answers RESOURCE_EXHAUSTED at once), a thread pool of
+``workers`` threads for unary calls plus ``max_streams`` for streams (bounded by
+:class:`retromem.service.interceptors.StreamGuard`), the standard health and reflection services,
+optional TLS and bearer-token auth, and Prometheus metrics (on ``metrics_host``, loopback unless
+asked); :func:`serve` runs it until SIGTERM/SIGINT, then drains in-flight requests for at most
+the grace period and returns.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +25,14 @@ import grpc
 from retromem.errors import ConfigError
 from retromem.service.common import SERVICE_NAME
 from retromem.service.config import ServerConfig
-from retromem.service.interceptors import Metrics, MetricsInterceptor, TokenAuth
+from retromem.service.interceptors import Metrics, MetricsInterceptor, StreamGuard, TokenAuth
 from retromem.service.router import RouterServicer
 from retromem.service.servicer import Backend, RetrievalServicer
 from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backend", "RunningServer", "serve", "server_credentials", "start_server"]
+__all__ = ["Backend", "RunningServer", "is_loopback", "serve", "server_credentials", "start_server"]
 
 
 @dataclass
@@ -41,18 +46,28 @@ class RunningServer:
     health: Any
     metrics_port: int | None = None
     _http: Any = None
+    streams: StreamGuard | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish for ``grace`` seconds, then stop."""
+        """Refuse new calls, end streams that wait for their client, let in-flight calls finish
+        for ``grace`` seconds, then cancel what is left; returns within about ``grace`` seconds."""
+        t0 = time.monotonic()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        if self.streams is not None:
+            self.streams.close()
+        # gRPC cancels what still runs when the grace period ends; a handler that ignores the
+        # cancellation (a long FAISS call) must not hold the exit: wait a little past it, no more
+        done = self.server.stop(grace).wait(None if grace is None else grace + 0.5)
+        if not done:
+            logger.warning("calls still running %.1fs after the stop: exiting without them", time.monotonic() - t0)
         self.servicer.close()
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
@@ -86,9 +101,10 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
         if servicer.b.dense is not None and servicer.b.dense.meta.get("embedder"):
             servicer.b.dense.embedder  # load the model now: the first text query should not pay for it
     metrics_interceptor = MetricsInterceptor(metrics)
-    interceptors = [metrics_interceptor] + ([TokenAuth(cfg.token)] if cfg.token else [])
+    streams = StreamGuard(cfg.max_streams, cfg.stream_idle_s, cfg.stream_max_s, metrics)
+    interceptors = [metrics_interceptor] + ([TokenAuth(cfg.token)] if cfg.token else []) + [streams]
     size = cfg.limits.max_message_bytes
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="retromem-rpc"),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="retromem-rpc"),
                          interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                          options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                                   ("grpc.so_reuseport", 0)])
@@ -107,12 +123,34 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, port, servicer, metrics, health_servicer)
+    running = RunningServer(server, port, servicer, metrics, health_servicer, streams=streams)
     if cfg.metrics_port is not None:
-        running._http, running.metrics_port = metrics.serve_http(cfg.metrics_port, cfg.host)
+        try:
+            running._http, running.metrics_port = metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
+        except OSError as exc:
+            running.stop(0)
+            raise ConfigError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} (--metrics-host, "
+                              f"--metrics-port): {exc}") from exc
+        if not is_loopback(cfg.metrics_host):
+            logger.warning("metrics are served without authentication on %s:%d (--metrics-host)", cfg.metrics_host,
+                           running.metrics_port)
+    if cfg.token and creds is None and not is_loopback(cfg.host):
+        logger.warning("the bearer token is accepted over plaintext on %s: anyone on the network path can read it; "
+                       "serve TLS (--tls-cert/--tls-key) or listen on a loopback address", cfg.host)
     logger.info("serving %s on %s:%d (%s)", "router" if cfg.shards else "retrieval", cfg.host, port,
                 "TLS" if creds else "plaintext")
     return running
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (``0.0.0.0``, ``::`` and names other than
+    localhost count as reachable from outside)."""
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(cfg: ServerConfig, *, on_ready=None) -> None:
@@ -128,7 +166,7 @@ def serve(cfg: ServerConfig, *, on_ready=None) -> None:
     try:
         if on_ready is not None:
             on_ready(running)
-        while not stop.wait(0.5):
+        while not stop.wait(0.1):
             pass
         running.stop(cfg.grace_s)
     finally:

@@ -22,8 +22,9 @@ import numpy as np
 from retromem import __version__
 from retromem.errors import ConfigError
 from retromem.service.batcher import DeadlinePassed, DenseBatcher, DenseItem
-from retromem.service.common import (ServiceError, check_chunk_ids, check_search_request, decode_text, invalid, rpc,
-                                     stream_search)
+from retromem.service.common import (SEARCH_ADVICE, AnswerSize, ServiceError, check_answer, check_chunk_ids,
+                                     check_knob, check_search_request, decode_text, invalid, message_budget, rpc,
+                                     stream_search, too_big)
 from retromem.service.config import ServerConfig, ServiceLimits
 from retromem.service.interceptors import Metrics
 from retromem.service.messages import chunk_msg, dist_msg, fetch_flags, limits_msg, occurrence_msg
@@ -60,7 +61,8 @@ class Backend:
 
             lim = cfg.limits
             ngram = NgramIndex(cfg.ngram, ds, QueryLimits(max_query_tokens=lim.max_query_tokens, max_clauses=lim.max_clauses,
-                                                           max_terms_per_clause=lim.max_terms_per_clause))
+                                                           max_terms_per_clause=lim.max_terms_per_clause,
+                                                           max_diff_tokens=lim.max_diff_tokens))
             ds = ds or ngram.datastore
         if dense is not None and ngram is not None and dense.datastore_id != ngram.datastore.datastore_id:
             raise ConfigError("--dense and --ngram were built from different datastores: serve each on its own")
@@ -83,6 +85,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if metrics is not None:
                 metrics.dense_queue.set_function(lambda: self.batcher.depth)
         self._info = self._build_info()
+        self.size = AnswerSize.of(self._info.datastore if self._info.HasField("datastore") else None)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -100,7 +103,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             m.datastore.CopyFrom(pb.DatastoreInfo(
                 datastore_id=ds.datastore_id, num_documents=ds.num_documents, num_chunks=ds.num_chunks,
                 chunk_length=ds.chunk_length, num_tokens=int(man["counts"]["tokens"]), tokenizer=str(tok.get("name", "")),
-                vocab_size=int(tok.get("vocab_size", 0)), vocab_sha256=str(tok.get("vocab_hash", ""))))
+                vocab_size=int(tok.get("vocab_size", 0)), vocab_sha256=str(tok.get("vocab_hash", "")),
+                text_bytes=int(man["counts"].get("text_bytes", 0))))
         d = self.b.dense
         if d is not None:
             e = d.meta["embedder"]
@@ -128,10 +132,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                                if what != "datastore" else "this server has no datastore loaded (start it with --datastore)")
         return part
 
-    def _dense_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
+    def _dense_item(self, req: pb.SearchRequest, context, prefix: str = "", streaming: bool = False) -> DenseItem:
         dense = self._need("dense")
         lim = self.limits
-        n = check_search_request(req, lim, dense.ntotal, prefix)
+        n = check_search_request(req, lim, dense.ntotal, prefix, self.size, streaming=streaming)
         x = np.zeros((n, dense.dim), np.float32)
         texts: dict[int, str] = {}
         exclude: list[np.ndarray | None] | None = None
@@ -180,26 +184,41 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 r.chunks.extend(chunk_msg(p) for p in res.payloads[i])
             yield r
 
-    def _announced_item(self, req: pb.SearchRequest, context, prefix: str = "") -> DenseItem:
+    def _announced_item(self, req: pb.SearchRequest, context, prefix: str = "", streaming: bool = False) -> DenseItem:
         self._need("dense")
         self.batcher.arrive()
         try:
-            return self._dense_item(req, context, prefix)
+            return self._dense_item(req, context, prefix, streaming)
         except BaseException:
             self.batcher.abandon()
             raise
 
     @rpc
     def Search(self, request, context):
-        res = self._dense_search(self._announced_item(request, context), context)
+        item = self._announced_item(request, context)
+        res = self._dense_search(item, context)
         out = pb.SearchResponse()
         out.results.extend(self._results(res, 0, len(res.chunk_ids)))
-        return out
+        return check_answer(out, self.limits.max_message_bytes, f"{len(item.vectors):,} queries x {item.k:,} hits",
+                            SEARCH_ADVICE)
 
     def SearchStream(self, request_iterator, context):
+        budget = message_budget(self.limits.max_message_bytes)
+
         def answer(r, req):
-            res = self._dense_search(self._announced_item(req, context, f"requests[{r}]."), context)
-            return list(self._results(res, 0, len(res.chunk_ids))), []
+            item = self._announced_item(req, context, f"requests[{r}].", streaming=True)
+            n = len(item.vectors)
+            # search in slices of about one message each: the server holds one slice's payloads at a time
+            step = max(1, int(budget // self.size.query(item.k, item.fetch)))
+
+            def results():
+                for lo in range(0, n, step):
+                    if lo:
+                        self.batcher.arrive()
+                    res = self._dense_search(item if step >= n else item.rows(lo, min(n, lo + step)), context)
+                    yield from self._results(res, 0, len(res.chunk_ids))
+
+            return results(), []
 
         yield from stream_search(request_iterator, context, answer, self.limits.max_message_bytes, self.metrics)
 
@@ -210,11 +229,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         from retromem.index.types import fetch_payloads
 
         ds = self._need("datastore")
-        ids = check_chunk_ids(request.chunk_ids, self.limits, ds.num_chunks)
         flags = fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True)
+        ids = check_chunk_ids(request.chunk_ids, self.limits, ds.num_chunks, self.size, flags)
         payloads = fetch_payloads(ds, ids, text="text" in flags, tokens="tokens" in flags,
                                   continuation="continuation" in flags)
-        return pb.GetChunksResponse(chunks=[chunk_msg(p) for p in payloads])
+        return check_answer(pb.GetChunksResponse(chunks=[chunk_msg(p) for p in payloads]), self.limits.max_message_bytes,
+                            f"{len(ids):,} chunks", "ask for fewer chunks per call, or less fetch")
 
     # -- n-gram --------------------------------------------------------------------------
 
@@ -287,20 +307,35 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         p = self.b.ngram.infgram_prob(ids, self._token(request.next_token, "next_token"))
         return pb.ProbResponse(prompt_count=p.prompt_count, cont_count=p.cont_count, prob=p.prob, suffix_len=p.suffix_len)
 
+    def _top_k(self, request: pb.NgramRequest) -> int:
+        vocab = self._need("ngram").vocab_size
+        if request.top_k > vocab:  # 0 asks for all: never more than the vocabulary
+            raise ServiceError(OUT_OF_RANGE, f"`top_k` is {request.top_k:,}; this server allows 0 (all) or 1..{vocab:,} "
+                                             "(the vocabulary size)")
+        return request.top_k
+
     @rpc
     def NextTokenDistribution(self, request, context):
+        top_k = self._top_k(request)
         ids = self._ids(request.query, "query", allow_empty=True)
-        return dist_msg(self.b.ngram.next_token_distribution(ids), request.top_k, self._decode)
+        return dist_msg(self.b.ngram.next_token_distribution(ids), top_k, self._decode)
 
     @rpc
     def InfgramNextTokenDistribution(self, request, context):
+        top_k = self._top_k(request)
         ids = self._ids(request.query, "query", allow_empty=True)
-        return dist_msg(self.b.ngram.infgram_next_token_distribution(ids), request.top_k, self._decode)
+        return dist_msg(self.b.ngram.infgram_next_token_distribution(ids), top_k, self._decode)
 
-    def _limit(self, value: int, default: int, field: str) -> int:
+    def _limit(self, value: int, default: int, field: str, fetch: pb.Fetch | None) -> int:
         n = value or default
         if n > self.limits.max_find_limit:
-            raise ServiceError(OUT_OF_RANGE, f"`{field}` is {n}; this server allows 1..{self.limits.max_find_limit}")
+            raise ServiceError(OUT_OF_RANGE, f"`{field}` is {n}; this server allows 1..{self.limits.max_find_limit} "
+                                             "(max_find_limit)")
+        flags = fetch_flags(fetch)
+        size = 40 + n * (40 + self.size.fetched(flags))  # count, occurrences and their chunks
+        if flags and size > message_budget(self.limits.max_message_bytes):
+            raise too_big(size, self.limits.max_message_bytes, f"{n:,} occurrences with {', '.join(flags)}",
+                          f"ask for a smaller `{field}`, or less fetch")
         return n
 
     def _chunks(self, hits, fetch: pb.Fetch | None) -> list[pb.Chunk]:
@@ -312,8 +347,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     @rpc
     def Find(self, request, context):
+        fetch = request.fetch if request.HasField("fetch") else None
+        limit = self._limit(request.limit, 10, "limit", fetch)
         ids = self._ids(request.query, "query")
-        r = self.b.ngram.find(ids, limit=self._limit(request.limit, 10, "limit"))
+        r = self.b.ngram.find(ids, limit=limit)
         return pb.FindResponse(count=r.count, occurrences=[occurrence_msg(o) for o in r.occurrences],
                                chunks=self._chunks(r.occurrences, request.fetch if request.HasField("fetch") else None))
 
@@ -333,7 +370,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 raise invalid(f"`clauses[{i}].terms` has {len(clause.terms)} terms, more than "
                               f"max_terms_per_clause={lim.max_terms_per_clause}")
             cnf.append([self._ids(t, f"clauses[{i}].terms[{j}]") for j, t in enumerate(clause.terms)])
-        max_hits = self._limit(request.max_hits, 10, "max_hits")
+        max_hits = self._limit(request.max_hits, 10, "max_hits", request.fetch if request.HasField("fetch") else None)
+        check_knob(request.max_diff_tokens, "max_diff_tokens", lim.max_diff_tokens, "max_diff_tokens", "the server's default")
         r = g.search_documents(cnf, max_hits=max_hits, max_diff_tokens=request.max_diff_tokens or None)
         return pb.SearchDocumentsResponse(count=r.count, approx=r.approx, hits=[occurrence_msg(o) for o in r.hits],
                                           doc_ids=r.doc_ids,

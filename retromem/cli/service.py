@@ -21,7 +21,10 @@ from retromem.cli.datastore import verify_option
 @click.option("--shard", "shards", multiple=True, help="Router mode: host:port of a shard server (repeat, in id order).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=int, default=50051, show_default=True, help="Port (0: any free one).")
-@click.option("--workers", type=int, default=8, show_default=True, help="Threads running requests.")
+@click.option("--workers", type=int, default=8, show_default=True, help="Threads running unary requests (health checks included).")
+@click.option("--max-streams", type=int, default=4, show_default=True, help="Streams open at once, on threads of their own; beyond: RESOURCE_EXHAUSTED.")
+@click.option("--stream-idle", type=float, default=30.0, show_default=True, help="End a stream whose client sends nothing for this many seconds.")
+@click.option("--stream-max", type=float, default=3600.0, show_default=True, help="The longest a stream may stay open, in seconds.")
 @click.option("--max-queue", type=int, default=64, show_default=True, help="Requests that may wait for a thread; beyond: RESOURCE_EXHAUSTED.")
 @click.option("--batch-wait-ms", type=float, default=2.0, show_default=True, help="Dense micro-batching: most a query waits for company.")
 @click.option("--max-dense-batch", type=int, default=256, show_default=True, help="Dense micro-batching: queries per FAISS call.")
@@ -29,11 +32,14 @@ from retromem.cli.datastore import verify_option
 @click.option("--max-k", type=int, default=1000, show_default=True)
 @click.option("--max-chunks", type=int, default=4096, show_default=True, help="Ids per GetChunks request.")
 @click.option("--max-query-tokens", type=int, default=1000, show_default=True)
-@click.option("--max-message-bytes", default="16MiB", show_default=True, help="Largest message received or sent.")
+@click.option("--max-message-bytes", default="16MiB", show_default=True, help="Largest message received or sent; a Search whose answer would not fit is refused before any work.")
+@click.option("--max-nprobe", type=int, default=4096, show_default=True, help="Largest IVF nprobe a request may ask for.")
+@click.option("--max-ef-search", type=int, default=4096, show_default=True, help="Largest HNSW ef_search a request may ask for.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send (default: $RETROMEM_TOKEN; none: open).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics over HTTP on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of /metrics (it has no auth: loopback unless you mean it).")
 @click.option("--grace", type=float, default=10.0, show_default=True, help="SIGTERM: seconds in-flight requests may take to finish.")
 @click.option("--partial", is_flag=True, help="Router: answer without failed shards, naming them in missing_shards.")
 @click.option("--shard-timeout", type=float, default=10.0, show_default=True, help="Router: deadline of each shard call, in seconds.")
@@ -43,8 +49,9 @@ from retromem.cli.datastore import verify_option
 @click.option("--faiss-threads", type=int, default=None, help="FAISS OpenMP threads (default: one per core).")
 @verify_option
 @handle_errors
-def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, batch_wait_ms, max_dense_batch, max_batch,
-          max_k, max_chunks, max_query_tokens, max_message_bytes, token_file, tls_cert, tls_key, metrics_port, grace,
+def serve(datastore_path, dense, ngram, shards, host, port, workers, max_streams, stream_idle, stream_max, max_queue,
+          batch_wait_ms, max_dense_batch, max_batch, max_k, max_chunks, max_query_tokens, max_message_bytes, max_nprobe,
+          max_ef_search, token_file, tls_cert, tls_key, metrics_port, metrics_host, grace,
           partial, shard_timeout, shard_token_file, shard_tls_ca, torch_threads, faiss_threads) -> None:
     """Serve a datastore and its dense and/or n-gram index over gRPC (or, with --shard, route to shard
     servers). Runs until SIGTERM or Ctrl-C, then finishes in-flight requests and exits."""
@@ -52,17 +59,19 @@ def serve(datastore_path, dense, ngram, shards, host, port, workers, max_queue, 
     from retromem.service.server import serve as run
 
     limits = ServiceLimits(max_batch=max_batch, max_k=max_k, max_chunks=max_chunks, max_query_tokens=max_query_tokens,
-                           max_message_bytes=parse_size(max_message_bytes, "--max-message-bytes"))
+                           max_message_bytes=parse_size(max_message_bytes, "--max-message-bytes"), max_nprobe=max_nprobe,
+                           max_ef_search=max_ef_search)
     cfg = ServerConfig(datastore=datastore_path, dense=dense, ngram=ngram, shards=tuple(shards), host=host, port=port,
-                       workers=workers, max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_dense_batch=max_dense_batch,
+                       workers=workers, max_streams=max_streams, stream_idle_s=stream_idle, stream_max_s=stream_max,
+                       max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_dense_batch=max_dense_batch,
                        token=secret(token_file, "RETROMEM_TOKEN"), tls_cert=tls_cert, tls_key=tls_key,
-                       metrics_port=metrics_port, grace_s=grace, partial=partial, shard_timeout_s=shard_timeout,
+                       metrics_port=metrics_port, metrics_host=metrics_host, grace_s=grace, partial=partial, shard_timeout_s=shard_timeout,
                        shard_token=secret(shard_token_file, "RETROMEM_SHARD_TOKEN"), shard_tls_ca=shard_tls_ca,
                        torch_threads=torch_threads, faiss_threads=faiss_threads, limits=limits)
 
     def ready(running) -> None:
         parts = [p for p, v in (("router", cfg.shards), ("datastore", datastore_path), ("dense", dense), ("ngram", ngram)) if v]
-        extra = f", metrics on http://{host}:{running.metrics_port}/metrics" if running.metrics_port is not None else ""
+        extra = f", metrics on http://{metrics_host}:{running.metrics_port}/metrics" if running.metrics_port is not None else ""
         click.echo(f"serving {'+'.join(parts)} on {host}:{running.port} ({'TLS' if tls_cert else 'plaintext'}"
                    f"{', token required' if cfg.token else ''}){extra}", err=False)
         sys.stdout.flush()
@@ -163,6 +172,9 @@ def q_info(ctx):
         click.echo(f"limits     batch {lim.max_batch}, k {lim.max_k}, query {lim.max_query_bytes} bytes / {lim.max_query_tokens} "
                    f"tokens, chunks {lim.max_chunks}, message {lim.max_message_bytes:,} bytes; {lim.workers} workers, "
                    f"queue {lim.max_queue}, dense batches of {lim.max_dense_batch} within {lim.batch_wait_ms} ms")
+        click.echo(f"           nprobe {lim.max_nprobe}, ef_search {lim.max_ef_search}, {lim.max_exclude_doc_ids} excluded "
+                   f"documents per query, max_diff_tokens {lim.max_diff_tokens}; {lim.max_streams} streams, idle "
+                   f"{lim.stream_idle_s:g} s, open {lim.stream_max_s:g} s at most")
 
     _emit(ctx, _call(ctx, "Info", pb.InfoRequest()), show)
 

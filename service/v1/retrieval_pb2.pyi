@@ -263,7 +263,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DatastoreInfo(_message.Message):
-    __slots__ = ("datastore_id", "num_documents", "num_chunks", "chunk_length", "num_tokens", "tokenizer", "vocab_size", "vocab_sha256")
+    __slots__ = ("datastore_id", "num_documents", "num_chunks", "chunk_length", "num_tokens", "tokenizer", "vocab_size", "vocab_sha256", "text_bytes")
     DATASTORE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,7 @@ class DatastoreInfo(_message.Message):
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     datastore_id: str
     num_documents: int
     num_chunks: int
@@ -280,7 +281,8 @@ class DatastoreInfo(_message.Message):
     tokenizer: str
     vocab_size: int
     vocab_sha256: str
-    def __init__(self, datastore_id: _Optional[str] = ..., num_documents: _Optional[int] = ..., num_chunks: _Optional[int] = ..., chunk_length: _Optional[int] = ..., num_tokens: _Optional[int] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_sha256: _Optional[str] = ...) -> None: ...
+    text_bytes: int
+    def __init__(self, datastore_id: _Optional[str] = ..., num_documents: _Optional[int] = ..., num_chunks: _Optional[int] = ..., chunk_length: _Optional[int] = ..., num_tokens: _Optional[int] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_sha256: _Optional[str] = ..., text_bytes: _Optional[int] = ...) -> None: ...
 
 class DenseInfo(_message.Message):
     __slots__ = ("factory", "dim", "ntotal", "embedder", "embedder_sha256", "search_defaults")
@@ -316,7 +318,7 @@ class NgramInfo(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., shards: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch", "max_k", "max_query_bytes", "max_query_tokens", "max_chunks", "max_find_limit", "max_clauses", "max_terms_per_clause", "max_message_bytes", "workers", "max_queue", "batch_wait_ms", "max_dense_batch")
+    __slots__ = ("max_batch", "max_k", "max_query_bytes", "max_query_tokens", "max_chunks", "max_find_limit", "max_clauses", "max_terms_per_clause", "max_message_bytes", "workers", "max_queue", "batch_wait_ms", "max_dense_batch", "max_nprobe", "max_ef_search", "max_exclude_doc_ids", "max_diff_tokens", "max_streams", "stream_idle_s", "stream_max_s")
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_QUERY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +332,13 @@ class Limits(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_DENSE_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NPROBE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXCLUDE_DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DIFF_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MAX_S_FIELD_NUMBER: _ClassVar[int]
     max_batch: int
     max_k: int
     max_query_bytes: int
@@ -343,7 +352,14 @@ class Limits(_message.Message):
     max_queue: int
     batch_wait_ms: float
     max_dense_batch: int
-    def __init__(self, max_batch: _Optional[int] = ..., max_k: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., max_chunks: _Optional[int] = ..., max_find_limit: _Optional[int] = ..., max_clauses: _Optional[int] = ..., max_terms_per_clause: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_dense_batch: _Optional[int] = ...) -> None: ...
+    max_nprobe: int
+    max_ef_search: int
+    max_exclude_doc_ids: int
+    max_diff_tokens: int
+    max_streams: int
+    stream_idle_s: float
+    stream_max_s: float
+    def __init__(self, max_batch: _Optional[int] = ..., max_k: _Optional[int] = ..., max_query_bytes: _Optional[int] = ..., max_query_tokens: _Optional[int] = ..., max_chunks: _Optional[int] = ..., max_find_limit: _Optional[int] = ..., max_clauses: _Optional[int] = ..., max_terms_per_clause: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_dense_batch: _Optional[int] = ..., max_nprobe: _Optional[int] = ..., max_ef_search: _Optional[int] = ..., max_exclude_doc_ids: _Optional[int] = ..., max_diff_tokens: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_s: _Optional[float] = ..., stream_max_s: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("target", "first_doc_id", "num_documents", "first_chunk_id", "num_chunks")

@@ -102,7 +102,8 @@ class RetrievalServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
-        """Top-k chunks for a batch of queries (texts or vectors).
+        """Top-k chunks for a batch of queries (texts or vectors). An answer that would not fit in
+        Limits.max_message_bytes is refused before any work (RESOURCE_EXHAUSTED): use SearchStream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +111,9 @@ class RetrievalServicer:
 
     def SearchStream(self, request_iterator, context):
         """Search for batches of any size: stream request batches in; results stream back in slices
-        small enough for the message-size cap, each naming its request and first query.
+        small enough for the message-size cap, each naming its request and first query. A stream
+        ends (DEADLINE_EXCEEDED) when its client sends nothing for Limits.stream_idle_s, or after
+        Limits.stream_max_s; at most Limits.max_streams are open at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -217,40 +217,65 @@ def test_missing_index_is_failed_precondition(union):
 
 
 def test_deadline_exceeded_and_server_keeps_serving(client):
-    got, _ = code_of(lambda: client.search(["a long query " * 50] * 8, 50, fetch=True, timeout=0.0005))
+    # k=20: 8 x 50 fetched hits would not fit in the 256 KiB answer (refused before any work, see below)
+    got, _ = code_of(lambda: client.search(["a long query " * 50] * 8, 20, fetch=True, timeout=0.0005))
     assert got == grpc.StatusCode.DEADLINE_EXCEEDED
     assert client.search(["a file"], 1).chunk_ids.shape == (1, 1)
 
 
+class GatedNgram:
+    """The real n-gram index, except that ``count`` waits for a gate: a unary call that holds its
+    worker thread for as long as a test needs (streams no longer can: they have threads of their own)."""
+
+    def __init__(self, ngram) -> None:
+        self._ngram = ngram
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self._ngram, name)
+
+    def count(self, ids):
+        self.entered.release()
+        self.gate.wait(10)
+        return self._ngram.count(ids)
+
+
+def _hold(c: RetrievalClient, gated: GatedNgram, n: int) -> list:
+    """``n`` Count calls, each holding a worker thread until the gate opens."""
+    calls = [c.stub.Count.future(pb.NgramRequest(query=pb.NgramQuery(text=b" the")), timeout=20) for _ in range(n)]
+    for _ in range(n):
+        assert gated.entered.acquire(timeout=10)
+    return calls
+
+
 def test_bounded_queue_answers_resource_exhausted_at_once(union, backend):
-    running = start_server(ServerConfig(datastore=str(union.datastore), dense=str(union.dense), port=0, workers=1,
-                                        max_queue=0), Backend(backend.datastore, backend.dense, None))
+    gated = GatedNgram(backend.ngram)
+    cfg = ServerConfig(datastore=str(union.datastore), ngram=str(union.ngram), port=0, workers=1, max_streams=1, max_queue=0)
+    running = start_server(cfg, Backend(backend.datastore, None, gated))
     try:
         with RetrievalClient(running.target, retries=0) as c:
-            gate = threading.Event()
-
-            def held():  # an open stream holds the only slot until the gate opens
-                yield pb.SearchRequest(queries=[pb.Query(text=b"a file")], k=1)
-                gate.wait(10)
-
-            stream = c.stub.SearchStream(held(), timeout=20)
-            next(stream)
-            # refused while the held stream still holds the only slot (the gate is still shut): a call
+            held = _hold(c, gated, cfg.threads)  # every thread (unary and stream ones) holds a call
+            # refused while the held calls still hold every slot (the gate is still shut): a call
             # that was queued instead would sit out its 30 s deadline and end DEADLINE_EXCEEDED
-            got, details = code_of(lambda: c.count(" the", timeout=30))
-            assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and not gate.is_set()
-            gate.set()
-            assert list(stream) == []
-            assert c.search(["a file"], 1).chunk_ids.shape == (1, 1)
+            got, details = code_of(lambda: c.get_chunks([0], timeout=30))
+            assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and not gated.gate.is_set()
+            gated.gate.set()
+            assert all(h.result(10).count > 0 for h in held)
+            assert c.get_chunks([0])[0].chunk_id == 0
     finally:
+        gated.gate.set()
         running.stop(0)
 
 
 def test_metrics_show_the_queue_and_count_refusals(union, backend):
-    """One worker, one queue slot: a held stream runs, the next call waits (queue depth 1), the one
-    after is refused at once and counted; then everything drains."""
-    running = start_server(ServerConfig(datastore=str(union.datastore), dense=str(union.dense), port=0, workers=1,
-                                        max_queue=1), Backend(backend.datastore, backend.dense, None))
+    """Two threads (one unary worker, one stream thread), one queue slot: two held calls run, the
+    next call waits (queue depth 1), the one after is refused at once and counted; then everything
+    drains."""
+    gated = GatedNgram(backend.ngram)
+    cfg = ServerConfig(datastore=str(union.datastore), ngram=str(union.ngram), port=0, workers=1, max_streams=1,
+                       max_queue=1)
+    running = start_server(cfg, Backend(backend.datastore, None, gated))
 
     def gauge(name: str) -> float:
         line = next(ln for ln in running.metrics.text().splitlines() if ln.startswith(name + " "))
@@ -258,30 +283,24 @@ def test_metrics_show_the_queue_and_count_refusals(union, backend):
 
     try:
         with RetrievalClient(running.target, retries=0) as c:
-            gate = threading.Event()
-
-            def held():
-                yield pb.SearchRequest(queries=[pb.Query(text=b"a file")], k=1)
-                gate.wait(10)
-
-            stream = c.stub.SearchStream(held(), timeout=20)
-            next(stream)
+            held = _hold(c, gated, 2)
             waiting = c.stub.GetChunks.future(pb.GetChunksRequest(chunk_ids=[0]), timeout=20)
             deadline = time.time() + 5
             while gauge("retromem_rpc_queued") < 1 and time.time() < deadline:
                 time.sleep(0.01)
-            assert gauge("retromem_rpc_queued") == 1 and gauge("retromem_rpc_in_flight") == 1
+            assert gauge("retromem_rpc_queued") == 1 and gauge("retromem_rpc_in_flight") == 2
             got, _ = code_of(lambda: c.get_chunks([1]))
             assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert 'retromem_rpc_refused_total{method="GetChunks"} 1.0' in running.metrics.text()
-            gate.set()
-            assert list(stream) == [] and len(waiting.result(10).chunks) == 1
+            gated.gate.set()
+            assert all(h.result(10).count > 0 for h in held) and len(waiting.result(10).chunks) == 1
             deadline = time.time() + 5
             # grpc releases a call's admission just after its response is sent: poll until both drain
             while (gauge("retromem_rpc_in_flight") > 0 or gauge("retromem_rpc_queued") > 0) and time.time() < deadline:
                 time.sleep(0.01)
             assert gauge("retromem_rpc_queued") == 0 and gauge("retromem_rpc_in_flight") == 0
     finally:
+        gated.gate.set()
         running.stop(0)
 
 
