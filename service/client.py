@@ -8,7 +8,8 @@ be handed to RETRO or the memory modules as a retriever. The n-gram verbs return
 
 Every call has a deadline (``timeout``); every RPC is read-only, so every call is retried on
 UNAVAILABLE with exponential backoff (gRPC's own retry policy). Batches larger than the server's
-``max_batch`` go over ``SearchStream`` in slices, so no message hits the size cap. A refused call
+``max_batch`` go over ``SearchStream`` in slices, so no message hits the size cap, and so does a
+batch whose answer the server refuses as too big for one message. A refused call
 raises :class:`ServiceCallError` (status ``code`` and the server's message); refusals of the
 query itself (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND) raise :class:`RemoteQueryError`, a
 :class:`retromem.errors.QueryError` like the in-process indexes raise.
@@ -183,15 +184,20 @@ class RetrievalClient:
         scores = np.full((len(qs), k), -np.inf, np.float32)
         payloads: list[list[ChunkPayload]] | None = [[] for _ in qs] if want_payloads else None
         if len(qs) <= batch:
-            resp = self._call("Search", pb.SearchRequest(queries=qs, **base), timeout)
-            self._fill(resp.results, 0, ids, scores, payloads)
-        else:
-            requests = [pb.SearchRequest(queries=qs[i:i + batch], **base) for i in range(0, len(qs), batch)]
             try:
-                for resp in self.stub.SearchStream(iter(requests), timeout=timeout or self.timeout, metadata=self._metadata):
-                    self._fill(resp.results, resp.request_index * batch + resp.query_offset, ids, scores, payloads)
-            except grpc.RpcError as exc:
-                _raise(exc, "SearchStream")
+                resp = self._call("Search", pb.SearchRequest(queries=qs, **base), timeout)
+                self._fill(resp.results, 0, ids, scores, payloads)
+                return SearchResult(ids, scores, payloads)
+            except ServiceCallError as exc:
+                # the answer would not fit in one message (refused before any work): stream it instead
+                if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or "SearchStream" not in exc.details:
+                    raise
+        requests = [pb.SearchRequest(queries=qs[i:i + batch], **base) for i in range(0, len(qs), batch)]
+        try:
+            for resp in self.stub.SearchStream(iter(requests), timeout=timeout or self.timeout, metadata=self._metadata):
+                self._fill(resp.results, resp.request_index * batch + resp.query_offset, ids, scores, payloads)
+        except grpc.RpcError as exc:
+            _raise(exc, "SearchStream")
         return SearchResult(ids, scores, payloads)
 
     @staticmethod

@@ -146,6 +146,10 @@ def test_oversize_search_refused_before_any_work_and_streamed_instead(client, se
     ids = np.array([list(r.chunk_ids) for m in msgs for r in m.results])
     np.testing.assert_array_equal(ids, want.chunk_ids)
     assert all(len(r.chunks) == 50 for m in msgs for r in m.results)
+    # the Python client takes the refusal as its cue to stream
+    res = client.search(x, 50, fetch=True)
+    np.testing.assert_array_equal(res.chunk_ids, want.chunk_ids)
+    assert all(len(p) == 50 and p[0].text for p in res.payloads)
     # what fits is served
     assert client.search(x, 50).chunk_ids.shape == (8, 50)
 
