@@ -185,3 +185,62 @@ def test_cli_writes_results_and_plot(llama_dir, retro_ds, retro_index, tmp_path)
     bad = CliRunner().invoke(main, args + ["--index", str(retro_index.path), "--deep-k", "1"])
     assert bad.exit_code == 2 and "`deep_k` (--deep-k) must be at least k (2)" in bad.output
     assert CliRunner().invoke(main, args).exit_code == 2  # neither --index nor --server
+
+
+@pytest.fixture(scope="module")
+def retro_bm25(retro_ds, tmp_path_factory):
+    from retromem.index.lexical import LexicalIndex, build_lexical_index
+
+    out = tmp_path_factory.mktemp("ralm-bm25") / "bm25"
+    build_lexical_index(retro_ds.path, out, progress=False)
+    return LexicalIndex.open(out, datastore=retro_ds)
+
+
+def test_lexical_retriever_gives_bm25_hits_with_the_same_controls(lm, retro_ds, retro_bm25, result):
+    model, tok = lm
+    lex = evaluate_ralm(model, tok, retro_bm25, retro_ds, RalmConfig(**CFG))
+    assert lex.doc_ids == result.doc_ids and lex.tokens_scored == result.tokens_scored
+    np.testing.assert_allclose(np.concatenate(lex.nll["none"]), np.concatenate(result.nll["none"]))
+    ids = [c for doc in lex.retrievals["retrieved"] for block in doc for c in block]
+    assert ids and not set(retro_ds.doc_ids(ids).tolist()) & set(lex.doc_ids)
+    assert lex.retrievals["retrieved"] != result.retrievals["retrieved"]  # BM25's hits, not the dense ones
+    # the first block's chunks are BM25's own top hits for that query (decontaminated ones left out)
+    first = lex.retrievals["retrieved"][0][0]
+    q = tok.decode(tok(retro_ds.document_text(lex.doc_ids[0]), add_special_tokens=False)["input_ids"][:CFG["query_tokens"]])
+    top = retro_bm25.search([q], CFG["deep_k"], exclude_doc_ids=[lex.doc_ids]).chunk_ids[0].tolist()
+    assert first == [c for c in top if c in first][:len(first)] and set(first) <= set(top)
+    assert lex.prefix_tokens["random"] == lex.prefix_tokens["retrieved"] > 0
+
+
+def test_cli_lexical_retriever_and_config_file(llama_dir, retro_ds, retro_index, retro_bm25, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+    from retromem.cli.ralm import DEFAULTS
+
+    assert {k: getattr(RalmConfig(), k) for k in DEFAULTS} == DEFAULTS  # the help shows the real defaults
+    cfg = tmp_path / "ralm.yaml"
+    cfg.write_text("stride: 16\nquery_tokens: 16\nk: 2\ndeep_k: 16\nmax_docs: 2\nmax_doc_tokens: 48\n"
+                   "eval_fraction: 0.5\nsplit_seed: 1\nfractions: [1.0]\nbootstrap: 50\n")
+    base = ["ralm", "eval", "--model", llama_dir, "--datastore", str(retro_ds.path), "--config", str(cfg),
+            "--threads", "1"]
+    res = CliRunner().invoke(main, base + ["--retriever", "lexical", "--lexical-index", str(retro_bm25.path),
+                                           "--out", str(tmp_path / "r"), "-k", "1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert report["retriever"] == "lexical" and report["retriever_source"].startswith("bm25 ")
+    assert report["config"]["stride"] == 16 and report["config"]["k"] == 1  # from the file; the flag wins
+    blocks = [block for doc in report["retrievals"]["retrieved"] for block in doc]
+    assert all(len(b) <= 1 for b in blocks) and any(len(b) == 1 for b in blocks)  # decontamination may drop one
+    (tmp_path / "bad.yaml").write_text("stride: 16\nstrides: 8\n")
+    bad = CliRunner().invoke(main, ["ralm", "eval", "--model", llama_dir, "--datastore", str(retro_ds.path),
+                                    "--config", str(tmp_path / "bad.yaml"), "--index", str(retro_index.path),
+                                    "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "unknown keys ['strides']" in bad.output
+    bad = CliRunner().invoke(main, base + ["--retriever", "lexical", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--lexical-index" in bad.output
+    bad = CliRunner().invoke(main, base + ["--lexical-index", str(retro_bm25.path), "--index", str(retro_index.path),
+                                           "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--retriever lexical" in bad.output
