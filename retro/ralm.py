@@ -23,9 +23,10 @@ evaluated document, and counts them. Every difference between settings comes wit
 bootstrap interval over documents (:func:`retromem.stats.paired_bootstrap` with documents as groups).
 
 The retriever is duck-typed: ``search(queries, k, exclude_doc_ids=..., fetch=True)`` returning
-payloads with ``text`` and ``continuation_text`` (an in-process :class:`retromem.index.dense.DenseIndex`
-or the gRPC :class:`retromem.service.client.RetrievalClient`). Documents, random chunks and
-datastore sizes come from the local datastore.
+payloads with ``text`` and ``continuation_text`` (an in-process :class:`retromem.index.dense.DenseIndex`,
+BM25 hits from a :class:`retromem.index.lexical.LexicalIndex`, or the gRPC
+:class:`retromem.service.client.RetrievalClient`); the controls are the same whichever retrieves.
+Documents, random chunks and datastore sizes come from the local datastore.
 """
 
 from __future__ import annotations
