@@ -11,9 +11,10 @@ Command names follow one scheme, ``retromem <area> [<kind>] <verb>``:
     retromem index dense embed|build|search|tune|eval
     retromem index ngram build|query|score|eval-interpolation
     retromem index fm build|query
+    retromem index lexical build|search
     retromem serve | retromem query <rpc>
     retromem retro neighbours|train|eval|generate
-    retromem ralm eval
+    retromem ralm eval|qa
     retromem memory train|eval|compress
     retromem plan | retromem demo
 
