@@ -105,6 +105,7 @@ class TuneReport:
     reached: bool
     curve: list[dict[str, float]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # index.json as rewritten with the new default
+    held_out_recall: float | None = None  # recall@k at the chosen value on held-out queries of a query file
 
 
 @dataclass(frozen=True)

@@ -439,3 +439,76 @@ def test_ray_executor_embeds_the_same_vectors(tmp_path):
     a, b = Embeddings(local.out), Embeddings(dist.out)
     ids = np.arange(a.num_vectors)
     np.testing.assert_allclose(a.get(ids), b.get(ids), atol=2e-3)
+
+
+# -- tuning on real queries (issue 15) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outside_queries(tmp_path_factory) -> Path:
+    """Passages of demo documents that are not in the datastore (it holds the first six)."""
+    texts = []
+    for r in demo_records()[6:10]:
+        words = r["text"].split()
+        texts += [" ".join(words[i:i + 40]) for i in range(0, min(len(words), 1600), 40)]
+    path = tmp_path_factory.mktemp("queries") / "queries.jsonl"
+    write_jsonl(path, [{"query": t} for t in texts])
+    return path
+
+
+def test_tune_on_a_query_file_reports_held_out_recall(emb_dir, outside_queries, tmp_path):
+    from retromem.index.dense import DenseIndex
+    from retromem.index.dense_eval import exact_search, load_query_file, recall_at, tune
+    from retromem.index.embed import Embeddings
+
+    out = _build(emb_dir, tmp_path / "ivf", "IVF16,Flat", tune=False).out
+    rep = tune(out, target_recall=0.9, k=10, n_queries=100, query_file=outside_queries, holdout=0.3)
+    t = rep.meta["tuning"]
+    src = t["query_source"]
+    n = sum(1 for _ in open(outside_queries))
+    assert src["file_tuned_on"] + src["file_held_out"] == n and src["file_held_out"] == round(0.3 * n)
+    assert len(src["query_file_sha256"]) == 64 and src["chunks"] == 100
+    at = next(c for c in rep.curve if c["nprobe"] == rep.value)
+    assert rep.reached and at["recall"] >= 0.9 and at["recall_file"] >= 0.9
+    # the value chosen is the first one that reaches the target on both query sets
+    assert all(min(c["recall"], c["recall_file"]) < 0.9 for c in rep.curve if c["nprobe"] < rep.value)
+    # the held-out recall is what a search of those queries with the stored default gets
+    index = DenseIndex.open(out)
+    assert index.defaults["nprobe"] == rep.value
+    x, _ = load_query_file(outside_queries, index)
+    held = np.sort(np.random.default_rng(1).permutation(n)[:src["file_held_out"]])
+    _, truth = exact_search(Embeddings(index.meta["embeddings_path"]), x[held], 10)
+    assert rep.held_out_recall == pytest.approx(recall_at(index.knn(x[held], 10)[1], truth, 10))
+
+
+def test_query_file_errors_name_the_problem(emb_dir, tmp_path):
+    from retromem.errors import ConfigError
+    from retromem.index.dense_eval import tune
+
+    out = _build(emb_dir, tmp_path / "ivf", "IVF16,Flat", tune=False).out
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps({"query": "a fine query"}) + "\n{not json\n")
+    wrong_dim = tmp_path / "v.npy"
+    np.save(wrong_dim, np.ones((5, 7), np.float32))
+    one = tmp_path / "one.txt"
+    one.write_text("just one query\n")
+    for path, msg in ((tmp_path / "missing.jsonl", "does not exist"), (bad_json, "line 2: not JSON"),
+                      (wrong_dim, "(n, 384)"), (one, "holds 1 queries")):
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            tune(out, query_file=path, n_queries=20)
+    with pytest.raises(ConfigError, match="--holdout"):
+        tune(out, query_file=one, holdout=1.0)
+
+
+def test_cli_tune_with_query_file(emb_dir, outside_queries, tmp_path):
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+
+    out = _build(emb_dir, tmp_path / "hnsw", "HNSW16", tune=False).out
+    r = CliRunner().invoke(main, ["index", "dense", "tune", str(out), "--target-recall", "0.9", "--queries", "60",
+                                  "--query-file", str(outside_queries)])
+    assert r.exit_code == 0, r.output
+    assert "held out" in r.output and "held-out queries: recall@10=" in r.output and "efSearch=" in r.output
+    r = CliRunner().invoke(main, ["index", "dense", "tune", str(out), "--query-file", str(tmp_path / "nope.txt")])
+    assert r.exit_code == 2 and "--query-file" in r.output and "Traceback" not in r.output
