@@ -5,6 +5,9 @@ table; :mod:`tests.trust.harness`), damages every file three ways (flip 64 bytes
 extend by 64 bytes), probes each damaged copy in a worker process and runs verify on it; it prints
 the count table (clear error / verified-correct / crash / silent wrong / other) per file type.
 
+It then feeds the n-gram engine shards with 64 bytes flipped at random places, opened without the
+checksum check, to count what that check prevents (crashes, wrong answers).
+
 Part 2 measures on a real datastore (built here from the shared corpora, python-docs, linux-docs
 and gcide by default, with its n-gram index) what the checks cost: opening (sizes, headers, offsets), the first read of every
 shard (each shard's checksums), a full ``verify``, and opening the n-gram index with and without
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +58,46 @@ def corruption_table(out: Path) -> dict:
     print("| **all** | " + " | ".join(f"**{totals[c]}**" for c in cols) + " |")
     return {"cases": len(outcomes), "file_types": len(rows), "totals": totals, "rows": rows,
             "outcomes": h.as_dicts(outcomes)}
+
+
+def unchecked_engine(out: Path, trials: int) -> dict:
+    """What the n-gram open's checksum check prevents: 64 flipped bytes at random places of
+    ``table.0`` / ``tokenized.0``, queried with ``verify=False`` (the engine sees the damage)."""
+    import numpy as np
+
+    from tests.trust import harness as h
+
+    arts = {k: out / "small" / h.DIRS[k] for k in ("datastore", "ngram-index")}
+    rng = np.random.default_rng(0)
+    worker = h.Worker()
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        ref = worker.ask({"kind": "ngram-index", "path": str(arts["ngram-index"]), "datastore": str(arts["datastore"])})["answer"]
+        for name in ("table.0", "tokenized.0"):
+            for t in range(trials):
+                copy = out / "unchecked" / f"{name}-{t}"
+                if copy.exists():
+                    shutil.rmtree(copy)
+                shutil.copytree(arts["ngram-index"], copy)
+                f = copy / "shard-00001" / name
+                data = bytearray(f.read_bytes())
+                at = int(rng.integers(0, len(data) - 64))
+                for i in range(at, at + 64):
+                    data[i] ^= 0xFF
+                f.write_bytes(bytes(data))
+                for verify in (False, True):
+                    r = worker.ask({"kind": "ngram-index", "path": str(copy), "datastore": str(arts["datastore"]), "verify": verify})
+                    what = ("crash" if "crash" in r else "traceback" if "traceback" in r else "error" if "error" in r
+                            else "correct" if r["answer"] == ref else "wrong")
+                    key = f"{name} verify={verify}"
+                    counts.setdefault(key, {})[what] = counts.setdefault(key, {}).get(what, 0) + 1
+                shutil.rmtree(copy)
+    finally:
+        worker.close()
+    print("\nn-gram engine fed damaged shards (64 flipped bytes at a random place, shard-00001):")
+    for key, c in counts.items():
+        print(f"  {key}: {c}")
+    return counts
 
 
 def cost(out: Path, corpora: list[Path]) -> dict:
@@ -98,16 +142,24 @@ def main() -> None:
                     help="Corpus of the real datastore (repeat; default: the three shared corpora).")
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--unchecked-trials", type=int, default=20, help="Random flips per n-gram file fed to the unchecked engine.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     if not args.skip_table:
         results["table"] = corruption_table(args.out)
+    if args.unchecked_trials:
+        if not (args.out / "small" / "ngram").is_dir():
+            from tests.trust import harness as h
+
+            h.build_artifacts(args.out / "small", ("datastore", "ngram-index"))
+        results["unchecked_engine"] = unchecked_engine(args.out, args.unchecked_trials)
     if not args.skip_cost:
         shared = REPO.parent / "shared" / "corpora"
         corpora = args.corpus or [shared / f"{n}.jsonl.gz" for n in ("python-docs", "linux-docs", "gcide")]
         results["cost"] = cost(args.out, corpora)
-    (args.out / "trust_corruption.json").write_text(json.dumps(results, indent=1))
+    name = "trust_corruption" + "".join(f"-{k}" for k in results) + ".json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

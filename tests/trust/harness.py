@@ -114,10 +114,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def probe(kind: str, path: str, datastore: str, tokenizer: bool = False) -> Any:
+def probe(kind: str, path: str, datastore: str, tokenizer: bool = False, verify: bool = True) -> Any:
     """Open the artifact with its ordinary opener and answer questions that read every part of it;
     the answers (JSON) are compared with the undamaged artifact's. ``tokenizer``: also load the
-    datastore's tokenizer and encode a text (about a second; asked when the damage can reach it)."""
+    datastore's tokenizer and encode a text (about a second; asked when the damage can reach it).
+    ``verify=False`` opens the indexes without their checksum check (to measure what it prevents)."""
     from retromem.datastore import Datastore
 
     if kind == "datastore":
@@ -138,7 +139,7 @@ def probe(kind: str, path: str, datastore: str, tokenizer: bool = False) -> Any:
     if kind == "dense-index":
         from retromem.index.dense import DenseIndex
 
-        idx = DenseIndex.open(path, datastore=ds)
+        idx = DenseIndex.open(path, datastore=ds, verify=verify)
         rng = np.random.default_rng(0)
         q = rng.standard_normal((8, idx.dim)).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -148,7 +149,7 @@ def probe(kind: str, path: str, datastore: str, tokenizer: bool = False) -> Any:
     if kind == "ngram-index":
         from retromem.index.ngram import NgramIndex
 
-        idx = NgramIndex(path, ds)
+        idx = NgramIndex(path, ds, verify=verify)
         out = {}
         # GPT-2 ids (" the", " of", " the", " to", " Python", " a", "."): no tokenizer load per case
         for q in ([262], [286, 262], [284], [11361], [257], [13]):
@@ -162,7 +163,7 @@ def probe(kind: str, path: str, datastore: str, tokenizer: bool = False) -> Any:
     if kind == "fm-index":
         from retromem.index.fm_index import FMIndex
 
-        fm = FMIndex(path, ds)
+        fm = FMIndex(path, ds, verify=verify)
         return {p: [fm.count(p), [(h.doc_id, h.offset, h.chunk_id) for h in fm.find(p, limit=50).hits]]
                 for p in ("the", "Python", "e", "tion", " of ")}
     if kind == "neighbours":
@@ -180,7 +181,8 @@ def worker() -> None:
     for line in sys.stdin:
         case = json.loads(line)
         try:
-            reply = {"answer": _digest(probe(case["kind"], case["path"], case["datastore"], case.get("tokenizer", False)))}
+            reply = {"answer": _digest(probe(case["kind"], case["path"], case["datastore"], case.get("tokenizer", False),
+                                             case.get("verify", True)))}
         except RetromemError as exc:
             reply = {"error": type(exc).__name__, "message": str(exc)}
         except Exception as exc:  # noqa: BLE001  what the harness is looking for
