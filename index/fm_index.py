@@ -144,6 +144,7 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
     m = job.finished(MANIFEST_NAME, ds.datastore_id, what="an FM-index", error=FMIndexError)
     if m is not None:
         return FMBuildResult(out, m, True, time.perf_counter() - t0)
+    ds.verify_reads()  # the index reads the whole text: check every shard's checksums first
     text_bytes = int(ds.manifest["counts"]["text_bytes"])
     logger.info("building the %s FM-index of %d documents (%d bytes)", backend, ds.num_documents, text_bytes)
     if backend == "compact":

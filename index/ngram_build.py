@@ -263,6 +263,7 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
         raise NgramIndexError(f"{out} holds an unfinished n-gram build of another datastore or other settings; "
                               f"pass --overwrite or another --out")
     job.mark_done("build", identity)
+    ds.verify_reads()  # the token streams read the whole token array: check every shard's checksums first
 
     tok = ds.manifest["tokenizer"]
     vocab = int(tok["vocab_size"])

@@ -162,3 +162,19 @@ def test_large_datastores_check_a_sample_of_rows_and_reads_verify_their_shard(fa
     ds = Datastore.open(copy)  # the sample misses the damaged row
     with pytest.raises(ArtifactCorruptError, match="chunk_doc_ids"):
         ds.doc_ids([victim])
+
+
+@pytest.mark.parametrize("rel, builder", [("arrays/tokens.npy", "ngram"), ("arrays/text.bin", "fm")])
+def test_indexes_are_not_built_from_a_damaged_datastore(fast_artifacts, tmp_path, rel, builder):
+    from retromem.errors import ArtifactCorruptError
+    from retromem.index.fm_index import build_fm_index
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
+
+    copy = tmp_path / "ds"
+    shutil.copytree(fast_artifacts["datastore"], copy)
+    h.damage(copy / rel, "flip")
+    with pytest.raises(ArtifactCorruptError, match=rel.split("/")[1]):
+        if builder == "ngram":
+            build_ngram_index(copy, tmp_path / "ng", NgramBuildConfig(cpus=1), progress=False)
+        else:
+            build_fm_index(copy, tmp_path / "fm", progress=False)
