@@ -12,8 +12,9 @@ Streams (SearchStream, reflection, health Watch) hold a thread for as long as th
 them open, so :class:`StreamGuard` bounds them: at most ``max_streams`` at once (the server's pool
 has that many threads beyond its unary workers, so open streams never starve a health check or a
 Search), a stream whose client sends nothing for ``idle_s`` ends with DEADLINE_EXCEEDED, and none
-stays open longer than ``max_s``. On shutdown, streams waiting for their client's next message end
-at once (UNAVAILABLE) instead of holding the drain until the grace period runs out.
+stays open longer than ``max_s``. On shutdown open streams are in-flight calls like any other: they
+may go on for the grace period, and gRPC cancels them when it ends (which wakes a stream waiting
+for its client, so nothing holds the exit).
 
 Queue depth and refusals come from the admission count of the ``grpc.server`` itself (read through
 :meth:`MetricsInterceptor.bind`): gRPC refuses a call (RESOURCE_EXHAUSTED, before any handler or
@@ -113,10 +114,6 @@ class _Requests:
                 self._got.put((None, exc))
                 return
 
-    def interrupt(self, exc: BaseException) -> None:
-        """End the handler's wait for a message with ``exc`` (raised where it reads)."""
-        self._got.put((None, exc))
-
     def close(self) -> None:
         self._asks.put(_END)
 
@@ -169,7 +166,6 @@ class StreamGuard(grpc.ServerInterceptor):
         self.metrics = metrics
         self._lock = threading.Lock()
         self._open = 0
-        self._waiting: set[_Requests] = set()
         self._closing = False
 
     @property
@@ -177,14 +173,9 @@ class StreamGuard(grpc.ServerInterceptor):
         return self._open
 
     def close(self) -> None:
-        """The server is shutting down: streams waiting for a message end now (UNAVAILABLE), streams
-        at work finish the request in hand and end at their next read; no new stream is admitted."""
+        """The server is shutting down: no new stream is admitted."""
         with self._lock:
             self._closing = True
-            waiting = list(self._waiting)
-        for r in waiting:
-            r.interrupt(_shutting_down())
-            self._ended("*", "shutdown")
 
     def intercept_service(self, continuation, details):
         h = continuation(details)
@@ -222,8 +213,6 @@ class StreamGuard(grpc.ServerInterceptor):
         timer = None
         if request_streaming:
             request = _Requests(request, self.idle_s, deadline, self.max_s, lambda: self._ended(method, "timeout"))
-            with self._lock:
-                self._waiting.add(request)
         else:  # the server decides when such a stream ends (health Watch): cancel it at its lifetime
             timer = threading.Timer(self.max_s, context.cancel)
             timer.daemon = True
@@ -237,7 +226,6 @@ class StreamGuard(grpc.ServerInterceptor):
             request.close()
         with self._lock:
             self._open -= 1
-            self._waiting.discard(request)
 
     def _guard(self, behaviour: Callable, method: str, request_streaming: bool, response_streaming: bool) -> Callable:
         guard = self
@@ -273,11 +261,6 @@ class StreamGuard(grpc.ServerInterceptor):
         return run
 
 
-def _shutting_down() -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down: send the rest to another server, "
-                                                     "or retry when it is back")
-
-
 class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
@@ -302,7 +285,7 @@ class Metrics:
         self.cancelled = Counter("retromem_stream_cancelled", "Streams the client cancelled or abandoned",
                                  registry=self.registry)
         self.streams_ended = Counter("retromem_stream_ended", "Streams the server refused or ended: refused (too "
-                                     "many open), timeout (idle or too old), shutdown",
+                                     "many open), timeout (idle or too old)",
                                      ["method", "reason"], registry=self.registry)
         self._children: dict[str, tuple] = {}
 

@@ -53,8 +53,8 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, end streams that wait for their client, let in-flight calls finish
-        for ``grace`` seconds, then cancel what is left; returns within about ``grace`` seconds."""
+        """Refuse new calls, let in-flight calls (open streams included) finish for ``grace``
+        seconds, then cancel what is left; returns within about ``grace`` seconds."""
         t0 = time.monotonic()
         self.health.enter_graceful_shutdown()
         if self.streams is not None:
