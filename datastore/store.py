@@ -13,7 +13,8 @@ chunk arrays (all rows up to ``FULL_CHECK_CHUNKS`` chunks, an even sample of row
 chunk inside its document, byte spans tiling the text, token counts in range. Then every read
 (tokens, texts, documents, doc ids) first verifies the checksums of the shard(s) it touches, once per
 shard and process: the tokens, text and chunk/document arrays of a shard are hashed and compared
-with the manifest (about 25 ms per default 16 MiB shard). :meth:`Datastore.verify` checks every
+with the manifest (a read of the shard: 0.18 s per 16 MiB shard of python-docs on a loaded 2-core
+machine, BENCHMARKS.md). :meth:`Datastore.verify` checks every
 file's checksum. A failure is an :class:`~retromem.errors.ArtifactCorruptError` naming the file.
 """
 

@@ -84,9 +84,9 @@ class NgramIndex:
 
     def __init__(self, path: str | Path, datastore=None, limits: QueryLimits | None = None, *, verify: bool = True) -> None:
         """``verify``: check the recorded checksums of every shard's files before the native engine
-        maps them (a full read: about 1 s per GB, BENCHMARKS.md); the engine trusts their bytes and
-        crashes the process on damaged ones (a flipped ``table.0`` or ``tokenized.0`` segfaulted it).
-        Sizes and the document offsets are always checked."""
+        maps them (a full read: 0.6 s for a 129 MB index on a loaded 2-core machine, BENCHMARKS.md);
+        the engine trusts their bytes and crashes the process on damaged ones (a flipped ``table.0``
+        or ``tokenized.0`` segfaulted it). Sizes and the document offsets are always checked."""
         from retromem.datastore import Datastore
 
         self.path = Path(path)
