@@ -71,6 +71,7 @@ def unchecked_engine(out: Path, trials: int) -> dict:
     rng = np.random.default_rng(0)
     worker = h.Worker()
     counts: dict[str, dict[str, int]] = {}
+    examples: dict[str, str] = {}
     try:
         ref = worker.ask({"kind": "ngram-index", "path": str(arts["ngram-index"]), "datastore": str(arts["datastore"])})["answer"]
         for name in ("table.0", "tokenized.0"):
@@ -91,13 +92,15 @@ def unchecked_engine(out: Path, trials: int) -> dict:
                             else "correct" if r["answer"] == ref else "wrong")
                     key = f"{name} verify={verify}"
                     counts.setdefault(key, {})[what] = counts.setdefault(key, {}).get(what, 0) + 1
+                    if what == "traceback":
+                        examples.setdefault(key, f"{r['traceback']}: {r['message'][:200]}")
                 shutil.rmtree(copy)
     finally:
         worker.close()
     print("\nn-gram engine fed damaged shards (64 flipped bytes at a random place, shard-00001):")
     for key, c in counts.items():
-        print(f"  {key}: {c}")
-    return counts
+        print(f"  {key}: {c}" + (f"  (traceback: {examples[key]})" if key in examples else ""))
+    return {"counts": counts, "traceback_examples": examples}
 
 
 def cost(out: Path, corpora: list[Path]) -> dict:
