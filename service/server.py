@@ -47,6 +47,8 @@ class RunningServer:
     metrics_port: int | None = None
     _http: Any = None
     streams: StreamGuard | None = None
+    _pool: futures.ThreadPoolExecutor | None = None
+    abandoned: int = 0  # calls still running after the stop (set by stop)
 
     @property
     def target(self) -> str:
@@ -61,9 +63,16 @@ class RunningServer:
             self.streams.close()
         # gRPC cancels what still runs when the grace period ends; a handler that ignores the
         # cancellation (a long FAISS call) must not hold the exit: wait a little past it, no more
-        done = self.server.stop(grace).wait(None if grace is None else grace + 0.5)
-        if not done:
-            logger.warning("calls still running %.1fs after the stop: exiting without them", time.monotonic() - t0)
+        end = None if grace is None else t0 + grace + 0.5
+        self.server.stop(grace).wait(None if end is None else max(0.0, end - time.monotonic()))
+        if self._pool is not None:  # a handler deaf to the cancellation (one long FAISS call) would hold the exit
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for t in list(getattr(self._pool, "_threads", ())):
+                t.join(None if end is None else max(0.0, end - time.monotonic()))
+            self.abandoned = sum(t.is_alive() for t in getattr(self._pool, "_threads", ()))
+            if self.abandoned:
+                logger.warning("%d call(s) still running %.1fs after the stop began: leaving them", self.abandoned,
+                               time.monotonic() - t0)
         self.servicer.close()
         if self._http is not None:
             self._http.shutdown()
@@ -104,7 +113,8 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
     streams = StreamGuard(cfg.max_streams, cfg.stream_idle_s, cfg.stream_max_s, metrics)
     interceptors = [metrics_interceptor] + ([TokenAuth(cfg.token)] if cfg.token else []) + [streams]
     size = cfg.limits.max_message_bytes
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="retromem-rpc"),
+    pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="retromem-rpc")
+    server = grpc.server(pool,
                          interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                          options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                                   ("grpc.so_reuseport", 0)])
@@ -123,7 +133,7 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, port, servicer, metrics, health_servicer, streams=streams)
+    running = RunningServer(server, port, servicer, metrics, health_servicer, streams=streams, _pool=pool)
     if cfg.metrics_port is not None:
         try:
             running._http, running.metrics_port = metrics.serve_http(cfg.metrics_port, cfg.metrics_host)
@@ -153,8 +163,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(cfg: ServerConfig, *, on_ready=None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests (up to ``cfg.grace_s``) and return."""
+def serve(cfg: ServerConfig, *, on_ready=None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests (up to ``cfg.grace_s``) and return
+    the number of calls still running then (a process should exit without waiting for them:
+    ``os._exit``, since Python would join their threads at exit)."""
     running = start_server(cfg)
     stop = threading.Event()
 
@@ -169,6 +181,7 @@ def serve(cfg: ServerConfig, *, on_ready=None) -> None:
         while not stop.wait(0.1):
             pass
         running.stop(cfg.grace_s)
+        return running.abandoned
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -76,7 +76,12 @@ def serve(datastore_path, dense, ngram, shards, host, port, workers, max_streams
                    f"{', token required' if cfg.token else ''}){extra}", err=False)
         sys.stdout.flush()
 
-    run(cfg, on_ready=ready)
+    abandoned = run(cfg, on_ready=ready)
+    if abandoned:  # calls deaf to the cancellation: exit now rather than join their threads at exit
+        click.echo(f"stopped: {abandoned} call(s) still running after --grace {grace:g}s were abandoned")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     click.echo("stopped: in-flight requests drained")
 
 

@@ -267,6 +267,27 @@ def test_stop_cancels_a_silent_stream_when_the_grace_period_ends(union, backend)
         gate.set()
 
 
+def test_stop_does_not_wait_for_a_call_deaf_to_cancellation(union, backend):
+    """A call still in the library when the grace period ends (here a count held at a gate) is
+    cancelled by gRPC but runs on: the stop returns anyway, and says how many it left."""
+    from tests.service.test_server import GatedNgram, _hold
+
+    gated = GatedNgram(backend.ngram)
+    running = start_server(ServerConfig(datastore=str(union.datastore), ngram=str(union.ngram), port=0, workers=1),
+                           Backend(backend.datastore, None, gated))
+    try:
+        with RetrievalClient(running.target, retries=0) as c:
+            (held,) = _hold(c, gated, 1)
+            t0 = time.monotonic()
+            running.stop(0.5)
+            stopped = time.monotonic() - t0
+            assert running.abandoned == 1 and stopped < 0.5 + 1, (running.abandoned, stopped)
+            with pytest.raises(grpc.RpcError):
+                held.result(10)
+    finally:
+        gated.gate.set()
+
+
 @pytest.mark.slow
 def test_sigterm_exits_within_the_grace_period(union):
     """`retromem serve --grace 2`, a silent stream open: SIGTERM ends the process within grace + 1 s."""
