@@ -28,6 +28,7 @@ import numpy as np
 
 from retromem.config import fail, is_int, non_negative_int, positive_int
 from retromem.datastore.atomic import sha256_file
+from retromem.diskspace import preflight
 from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, NgramIndexError
 from retromem.index.types import NgramBuildResult
@@ -59,6 +60,16 @@ def token_width_for(vocab_size: int) -> int:
 def token_dtype(width: int) -> np.dtype:
     """The little-endian numpy dtype of ``width``-byte tokens in ``tokenized.0``."""
     return np.dtype("<u2") if width == 2 else np.dtype("<u4")
+
+
+def _exit_text(code: int) -> str:
+    """How the indexer ended: ``exit 1``, or the signal that killed it (SIGXFSZ: a file-size limit)."""
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        return f"killed by {name}" + (": a file reached the file size limit, as on a full disk" if name == "SIGXFSZ" else "")
+    return f"exit {code}"
 
 
 def _ptr_size(ds_bytes: int) -> int:
@@ -170,7 +181,7 @@ def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0:
 def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise NgramIndexError(f"infini-gram indexer failed at {what} (exit {proc.returncode}): {proc.stdout[-2000:]}")
+        raise NgramIndexError(f"infini-gram indexer failed at {what} ({_exit_text(proc.returncode)}): {proc.stdout[-2000:]}")
 
 
 def _build_suffix_array(shard: Path, work: Path, width: int, cpus: int, mem_bytes: int) -> None:
@@ -204,7 +215,7 @@ def _build_suffix_array(shard: Path, work: Path, width: int, cpus: int, mem_byte
         for p in procs:
             out, _ = p.communicate()
             if p.returncode != 0:
-                raise NgramIndexError(f"infini-gram indexer failed at make-part of {shard.name} (exit {p.returncode}): "
+                raise NgramIndexError(f"infini-gram indexer failed at make-part of {shard.name} ({_exit_text(p.returncode)}): "
                                       f"{out.decode(errors='replace')[-2000:]}")
     _run([exe, "merge", "--data-file", str(data), "--parts-dir", str(parts), "--merged-dir", str(merged),
           "--num-threads", str(cpus), "--hacksize", str(_HACK), "--ratio", str(ratio), "--token-width", str(width)],
@@ -274,6 +285,8 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
     total = int(doc_tokens.sum()) + len(doc_tokens)
     logger.info("n-gram index of %s: %d documents, %d tokens, %d shard(s), %d bytes per token",
                 datastore_path, len(doc_tokens), total, len(plan), width)
+    # the token stream, then the suffix array written as parts and merged: about 2x its final size at the peak
+    preflight(out, total * width + 3 * total * _ptr_size(total * width) + 8 * len(doc_tokens), "the n-gram index build")
     shards = []
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="n-gram index", disable=not progress)
     for s, (d0, d1) in enumerate(plan):

@@ -76,6 +76,10 @@ class ArtifactCorruptError(DatastoreError, IndexFormatError):
         return (type(self), (self.path, self.what))
 
 
+class DiskFullError(RetromemError):
+    """A batch job would not fit, or did not fit, on the disk holding its output (retromem.diskspace)."""
+
+
 class JobLockedError(RetromemError):
     """Another job holds the lock of the output directory this job would write."""
 

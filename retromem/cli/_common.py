@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import re
@@ -12,6 +11,7 @@ from typing import NoReturn
 
 import click
 
+from retromem.diskspace import disk_full_message, fmt_bytes, forget, is_disk_full
 from retromem.errors import ConfigError, RetromemError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
@@ -39,12 +39,17 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        forget()  # disk estimates of an earlier command in this process do not apply
         try:
             return fn(*args, **kwargs)
-        except RetromemError as exc:
-            fail(str(exc))
-        except OSError as exc:
-            fail(os_error_message(exc))
+        except Exception as exc:  # noqa: BLE001  (sorted below: user errors end the command, bugs re-raise)
+            if is_disk_full(exc):  # ENOSPC / EFBIG in any shape, native libraries' and subprocesses' included
+                fail(disk_full_message(exc))
+            if isinstance(exc, RetromemError):
+                fail(str(exc))
+            if isinstance(exc, OSError):
+                fail(os_error_message(exc))
+            raise
 
     return wrapper
 
@@ -59,8 +64,6 @@ def fail(message: str) -> NoReturn:
 def os_error_message(exc: OSError) -> str:
     """``path: what went wrong`` for an error the operating system raised about a path."""
     what = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
-        what += " (the disk is full: free space or choose another --out)"
     if exc.filename is None:
         return what
     paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
@@ -90,14 +93,6 @@ def parse_number(value: str, flag: str, kind: type = int, example: str = "") -> 
             return int(number)
     except (ValueError, OverflowError):
         raise ConfigError(f"`{flag}` must be a number{' such as ' + example if example else ''}, got {value!r}") from None
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def secret(path: str | None, env: str) -> str | None:
