@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from retromem.datastore.atomic import atomic_dir, atomic_path, read_json, write_json
-from retromem.datastore.integrity import SECTION, record_files
+from retromem.datastore.integrity import SECTION, read_manifest, record_files
 from retromem.errors import ConfigError, JobLockedError
 
 __all__ = ["KINDS", "Job", "atomic_dir", "atomic_path", "open_job"]
@@ -146,7 +146,7 @@ class Job:
         path = self.path / manifest_name
         if not path.exists():
             return None
-        m = read_json(path)
+        m = read_manifest(path)  # a damaged manifest is an error naming it, not a traceback
         if m.get("datastore_id") != datastore_id:
             raise error(f"{self.path} holds {what} of datastore {str(m.get('datastore_id', '?'))[:16]}, not of "
                         f"{datastore_id[:16]}; pass --overwrite or another --out")

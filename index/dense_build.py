@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from retromem.config import boolean, fail, integer, number, one_of, optional_positive_int, positive_int
-from retromem.datastore.atomic import read_json, write_json
+from retromem.datastore.atomic import write_json
+from retromem.datastore.integrity import read_manifest
 from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, IndexFormatError
 from retromem.index.dense_eval import tune
@@ -133,7 +134,7 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
     n, d = emb.num_vectors, emb.dim
     out = job.path
     if (out / "index.json").exists():
-        meta = read_json(out / "index.json")
+        meta = read_manifest(out / "index.json")
         if meta.get("complete") and meta.get("datastore_id") == emb.datastore_id and meta.get("build", {}).get("requested_factory") == cfg.factory:
             return DenseBuildResult(out, meta, {"total": 0.0})
         raise IndexFormatError(f"{out} already holds a dense index ({meta.get('factory')}); pass --overwrite or another --out")

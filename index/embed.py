@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from retromem.config import boolean, non_negative_int, one_of, positive_int
-from retromem.datastore.atomic import atomic_path, read_json, sha256_file
+from retromem.datastore.atomic import atomic_path, sha256_file
 from retromem.datastore.integrity import check_sizes, load_npy, read_manifest
 from retromem.datastore.job import Job, open_job
 from retromem.errors import ArtifactCorruptError, ConfigError, DatastoreError, QueryError
@@ -257,7 +257,7 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
     out = job.path
     manifest_path = out / "embeddings.json"
     if manifest_path.exists():
-        m = read_json(manifest_path)
+        m = read_manifest(manifest_path)
         if m.get("datastore_id") != ds.datastore_id:
             raise DatastoreError(f"{out} holds embeddings of another datastore ({m.get('datastore_id', '?')[:16]}, "
                                  f"not {ds.datastore_id[:16]}): pass --overwrite or another --out")

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retromem.config import fail, key_name, one_of, optional_positive_int, positive_int
-from retromem.datastore.atomic import atomic_path, read_json, write_json
+from retromem.datastore.atomic import atomic_path, write_json
 from retromem.datastore.integrity import check_sizes, recorded_files, verify_files
 from retromem.datastore.integrity import read_manifest as read_checked_manifest
 from retromem.datastore.job import Job, open_job
@@ -215,7 +215,7 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
     manifest_path = out / MANIFEST
     ident = cfg.identity()
     if manifest_path.is_file():
-        manifest = read_json(manifest_path)
+        manifest = read_checked_manifest(manifest_path)
         if manifest.get("config") != ident or manifest.get("datastore_id") != ds.datastore_id:
             raise ConfigError(f"{out} holds neighbours computed with other settings ({manifest.get('config')}); "
                               f"use another --out or --overwrite")

@@ -80,7 +80,8 @@ def artifact_files(path: Path) -> list[str]:
     """The files of an artifact a damage can hit: every recorded file and the manifest."""
     from retromem.datastore.integrity import MANIFESTS, artifact_kind, artifact_files as files
 
-    return files(path) + [MANIFESTS[artifact_kind(path)]]
+    manifest = MANIFESTS[artifact_kind(path)]
+    return files(path, exclude=(manifest,)) + [manifest]
 
 
 # -- damage ---------------------------------------------------------------------------------------

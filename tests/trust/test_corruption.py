@@ -178,3 +178,23 @@ def test_indexes_are_not_built_from_a_damaged_datastore(fast_artifacts, tmp_path
             build_ngram_index(copy, tmp_path / "ng", NgramBuildConfig(cpus=1), progress=False)
         else:
             build_fm_index(copy, tmp_path / "fm", progress=False)
+
+
+@pytest.mark.parametrize("kind, name", [("datastore", "manifest.json"), ("ngram-index", "ngram_index.json"),
+                                        ("fm-index", "fm_index.json")])
+def test_rerunning_a_build_over_a_damaged_manifest_names_it(fast_artifacts, tmp_path, kind, name):
+    from retromem.datastore import BuildConfig, build
+    from retromem.errors import ArtifactCorruptError
+    from retromem.index.fm_index import build_fm_index
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
+
+    copy = tmp_path / h.DIRS[kind]
+    shutil.copytree(fast_artifacts[kind], copy)
+    h.damage(copy / name, "truncate")
+    with pytest.raises(ArtifactCorruptError, match=f"{name}: not valid JSON"):
+        if kind == "datastore":
+            build(BuildConfig(inputs=(str(fast_artifacts["datastore"].parent / "docs.jsonl"),), out=str(copy), tokenizer="gpt2"))
+        elif kind == "ngram-index":
+            build_ngram_index(fast_artifacts["datastore"], copy, NgramBuildConfig(cpus=1), progress=False)
+        else:
+            build_fm_index(fast_artifacts["datastore"], copy, progress=False)
