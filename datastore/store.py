@@ -102,6 +102,7 @@ class Datastore:
         self._check_structure()
         self._shard_cache: tuple[int, object] | None = None
         self._verified: set[int] = set()  # shards whose checksums reads have verified
+        self._docs_verified: set[int] = set()  # shards whose documents Parquet file was verified
         self._verify_lock = threading.Lock()
 
     def _open_arrays(self) -> None:
@@ -414,10 +415,7 @@ class Datastore:
         d = int(self._check_ids([doc_id], "doc_id", self.num_documents)[0])
         shard = bisect.bisect_right(self._shard_first_doc, d) - 1
         if self._shard_cache is None or self._shard_cache[0] != shard:
-            rec = self.manifest["shards"][shard]["documents_file"]
-            path = self.path / rec["path"]
-            if sha256_file(path) != rec["sha256"]:  # Parquet pages carry no checksum pyarrow checks
-                raise ArtifactCorruptError(path, "differs from its recorded checksum: the file is damaged")
+            path = self._documents_file(shard)
             cols = ["source", "source_id", "n_tokens"]
             self._shard_cache = (shard, pq.read_table(path, columns=cols).to_pydict())
         rows = self._shard_cache[1]
@@ -429,10 +427,21 @@ class Datastore:
             n_tokens=int(rows["n_tokens"][row]),
         )
 
+    def _documents_file(self, shard: int) -> Path:
+        """The documents Parquet file of ``shard``, its checksum verified once per process (Parquet
+        pages carry no checksum pyarrow checks: a damaged page could decode to wrong values)."""
+        rec = self.manifest["shards"][shard]["documents_file"]
+        path = self.path / rec["path"]
+        if shard not in self._docs_verified:
+            if sha256_file(path) != rec["sha256"]:
+                raise ArtifactCorruptError(path, "differs from its recorded checksum: the file is damaged")
+            self._docs_verified.add(shard)
+        return path
+
     def iter_documents(self, columns: list[str] | None = None) -> Iterator[dict]:
         """Rows of the documents shards in doc_id order (all columns unless named)."""
-        for shard in self.manifest["shards"]:
-            pf = pq.ParquetFile(self.path / shard["documents_file"]["path"])
+        for s in range(len(self.manifest["shards"])):
+            pf = pq.ParquetFile(self._documents_file(s))
             for batch in pf.iter_batches(columns=columns, batch_size=1024):
                 yield from batch.to_pylist()
 
