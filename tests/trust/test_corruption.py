@@ -198,3 +198,19 @@ def test_rerunning_a_build_over_a_damaged_manifest_names_it(fast_artifacts, tmp_
             build_ngram_index(fast_artifacts["datastore"], copy, NgramBuildConfig(cpus=1), progress=False)
         else:
             build_fm_index(fast_artifacts["datastore"], copy, progress=False)
+
+
+def test_serve_refuses_a_damaged_ngram_shard_without_crashing(fast_artifacts, tmp_path):
+    """The issue's segfault: `retromem serve` over a flipped table.0 died with exit 139. Now the
+    open's checksum check refuses it with one line, exit 2 (a subprocess: a crash fails the test)."""
+    import subprocess
+    import sys
+
+    copy = tmp_path / "ngram"
+    shutil.copytree(fast_artifacts["ngram-index"], copy)
+    h.damage(copy / "shard-00001" / "table.0", "flip")
+    r = subprocess.run([sys.executable, "-m", "retromem.cli", "serve", "--datastore", str(fast_artifacts["datastore"]),
+                        "--ngram", str(copy), "--port", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"error: {copy / 'shard-00001' / 'table.0'}: sha256 checksum differs" in r.stderr
+    assert "Traceback" not in r.stderr
