@@ -104,3 +104,31 @@ def test_killed_shard_fails_or_degrades_by_name(stores):
     finally:
         for srv in (strict, partial, a):
             srv.stop(0)
+
+
+def test_router_bounds_requests_as_a_server_does(cluster):
+    """Caps and the answer-size estimate hold at the router too (before any shard is asked), and a
+    SearchStream through it is asked of the shards in slices that fit their messages."""
+    from retromem.service.config import ServiceLimits
+    from retromem.service.v1 import retrieval_pb2 as pb
+
+    union, a, b, _ = cluster
+    router = start_server(ServerConfig(shards=(a.target, b.target), port=0, workers=2,
+                                       limits=ServiceLimits(max_k=50, max_message_bytes=256 * 1024)))
+    try:
+        with RetrievalClient(router.target, retries=0) as r, RetrievalClient(union.target) as u:
+            assert r.info().datastore.text_bytes == u.info().datastore.text_bytes > 0
+            x = u.search(QUERIES, 1).chunk_ids  # warm
+            vecs = [pb.Query(text=q.encode()) for q in QUERIES * 2]
+            fetch = pb.Fetch(text=True, tokens=True, continuation=True)
+            with pytest.raises(ServiceCallError) as e:
+                r.raw("Search", pb.SearchRequest(queries=vecs, k=50, fetch=fetch))
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "SearchStream" in e.value.details
+            with pytest.raises(ServiceCallError) as e:
+                r.raw("Search", pb.SearchRequest(queries=vecs[:1], k=5, ef_search=2**31))
+            assert e.value.code == grpc.StatusCode.OUT_OF_RANGE and "`ef_search`" in e.value.details
+            msgs = list(r.stub.SearchStream(iter([pb.SearchRequest(queries=vecs, k=50, fetch=fetch)]), timeout=30))
+            got = [list(res.chunk_ids) for m in msgs for res in m.results]
+            assert len(msgs) > 1 and got == u.search(QUERIES * 2, 50).chunk_ids.tolist() and x.shape == (4, 1)
+    finally:
+        router.stop(0)
