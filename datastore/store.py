@@ -103,6 +103,7 @@ class Datastore:
         self._shard_cache: tuple[int, object] | None = None
         self._verified: set[int] = set()  # shards whose checksums reads have verified
         self._docs_verified: set[int] = set()  # shards whose documents Parquet file was verified
+        self._all_verified = False
         self._verify_lock = threading.Lock()
 
     def _open_arrays(self) -> None:
@@ -232,8 +233,11 @@ class Datastore:
 
     def verify_reads(self) -> None:
         """Verify every shard now (what reads do shard by shard): for jobs that read the whole arrays."""
+        if self._all_verified:
+            return
         for s in range(len(self.manifest["shards"])):
             self._verify(s)
+        self._all_verified = True
 
     @classmethod
     def open(cls, path: str | Path) -> "Datastore":
@@ -264,7 +268,9 @@ class Datastore:
 
     @property
     def token_array(self) -> np.ndarray:
-        """Memory-mapped (num_chunks, chunk_length) token ids; short chunks are padded."""
+        """Memory-mapped (num_chunks, chunk_length) token ids; short chunks are padded. Its users read
+        it in bulk, so the first access verifies every shard (:meth:`verify_reads`)."""
+        self.verify_reads()
         return self._tokens
 
     # Whole-datastore arrays for vectorised work (indexes, samplers), memory-mapped, read-only.
@@ -297,7 +303,9 @@ class Datastore:
 
     @property
     def text_bytes(self) -> np.ndarray:
-        """(text_bytes,) uint8: the normalized UTF-8 text of every document, concatenated in doc_id order."""
+        """(text_bytes,) uint8: the normalized UTF-8 text of every document, concatenated in doc_id
+        order. The first access verifies every shard (:meth:`verify_reads`), as for ``token_array``."""
+        self.verify_reads()
         return self._text
 
     @cached_property
