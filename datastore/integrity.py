@@ -41,7 +41,8 @@ MARKER = ".retromem-artifact.json"
 WORK = "_work"
 # the manifest of each artifact kind, the file written last
 MANIFESTS = {"datastore": "manifest.json", "embeddings": "embeddings.json", "dense-index": "index.json",
-             "ngram-index": "ngram_index.json", "fm-index": "fm_index.json", "neighbours": "neighbours.json"}
+             "ngram-index": "ngram_index.json", "fm-index": "fm_index.json", "neighbours": "neighbours.json",
+             "lexical-index": "lexical_index.json"}
 
 
 def _threads(n_files: int) -> int:
