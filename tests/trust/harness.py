@@ -99,6 +99,9 @@ def damage(path: Path, how: str) -> None:
         at = start + (len(data) - start - n) // 2
         for i in range(at, at + n):
             data[i] ^= 0xFF
+    elif how == "flip-head":  # the first bytes: headers, magic numbers, the JSON's first brace
+        for i in range(min(16, len(data))):
+            data[i] ^= 0xFF
     elif how == "truncate":
         del data[len(data) // 2:]
     elif how == "extend":
