@@ -13,6 +13,7 @@ turned into exceptions and never returned.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from retromem.index.types import (ChunkPayload, Count, DocumentSearch, FindResul
                                   Occurrence, Prob, TokenCount, TokenScore, fetch_payloads)
 
 Query = Union[str, Sequence[int], np.ndarray]
+logger = logging.getLogger(__name__)
 
 
 
@@ -149,6 +151,9 @@ class NgramIndex:
             if bad:
                 raise NgramIndexCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild the index with "
                                              "`retromem index build-ngram --overwrite`")
+        elif recorded_files(m) is None:
+            logger.warning("%s records no checksums (built before retromem recorded them): damaged shards would reach "
+                           "the native engine, which may crash on them; rebuild it to get checksums", self.path)
         sep = np.frombuffer(b"\xff" * width, dtype=token_dtype(width))[0]
         for s in m["shards"]:
             f = self.path / s["dir"] / "offset.0"
