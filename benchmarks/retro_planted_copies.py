@@ -11,8 +11,17 @@ the same steps on the same sequences, one with retrieved neighbours and one with
 This checks the evaluation's power, not a retrieval claim: the copies of held-out documents sit in
 the training split, so both models also saw the held-out text in training.
 
+The modeling ablation: ``--variant NAME=JSON`` trains one more model with retrieved neighbours and
+those ``from_scratch`` fields (``--variant after_layer='{"cca_placement": "after_layer"}'``), same
+seed, sequences and steps; each is scored with retrieved / random / no neighbours, and its per-token
+NLL with retrieved neighbours is compared with the main model's on the same tokens (paired bootstrap
+over held-out documents). The main model takes the paper's CCA choices (``retromem retro train``'s
+default for from-scratch configs); runs before those options existed used ``after_layer`` without
+positions, so old run directories are not resumed (their names carry no variant).
+
 Usage:
-  python benchmarks/retro_planted_copies.py [--steps 300] [--threads 1] [--out /work/scratch/retro/planted]
+  python benchmarks/retro_planted_copies.py [--steps 300] [--threads 1] [--out /work/scratch/retro/planted] \
+      [--variant NAME=JSON ...]
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/work/scratch/retro/planted")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=JSON from_scratch fields (ablation)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,15 +78,21 @@ def main() -> None:
                                          index, progress=False).out) for split in ("train", "eval")]
     print(f"datastore   {ds.num_documents} documents, {len(ds.chunk_doc_array)} chunks of 32 GPT-2 tokens")
     final = {}
-    for mode in ("retrieved", "random"):
+    runs = {"retrieved": ("retrieved", {}), "random": ("random", {})}
+    for spec in args.variant:
+        name, _, fields = spec.partition("=")
+        runs[name] = ("retrieved", json.loads(fields))
+    for name, (mode, fields) in runs.items():
         t0 = time.perf_counter()
-        cfg = load_train_config(REPO / "configs/retro/tiny-scratch.yaml", output_dir=str(root / f"run-{mode}-{args.steps}"),
+        cfg = load_train_config(REPO / "configs/retro/tiny-scratch.yaml", output_dir=str(root / f"run-{name}-{args.steps}"),
                                 datastore=str(ds.path), neighbours=neighbours, neighbours_mode=mode,
                                 train={"max_steps": args.steps, "save_steps": args.steps, "eval_steps": None,
                                        "logging_steps": 50, "threads": args.threads})
+        if fields:
+            cfg = type(cfg)(**{**cfg.__dict__, "from_scratch": {**cfg.from_scratch, **fields}})
         r = train(cfg, resume=True)
-        final[mode] = r.final_dir
-        print(f"training    [{mode} neighbours] {r.steps} steps, train loss {r.train_loss:.3f}, "
+        final[name] = r.final_dir
+        print(f"training    [{name}] {r.steps} steps, train loss {r.train_loss:.3f}, "
               f"{time.perf_counter() - t0:.0f}s this run")
     model, control = load_retro_model(final["retrieved"])[0], load_retro_model(final["random"])[0]
     ecfg = RetroEvalConfig(out=str(root / f"eval-{args.steps}"), seq_chunks=4, max_sequences=None, overlap_ngram=8)
@@ -94,6 +110,43 @@ def main() -> None:
         print(f"  overlap {b['overlap']:<14} {b['chunks']:4d} chunks  retrieved - random "
               f"{format_difference(b['retro - retro_random'], 'documents')}")
     print(f"results     {root / f'eval-{args.steps}' / 'results.json'}  plot {s['plot']}")
+    if args.variant:
+        ablation(root, ds, neighbours, final, args, ecfg)
+
+
+def chunk_token_nll(path: Path, setting: str) -> tuple:
+    """(per-token NLL, document of each token, chunk ids) from an evaluation's chunks.jsonl (each chunk's
+    mean NLL spread over its tokens)."""
+    import numpy as np
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tokens = np.array([r["tokens"] for r in rows])
+    nll = np.repeat(np.array([r[f"nll_{setting}"] for r in rows]) / tokens, tokens)
+    return nll, np.repeat(np.array([r["doc_id"] for r in rows]), tokens), [r["chunk_id"] for r in rows]
+
+
+def ablation(root: Path, ds, neighbours: list[str], final: dict, args, ecfg) -> None:
+    """Scores every --variant like the main model and compares them on the same tokens."""
+    from dataclasses import replace
+
+    from retromem.retro.evaluation import evaluate, format_difference
+    from retromem.retro.loading import load_retro_model
+    from retromem.retro.neighbours import NeighbourTable
+    from retromem.stats import paired_bootstrap
+
+    main_nll, groups, main_chunks = chunk_token_nll(Path(ecfg.out) / "chunks.jsonl", "retro")
+    print("ablation    each variant with retrieved neighbours minus the main model (paper's CCA) with retrieved "
+          "neighbours, and its own retrieved - random, nats/token, 95% over documents:")
+    for name in [n for n in final if n not in ("retrieved", "random")]:
+        model = load_retro_model(final[name])[0]
+        vcfg = replace(ecfg, out=str(root / f"eval-{name}-{args.steps}"))
+        s = evaluate(model, ds, NeighbourTable(neighbours, ds), vcfg, progress=False, title=f"planted copies [{name}]")
+        nll, g, chunks = chunk_token_nll(Path(vcfg.out) / "chunks.jsonl", "retro")
+        assert chunks == main_chunks and (g == groups).all()  # the same tokens
+        r = paired_bootstrap(nll, main_nll, groups=groups, n=ecfg.bootstrap, seed=ecfg.seed, level=ecfg.level)
+        print(f"  {name:<22} variant - main {r.mean:+.4f} [{r.low:+.4f}, {r.high:+.4f}]   retrieved - random "
+              f"{format_difference(s['differences']['retro - retro_random'], 'documents')}   perplexity "
+              f"{s['settings']['retro']['perplexity']:.2f}")
 
 
 if __name__ == "__main__":
