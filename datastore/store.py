@@ -8,14 +8,16 @@ chunks with spans and tokens) and are read for iteration and metadata.
 
 Damage never reaches a caller as a crash or a wrong answer (issue 15). Opening checks, before
 anything is memory-mapped, every recorded file's size, the ``.npy`` headers against the manifest's
-shapes and dtypes, and the offsets: document offsets monotone from 0 to the totals, and for the
-chunk arrays (all rows up to ``FULL_CHECK_CHUNKS`` chunks, an even sample of rows beyond) each
-chunk inside its document, byte spans tiling the text, token counts in range. Then every read
-(tokens, texts, documents, doc ids) first verifies the checksums of the shard(s) it touches, once per
-shard and process: the tokens, text and chunk/document arrays of a shard are hashed and compared
-with the manifest (a read of the shard: 0.18 s per 16 MiB shard of python-docs on a loaded 2-core
-machine, BENCHMARKS.md). :meth:`Datastore.verify` checks every
-file's checksum. A failure is an :class:`~retromem.errors.ArtifactCorruptError` naming the file.
+shapes and dtypes, and the offsets: document offsets monotone from 0 to the totals (all rows up to
+``FULL_CHECK_DOCS`` documents, an even sample beyond), and for the chunk arrays (all rows up to
+``FULL_CHECK_CHUNKS`` chunks, an even sample beyond) each chunk inside its document, byte spans
+tiling the text, token counts in range. Then every read (tokens, texts, documents, doc ids) first
+verifies the checksums of the shard(s) it touches, once per shard and process: the tokens, text
+and chunk/document arrays of a shard are hashed and compared with the manifest (a read of the
+shard: 0.18 s per 16 MiB shard of python-docs on a loaded 2-core machine, BENCHMARKS.md); the bulk
+arrays ``token_array`` and ``text_bytes`` verify every shard on first access.
+:meth:`Datastore.verify` checks every file's checksum. A failure is an
+:class:`~retromem.errors.ArtifactCorruptError` naming the file.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from retromem.datastore.integrity import check_size, check_sizes, load_npy, read
 from retromem.errors import ArtifactCorruptError, DatastoreError
 
 FULL_CHECK_CHUNKS = 1 << 20  # chunk arrays up to this many rows are checked whole on open; beyond, a sample
+FULL_CHECK_DOCS = 1 << 22  # document arrays likewise
 SAMPLE_ROWS = 1 << 16  # rows of the chunk arrays checked on open beyond FULL_CHECK_CHUNKS
 CHUNK_ARRAYS = ("chunk_doc_ids", "chunk_ntokens", "chunk_byte_spans")  # rows per chunk
 DOC_ARRAYS = ("doc_first_chunk", "doc_byte_offsets")  # rows per document (+1)
@@ -139,20 +142,22 @@ class Datastore:
 
     def _check_structure(self) -> None:
         """Offsets monotone and in range (vectorised; chunk rows sampled beyond FULL_CHECK_CHUNKS)."""
-        n, d, L = self.num_chunks, self.num_documents, self.chunk_length
+        n, d = self.num_chunks, self.num_documents
         size = len(self._text)
-        first = np.asarray(self._doc_first_chunk, dtype=np.int64)
-        starts = np.asarray(self._doc_bytes, dtype=np.int64)
-        for name, arr, total in (("doc_first_chunk", first, n), ("doc_byte_offsets", starts, size)):
-            if len(arr) and (arr[0] != 0 or arr[-1] != total or (np.diff(arr) < 0).any()):
+        # documents: every row up to FULL_CHECK_DOCS, else an even sample of consecutive pairs
+        docs = np.arange(d, dtype=np.int64) if d <= FULL_CHECK_DOCS else np.linspace(0, d - 1, SAMPLE_ROWS).astype(np.int64)
+        for name, arr, total in (("doc_first_chunk", self._doc_first_chunk, n), ("doc_byte_offsets", self._doc_bytes, size)):
+            lo, hi = np.asarray(arr[docs], dtype=np.int64), np.asarray(arr[docs + 1], dtype=np.int64)
+            if arr[0] != 0 or arr[-1] != total or (hi < lo).any() or (lo > total).any():
                 raise self._corrupt(name, f"offsets are not monotone from 0 to {total:,}: the file is damaged")
         if n == 0:
             return
         whole = n <= FULL_CHECK_CHUNKS
         if whole:
             rows = np.arange(n, dtype=np.int64)
-        else:  # an even sample, and the first and last chunk of every document
-            ends = np.concatenate((first[:-1], first[1:] - 1))
+        else:  # an even sample, and the first and last chunk of every (sampled) document
+            first = np.asarray(self._doc_first_chunk[docs], dtype=np.int64)
+            ends = np.concatenate((first, np.asarray(self._doc_first_chunk[docs + 1], dtype=np.int64) - 1))
             rows = np.unique(np.concatenate((np.linspace(0, n - 1, SAMPLE_ROWS).astype(np.int64), ends[(ends >= 0) & (ends < n)])))
         self._check_rows(rows, whole)
 

@@ -230,3 +230,25 @@ def test_bulk_arrays_are_verified_before_they_are_handed_out(fast_artifacts, tmp
     ds = Datastore.open(copy)  # same size, offsets intact: the open's structural checks pass
     with pytest.raises(ArtifactCorruptError, match=rel.split("/")[1]):
         getattr(ds, prop)
+
+
+def test_sampled_document_checks_still_refuse_broken_ends(fast_artifacts, tmp_path, monkeypatch):
+    """Beyond FULL_CHECK_DOCS documents the open samples consecutive pairs; the ends are always checked."""
+    import numpy as np
+
+    import retromem.datastore.store as store
+    from retromem.datastore import Datastore
+    from retromem.errors import ArtifactCorruptError
+
+    monkeypatch.setattr(store, "FULL_CHECK_DOCS", 1)
+    monkeypatch.setattr(store, "FULL_CHECK_CHUNKS", 1)
+    monkeypatch.setattr(store, "SAMPLE_ROWS", 2)
+    copy = tmp_path / "ds"
+    shutil.copytree(fast_artifacts["datastore"], copy)
+    assert Datastore.open(copy).chunk_texts([0]) == Datastore.open(fast_artifacts["datastore"]).chunk_texts([0])
+    arr = np.load(copy / "arrays" / "doc_byte_offsets.npy", mmap_mode="r+")
+    arr[-1] += 1
+    arr.flush()
+    del arr
+    with pytest.raises(ArtifactCorruptError, match="doc_byte_offsets.npy: offsets are not monotone"):
+        Datastore.open(copy)
