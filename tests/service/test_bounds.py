@@ -247,6 +247,34 @@ def test_idle_and_old_streams_are_ended(union, backend):
         running.stop(0)
 
 
+def test_reflection_and_health_watch_streams_are_bounded_too(union, backend):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+    running = start_server(ServerConfig(datastore=str(union.datastore), port=0, stream_idle_s=0.3, stream_max_s=1.0),
+                           Backend(backend.datastore, None, None))
+    gate = threading.Event()
+    try:
+        with grpc.insecure_channel(running.target) as ch:
+            def nothing():
+                gate.wait(30)
+                return
+                yield
+
+            with pytest.raises(grpc.RpcError) as e:  # a silent reflection stream: ended when idle
+                list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(nothing(), timeout=30))
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-idle" in e.value.details()
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:  # a health watch: ended at the streams' lifetime
+                list(watch)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+            assert wait_for(lambda: running.streams.open_streams == 0)
+    finally:
+        gate.set()
+        running.stop(0)
+
+
 def test_stop_cancels_a_silent_stream_when_the_grace_period_ends(union, backend):
     running = start_server(ServerConfig(datastore=str(union.datastore), dense=str(union.dense), port=0),
                            Backend(backend.datastore, backend.dense, None))
