@@ -395,6 +395,56 @@ class NgramIndex:
         """The chunks the hits fall in, each with its continuation, like a dense hit."""
         return fetch_payloads(self.datastore, [h.chunk_id for h in hits], **kw)
 
+    def continuations(self, prompt: Query, depth: int, max_occurrences: int | None = None) -> "Continuations":
+        """The token sequences (up to ``depth`` tokens, cut at the end of a document) that follow the
+        occurrences of ``prompt``, with how many of the read occurrences each follows: the drafts of
+        retrieval-based speculative decoding (REST), read straight from the suffix array.
+
+        At most ``max_occurrences`` occurrences (default and ceiling: ``max_support``) are read, at
+        even steps through the suffix-array range of all shards together; the range is sorted by
+        what follows, so the sample keeps every frequent continuation in proportion (``approx``
+        when sampled). ``sequences`` is ordered by count, most frequent first."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"`depth` must be a positive integer, got {depth!r}")
+        cap = self.limits.max_support if max_occurrences is None else max_occurrences
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= self.limits.max_support:
+            raise ConfigError(f"`max_occurrences` must be an integer in 1..max_support={self.limits.max_support}, "
+                              f"got {max_occurrences!r}")
+        ids = self.ids(prompt, "prompt")
+        segments = self._segments(ids)
+        total = sum(hi - lo for lo, hi in segments)
+        approx = total > cap
+        picks = np.arange(total, dtype=np.int64) if not approx else (np.arange(cap, dtype=np.int64) * total) // cap
+        sep = (1 << (8 * self.width)) - 1
+        seen: dict[tuple[int, ...], int] = {}
+        start = 0
+        for s, (lo, hi) in enumerate(segments):
+            mine = picks[(picks >= start) & (picks < start + hi - lo)] - start + lo
+            start += hi - lo
+            if len(mine) == 0:
+                continue
+            data = self._ds_maps[s]
+            for a in (self._ranks_to_ptrs(s, mine) + len(ids) * self.width).tolist():
+                raw = data[a:min(a + depth * self.width, len(data))]
+                toks = np.frombuffer(raw[:len(raw) - len(raw) % self.width], dtype=self._dtype).tolist()
+                if sep in toks:  # the document ends: its continuation stops there
+                    toks = toks[:toks.index(sep)]
+                if toks:
+                    seen[tuple(toks)] = seen.get(tuple(toks), 0) + 1
+        ranked = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
+        return Continuations(total, len(picks), tuple(ranked), approx)
+
+
+@dataclass(frozen=True)
+class Continuations:
+    """What follows an n-gram: ``sequences`` holds (tokens, occurrences followed by them) among the
+    ``read`` occurrences of the ``count`` there are (``approx`` when ``read < count``)."""
+
+    count: int
+    read: int
+    sequences: tuple[tuple[tuple[int, ...], int], ...]
+    approx: bool
+
 
 def open_ngram_index(path: str | Path, datastore=None, limits: QueryLimits | None = None, *,
                      verify: bool = True) -> NgramIndex:
@@ -402,4 +452,4 @@ def open_ngram_index(path: str | Path, datastore=None, limits: QueryLimits | Non
 
 
 
-__all__ = ["NgramIndex", "NgramQueryError", "Query", "QueryLimits", "open_ngram_index"]
+__all__ = ["Continuations", "NgramIndex", "NgramQueryError", "Query", "QueryLimits", "open_ngram_index"]
