@@ -42,7 +42,7 @@ WORK = "_work"
 # the manifest of each artifact kind, the file written last
 MANIFESTS = {"datastore": "manifest.json", "embeddings": "embeddings.json", "dense-index": "index.json",
              "ngram-index": "ngram_index.json", "fm-index": "fm_index.json", "neighbours": "neighbours.json",
-             "lexical-index": "lexical_index.json"}
+             "lexical-index": "lexical_index.json", "model": "checksums.json"}
 
 
 def _threads(n_files: int) -> int:
@@ -200,6 +200,36 @@ def load_npy(path: str | Path, *, shape: Sequence[int] | None = None, dtype: Any
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
+# -- saved models --------------------------------------------------------------------------------
+
+
+def seal_model_dir(root: str | Path) -> Path:
+    """Record the size and checksum of every file of a saved model directory (weights, configs,
+    tokenizer) in ``checksums.json``, written last; a model directory is then an artifact of kind
+    ``model`` that ``retromem index verify`` checks like any other."""
+    from retromem.datastore.atomic import write_json
+
+    root = Path(root)
+    name = MANIFESTS["model"]
+    write_json(root / name, {"kind": "model", SECTION: record_files(root, exclude=[name])})
+    return root / name
+
+
+def check_model_dir(root: str | Path) -> None:
+    """Before a saved model is loaded: every recorded file present, of its size and checksum (the
+    weights are read whole by the load anyway; a flipped weight would otherwise load silently).
+    ArtifactCorruptError naming the first damaged file; nothing for a directory saved without
+    ``checksums.json`` (an older save, a Hugging Face download)."""
+    root = Path(root)
+    path = root / MANIFESTS["model"]
+    if not path.is_file():
+        return
+    problems = verify_files(root, read_manifest(path))
+    if problems:
+        rel, what = problems[0]
+        raise ArtifactCorruptError(root / rel, f"{what}; the saved model is damaged: restore it or train again")
+
+
 # -- verifying a whole artifact -------------------------------------------------------------------
 
 
@@ -262,5 +292,5 @@ def verify_artifact(path: str | Path, kind: str | None = None) -> VerifyReport:
 
 
 __all__ = ["ALGORITHM", "MANIFESTS", "SECTION", "VerifyReport", "artifact_files", "artifact_kind", "check_size",
-           "check_sizes", "load_npy", "npy_header", "read_manifest", "record_files", "recorded_files", "verify_artifact",
+           "check_model_dir", "check_sizes", "load_npy", "seal_model_dir", "npy_header", "read_manifest", "record_files", "recorded_files", "verify_artifact",
            "verify_files"]

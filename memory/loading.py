@@ -21,12 +21,14 @@ def load_memory_model(model_path: str, module: Literal["infini", "autocompressor
                       segment_length: int = 2048) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer): a saved memory model as it was trained, or the causal LM at ``model_path``
     (built-in name, local directory or hub id) wrapped in ``module`` with segments of ``segment_length``."""
+    from retromem.datastore.integrity import check_model_dir
     from retromem.datastore.tokenizer import load_hf_tokenizer
     from retromem.memory.autocompressor import AutoCompressorConfig, AutoCompressorLM
     from retromem.memory.infini_attention import InfiniAttentionConfig, InfiniAttentionLM
     from retromem.models import load_causal_lm
 
     if is_saved_memory_model(model_path):
+        check_model_dir(model_path)
         kind = json.loads((Path(model_path) / MEMORY_CONFIG_FILE).read_text()).get("kind")
         wrappers = {cls.kind: cls for cls in (InfiniAttentionLM, AutoCompressorLM)}
         if kind not in wrappers:

@@ -382,9 +382,12 @@ def make_trainer(cfg: MemoryTrainConfig, model: torch.nn.Module, tokenizer: Any,
 
 def save_memory_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> Path:
     """The wrapper's own format (``model.safetensors`` + configs) and the tokenizer: checkpoints and the final model."""
+    from retromem.datastore.integrity import seal_model_dir
+
     model.save_pretrained(target)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
+    seal_model_dir(target)
     return target
 
 

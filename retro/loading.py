@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from retromem.datastore.integrity import check_model_dir, seal_model_dir
 from retromem.errors import ConfigError
 
 BASE_FILE = "retro_base.json"  # which base model a directory of RETROfit weights belongs to
@@ -32,6 +33,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: str | Path, base: st
         model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+    seal_model_dir(out)
     return out
 
 
@@ -43,6 +45,7 @@ def load_retro_model(path: str | Path, base_model: str | None = None) -> tuple[t
     from retromem.models import load_causal_lm
 
     p = Path(path)
+    check_model_dir(p)
     if (p / WEIGHTS_FILE).is_file() and (p / CONFIG_FILE).is_file():
         base_name = base_model or recorded_base_model(p)
         if base_name is None:
