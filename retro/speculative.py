@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from retromem.config import positive_int
+from retromem.config import number, positive_int
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,14 @@ class RestConfig:
     max_occurrences: int = 256  # occurrences of the suffix read (sampled evenly over the suffix array)
     depth: int = 8  # tokens of continuation read per occurrence: the tree's maximum depth
     max_nodes: int = 32  # draft tokens verified per forward pass (plus the model's own next token)
+    # drop draft nodes followed by fewer than this share of the occurrences read (0: REST as published).
+    # On a CPU a tree pass costs more with every token, so rarely-right nodes cost more than they win
+    min_share: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("max_suffix", "min_suffix", "max_occurrences", "depth", "max_nodes"):
             positive_int(getattr(self, f), f"rest.{f}", flag="--" + f.replace("_", "-"))
+        number(self.min_share, "rest.min_share", ge=0.0, lt=1.0, flag="--min-share")
         if self.min_suffix > self.max_suffix:
             raise ConfigError(f"`rest.min_suffix` (--min-suffix) must be at most `rest.max_suffix` (--max-suffix) "
                               f"= {self.max_suffix}, got {self.min_suffix}")
@@ -117,11 +122,13 @@ class DraftTree:
         return out
 
 
-def build_draft_tree(root: int, sequences: Sequence[tuple[Sequence[int], int]], max_nodes: int) -> DraftTree:
+def build_draft_tree(root: int, sequences: Sequence[tuple[Sequence[int], int]], max_nodes: int,
+                     min_count: int = 1) -> DraftTree:
     """The ``max_nodes`` most frequent nodes of the trie of ``sequences`` ((tokens, count) pairs),
-    under ``root``. A node's count is the total of the sequences through it, never more than its
-    parent's, so taking nodes best first from a frontier that starts at the root's children gives a
-    prefix-closed tree (ties: shallower, then earlier-inserted first)."""
+    under ``root``, leaving out nodes with a count below ``min_count``. A node's count is the total
+    of the sequences through it, never more than its parent's, so taking nodes best first from a
+    frontier that starts at the root's children gives a prefix-closed tree (ties: shallower, then
+    earlier-inserted first)."""
     trie: list[dict[int, int]] = [{}]  # node -> {token: child}
     count: list[int] = [0]
     tok: list[int] = [root]
@@ -140,7 +147,9 @@ def build_draft_tree(root: int, sequences: Sequence[tuple[Sequence[int], int]], 
     heap = [(-count[ch], 1, ch, 0) for ch in trie[0].values()]  # (-count, depth, trie node, tree parent)
     heapq.heapify(heap)
     while heap and len(tokens) <= max_nodes:
-        _, d, n, parent = heapq.heappop(heap)
+        c, d, n, parent = heapq.heappop(heap)
+        if -c < min_count:
+            break  # the frontier is best first: everything left is rarer
         me = len(tokens)
         tokens.append(tok[n])
         parents.append(parent)
@@ -230,7 +239,8 @@ class RestDrafter:
         while n >= cfg.min_suffix:
             cont = self.index.continuations(list(context[len(context) - n:]), cfg.depth, cfg.max_occurrences)
             if cont.sequences:
-                return build_draft_tree(int(context[-1]), cont.sequences, cfg.max_nodes), n
+                min_count = max(1, math.ceil(cfg.min_share * cont.read))
+                return build_draft_tree(int(context[-1]), cont.sequences, cfg.max_nodes, min_count), n
             n -= 1
         return DraftTree((int(context[-1]),), (-1,), (0,)), 0
 

@@ -13,7 +13,7 @@ Command names follow one scheme, ``retromem <area> [<kind>] <verb>``:
     retromem index fm build|query
     retromem index lexical build|search
     retromem serve | retromem query <rpc>
-    retromem retro neighbours|train|eval|generate
+    retromem retro neighbours|train|eval|generate|speculate
     retromem ralm eval|qa
     retromem memory train|eval|compress
     retromem plan | retromem demo
@@ -31,7 +31,7 @@ import copy
 import click
 
 from retromem import __version__
-from retromem.cli import datastore, dense, lexical, memory, ngram, plan, ralm, retro, service
+from retromem.cli import datastore, dense, lexical, memory, ngram, plan, ralm, retro, service, speculate
 from retromem.cli.demo import demo
 from retromem.logging import setup_logging
 
@@ -68,6 +68,8 @@ for _old, _group, _verb in (("embed", dense.group, "embed"), ("build-dense", den
                             ("ngram-query", ngram.group, "query"), ("build-fm", ngram.fm_group, "build"),
                             ("fm-query", ngram.fm_group, "query")):
     _alias(index, _old, _group.commands[_verb])
+
+retro.group.add_command(speculate.speculate)
 
 _old_ngram = click.Group("ngram", hidden=True, help="Old spelling of `retromem index ngram`.")
 _alias(_old_ngram, "score", ngram.group.commands["score"])

@@ -268,3 +268,35 @@ def test_refusals(model, tok, idx):
     other.add_tokens(["<not-in-the-datastore>"])
     with pytest.raises(ConfigError, match="tokenizer differs"):
         generate_rest(model, other, idx, [1, 2, 3], 4)
+
+
+def test_min_share_drops_rare_nodes():
+    seqs = [((1, 2, 3), 5), ((1, 2, 4), 3), ((7, 8), 2), ((1, 9), 1)]
+    assert build_draft_tree(0, seqs, max_nodes=100, min_count=3).tokens == (0, 1, 2, 3, 4)
+    assert build_draft_tree(0, seqs, max_nodes=100, min_count=10) == DraftTree((0,), (-1,), (0,))
+    with pytest.raises(ConfigError, match="min_share"):
+        RestConfig(min_share=1.0)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def test_cli_speculate(idx, tmp_path, streams, tok):
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+    from retromem.cli.speculate import DEFAULTS
+    from tests.retro.conftest import tiny_llama_dir
+
+    assert {k: getattr(RestConfig(), k) for k in DEFAULTS} == DEFAULTS  # the help shows the real defaults
+    model_dir = tiny_llama_dir(tmp_path / "tiny")
+    prompt = tok.decode(streams[0][:12].tolist())
+    args = ["retro", "speculate", prompt, "--ngram-index", str(idx.path), "--model", str(model_dir),
+            "--max-new-tokens", "8", "--threads", "1"]
+    r = CliRunner().invoke(main, args + ["--compare-greedy", "--max-nodes", "4"])
+    assert r.exit_code == 0, r.output
+    assert "mean accepted length" in r.output and "identical output: yes" in r.output
+    r = CliRunner().invoke(main, args + ["--sample"])
+    assert r.exit_code == 2 and "error: `do_sample`" in r.output
+    r = CliRunner().invoke(main, args + ["--min-suffix", "20"])
+    assert r.exit_code == 2 and "--min-suffix" in r.output
