@@ -24,6 +24,9 @@ from retromem.index.dense_faiss import INDEX_FORMAT, read_index, search_paramete
 from retromem.index.embed import Embedder
 from retromem.index.types import SearchResult, fetch_payloads
 
+# nprobe / efSearch above this buy no recall and cost memory (efSearch about 8 bytes per unit), and
+# FAISS's C++ int would overflow at 2^31: a caller's mistake, refused before FAISS sees it
+MAX_SEARCH_PARAM = 1 << 20
 MAX_K = 4096  # the most hits one query may ask for
 
 
@@ -218,8 +221,8 @@ class DenseIndex:
         x = self._queries(queries)
         k = self.check_k(k)
         for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
-            if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
-                raise QueryError(f"{name} must be a positive integer, got {v!r}")
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 < v <= MAX_SEARCH_PARAM):
+                raise QueryError(f"{name} must be an integer in 1..{MAX_SEARCH_PARAM}, got {v!r}")
         want = _fetch_flags(fetch)
         excl = self._exclusions(exclude_doc_ids, len(x))
         if excl is None:

@@ -303,6 +303,9 @@ def test_bad_queries_get_clear_errors(flat_index):
         flat_index.search(good, 5, exclude_doc_ids=[[999999]])
     with pytest.raises(QueryError, match="nprobe"):
         flat_index.search(good, 5, nprobe=0)
+    for huge in (2**31, 10**8):  # refused before FAISS (2^31 was a SWIG OverflowError, 1e8 gigabytes of memory)
+        with pytest.raises(QueryError, match=r"ef_search must be an integer in 1\.\.1048576"):
+            flat_index.search(good, 5, ef_search=huge)
     assert flat_index.search(good, 5).chunk_ids.shape == (1, 5)  # still serving
 
 
