@@ -69,7 +69,10 @@ def _kind_of(path: Path, legacy: Sequence[str], kind: str) -> str | None:
 
 
 def _contents(path: Path) -> list[str]:
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if p.name not in (LOCK, MARKER))
+    # the marker's atomic-write temporary too: a job between taking the lock and writing its marker
+    # (or killed there) leaves only that, and a second job must then meet the lock, not a refusal
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                  if p.name not in (LOCK, MARKER) and not p.name.startswith(f".{MARKER}.tmp-"))
 
 
 def _check_owned(path: Path, kind: str, legacy: Sequence[str], overwrite: bool) -> None:

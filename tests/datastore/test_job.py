@@ -108,6 +108,22 @@ def test_a_second_job_on_the_same_out_is_refused_at_once(tmp_path):
         pass
 
 
+def test_a_second_job_meets_the_lock_while_the_first_writes_its_marker(tmp_path):
+    """The first job holds the lock and is writing its kind marker (its temporary is there, the
+    marker not yet): the second is refused for the lock, not for a directory that holds no artifact
+    (found by benchmarks/reliability.py, which paused the first job at that moment)."""
+    out = tmp_path / "ds"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (out / MARKER).rename(out / f".{MARKER}.tmp-{holder.pid}")  # as the moment before its rename
+        with pytest.raises(JobLockedError, match="another retromem job is writing"):
+            open_job(out, "datastore")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_a_second_build_on_the_same_out_is_one_error_line_and_leaves_nothing(tmp_path):
     """The issue's case: a second `datastore build` on an --out being written fails with a traceback
