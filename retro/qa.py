@@ -397,10 +397,11 @@ def plot_qa(report: dict[str, Any], path: str | Path, *, title: str | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("answer accuracy", report["settings"])]
+    n_lm = next(iter(report["settings"].values()))["n"]
+    panels = [(f"answer accuracy ({n_lm} questions)", report["settings"])]
     rec = report.get("recall")
     if rec:
-        panels.append(("recall of the answer entry",
+        panels.append((f"recall of the answer entry ({rec['questions']} questions)",
                        {f"{n} @{k}": v[f"recall@{k}"] for n, v in rec["retrievers"].items() for k in rec["recall_at"]}))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (name, rows) in zip(axes[0], panels):
@@ -409,10 +410,10 @@ def plot_qa(report: dict[str, Any], path: str | Path, *, title: str | None = Non
         err = [rate - np.array([rows[s]["low"] for s in labels]), np.array([rows[s]["high"] for s in labels]) - rate]
         ax.bar(range(len(labels)), rate, yerr=err, capsize=3, color=[f"C{i}" for i in range(len(labels))])
         ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.12)
         ax.set_title(name, fontsize=9)
-        for i, v in enumerate(rate):
-            ax.text(i, min(v + 0.03, 0.95), f"{v:.2f}", ha="center", fontsize=8)
+        for i, v in enumerate(rate):  # above the interval's upper end
+            ax.text(i, v + err[1][i] + 0.02, f"{v:.2f}", ha="center", fontsize=8)
     fig.suptitle(title or f"{report.get('questions', '?')} questions", fontsize=10)
     fig.tight_layout()
     path = Path(path)
