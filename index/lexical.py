@@ -19,8 +19,9 @@ reachable vector), so a query of stop words only has no hits.
 The build is a batch job (:func:`retromem.datastore.job.open_job`, kind ``lexical-index``): locked,
 refusing a directory that is not a lexical index, and atomic rather than resumable in parts (BM25's
 statistics are global and the whole build is one pass over the text): the bm25s files are written
-into ``_work/`` and moved into place, then ``lexical_index.json`` is written last, binding the index
-to its datastore (id, path, the manifest's checksum). A re-run over a finished index returns it; one
+into ``_work/`` and moved into place, then ``lexical_index.json`` is written last (with every file's
+size and checksum, :meth:`retromem.datastore.job.Job.seal`, so ``retromem index verify`` checks it),
+binding the index to its datastore (id, path, the manifest's checksum). A re-run over a finished index returns it; one
 over an index of another datastore, or with other settings, is refused.
 """
 
@@ -37,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from retromem.config import number, one_of, positive_int
-from retromem.datastore.atomic import read_json, sha256_file, write_json
+from retromem.datastore.atomic import read_json, sha256_file
 from retromem.datastore.job import open_job
 from retromem.errors import DatastoreError, IndexFormatError, QueryError
 from retromem.index.dense import _fetch_flags  # the same fetch= as dense search
@@ -144,7 +145,7 @@ def build_lexical_index(datastore_path: str | Path, out: str | Path, config: Lex
                        "vocabulary": len(retriever.vocab_dict)},
             "files": {f"{BM25_DIR}/{k}": v for k, v in files.items()},
         }
-        write_json(job.path / MANIFEST_NAME, manifest)  # last: it says "complete"
+        manifest = job.seal(MANIFEST_NAME, manifest)  # last, with every file's size and checksum
         job.clear_work()
         logger.info("bm25 index of %d chunks (%d terms) in %.1fs", ds.num_chunks, n_terms, time.perf_counter() - t0)
         return LexicalBuildResult(job.path, manifest, False, time.perf_counter() - t0)

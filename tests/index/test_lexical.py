@@ -123,8 +123,16 @@ def test_rerun_returns_the_finished_index_and_other_datastores_are_refused(ds, o
 def test_a_truncated_index_file_is_refused(ds, tmp_path):
     out = tmp_path / "bm25"
     build_lexical_index(ds.path, out, progress=False)
+    from retromem.cli import main
+
+    assert CliRunner().invoke(main, ["index", "verify", str(out)]).exit_code == 0
     victim = next(p for p in (out / "bm25").iterdir() if p.suffix == ".npy")
-    victim.write_bytes(victim.read_bytes()[:-8])
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the recorded checksum finds it
+    victim.write_bytes(bytes(data))
+    r = CliRunner().invoke(main, ["index", "verify", str(out)])
+    assert r.exit_code != 0 and victim.name in r.output
+    victim.write_bytes(bytes(data[:-8]))
     with pytest.raises(IndexFormatError, match="truncated or replaced"):
         LexicalIndex.open(out, datastore=ds)
 
