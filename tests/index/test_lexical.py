@@ -40,9 +40,11 @@ def ds(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def other_ds(tmp_path_factory):
-    return _store(tmp_path_factory.mktemp("lex-other"),
-                  [{"id": r["id"], "text": r["text"][:800]} for r in demo_records()[8:11]])
+def other_ds(built):
+    """Another datastore: the session's shared one (tests/conftest.py), built once for every index test."""
+    from retromem.datastore import Datastore
+
+    return Datastore.open(built[1].out)
 
 
 @pytest.fixture(scope="module")
