@@ -505,6 +505,18 @@ def _unary_burst(srv, n: int = 48) -> list[Case]:
                  f"{h[0]} in {hs:.2f} s", hs)]
 
 
+def _ntotal(srv) -> int:
+    """Vectors in the served index: the largest k a Search may ask of this store."""
+    from service_bounds import _stub
+
+    from retromem.service.v1 import retrieval_pb2 as pb
+
+    ch, stub = _stub(srv.target)
+    n = stub.Info(pb.InfoRequest(), timeout=30).dense.ntotal
+    ch.close()
+    return min(1000, n)
+
+
 def family_overload(ref: Path) -> list[Case]:
     import service_bounds as sb
 
@@ -525,9 +537,8 @@ def family_overload(ref: Path) -> list[Case]:
             out.append(Case("overload", r["case"], "survived" if r["status"] == want else
                             "crash" if r["status"] in ("INTERNAL", "UNKNOWN", "UNAVAILABLE") else "unclear",
                             f"{r['status']} in {r['seconds']} s, peak {r.get('peak_mb', '-')} MB", r["seconds"]))
-        for r in sb.case_fetch_everything(srv):
-            # k=1000: refused for its answer's size, or, on a store of fewer chunks, for k itself
-            want = ("OK",) if r["case"].startswith("then") else ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE")
+        for r in sb.case_fetch_everything(srv, k=_ntotal(srv)):
+            want = ("OK",) if r["case"].startswith("then") else ("RESOURCE_EXHAUSTED",)
             out.append(Case("overload", r["case"], "survived" if r["status"] in want and r["seconds"] < 10 else
                             "crash" if r["status"] in ("INTERNAL", "UNKNOWN", "UNAVAILABLE") else "unclear",
                             f"{r['status']} in {r['seconds']} s, peak {r.get('peak_mb', '-')} MB", r["seconds"]))
@@ -543,10 +554,10 @@ def family_sigterm(ref: Path) -> list[Case]:
 
     out = []
     grace = 5.0  # service_bounds.Server passes --grace 5
-    for case in (sb.case_sigterm, sb.case_sigterm_busy):
+    for busy in (False, True):
         srv = _server(ref, [])
         try:
-            for r in case(srv):
+            for r in (sb.case_sigterm_busy(srv, k=_ntotal(srv)) if busy else sb.case_sigterm(srv)):
                 m = re.match(r"exit (-?\d+)", r["status"])
                 rc = int(m.group(1)) if m else None
                 if rc is None or rc < 0:
@@ -665,7 +676,7 @@ def family_disk(work: Path) -> list[Case]:
     return out
 
 
-def family_writers(work: Path, timings: dict[str, float]) -> list[Case]:
+def family_writers(work: Path) -> list[Case]:
     """The first job paused (SIGSTOP) as it takes its lock, and (a second case) half-way through
     its work; a second job on the same output must be refused; the first, resumed, must finish
     equal to the reference."""
@@ -676,14 +687,13 @@ def family_writers(work: Path, timings: dict[str, float]) -> list[Case]:
         t0 = time.perf_counter()
         first = subprocess.Popen(cmd(dest), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
                                  start_new_session=True)
-        locked = _wait_for_lock(first, dest)
-        if when == "half-way":
-            try:
-                first.wait(max(0.2, (timings[job] - locked) / 2))
-            except subprocess.TimeoutExpired:
-                pass
+        _wait_for_lock(first, dest)
+        if when == "half-way":  # once its output holds half the reference's files
+            half = sum(1 for p in (work / "ref" / JOB_DIRS[job]).rglob("*") if p.is_file()) // 2
+            while first.poll() is None and sum(1 for p in dest.rglob("*") if p.is_file()) < half:
+                time.sleep(0.002)
         if first.poll() is not None:
-            out.append(Case("writers", f"{job}, the first paused {when}", "unclear", f"the first job ended (exit {first.returncode}) before taking its lock"))
+            out.append(Case("writers", f"{job}, the first paused {when}", "unclear", f"the first job ended (exit {first.returncode}) before it could be paused"))
             continue
         os.killpg(first.pid, signal.SIGSTOP)
         second = _run_to_end(cmd(dest))
@@ -774,7 +784,7 @@ def main() -> None:
            "overload": lambda: family_overload(ref), "sigterm": lambda: family_sigterm(ref),
            "kill": lambda: family_kill(args.work, timings, points, args.seed),
            "corruption": lambda: family_corruption(args.work, False), "disk": lambda: family_disk(args.work),
-           "writers": lambda: family_writers(args.work, timings)}
+           "writers": lambda: family_writers(args.work)}
     cases: list[Case] = []
     seconds = {}
     for fam in args.families.split(","):

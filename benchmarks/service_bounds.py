@@ -153,18 +153,19 @@ def case_ef_search(srv: Server) -> list[dict]:
     return out
 
 
-def case_fetch_everything(srv: Server) -> list[dict]:
+def case_fetch_everything(srv: Server, k: int = 1000) -> list[dict]:
+    """``k``: below 1000 for a store of fewer chunks (benchmarks/reliability.py)."""
     from retromem.service.v1 import retrieval_pb2 as pb
 
     ch, stub = _stub(srv.target)
-    req = _search(_vectors(1024, 384, seed=1), 1000, fetch=pb.Fetch(text=True, tokens=True, continuation=True))
+    req = _search(_vectors(1024, 384, seed=1), k, fetch=pb.Fetch(text=True, tokens=True, continuation=True))
     before = _mem(srv.proc.pid)["VmRSS"]
     _reset_peak(srv.proc.pid)
     code, s, msg = _call(lambda: stub.Search(req, timeout=600))
     m = _mem(srv.proc.pid)
     ok = _call(lambda: stub.Search(_search(_vectors(1, 384), 10), timeout=30))
     ch.close()
-    return [{"case": f"Search 1024 x k=1000, fetch all ({req.ByteSize() / 1e6:.1f} MB request)", "status": code,
+    return [{"case": f"Search 1024 x k={k}, fetch all ({req.ByteSize() / 1e6:.1f} MB request)", "status": code,
              "seconds": round(s, 3), "rss_before_mb": before >> 20, "peak_mb": m["VmHWM"] >> 20, "message": msg},
             {"case": "then a plain Search", "status": ok[0], "seconds": round(ok[1], 3)}]
 
@@ -258,13 +259,13 @@ def case_sigterm(srv: Server) -> list[dict]:
              "still running after 60 s", "seconds": round(s, 2)}]
 
 
-def case_sigterm_busy(srv: Server) -> list[dict]:
+def case_sigterm_busy(srv: Server, k: int = 1000) -> list[dict]:
     """SIGTERM while the server is deep in a long call: the fetch-everything request over
-    SearchStream (which takes minutes here), 3 s after it started."""
+    SearchStream (which takes minutes here), 3 s after it started. ``k``: as in case_fetch_everything."""
     from retromem.service.v1 import retrieval_pb2 as pb
 
     ch, stub = _stub(srv.target)
-    req = _search(_vectors(1024, 384, seed=1), 1000, fetch=pb.Fetch(text=True, tokens=True, continuation=True))
+    req = _search(_vectors(1024, 384, seed=1), k, fetch=pb.Fetch(text=True, tokens=True, continuation=True))
     ended: dict = {}
 
     def run() -> None:
