@@ -595,6 +595,11 @@ def _rerun_case(family: str, name: str, cmd: list[str], out: Path, ref: Path, t0
                 time.perf_counter() - t0)
 
 
+def _files(path: Path) -> int:
+    """Files under ``path`` now (a job renames and deletes as it goes: what vanishes is skipped)."""
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
 def _wait_for_lock(proc: subprocess.Popen, dest: Path) -> float:
     """Seconds until the job took the lock of its output (or ended)."""
     from retromem.datastore.job import LOCK
@@ -624,7 +629,7 @@ def family_kill(work: Path, timings: dict[str, float], points: int, seed: int) -
             files = 0
             while proc.poll() is None and files < j:
                 time.sleep(0.002)
-                files = sum(1 for p in dest.rglob("*") if p.is_file()) if dest.exists() else 0
+                files = _files(dest)
             at = time.perf_counter() - t0
             if proc.poll() is not None:
                 note = f"finished before its {j}th file"
@@ -690,7 +695,7 @@ def family_writers(work: Path) -> list[Case]:
         _wait_for_lock(first, dest)
         if when == "half-way":  # once its output holds half the reference's files
             half = sum(1 for p in (work / "ref" / JOB_DIRS[job]).rglob("*") if p.is_file()) // 2
-            while first.poll() is None and sum(1 for p in dest.rglob("*") if p.is_file()) < half:
+            while first.poll() is None and _files(dest) < half:
                 time.sleep(0.002)
         if first.poll() is not None:
             out.append(Case("writers", f"{job}, the first paused {when}", "unclear", f"the first job ended (exit {first.returncode}) before it could be paused"))
