@@ -199,8 +199,12 @@ def evaluation(work: Path, ds, nb: list[str], final: dict[str, Path], args: argp
         ecfg = RetroEvalConfig(out=str(work / f"eval-{name}-{step}"), seq_chunks=args.seq_chunks,
                                max_sequences=args.max_sequences, overlap_ngram=8)
         t0 = time.perf_counter()
-        s = evaluate(model, ds, table, ecfg, control=control if name == "retrieved" else None, progress=False,
-                     title=f"linux-docs: small RETRO [{name}], {step} steps")
+        done = Path(ecfg.out) / "results.json"
+        if done.is_file():  # scored already (resumable): print it again
+            s = json.loads(done.read_text())
+        else:
+            s = evaluate(model, ds, table, ecfg, control=control if name == "retrieved" else None, progress=False,
+                         title=f"linux-docs: small RETRO [{name}], {step} steps")
         print(f"evaluation  [{name}] {s['sequences']} sequences of {s['sequence_tokens']} tokens from "
               f"{s['held_out_documents']} held-out documents, {time.perf_counter() - t0:.0f}s; mean 8-gram overlap "
               f"retrieved {s['random_neighbours']['mean_overlap_retrieved']:.3f}, "
@@ -217,6 +221,34 @@ def evaluation(work: Path, ds, nb: list[str], final: dict[str, Path], args: argp
         print(f"  results   {ecfg.out}/results.json", flush=True)
         if name == "retrieved" and args.plot:
             shutil.copyfile(s["plot"], REPO / args.plot)
+    if len(final) > 2:
+        compare_variants(work, final, args)
+
+
+def chunk_token_nll(path: Path) -> tuple:
+    """(per-token NLL with retrieved neighbours, document of each token, chunk ids) from an evaluation's
+    chunks.jsonl (each chunk's mean NLL spread over its tokens)."""
+    import numpy as np
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tokens = np.array([r["tokens"] for r in rows])
+    nll = np.repeat(np.array([r["nll_retro"] for r in rows]) / tokens, tokens)
+    return nll, np.repeat(np.array([r["doc_id"] for r in rows]), tokens), [r["chunk_id"] for r in rows]
+
+
+def compare_variants(work: Path, final: dict[str, Path], args: argparse.Namespace) -> None:
+    """The ablation: each --variant against the main model, both reading retrieved neighbours, on the same tokens."""
+    from retromem.stats import paired_bootstrap
+
+    step = args.eval_step or args.steps
+    main_nll, groups, main_chunks = chunk_token_nll(work / f"eval-retrieved-{step}" / "chunks.jsonl")
+    print("ablation    variant - main model (paper's CCA), both with retrieved neighbours, nats/token, 95% over "
+          "documents:")
+    for name in [n for n in final if n not in ("retrieved", "random")]:
+        nll, g, chunks = chunk_token_nll(work / f"eval-{name}-{step}" / "chunks.jsonl")
+        assert chunks == main_chunks and (g == groups).all()  # the same tokens
+        r = paired_bootstrap(nll, main_nll, groups=groups, n=1000, seed=0, level=0.95)
+        print(f"  {name:<22} {r.mean:+.4f} [{r.low:+.4f}, {r.high:+.4f}]", flush=True)
 
 
 def main() -> None:
