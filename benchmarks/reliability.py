@@ -632,11 +632,11 @@ def family_kill(work: Path, timings: dict[str, float], points: int, seed: int) -
                 files = _files(dest)
             at = time.perf_counter() - t0
             if proc.poll() is not None:
-                note = f"finished before its {j}th file"
+                note = f"finished before its output held {j} files"
             else:
                 os.killpg(proc.pid, signal.SIGKILL)  # the job and any worker processes
                 proc.wait()
-                note = f"killed at its {j}th file of {n_files}, {at:.1f} s (the reference took {T:.1f} s)"
+                note = f"killed with {j} files of {n_files} in its output, at {at:.1f} s (the reference took {T:.1f} s)"
                 if recorded(dest) is not None:  # a killed job must not leave a finished-looking artifact...
                     diff = same_as_reference(dest, ref)
                     if diff:  # ...unless it really had finished
