@@ -82,6 +82,74 @@ class TokenAuth(grpc.ServerInterceptor):
         return _rewrap(handler, deny)
 
 
+class _Malformed:
+    """What a request's bytes became when they do not parse as its message type."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """Request bytes that do not parse as the method's message get INVALID_ARGUMENT naming the method
+    and the message type, instead of gRPC's own INTERNAL "Exception deserializing request!" (which
+    says the server failed, when the client sent garbage). The deserializer turns a parse failure
+    into a marker; the handler aborts on it. Innermost in the chain, so authentication still comes
+    first and the metrics count the refusal."""
+
+    def intercept_service(self, continuation, details):
+        h = continuation(details)
+        if h is None or h.request_deserializer is None:
+            return h
+        parse = h.request_deserializer
+        what = getattr(getattr(parse, "__self__", None), "__name__", None) or "its request message"
+        method = details.method
+
+        def safe(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001  (any parse failure is the client's)
+                return _Malformed(f"{type(exc).__name__}: {exc}")
+
+        def refuse(context, bad: _Malformed) -> None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{method}: the request's bytes are not a valid {what} ({bad.why}); "
+                          "send a serialized request message of the method's type")
+
+        def checked(it, context):
+            for item in it:
+                if isinstance(item, _Malformed):
+                    refuse(context, item)
+                yield item
+
+        def wrap(fn: Callable, streaming_response: bool) -> Callable:
+            request_streaming = h.request_streaming
+
+            if streaming_response:
+                def run_stream(request, context):
+                    if request_streaming:
+                        request = checked(request, context)
+                    elif isinstance(request, _Malformed):
+                        refuse(context, request)
+                    yield from fn(request, context)
+
+                return run_stream
+
+            def run(request, context):
+                if request_streaming:
+                    request = checked(request, context)
+                elif isinstance(request, _Malformed):
+                    refuse(context, request)
+                return fn(request, context)
+
+            return run
+
+        wrapped = _rewrap(h, wrap)
+        ctor = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+        behaviour = wrapped.unary_unary or wrapped.unary_stream or wrapped.stream_unary or wrapped.stream_stream
+        return ctor[(h.request_streaming, h.response_streaming)](behaviour, safe, h.response_serializer)
+
+
 _END = object()  # the client closed its side of the stream
 
 

@@ -25,7 +25,7 @@ import grpc
 from retromem.errors import ConfigError
 from retromem.service.common import SERVICE_NAME
 from retromem.service.config import ServerConfig
-from retromem.service.interceptors import Metrics, MetricsInterceptor, StreamGuard, TokenAuth
+from retromem.service.interceptors import MalformedRequests, Metrics, MetricsInterceptor, StreamGuard, TokenAuth
 from retromem.service.router import RouterServicer
 from retromem.service.servicer import Backend, RetrievalServicer
 from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
@@ -111,7 +111,7 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
             servicer.b.dense.embedder  # load the model now: the first text query should not pay for it
     metrics_interceptor = MetricsInterceptor(metrics)
     streams = StreamGuard(cfg.max_streams, cfg.stream_idle_s, cfg.stream_max_s, metrics)
-    interceptors = [metrics_interceptor] + ([TokenAuth(cfg.token)] if cfg.token else []) + [streams]
+    interceptors = [metrics_interceptor] + ([TokenAuth(cfg.token)] if cfg.token else []) + [streams, MalformedRequests()]
     size = cfg.limits.max_message_bytes
     pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="retromem-rpc")
     server = grpc.server(pool,

@@ -472,3 +472,23 @@ def test_config_errors_name_the_flag():
         ServiceLimits(max_k=0)
     with pytest.raises(ConfigError, match="--shard"):
         ServerConfig(shards=("nohost",))
+
+
+# -- request bytes that do not parse (issue 15: gRPC answered INTERNAL) ------------------------
+
+
+@pytest.mark.parametrize("method, streaming", [("Search", False), ("GetChunks", False), ("Count", False),
+                                               ("SearchStream", True)])
+def test_unparseable_request_bytes_are_invalid_argument_and_the_server_keeps_serving(server, method, streaming):
+    garbage = b"\xff\xff\xff\xff\x0f\x00garbage"
+    with grpc.insecure_channel(server.target) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            if streaming:
+                list(ch.stream_stream(f"/retromem.v1.Retrieval/{method}")(iter([garbage]), timeout=10))
+            else:
+                ch.unary_unary(f"/retromem.v1.Retrieval/{method}")(garbage, timeout=10)
+        got, details = err.value.code(), err.value.details()
+        assert got == grpc.StatusCode.INVALID_ARGUMENT, (got, details)
+        assert method in details and "Request" in details and "not a valid" in details
+    with RetrievalClient(server.target) as c:
+        assert c.health() == "SERVING" and c.count(" the").count > 0
