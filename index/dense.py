@@ -19,10 +19,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files
-from retromem.errors import ArtifactCorruptError, DatastoreError, IndexFormatError, QueryError
+from retromem.errors import ArtifactCorruptError, IndexFormatError, QueryError
 from retromem.index.dense_faiss import INDEX_FORMAT, read_index, search_parameters, set_gpu_params, to_gpu, use_gpu
 from retromem.index.embed import Embedder
-from retromem.index.types import SearchResult, fetch_payloads
+from retromem.index.types import BoundToDatastore, SearchResult, fetch_payloads
 
 # nprobe / efSearch above this buy no recall and cost memory (efSearch about 8 bytes per unit), and
 # FAISS's C++ int would overflow at 2^31: a caller's mistake, refused before FAISS sees it
@@ -30,7 +30,7 @@ MAX_SEARCH_PARAM = 1 << 20
 MAX_K = 4096  # the most hits one query may ask for
 
 
-class DenseIndex:
+class DenseIndex(BoundToDatastore):
     """A built dense index, opened for search (see the module docstring)."""
 
     def __init__(self, path: str | Path, *, datastore=None, mmap: bool = False, gpu: bool | None = False,
@@ -109,30 +109,7 @@ class DenseIndex:
     def open(cls, path: str | Path, **kwargs) -> "DenseIndex":
         return cls(path, **kwargs)
 
-    # -- what it was built from ------------------------------------------------------------
-
-    @property
-    def datastore_id(self) -> str:
-        return self.meta["datastore_id"]
-
-    @property
-    def datastore(self):
-        """The datastore this index was built from (opened from the recorded path on first use)."""
-        if self._datastore is None:
-            from retromem.datastore import Datastore
-
-            try:
-                self.attach_datastore(Datastore.open(self.meta["datastore_path"]))
-            except DatastoreError as exc:
-                raise IndexFormatError(f"{self.path} was built from the datastore at {self.meta['datastore_path']}, "
-                                       f"which cannot be opened ({exc}); pass datastore= to DenseIndex.open") from exc
-        return self._datastore
-
-    def attach_datastore(self, ds) -> None:
-        if ds.datastore_id != self.datastore_id:
-            raise IndexFormatError(f"{self.path} was built from datastore {self.datastore_id[:16]}, "
-                                   f"not {ds.datastore_id[:16]} ({ds.path}): it will not serve another datastore")
-        self._datastore = ds
+    # -- what it was built from (datastore: BoundToDatastore) ----------------------------------
 
     @property
     def embedder(self) -> Embedder:

@@ -40,9 +40,9 @@ import numpy as np
 from retromem.config import number, one_of, positive_int
 from retromem.datastore.atomic import read_json, sha256_file
 from retromem.datastore.job import open_job
-from retromem.errors import DatastoreError, IndexFormatError, QueryError
+from retromem.errors import IndexFormatError, QueryError
 from retromem.index.dense import _fetch_flags  # the same fetch= as dense search
-from retromem.index.types import SearchResult, fetch_payloads
+from retromem.index.types import BoundToDatastore, SearchResult, fetch_payloads
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def build_lexical_index(datastore_path: str | Path, out: str | Path, config: Lex
 # search
 
 
-class LexicalIndex:
+class LexicalIndex(BoundToDatastore):
     """A built BM25 index, opened for search; refuses to serve another datastore than its own."""
 
     def __init__(self, path: str | Path, *, datastore=None) -> None:
@@ -193,28 +193,6 @@ class LexicalIndex:
     def open(cls, path: str | Path, **kwargs) -> "LexicalIndex":
         return cls(path, **kwargs)
 
-    @property
-    def datastore_id(self) -> str:
-        return self.meta["datastore_id"]
-
-    @property
-    def datastore(self):
-        """The datastore this index was built from (opened from the recorded path on first use)."""
-        if self._datastore is None:
-            from retromem.datastore import Datastore
-
-            try:
-                self.attach_datastore(Datastore.open(self.meta["datastore_path"]))
-            except DatastoreError as exc:
-                raise IndexFormatError(f"{self.path} was built from the datastore at {self.meta['datastore_path']}, "
-                                       f"which cannot be opened ({exc}); pass datastore= to LexicalIndex.open") from exc
-        return self._datastore
-
-    def attach_datastore(self, ds) -> None:
-        if ds.datastore_id != self.datastore_id:
-            raise IndexFormatError(f"{self.path} was built from datastore {self.datastore_id[:16]}, "
-                                   f"not {ds.datastore_id[:16]} ({ds.path}): it will not serve another datastore")
-        self._datastore = ds
 
     def check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):

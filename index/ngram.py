@@ -256,31 +256,41 @@ class NgramIndex:
         return self._next_tokens(self.ids(prompt, "prompt", allow_empty=True))
 
     def _next_tokens(self, ids: list[int], suffix_len: int | None = None) -> NextTokenDistribution:
+        cap = self.limits.max_support
+        total, _, follows = self._follows(ids, cap, 1)
+        seen: dict[int, int] = {}
+        for f in follows:
+            if f:  # () where the prompt ends a document: no next token there
+                seen[f[0]] = seen.get(f[0], 0) + 1
+        approx = total > cap
+        if approx:  # exact counts for the sampled tokens: the followers of one token are contiguous in the suffix array
+            seen = {t: sum(hi - lo for lo, hi in self._segments(ids + [t])) for t in seen}
+        return NextTokenDistribution(total, {t: TokenCount(c, c / total) for t, c in seen.items()}, approx, suffix_len)
+
+    def _follows(self, ids: list[int], cap: int, depth: int) -> tuple[int, int, list[tuple[int, ...]]]:
+        """(occurrences of ``ids``, occurrences read, the up-to-``depth`` tokens after each one read,
+        cut at the end of its document). All occurrences are read up to ``cap``; beyond it ``cap`` of
+        them at even steps through the suffix-array ranges of all shards together, which are sorted
+        by what follows, so the sample keeps every frequent continuation in proportion."""
         segments = self._segments(ids)
         total = sum(hi - lo for lo, hi in segments)
-        if total == 0:
-            return NextTokenDistribution(0, {}, False, suffix_len)
-        cap = self.limits.max_support
-        approx = total > cap
-        # the ranks to read: all of them, or `cap` at even steps over the ranges of all shards together
-        picks = np.arange(total, dtype=np.int64) if not approx else (np.arange(cap, dtype=np.int64) * total) // cap
-        sep = (1 << (8 * self.width)) - 1  # a document's separator: a prompt that ends a document has no next token
-        seen: dict[int, int] = {}
+        picks = np.arange(total, dtype=np.int64) if total <= cap else (np.arange(cap, dtype=np.int64) * total) // cap
+        sep = (1 << (8 * self.width)) - 1  # a document's separator: not a token
+        out: list[tuple[int, ...]] = []
         start = 0
         for s, (lo, hi) in enumerate(segments):
             mine = picks[(picks >= start) & (picks < start + hi - lo)] - start + lo
             start += hi - lo
             if len(mine) == 0:
                 continue
-            at = self._ranks_to_ptrs(s, mine) + len(ids) * self.width
             data = self._ds_maps[s]
-            for a in at.tolist():
-                t = int.from_bytes(data[a:a + self.width], "little") if a + self.width <= len(data) else sep
-                if t != sep:
-                    seen[t] = seen.get(t, 0) + 1
-        if approx:  # exact counts for the sampled tokens: the followers of one token are contiguous in the suffix array
-            seen = {t: sum(hi - lo for lo, hi in self._segments(ids + [t])) for t in seen}
-        return NextTokenDistribution(total, {t: TokenCount(c, c / total) for t, c in seen.items()}, approx, suffix_len)
+            for a in (self._ranks_to_ptrs(s, mine) + len(ids) * self.width).tolist():
+                raw = data[a:min(a + depth * self.width, len(data))]
+                toks = np.frombuffer(raw[:len(raw) - len(raw) % self.width], dtype=self._dtype).tolist()
+                if sep in toks:
+                    toks = toks[:toks.index(sep)]
+                out.append(tuple(toks))
+        return total, len(picks), out
 
     def infgram_prob(self, prompt: Query, next_token: int | str) -> InfgramProb:
         r = _check_engine(self.engine.infgram_prob(prompt_ids=self.ids(prompt, "prompt", allow_empty=True),
@@ -410,29 +420,13 @@ class NgramIndex:
         if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= self.limits.max_support:
             raise ConfigError(f"`max_occurrences` must be an integer in 1..max_support={self.limits.max_support}, "
                               f"got {max_occurrences!r}")
-        ids = self.ids(prompt, "prompt")
-        segments = self._segments(ids)
-        total = sum(hi - lo for lo, hi in segments)
-        approx = total > cap
-        picks = np.arange(total, dtype=np.int64) if not approx else (np.arange(cap, dtype=np.int64) * total) // cap
-        sep = (1 << (8 * self.width)) - 1
+        total, read, follows = self._follows(self.ids(prompt, "prompt"), cap, depth)
         seen: dict[tuple[int, ...], int] = {}
-        start = 0
-        for s, (lo, hi) in enumerate(segments):
-            mine = picks[(picks >= start) & (picks < start + hi - lo)] - start + lo
-            start += hi - lo
-            if len(mine) == 0:
-                continue
-            data = self._ds_maps[s]
-            for a in (self._ranks_to_ptrs(s, mine) + len(ids) * self.width).tolist():
-                raw = data[a:min(a + depth * self.width, len(data))]
-                toks = np.frombuffer(raw[:len(raw) - len(raw) % self.width], dtype=self._dtype).tolist()
-                if sep in toks:  # the document ends: its continuation stops there
-                    toks = toks[:toks.index(sep)]
-                if toks:
-                    seen[tuple(toks)] = seen.get(tuple(toks), 0) + 1
+        for toks in follows:
+            if toks:
+                seen[toks] = seen.get(toks, 0) + 1
         ranked = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
-        return Continuations(total, len(picks), tuple(ranked), approx)
+        return Continuations(total, read, tuple(ranked), total > cap)
 
 
 @dataclass(frozen=True)

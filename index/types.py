@@ -19,6 +19,44 @@ import numpy as np
 # chunks, shared by every index
 
 
+class BoundToDatastore:
+    """An index bound to the datastore it was built from: ``meta`` (its manifest) records
+    ``datastore_id`` and ``datastore_path``; the datastore opens from that path on first use, or is
+    attached (a moved one, or one already open), and any other datastore is refused. The index sets
+    ``path``, ``meta`` and ``_datastore`` (None until attached)."""
+
+    path: Path
+    meta: dict[str, Any]
+    _datastore: Any
+
+    @property
+    def datastore_id(self) -> str:
+        return self.meta["datastore_id"]
+
+    @property
+    def datastore(self):
+        """The datastore this index was built from (opened from the recorded path on first use)."""
+        if self._datastore is None:
+            from retromem.datastore import Datastore
+            from retromem.errors import DatastoreError, IndexFormatError
+
+            try:
+                self.attach_datastore(Datastore.open(self.meta["datastore_path"]))
+            except DatastoreError as exc:
+                raise IndexFormatError(f"{self.path} was built from the datastore at {self.meta['datastore_path']}, "
+                                       f"which cannot be opened ({exc}); pass datastore= to "
+                                       f"{type(self).__name__}.open") from exc
+        return self._datastore
+
+    def attach_datastore(self, ds) -> None:
+        from retromem.errors import IndexFormatError
+
+        if ds.datastore_id != self.datastore_id:
+            raise IndexFormatError(f"{self.path} was built from datastore {self.datastore_id[:16]}, "
+                                   f"not {ds.datastore_id[:16]} ({ds.path}): it will not serve another datastore")
+        self._datastore = ds
+
+
 @dataclass(frozen=True)
 class ChunkPayload:
     """A chunk fetched from the datastore, with its continuation (the next chunk of the same
