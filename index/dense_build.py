@@ -28,6 +28,7 @@ from retromem.config import boolean, fail, integer, number, one_of, optional_pos
 from retromem.datastore.atomic import write_json
 from retromem.datastore.integrity import read_manifest
 from retromem.datastore.job import Job, open_job
+from retromem.diskspace import preflight
 from retromem.errors import ConfigError, IndexFormatError
 from retromem.index.dense_eval import tune
 from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has_search_param, read_index, to_gpu,
@@ -164,6 +165,8 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
         job.mark_done("plan", plan)
     factory = plan["factory"]
     logger.info("build-dense: %s for %d vectors of dimension %d: %s", factory, n, d, plan["reason"])
+    # the shards, and with an on-disk merge the merged lists beside them
+    preflight(out, int(plan["estimated_bytes"]) * (2 if cfg.merge == "ondisk" else 1) + 2**20, "the dense index build")
     gpu = use_gpu(cfg.gpu)
 
     # 2. train once (IVF centroids, PQ codebooks, OPQ rotation) on a uniform sample

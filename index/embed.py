@@ -32,6 +32,7 @@ from retromem.config import boolean, non_negative_int, one_of, positive_int
 from retromem.datastore.atomic import atomic_path, sha256_file
 from retromem.datastore.integrity import check_sizes, load_npy, read_manifest
 from retromem.datastore.job import Job, open_job
+from retromem.diskspace import preflight
 from retromem.errors import ArtifactCorruptError, ConfigError, DatastoreError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,8 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
         job.mark_done("started", {"datastore_id": ds.datastore_id, "embedder": info})
 
     shards = [{"shard": i, **s} for i, s in enumerate(ds.manifest["shards"])]
+    # one float16 vector per chunk
+    preflight(out, sum(s["chunks"] for s in shards) * int(info["dim"]) * 2 + 2**20, "the embedding job")
     todo = [s for s in shards if job.done(_marker(s)) is None]
     todo_ids = {s["shard"] for s in todo}
     n_todo = sum(s["chunks"] for s in todo)

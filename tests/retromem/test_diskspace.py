@@ -96,3 +96,17 @@ def test_ngram_build_on_a_full_disk_fails_clearly_and_resumes(tmp_path, built):
     from retromem.index.ngram import NgramIndex
 
     assert NgramIndex(out).count(" the").count > 0
+
+
+def test_the_embedding_job_checks_its_space_first(tmp_path, built, monkeypatch):
+    """The embedding job refuses at once, naming its output, when the filesystem (here: its free
+    space as measured, set small) cannot hold the vectors it will write (the dense build does the
+    same with its planned index size)."""
+    import retromem.diskspace as diskspace
+    from retromem.index.embed import EmbedConfig, embed_datastore
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 4096)
+    out = tmp_path / "emb"
+    with pytest.raises(DiskFullError, match=rf"{out}: the embedding job needs about .* 4\.0 KiB free"):
+        embed_datastore(EmbedConfig(datastore=built[1].out, out=str(out), batch_size=64), progress=False)
+    assert not (out / "embeddings.json").exists()
