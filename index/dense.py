@@ -22,12 +22,11 @@ from retromem.datastore.integrity import check_sizes, read_manifest, recorded_fi
 from retromem.errors import ArtifactCorruptError, IndexFormatError, QueryError
 from retromem.index.dense_faiss import INDEX_FORMAT, read_index, search_parameters, set_gpu_params, to_gpu, use_gpu
 from retromem.index.embed import Embedder
-from retromem.index.types import BoundToDatastore, SearchResult, fetch_payloads
+from retromem.index.types import MAX_K, BoundToDatastore, SearchResult, check_k, fetch_payloads
 
 # nprobe / efSearch above this buy no recall and cost memory (efSearch about 8 bytes per unit), and
 # FAISS's C++ int would overflow at 2^31: a caller's mistake, refused before FAISS sees it
 MAX_SEARCH_PARAM = 1 << 20
-MAX_K = 4096  # the most hits one query may ask for
 
 
 class DenseIndex(BoundToDatastore):
@@ -148,12 +147,7 @@ class DenseIndex(BoundToDatastore):
 
     def check_k(self, k: int) -> int:
         """``k`` as an int, or a :class:`QueryError` unless it is in 1..min(MAX_K, ntotal)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise QueryError(f"k must be an integer, got {k!r}")
-        limit = min(MAX_K, self.ntotal)
-        if not 1 <= k <= limit:
-            raise QueryError(f"k must be in 1..{limit}, got {k}")
-        return int(k)
+        return check_k(k, self.ntotal)
 
     def knn(self, x: np.ndarray, k: int, *, nprobe: int | None = None,
             ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:

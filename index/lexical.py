@@ -42,7 +42,7 @@ from retromem.datastore.atomic import read_json, sha256_file
 from retromem.datastore.job import open_job
 from retromem.errors import IndexFormatError, QueryError
 from retromem.index.dense import _fetch_flags  # the same fetch= as dense search
-from retromem.index.types import BoundToDatastore, SearchResult, fetch_payloads
+from retromem.index.types import BoundToDatastore, SearchResult, check_k, fetch_payloads
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "lexical_index.json"
 BM25_DIR = "bm25"
 TOKENIZATIONS = ("stopwords-en", "words")
-MAX_K = 4096  # the most hits one query may ask for (as the dense index)
 
 
 @dataclass(frozen=True)
@@ -195,12 +194,7 @@ class LexicalIndex(BoundToDatastore):
 
 
     def check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise QueryError(f"k must be an integer, got {k!r}")
-        limit = min(MAX_K, self.ntotal)
-        if not 1 <= k <= limit:
-            raise QueryError(f"k must be in 1..{limit}, got {k}")
-        return int(k)
+        return check_k(k, self.ntotal)
 
     def scores(self, query: str) -> np.ndarray:
         """(ntotal,) float32 BM25 score of every chunk for one query text."""

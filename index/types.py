@@ -19,6 +19,21 @@ import numpy as np
 # chunks, shared by every index
 
 
+MAX_K = 4096  # the most hits one query may ask for, of any index
+
+
+def check_k(k: int, ntotal: int) -> int:
+    """``k`` as an int, or a :class:`~retromem.errors.QueryError` unless it is in 1..min(MAX_K, ntotal)."""
+    from retromem.errors import QueryError
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise QueryError(f"k must be an integer, got {k!r}")
+    limit = min(MAX_K, ntotal)
+    if not 1 <= k <= limit:
+        raise QueryError(f"k must be in 1..{limit}, got {k}")
+    return int(k)
+
+
 class BoundToDatastore:
     """An index bound to the datastore it was built from: ``meta`` (its manifest) records
     ``datastore_id`` and ``datastore_path``; the datastore opens from that path on first use, or is

@@ -14,22 +14,7 @@ from retromem.index.ngram import NgramIndex
 from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 from retromem.retro.speculative import (DraftTree, RestConfig, RestDrafter, build_draft_tree, generate_rest,
                                         keep_accepted, tree_attention_mask)
-
-
-@pytest.fixture(scope="module")
-def ds(built):
-    from retromem.datastore import Datastore
-
-    return Datastore.open(built[1].out)
-
-
-@pytest.fixture(scope="module")
-def streams(ds) -> list[np.ndarray]:
-    out = []
-    for d in range(ds.num_documents):
-        toks, lens = ds.tokens(ds.document_chunk_ids(d))
-        out.append(np.concatenate([t[:n] for t, n in zip(toks, lens)]).astype(np.int64))
-    return out
+from tests.index.test_ngram import ds, streams  # noqa: F401  (module fixtures: the datastore and its token streams)
 
 
 @pytest.fixture(scope="module")
