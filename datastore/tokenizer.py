@@ -204,14 +204,30 @@ class BatchTokenizer:
         return ids, np.asarray(starts, dtype=np.int64)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's map from each byte to the printable character that spells it (GPT-2's table).
+
+    The same table as ``transformers.convert_slow_tokenizer.bytes_to_unicode``, kept here so that
+    tokenizer workers never import transformers for it (issue 19: that import was 16% of a whole
+    build's CPU samples, paid once per worker process).
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
 def byte_length_table(backend) -> np.ndarray:
     """Bytes each token id stands for, for a byte-level BPE vocabulary (int64 per id).
 
     Byte-level BPE spells every byte as one printable character; added tokens are matched
     literally in the text, so they stand for their UTF-8 content.
     """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     decode = {c: b for b, c in bytes_to_unicode().items()}
     size = backend.get_vocab_size(with_added_tokens=True)
     table = np.zeros(size, dtype=np.int64)
@@ -244,7 +260,6 @@ def tiktoken_equivalent(backend):
     """
     try:
         import tiktoken
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
     except ImportError:
         return None
     spec = json.loads(backend.to_str())

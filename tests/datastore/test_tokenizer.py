@@ -56,3 +56,27 @@ def test_characters_outside_a_pruned_vocabulary_fall_back_to_tokenizers(tmp_path
     # U+4xxxx encodes with lead byte 0xF1, which SmolLM2's vocabulary lacks; \x04 likewise
     texts = ["plain text", "rare \U00041234 plane-4 char", "control \x04 byte", "more plain text"]
     assert bt.encode_ids(texts) == [e.ids for e in bt.backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_a_tokenizer_worker_never_imports_transformers(tmp_path):
+    """Workers load tokenizer.json with the tokenizers library alone: importing transformers cost each
+    build process 1.2-1.4 CPU-seconds (issue 19). The byte table it used to supply is kept here and
+    must equal transformers' own."""
+    import subprocess
+    import sys
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode as reference
+
+    from retromem.datastore.tokenizer import bytes_to_unicode
+
+    assert bytes_to_unicode() == reference()
+    load_hf_tokenizer("gpt2").backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    code = (
+        "import sys\n"
+        "from retromem.datastore.tokenizer import BatchTokenizer\n"
+        f"bt = BatchTokenizer({str(tmp_path / 'tokenizer.json')!r}, chunk_length=16)\n"
+        "assert bt.byte_level and len(bt.encode(['hello world'])[0][0]) == 2\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
