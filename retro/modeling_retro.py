@@ -47,7 +47,7 @@ from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaRMSNorm, apply_rotary_pos_emb
 
-from retromem.retro.configuration_retro import RetroConfig
+from .configuration_retro import RetroConfig
 
 CCA_ATTR = "retro_cca"
 ENCODER_ATTR = "retro_encoder"
