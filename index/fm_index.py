@@ -173,6 +173,10 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
     return FMBuildResult(out, m, False, time.perf_counter() - t0)
 
 
+_BYTES = [bytes([c]) for c in range(256)]
+SUB = 512  # in a decompressed block, cumulative byte counts every SUB bytes (33 KiB per cached 32 KiB block)
+
+
 class _CompactEngine:
     """Backward search and locate over the compact backend's files (positions are byte offsets in T)."""
 
@@ -184,6 +188,14 @@ class _CompactEngine:
 
         self.occ, self.offsets, self.samples = load("occ.npy"), load("block_offsets.npy"), load("sa_samples.npy")
         self.C, self.col = load("C.npy"), load("alphabet_col.npy")
+        # The backward search runs two ranks per pattern byte, so a rank must cost a few Python
+        # operations: plain ints for the small tables, a typed memoryview (indexing gives an int, not a
+        # numpy scalar) for the checkpoints, and inside a block a count table per SUB bytes plus
+        # bytes.count over the rest: 3-4x faster than comparing the block prefix (issue 19, BENCHMARKS.md).
+        self._C, self._col = [int(x) for x in self.C], [int(x) for x in self.col]
+        self._step = np.arange(self.B, dtype=np.int32) // SUB  # the SUB-byte step of each block offset
+        occ = np.ascontiguousarray(self.occ)
+        self._occ = memoryview(occ).cast("B").cast("Q" if occ.dtype == np.uint64 else "I", occ.shape) if occ.size else None
         size = (path / "bwt.zst").stat().st_size
         if len(self.offsets) == 0 or self.offsets[0] != 0 or self.offsets[-1] != size or (np.diff(self.offsets) < 0).any():
             raise FMIndexCorruptError(path / "block_offsets.npy", f"block offsets are not monotone from 0 to {size:,} "
@@ -193,29 +205,48 @@ class _CompactEngine:
 
         self._dec = zstandard.ZstdDecompressor()
         self.block = functools.lru_cache(maxsize=cache_blocks)(self._block)
+        # A block's count table (~0.1 ms to build, 33 KiB) makes a rank inside it O(SUB) instead of
+        # O(block): a cold query pays ~0.1 ms per new block, a warm one 3-4x less than a scan.
+        self.table = functools.lru_cache(maxsize=cache_blocks)(self._table)
 
-    def _block(self, b: int) -> np.ndarray:
-        raw = self._dec.decompress(self.data[self.offsets[b] : self.offsets[b + 1]].tobytes())
-        return np.frombuffer(raw, dtype=np.uint8)
+    def _block(self, b: int) -> bytes:
+        return self._dec.decompress(self.data[self.offsets[b] : self.offsets[b + 1]].tobytes())
+
+    def _table(self, b: int) -> tuple[bytes, memoryview]:
+        """Block b's bytes, and the counts of every byte value before each SUB-byte step of it."""
+        raw = self.block(b)
+        blk = np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
+        steps = -(-len(blk) // SUB)
+        # bincount keyed (byte, step), one flat cumsum, then each byte's row restarted from 0: a
+        # cumsum along the short axis is several times slower on this layout
+        cs = np.cumsum(np.bincount(blk * steps + self._step[: len(blk)], minlength=256 * steps)).reshape(256, steps)
+        counts = np.zeros((256, steps + 1), dtype=np.uint16)  # counts[c, s]: c in the block's first s * SUB bytes
+        counts[:, 1:] = cs - np.concatenate(([0], cs[:-1, -1]))[:, None]
+        return raw, memoryview(counts).cast("B").cast("H", counts.shape)
 
     def rank(self, c: int, i: int) -> int:
         """Occurrences of byte c in BWT[0:i]."""
-        j = self.col[c]
+        j = self._col[c]
         if j < 0:
             return 0
         b, off = divmod(i, self.B)
-        r = int(self.occ[b, j])
+        r = self._occ[b, j]
         if off:
-            r += int(np.count_nonzero(self.block(b)[:off] == c))
+            raw, counts = self.table(b)
+            s, rest = divmod(off, SUB)
+            r += counts[c, s]
+            if rest:
+                r += raw.count(_BYTES[c], off - rest, off)
         if c == 0 and i > self.dollar_row:
             r -= 1  # the $ placeholder is not a NUL
         return r
 
     def range(self, pattern: bytes) -> tuple[int, int]:
         lo, hi = 0, self.rows
+        C, rank = self._C, self.rank
         for c in reversed(pattern):
-            base = int(self.C[c])
-            lo, hi = base + self.rank(c, lo), base + self.rank(c, hi)
+            base = C[c]
+            lo, hi = base + rank(c, lo), base + rank(c, hi)
             if lo >= hi:
                 return 0, 0
         return lo, hi
@@ -225,8 +256,8 @@ class _CompactEngine:
         while i % self.k:
             if i == self.dollar_row:  # the suffix starting at 0: its predecessor is $
                 return steps
-            c = int(self.block(i // self.B)[i % self.B])
-            i = int(self.C[c]) + self.rank(c, i)
+            c = self.block(i // self.B)[i % self.B]
+            i = self._C[c] + self.rank(c, i)
             steps += 1
         return int(self.samples[i // self.k]) + steps
 
@@ -237,8 +268,6 @@ class FMIndex:
     def __init__(self, path: str | Path, datastore=None, max_query_chars: int = 10_000, *, verify: bool = True) -> None:
         """``verify``: check every file's recorded checksum first (a full read of the index, about 40%
         of the text's size; its arrays are read whole anyway). Sizes are always checked."""
-        from retromem.datastore import Datastore
-
         self.path = Path(path)
         self.max_query_chars = max_query_chars
         mpath = self.path / MANIFEST_NAME
@@ -258,6 +287,8 @@ class FMIndex:
             bad = verify_files(self.path, m)
             if bad:
                 raise FMIndexCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild with `retromem index build-fm --overwrite`")
+        from retromem.datastore import Datastore
+
         self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore or m["datastore_path"])
         if self.datastore.datastore_id != m["datastore_id"]:
             raise FMIndexError(f"{self.path} was built from datastore {m['datastore_id'][:16]}, not from "

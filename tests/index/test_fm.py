@@ -65,6 +65,23 @@ def test_count_and_find_match_brute_force(fm, texts):
     assert fm.count("zqxjv unseen string zqxjv") == 0
 
 
+def test_rank_equals_a_count_over_the_whole_bwt(fm):
+    """rank(c, i) through block checkpoints and in-block count tables equals a plain count over the
+    decompressed Burrows-Wheeler transform, at block and table-step edges and in between."""
+    if fm.backend != "compact":
+        pytest.skip("the fm-index package has its own rank")
+    e = fm._engine
+    bwt = np.frombuffer(b"".join(e._block(b) for b in range(len(e.offsets) - 1)), dtype=np.uint8)
+    assert len(bwt) == e.rows
+    rng = np.random.default_rng(1)
+    edges = [i + d for i in range(0, e.rows, 512) for d in (-1, 0, 1)]
+    positions = [i for i in edges + rng.integers(0, e.rows + 1, 300).tolist() if 0 <= i <= e.rows]
+    for c in np.unique(bwt)[:12].tolist() + [0]:
+        for i in positions:
+            want = int(np.count_nonzero(bwt[:i] == c)) - (c == 0 and i > e.dollar_row)
+            assert e.rank(c, i) == want, (c, i)
+
+
 def test_hits_map_to_their_chunk_and_context(fm, ds, texts):
     p = texts[4][5000:5030]
     for h in fm.find(p, limit=5).hits:
