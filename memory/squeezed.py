@@ -1,0 +1,176 @@
+"""Squeezed Attention (Hooper et al. 2024, "Squeezed Attention: Accelerating Long Context Length LLM
+Inference") for any RoPE decoder from Hugging Face, with no weight changed.
+
+For a long fixed context reused across many queries (a manual, a code base):
+
+1. offline, the context is run once with full attention (:meth:`SqueezedAttention.prefill`) and
+   its keys, per layer and KV head, are clustered with k-means (``cluster_size`` keys per
+   centroid on average; :func:`kmeans`);
+2. online, each query token compares itself with the centroids (q · c, the largest over the query
+   heads that share the KV head), takes clusters from the most to the least relevant until they
+   hold ``fraction`` of the context's keys, and attends exactly to those keys only, plus every
+   token after the context (the question and what is generated), causally.
+
+With ``fraction = 1`` every cluster is taken and the result is full attention. A single query
+token (decoding) gathers its selected keys, so its attention costs about ``fraction`` of full
+attention over the context (:meth:`SqueezedAttention.attended_fraction` counts what was attended);
+several query tokens at once use a mask over all keys (same result, no time saved). The context's
+keys and values stay in memory (the method saves attention work, not storage); the keys of the
+tokens after the context grow with them. Hierarchical centroids are not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from retromem.config import number
+from retromem.errors import ConfigError
+from retromem.memory.kv_budget import KVMemory, cat, check_budget, group_attention, stream
+
+
+@dataclass(frozen=True)
+class SqueezedConfig:
+    """fraction: share of the context's keys each query attends; cluster_size: mean keys per
+    centroid; kmeans_iters: Lloyd iterations; seed: k-means initialisation."""
+
+    fraction: float = 0.25
+    cluster_size: int = 16
+    kmeans_iters: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        number(self.fraction, "squeezed.fraction", gt=0, le=1, flag="--fraction")
+        check_budget(self.cluster_size, "squeezed.cluster_size", "--cluster-size")
+        check_budget(self.kmeans_iters, "squeezed.kmeans_iters", "--kmeans-iters")
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of x (n, D) into k clusters: (centroids (k, D), assignment (n,))."""
+    n = x.shape[0]
+    k = min(k, n)
+    x = x.float()
+    c = x[torch.randperm(n, generator=generator)[:k]].clone()
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        d = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]  # (n, k) squared distances
+        assign = d.argmin(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).float()
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp(min=1)[:, None])  # an empty cluster keeps its centroid
+    return c, assign
+
+
+class SqueezedAttention(KVMemory):
+    """A fixed context's clustered keys as a transformers Cache (batch of one, no padding).
+
+    Before :meth:`freeze` it is plain full attention that records the context; after it, queries
+    select clusters."""
+
+    max_batch = 1
+
+    def __init__(self, model: Any, config: SqueezedConfig | None = None) -> None:
+        super().__init__(model)
+        self.config = config or SqueezedConfig()
+        L = self.num_layers
+        self.ctx_k: list[torch.Tensor | None] = [None] * L  # (1, Hkv, n, D) rotated at true positions
+        self.ctx_v: list[torch.Tensor | None] = [None] * L
+        self.centroids: list[torch.Tensor | None] = [None] * L  # (Hkv, C, D)
+        self.assign: list[torch.Tensor | None] = [None] * L  # (Hkv, n) cluster of each key
+        self.sizes: list[torch.Tensor | None] = [None] * L  # (Hkv, C) keys per cluster
+        self.new_k: list[torch.Tensor | None] = [None] * L  # tokens after the context
+        self.new_v: list[torch.Tensor | None] = [None] * L
+        self.frozen = False
+        self.attended = 0  # context keys attended, summed over layers, query tokens and KV heads
+        self.offered = 0  # context keys there were
+
+    @classmethod
+    def prefill(cls, model: Any, context_ids: torch.Tensor, config: SqueezedConfig | None = None,
+                segment: int = 1024) -> "SqueezedAttention":
+        """Run the fixed context through ``model`` (full attention) and cluster its keys."""
+        mem = cls(model, config)
+        stream(model, context_ids, mem, segment=segment)
+        mem.freeze()
+        return mem
+
+    @property
+    def context_length(self) -> int:
+        return 0 if self.ctx_k[0] is None else self.ctx_k[0].shape[-2]
+
+    @property
+    def budget_tokens(self) -> int:
+        return math.ceil(self.config.fraction * self.context_length)
+
+    def freeze(self) -> None:
+        """Cluster the context's keys (per layer and KV head); later tokens select clusters."""
+        if self.ctx_k[0] is None:
+            raise ConfigError("Squeezed Attention needs a context: prefill it before freezing")
+        g = torch.Generator().manual_seed(self.config.seed)
+        n = self.context_length
+        n_clusters = max(1, math.ceil(n / self.config.cluster_size))
+        for layer in range(self.num_layers):
+            cs, assigns = [], []
+            for h in range(self.ctx_k[layer].shape[1]):
+                c, a = kmeans(self.ctx_k[layer][0, h], n_clusters, self.config.kmeans_iters, g)
+                cs.append(c)
+                assigns.append(a)
+            self.centroids[layer] = torch.stack(cs).to(self.ctx_k[layer].device)
+            self.assign[layer] = torch.stack(assigns).to(self.ctx_k[layer].device)
+            self.sizes[layer] = torch.stack([torch.bincount(a, minlength=c.shape[0]) for a, c in zip(assigns, cs)])
+        self.frozen = True
+
+    def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """(Hkv, T, n) mask of the context keys each query token attends to."""
+        B, H, T, D = q.shape
+        c = self.centroids[layer]  # (Hkv, C, D)
+        Hkv, C = c.shape[:2]
+        rel = torch.einsum("hgtd,hcd->hgtc", q[0].float().reshape(Hkv, H // Hkv, T, D), c.float()).amax(1)  # (Hkv, T, C)
+        order = rel.argsort(-1, descending=True)
+        sizes = self.sizes[layer].to(q.device)[:, None, :].expand(Hkv, T, C).gather(-1, order)  # (Hkv, T, C) sorted
+        before = sizes.cumsum(-1) - sizes  # keys already taken when reaching each cluster
+        take_sorted = before < self.config.fraction * self.context_length
+        take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (Hkv, T, C) by cluster id
+        return take.gather(-1, self.assign[layer][:, None, :].expand(Hkv, T, -1))  # (Hkv, T, n)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        self.check_batch(q)
+        T = q.shape[2]
+        if not self.frozen:  # recording the context: full causal attention
+            self.ctx_k[layer], self.ctx_v[layer] = cat(self.ctx_k[layer], k), cat(self.ctx_v[layer], v)
+            n = self.ctx_k[layer].shape[-2]
+            mask = torch.ones(T, n, dtype=torch.bool, device=q.device).tril(n - T)
+            return group_attention([(q, self.ctx_k[layer], self.ctx_v[layer], mask)], scaling)[0]
+        self.new_k[layer], self.new_v[layer] = cat(self.new_k[layer], k), cat(self.new_v[layer], v)
+        m = self.new_k[layer].shape[-2]
+        after = (torch.ones(T, m, dtype=torch.bool, device=q.device).tril(m - T), self.new_k[layer], self.new_v[layer])
+        sel = self.select(layer, q)  # (Hkv, T, n)
+        self.attended += int(sel.sum())
+        self.offered += sel.numel()
+        if T == 1:  # decoding: gather the selected keys so the work shrinks with the fraction
+            counts = sel[:, 0].sum(-1)  # (Hkv,)
+            width = int(counts.max())
+            idx = sel[:, 0].float().argsort(dim=-1, descending=True, stable=True)[:, :width]  # selected first
+            valid = torch.arange(width, device=q.device)[None] < counts[:, None]  # (Hkv, width)
+            D = k.shape[-1]
+            ck = self.ctx_k[layer][0].gather(1, idx[..., None].expand(-1, -1, D))[None]  # (1, Hkv, width, D)
+            cv = self.ctx_v[layer][0].gather(1, idx[..., None].expand(-1, -1, D))[None]
+            ctx = (q, ck, cv, valid[None, :, None, :])
+        else:
+            ctx = (q, self.ctx_k[layer], self.ctx_v[layer], sel[None])
+        return group_attention([ctx, (q, after[1], after[2], after[0])], scaling)[0]
+
+    def attended_fraction(self) -> float:
+        """Share of the context's keys attended by the query tokens so far."""
+        return self.attended / self.offered if self.offered else float("nan")
+
+    def held_tensors(self) -> Iterable[torch.Tensor]:
+        for group in (self.ctx_k, self.ctx_v, self.new_k, self.new_v, self.centroids):
+            yield from (t for t in group if t is not None)
+
+    def held_tokens(self, layer: int = 0) -> int:
+        return self.context_length + (0 if self.new_k[layer] is None else self.new_k[layer].shape[-2])
