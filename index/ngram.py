@@ -428,6 +428,30 @@ class NgramIndex:
         ranked = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
         return Continuations(total, read, tuple(ranked), total > cap)
 
+    def draft_continuations(self, contexts: Sequence[Sequence[int]], depth: int, max_occurrences: int | None = None,
+                            min_suffix: int = 2, max_suffix: int = 16) -> list[tuple[int, "Continuations | None"]]:
+        """REST's lookup for many contexts in one call: per context, the longest suffix (``min_suffix``
+        to ``max_suffix`` tokens; binary search, since a suffix occurs whenever a longer one does) that
+        occurs with a continuation, and its :meth:`continuations`; ``(0, None)`` when none does."""
+        out: list[tuple[int, Continuations | None]] = []
+        for context in contexts:
+            ctx = [int(t) for t in context]
+            lo, hi = min_suffix - 1, min(max_suffix, len(ctx))
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                if self.count(ctx[len(ctx) - mid:]).count > 0:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            found: tuple[int, Continuations | None] = (0, None)
+            for n in range(lo, min_suffix - 1, -1):  # all occurrences may end a document: try shorter
+                cont = self.continuations(ctx[len(ctx) - n:], depth, max_occurrences)
+                if cont.sequences:
+                    found = (n, cont)
+                    break
+            out.append(found)
+        return out
+
 
 @dataclass(frozen=True)
 class Continuations:

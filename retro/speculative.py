@@ -1,34 +1,57 @@
-"""Speculative decoding with retrieval drafts (REST, He et al. 2024) for any Hugging Face causal LM.
+"""Speculative decoding with draft *trees* (REST, He et al. 2024; RASD) for any Hugging Face causal LM.
 
-Each step, the model's next token ``t0`` is known (the argmax of the last logits). The longest
-suffix of ``context + [t0]`` (at most ``max_suffix``, at least ``min_suffix`` tokens) that occurs
-in the datastore is looked up in the n-gram index's suffix array; the token sequences that follow
-its occurrences (up to ``max_occurrences`` of them, ``depth`` tokens each) are merged into a trie,
-and the ``max_nodes`` most frequent trie nodes (a prefix-closed set: a node is never more frequent
-than its parent) form the draft tree. One forward pass verifies the whole tree:
+Entry points:
+
+* ``model.generate(ids, custom_generate=SpeculativeDecoding(drafter), max_new_tokens=..., do_sample=...,
+  temperature=..., top_k=..., top_p=...)``: transformers 5.x runs its usual input preparation
+  (generation config merged with the keyword arguments, logits processors and warpers, stopping
+  criteria) and hands the decoding loop to the callable. This is the integration chosen: a
+  transformers ``CandidateGenerator`` (assisted generation) proposes *one chain* of candidates per
+  step and verifies it with a causal mask, so a tree cannot go through it; ``custom_generate``
+  keeps every ``generate`` keyword and its processors, and lets the loop verify a tree.
+* :func:`speculative_generate` ``(model, input_ids, drafter, **generate_kwargs) -> (ids, stats)``, the
+  same call returning the step statistics too; :func:`generate_rest` is REST with an in-process
+  n-gram index.
+
+Drafters (``draft(context) -> DraftTree``: a tree rooted at ``context[-1]``) are :class:`RestDrafter`
+here (the suffix array, in process or through the service's batched ``NextTokens`` RPC) and the
+draft-model, prompt-lookup and fused (RASD) drafters in :mod:`retromem.retro.drafters`.
+
+One step. The root ``t0`` (the model's own next token, chosen from the previous pass) is emitted;
+the drafter builds a tree under it; one forward pass verifies the whole tree:
 
     inputs      [t0, n_1, ..., n_N]                         (1 + N tokens, tree order: parents first)
     positions   L + depth(n_i)                              (t0 at depth 0; L = tokens in the cache)
     mask        input i sees the L cached tokens, itself and its ancestors: an additive 4-D mask
                 (1, 1, 1 + N, L + 1 + N), 0 where seen and the dtype's minimum elsewhere
 
-Greedy acceptance walks the tree from ``t0`` along the model's argmax: while a child of the
-current node carries the argmax of the current node's logits, it is accepted. The argmax after the
-last accepted node is the next step's ``t0``. So every step emits ``1 + accepted`` tokens for one
-forward pass, and every emitted token is the argmax of the model's logits after exactly the
-emitted tokens before it: the output is plain greedy decoding's, token for token (up to
-floating-point differences between a tree pass and one-token passes, which the tests and the
-benchmark check for).
+Acceptance walks down from the root. At node u, ``p_u`` is the model's distribution after the
+context and u's path (logits through the same processors ``generate`` applies; greedy: its argmax).
 
-The KV cache: the tree pass appends the keys/values of all ``1 + N`` inputs; afterwards the cache
-is cut back to the ``L`` tokens before it and the entries of the accepted path (``t0`` and the
-accepted nodes, gathered by their slots) are put back. Their keys were rotated at positions
-``L + depth``, which is where they now sit, so nothing is recomputed: the cost is one copy of the
-cache per step (O(L) memory traffic, no FLOPs), against a second forward pass for re-running the
-accepted tokens. Only Hugging Face's ``DynamicCache`` with full-attention layers is supported (a
-sliding-window cache drops entries the tree mask would need).
+* Greedy: the child carrying ``argmax p_u`` is accepted; otherwise the walk stops and that argmax is
+  the next root. Every emitted token is the argmax after exactly the tokens before it, so the text
+  is plain greedy decoding's, token for token.
+* Sampling: the multi-draft recursive rejection rule (SpecInfer's multi-step speculative sampling)
+  with deterministic drafts. The children ``x_1..x_k`` of u are tried in order with a residual
+  ``r`` (initially ``p_u``): ``x_i`` is accepted with probability ``r(x_i)`` (r normalised); on
+  rejection ``r`` becomes ``norm(max(0, r - δ_{x_i}))``, i.e. ``x_i`` removed. If every child is
+  rejected the next root is drawn from the last ``r``. For a point-mass draft ``q = δ_x`` this is the
+  standard rule (accept with ``min(1, p(x)/q(x)) = p(x)``, residual ``norm(max(0, p - q))``), and
+  the emitted token is distributed exactly as ``p_u``: it is ``x_1`` with probability ``p(x_1)``,
+  ``x_2`` with ``(1 - p(x_1)) p(x_2) / (1 - p(x_1))``, ..., and otherwise a draw from ``p`` without
+  the tried tokens. Drafts are deterministic functions of the context here (suffix-array counts, a
+  draft model's top-k), so every drafter is covered by the same rule.
 
-Sampling is not implemented: ``do_sample=True`` is refused.
+The KV cache after partial acceptance: the tree pass appends the keys/values of all ``1 + N`` inputs;
+the cache is cut back to the ``L`` tokens before it and the entries of the accepted path (``t0`` and
+the accepted nodes, gathered by their slots) are put back. Their keys were rotated at positions
+``L + depth``, which is where they now sit, so nothing is recomputed. Only ``DynamicCache`` with
+full-attention layers is supported (a sliding-window cache drops entries the tree mask needs).
+
+The verification pass computes the hidden states of all nodes but applies the output layer only to
+the nodes the walk visits (Llama-family models, whose logits are exactly ``lm_head(hidden)``): the
+output layer of a 49k-token vocabulary is ~20% of SmolLM2-135M's per-token work, and most tree nodes
+are never looked at.
 """
 
 from __future__ import annotations
@@ -38,14 +61,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from retromem.config import number, positive_int
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# model types whose causal-LM logits are exactly get_output_embeddings()(get_decoder()(...)): no logit
+# scaling or soft-capping, so the output layer can be applied to the visited tree nodes only
+_PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 @dataclass(frozen=True)
@@ -71,24 +99,24 @@ class RestConfig:
 
 
 @dataclass
-class RestStats:
+class SpecStats:
     """What one generation cost. ``accepted`` holds, per step (a tree pass after the prompt's), the
     draft tokens it accepted; every forward pass, the prompt's included, also yields the model's own
-    next token, so plain greedy decoding makes ``new_tokens`` passes and REST ``steps + 1``."""
+    next token, so plain decoding makes ``new_tokens`` passes and speculation ``steps + 1``."""
 
     steps: int = 0
     new_tokens: int = 0
     accepted: list[int] = field(default_factory=list)
     draft_nodes: list[int] = field(default_factory=list)
-    suffix_lengths: list[int] = field(default_factory=list)  # matched suffix per step (0: no draft)
+    suffix_lengths: list[int] = field(default_factory=list)  # retrieval drafters: matched suffix per step (0: none)
     prefill_seconds: float = 0.0
-    retrieval_seconds: float = 0.0
-    forward_seconds: float = 0.0  # tree passes, cache surgery included
+    retrieval_seconds: float = 0.0  # drafting (retrieval and draft model) time
+    forward_seconds: float = 0.0  # tree passes, acceptance and cache surgery included
     total_seconds: float = 0.0
 
     @property
     def mean_accepted(self) -> float:
-        """Mean accepted length: tokens emitted per forward pass (plain greedy decoding: 1.0)."""
+        """Mean accepted length: tokens emitted per forward pass of the model (plain decoding: 1.0)."""
         return self.new_tokens / (self.steps + 1) if self.new_tokens else 0.0
 
     @property
@@ -102,10 +130,14 @@ class RestStats:
                 "forward_seconds": self.forward_seconds, "total_seconds": self.total_seconds}
 
 
+RestStats = SpecStats  # the name of the first, REST-only version
+
+
 @dataclass(frozen=True)
 class DraftTree:
     """A draft tree in parents-first order. Node 0 is the root (the model's own next token); node i
-    > 0 has token ``tokens[i]``, parent ``parents[i]`` (< i) and depth ``depths[i]`` (root: 0)."""
+    > 0 has token ``tokens[i]``, parent ``parents[i]`` (< i) and depth ``depths[i]`` (root: 0).
+    Siblings carry distinct tokens; their order is the order sampling tries them in."""
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
@@ -115,11 +147,31 @@ class DraftTree:
         return len(self.tokens)
 
     def children(self) -> list[dict[int, int]]:
-        """Per node, its children as token -> node index."""
+        """Per node, its children as token -> node index (in tree order)."""
         out: list[dict[int, int]] = [{} for _ in self.tokens]
         for i in range(1, len(self.tokens)):
             out[self.parents[i]][self.tokens[i]] = i
         return out
+
+    def paths(self) -> list[tuple[int, ...]]:
+        """Per node, the tokens below the root down to it (the root's: ())."""
+        out: list[tuple[int, ...]] = [()]
+        for i in range(1, len(self.tokens)):
+            out.append(out[self.parents[i]] + (self.tokens[i],))
+        return out
+
+    def truncated(self, max_depth: int) -> "DraftTree":
+        """The nodes at most ``max_depth`` below the root."""
+        if max(self.depths) <= max_depth:
+            return self
+        keep = [i for i in range(len(self)) if self.depths[i] <= max_depth]
+        remap = {old: j for j, old in enumerate(keep)}
+        return DraftTree(tuple(self.tokens[i] for i in keep), tuple(remap[self.parents[i]] if i else -1 for i in keep),
+                         tuple(self.depths[i] for i in keep))
+
+    @staticmethod
+    def lone(root: int) -> "DraftTree":
+        return DraftTree((int(root),), (-1,), (0,))
 
 
 def build_draft_tree(root: int, sequences: Sequence[tuple[Sequence[int], int]], max_nodes: int,
@@ -159,17 +211,21 @@ def build_draft_tree(root: int, sequences: Sequence[tuple[Sequence[int], int]], 
     return DraftTree(tuple(tokens), tuple(parents), tuple(depths))
 
 
+def ancestor_matrix(parents: Sequence[int]) -> np.ndarray:
+    """(n, n) bool: row i is True at i and at its ancestors (parents come first)."""
+    n = len(parents)
+    seen = np.eye(n, dtype=bool)
+    for i in range(1, n):
+        seen[i] |= seen[parents[i]]  # the parent's row is complete already
+    return seen
+
+
 def tree_attention_mask(tree: DraftTree, past: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive mask (1, 1, n, past + n): node i sees the ``past`` cached tokens, itself and its
     ancestors (0), and nothing else (the dtype's minimum). Along one branch it is the causal mask."""
     n = len(tree)
-    seen = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        seen[i, i] = True
-        if i:
-            seen[i] |= seen[tree.parents[i]]  # parents come first, so their rows are complete
-    full = torch.cat([torch.ones(n, past, dtype=torch.bool), seen], dim=1)  # (n, past + n)
-    mask = torch.zeros(n, past + n, dtype=dtype).masked_fill_(~full, torch.finfo(dtype).min)
+    mask = torch.zeros(n, past + n, dtype=dtype)
+    mask[:, past:].masked_fill_(torch.from_numpy(~ancestor_matrix(tree.parents)), torch.finfo(dtype).min)
     return mask[None, None]  # (1, 1, n, past + n)
 
 
@@ -179,14 +235,20 @@ def _check_cache(cache: Any) -> None:
 
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        raise ConfigError(f"REST keeps the accepted path by editing the KV cache and supports Hugging Face's "
-                          f"DynamicCache with full-attention layers only; this model uses {type(cache).__name__} "
-                          f"({sorted({type(layer).__name__ for layer in (layers or [])})})")
+        raise ConfigError(f"tree speculation keeps the accepted path by editing the KV cache and supports Hugging "
+                          f"Face's DynamicCache with full-attention layers only; this model uses "
+                          f"{type(cache).__name__} ({sorted({type(layer).__name__ for layer in (layers or [])})})")
 
 
 def keep_accepted(cache: Any, past: int, slots: Sequence[int]) -> None:
     """Cut ``cache`` back to its first ``past`` tokens and re-append the entries at tree slots
     ``slots`` (input positions of the last pass, in order): the accepted path, and nothing else."""
+    n = len(slots)
+    if list(slots) == list(range(n)):  # a prefix of the pass (a chain accepted from its start): crop only
+        for layer in cache.layers:
+            layer.keys = layer.keys[:, :, :past + n]
+            layer.values = layer.values[:, :, :past + n]
+        return
     idx = torch.as_tensor([past + s for s in slots], dtype=torch.long)
     for layer in cache.layers:
         # keys/values: (batch, kv_heads, seq, head_dim); gather on seq
@@ -204,64 +266,266 @@ def check_index_tokenizer(ngram_index: Any, tokenizer: Any, model: Any) -> None:
 
 
 class RestDrafter:
-    """Draft trees for REST from an in-process :class:`retromem.index.ngram.NgramIndex`."""
+    """REST draft trees from a suffix array: an in-process :class:`retromem.index.ngram.NgramIndex`
+    or a :class:`retromem.service.client.RetrievalClient` (both answer ``draft_continuations``: the
+    longest matched suffix of each context and what follows it, one call, one round trip)."""
 
-    def __init__(self, ngram_index: Any, config: RestConfig | None = None) -> None:
-        self.index = ngram_index
+    def __init__(self, source: Any, config: RestConfig | None = None) -> None:
+        self.source = source
         self.config = config or RestConfig()
-        if self.config.max_occurrences > ngram_index.limits.max_support:
+        limits = getattr(source, "limits", None)
+        max_support = getattr(limits, "max_support", None)
+        if isinstance(max_support, int) and self.config.max_occurrences > max_support:
             raise ConfigError(f"`rest.max_occurrences` (--max-occurrences) must be at most the index's max_support="
-                              f"{ngram_index.limits.max_support}, got {self.config.max_occurrences}")
+                              f"{max_support}, got {self.config.max_occurrences}")
+        self.last_suffix = 0
 
-    def longest_suffix(self, context: Sequence[int]) -> int:
-        """Length of the longest suffix of ``context`` (capped at ``max_suffix``) that occurs in the
-        datastore, or 0 when even ``min_suffix`` tokens do not. A suffix occurs whenever a longer one
-        does, so the length is found by binary search."""
+    def sequences(self, contexts: Sequence[Sequence[int]]) -> list[tuple[int, Any]]:
+        """Per context: (matched suffix length, :class:`retromem.index.ngram.Continuations` or None)."""
         cfg = self.config
-        lo, hi = 0, min(cfg.max_suffix, len(context))
-        if hi < cfg.min_suffix:
-            return 0
-        lo = cfg.min_suffix - 1
-        while lo < hi:
-            mid = (lo + hi + 1) >> 1
-            if self.index.count(list(context[len(context) - mid:])).count > 0:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo if lo >= cfg.min_suffix else 0
+        return self.source.draft_continuations([list(c) for c in contexts], depth=cfg.depth,
+                                               max_occurrences=cfg.max_occurrences, min_suffix=cfg.min_suffix,
+                                               max_suffix=cfg.max_suffix)
 
-    def draft(self, context: Sequence[int]) -> tuple[DraftTree, int]:
-        """(tree rooted at ``context[-1]``, matched suffix length); a lone root when nothing matched.
-        A suffix whose occurrences all end a document has no continuation: the next shorter one is
-        tried."""
+    def tree(self, root: int, cont: Any) -> DraftTree:
         cfg = self.config
-        n = self.longest_suffix(context)
-        while n >= cfg.min_suffix:
-            cont = self.index.continuations(list(context[len(context) - n:]), cfg.depth, cfg.max_occurrences)
-            if cont.sequences:
-                min_count = max(1, math.ceil(cfg.min_share * cont.read))
-                return build_draft_tree(int(context[-1]), cont.sequences, cfg.max_nodes, min_count), n
-            n -= 1
-        return DraftTree((int(context[-1]),), (-1,), (0,)), 0
+        if cont is None or not cont.sequences:
+            return DraftTree.lone(root)
+        min_count = max(1, math.ceil(cfg.min_share * cont.read))
+        return build_draft_tree(int(root), cont.sequences, cfg.max_nodes, min_count)
+
+    def draft(self, context: Sequence[int]) -> DraftTree:
+        """The tree rooted at ``context[-1]`` (a lone root when no suffix of at least ``min_suffix``
+        tokens occurs with a continuation); ``last_suffix`` holds the matched length."""
+        ((n, cont),) = self.sequences([context])
+        self.last_suffix = n
+        return self.tree(int(context[-1]), cont)
 
 
-def _eos_ids(model: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
+def _eos_ids(value: Any) -> set[int]:
+    if value is None:
         return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    return {int(e) for e in (value if isinstance(value, (list, tuple)) else [value])}
 
 
-@torch.inference_mode()
+class _Verifier:
+    """One tree pass of the target model; logits (through the generation processors) per node on demand."""
+
+    def __init__(self, model: Any, processors: Any, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.processors = processors
+        self.dtype = dtype
+        self.device = device
+        mt = getattr(model.config, "model_type", "")
+        self.lazy_head = (mt in _PLAIN_HEAD and hasattr(model, "get_decoder")
+                          and isinstance(model.get_output_embeddings(), torch.nn.Linear))
+
+    def run(self, tree: DraftTree, cache: Any) -> Callable[[int], torch.Tensor]:
+        past = cache.get_seq_length()
+        inp = torch.tensor([tree.tokens], dtype=torch.long, device=self.device)  # (1, n)
+        pos = torch.tensor([[past + d for d in tree.depths]], dtype=torch.long, device=self.device)  # (1, n)
+        mask = tree_attention_mask(tree, past, self.dtype).to(self.device)  # (1, 1, n, past + n)
+        if self.lazy_head:
+            hidden = self.model.get_decoder()(input_ids=inp, position_ids=pos, attention_mask=mask, cache=cache,
+                                              use_cache=True).last_hidden_state[0]  # (n, d)
+            head = self.model.get_output_embeddings()
+            rows: dict[int, torch.Tensor] = {}
+
+            def logits(i: int) -> torch.Tensor:
+                if i not in rows:
+                    rows[i] = head(hidden[i]).float()  # (vocab,)
+                return rows[i]
+            return logits
+        all_logits = self.model(input_ids=inp, position_ids=pos, attention_mask=mask, cache=cache,
+                                use_cache=True).logits[0].float()  # (n, vocab)
+        return lambda i: all_logits[i]
+
+
+class SpeculativeDecoding:
+    """The decoding loop for ``model.generate(..., custom_generate=SpeculativeDecoding(drafter))``
+    (see the module docstring). ``last_stats`` holds the last call's :class:`SpecStats`. Batch size 1;
+    ``do_sample`` and the processors ``generate`` builds (temperature, top-k, top-p, repetition
+    penalty, ...) are honoured, each node's scores computed with its own token sequence."""
+
+    def __init__(self, drafter: Any) -> None:
+        if not callable(getattr(drafter, "draft", None)):
+            raise ConfigError(f"`drafter` must have a draft(context) -> DraftTree method, got {type(drafter).__name__}")
+        self.drafter = drafter
+        self.last_stats: SpecStats | None = None
+
+    @torch.inference_mode()
+    def __call__(self, model: Any, input_ids: torch.Tensor, logits_processor: Any = None, stopping_criteria: Any = None,
+                 generation_config: Any = None, synced_gpus: bool = False, streamer: Any = None,
+                 **model_kwargs: Any) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        gc = generation_config or model.generation_config
+        if input_ids.shape[0] != 1:
+            raise ConfigError(f"speculative decoding here takes one sequence at a time; got a batch of "
+                              f"{input_ids.shape[0]}")
+        am = model_kwargs.get("attention_mask")
+        if am is not None and not bool(am.all()):
+            raise ConfigError("`attention_mask` has padding: speculative decoding here takes one unpadded sequence")
+        if getattr(gc, "return_dict_in_generate", False):
+            raise ConfigError("`return_dict_in_generate` is not supported by speculative decoding; it returns the ids")
+        if getattr(gc, "num_beams", 1) not in (None, 1):
+            raise ConfigError(f"`num_beams` must be 1 for speculative decoding, got {gc.num_beams}")
+        do_sample = bool(getattr(gc, "do_sample", False))
+        max_length = int(gc.max_length) if getattr(gc, "max_length", None) else input_ids.shape[1] + 20
+        eos = _eos_ids(getattr(gc, "eos_token_id", None))
+        processors = logits_processor if logits_processor is not None and len(logits_processor) else None
+        device = input_ids.device
+        dtype = next(model.parameters()).dtype
+        verifier = _Verifier(model, processors, dtype, device)
+        stats = SpecStats()
+        self.last_stats = stats
+        t_start = time.perf_counter()
+
+        seq = input_ids[0].tolist()
+        n_prompt = len(seq)
+
+        def scores(logits: torch.Tensor, path: Sequence[int]) -> torch.Tensor:
+            """The processed scores (vocab,) after ``seq + path`` (what ``generate`` would compute)."""
+            if processors is None:
+                return logits
+            ids = torch.tensor([seq + list(path)], dtype=torch.long, device=device)
+            return processors(ids, logits[None].clone())[0]
+
+        def pick(s: torch.Tensor) -> int:
+            if not do_sample:
+                return int(s.argmax())
+            return int(torch.multinomial(torch.softmax(s, dim=-1), 1))
+
+        def stop(t: int) -> bool:
+            if t in eos or len(seq) >= max_length:
+                return True
+            if stopping_criteria is not None and len(stopping_criteria):
+                return bool(stopping_criteria(torch.tensor([seq], device=device), None).any())
+            return False
+
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, cache=cache, use_cache=True)
+        _check_cache(cache)
+        nxt = pick(scores(out.logits[0, -1].float(), ()))
+        stats.prefill_seconds = time.perf_counter() - t_start
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        while True:
+            # nxt is the model's next token: emit it, stop if done, else draft after it and verify
+            seq.append(nxt)
+            if streamer is not None:
+                streamer.put(torch.tensor([nxt]))
+            if stop(nxt):
+                break
+            t0 = time.perf_counter()
+            tree = self.drafter.draft(seq)
+            if tree.tokens[0] != nxt:
+                raise ConfigError(f"the drafter returned a tree rooted at {tree.tokens[0]}, not at the context's last "
+                                  f"token {nxt}")
+            tree = tree.truncated(max_length - len(seq))  # never draft past max_length
+            t1 = time.perf_counter()
+            logits = verifier.run(tree, cache)
+            children = tree.children()
+            path = [0]
+            toks: list[int] = []
+            while True:
+                u = path[-1]
+                s = scores(logits(u), toks)
+                kids = children[u]
+                if not do_sample:
+                    best = int(s.argmax())
+                    if best in kids:
+                        path.append(kids[best])
+                        toks.append(best)
+                        continue
+                    nxt = best
+                    break
+                r = torch.softmax(s, dim=-1)
+                chosen = None
+                for t, child in kids.items():
+                    total = float(r.sum())
+                    if total <= 0.0:
+                        break
+                    if float(torch.rand(())) * total < float(r[t]):
+                        chosen = (t, child)
+                        break
+                    r[t] = 0.0  # rejected: the residual is p without the tried tokens
+                if chosen is not None:
+                    path.append(chosen[1])
+                    toks.append(chosen[0])
+                    continue
+                nxt = int(torch.multinomial(r if float(r.sum()) > 0 else torch.softmax(s, dim=-1), 1))
+                break
+            keep_accepted(cache, cache.get_seq_length() - len(tree), path)
+            t2 = time.perf_counter()
+            stats.retrieval_seconds += t1 - t0
+            stats.forward_seconds += t2 - t1
+            stats.steps += 1
+            stats.draft_nodes.append(len(tree) - 1)
+            stats.suffix_lengths.append(int(getattr(self.drafter, "last_suffix", 0)))
+            # the root was emitted above; emit the accepted drafts, stopping where generate would
+            done = False
+            n_acc = 0
+            for t in toks:
+                seq.append(t)
+                n_acc += 1
+                if streamer is not None:
+                    streamer.put(torch.tensor([t]))
+                if stop(t):
+                    done = True
+                    break
+            stats.accepted.append(n_acc)
+            if done:
+                break
+        if streamer is not None:
+            streamer.end()
+        stats.new_tokens = len(seq) - n_prompt
+        stats.total_seconds = time.perf_counter() - t_start
+        return torch.tensor([seq], dtype=torch.long, device=device)
+
+
+_GENERATE_KWARGS = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                    "typical_p", "repetition_penalty", "no_repeat_ngram_size", "eos_token_id", "pad_token_id",
+                    "bos_token_id", "attention_mask", "generation_config", "min_new_tokens", "stopping_criteria",
+                    "logits_processor", "streamer", "suppress_tokens", "bad_words_ids", "use_cache"}
+
+
+def speculative_generate(model: Any, input_ids: torch.Tensor | Sequence[int], drafter: Any,
+                         **generate_kwargs: Any) -> tuple[torch.Tensor, SpecStats]:
+    """``model.generate(input_ids, custom_generate=SpeculativeDecoding(drafter), **generate_kwargs)``
+    and its statistics. ``generate_kwargs`` are ``generate``'s (max_new_tokens, do_sample, temperature,
+    top_k, top_p, repetition_penalty, eos_token_id, ...); others are refused."""
+    unknown = sorted(set(generate_kwargs) - _GENERATE_KWARGS)
+    if unknown:
+        raise ConfigError(f"speculative_generate does not take {unknown}; it takes generate's "
+                          f"{sorted(_GENERATE_KWARGS)}")
+    if "max_new_tokens" in generate_kwargs:
+        positive_int(generate_kwargs["max_new_tokens"], "max_new_tokens", flag="--max-new-tokens")
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.shape[-1] == 0:
+        raise ConfigError("`prompt` is empty: give at least one token")
+    ids = ids.to(next(model.parameters()).device)
+    generate_kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    if generate_kwargs.get("pad_token_id") is None and model.generation_config.pad_token_id is None:
+        eos = _eos_ids(model.generation_config.eos_token_id)
+        generate_kwargs["pad_token_id"] = min(eos) if eos else 0  # silences generate's warning; never used (batch 1)
+    loop = SpeculativeDecoding(drafter)
+    out = model.generate(ids, custom_generate=loop, **generate_kwargs)
+    assert loop.last_stats is not None
+    return out, loop.last_stats
+
+
 def generate_rest(model: Any, tokenizer: Any, ngram_index: Any, prompt: str | Sequence[int] | torch.Tensor,
                   max_new_tokens: int = 64, config: RestConfig | None = None, *, do_sample: bool = False,
-                  check_tokenizer: bool = True) -> tuple[torch.Tensor, RestStats]:
-    """Greedy decoding of ``model`` from ``prompt`` (text, or token ids) with REST drafts from
-    ``ngram_index``: (ids (1, prompt + new) like ``model.generate``, stats). Stops after
-    ``max_new_tokens`` or at the model's end-of-sequence token (kept, as ``generate`` keeps it)."""
-    if do_sample:
-        raise ConfigError("`do_sample` (--sample): REST here is greedy only (the speculative acceptance rule for "
-                          "sampling is not implemented); use do_sample=False")
+                  check_tokenizer: bool = True, **generate_kwargs: Any) -> tuple[torch.Tensor, SpecStats]:
+    """REST: decoding of ``model`` from ``prompt`` (text, or token ids) with drafts from
+    ``ngram_index`` (an in-process n-gram index, or a retrieval client): (ids (1, prompt + new) like
+    ``model.generate``, stats). Greedy by default; ``do_sample=True`` (and temperature, top_k, ...)
+    samples with the speculative acceptance rule."""
     positive_int(max_new_tokens, "max_new_tokens", flag="--max-new-tokens")
     drafter = RestDrafter(ngram_index, config)
     if check_tokenizer:
@@ -270,75 +534,10 @@ def generate_rest(model: Any, tokenizer: Any, ngram_index: Any, prompt: str | Se
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     else:
         ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
-    if ids.shape[1] == 0:
-        raise ConfigError("`prompt` is empty: give at least one token")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    eos = _eos_ids(model)
-    stats = RestStats()
-    t_start = time.perf_counter()
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids.to(device), cache=cache, use_cache=True)
-    _check_cache(cache)
-    nxt = int(out.logits[0, -1].argmax())
-    context = ids[0].tolist()
-    new: list[int] = []
-    stats.prefill_seconds = time.perf_counter() - t_start
-    while True:
-        # nxt is the model's next token: emit it, stop if done, else draft after it and verify
-        new.append(nxt)
-        if nxt in eos or len(new) >= max_new_tokens:
-            break
-        context.append(nxt)
-        t0 = time.perf_counter()
-        tree, suffix = drafter.draft(context)
-        # never draft past max_new_tokens: drop nodes deeper than the tokens still allowed
-        room = max_new_tokens - len(new)
-        if max(tree.depths) > room:
-            keep = [i for i in range(len(tree)) if tree.depths[i] <= room]
-            remap = {old: j for j, old in enumerate(keep)}
-            tree = DraftTree(tuple(tree.tokens[i] for i in keep),
-                             tuple(remap[tree.parents[i]] if i else -1 for i in keep),
-                             tuple(tree.depths[i] for i in keep))
-        t1 = time.perf_counter()
-        past = cache.get_seq_length()
-        inp = torch.tensor([tree.tokens], dtype=torch.long, device=device)  # (1, n)
-        pos = torch.tensor([[past + d for d in tree.depths]], dtype=torch.long, device=device)  # (1, n)
-        mask = tree_attention_mask(tree, past, dtype).to(device)  # (1, 1, n, past + n)
-        logits = model(input_ids=inp, position_ids=pos, attention_mask=mask, cache=cache,
-                       use_cache=True).logits[0]  # (n, vocab)
-        best = logits.argmax(dim=-1).tolist()
-        children = tree.children()
-        path = [0]
-        while best[path[-1]] in children[path[-1]]:
-            path.append(children[path[-1]][best[path[-1]]])
-        keep_accepted(cache, past, path)
-        t2 = time.perf_counter()
-        stats.retrieval_seconds += t1 - t0
-        stats.forward_seconds += t2 - t1
-        stats.steps += 1
-        stats.draft_nodes.append(len(tree) - 1)
-        stats.suffix_lengths.append(suffix)
-        accepted = [tree.tokens[i] for i in path[1:]]
-        # the root was emitted above; emit the accepted drafts, stopping at end-of-sequence
-        done = False
-        for t in accepted:
-            new.append(t)
-            context.append(t)
-            if t in eos:
-                done = True
-                break
-        stats.accepted.append(len(accepted))
-        if done or len(new) >= max_new_tokens:
-            break
-        nxt = best[path[-1]]
-    stats.new_tokens = len(new)
-    stats.total_seconds = time.perf_counter() - t_start
-    return torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1), stats
+    return speculative_generate(model, ids, drafter, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                **generate_kwargs)
 
 
-__all__ = ["DraftTree", "RestConfig", "RestDrafter", "RestStats", "build_draft_tree", "check_index_tokenizer",
-           "generate_rest", "keep_accepted", "tree_attention_mask"]
+__all__ = ["DraftTree", "RestConfig", "RestDrafter", "RestStats", "SpecStats", "SpeculativeDecoding",
+           "ancestor_matrix", "build_draft_tree", "check_index_tokenizer", "generate_rest", "keep_accepted",
+           "speculative_generate", "tree_attention_mask"]

@@ -244,6 +244,19 @@ class RetrievalClient:
         return _dist(self._call("InfgramNextTokenDistribution", pb.NgramRequest(query=_ngram_query(prompt), top_k=top_k),
                                 timeout))
 
+    def draft_continuations(self, contexts: Sequence[Sequence[int]], depth: int, max_occurrences: int | None = None,
+                            min_suffix: int = 2, max_suffix: int = 16, *, timeout: float | None = None):
+        """NextTokens: :meth:`retromem.index.ngram.NgramIndex.draft_continuations` over the service, all
+        contexts in one round trip."""
+        from retromem.index.ngram import Continuations
+
+        req = pb.NextTokensRequest(contexts=[pb.TokenIds(ids=[int(t) for t in c]) for c in contexts], depth=depth,
+                                   max_occurrences=max_occurrences or 0, min_suffix=min_suffix, max_suffix=max_suffix)
+        r = self._call("NextTokens", req, timeout)
+        return [(int(m.suffix_len), Continuations(int(m.count), int(m.read), tuple(
+                    (tuple(int(t) for t in c.ids), int(c.count)) for c in m.continuations), bool(m.approx))
+                 if m.suffix_len else None) for m in r.results]
+
     def find(self, ngram, limit: int = 10, *, timeout: float | None = None):
         from retromem.index.types import FindResult
 

@@ -326,6 +326,31 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         ids = self._ids(request.query, "query", allow_empty=True)
         return dist_msg(self.b.ngram.infgram_next_token_distribution(ids), top_k, self._decode)
 
+    @rpc
+    def NextTokens(self, request, context):
+        g = self._need("ngram")
+        lim = self.limits
+        if not request.contexts:
+            raise invalid("`contexts` is empty: give at least one context")
+        if len(request.contexts) > lim.max_batch:
+            raise invalid(f"`contexts` has {len(request.contexts):,} contexts, more than max_batch={lim.max_batch:,}")
+        if not 1 <= request.depth <= 64:
+            raise invalid(f"`depth` must be in 1..64, got {request.depth}")
+        if request.max_occurrences > g.limits.max_support:
+            raise ServiceError(OUT_OF_RANGE, f"`max_occurrences` is {request.max_occurrences:,}; this server allows 0 "
+                                             f"(its max_support) or 1..{g.limits.max_support:,}")
+        lo, hi = request.min_suffix or 2, request.max_suffix or 16
+        if lo > hi or hi > lim.max_query_tokens:
+            raise invalid(f"`min_suffix` ({lo}) must be at most `max_suffix` ({hi}), which is at most "
+                          f"max_query_tokens={lim.max_query_tokens}")
+        contexts = [self._ids(pb.NgramQuery(ids=c), f"contexts[{i}]") for i, c in enumerate(request.contexts)]
+        found = g.draft_continuations(contexts, int(request.depth), request.max_occurrences or None, lo, hi)
+        return pb.NextTokensResponse(results=[
+            pb.ContextContinuations(suffix_len=n) if cont is None else pb.ContextContinuations(
+                suffix_len=n, count=cont.count, read=cont.read, approx=cont.approx,
+                continuations=[pb.Continuation(ids=list(ids), count=c) for ids, c in cont.sequences])
+            for n, cont in found])
+
     def _limit(self, value: int, default: int, field: str, fetch: pb.Fetch | None) -> int:
         n = value or default
         if n > self.limits.max_find_limit:

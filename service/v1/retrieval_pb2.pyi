@@ -190,6 +190,48 @@ class DistributionResponse(_message.Message):
     missing_shards: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, prompt_count: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[TokenCount, _Mapping]]] = ..., approx: _Optional[bool] = ..., suffix_len: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class NextTokensRequest(_message.Message):
+    __slots__ = ("contexts", "depth", "max_occurrences", "min_suffix", "max_suffix")
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_OCCURRENCES_FIELD_NUMBER: _ClassVar[int]
+    MIN_SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    contexts: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    depth: int
+    max_occurrences: int
+    min_suffix: int
+    max_suffix: int
+    def __init__(self, contexts: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., depth: _Optional[int] = ..., max_occurrences: _Optional[int] = ..., min_suffix: _Optional[int] = ..., max_suffix: _Optional[int] = ...) -> None: ...
+
+class Continuation(_message.Message):
+    __slots__ = ("ids", "count")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    count: int
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ContextContinuations(_message.Message):
+    __slots__ = ("suffix_len", "count", "read", "approx", "continuations")
+    SUFFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    APPROX_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATIONS_FIELD_NUMBER: _ClassVar[int]
+    suffix_len: int
+    count: int
+    read: int
+    approx: bool
+    continuations: _containers.RepeatedCompositeFieldContainer[Continuation]
+    def __init__(self, suffix_len: _Optional[int] = ..., count: _Optional[int] = ..., read: _Optional[int] = ..., approx: _Optional[bool] = ..., continuations: _Optional[_Iterable[_Union[Continuation, _Mapping]]] = ...) -> None: ...
+
+class NextTokensResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ContextContinuations]
+    def __init__(self, results: _Optional[_Iterable[_Union[ContextContinuations, _Mapping]]] = ...) -> None: ...
+
 class Occurrence(_message.Message):
     __slots__ = ("doc_id", "chunk_id", "offset", "chunk_offset")
     DOC_ID_FIELD_NUMBER: _ClassVar[int]

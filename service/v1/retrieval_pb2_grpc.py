@@ -89,6 +89,11 @@ class RetrievalStub:
                 request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.SerializeToString,
                 response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.FromString,
                 _registered_method=True)
+        self.NextTokens = channel.unary_unary(
+                '/retromem.v1.Retrieval/NextTokens',
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NextTokensRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NextTokensResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -169,6 +174,14 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextTokens(self, request, context):
+        """REST drafts for many contexts in one round trip: per context, the longest suffix (min_suffix
+        to max_suffix tokens) that occurs with a continuation, and the token sequences that follow it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +239,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.SearchDocuments,
                     request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.FromString,
                     response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.SerializeToString,
+            ),
+            'NextTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextTokens,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NextTokensRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NextTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +543,33 @@ class Retrieval:
             '/retromem.v1.Retrieval/SearchDocuments',
             retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsRequest.SerializeToString,
             retromem_dot_service_dot_v1_dot_retrieval__pb2.SearchDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retromem.v1.Retrieval/NextTokens',
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.NextTokensRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.NextTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

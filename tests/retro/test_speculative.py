@@ -233,8 +233,13 @@ def test_a_model_that_learnt_a_document_accepts_long_drafts(tok, idx, streams):
 
 
 def test_refusals(model, tok, idx):
-    with pytest.raises(ConfigError, match="do_sample"):
-        generate_rest(model, tok, idx, [1, 2, 3], 4, do_sample=True)
+    # sampling is supported (the acceptance rule is tested in test_speculative_sampling.py); generate's
+    # keywords other than generation settings are refused by name
+    torch.manual_seed(0)
+    ids, _ = generate_rest(model, tok, idx, [1, 2, 3], 4, do_sample=True, temperature=0.9)
+    assert ids.shape == (1, 7)
+    with pytest.raises(ConfigError, match="num_beams"):
+        generate_rest(model, tok, idx, [1, 2, 3], 4, num_beams=2)
     with pytest.raises(ConfigError, match="min_suffix"):
         RestConfig(min_suffix=5, max_suffix=2)
     with pytest.raises(ConfigError, match="max_nodes"):
@@ -281,7 +286,11 @@ def test_cli_speculate(idx, tmp_path, streams, tok):
     r = CliRunner().invoke(main, args + ["--compare-greedy", "--max-nodes", "4"])
     assert r.exit_code == 0, r.output
     assert "mean accepted length" in r.output and "identical output: yes" in r.output
-    r = CliRunner().invoke(main, args + ["--sample"])
-    assert r.exit_code == 2 and "error: `do_sample`" in r.output
+    r = CliRunner().invoke(main, args + ["--sample", "--temperature", "0.8", "--seed", "1"])
+    assert r.exit_code == 0 and "mean accepted length" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--drafter", "rasd", "--draft-layers", "1", "--compare-greedy"])
+    assert r.exit_code == 0 and "identical output: yes" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--drafter", "rasd", "--draft-layers", "9"])
+    assert r.exit_code == 2 and "--draft-layers" in r.output
     r = CliRunner().invoke(main, args + ["--min-suffix", "20"])
     assert r.exit_code == 2 and "--min-suffix" in r.output
