@@ -6,7 +6,8 @@ chunks, stored as Parquet shards with a manifest plus memory-mapped arrays for O
 >>> tokens, lengths = ds.neighbour_tokens([0, 1, 2])   # chunk + continuation, RETRO's unit
 """
 
-from retromem.datastore.pipeline import BuildConfig, BuildResult, build
+from retromem.datastore.pipeline import AddResult, BuildConfig, BuildResult, add, build
+from retromem.datastore.segments import SegmentInfo
 from retromem.datastore.store import Chunk, Datastore, Document
 
-__all__ = ["BuildConfig", "BuildResult", "Chunk", "Datastore", "Document", "build"]
+__all__ = ["AddResult", "BuildConfig", "BuildResult", "Chunk", "Datastore", "Document", "SegmentInfo", "add", "build"]

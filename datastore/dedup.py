@@ -273,13 +273,30 @@ def first_occurrence(keys: np.ndarray) -> np.ndarray:
 
 
 class Deduplicator:
-    """Stateful exact + near dedup over batches of documents in corpus order."""
+    """Stateful exact + near dedup over batches of documents in corpus order.
+
+    A datastore keeps the filters of every build and add as *generations* (``dedup/gen-*.npz``,
+    each sized for the documents it saw): an add checks its documents against the earlier
+    generations (read-only, :meth:`add_prior`) and inserts them into a new one, so adding never
+    re-reads old text and never rewrites old filters (a scalable Bloom filter: the false-positive
+    rates of the generations add up)."""
 
     def __init__(self, cfg: DedupConfig, expected_docs: int) -> None:
         self.cfg = cfg
         self.exact = BloomFilter(*bloom_params(expected_docs, cfg.exact_fp_rate)) if cfg.exact else None
         bits, k = bloom_params(expected_docs, cfg.near_fp_rate)
         self.bands = [BloomFilter(bits, k) for _ in range(cfg.bands)] if cfg.near else []
+        self.prior: list[tuple[BloomFilter | None, list[BloomFilter]]] = []
+
+    def add_prior(self, state: dict[str, np.ndarray], expected_docs: int) -> None:
+        """An earlier generation's filters (its :meth:`state`, sized for ``expected_docs``): checked, never written."""
+        cfg = self.cfg
+        exact = BloomFilter(*bloom_params(expected_docs, cfg.exact_fp_rate), data=np.asarray(state["exact"])) \
+            if cfg.exact and "exact" in state else None
+        bits, k = bloom_params(expected_docs, cfg.near_fp_rate)
+        bands = [BloomFilter(bits, k, data=np.asarray(state[f"band{j}"])) for j in range(cfg.bands)] \
+            if cfg.near and "band0" in state else []
+        self.prior.append((exact, bands))
 
     def nbytes(self) -> int:
         return sum(f.data.nbytes for f in ([self.exact] if self.exact else []) + self.bands)
@@ -293,6 +310,9 @@ class Deduplicator:
         reason = np.zeros(n, dtype=np.int8)
         if self.exact is not None:
             dup = self.exact.contains(content_hash) | first_occurrence(content_hash)
+            for exact, _ in self.prior:
+                if exact is not None:
+                    dup |= exact.contains(content_hash)
             reason[dup] = 1
             self.exact.add(content_hash)
         if self.bands:
@@ -300,6 +320,9 @@ class Deduplicator:
             for j, bloom in enumerate(self.bands):
                 keys = band_keys[:, j]
                 near |= bloom.contains(keys) | first_occurrence(keys)
+                for _, bands in self.prior:
+                    if bands:
+                        near |= bands[j].contains(keys)
                 bloom.add(keys)
             reason[(reason == 0) & near] = 2
         return reason

@@ -24,8 +24,10 @@ size (plus the Bloom filters, whose size depends only on the number of documents
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -42,11 +45,12 @@ from retromem.datastore import schema
 from retromem.datastore.atomic import atomic_dir, atomic_path, read_json, sha256_file, write_json
 from retromem.datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion, bloom_params
 from retromem.datastore.executors import EXECUTORS, make_executor
-from retromem.datastore.integrity import read_manifest
+from retromem.datastore.integrity import SECTION, read_manifest, record_files
 from retromem.datastore.job import Job, open_job
 from retromem.datastore.normalize import NormalizeConfig, normalize
 from retromem.datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
-from retromem.datastore.store import CHUNK_ARRAYS, DOC_ARRAYS, shard_arrays_sha256
+from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, ensure_version_file, file_records, next_integrity,
+                                         publish_version, shard_arrays_sha256)
 from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
 from retromem import __version__
 from retromem.config import boolean, from_dict, integer, non_negative_int, one_of
@@ -118,14 +122,18 @@ class BuildConfig:
 
 
 class Layout:
-    def __init__(self, out: str | Path) -> None:
+    """Where a build (or an add's new segment) writes. ``tokenizer_root``: the datastore holding the
+    tokenizer, when ``out`` is a segment of it."""
+
+    def __init__(self, out: str | Path, tokenizer_root: str | Path | None = None) -> None:
         self.out = Path(out)
         self.work = self.out / "_work"
+        self.tok_root = Path(tokenizer_root) if tokenizer_root else self.out
 
     manifest = property(lambda s: s.out / "manifest.json")
     plan = property(lambda s: s.work / "plan.json")
-    tokenizer_dir = property(lambda s: s.out / "tokenizer")
-    tokenizer_json = property(lambda s: s.out / "tokenizer" / "tokenizer.json")
+    tokenizer_dir = property(lambda s: s.tok_root / "tokenizer")
+    tokenizer_json = property(lambda s: s.tok_root / "tokenizer" / "tokenizer.json")
     arrays = property(lambda s: s.out / "arrays")
 
     def staged(self, u: int, k: int) -> Path:
@@ -172,10 +180,13 @@ class BuildContext:
     parts: tuple[tuple[int, int], ...] = ()  # (unit, k) of every staged part, in shard order (after ingest)
     offsets: tuple[dict[str, int], ...] = ()  # per part: first doc id, chunk id, text byte (after tokenize)
     array_shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype)
+    meta_types: dict[str, str] = field(default_factory=dict)  # metadata field -> type name (after ingest)
+    id_base: tuple[int, int] = (0, 0)  # (first doc id, first chunk id) of this segment: Parquet ids are global
+    tokenizer_root: str = ""  # the datastore whose tokenizer/ to use ("" : config.out)
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.config.out)
+        return Layout(self.config.out, self.tokenizer_root or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +216,8 @@ def _content_hashes(texts: list[str]) -> list[bytes]:
     return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
 
 
-def _write_staged(path: Path, cfg: BuildConfig, sources: list[str], ids: list[str], texts: list[str]) -> None:
+def _write_staged(path: Path, cfg: BuildConfig, sources: list[str], ids: list[str], texts: list[str],
+                  metas: list[str | None]) -> None:
     keys = np.zeros((len(texts), cfg.dedup.bands), dtype=np.uint64)
     if cfg.dedup.near:
         mh = _minhasher(cfg.dedup)
@@ -223,6 +235,7 @@ def _write_staged(path: Path, cfg: BuildConfig, sources: list[str], ids: list[st
             pa.array(texts, pa.large_string()),
             pa.array(_content_hashes(texts), pa.binary(16)),
             band_keys.cast(pa.list_(pa.uint64())),
+            pa.array(metas, pa.large_string()),
         ],
         schema=schema.STAGED_SCHEMA,
     )
@@ -241,17 +254,19 @@ def ingest_unit(ctx: BuildContext, u: int) -> dict:
     sources: list[str] = []
     ids: list[str] = []
     texts: list[str] = []
+    metas: list[str | None] = []
+    types: dict[str, list[str]] = {}  # metadata field -> [type, where first seen]
     size = 0
     records = 0
     raw_bytes = 0
 
     def flush() -> None:
-        nonlocal sources, ids, texts, size
+        nonlocal sources, ids, texts, metas, size
         if not texts:
             return
-        _write_staged(lay.staged(u, len(parts)), cfg, sources, ids, texts)
+        _write_staged(lay.staged(u, len(parts)), cfg, sources, ids, texts, metas)
         parts.append({"docs": len(texts), "text_chars": size})
-        sources, ids, texts, size = [], [], [], 0
+        sources, ids, texts, metas, size = [], [], [], [], 0
 
     for f in files:
         for rec in iter_records(f, cfg.text_field, cfg.id_field):
@@ -263,9 +278,13 @@ def ingest_unit(ctx: BuildContext, u: int) -> dict:
                     rec = InputError(f.path, rec.line, "empty_document",
                                      f"document {rec.source_id!r} is empty after normalization")
                 else:
+                    if rec.metadata:
+                        for name, value in rec.metadata.items():
+                            merge_meta_type(types, name, meta_type(value), f"{f.path}:{rec.line}")
                     sources.append(f.path)
                     ids.append(rec.source_id)
                     texts.append(text)
+                    metas.append(orjson.dumps(rec.metadata).decode() if rec.metadata else None)
                     size += len(text)
                     if size >= cfg.shard_bytes:
                         flush()
@@ -278,7 +297,41 @@ def ingest_unit(ctx: BuildContext, u: int) -> dict:
     if skip_lines:
         with atomic_path(lay.skips(u)) as tmp:
             tmp.write_text("\n".join(skip_lines) + "\n")
-    return {"parts": parts, "records": records, "chars": raw_bytes, "skipped": skips}
+    return {"parts": parts, "records": records, "chars": raw_bytes, "skipped": skips, "meta_types": types}
+
+
+def meta_type(value: Any) -> str | None:
+    """The metadata type of one JSON value (None for null: it fits every type)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int64" if -(1 << 63) <= value < (1 << 63) else "double"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    return "json"  # lists and objects, kept as JSON text
+
+
+def merge_meta_type(types: dict[str, list[str]], name: str, typ: str | None, where: str) -> None:
+    """Record that field ``name`` has a ``typ`` value at ``where``. int64 and double widen to double
+    (documented); any other mix is an InputError naming the field and both places."""
+    if typ is None:
+        return
+    seen = types.get(name)
+    if seen is None or seen[0] == typ:
+        if seen is None:
+            types[name] = [typ, where]
+        return
+    if {seen[0], typ} == {"int64", "double"}:
+        types[name] = ["double", seen[1] if seen[0] == "double" else where]
+        return
+    path, _, line = where.rpartition(":")
+    raise InputError(path or where, int(line) if line.isdigit() else None, "mixed_metadata_type",
+                     f"metadata field {name!r} is {typ} here but {seen[0]} at {seen[1]}: one field holds one type "
+                     "(int64 and double widen to double); fix the input or drop the field")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,9 +347,16 @@ def _read_hashes(path: Path, bands: int) -> tuple[np.ndarray, np.ndarray]:
     return content.copy(), keys
 
 
-def run_dedup(cfg: BuildConfig, parts: list[tuple[int, int]], total_docs: int) -> dict:
+def run_dedup(cfg: BuildConfig, parts: list[tuple[int, int]], total_docs: int,
+              prior: list[tuple[Path, int]] = ()) -> dict:
+    """Dedup the staged parts in order; ``prior``: (state file, expected docs) of the datastore's
+    earlier dedup generations, checked but not written (an add). The final checkpoint holds this
+    run's generation, which the caller keeps with the datastore."""
     lay = Layout(cfg.out)
     dd = Deduplicator(cfg.dedup, total_docs)
+    for path, expected in prior:
+        with np.load(path) as st:
+            dd.add_prior({k: st[k] for k in st.files if k != "parts_done"}, expected)
     start = 0
     if lay.checkpoint.exists():
         with np.load(lay.checkpoint) as ck:
@@ -395,7 +455,7 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
     lay = ctx.layout
     L = cfg.chunk_length
     off = ctx.offsets[p]  # {doc, chunk, byte}
-    staged = pq.read_table(lay.staged(*ctx.parts[p]), columns=["source", "source_id", "text", "content_hash"])
+    staged = pq.read_table(lay.staged(*ctx.parts[p]), columns=["source", "source_id", "text", "content_hash", "metadata"])
     reasons = np.load(lay.reasons(p))
     keep = reasons == 0
     with np.load(lay.tokenized(p)) as z:
@@ -452,19 +512,22 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
         fh.seek(off["byte"])
         fh.write(text_bytes)
 
-    # Parquet shards
+    # Parquet shards: ids global (the arrays above are local to the segment)
+    base_doc, base_chunk = ctx.id_base
+    meta_fields = sorted(ctx.meta_types)
     documents = pa.table(
         [
-            pa.array(doc_ids, pa.int64()),
+            pa.array(doc_ids + base_doc, pa.int64()),
             kept.column("source").combine_chunks().cast(pa.string()),
             kept.column("source_id").combine_chunks().cast(pa.string()),
             pa.array(texts, pa.large_string()),
             pa.array(hashes, pa.string()),
             pa.array(ntok, pa.int64()),
-            pa.array(first_chunk, pa.int64()),
+            pa.array(first_chunk + base_chunk, pa.int64()),
             pa.array(n_chunks_doc, pa.int64()),
+            *metadata_columns(kept.column("metadata").to_pylist(), ctx.meta_types),
         ],
-        schema=schema.DOCUMENTS_SCHEMA,
+        schema=documents_schema(ctx.meta_types),
     )
     tok_lists = pa.ListArray.from_arrays(
         pa.array(np.concatenate(([0], np.cumsum(chunk_ntok))).astype(np.int32)),
@@ -472,8 +535,8 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
     )
     chunks = pa.table(
         [
-            pa.array(np.arange(off["chunk"], off["chunk"] + n_chunks, dtype=np.int64), pa.int64()),
-            pa.array(chunk_doc, pa.int64()),
+            pa.array(np.arange(off["chunk"], off["chunk"] + n_chunks, dtype=np.int64) + base_chunk, pa.int64()),
+            pa.array(chunk_doc + base_doc, pa.int64()),
             pa.array(chunk_pos, pa.int32()),
             pa.array(cstarts, pa.int64()),
             pa.array(char_end, pa.int64()),
@@ -503,6 +566,39 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
     result["tokens_sha256"] = hashlib.sha256(block.tobytes()).hexdigest()
     result["text_sha256"] = hashlib.sha256(text_bytes).hexdigest()
     return result
+
+
+def documents_schema(meta_types: Mapping[str, str]) -> pa.Schema:
+    """The documents Parquet schema: the fixed columns, then one typed column per metadata field."""
+    extra = [pa.field(schema.METADATA_PREFIX + name, schema.metadata_arrow_type(meta_types[name]), nullable=True)
+             for name in sorted(meta_types)]
+    return pa.schema(list(schema.DOCUMENTS_SCHEMA) + extra)
+
+
+def metadata_columns(staged: list[str | None], meta_types: Mapping[str, str]) -> list[pa.Array]:
+    """The typed metadata columns (fields sorted by name) of documents whose extra fields were
+    staged as JSON objects (or null)."""
+    rows = [orjson.loads(m) if m else {} for m in staged]
+    cols = []
+    for name in sorted(meta_types):
+        typ = meta_types[name]
+        vals = [r.get(name) for r in rows]
+        if typ == "json":
+            vals = [None if v is None else orjson.dumps(v).decode() for v in vals]
+        elif typ == "double":
+            vals = [None if v is None else float(v) for v in vals]
+        cols.append(pa.array(vals, schema.metadata_arrow_type(typ)))
+    return cols
+
+
+def merge_unit_types(ing: Mapping[int, dict], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Metadata types over every ingest unit in order (and the datastore's declared ones, for an
+    add): int64 and double widen to double; any other mix is an InputError naming the field."""
+    types: dict[str, list[str]] = {name: [typ, "the existing datastore"] for name, typ in (base or {}).items()}
+    for u in sorted(ing):
+        for name, (typ, where) in ing[u].get("meta_types", {}).items():
+            merge_meta_type(types, name, typ, where)
+    return {name: t[0] for name, t in sorted(types.items())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,8 +641,9 @@ def estimated_bytes(files: list[InputFile]) -> int:
     return int(2.5 * text) + 8 * 2**20
 
 
+
 def build(cfg: BuildConfig, overwrite: bool = False) -> BuildResult:
-    """Build (or resume building) the datastore described by ``cfg``.
+    """Build (or resume building) the datastore described by ``cfg``: version 1, one segment.
 
     ``overwrite``: delete the datastore at ``cfg.out`` first (only ever a datastore: anything else
     there is refused, as is a directory another job is writing).
@@ -590,30 +687,57 @@ def _build(job: Job, cfg: BuildConfig, files: list[InputFile], plan: dict[str, A
     tok_info = read_json(lay.tokenizer_dir / "retromem_tokenizer.json")
     seconds["tokenizer"] = time.perf_counter() - t0
 
+    steps = _run_steps(job, cfg, files, tok_info, seconds)
+    gen = _keep_dedup_generation(lay, lay.out, 1)
+    manifest = _manifest(cfg, plan, tok_info, steps, gen)
+    # last: version 1 (versions/v00001.json, then manifest.json), with every file's size and checksum
+    manifest = {**manifest, SECTION: record_files(lay.out, exclude=(lay.manifest.name,))}
+    publish_version(lay.out, manifest)
+    if not cfg.keep_work:
+        job.clear_work()
+    seconds["total"] = time.perf_counter() - t0
+    return BuildResult(manifest, seconds)
+
+
+def _keep_dedup_generation(lay: Layout, root: Path, version: int) -> str:
+    """Copy this run's final dedup filters (the last checkpoint) into the datastore, where the next
+    ``add`` finds them; returns the file's path relative to ``root``."""
+    rel = f"dedup/gen-v{version:05d}.npz"
+    with atomic_path(root / rel) as tmp:
+        shutil.copyfile(lay.checkpoint, tmp)
+    return rel
+
+
+def _run_steps(job: Job, cfg: BuildConfig, files: list[InputFile], tok_info: dict[str, Any], seconds: dict[str, float], *,
+               tokenizer_root: str = "", id_base: tuple[int, int] = (0, 0), prior: list[tuple[Path, int]] = (),
+               base_types: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """ingest -> dedup -> tokenize -> finalize into ``cfg.out`` (a datastore, or a new segment of
+    one: ids in its Parquet files start at ``id_base``). Returns what the manifest records."""
+    lay = Layout(cfg.out, tokenizer_root or None)
     executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     units = tuple(tuple(u) for u in _plan_units(files, cfg.shard_bytes))
-    ctx = BuildContext(config=cfg, files=tuple(files), units=units,
-                       token_dtype=tok_info["token_dtype"], pad_token_id=tok_info["pad_token_id"])
+    ctx = BuildContext(config=cfg, files=tuple(files), units=units, token_dtype=tok_info["token_dtype"],
+                       pad_token_id=tok_info["pad_token_id"], id_base=tuple(id_base), tokenizer_root=tokenizer_root)
 
     t = time.perf_counter()
     unit_sizes = [sum(files[i].size for i in u) for u in units]
     ing = _run_step(job, executor, "ingest", ingest_unit, ctx, list(range(len(units))), _ingest_marker, "unit", unit_sizes)
     seconds["ingest"] = time.perf_counter() - t
     parts = tuple((u, k) for u in range(len(units)) for k in range(len(ing[u]["parts"])))
-    ctx = replace(ctx, parts=parts)
+    ctx = replace(ctx, parts=parts, meta_types=merge_unit_types(ing, base_types))
     total_docs = sum(pt["docs"] for u in range(len(units)) for pt in ing[u]["parts"])
     if total_docs == 0:
         raise DatastoreError("the inputs hold no usable document" + (" (all were skipped)" if cfg.on_error == "skip" else ""))
 
     t = time.perf_counter()
-    dedup_stats = run_dedup(cfg, list(parts), total_docs)
+    dedup_stats = run_dedup(cfg, list(parts), total_docs, list(prior))
     seconds["dedup"] = time.perf_counter() - t
 
     t = time.perf_counter()
     tok = _run_step(job, executor, "tokenize", tokenize_part, ctx, list(range(len(parts))), _tokenize_marker, "shard")
     seconds["tokenize"] = time.perf_counter() - t
 
-    # global offsets of every part, then the arrays at their final size
+    # offsets of every part inside this segment, then the arrays at their final size
     offsets, d, c, b = [], 0, 0, 0
     for p in range(len(parts)):
         offsets.append({"doc": d, "chunk": c, "byte": b})
@@ -657,23 +781,19 @@ def _build(job: Job, cfg: BuildConfig, files: list[InputFile], plan: dict[str, A
                     if lay.skips(u).exists():
                         out.write(lay.skips(u).read_text())
     shards = [fin[p] for p in range(len(parts))]
-    # per-shard checksums of the chunk and document arrays: reads verify the shard they touch
+    # per-shard checksums of the chunk and document arrays (rows local to the segment): reads verify the shard they touch
     arrays = {name: np.load(lay.arrays / f"{name}.npy", mmap_mode="r") for name in CHUNK_ARRAYS + DOC_ARRAYS}
     for s in shards:
         s["arrays_sha256"] = shard_arrays_sha256(arrays, s["first_chunk_id"], s["chunks"], s["first_doc_id"], s["documents"])
     del arrays
-    manifest = _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, total_docs)
-    manifest = job.seal(lay.manifest.name, manifest)  # last, with every file's size and checksum
-    if not cfg.keep_work:
-        job.clear_work()
-    seconds["total"] = time.perf_counter() - t0
-    return BuildResult(manifest, seconds)
+    return {"shards": shards, "shapes": shapes, "ing": ing, "dedup": dedup_stats, "skipped": skipped,
+            "total_docs": total_docs, "meta_types": dict(ctx.meta_types)}
 
 
-def _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, total_docs) -> dict:
-    bits, k = bloom_params(10**9, cfg.dedup.near_fp_rate)
-    stats = {
-        "input_documents": total_docs + sum(skipped.values()),
+def _dedup_stats(cfg: BuildConfig, steps: dict[str, Any]) -> dict[str, Any]:
+    dedup_stats, skipped = steps["dedup"], steps["skipped"]
+    return {
+        "input_documents": steps["total_docs"] + sum(skipped.values()),
         "skipped": skipped,
         "removed_exact": dedup_stats["exact_duplicate"],
         "removed_near": dedup_stats["near_duplicate"],
@@ -685,6 +805,30 @@ def _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, to
         "bloom_bytes_this_build": dedup_stats["bloom_bytes"],
         "bloom_bytes_per_billion_documents": bloom_bytes_per_billion(cfg.dedup),
     }
+
+
+def _segment_record(name: str, rel: str, version: int, id_base: tuple[int, int], steps: dict[str, Any],
+                    first_shard: int, inputs: list[dict]) -> dict[str, Any]:
+    """A version's record of one segment written at ``rel`` (root-relative; "." for a fresh build)."""
+    shards = steps["shards"]
+    prefix = "" if rel == "." else rel + "/"
+    text_bytes = sum(s["text_bytes"] for s in shards)
+    return {
+        "name": name, "dir": rel, "version_added": version,
+        "first_doc_id": id_base[0], "n_docs": sum(s["documents"] for s in shards),
+        "first_chunk_id": id_base[1], "n_chunks": sum(s["chunks"] for s in shards),
+        "n_tokens": sum(s["tokens"] for s in shards), "text_bytes": text_bytes,
+        "arrays": {n: {"file": f"{prefix}arrays/{n}.npy", "shape": list(sh[0]), "dtype": sh[1]} for n, sh in steps["shapes"].items()}
+        | {"text": {"file": f"{prefix}arrays/text.bin", "bytes": text_bytes}},
+        "first_shard": first_shard, "n_shards": len(shards), "purged_doc_ids": [],
+        "metadata_fields": steps["meta_types"], "inputs": inputs,
+    }
+
+
+def _manifest(cfg: BuildConfig, plan: dict[str, Any], tok_info: dict[str, Any], steps: dict[str, Any], gen: str) -> dict:
+    shards, ing = steps["shards"], steps["ing"]
+    stats = _dedup_stats(cfg, steps)
+    stats["generations"] = [{"file": gen, "expected_docs": steps["total_docs"], "version": 1}]
     fingerprint = hashlib.sha256()
     fingerprint.update(tok_info["vocab_hash"].encode())
     fingerprint.update(str(cfg.chunk_length).encode())
@@ -692,24 +836,143 @@ def _manifest(cfg, plan, tok_info, shards, shapes, ing, dedup_stats, skipped, to
         for key in ("documents_file", "chunks_file"):
             fingerprint.update(s[key]["sha256"].encode())
         fingerprint.update(s["tokens_sha256"].encode())
+    seg = _segment_record("seg-00001", ".", 1, (0, 0), steps, 0, plan["files"])
     return {
         "format_version": schema.FORMAT_VERSION,
         "created_by": f"retromem {__version__}",
-        "datastore_id": fingerprint.hexdigest(),
+        "datastore_id": fingerprint.hexdigest(),  # the lineage's id: kept by every later version
+        "version": 1,
+        "parent_version": None,
+        "operation": "build",
         "tokenizer": tok_info,
         "chunk_length": cfg.chunk_length,
         "counts": {
-            "documents": sum(s["documents"] for s in shards),
-            "chunks": sum(s["chunks"] for s in shards),
-            "tokens": sum(s["tokens"] for s in shards),
-            "text_bytes": sum(s["text_bytes"] for s in shards),
+            "documents": seg["n_docs"],
+            "chunks": seg["n_chunks"],
+            "tokens": seg["n_tokens"],
+            "text_bytes": seg["text_bytes"],
             "input_chars": sum(r["chars"] for r in ing.values()),
             "shards": len(shards),
+            "segments": 1,
+            "deleted_documents": 0,
         },
         "shards": shards,
-        "arrays": {name: {"file": f"arrays/{name}.npy", "shape": list(s[0]), "dtype": s[1]} for name, s in shapes.items()}
-        | {"text": {"file": "arrays/text.bin", "bytes": sum(s["text_bytes"] for s in shards)}},
+        "segments": [seg],
+        "arrays": seg["arrays"],  # the one segment's, as datastores of one segment always recorded
+        "metadata_fields": steps["meta_types"],
+        "tombstones": None,
+        "audit": [],
         "dedup": stats,
         "inputs": plan["files"],
         "build_config": plan["config"],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# add: a new segment
+
+
+@dataclass
+class AddResult:
+    manifest: dict[str, Any]  # of the new version
+    version: int
+    segment: dict[str, Any]  # its record in the manifest
+    seconds: dict[str, float]
+    bytes_written: int  # every file the add wrote (the segment, its dedup generation, the version files)
+
+
+def add(path: str | Path, inputs: list[str] | tuple[str, ...], *, format: str = "auto", text_field: str = "text",
+        id_field: str | None = "id", on_error: str = "raise", shard_bytes: int | None = None, workers: int = 0,
+        executor: str = "local", ray_address: str | None = None) -> AddResult:
+    """Append ``inputs`` to the datastore at ``path`` as a new immutable segment and version.
+
+    Ids continue where the datastore ends; documents are deduplicated against everything already in
+    it through its kept dedup generations (no old text is read) and against each other; the
+    normalization, dedup settings, tokenizer and chunk length are the datastore's. Metadata fields
+    must agree in type with the declared ones (int64 widens to double). Nothing the current
+    version reads is touched: a killed add leaves it as the newest version, and the same command
+    re-run resumes the segment (another command, or a version published meanwhile, starts it over).
+    """
+    from retromem.datastore.store import Datastore  # the read side: floor-internal, no circle (store never imports pipeline)
+
+    path = Path(path)
+    files = expand_inputs(list(inputs), format)
+    t0 = time.perf_counter()
+    with open_job(path, "datastore", legacy=("manifest.json",)) as job:
+        ensure_version_file(path)
+        base = Datastore.open(path)
+        bm = base.manifest
+        v = base.version + 1
+        name = f"seg-{v:05d}"
+        rel = f"segments/{name}"
+        segdir = path / rel
+        orig = bm["build_config"]
+        cfg = BuildConfig(inputs=tuple(inputs), out=str(segdir), format=format, text_field=text_field,
+                          id_field=id_field or None, normalize=orig["normalize"], dedup=orig["dedup"],
+                          tokenizer=orig["tokenizer"], chunk_length=base.chunk_length,
+                          shard_bytes=shard_bytes or int(orig["shard_bytes"]), on_error=on_error,
+                          workers=workers, executor=executor, ray_address=ray_address)
+        plan = {"config": cfg.identity(), "files": _fingerprint(files), "base_version": base.version,
+                "base_version_id": base.version_id}
+        preflight(path, estimated_bytes(files), "the datastore add")
+        lay = Layout(segdir, path)
+        if segdir.exists() and (not lay.plan.exists() or read_json(lay.plan) != plan):
+            # an add that never published (killed, with other inputs, or overtaken by another version): start over
+            logger.info("discarding the unfinished segment %s", segdir)
+            shutil.rmtree(segdir)
+        if lay.plan.exists():
+            logger.info("resuming the add in %s", segdir)
+        else:
+            write_json(lay.plan, plan)
+        job.work = lay.work  # done-markers of this add live in its segment's _work/
+        seconds: dict[str, float] = {}
+        prior = [(path / g["file"], int(g["expected_docs"])) for g in bm["dedup"].get("generations", [])]
+        if not prior:
+            logger.warning("%s keeps no dedup filters (built before they were kept): the add is deduplicated "
+                           "only within itself", path)
+        id_base = (base.num_documents, base.num_chunks)
+        steps = _run_steps(job, cfg, files, bm["tokenizer"], seconds, tokenizer_root=str(path), id_base=id_base,
+                           prior=prior, base_types=bm.get("metadata_fields", {}))
+        gen = _keep_dedup_generation(lay, path, v)
+        job.clear_work()
+        shards = []
+        for s in steps["shards"]:  # root-relative paths, global ids
+            s = dict(s, first_doc_id=s["first_doc_id"] + id_base[0], first_chunk_id=s["first_chunk_id"] + id_base[1])
+            for key in ("documents_file", "chunks_file", "removed_file"):
+                s[key] = dict(s[key], path=f"{rel}/{s[key]['path']}")
+            shards.append(s)
+        seg = _segment_record(name, rel, v, id_base, {**steps, "shards": shards}, len(bm["shards"]), plan["files"])
+        new_files = file_records(path, rel)
+        new_files[gen] = {"bytes": (path / gen).stat().st_size, "sha256": sha256_file(path / gen)}
+        m = {k: val for k, val in bm.items() if k != SECTION}
+        added = _dedup_stats(cfg, steps)
+        old = bm["dedup"]
+        m.update({
+            "version": v, "parent_version": base.version, "operation": "add", "created": _now(),
+            "segments": bm["segments"] + [seg], "shards": bm["shards"] + shards,
+            "metadata_fields": steps["meta_types"],
+            "counts": {**bm["counts"],
+                       "documents": bm["counts"]["documents"] + seg["n_docs"],
+                       "chunks": bm["counts"]["chunks"] + seg["n_chunks"],
+                       "tokens": bm["counts"]["tokens"] + seg["n_tokens"],
+                       "text_bytes": bm["counts"]["text_bytes"] + seg["text_bytes"],
+                       "input_chars": bm["counts"]["input_chars"] + sum(r["chars"] for r in steps["ing"].values()),
+                       "shards": len(bm["shards"]) + len(shards), "segments": len(bm["segments"]) + 1},
+            "dedup": {**old,
+                      "input_documents": old["input_documents"] + added["input_documents"],
+                      "skipped": {k: old["skipped"].get(k, 0) + added["skipped"].get(k, 0) for k in {*old["skipped"], *added["skipped"]}},
+                      "removed_exact": old["removed_exact"] + added["removed_exact"],
+                      "removed_near": old["removed_near"] + added["removed_near"],
+                      "kept": old["kept"] + added["kept"],
+                      "generations": old.get("generations", []) + [{"file": gen, "expected_docs": steps["total_docs"], "version": v}]},
+        })
+        m.pop("arrays", None)  # several segments: each records its own
+        m[SECTION] = next_integrity(bm, new_files)
+        publish_version(path, m)
+        written = sum(int(r["bytes"]) for r in new_files.values()) + 2 * (path / "manifest.json").stat().st_size
+        seconds["total"] = time.perf_counter() - t0
+        return AddResult(m, v, seg, seconds, written)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

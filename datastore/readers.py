@@ -40,6 +40,7 @@ class Record:
     line: int  # 1-based line (JSONL) or row (Parquet); 1 for a text file
     source_id: str
     text: str
+    metadata: dict | None = None  # the record's other fields (JSON values), kept as typed metadata
 
 
 def detect_format(path: str) -> str:
@@ -149,7 +150,8 @@ def _iter_jsonl(path: str, text_field: str, id_field: str | None) -> Iterator[Re
                                      f"field {text_field!r} is a {type(text).__name__}, not a string")
                     continue
                 sid = obj.get(id_field) if id_field else None
-                yield Record(line_no, f"{path}:{line_no}" if sid is None else str(sid), text)
+                meta = {k: v for k, v in obj.items() if k != text_field and k != id_field} or None
+                yield Record(line_no, f"{path}:{line_no}" if sid is None else str(sid), text, meta)
     except _CORRUPT as exc:
         yield InputError(path, line_no + 1, "corrupt_file", f"cannot read past this point: {exc}")
 
@@ -183,18 +185,34 @@ def _iter_parquet(path: str, text_field: str, id_field: str | None) -> Iterator[
         yield InputError(path, None, "missing_field",
                          f"no column {text_field!r} (set it with --text-field); columns: {', '.join(names)}")
         return
-    columns = [text_field] + ([id_field] if id_field and id_field in names else [])
+    has_id = bool(id_field) and id_field in names
+    extra = [n for n in names if n != text_field and n != id_field]  # kept as metadata
     row = 0
     try:
-        for batch in pf.iter_batches(columns=columns, batch_size=4096):
-            texts = batch.column(0).to_pylist()
-            ids = batch.column(1).to_pylist() if batch.num_columns > 1 else [None] * len(texts)
-            for text, sid in zip(texts, ids):
+        for batch in pf.iter_batches(batch_size=4096):
+            texts = batch.column(text_field).to_pylist()
+            ids = batch.column(id_field).to_pylist() if has_id else [None] * len(texts)
+            metas = [batch.column(n).to_pylist() for n in extra]
+            for i, (text, sid) in enumerate(zip(texts, ids)):
                 row += 1
                 if not isinstance(text, str):
                     yield InputError(path, row, "missing_field",
                                      f"column {text_field!r} is {'null' if text is None else type(text).__name__}")
                     continue
-                yield Record(row, f"{path}:{row}" if sid is None else str(sid), text)
+                meta = {n: _plain(m[i]) for n, m in zip(extra, metas)} or None
+                yield Record(row, f"{path}:{row}" if sid is None else str(sid), text, meta)
     except Exception as exc:
         yield InputError(path, row + 1, "corrupt_file", f"cannot read past this row: {exc}")
+
+
+def _plain(value: object) -> object:
+    """A Parquet cell as a JSON value: dates, times, decimals and bytes become strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)

@@ -51,5 +51,17 @@ STAGED_SCHEMA = pa.schema(
         pa.field("text", pa.large_string(), nullable=False),
         pa.field("content_hash", pa.binary(16), nullable=False),
         pa.field("band_keys", pa.list_(pa.uint64()), nullable=False),
+        pa.field("metadata", pa.large_string(), nullable=True),  # the record's extra fields as JSON, or null
     ]
 )
+
+# Metadata: every extra field of the inputs (url, lang, licence, ...) becomes a typed column of the
+# documents Parquet named METADATA_PREFIX + field (so a field called "source" or "text" cannot
+# collide with the columns above); the manifest declares field -> type name.
+METADATA_PREFIX = "metadata."
+METADATA_TYPES = {"string": pa.string(), "int64": pa.int64(), "double": pa.float64(), "bool": pa.bool_(),
+                  "json": pa.string()}  # json: nested values (lists, objects) kept as JSON text
+
+
+def metadata_arrow_type(name: str) -> pa.DataType:
+    return METADATA_TYPES[name]

@@ -44,6 +44,18 @@ class DatastoreError(RetromemError):
     """A datastore directory is missing, incomplete, corrupt, or not the one expected."""
 
 
+class DocumentDeletedError(DatastoreError):
+    """A read named a document (or a chunk of one) that a takedown deleted; ``doc_ids`` lists them.
+    Reads pass ``include_deleted=True`` to get them anyway (index jobs purging them, compaction)."""
+
+    def __init__(self, doc_ids: Any, message: str) -> None:
+        self.doc_ids = list(doc_ids)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.doc_ids, self.args[0]))
+
+
 class AssetError(RetromemError):
     """An offline model or tokenizer asset cannot be found or fetched."""
 

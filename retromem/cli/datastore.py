@@ -1,4 +1,5 @@
-"""Commands: `retromem datastore build|info|show|verify`, `retromem index verify` (any artifact), and
+"""Commands: `retromem datastore build|add|delete|compact|check-takedown|log|info|show|verify`,
+`retromem index verify` (any artifact), and
 the demo's first two steps (build the demo datastore, read a chunk, its continuation and a
 document back)."""
 
@@ -160,6 +161,10 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
         click.echo(json.dumps(ds.manifest, indent=2))
     else:
         print_summary(ds.manifest)
+        click.echo(f"version     {ds.version}  ({len(ds.segments)} segment(s), {len(ds.deleted_doc_ids):,} deleted documents; "
+                   f"`retromem datastore log` lists versions and takedowns)")
+        if ds.metadata_fields:
+            click.echo("metadata    " + ", ".join(f"{k}: {v}" for k, v in ds.metadata_fields.items()))
         click.echo(_detection_line(ds.manifest["dedup"]))
         on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         click.echo(f"on disk     {fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
@@ -290,11 +295,173 @@ def _report(problems: list[str]) -> None:
 
 @group.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--all-versions", is_flag=True, help="Check every readable version, not only the newest.")
 @handle_errors
-def datastore_verify(path: str) -> None:
+def datastore_verify(path: str, all_versions: bool) -> None:
     """Recompute the checksum of every file of the datastore at PATH and check its structure; name
     each damaged file (`error: FILE: what`, exit 2)."""
-    _report(verify_path(path))
+    if not all_versions:
+        _report(verify_path(path))
+        return
+    from retromem.datastore import Datastore
+    from retromem.datastore.segments import list_versions
+
+    problems: list[str] = []
+    for v in list_versions(path) or [1]:
+        try:
+            ds = Datastore.open(path, version=v)
+        except RetromemError as exc:
+            if "no longer readable" in str(exc):
+                click.echo(f"version {v}: compacted away (not readable)")
+                continue
+            problems.append(f"version {v}: {exc}")
+            continue
+        found = ds.verify()
+        problems += [f"version {v}: {Path(path) / p}" for p in found]
+        if not found:
+            click.echo(f"version {v}: every checksum matches and the structure is sound")
+    _report(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# growing and forgetting (issue 18)
+
+
+@group.command("add")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "text"]), default="auto", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--id-field", default="id", show_default=True, help="'' for none: file:line.")
+@click.option("--shard-size", default=None, help="Normalized text per shard (default: the datastore's).")
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True)
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None)
+@handle_errors
+def datastore_add(path: str, inputs: tuple[str, ...], fmt: str, text_field: str, id_field: str, shard_size: str | None,
+                  on_error: str, workers: int, executor: str, ray_address: str | None) -> None:
+    """Append INPUTS to the datastore at PATH as a new segment and version: ids continue, documents
+    already in it (exactly or nearly) are dropped. Re-run the same command to resume a killed add."""
+    from retromem.datastore.pipeline import add
+
+    res = add(path, list(inputs), format=fmt, text_field=text_field, id_field=id_field or None, on_error=on_error,
+              shard_bytes=parse_size(shard_size, "--shard-size") if shard_size else None, workers=workers,
+              executor=executor, ray_address=ray_address)
+    seg, d = res.segment, res.manifest["dedup"]
+    click.echo(f"version {res.version}: segment {seg['name']} with {seg['n_docs']:,} documents (doc ids "
+               f"{seg['first_doc_id']}..{seg['first_doc_id'] + seg['n_docs'] - 1}), {seg['n_chunks']:,} chunks, "
+               f"{seg['n_tokens']:,} tokens; {fmt_bytes(res.bytes_written)} written in {res.seconds['total']:.1f}s")
+    click.echo(f"dedup       the whole datastore now: {d['removed_exact']:,} exact and {d['removed_near']:,} near "
+               f"duplicates removed, {d['kept']:,} kept")
+
+
+@group.command("delete")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--doc-id", "doc_ids", type=int, multiple=True, help="A doc id to delete (repeatable).")
+@click.option("--source-id", "source_ids", multiple=True, help="Delete every document with this source id (repeatable).")
+@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False),
+              help="A file of ids, one a line: an integer is a doc id, `source:ID` a source id.")
+@click.option("--reason", required=True, help="Why (copyright, privacy request #123, ...): kept in the audit log.")
+@click.option("--who", default=None, help="Who asked or approved (default: the user name).")
+@handle_errors
+def datastore_delete(path: str, doc_ids: tuple[int, ...], source_ids: tuple[str, ...], ids_file: str | None,
+                     reason: str, who: str | None) -> None:
+    """Delete documents (tombstones in a new version, an audit log entry). Reads refuse them at once;
+    `retromem datastore compact` then removes their bytes."""
+    from retromem.datastore.tombstones import delete, read_ids_file
+
+    docs, sources = list(doc_ids), list(source_ids)
+    if ids_file:
+        more_docs, more_sources = read_ids_file(ids_file)
+        docs += more_docs
+        sources += more_sources
+    entry = delete(path, doc_ids=docs, source_ids=sources, reason=reason, who=who)
+    n = len(entry["doc_ids"])
+    click.echo(f"version {entry['version']}: deleted {n:,} document(s) ({_ids_text(entry['doc_ids'])}) "
+               f"by {entry['who']} at {entry['time']}: {entry['why']}")
+    if entry["already_deleted"]:
+        click.echo(f"already deleted before: {_ids_text(entry['already_deleted'])}")
+
+
+def _ids_text(ids: list[int], limit: int = 10) -> str:
+    return ", ".join(map(str, ids[:limit])) + (f" and {len(ids) - limit:,} more" if len(ids) > limit else "")
+
+
+@group.command("log")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Versions and audit entries as JSON.")
+@handle_errors
+def datastore_log(path: str, as_json: bool) -> None:
+    """Versions of the datastore at PATH (what each added, deleted or compacted) and its audit log."""
+    from retromem.datastore import Datastore
+    from retromem.datastore.integrity import read_manifest
+    from retromem.datastore.segments import list_versions, version_file
+
+    ds = Datastore.open(path)
+    rows = []
+    for v in list_versions(path) or [1]:
+        m = read_manifest(Path(path) / version_file(v)) if list_versions(path) else ds.manifest
+        c = m["counts"]
+        rows.append({"version": v, "operation": m.get("operation", "build"), "created": m.get("created"),
+                     "documents": c["documents"], "chunks": c["chunks"], "segments": len(m.get("segments", [])) or 1,
+                     "deleted": c.get("deleted_documents", 0),
+                     "readable": v >= int(ds.manifest.get("min_readable_version", 1))})
+    audit = ds.audit_log()
+    if as_json:
+        click.echo(json.dumps({"versions": rows, "audit": audit}, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{'version':>7}  {'operation':<9} {'created':<25} {'documents':>10} {'chunks':>10} {'segments':>8} {'deleted':>8}")
+    for r in rows:
+        click.echo(f"{r['version']:>7}  {r['operation']:<9} {r['created'] or '-':<25} {r['documents']:>10,} {r['chunks']:>10,} "
+                   f"{r['segments']:>8} {r['deleted']:>8,}" + ("" if r["readable"] else "  (compacted away)"))
+    click.echo(f"audit log: {len(audit)} takedown(s)")
+    for e in audit:
+        click.echo(f"  v{e['version']} {e['time']} by {e['who']}: {e['why']} -- {len(e['doc_ids'])} document(s): "
+                   f"doc ids {_ids_text(e['doc_ids'])}; source ids {', '.join(map(repr, e['source_ids'][:5]))}"
+                   + (" ..." if len(e["source_ids"]) > 5 else ""))
+
+
+group.add_command(datastore_log, name="versions")
+
+
+@group.command("compact")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def datastore_compact(path: str) -> None:
+    """Rewrite the segments that hold deleted documents without their text and tokens (ids kept), as a
+    new version; delete the superseded files (older versions become unreadable)."""
+    from retromem.datastore.takedown import compact
+
+    res = compact(path)
+    if res.version is None:
+        click.echo(f"{path}: nothing to compact (no deleted document left in any file)")
+        return
+    click.echo(f"version {res.version}: rewrote {', '.join(res.segments)} without {res.purged_docs:,} deleted "
+               f"document(s); {fmt_bytes(res.bytes_written)} written, {fmt_bytes(res.bytes_freed)} of superseded files removed")
+
+
+@group.command("check-takedown")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--index", "indexes", multiple=True, type=click.Path(exists=True),
+              help="Also scan this index directory (repeatable).")
+@handle_errors
+def datastore_check_takedown(path: str, indexes: tuple[str, ...]) -> None:
+    """Prove that no text or token bytes of a deleted document remain in any file of the datastore
+    at PATH (and the --index directories); exit 1 naming file and doc id for each found."""
+    from retromem.datastore import Datastore
+    from retromem.datastore.takedown import check
+
+    ds = Datastore.open(path)
+    rep = check([path, *indexes], ds)
+    for f, d, kind in rep.found:
+        click.echo(f"found: {f}: doc_id {d} ({kind})", err=True)
+    click.echo(f"{rep.deleted_docs:,} deleted document(s), {rep.probes:,} probes ({rep.shared_probes:,} left out: also "
+               f"in live documents; {rep.unprobed_docs:,} document(s) too short to probe), {rep.files:,} files, "
+               f"{fmt_bytes(rep.bytes)} scanned: " + ("no deleted text or tokens remain" if rep.ok else
+                                                      f"{len(rep.found):,} finding(s)"))
+    if not rep.ok:
+        sys.exit(1)
 
 
 @click.command("verify")
