@@ -78,34 +78,9 @@ class ModelDrafter:
     @classmethod
     def early_exit(cls, target: Any, layers: int, config: ModelDraftConfig | None = None, *,
                    vocab: Sequence[int] | None = None) -> "ModelDrafter":
-        """The target's first ``layers`` decoder layers + its final norm + its output layer, as a draft
-        model (the weights are the target's own, shared; only the config is copied)."""
-        dec = target.get_decoder()
-        total = int(target.config.num_hidden_layers)
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < total:
-            raise ConfigError(f"`draft.layers` (--draft-layers) must be in 1..{total - 1} (the target has {total} "
-                              f"layers), got {layers!r}")
-        cfg = copy.copy(target.config)
-        cfg.num_hidden_layers = layers  # the decoder loops over layers[:config.num_hidden_layers]
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = list(cfg.layer_types)[:layers]
-        shallow = copy.copy(dec)  # shares the modules; its own config
-        object.__setattr__(shallow, "config", cfg)
-
-        class _View(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.config = cfg
-                self.decoder = shallow
-                self.head = target.get_output_embeddings()
-
-            def get_decoder(self) -> Any:
-                return self.decoder
-
-            def get_output_embeddings(self) -> Any:
-                return self.head
-
-        return cls(_View(), config, vocab=vocab)
+        """The target's first ``layers`` decoder layers + its final norm + its output layer as the draft
+        model (:func:`early_exit_model`: the target's own weights, shared)."""
+        return cls(early_exit_model(target, layers), config, vocab=vocab)
 
     def reset(self) -> None:
         self._cache = None
@@ -189,6 +164,39 @@ class ModelDrafter:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 layer.keys = layer.keys[:, :, :n]
                 layer.values = layer.values[:, :, :n]
+
+
+def early_exit_model(target: Any, layers: int) -> Any:
+    """A causal LM of the target's class made of the target's first ``layers`` decoder layers, its
+    final norm and its output layer, sharing the target's modules (no weights copied): a draft model
+    for :class:`ModelDrafter` and for Hugging Face assisted generation (``assistant_model=``) alike.
+    Llama-family layout (``model.embed_tokens``, ``model.layers``, ``model.norm``, ``lm_head``)."""
+    total = int(target.config.num_hidden_layers)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < total:
+        raise ConfigError(f"`draft.layers` (--draft-layers) must be in 1..{total - 1} (the target has {total} "
+                          f"layers), got {layers!r}")
+    inner = getattr(target, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")) or \
+            not hasattr(target, "lm_head"):
+        raise ConfigError(f"an early exit needs a Llama-like model (model.embed_tokens, model.layers, model.norm, "
+                          f"lm_head); {type(target).__name__} is not")
+    cfg = copy.deepcopy(target.config)
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types)[:layers]
+    with torch.device("meta"):  # no weights allocated: every module is replaced by the target's own
+        small = type(target)(cfg)
+    small.model.embed_tokens = inner.embed_tokens
+    small.model.layers = torch.nn.ModuleList(list(inner.layers[:layers]))
+    small.model.norm = inner.norm
+    if hasattr(inner, "rotary_emb"):
+        small.model.rotary_emb = inner.rotary_emb
+    small.lm_head = target.lm_head
+    left = [n for n, t in list(small.named_parameters()) + list(small.named_buffers()) if t.is_meta]
+    if left:
+        raise ConfigError(f"an early exit of {type(target).__name__} left {left[:3]} unshared")
+    small.generation_config = copy.deepcopy(target.generation_config)
+    return small.eval()
 
 
 class ContextDrafter:
@@ -291,4 +299,5 @@ def frequent_tokens(streams: Any, n: int) -> list[int]:
     return np.argsort(-counts, kind="stable")[:n].tolist()
 
 
-__all__ = ["ContextDrafter", "FusedDrafter", "ModelDraftConfig", "ModelDrafter", "frequent_tokens", "fuse_trees"]
+__all__ = ["ContextDrafter", "FusedDrafter", "ModelDraftConfig", "ModelDrafter", "early_exit_model", "frequent_tokens",
+           "fuse_trees"]
