@@ -153,3 +153,79 @@ def check_retro_layers(retro_layers: list[int], num_hidden_layers: int) -> None:
                              f"(1-based, the decoder has {num_hidden_layers} layers), got {layer!r}")
     if len(set(retro_layers)) != len(retro_layers):
         raise ValueError(f"`retro_layers` must not repeat a layer, got {retro_layers}")
+
+
+# RetroConfig keys that a RETROfit's ``retro`` mapping leaves out (PretrainedConfig bookkeeping)
+_NOT_RETRO = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path", "dtype",
+              "torch_dtype", "output_attentions", "output_hidden_states", "return_dict", "use_cache")
+RETROFIT_WEIGHTS = ("full", "retro")
+
+
+class RetrofitConfig(PretrainedConfig):
+    """A RETROfit: a pretrained decoder (``base_config``) with RETRO blocks (``retro``).
+
+    retro: the RetroConfig fields of the blocks (its decoder fields copied from the base config by
+        ``retro_config_for``).
+    base_model_type / base_config: the base model's ``model_type`` and the rest of its config. The
+        base's model_type is kept beside its config, not inside it: transformers' ``from_pretrained``
+        of a base class (``LlamaConfig``) adopts a nested mapping whose model_type is its own.
+    base_model_name / base_model_path / base_model_sha256: which pretrained model the blocks were
+        trained on (a name or hub id, the local directory it was loaded from, and
+        ``modeling_retro.base_weights_sha256`` of its weights). A directory of RETRO weights alone
+        loads onto that base and refuses one with another hash.
+    weights: what a saved directory holds: ``full`` (base and RETRO weights) or ``retro`` (RETRO weights
+        alone; the base comes from the fields above).
+    vocab_size: always None at the top level (the vocabulary is the base's). A base class reading this
+        config (``LlamaForCausalLM.from_pretrained(dir)``) therefore refuses it, instead of loading the
+        base weights and dropping the RETRO ones.
+    """
+
+    model_type = "retrofit"
+
+    retro: dict | None = None
+    base_model_type: str | None = None
+    base_config: dict | None = None
+    base_model_name: str | None = None
+    base_model_path: str | None = None
+    base_model_sha256: str | None = None
+    weights: str = "full"
+    vocab_size: int | None = None
+
+    def __post_init__(self, **kwargs) -> None:
+        if self.vocab_size is not None:  # see the class docstring: the vocabulary lives in base_config
+            self.vocab_size = None
+        if self.weights not in RETROFIT_WEIGHTS:
+            raise ValueError(f"`weights` must be one of {', '.join(RETROFIT_WEIGHTS)}, got {self.weights!r}")
+        if self.retro is not None:
+            self.retro = {k: v for k, v in dict(self.retro).items() if k not in _NOT_RETRO}
+        if self.base_config is not None:
+            base = dict(self.base_config)
+            model_type = base.pop("model_type", None)
+            if self.base_model_type is None:
+                self.base_model_type = model_type
+            self.base_config = base
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def for_base(cls, base_config: PretrainedConfig, retro: RetroConfig, **fields) -> "RetrofitConfig":
+        """The RetrofitConfig of a base model's config and the RetroConfig of its blocks."""
+        return cls(retro=retro.to_dict(), base_config=base_config.to_dict(), base_model_type=base_config.model_type,
+                   **fields)
+
+    def get_base_config(self) -> PretrainedConfig:
+        from transformers import AutoConfig
+
+        if self.base_model_type is None or self.base_config is None:
+            raise ValueError("this RetrofitConfig names no base model config (`base_model_type`, `base_config`)")
+        return AutoConfig.for_model(self.base_model_type, **self.base_config)
+
+    def get_retro_config(self) -> RetroConfig:
+        if self.retro is None:
+            raise ValueError("this RetrofitConfig has no `retro` settings")
+        return RetroConfig(**self.retro)
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """The base model's config: what generate() sizes its key/value cache and special tokens by."""
+        if self.base_config is None:
+            return self
+        return self.get_base_config()

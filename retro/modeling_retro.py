@@ -37,22 +37,23 @@ supported yet: with neighbours, a forward must see the whole sequence (``use_cac
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaRMSNorm, apply_rotary_pos_emb
 
-from .configuration_retro import RetroConfig
+from .configuration_retro import RetroConfig, RetrofitConfig
 
 CCA_ATTR = "retro_cca"
 ENCODER_ATTR = "retro_encoder"
-# the self-attention module of a decoder layer: Llama-style, then GPT-2
-ATTENTION_ATTRS = ("self_attn", "attn")
+# the self-attention module of a decoder layer: Llama-style, GPT-2, GPT-NeoX
+ATTENTION_ATTRS = ("self_attn", "attn", "attention")
 
 
 # -- shared layers ------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ class NeighbourEncoder(nn.Module):
 
 
 class ChunkedCrossAttention(nn.Module):
-    """CCA with the causal shift: returns the residual update (B, T, D) for decoder states (B, T, D)."""
+    """CCA with the causal shift: the residual update of decoder states that sit in one chunk's span,
+    attending that chunk's encoded neighbours (see :func:`cca_update` for the spans)."""
 
     def __init__(self, config: RetroConfig, decoder_hidden: int) -> None:
         super().__init__()
@@ -182,51 +184,258 @@ class ChunkedCrossAttention(nn.Module):
         if self.gated:
             nn.init.zeros_(self.attn.o_proj.weight)
 
-    def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (B, T, D) decoder states from position 0; encoded (B, C, k*r, d) neighbours of the first
-        C chunks (C <= T // m, all complete); mask (B, C, k*r) bool, False = padding."""
-        B, T, D = hidden.shape
-        C, m = encoded.shape[1], self.chunk_length
-        out = hidden.new_zeros(B, T, D)
-        if C == 0:
-            return out
-        # span u = positions [u*m + m - 1, u*m + 2m - 1): shift by m - 1, pad the last span to m tokens
-        shifted = hidden[:, m - 1: m - 1 + C * m]  # (B, <=C*m, D)
-        n = shifted.shape[1]
-        shifted = F.pad(shifted, (0, 0, 0, C * m - n))  # (B, C*m, D)
-        q = self.norm(shifted).view(B * C, m, D)  # (B*C, m, D)
-        key_mask = None if mask is None else mask.reshape(B * C, -1)  # (B*C, k*r)
+    def attend(self, hidden: torch.Tensor, encoded: torch.Tensor, key_mask: torch.Tensor | None = None,
+               first_offset: int = 0) -> torch.Tensor:
+        """hidden (N, L, D): L consecutive decoder states of one span, from span offset ``first_offset``
+        (0..m-1); encoded (N, k*r, d) the neighbours of the span's chunk; key_mask (N, k*r) bool, False =
+        padding -> the update (N, L, D)."""
+        m, L = self.chunk_length, hidden.shape[1]
         positions = None
         if self.relative_positions:
             # span offset i sits at m - 1 + i in the retrieving chunk's frame; neighbour token j at j
             r = self.neighbour_length
-            k_pos = torch.arange(r, device=hidden.device).repeat(encoded.shape[2] // r)  # (k*r,)
-            positions = (torch.arange(m, device=hidden.device) + m - 1, k_pos)
-        attended = self.attn(q, encoded.reshape(B * C, encoded.shape[2], -1), key_mask=key_mask,
-                             positions=positions)  # (B*C, m, D)
-        out[:, m - 1: m - 1 + n] = attended.view(B, C * m, D)[:, :n]
+            k_pos = torch.arange(r, device=hidden.device).repeat(encoded.shape[1] // r)  # (k*r,)
+            q_pos = torch.arange(first_offset, first_offset + L, device=hidden.device) + m - 1  # (L,)
+            positions = (q_pos, k_pos)
+        return self.attn(self.norm(hidden), encoded, key_mask=key_mask, positions=positions)  # (N, L, D)
+
+    def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, D) decoder states from position 0; encoded (B, C, k*r, d) neighbours of the first
+        C chunks (all complete); mask (B, C, k*r) bool, False = padding -> the update (B, T, D)."""
+        out = hidden.new_zeros(hidden.shape)
+        got = span_update(self, hidden, encoded, mask, 0, encoded.shape[1])
+        if got is not None:
+            t_lo, t_hi, update = got
+            out[:, t_lo:t_hi] = update
         return out
 
 
-# -- attaching the blocks to a decoder ------------------------------------------------------------
+def span_update(cca: ChunkedCrossAttention, hidden: torch.Tensor, encoded: torch.Tensor, key_mask: torch.Tensor | None,
+                rel0: int, n_encoded: int) -> tuple[int, int, torch.Tensor] | None:
+    """CCA of states ``hidden`` (R, T, D) at positions [rel0, rel0 + T) (counted from the rows' first real
+    token) with encoded neighbours (R, C, k*r, d) of which the first ``n_encoded`` chunks are valid: the
+    input offsets [a, b) that get an update and the update (R, b - a, D); None when none does.
+
+    Span u is [u*m + m - 1, u*m + 2m - 1): from the last token of chunk u to the penultimate token of
+    chunk u + 1; its tokens attend the encoded neighbours of chunk u. Positions before m - 1, and spans
+    whose chunk is not encoded, get no update. States of one span (a decoding step) attend with just
+    their tokens; several spans are laid out as whole spans (zero-padded at the ends) and attended at once."""
+    m = cca.chunk_length
+    R, T, D = hidden.shape
+    t_lo, t_hi = max(rel0, m - 1), min(rel0 + T, n_encoded * m + m - 1)
+    if t_lo >= t_hi:
+        return None
+    u_lo, u_hi = (t_lo - m + 1) // m, (t_hi - m) // m  # spans of positions t_lo and t_hi - 1
+    h = hidden[:, t_lo - rel0: t_hi - rel0]  # (R, L, D)
+    enc = encoded[:, u_lo: u_hi + 1]  # (R, U, k*r, d)
+    kmask = None if key_mask is None else key_mask[:, u_lo: u_hi + 1]  # (R, U, k*r)
+    U = u_hi - u_lo + 1
+    if U == 1:
+        update = cca.attend(h, enc[:, 0], None if kmask is None else kmask[:, 0], first_offset=t_lo - (u_lo * m + m - 1))
+    else:
+        w0 = u_lo * m + m - 1  # first position of the window of whole spans
+        window = F.pad(h, (0, 0, t_lo - w0, (u_hi + 1) * m + m - 1 - t_hi))  # (R, U*m, D)
+        update = cca.attend(window.reshape(R * U, m, D), enc.reshape(R * U, enc.shape[2], -1),
+                            None if kmask is None else kmask.reshape(R * U, -1))  # (R*U, m, D)
+        update = update.reshape(R, U * m, D)[:, t_lo - w0: t_hi - w0]  # (R, L, D)
+    return t_lo - rel0, t_hi - rel0, update
+
+
+# -- what retrieval keeps between forwards -----------------------------------------------------------
+
+
+Rows = slice | torch.Tensor  # the batch rows of one padding group: slice(None) (all rows) or indices
+
+
+class RetroMemory:
+    """The retrieval side of a forward, per batch row: the neighbours of each chunk, the decoder states
+    that condition their encoding, and the encoded neighbours.
+
+    A forward without a cache builds a fresh one (everything is computed from position 0). With a key/value
+    cache it lives on the cache (``cache.retro_memory``) and grows with it: a chunk's neighbours are encoded
+    once, when the chunk is complete, from the first RETRO layer's states that the earlier forwards kept.
+    Chunks count from each row's first real token (``pads``: left padding), so the rows of a batch may
+    complete chunks at different steps; rows with the same padding form a group that moves together.
+    Every tensor has the batch first, so beam search reorders them with :meth:`select`.
+    """
+
+    def __init__(self, pads: torch.Tensor) -> None:
+        self.pads = pads.to("cpu", torch.long)  # (B,) tokens of left padding per row
+        B = len(self.pads)
+        self.tokens: torch.Tensor | None = None  # (B, T) every input id seen (the retriever's queries)
+        self.neighbour_ids: torch.Tensor | None = None  # (B, C, k, r)
+        self.neighbour_mask: torch.Tensor | None = None  # (B, C, k, r) bool; None: no padding anywhere
+        self.n_neighbours = torch.zeros(B, dtype=torch.long)  # (B,) chunks with neighbours
+        self.fixed_chunks = 0  # chunks whose neighbours came with the call (neighbour_ids)
+        self.chunk_states: torch.Tensor | None = None  # (B, T, D) the first RETRO layer's states
+        self.encoded: torch.Tensor | None = None  # (B, C, k*r, d)
+        self.encoded_mask: torch.Tensor | None = None  # (B, C, k*r) bool
+        self.n_encoded = torch.zeros(B, dtype=torch.long)  # (B,) chunks encoded
+        self._groups: list[tuple[int, Rows]] | None = None
+
+    def groups(self) -> list[tuple[int, Rows]]:
+        """(padding, rows) for each distinct left padding of the batch."""
+        if self._groups is None:
+            values = sorted(set(self.pads.tolist()))
+            if len(values) == 1:
+                self._groups = [(values[0], slice(None))]
+            else:
+                self._groups = [(v, torch.nonzero(self.pads == v).flatten()) for v in values]
+        return self._groups
+
+    def first_row(self, rows: Rows) -> int:
+        return 0 if isinstance(rows, slice) else int(rows[0])
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keeps rows ``index`` (B',) in that order (beam search's reordering)."""
+        cpu = index.to("cpu")
+        for name in ("pads", "n_neighbours", "n_encoded"):
+            setattr(self, name, getattr(self, name).index_select(0, cpu))
+        for name in ("tokens", "neighbour_ids", "neighbour_mask", "chunk_states", "encoded", "encoded_mask"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index.to(t.device)))
+        self._groups = None
+
+    def _grow(self, chunks: int) -> None:
+        """Room for ``chunks`` chunks of neighbours (zeros beyond what is stored)."""
+        have = 0 if self.neighbour_ids is None else self.neighbour_ids.shape[1]
+        if chunks <= have:
+            return
+        self.neighbour_ids = F.pad(self.neighbour_ids, (0, 0, 0, 0, 0, chunks - have))
+        if self.neighbour_mask is not None:
+            self.neighbour_mask = F.pad(self.neighbour_mask, (0, 0, 0, 0, 0, chunks - have), value=True)
+
+    def _set_mask(self, rows: Rows, lo: int, hi: int, mask: torch.Tensor | None) -> None:
+        if mask is None and self.neighbour_mask is None:
+            return
+        if self.neighbour_mask is None:  # the first padded neighbours: every earlier one is all real tokens
+            self.neighbour_mask = torch.ones(self.neighbour_ids.shape, dtype=torch.bool, device=self.neighbour_ids.device)
+        self.neighbour_mask[rows, lo:hi] = True if mask is None else mask
+
+    def set_fixed(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """The neighbours given with the call for chunks [0, C) of every row (B, C, k, r); a later call with
+        the same number of chunks changes nothing (a chunk's neighbours are read once)."""
+        C = ids.shape[1]
+        if C <= self.fixed_chunks:
+            return
+        if self.neighbour_ids is None:
+            self.neighbour_ids = ids
+            self.neighbour_mask = mask
+        else:
+            self._grow(C)
+            self.neighbour_ids[:, :C] = ids
+            self._set_mask(slice(None), 0, C, mask)
+        self.fixed_chunks = C
+        self.n_neighbours = torch.maximum(self.n_neighbours, torch.full_like(self.n_neighbours, C))
+
+    def add_chunk(self, rows: Rows, u: int, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Neighbours (R, k, r) of chunk ``u`` of ``rows``, retrieved when the chunk completed."""
+        if self.neighbour_ids is None:
+            B = len(self.pads)
+            self.neighbour_ids = ids.new_zeros((B, u + 1, *ids.shape[1:]))
+        self._grow(u + 1)
+        self.neighbour_ids[rows, u] = ids
+        self._set_mask(rows, u, u + 1, None if mask is None else mask[:, None])
+        self.n_neighbours[rows] = u + 1
+
+    def store_encoded(self, rows: Rows, lo: int, hi: int, encoded: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """encoded (R, hi - lo, k*r, d) neighbours of chunks [lo, hi) of ``rows``; mask (R, hi - lo, k*r)."""
+        B = len(self.pads)
+        if self.encoded is None and lo == 0 and isinstance(rows, slice):  # the common case: no copy
+            self.encoded, self.encoded_mask = encoded, mask
+        else:
+            have = 0 if self.encoded is None else self.encoded.shape[1]
+            if hi > have:
+                grown = encoded.new_zeros((B, hi, *encoded.shape[2:]))
+                if self.encoded is not None:
+                    grown[:, :have] = self.encoded
+                self.encoded = grown
+                if self.encoded_mask is not None:
+                    self.encoded_mask = F.pad(self.encoded_mask, (0, 0, 0, hi - have), value=True)
+            self.encoded[rows, lo:hi] = encoded
+            if mask is not None or self.encoded_mask is not None:
+                if self.encoded_mask is None:
+                    self.encoded_mask = torch.ones(self.encoded.shape[:3], dtype=torch.bool, device=encoded.device)
+                self.encoded_mask[rows, lo:hi] = True if mask is None else mask
+        self.n_encoded[rows] = hi
 
 
 @dataclass
 class RetroState:
-    """What the hooks of one forward pass share: neighbour token embeddings (B, C, k, r, D), their
-    padding mask (B, C, k, r) (None: no padding) and, once the first RETRO layer has run, the
-    encoded neighbours (B, C_complete, k*r, d)."""
+    """What the hooks of one forward share: the retrieval memory, the absolute position of the forward's
+    first token, whether the memory persists (a cached forward), and the token embedding that embeds
+    neighbour tokens (the decoder's own)."""
 
-    neighbour_embeds: torch.Tensor
-    neighbour_mask: torch.Tensor | None = None
-    encoded: torch.Tensor | None = None
+    memory: RetroMemory
+    start: int = 0
+    persistent: bool = False
+    embed: nn.Module | None = None
 
 
 class RetroContext:
-    """Holder of the current forward's ``RetroState`` (None outside a forward with neighbours)."""
+    """Holder of the current forward's ``RetroState`` (None outside a forward with retrieval)."""
 
     def __init__(self) -> None:
         self.state: RetroState | None = None
+
+
+def encode_chunks(layer: nn.Module, state: RetroState, hidden: torch.Tensor) -> None:
+    """At the first RETRO layer: encodes the neighbours of every chunk that is complete (within the input
+    and what the cache saw before), has neighbours and is not encoded yet, each conditioned on that
+    chunk's states ``hidden`` (B, T_new, D) of this layer."""
+    mem, m = state.memory, getattr(layer, CCA_ATTR).chunk_length
+    if not state.persistent:  # a fresh forward (or its replay under activation checkpointing) encodes again
+        mem.chunk_states, mem.encoded, mem.encoded_mask = hidden, None, None
+        mem.n_encoded.zero_()
+    else:
+        mem.chunk_states = hidden if mem.chunk_states is None else torch.cat([mem.chunk_states, hidden], dim=1)
+    total = state.start + hidden.shape[1]
+    for pad, rows in mem.groups():
+        first = mem.first_row(rows)
+        lo = int(mem.n_encoded[first])
+        hi = min(max(0, (total - pad) // m), int(mem.n_neighbours[first]))
+        if hi <= lo:
+            continue
+        states = mem.chunk_states[rows, pad + lo * m: pad + hi * m]  # (R, U*m, D)
+        R, D = states.shape[0], states.shape[-1]
+        states = states.reshape(R, hi - lo, m, D)  # (R, U, m, D)
+        embeds = state.embed(mem.neighbour_ids[rows, lo:hi])  # (R, U, k, r, D)
+        mask = None if mem.neighbour_mask is None else mem.neighbour_mask[rows, lo:hi]  # (R, U, k, r)
+        encoded = getattr(layer, ENCODER_ATTR)(embeds, states, mask)  # (R, U, k*r, d)
+        mem.store_encoded(rows, lo, hi, encoded, None if mask is None else mask.reshape(R, hi - lo, -1))
+
+
+def cca_update(layer: nn.Module, state: RetroState, hidden: torch.Tensor) -> torch.Tensor:
+    """The CCA update (B, T_new, D) of ``layer`` for its states ``hidden`` (B, T_new, D) at absolute positions
+    [start, start + T_new), each group of rows in its own frame (see :func:`span_update`)."""
+    cca, mem = getattr(layer, CCA_ATTR), state.memory
+    out = hidden.new_zeros(hidden.shape)
+    if mem.encoded is None:
+        return out
+    for pad, rows in mem.groups():
+        n_enc = int(mem.n_encoded[mem.first_row(rows)])
+        kmask = None if mem.encoded_mask is None else mem.encoded_mask[rows]
+        got = span_update(cca, hidden[rows], mem.encoded[rows], kmask, state.start - pad, n_enc)
+        if got is None:
+            continue
+        a, b, update = got
+        if isinstance(rows, slice) and a == 0 and b == hidden.shape[1]:
+            out = update
+        else:
+            out[rows, a:b] = update
+    return out
+
+
+def _apply_cca(layer: nn.Module, state: RetroState, hidden: torch.Tensor) -> torch.Tensor:
+    """The CCA update (B, T, D) of ``layer`` for its states ``hidden``; the first RETRO layer (the one with
+    the encoder) first encodes the neighbours of newly complete chunks, conditioned on ``hidden``."""
+    if hasattr(layer, ENCODER_ATTR):
+        encode_chunks(layer, state, hidden)
+    return cca_update(layer, state, hidden)
+
+
+# -- attaching the blocks to a decoder ------------------------------------------------------------
 
 
 class LayerLink:
@@ -249,7 +458,8 @@ class LayerCall:
 
 
 def attention_module(layer: nn.Module) -> nn.Module:
-    """The self-attention module of a decoder layer (``self_attn`` of Llama-style layers, ``attn`` of GPT-2)."""
+    """The self-attention module of a decoder layer (``self_attn`` of Llama-style layers, ``attn`` of GPT-2,
+    ``attention`` of GPT-NeoX)."""
     for name in ATTENTION_ATTRS:
         module = getattr(layer, name, None)
         if isinstance(module, nn.Module):
@@ -282,31 +492,13 @@ def attach_retro_blocks(layers: nn.ModuleList, config: RetroConfig, decoder_hidd
     return handles
 
 
-def _apply_cca(layer: nn.Module, state: RetroState, hidden: torch.Tensor, encode: bool) -> torch.Tensor:
-    """The CCA update (B, T, D) of ``layer`` for decoder states ``hidden`` (B, T, D); with ``encode`` (the
-    first RETRO layer) the neighbours are encoded first, conditioned on ``hidden``'s chunks."""
-    chunk_length = getattr(layer, CCA_ATTR).chunk_length
-    if encode:
-        B, T, D = hidden.shape
-        # only chunks complete within the input can be attended; later neighbours are not encoded
-        C = min(state.neighbour_embeds.shape[1], T // chunk_length)
-        chunk_states = hidden[:, : C * chunk_length].reshape(B, C, chunk_length, D)  # (B, C, m, D)
-        mask = None if state.neighbour_mask is None else state.neighbour_mask[:, :C]  # (B, C, k, r)
-        state.encoded = getattr(layer, ENCODER_ATTR)(state.neighbour_embeds[:, :C], chunk_states, mask)  # (B, C, k*r, d)
-    cca_mask = None
-    if state.neighbour_mask is not None:
-        C = state.encoded.shape[1]
-        cca_mask = state.neighbour_mask[:, :C].reshape(hidden.shape[0], C, -1)  # (B, C, k*r)
-    return getattr(layer, CCA_ATTR)(hidden, state.encoded, cca_mask)
-
-
 def _retro_layer_hook(module: nn.Module, args: Any, output: Any) -> Any:
     """``after_layer``: runs the encoder (first RETRO layer only) and CCA on a decoder layer's output."""
     state = module.retro_context.state
     if state is None:  # no retrieval in this forward: the layer is unchanged
         return None
     hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-    hidden = hidden + _apply_cca(module, state, hidden, encode=state.encoded is None)
+    hidden = hidden + _apply_cca(module, state, hidden)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
@@ -328,9 +520,12 @@ def _cca_after_attention(module: nn.Module, args: Any, output: Any) -> Any:
     if call is None:  # no retrieval in this forward: the layer is unchanged
         return None
     attn_out = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-    # the first RETRO layer encodes on every call, a checkpoint replay included, so the replay's ops match
-    attn_out = attn_out + _apply_cca(layer, call.state, call.hidden + attn_out, encode=hasattr(layer, ENCODER_ATTR))
+    # the first RETRO layer encodes on every uncached call, a checkpoint replay included, so the replay's ops match
+    attn_out = attn_out + _apply_cca(layer, call.state, call.hidden + attn_out)
     return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
+
+
+# -- checking inputs and starting a forward with retrieval ----------------------------------------------------
 
 
 def check_neighbour_ids(neighbour_ids: Any, batch_size: int, config: RetroConfig) -> torch.Tensor:
@@ -366,10 +561,106 @@ def check_neighbour_mask(neighbour_mask: Any, neighbour_ids: torch.Tensor) -> to
     return mask
 
 
-def check_no_cache_with_neighbours(past_key_values: Any) -> None:
-    if past_key_values is not None and past_key_values.get_seq_length() > 0:
-        raise ValueError("`neighbour_ids` with a non-empty `past_key_values` is not supported: the neighbour encoder "
-                         "needs the decoder states of whole chunks. Run the whole sequence (use_cache=False).")
+def left_padding(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """(B,) tokens of left padding per row of a 2-D attention mask (zeros without one)."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.zeros(batch_size, dtype=torch.long)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1).cpu()
+
+
+def retrieve_new_chunks(memory: RetroMemory, retriever: Callable, config: RetroConfig) -> None:
+    """Calls ``retriever(chunk_ids (R, m), chunk_index, rows (R,))`` for every chunk that the tokens seen
+    so far complete and that has no neighbours yet; it returns neighbour ids (R, k, r), or (ids, mask)."""
+    m, T = config.chunk_length, memory.tokens.shape[1]
+    all_rows = torch.arange(len(memory.pads))
+    for pad, rows in memory.groups():
+        complete = max(0, (T - pad) // m)
+        for u in range(int(memory.n_neighbours[memory.first_row(rows)]), complete):
+            query = memory.tokens[rows, pad + u * m: pad + (u + 1) * m]  # (R, m)
+            got = retriever(query, u, all_rows[rows])
+            ids, mask = got if isinstance(got, tuple) else (got, None)
+            if not isinstance(ids, torch.Tensor):
+                raise TypeError(f"the retriever must return neighbour ids as a torch.Tensor (R, k, r), got "
+                                f"{type(ids).__name__}")
+            ids = ids.to(memory.tokens.device)
+            check_neighbour_ids(ids[:, None], query.shape[0], config)
+            if mask is not None:
+                mask = check_neighbour_mask(mask[:, None], ids[:, None])[:, 0]
+            memory.add_chunk(rows, u, ids, mask)
+
+
+def begin_retro_forward(config: RetroConfig, context: RetroContext, embed: nn.Module, *, input_ids: Any,
+                        inputs_embeds: Any, attention_mask: Any, cache: Any, use_cache: bool | None,
+                        neighbour_ids: Any, neighbour_mask: Any, retriever: Callable | None,
+                        make_cache: Callable[[], Any]) -> tuple[Any, bool | None]:
+    """Sets ``context.state`` for a forward (None when it has no retrieval); returns the (cache, use_cache)
+    to run the decoder with.
+
+    Without a cache (``use_cache`` not True and no ``cache``) the forward is self-contained: every chunk
+    complete in the input that has neighbours is encoded from scratch. With one, the retrieval memory
+    rides on the cache, so that a decoding step encodes only the chunk its token completes."""
+    if neighbour_mask is not None and neighbour_ids is None:
+        raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
+    memory = getattr(cache, "retro_memory", None) if cache is not None else None
+    if neighbour_ids is None and retriever is None and memory is None:
+        context.state = None
+        return cache, use_cache
+    ref = input_ids if input_ids is not None else inputs_embeds
+    B = ref.shape[0]
+    if neighbour_ids is not None:
+        check_neighbour_ids(neighbour_ids, B, config)
+        neighbour_mask = None if neighbour_mask is None else check_neighbour_mask(neighbour_mask, neighbour_ids)
+    if retriever is not None:
+        if not callable(retriever):
+            raise TypeError(f"`retriever` must be callable (chunk_ids, chunk_index, rows) -> neighbour ids, got "
+                            f"{type(retriever).__name__}")
+        if input_ids is None:
+            raise ValueError("a `retriever` needs `input_ids` (its queries are the tokens of each complete chunk)")
+    start = cache.get_seq_length() if cache is not None else 0
+    persistent = use_cache is True or cache is not None
+    if persistent:
+        if cache is None:
+            cache = make_cache()
+        if memory is None or start == 0:
+            if start > 0:
+                raise ValueError("retrieval with a cache that was filled without it is not supported: the neighbour "
+                                 "encoder needs the decoder states of whole chunks. Start from an empty cache (give "
+                                 "`neighbour_ids` or `retriever` from the first forward) or use use_cache=False.")
+            memory = RetroMemory(left_padding(attention_mask, B))
+            cache.retro_memory = memory
+        use_cache = True
+    else:
+        memory = RetroMemory(left_padding(attention_mask, B))
+        use_cache = False
+    if neighbour_ids is not None:
+        memory.set_fixed(neighbour_ids, neighbour_mask)
+    if retriever is not None:
+        memory.tokens = input_ids if memory.tokens is None or not persistent else torch.cat([memory.tokens, input_ids], 1)
+        retrieve_new_chunks(memory, retriever, config)
+    context.state = RetroState(memory, start, persistent, embed)
+    return cache, use_cache
+
+
+def reorder_retro_cache(cache: Any, beam_idx: torch.Tensor) -> Any:
+    """Beam search's reordering of the key/value cache and the retrieval memory riding on it."""
+    cache.reorder_cache(beam_idx)
+    memory = getattr(cache, "retro_memory", None)
+    if memory is not None:
+        memory.select(beam_idx)
+    return cache
+
+
+def zero_gated_projections(model: nn.Module, pending: list[nn.Module]) -> None:
+    from transformers import initialization as hf_init
+
+    for proj in pending:
+        hf_init.zeros_(proj.weight)  # gated: start equal to the model without retrieval
+
+
+def pending_gated_projections(model: nn.Module) -> list[nn.Module]:
+    """The gated CCA output projections transformers has not initialised yet (see ``initialize_weights``)."""
+    return [m.attn.o_proj for m in model.modules() if isinstance(m, ChunkedCrossAttention) and m.gated
+            and not getattr(m.attn.o_proj, "_is_hf_initialized", False)]
 
 
 # -- the from-scratch model ---------------------------------------------------------------------
@@ -394,21 +685,21 @@ class RetroPreTrainedModel(PreTrainedModel):
         a missing one starts at zero; like transformers, a projection initialised once (its module
         flagged ``_is_hf_initialized``) is left alone by a later call.
         """
-        from transformers import initialization as hf_init
-
-        pending = [m.attn.o_proj for m in self.modules() if isinstance(m, ChunkedCrossAttention) and m.gated
-                   and not getattr(m.attn.o_proj, "_is_hf_initialized", False)]
+        pending = pending_gated_projections(self)
         super().initialize_weights()
-        for proj in pending:
-            hf_init.zeros_(proj.weight)  # gated: start equal to the model without retrieval
+        zero_gated_projections(self, pending)
+
+    def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
+        return reorder_retro_cache(cache, beam_idx)
 
 
 class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
     """A Llama-style decoder (transformers' ``LlamaModel``) with a neighbour encoder and CCA blocks.
 
-    ``forward(input_ids, neighbour_ids=None, labels=None)``: ``neighbour_ids`` (B, n_chunks, k, r);
-    None runs the plain decoder (CCA skipped). ``generate`` accepts ``neighbour_ids`` as a fixed
-    model kwarg (then every step re-reads the whole sequence) or none (ordinary cached decoding).
+    ``forward(input_ids, neighbour_ids=None, labels=None, retriever=None, ...)``: ``neighbour_ids``
+    (B, n_chunks, k, r) the neighbours of the first chunks; ``retriever`` a callable fetching the
+    neighbours of later chunks as they complete; neither runs the plain decoder (CCA skipped).
+    ``generate`` takes both as model kwargs and decodes with a key/value cache (see the module docstring).
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # tied when config.tie_word_embeddings
@@ -432,26 +723,25 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, neighbour_ids: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
-                past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None,
+                cache: Any = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int = 0, neighbour_attention_mask: torch.Tensor | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
-        """neighbour_ids (B, n_chunks, k, r) token ids of the neighbours of each chunk of the input;
+                retriever: Callable | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """neighbour_ids (B, n_chunks, k, r) token ids of the neighbours of the first chunks of each row;
         neighbour_attention_mask (B, n_chunks, k, r): 1 for real tokens, 0 for padding (a continuation cut
-        short at a document's end); None: no padding."""
-        if neighbour_attention_mask is not None and neighbour_ids is None:
-            raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
-        if neighbour_ids is not None:
-            ref = input_ids if input_ids is not None else inputs_embeds
-            check_neighbour_ids(neighbour_ids, ref.shape[0], self.config)
-            check_no_cache_with_neighbours(past_key_values)
-            use_cache = False
-            mask = None if neighbour_attention_mask is None else check_neighbour_mask(neighbour_attention_mask, neighbour_ids)
-            self.retro_context.state = RetroState(self.model.embed_tokens(neighbour_ids), mask)  # (B, C, k, r, D)
+        short at a document's end); retriever: ``(chunk_ids (R, m), chunk_index, rows (R,)) -> (R, k, r)``
+        ids (or ids and mask) for each later chunk once it is complete. Chunks count from each row's
+        first real token (``attention_mask``'s left padding)."""
+        if "past_key_values" in kwargs:  # transformers' old name of the cache
+            cache = kwargs.pop("past_key_values")
+        cache, use_cache = begin_retro_forward(
+            self.config, self.retro_context, self.model.embed_tokens, input_ids=input_ids, inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask, cache=cache, use_cache=use_cache, neighbour_ids=neighbour_ids,
+            neighbour_mask=neighbour_attention_mask, retriever=retriever,
+            make_cache=lambda: DynamicCache(config=self.model.config))
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         finally:
             self.retro_context.state = None
         hidden = out.last_hidden_state  # (B, T, D)
@@ -460,16 +750,7 @@ class RetroForCausalLM(RetroPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Any = None,
-                                      neighbour_ids: torch.LongTensor | None = None,
-                                      neighbour_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
-        if neighbour_ids is None:
-            return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        # fixed neighbours: no key/value cache (see the module docstring), so every step reads the whole sequence
-        return {"input_ids": input_ids, "neighbour_ids": neighbour_ids, "attention_mask": kwargs.get("attention_mask"),
-                "neighbour_attention_mask": neighbour_attention_mask, "use_cache": False}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 
 def decoder_config(config: RetroConfig) -> LlamaConfig:
@@ -482,3 +763,205 @@ def decoder_config(config: RetroConfig) -> LlamaConfig:
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
         tie_word_embeddings=False, attn_implementation=config._attn_implementation)
+
+
+# -- RETROfit: a pretrained decoder with RETRO blocks ----------------------------------------------------------
+
+
+# where each supported family keeps its decoder layers (attribute path from the causal-LM class)
+DECODER_LAYERS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
+                  "qwen3": "model.layers", "gemma": "model.layers", "gemma2": "model.layers",
+                  "gemma3_text": "model.layers", "phi3": "model.layers", "olmo2": "model.layers",
+                  "smollm3": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h"}
+RETRO_KEYS = (f".{CCA_ATTR}.", f".{ENCODER_ATTR}.")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported Hugging Face causal LM; ValueError naming the family otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = DECODER_LAYERS.get(model_type)
+    if path is None:
+        raise ValueError(f"RETROfit supports Hugging Face causal LMs of model_type {', '.join(sorted(DECODER_LAYERS))}; "
+                         f"got {type(model).__name__} with model_type {model_type!r}")
+    layers: Any = model
+    for name in path.split("."):
+        layers = getattr(layers, name, None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no decoder layers at `{path}`: is it "
+                         "the causal-LM class (e.g. LlamaForCausalLM, GPT2LMHeadModel)?")
+    return layers
+
+
+def is_retro_key(name: str) -> bool:
+    return any(key in name for key in RETRO_KEYS)
+
+
+def base_weights_sha256(model: nn.Module) -> str:
+    """sha256 of a model's own weights (names, shapes and float32 values in name order; RETRO blocks left
+    out), so a base model is recognised whatever file format or lossless dtype it was stored in."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if is_retro_key(name):
+            continue
+        t = tensor.detach()
+        t = (t.float() if t.is_floating_point() else t).contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RetrofitForCausalLM(PreTrainedModel, GenerationMixin):
+    """A pretrained Hugging Face decoder (``self.base``, frozen) with a neighbour encoder and CCA blocks on
+    the layers ``config.retro_layers`` names, gated to start exactly equal to the base.
+
+    ``forward`` and ``generate`` take ``neighbour_ids`` / ``neighbour_attention_mask`` / ``retriever`` as
+    :class:`RetroForCausalLM` does; without them it is the base model. A directory saved with only the RETRO
+    weights (``config.weights == "retro"``) loads them onto the base it names, after checking the base's
+    weights against the recorded sha256.
+    """
+
+    config_class = RetrofitConfig
+    base_model_prefix = "base"
+    _supports_sdpa = True
+    supports_gradient_checkpointing = True
+    # the base's top-level module, reachable as an attribute of the wrapper (model.model, model.transformer)
+    _BASE_ATTRS = ("model", "transformer", "gpt_neox")
+
+    def __init__(self, config: RetrofitConfig, base: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        from transformers import AutoModelForCausalLM
+
+        self.retro_config = config.get_retro_config()
+        if base is None:
+            base = AutoModelForCausalLM.from_config(config.get_base_config())
+        layers = decoder_layers(base)
+        if any(hasattr(layer, CCA_ATTR) for layer in layers):
+            raise ValueError(f"{type(base).__name__} already carries RETRO blocks; start from a fresh base model")
+        for p in base.parameters():  # RETROfit trains the new blocks only
+            p.requires_grad_(False)
+        self.base = base
+        self.retro_context = RetroContext()
+        attach_retro_blocks(layers, self.retro_config, self.retro_config.hidden_size, self.retro_context)
+        ref = next(base.parameters())
+        for layer in layers:  # the new blocks on the base's device and dtype
+            for name in (CCA_ATTR, ENCODER_ATTR):
+                if hasattr(layer, name):
+                    getattr(layer, name).to(device=ref.device, dtype=ref.dtype)
+        if getattr(base, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(base.generation_config)
+        self.post_init()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in RetrofitForCausalLM._BASE_ATTRS and "base" in self._modules:
+                return getattr(self._modules["base"], name)
+            raise
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of what is not loaded, then the gated CCA projections at zero."""
+        pending = pending_gated_projections(self)
+        super().initialize_weights()
+        zero_gated_projections(self, pending)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.base.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def get_decoder(self) -> nn.Module:
+        return self.base.get_decoder()
+
+    def _reorder_cache(self, cache: Any, beam_idx: torch.Tensor) -> Any:
+        return reorder_retro_cache(cache, beam_idx)
+
+    def forward(self, input_ids: torch.LongTensor | None = None, neighbour_ids: torch.LongTensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                cache: Any = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, neighbour_attention_mask: torch.Tensor | None = None,
+                retriever: Callable | None = None, **kwargs: Any) -> Any:
+        """As :meth:`RetroForCausalLM.forward`; the base model's own outputs (logits, loss, cache)."""
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        cache, use_cache = begin_retro_forward(
+            self.retro_config, self.retro_context, self.base.get_input_embeddings(), input_ids=input_ids,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
+            neighbour_ids=neighbour_ids, neighbour_mask=neighbour_attention_mask, retriever=retriever,
+            make_cache=lambda: DynamicCache(config=self.base.config))
+        try:
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                             logits_to_keep=logits_to_keep, **kwargs)
+        finally:
+            self.retro_context.state = None
+
+    def retro_state_dict(self) -> dict[str, torch.Tensor]:
+        """The RETRO blocks' tensors, named as in the base model (``model.layers.3.retro_cca...``)."""
+        return {name: t for name, t in self.base.state_dict().items() if is_retro_key(name)}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, base_model: Any = None,
+                        **kwargs: Any) -> "RetrofitForCausalLM":
+        """transformers' ``from_pretrained``; for a directory of RETRO weights alone (``config.weights ==
+        "retro"``) the base model comes from ``base_model`` (a model, a directory or a hub id) or the one
+        the config records, and must have the recorded weights' sha256."""
+        config = kwargs.get("config")
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        if not isinstance(config, RetrofitConfig):
+            config = RetrofitConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        if config.weights != "retro":
+            if base_model is not None:
+                raise ValueError(f"{pretrained_model_name_or_path} holds the whole model; `base_model` is only for a "
+                                 "directory of RETRO weights alone")
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return cls._from_retro_weights(str(pretrained_model_name_or_path), config, base_model, kwargs, hub)
+
+    @classmethod
+    def _from_retro_weights(cls, path: str, config: RetrofitConfig, base_model: Any, kwargs: dict,
+                            hub: dict) -> "RetrofitForCausalLM":
+        import os
+
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(base_model, nn.Module):
+            base, where = base_model, type(base_model).__name__
+        else:
+            where = base_model or (config.base_model_path if config.base_model_path and os.path.isdir(config.base_model_path)
+                                   else config.base_model_name)
+            if not where:
+                raise ValueError(f"{path} holds RETRO weights alone and names no base model: pass base_model=...")
+            load_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "device_map") if k in kwargs}
+            base = AutoModelForCausalLM.from_pretrained(where, **load_kwargs)
+        if config.base_model_sha256:
+            got = base_weights_sha256(base)
+            if got != config.base_model_sha256:
+                raise ValueError(f"the base model {where} has weights sha256 {got[:16]}..., but the RETRO weights in "
+                                 f"{path} belong to {config.base_model_name!r} with sha256 "
+                                 f"{config.base_model_sha256[:16]}...: load them onto that base (base_model=...)")
+        model = cls(config, base=base)
+        if os.path.isdir(path):
+            weights = os.path.join(path, RETRO_WEIGHTS_FILE)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            weights = hf_hub_download(path, RETRO_WEIGHTS_FILE, **hub)
+        tensors = load_file(weights)
+        own = {f"base.{name}" for name in model.retro_state_dict()}
+        if set(tensors) != own:
+            raise ValueError(f"the RETRO weights in {path} do not fit this model: missing {sorted(own - set(tensors))[:3]}, "
+                             f"unexpected {sorted(set(tensors) - own)[:3]}")
+        model.load_state_dict(tensors, strict=False)
+        return model.eval()
+
+
+RETRO_WEIGHTS_FILE = "model.safetensors"

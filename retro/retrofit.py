@@ -1,45 +1,52 @@
 """RETROfit: turn a pretrained Hugging Face decoder into a RETRO model by inserting a neighbour
 encoder and chunked cross-attention blocks, with the base model frozen.
 
-``retrofit(model, config)`` works in place on a ``LlamaForCausalLM`` (and the Llama-shaped
-Mistral / Qwen2 classes) or a ``GPT2LMHeadModel``: the new blocks hang on the chosen decoder
-layers (see :mod:`retromem.retro.modeling_retro`), every base parameter gets ``requires_grad=False``, and
-the CCA output projections start at zero, so the retrofitted model's logits equal the base
-model's exactly until training moves them. Afterwards ``model(input_ids, neighbour_ids=...)``
-retrieves (with ``neighbour_attention_mask`` for padded neighbours); without ``neighbour_ids``
-it is the base model. ``model.generate(..., neighbour_ids=...)`` decodes with fixed neighbours. The base parameter names are
-unchanged; the new ones contain ``retro_cca`` / ``retro_encoder``, and
-``save_retro_weights`` / ``load_retro_weights`` store and restore them alone (a few MB instead
-of the whole model).
+``retrofit(model, config)`` wraps a Hugging Face causal LM of a supported family (Llama, Mistral,
+Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Phi-3, OLMo-2, SmolLM3, GPT-NeoX, GPT-2; any other is refused
+by name) in a :class:`~retromem.retro.modeling_retro.RetrofitForCausalLM`: the new blocks hang on the
+chosen decoder layers of the model itself (no copy), every base parameter gets
+``requires_grad=False``, and the CCA output projections start at zero, so the retrofitted model's
+logits equal the base model's exactly until training moves them. Afterwards
+``model(input_ids, neighbour_ids=...)`` retrieves (with ``neighbour_attention_mask`` for padded
+neighbours); without ``neighbour_ids`` it is the base model; ``model.generate(...)`` decodes with a
+key/value cache, reading fixed ``neighbour_ids`` and/or calling a ``retriever`` at each chunk boundary.
 
-``cca_placement`` (a ``retro_config_for`` setting) works for both families: ``before_mlp`` (the
-paper's) hooks the layer's self-attention module (``self_attn`` of Llama-style layers, ``attn`` of
-GPT-2), so CCA's update joins the residual before the layer's feed-forward, and the neighbour
-encoder reads the first RETRO layer's residual after its self-attention; ``after_layer`` adds CCA to
-the layer's output and the encoder reads that output. Unset, RETROfit keeps ``after_layer`` without
-relative positions (what its saved weights were trained with); see ``RetroConfig``.
+Saving: ``save_retrofit(model, dir, weights="retro" | "full")`` writes a Hugging Face directory
+(``model_type: retrofit``, ``auto_map`` and the standalone modeling code, a model card, checksums)
+that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` opens in a process without
+retromem; with ``weights="retro"`` it holds the RETRO weights alone and names its base (name, local
+path and the sha256 of its weights), and loading refuses a base with another hash. The older
+``save_retro_weights`` / ``load_retro_weights`` (``retro_weights.safetensors`` + ``retro_config.json``,
+what training checkpoints hold) still work; their tensor names are the base model's
+(``model.layers.3.retro_cca...``).
+
+``cca_placement`` (a ``retro_config_for`` setting) works for every family: ``before_mlp`` (the
+paper's) hooks the layer's self-attention module (``self_attn``, GPT-2's ``attn``, GPT-NeoX's
+``attention``), so CCA's update joins the residual before the layer's feed-forward (in families with a
+norm after attention, Gemma2's, it goes through that norm; in GPT-NeoX's parallel residual the
+feed-forward reads the layer input), and the neighbour encoder reads the first RETRO layer's residual
+after its self-attention; ``after_layer`` adds CCA to the layer's output and the encoder reads that
+output. Unset, RETROfit keeps ``after_layer`` without relative positions (what its saved weights were
+trained with); see ``RetroConfig``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from retromem.retro.configuration_retro import RetroConfig
-from retromem.retro.modeling_retro import (CCA_ATTR, ENCODER_ATTR, RetroContext, RetroState, attach_retro_blocks,
-                                  check_neighbour_ids, check_neighbour_mask, check_no_cache_with_neighbours)
 from retromem.errors import ConfigError
+from retromem.retro.configuration_retro import RetroConfig, RetrofitConfig
+from retromem.retro.modeling_retro import DECODER_LAYERS, RetrofitForCausalLM, base_weights_sha256, decoder_layers
 
 logger = logging.getLogger(__name__)
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt2")
+SUPPORTED_MODEL_TYPES = tuple(sorted(DECODER_LAYERS))
 WEIGHTS_FILE = "retro_weights.safetensors"
 CONFIG_FILE = "retro_config.json"
 # decoder fields a RetroConfig takes from the base model's config
@@ -50,35 +57,37 @@ def _model_type(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _decoder_parts(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
-    """(decoder layers, token embedding) of a supported model; ConfigError for any other."""
+def check_family(model: Any) -> str:
+    """The model_type of a supported base model; ConfigError naming the family otherwise."""
     model_type = _model_type(model)
-    if model_type in LLAMA_LIKE and hasattr(model, "model") and hasattr(model.model, "layers"):
-        return model.model.layers, model.get_input_embeddings()
-    if model_type == "gpt2" and hasattr(model, "transformer"):
-        return model.transformer.h, model.get_input_embeddings()
-    raise ConfigError(f"RETROfit supports Hugging Face causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)} "
-                      f"(e.g. LlamaForCausalLM, GPT2LMHeadModel); got {type(model).__name__} with model_type "
-                      f"{model_type!r}")
+    if model_type not in DECODER_LAYERS:
+        raise ConfigError(f"RETROfit supports Hugging Face causal LMs of model_type {', '.join(SUPPORTED_MODEL_TYPES)} "
+                          f"(e.g. LlamaForCausalLM, GPT2LMHeadModel); got {type(model).__name__} with model_type "
+                          f"{model_type!r}")
+    try:
+        decoder_layers(model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return model_type
 
 
 def retro_config_for(model_config: Any, **retrieval: Any) -> RetroConfig:
     """A RetroConfig whose decoder fields are the base model's (``model_config``: its HF config), with
     ``retrieval`` settings (chunk_length, num_neighbours, retro_layers, encoder_*, ...) and ``gated=True``."""
     model_type = getattr(model_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in DECODER_LAYERS:
         raise ConfigError(f"RETROfit supports model_type {', '.join(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
     clash = set(retrieval) & {*_DECODER_FIELDS, "gated"}
     if clash:
         raise ConfigError(f"{sorted(clash)} come from the base model's config and cannot be overridden in RETROfit")
     decoder = {name: getattr(model_config, name) for name in _DECODER_FIELDS}
     decoder["intermediate_size"] = getattr(model_config, "intermediate_size", None) or 4 * decoder["hidden_size"]
-    decoder["rms_norm_eps"] = getattr(model_config, "rms_norm_eps", None) or getattr(model_config, "layer_norm_epsilon", 1e-5)
-    if model_type == "gpt2":  # GPT-2 has no KV groups; its config only has n_positions
-        decoder["max_position_embeddings"] = model_config.n_positions
-    else:
-        decoder["num_key_value_heads"] = model_config.num_key_value_heads
-        decoder["max_position_embeddings"] = model_config.max_position_embeddings
+    eps = next((getattr(model_config, name) for name in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
+                if isinstance(getattr(model_config, name, None), float)), 1e-5)
+    decoder["rms_norm_eps"] = eps
+    decoder["num_key_value_heads"] = getattr(model_config, "num_key_value_heads", None) or decoder["num_attention_heads"]
+    decoder["max_position_embeddings"] = (getattr(model_config, "max_position_embeddings", None)
+                                          or getattr(model_config, "n_positions", None) or 2048)
     return RetroConfig(**decoder, **retrieval, gated=True)
 
 
@@ -90,16 +99,17 @@ def _check_matches(config: RetroConfig, model: nn.Module) -> None:
                               f"retro.retrofit.retro_config_for(model.config, ...)")
 
 
-def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: Any) -> nn.Module:
-    """Inserts RETRO blocks into ``model`` (in place; also returned) and freezes its own parameters.
+def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: Any) -> RetrofitForCausalLM:
+    """A :class:`RetrofitForCausalLM` around ``model`` (whose layers receive the RETRO blocks; its own
+    parameters are frozen).
 
     config: from :func:`retro_config_for` (its decoder fields must match the model); None builds one
         from ``model.config`` and ``retrieval`` keyword settings.
-    After this, ``model(input_ids, neighbour_ids=(B, n_chunks, k, r) ids, ...)`` runs with retrieval.
+    After this, ``wrapped(input_ids, neighbour_ids=(B, n_chunks, k, r) ids, ...)`` runs with retrieval.
     """
-    layers, _ = _decoder_parts(model)
-    if getattr(model, "retro_config", None) is not None:
+    if isinstance(model, RetrofitForCausalLM):
         raise ConfigError(f"{type(model).__name__} is already RETROfitted; retrofit a fresh base model")
+    check_family(model)
     if config is None:
         config = retro_config_for(model.config, **retrieval)
     elif retrieval:
@@ -110,70 +120,20 @@ def retrofit(model: nn.Module, config: RetroConfig | None = None, **retrieval: A
     if not config.gated:
         raise ConfigError("RETROfit needs `gated=True` (CCA output projections start at zero, so the model starts "
                           "equal to the base model); build the config with retro_config_for")
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    context = RetroContext()
-    ref = next(model.parameters())
-    attach_retro_blocks(layers, config, config.hidden_size, context)
-    for module in layers:  # new blocks on the base model's device and dtype
-        for name in (CCA_ATTR, ENCODER_ATTR):
-            if hasattr(module, name):
-                getattr(module, name).to(device=ref.device, dtype=ref.dtype)
-
-    # hooks and the generate() adapter read the config and context from the model they run on (no closures),
-    # so a deep copy of a retrofitted model is an independent retrofitted model
-    model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, model)
-    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
-    model.register_forward_hook(_after_forward, with_kwargs=True, always_call=True)
-    model.retro_config = config
-    model.retro_context = context
-    trainable = trainable_fraction(model)
+    name = getattr(model.config, "_name_or_path", None) or None
+    try:
+        wrapped = RetrofitForCausalLM(RetrofitConfig.for_base(model.config, config, base_model_name=name), base=model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     logger.info("RETROfitted %s at layers %s: %.2f%% of parameters trainable", type(model).__name__,
-                config.retro_layers, 100 * trainable)
-    return model
-
-
-def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Takes ``neighbour_ids`` / ``neighbour_attention_mask`` out of the call and into the RETRO context."""
-    config, context = model.retro_config, model.retro_context
-    neighbour_ids = kwargs.pop("neighbour_ids", None)
-    neighbour_mask = kwargs.pop("neighbour_attention_mask", None)
-    context.state = None
-    if neighbour_mask is not None and neighbour_ids is None:
-        raise ValueError("`neighbour_attention_mask` was given without `neighbour_ids`")
-    if neighbour_ids is not None:
-        tokens = args[0] if args else kwargs.get("input_ids")
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        check_neighbour_ids(neighbour_ids, tokens.shape[0], config)
-        check_no_cache_with_neighbours(kwargs.get("past_key_values"))
-        kwargs["use_cache"] = False
-        mask = None if neighbour_mask is None else check_neighbour_mask(neighbour_mask, neighbour_ids)
-        embeds = model.get_input_embeddings()(neighbour_ids)  # (B, C, k, r, D), the frozen shared embedding
-        context.state = RetroState(embeds, mask)
-    return args, kwargs
-
-
-def _after_forward(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    model.retro_context.state = None  # a later forward without neighbours must not see these
-
-
-def _prepare_inputs_for_generation(model: nn.Module, input_ids: torch.Tensor, past_key_values: Any = None,
-                                   neighbour_ids: torch.Tensor | None = None,
-                                   neighbour_attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
-    """generate() accepts only the model kwargs this signature names. With fixed neighbours every step
-    re-reads the whole sequence (no key/value cache, see retro.modeling_retro)."""
-    if neighbour_ids is None:
-        return type(model).prepare_inputs_for_generation(model, input_ids, past_key_values=past_key_values, **kwargs)
-    return {"input_ids": input_ids, "neighbour_ids": neighbour_ids, "attention_mask": kwargs.get("attention_mask"),
-            "neighbour_attention_mask": neighbour_attention_mask, "use_cache": False}
+                config.retro_layers, 100 * trainable_fraction(wrapped))
+    return wrapped
 
 
 def retro_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The inserted (RETRO) parameters of a retrofitted model, by their names in the model."""
+    """The inserted (RETRO) parameters of a retrofitted model, by their names in the base model."""
     _require_retrofitted(model)
-    return {name: t for name, t in model.state_dict().items() if f".{CCA_ATTR}." in name or f".{ENCODER_ATTR}." in name}
+    return model.retro_state_dict()
 
 
 def trainable_fraction(model: nn.Module) -> float:
@@ -192,14 +152,14 @@ def save_retro_weights(model: nn.Module, path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE))
     model.retro_config.to_json_file(str(out / CONFIG_FILE))
-    (out / "base_model.json").write_text(json.dumps({"class": type(model).__name__,
-                                                     "model_type": _model_type(model)}) + "\n")
+    (out / "base_model.json").write_text(json.dumps({"class": type(model.base).__name__,
+                                                     "model_type": _model_type(model.base)}) + "\n")
     return out
 
 
-def load_retro_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_retro_weights(model: nn.Module, path: str | Path) -> RetrofitForCausalLM:
     """Retrofits ``model`` (a base model, or one already retrofitted with the same config) with the weights
-    saved by :func:`save_retro_weights` at ``path``; returns it."""
+    saved by :func:`save_retro_weights` at ``path``; returns the retrofitted model."""
     from safetensors.torch import load_file
 
     src = Path(path)
@@ -207,8 +167,8 @@ def load_retro_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{src} holds no RETRO weights: expected {WEIGHTS_FILE} and {CONFIG_FILE} "
                                 f"(written by save_retro_weights)")
     config = RetroConfig.from_json_file(str(src / CONFIG_FILE))
-    if getattr(model, "retro_config", None) is None:
-        retrofit(model, config)
+    if not isinstance(model, RetrofitForCausalLM):
+        model = retrofit(model, config)
     elif model.retro_config.to_dict() != config.to_dict():
         raise ConfigError(f"{type(model).__name__} is retrofitted with another RetroConfig than the one in {src}")
     tensors = load_file(str(src / WEIGHTS_FILE))
@@ -216,11 +176,11 @@ def load_retro_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if set(tensors) != set(own):
         raise ConfigError(f"RETRO weights in {src} do not fit this model: missing {sorted(set(own) - set(tensors))[:5]}, "
                           f"unexpected {sorted(set(tensors) - set(own))[:5]}")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.base.load_state_dict(tensors, strict=False)
     assert not unexpected, unexpected  # checked above
     return model
 
 
 def _require_retrofitted(model: nn.Module) -> None:
-    if getattr(model, "retro_config", None) is None:
+    if not isinstance(model, RetrofitForCausalLM):
         raise ConfigError(f"{type(model).__name__} is not RETROfitted; call retro.retrofit(model, config) first")
