@@ -79,7 +79,9 @@ def kv_memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     memory = kwargs.get("kv_memory")
     if memory is None:
         return _plain_attention(module, query, key, value, attention_mask, scaling), None
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+    if attention_mask is not None and not (attention_mask.dtype == torch.bool and bool(attention_mask.all())):
+        # the memory's cache reports (query_length, 0) as its mask size, so transformers builds a
+        # mask only when the input is padded
         raise ConfigError("a bounded KV memory does not take padded batches: give one unpadded sequence at a time")
     position_ids = kwargs.get("position_ids")
     T = query.shape[2]
@@ -94,9 +96,13 @@ def kv_memory_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
 def register() -> None:
     """Register ``retromem_kv`` with transformers (idempotent)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, kv_memory_attention)
+    if ATTENTION_NAME not in AttentionMaskInterface._global_mapping:
+        # transformers builds masks (padding, causal offset) as for sdpa; the memories build their own
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def enable(model: Any) -> Any:
@@ -162,6 +168,8 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     ``want_probs``, each group's probabilities summed over the query heads of each KV head
     (B, Hkv, T, N)."""
     B, H, T, D = groups[0][0].shape
+    if not want_probs:
+        return _fused_group_attention(groups, scaling), None
     scores, values = [], []
     for q, k, v, mask in groups:
         Hkv = k.shape[1]
@@ -182,6 +190,38 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
         out = o if out is None else out + o
     out = out.reshape(B, H, T, D).to(groups[0][0].dtype)
     return out, ([p.sum(2) for p in parts] if want_probs else None)
+
+
+def _fused_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                           scaling: float) -> torch.Tensor:
+    """:func:`group_attention` as one fused SDPA call: with g groups, the query is the g group
+    queries side by side along the head dimension (B, H, T, g*D) and group j's keys sit in the j-th
+    D-slice (zeros elsewhere), so q' · k' is each key's score under its own group's query."""
+    q0 = groups[0][0]
+    B, H, T, D = q0.shape
+    Hkv = groups[0][1].shape[1]
+    masks = []
+    for _, k, _, mask in groups:
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        masks.append(mask.expand(B, Hkv, T, k.shape[-2]))
+    mask = torch.cat(masks, -1)  # (B, Hkv, T, N)
+    if len(groups) == 1:
+        q, k, v = q0, groups[0][1], groups[0][2]
+    else:
+        g = len(groups)
+        q = torch.cat([grp[0] for grp in groups], -1)  # (B, H, T, g*D)
+        ks = []
+        for j, (_, kj, _, _) in enumerate(groups):
+            z = kj.new_zeros(*kj.shape[:-1], g * D)
+            z[..., j * D:(j + 1) * D] = kj
+            ks.append(z)
+        k = torch.cat(ks, -2)  # (B, Hkv, N, g*D)
+        v = torch.cat([grp[2] for grp in groups], -2)
+    G = H // Hkv
+    mask = mask[:, :, None].expand(B, Hkv, G, T, mask.shape[-1]).reshape(B, H, T, mask.shape[-1])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=G > 1)
 
 
 # ----------------------------------------------------------------------------------------------

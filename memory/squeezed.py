@@ -22,6 +22,7 @@ tokens after the context grow with them. Hierarchical centroids are not implemen
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -87,6 +88,8 @@ class SqueezedAttention(KVMemory):
         self.frozen = False
         self.attended = 0  # context keys attended, summed over layers, query tokens and KV heads
         self.offered = 0  # context keys there were
+        self.decode_seconds = 0.0  # time in attention for single-token calls, all layers
+        self.decode_tokens = 0
 
     @classmethod
     def prefill(cls, model: Any, context_ids: torch.Tensor, config: SqueezedConfig | None = None,
@@ -140,11 +143,22 @@ class SqueezedAttention(KVMemory):
                scaling: float) -> torch.Tensor:
         self.check_batch(q)
         T = q.shape[2]
+        if T == 1 and self.frozen:
+            t0 = time.perf_counter()
+            out = self._attend_frozen(layer, q, k, v, scaling)
+            self.decode_seconds += time.perf_counter() - t0
+            self.decode_tokens += layer == 0
+            return out
         if not self.frozen:  # recording the context: full causal attention
             self.ctx_k[layer], self.ctx_v[layer] = cat(self.ctx_k[layer], k), cat(self.ctx_v[layer], v)
             n = self.ctx_k[layer].shape[-2]
             mask = torch.ones(T, n, dtype=torch.bool, device=q.device).tril(n - T)
             return group_attention([(q, self.ctx_k[layer], self.ctx_v[layer], mask)], scaling)[0]
+        return self._attend_frozen(layer, q, k, v, scaling)
+
+    def _attend_frozen(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+        T = q.shape[2]
         self.new_k[layer], self.new_v[layer] = cat(self.new_k[layer], k), cat(self.new_v[layer], v)
         m = self.new_k[layer].shape[-2]
         after = (torch.ones(T, m, dtype=torch.bool, device=q.device).tril(m - T), self.new_k[layer], self.new_v[layer])
@@ -163,6 +177,18 @@ class SqueezedAttention(KVMemory):
         else:
             ctx = (q, self.ctx_k[layer], self.ctx_v[layer], sel[None])
         return group_attention([ctx, (q, after[1], after[2], after[0])], scaling)[0]
+
+    def reset_queries(self) -> None:
+        """Drop every token after the context (ask the next question against the context alone)."""
+        n = self.context_length
+        self.new_k = [None] * self.num_layers
+        self.new_v = [None] * self.num_layers
+        for layer in self.layers:
+            layer.seen = n
+
+    def decode_attention_ms(self) -> float:
+        """Milliseconds of attention (all layers) per single-token call after the context."""
+        return 1000 * self.decode_seconds / self.decode_tokens if self.decode_tokens else float("nan")
 
     def attended_fraction(self) -> float:
         """Share of the context's keys attended by the query tokens so far."""

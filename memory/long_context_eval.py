@@ -1,0 +1,425 @@
+"""One long-context evaluation for the memory methods: passkey retrieval, long-document perplexity,
+multi-turn recall and question answering over a long fixed context, with memory held and tokens
+per second, on the same inputs for every method.
+
+Methods (:data:`METHODS`) are bounded KV memories over the unmodified model
+(:mod:`retromem.memory.kv_budget`): ``full`` (every token kept: the reference, where it fits),
+``streaming_llm`` (sinks + window; the kvpress / attention-sinks baseline, see below),
+``lm_infinite``, ``infllm`` and ``sirllm``, all at one token budget (:func:`build_memory` splits
+it), plus ``squeezed`` for the fixed-context task. Each input is fed in segments of
+``segment`` tokens; the part that is scored (the question and its answer) comes as its own last
+call, as it would at generation time, and is scored teacher-forced: an answer is right when the
+argmax at every answer position is the answer token (what greedy decoding would write).
+
+Tasks:
+- ``passkey``: :func:`~retromem.memory.passkey.make_passkey` (real documentation text as the
+  haystack) at each length and depth;
+- ``perplexity``: documents of the corpus concatenated (EOS between them) to each length; the
+  perplexity of the last ``ppl_score`` tokens;
+- ``recall`` (built like SirLLM's multi-turn tasks): a long dialogue whose user turns state
+  facts ("Alice's locker number is 48213") among turns of real text; at the end every fact is
+  asked in turn, one call per question; the score is the share recalled;
+- ``qa`` (Squeezed Attention's setting): facts planted in a fixed context of ``qa_length`` tokens,
+  prefilled once and clustered; each question is asked against it (the tokens after the context
+  dropped between questions) at each keys ``fraction`` (1 = full attention).
+
+Baselines from the field's libraries were tried and could not run here: ``kvpress`` 0.5.5
+(the newest) requires transformers < 5.3 and its hooks read the ``past_key_values`` and
+``cache_position`` attention arguments that transformers 5.24 renamed (``cache``) and removed;
+``attention-sinks`` 0.4.0 pins transformers 4.34. ``streaming_llm`` is this package's own
+sink + window cache (:class:`~retromem.memory.kv_budget.StreamingLLM`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from retromem.config import fail, integer, is_int, is_number, non_negative_int, one_of, positive_int
+from retromem.memory.kv_budget import FullAttention, KVMemory, StreamingLLM, enable, stream
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("full", "streaming_llm", "lm_infinite", "infllm", "sirllm")
+TASKS = ("passkey", "perplexity", "recall", "qa")
+METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks + window)",
+                 "lm_infinite": "LM-Infinite", "infllm": "InfLLM", "sirllm": "SirLLM", "squeezed": "Squeezed Attention"}
+
+NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lena",
+         "Marek", "Nadia", "Oskar", "Priya")
+
+
+@dataclass(frozen=True)
+class LongEvalConfig:
+    """methods / tasks: what runs; budget: tokens of KV each bounded method keeps per layer;
+    segment: tokens per call; lengths / depths / samples: passkey grid; ppl_lengths / ppl_score:
+    perplexity of the last ppl_score tokens of inputs of each length; recall_length / recall_facts
+    / recall_dialogues: the multi-turn task; qa_length / qa_questions / fractions: Squeezed
+    Attention's task; full_max: longest input run with full attention."""
+
+    out: str
+    methods: tuple[str, ...] = METHODS
+    tasks: tuple[str, ...] = TASKS
+    budget: int = 1024
+    segment: int = 512
+    lengths: tuple[int, ...] = (2048, 8192)
+    depths: tuple[float, ...] = (0.5,)
+    samples: int = 1
+    ppl_lengths: tuple[int, ...] = (2048, 8192)
+    ppl_score: int = 512
+    recall_length: int = 4096
+    recall_facts: int = 8
+    recall_dialogues: int = 1
+    qa_length: int = 4096
+    qa_questions: int = 8
+    fractions: tuple[float, ...] = (1.0, 0.25)
+    full_max: int = 16384
+    seed: int = 0
+    corpus: str | None = None
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            one_of(m, "methods", METHODS, flag="--methods")
+        for t in self.tasks:
+            one_of(t, "tasks", TASKS, flag="--tasks")
+        integer(self.budget, "budget", ge=64, flag="--budget")
+        positive_int(self.segment, "segment", flag="--segment")
+        for key, flag in (("lengths", "--lengths"), ("ppl_lengths", "--ppl-lengths")):
+            v = getattr(self, key)
+            if not all(is_int(n) and n >= 256 for n in v):
+                fail(key, "be input lengths >= 256 tokens", v, flag=flag)
+            object.__setattr__(self, key, tuple(int(n) for n in v))
+        if not self.depths or not all(is_number(d) and 0 <= d <= 1 for d in self.depths):
+            fail("depths", "lie in [0, 1]", self.depths, flag="--depths")
+        if not self.fractions or not all(is_number(f) and 0 < f <= 1 for f in self.fractions):
+            fail("fractions", "lie in (0, 1]", self.fractions, flag="--fractions")
+        object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        non_negative_int(self.samples, "samples", flag="--samples")
+        integer(self.ppl_score, "ppl_score", ge=16, flag="--ppl-score")
+        integer(self.recall_length, "recall_length", ge=256, flag="--recall-length")
+        positive_int(self.recall_facts, "recall_facts", flag="--recall-facts")
+        if self.recall_facts > len(NAMES):
+            fail("recall_facts", f"be at most {len(NAMES)}", self.recall_facts, flag="--recall-facts")
+        non_negative_int(self.recall_dialogues, "recall_dialogues", flag="--recall-dialogues")
+        integer(self.qa_length, "qa_length", ge=256, flag="--qa-length")
+        positive_int(self.qa_questions, "qa_questions", flag="--qa-questions")
+        if self.qa_questions > len(NAMES):
+            fail("qa_questions", f"be at most {len(NAMES)}", self.qa_questions, flag="--qa-questions")
+        positive_int(self.full_max, "full_max", flag="--full-max")
+        integer(self.seed, "seed")
+
+
+def build_memory(method: str, model: Any, budget: int) -> KVMemory:
+    """The memory of ``method`` holding about ``budget`` tokens per layer (``full``: unbounded).
+
+    StreamingLLM / LM-Infinite: 4 sinks + a window of the rest. SirLLM: 4 sinks, half the rest
+    for entropy-selected tokens, half for the window. InfLLM: 32 initial tokens, a window of half
+    the budget, and blocks of 64 tokens for the rest (topk = what fits)."""
+    from retromem.memory.infllm import InfLLM, InfLLMConfig
+    from retromem.memory.lm_infinite import LMInfinite, LMInfiniteConfig
+    from retromem.memory.sirllm import SirLLM, SirLLMConfig
+
+    if method == "full":
+        return FullAttention(model)
+    if method == "streaming_llm":
+        return StreamingLLM(model, n_sink=4, n_local=budget - 4)
+    if method == "lm_infinite":
+        return LMInfinite(model, LMInfiniteConfig(n_global=4, n_local=budget - 4))
+    if method == "sirllm":
+        half = (budget - 4) // 2
+        return SirLLM(model, SirLLMConfig(n_sink=4, n_keep=half, n_local=budget - 4 - half))
+    if method == "infllm":
+        n_local = budget // 2
+        topk = max(1, (budget - n_local - 32) // 64)
+        return InfLLM(model, InfLLMConfig(n_init=32, n_local=n_local, block_size=64, n_repr=4, topk=topk,
+                                          cache_blocks=2 * topk))
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def _stats(memory: KVMemory, tokens: int, seconds: float) -> dict[str, Any]:
+    return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+            "attention_mib": round(memory.attention_bytes() / 2 ** 20, 3),
+            "store_mib": round(memory.store_bytes() / 2 ** 20, 3), "held_tokens": memory.held_tokens(0)}
+
+
+def run_pieces(model: Any, memory: KVMemory, pieces: list[torch.Tensor], segment: int,
+               scored: set[int]) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Feed ``pieces`` (each (1, n)) in order through one memory; the logits of the pieces whose
+    index is in ``scored`` (each piece in one call). Returns (logits by piece, stats)."""
+    out: dict[int, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    tokens = 0
+    for i, p in enumerate(pieces):
+        if i in scored:
+            out[i] = stream(model, p, memory, segment=max(segment, p.shape[1]), keep_logits="all")
+        else:
+            stream(model, p, memory, segment=segment)
+        tokens += p.shape[1]
+    return out, _stats(memory, tokens, time.perf_counter() - t0)
+
+
+def _answer_right(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> bool:
+    """logits (1, n, V) of a piece whose tokens are ``ids`` (1, n): are tokens start..end-1 the argmax?"""
+    pred = logits[0, start - 1:end - 1].argmax(-1)
+    return bool((pred == ids[0, start:end]).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------
+
+def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    from retromem.memory.passkey import QUESTION, make_passkey, token_stream
+
+    rng = random.Random(cfg.seed)
+    hay = token_stream(tok, max(cfg.lengths) + 1000, cfg.corpus)
+    n_question = len(tok(QUESTION, add_special_tokens=False)["input_ids"])
+    for n in cfg.lengths:
+        for depth in cfg.depths:
+            for s in range(cfg.samples):
+                ex = make_passkey(tok, n, depth, hay, rng)
+                ids = torch.tensor([ex.input_ids])
+                cut = ex.answer_start - n_question  # the question and the answer come as the last call
+                for method in cfg.methods:
+                    if method == "full" and n > cfg.full_max:
+                        continue
+                    mem = build_memory(method, model, cfg.budget)
+                    logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
+                    right = _answer_right(logits[1], ids[:, cut:], ex.answer_start - cut, n - cut)
+                    emit({"task": "passkey", "method": method, "length": n, "depth": depth, "sample": s,
+                          "correct": right, **st})
+
+
+def perplexity_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    from retromem.memory.passkey import token_stream
+
+    for n in cfg.ppl_lengths:
+        ids = torch.tensor([token_stream(tok, n, cfg.corpus)])
+        cut = n - cfg.ppl_score
+        for method in cfg.methods:
+            if method == "full" and n > cfg.full_max:
+                continue
+            mem = build_memory(method, model, cfg.budget)
+            logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
+            nll = torch.nn.functional.cross_entropy(logits[1][0, :-1].float(), ids[0, cut + 1:], reduction="sum")
+            emit({"task": "perplexity", "method": method, "length": n, "nll": float(nll), "scored": n - cut - 1,
+                  "perplexity": math.exp(float(nll) / (n - cut - 1)), **st})
+
+
+def _enc(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def make_dialogue(tok: Any, length: int, n_facts: int, filler: list[int], rng: random.Random
+                  ) -> tuple[list[int], list[tuple[list[int], int, int]]]:
+    """A dialogue of about ``length`` tokens: fact turns spread over its first 80% among turns of
+    real text, then one question turn per fact. Returns (body ids, [(question ids, answer start,
+    answer end)]): the body is streamed, each question is one call scored on its answer span."""
+    names = rng.sample(NAMES, n_facts)
+    keys = [str(rng.randrange(10000, 100000)) for _ in names]
+    facts = [_enc(tok, f"User: Please remember this: {n}'s locker number is {k}.\nAssistant: Noted.\n")
+             for n, k in zip(names, keys)]
+    questions = []
+    for i in rng.sample(range(n_facts), n_facts):
+        head = _enc(tok, f"User: What is {names[i]}'s locker number?\nAssistant: {names[i]}'s locker number is")
+        ans = _enc(tok, " " + keys[i])
+        questions.append((head + ans + _enc(tok, ".\n"), len(head), len(head) + len(ans)))
+    q_total = sum(len(q[0]) for q in questions)
+    body_len = length - q_total
+    if body_len <= sum(len(f) for f in facts) + 64:
+        raise ValueError(f"`recall_length` {length} is too short for {n_facts} facts")
+    filler_turn = lambda ids: _enc(tok, "User: ") + ids + _enc(tok, "\nAssistant: Thanks, go on.\n")  # noqa: E731
+    slots = sorted(rng.sample(range(1, 81), n_facts))  # facts at these percentages of the body
+    body: list[int] = []
+    offset = rng.randrange(0, max(1, len(filler) - length * 2))
+    f = 0
+    while len(body) < body_len:
+        if f < n_facts and len(body) >= slots[f] / 100 * body_len:
+            body += facts[f]
+            f += 1
+            continue
+        chunk = filler[offset:offset + rng.randrange(60, 160)]
+        offset += len(chunk)
+        body += filler_turn(chunk)
+    body = body[:body_len]
+    while f < n_facts:  # never cut a fact off: put any left at the end of the body
+        body += facts[f]
+        f += 1
+    return body, questions
+
+
+def recall_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    from retromem.memory.passkey import token_stream
+
+    rng = random.Random(cfg.seed + 1)
+    filler = token_stream(tok, cfg.recall_length * 3, cfg.corpus, skip_docs=5)
+    for d in range(cfg.recall_dialogues):
+        body, questions = make_dialogue(tok, cfg.recall_length, cfg.recall_facts, filler, rng)
+        pieces = [torch.tensor([body])] + [torch.tensor([q[0]]) for q in questions]
+        for method in cfg.methods:
+            if method == "full" and cfg.recall_length > cfg.full_max:
+                continue
+            mem = build_memory(method, model, cfg.budget)
+            logits, st = run_pieces(model, mem, pieces, cfg.segment, set(range(1, len(pieces))))
+            right = [_answer_right(logits[i + 1], pieces[i + 1], a, b) for i, (_, a, b) in enumerate(questions)]
+            emit({"task": "recall", "method": method, "length": len(body) + sum(len(q[0]) for q in questions),
+                  "dialogue": d, "recalled": sum(right), "facts": len(right), "correct": sum(right) / len(right), **st})
+
+
+def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    """Squeezed Attention over a fixed context with planted facts; fraction 1 is full attention."""
+    from retromem.memory.passkey import token_stream
+    from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
+
+    rng = random.Random(cfg.seed + 2)
+    names = rng.sample(NAMES, cfg.qa_questions)
+    keys = [str(rng.randrange(10000, 100000)) for _ in names]
+    facts = [_enc(tok, f" The secret number of {n} is {k}. ") for n, k in zip(names, keys)]
+    hay = token_stream(tok, cfg.qa_length, cfg.corpus, skip_docs=20)
+    n_hay = cfg.qa_length - sum(len(f) for f in facts)
+    cuts = sorted(rng.sample(range(n_hay), len(facts)))
+    ctx: list[int] = []
+    prev = 0
+    for c, f in zip(cuts, facts):
+        ctx += hay[prev:c] + f
+        prev = c
+    ctx += hay[prev:n_hay]
+    context = torch.tensor([ctx])
+    for fraction in cfg.fractions:
+        t0 = time.perf_counter()
+        mem = SqueezedAttention.prefill(model, context, SqueezedConfig(fraction=fraction), segment=cfg.segment)
+        build_s = time.perf_counter() - t0
+        right = []
+        for n, k in zip(names, keys):
+            mem.reset_queries()
+            head = _enc(tok, f"\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is")
+            ans = _enc(tok, " " + k)
+            ids = torch.tensor([head + ans])
+            # the question in one call, then the answer one token at a time (decoding: keys gathered)
+            logits = stream(model, ids[:, :len(head) + 1], mem, segment=len(head) + 1, keep_logits="all")
+            logits = torch.cat([logits] + [stream(model, ids[:, j:j + 1], mem, segment=1, keep_logits="all")
+                                           for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
+            right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
+        emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
+              "length": cfg.qa_length, "correct": sum(right) / len(right), "answered": sum(right), "questions": len(right),
+              "attended_fraction": mem.attended_fraction(), "decode_attention_ms": round(mem.decode_attention_ms(), 4),
+              "prefill_and_cluster_s": round(build_s, 2), "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)})
+
+
+TASK_FUNCTIONS = {"passkey": passkey_task, "perplexity": perplexity_task, "recall": recall_task, "qa": qa_task}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running, summarising, plotting
+# ----------------------------------------------------------------------------------------------
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """Per task, method and length: accuracy (or perplexity), mean tokens/s, largest memory held."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"], r.get("length"), r.get("fraction"))].append(r)
+    table = []
+    for (task, method, length, fraction), rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        row = {"task": task, "method": method, "length": length, "n": len(rs)}
+        if fraction is not None:
+            row["fraction"] = fraction
+        if task == "perplexity":
+            row["perplexity"] = math.exp(sum(r["nll"] for r in rs) / sum(r["scored"] for r in rs))
+        else:
+            row["accuracy"] = sum(r["correct"] for r in rs) / len(rs)
+        for key in ("tokens_per_s", "decode_attention_ms", "attended_fraction"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                row[key] = sum(vals) / len(vals)
+        for key in ("attention_mib", "store_mib"):
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                row[key] = max(vals)
+        table.append(row)
+    return {"table": table}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = ["| task | method | tokens | n | accuracy / ppl | tok/s | attention KV MiB | block store MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary["table"]:
+        score = f"ppl {r['perplexity']:.2f}" if "perplexity" in r else f"{r['accuracy']:.2f}"
+        name = METHOD_LABELS.get(r["method"], r["method"]) + (f" (fraction {r['fraction']})" if "fraction" in r else "")
+        tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
+        lines.append(f"| {r['task']} | {name} | {r['length']} | {r['n']} | {score} | {tps} | "
+                     f"{r.get('attention_mib', float('nan')):.1f} | {r.get('store_mib', 0.0):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Passkey (and recall) accuracy against context length, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("passkey", "recall") if any(r["task"] == t for r in rows)]
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            if r["task"] == task:
+                by[r["method"]][r["length"]].append(float(r["correct"]))
+        for method in [m for m in METHOD_LABELS if m in by]:
+            xs = sorted(by[method])
+            ax.plot(xs, [sum(by[method][x]) / len(by[method][x]) for x in xs], "o-", label=METHOD_LABELS[method])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("accuracy" if task == "passkey" else "share of facts recalled")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task}: {title}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate(model: Any, tok: Any, cfg: LongEvalConfig, title: str = "") -> dict[str, Any]:
+    """Run ``cfg.tasks`` for ``cfg.methods``; rows go to ``out/rows.jsonl`` as they come (a long
+    run can be read while it goes), the summary to ``out/results.json``, the plot to
+    ``out/accuracy_vs_length.png``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    enable(model)
+    model.eval()
+    rows: list[dict] = []
+    log = (out / "rows.jsonl").open("a")
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        logger.info("%s", row)
+
+    try:
+        for task in cfg.tasks:
+            TASK_FUNCTIONS[task](model, tok, cfg, emit)
+    finally:
+        log.close()
+    summary = summarize(rows)
+    summary["config"] = asdict(cfg)
+    p = plot(rows, out / "accuracy_vs_length.png", title or type(model).__name__)
+    summary["plot"] = str(p) if p else None
+    (out / "results.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    return summary
