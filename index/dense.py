@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files
 from retromem.errors import ArtifactCorruptError, IndexFormatError, QueryError
-from retromem.index.dense_faiss import INDEX_FORMAT, read_index, search_parameters, set_gpu_params, to_gpu, use_gpu
+from retromem.index.dense_faiss import (INDEX_FORMAT, id_selector, read_index, search_parameters, set_gpu_params, to_gpu,
+                                        use_gpu)
 from retromem.index.embed import Embedder
-from retromem.index.types import MAX_K, BoundToDatastore, SearchResult, check_k, fetch_payloads
+from retromem.index.types import (MAX_K, BoundToDatastore, SearchResult, check_k, chunks_matching, deleted_chunk_ids,
+                                  fetch_payloads, resolved_meta)
 
 # nprobe / efSearch above this buy no recall and cost memory (efSearch about 8 bytes per unit), and
 # FAISS's C++ int would overflow at 2^31: a caller's mistake, refused before FAISS sees it
@@ -42,7 +44,8 @@ class DenseIndex(BoundToDatastore):
         if not meta_path.is_file():
             hint = " (an unfinished build: re-run `retromem index build-dense`)" if (self.path / "_work").exists() else ""
             raise IndexFormatError(f"{self.path} is not a dense index: no index.json{hint}")
-        self.meta = read_manifest(meta_path)
+        # paths in index.json are relative to the index (absolute in older ones): made absolute here
+        self.meta = resolved_meta(read_manifest(meta_path), self.path)
         if self.meta.get("format_version") != INDEX_FORMAT or self.meta.get("kind") != "dense":
             raise IndexFormatError(f"{self.path} holds index format {self.meta.get('format_version')} "
                                    f"({self.meta.get('kind')}); this retromem reads dense format {INDEX_FORMAT}")
@@ -87,6 +90,7 @@ class DenseIndex(BoundToDatastore):
         if self.gpu:
             self._indexes = [(to_gpu(i) or i) for i in self._indexes]
         self._datastore = None
+        self._tomb_sel = None  # (datastore key, faiss selector of its deleted chunks)
         if datastore is not None:
             self.attach_datastore(datastore)
         self._embedder: Embedder | None = None
@@ -150,11 +154,12 @@ class DenseIndex(BoundToDatastore):
         return check_k(k, self.ntotal)
 
     def knn(self, x: np.ndarray, k: int, *, nprobe: int | None = None,
-            ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+            ef_search: int | None = None, sel=None) -> tuple[np.ndarray, np.ndarray]:
         """Bare batched top-k over every shard, merged by score: (scores (n, k) float32, chunk ids
         (n, k) int64), -inf / -1 where fewer are reachable. No checks, no exclusion, no payloads:
         ``x`` must already be a C-contiguous (n, dim) float32 array and ``k`` checked (:meth:`check_k`).
-        ``nprobe`` / ``ef_search`` default to the index's tuned values."""
+        ``nprobe`` / ``ef_search`` default to the index's tuned values; ``sel`` (a ``faiss.IDSelector``,
+        CPU only) restricts the search to the chunk ids it accepts."""
         nprobe = self.defaults.get("nprobe") if nprobe is None else nprobe
         ef_search = self.defaults.get("efSearch") if ef_search is None else ef_search
         Ds, Is = [], []
@@ -167,7 +172,7 @@ class DenseIndex(BoundToDatastore):
                     set_gpu_params(index, nprobe)
                     D, I = index.search(x, kk)
             else:
-                params = search_parameters(index, nprobe, ef_search)
+                params = search_parameters(index, nprobe, ef_search, sel)
                 D, I = index.search(x, kk, params=params)
             Ds.append(D)
             Is.append(I)
@@ -182,12 +187,17 @@ class DenseIndex(BoundToDatastore):
 
     def search(self, queries, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
                exclude_doc_ids: Sequence[Iterable[int] | int | None] | None = None,
+               filters: dict[str, Any] | None = None,
                fetch: bool | str | Sequence[str] = False) -> SearchResult:
         """Top-k chunks for each query (texts or an (n, dim) float array).
 
         ``exclude_doc_ids[i]`` (an int or ints) are documents query i must not retrieve from (RETRO
-        excludes the document being predicted); row i still has k hits. ``fetch`` adds payloads:
-        True for everything, or any of "text", "tokens", "continuation".
+        excludes the document being predicted); row i still has k hits. ``filters`` (``{field: value
+        or [values]}``, AND over fields, equality or set membership on the datastore's declared
+        metadata fields) keeps the documents that match, enforced inside the FAISS search by an id
+        selector so that k hits still come back. Deleted documents (the datastore's tombstones) are
+        never returned, by the same selector. ``fetch`` adds payloads: True for everything, or any
+        of "text", "tokens", "continuation" (each with the chunk's ``source_id`` and metadata).
         """
         x = self._queries(queries)
         k = self.check_k(k)
@@ -196,10 +206,15 @@ class DenseIndex(BoundToDatastore):
                 raise QueryError(f"{name} must be an integer in 1..{MAX_SEARCH_PARAM}, got {v!r}")
         want = _fetch_flags(fetch)
         excl = self._exclusions(exclude_doc_ids, len(x))
-        if excl is None:
-            D, I = self.knn(x, k, nprobe=nprobe, ef_search=ef_search)
+        allowed, deleted = self._eligible(filters)
+        sel = None if self.gpu else id_selector(allowed, deleted) if allowed is not None else self._tombstone_selector(deleted)
+        post = None
+        if self.gpu and (allowed is not None or len(deleted)):  # GPU indexes take no selector: filter what comes back
+            post = (allowed, deleted)
+        if excl is None and post is None:
+            D, I = self.knn(x, k, nprobe=nprobe, ef_search=ef_search, sel=sel)
         else:
-            D, I = self._search_excluding(x, k, nprobe, ef_search, excl)
+            D, I = self._search_excluding(x, k, nprobe, ef_search, excl, sel, post)
         payloads = None
         if want:
             payloads = []
@@ -208,6 +223,28 @@ class DenseIndex(BoundToDatastore):
                 payloads.append(fetch_payloads(self.datastore, ok, text="text" in want, tokens="tokens" in want,
                                                continuation="continuation" in want))
         return SearchResult(I, D, payloads)
+
+    def _eligible(self, filters: dict[str, Any] | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """(chunk ids the filters allow, None for all; deleted chunk ids of the datastore's version)."""
+        ds = self.datastore
+        deleted = deleted_chunk_ids(ds)
+        if not filters:
+            return None, deleted
+        allowed = chunks_matching(ds, filters)
+        if len(deleted):
+            allowed = np.setdiff1d(allowed, deleted, assume_unique=True)
+        return allowed, np.zeros(0, np.int64)
+
+    def _tombstone_selector(self, deleted: np.ndarray):
+        """The selector leaving out ``deleted`` chunk ids, built once per datastore version."""
+        if not len(deleted):
+            return None
+        key = (id(self._datastore), len(deleted), int(deleted[-1]))
+        cached = self._tomb_sel
+        if cached is None or cached[0] != key:
+            cached = (key, id_selector(None, deleted))
+            self._tomb_sel = cached  # one tuple assignment: a concurrent reader sees the old or the new pair
+        return cached[1]
 
     def _exclusions(self, exclude_doc_ids, n: int) -> list[np.ndarray] | None:
         if exclude_doc_ids is None:
@@ -224,21 +261,32 @@ class DenseIndex(BoundToDatastore):
             out.append(np.unique(arr))
         return out
 
-    def _search_excluding(self, x, k, nprobe, ef_search, excl: list[np.ndarray]):
+    def _search_excluding(self, x, k, nprobe, ef_search, excl: list[np.ndarray] | None, sel=None, post=None):
+        """Top-k over-fetching until k hits survive the per-query document exclusions (and, on a GPU,
+        ``post`` = (allowed chunk ids or None, deleted chunk ids), which a CPU search enforces by ``sel``)."""
         ds = self.datastore
         first = ds.doc_first_chunk_array
+        if excl is None:
+            excl = [np.zeros(0, np.int64)] * len(x)
         # how many hits each query can lose: the chunks of its excluded documents
         lost = np.array([int((first[e + 1] - first[e]).sum()) if len(e) else 0 for e in excl])
+        if post is not None:
+            lost = lost + (len(post[1]) if post[0] is None else self.ntotal - len(post[0]))
         outD = np.full((len(x), k), -np.inf, np.float32)
         outI = np.full((len(x), k), -1, np.int64)
         pending = np.arange(len(x))
         kk = min(k + int(min(lost.max(), 4 * k)), self.ntotal)
         while len(pending):
-            D, I = self.knn(x[pending], min(kk, MAX_K * 4, self.ntotal), nprobe=nprobe, ef_search=ef_search)
+            D, I = self.knn(x[pending], min(kk, MAX_K * 4, self.ntotal), nprobe=nprobe, ef_search=ef_search, sel=sel)
             docs = np.where(I >= 0, ds.doc_ids(np.maximum(I, 0)).reshape(I.shape), -1)  # read through the verified API
+            ok = I >= 0
+            if post is not None:
+                if post[0] is not None:
+                    ok &= np.isin(I, post[0])
+                ok &= ~np.isin(I, post[1])
             still = []
             for r, q in enumerate(pending):
-                keep = (I[r] >= 0) & ~np.isin(docs[r], excl[q])
+                keep = ok[r] & ~np.isin(docs[r], excl[q])
                 got = int(keep.sum())
                 # enough hits, or the search already returned every vector it could reach
                 if got >= k or kk >= self.ntotal or (I[r] < 0).any():

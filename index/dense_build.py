@@ -35,7 +35,7 @@ from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has
                                         use_gpu, write_index)
 from retromem.index.embed import Embeddings
 from retromem.index.factory import AutoChoice, choose_factory, parse_factory
-from retromem.index.types import DenseBuildResult
+from retromem.index.types import DenseBuildResult, portable_meta, record_path, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +237,10 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
         "estimated_bytes": plan["estimated_bytes"],
         "index_bytes": sum(r["bytes"] for r in shard_recs) if merged is None else merged["bytes"],
         "datastore_id": emb.datastore_id,
-        "datastore_path": emb.manifest["datastore_path"],
+        # relative to the index, so that a moved tree of datastore + indexes still opens
+        "datastore_path": record_path(resolve_path(emb.path, emb.manifest["datastore_path"]), out),
         "embedder": emb.manifest["embedder"],
-        "embeddings_path": str(Path(cfg.embeddings).resolve()),
+        "embeddings_path": record_path(cfg.embeddings, out),
         "shards": shard_recs,
         "merged": merged,
         "search_defaults": default_search_params(factory, d),
@@ -256,6 +257,7 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
     seconds["total"] = time.perf_counter() - t_all
     meta["build"]["seconds"] = seconds
     write_json(out / "index.json", meta)
+    meta = portable_meta(meta, out)  # tuning returns the in-process meta, with absolute paths
     job.clear_work()
     return DenseBuildResult(out, meta, seconds)
 

@@ -29,7 +29,7 @@ from retromem.index.dense import DenseIndex
 from retromem.index.dense_faiss import has_search_param
 from retromem.index.embed import Embeddings
 from retromem.index.factory import parse_factory
-from retromem.index.types import EvalReport, TuneReport
+from retromem.index.types import EvalReport, TuneReport, portable_meta
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def tune(path: str | Path, *, target_recall: float = 0.95, k: int = 10, n_querie
     meta["tuning"] = {"param": param, "value": int(chosen), "target_recall": target_recall, "k": k, "reached": reached,
                       "queries": len(qs.vectors), "exclude_own_doc": exclude_own_doc, "query_source": source,
                       "held_out_recall": held, "curve": curve}
-    write_json(Path(path) / "index.json", meta)
+    write_json(Path(path) / "index.json", portable_meta(meta, path))
     return TuneReport(param, int(chosen), target_recall, k, reached, curve, meta, held_out_recall=held)
 
 

@@ -91,16 +91,36 @@ def default_search_params(factory: str, d: int) -> dict[str, int]:
     return params
 
 
-def search_parameters(index, nprobe: int | None, ef_search: int | None):
+def search_parameters(index, nprobe: int | None, ef_search: int | None, sel=None):
     """A FAISS ``SearchParameters`` tree for ``index`` (IDMap, pre-transform, IVF with an HNSW
-    quantizer, HNSW), so parameters travel with the call and threads never share mutable state."""
+    quantizer, HNSW), so parameters travel with the call and threads never share mutable state.
+
+    ``sel`` (a ``faiss.IDSelector`` over chunk ids) restricts the search to the ids it accepts,
+    inside FAISS, so a search still returns k eligible hits (metadata filters, tombstones); it is
+    set at every level of the tree (the IDMap translates it to its internal ids)."""
+    import faiss
+
+    p = _search_parameters(index, nprobe, ef_search)
+    if sel is None:
+        return p
+    if p is None:
+        p = faiss.SearchParameters()
+    q = p
+    while q is not None:
+        q.sel = sel
+        q = getattr(q, "index_params", None)
+    p._keep_sel = sel  # the selector must live as long as the parameters
+    return p
+
+
+def _search_parameters(index, nprobe: int | None, ef_search: int | None):
     import faiss
 
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexIDMap):
-        return search_parameters(index.index, nprobe, ef_search)
+        return _search_parameters(index.index, nprobe, ef_search)
     if isinstance(index, faiss.IndexPreTransform):
-        inner = search_parameters(index.index, nprobe, ef_search)
+        inner = _search_parameters(index.index, nprobe, ef_search)
         if inner is None:
             return None
         p = faiss.SearchParametersPreTransform()
@@ -126,6 +146,31 @@ def search_parameters(index, nprobe: int | None, ef_search: int | None):
         p.efSearch = int(ef_search if ef_search is not None else index.hnsw.efSearch)
         return p
     return None
+
+
+def id_selector(allowed=None, excluded=None):
+    """A ``faiss.IDSelector`` accepting the ids in ``allowed`` (None: every id) that are not in
+    ``excluded`` (None or empty: none), or None when it would accept everything. Hash-set batches
+    (``IDSelectorBatch``): the cost is per id named, not per id in the index."""
+    import faiss
+    import numpy as np
+
+    parts = []
+    if allowed is not None:
+        a = np.ascontiguousarray(allowed, dtype=np.int64)
+        parts.append(faiss.IDSelectorBatch(len(a), faiss.swig_ptr(a)))
+    if excluded is not None and len(excluded):
+        e = np.ascontiguousarray(excluded, dtype=np.int64)
+        inner = faiss.IDSelectorBatch(len(e), faiss.swig_ptr(e))  # copies the ids into its hash set
+        parts.append(faiss.IDSelectorNot(inner))
+        parts[-1]._keep = inner  # IDSelectorNot holds a bare pointer to it
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    sel = faiss.IDSelectorAnd(parts[0], parts[1])
+    sel._keep = parts
+    return sel
 
 
 def set_gpu_params(index, nprobe: int | None) -> None:

@@ -311,7 +311,7 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
         "format_version": EMBEDDINGS_FORMAT,
         "complete": True,
         "datastore_id": ds.datastore_id,
-        "datastore_path": str(Path(cfg.datastore).resolve()),
+        "datastore_path": os.path.relpath(Path(cfg.datastore).resolve(), out.resolve()),  # relative: the tree may move
         "embedder": info,
         "dtype": "float16",
         "dim": info["dim"],

@@ -34,7 +34,8 @@ from retromem.datastore.atomic import atomic_path
 from retromem.datastore.job import Job
 from retromem.datastore.integrity import check_size, check_sizes, load_npy, read_manifest, recorded_files, verify_files
 from retromem.errors import ConfigError, FMIndexCorruptError, FMIndexError, FMQueryError
-from retromem.index.types import FMBuildResult, FMContext, FMFindResult, FMHit
+from retromem.index.types import (FMBuildResult, FMContext, FMFindResult, FMHit, deleted_doc_ids, open_bound_datastore,
+                                  record_path)
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
     size = sum(file_bytes.values())
     m = {
         "format_version": FORMAT_VERSION, "backend": backend, "library": library, **info,
-        "datastore_id": ds.datastore_id, "datastore_path": str(Path(datastore_path).resolve()),
+        "datastore_id": ds.datastore_id, "datastore_path": record_path(datastore_path, job.path),
         "documents": ds.num_documents, "text_bytes": text_bytes, "index_bytes": size, "file_bytes": file_bytes,
         "size_ratio": size / max(text_bytes, 1),
     }
@@ -262,6 +263,15 @@ class _CompactEngine:
         return int(self.samples[i // self.k]) + steps
 
 
+
+def _overlapping(text: bytes, pattern: bytes) -> int:
+    """Occurrences of ``pattern`` in ``text``, overlapping ones included (as a suffix array counts them)."""
+    n, i = 0, text.find(pattern)
+    while i >= 0:
+        n += 1
+        i = text.find(pattern, i + 1)
+    return n
+
 class FMIndex:
     """A finished FM-index with its datastore, for mapping hits to chunks."""
 
@@ -287,15 +297,11 @@ class FMIndex:
             bad = verify_files(self.path, m)
             if bad:
                 raise FMIndexCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild with `retromem index build-fm --overwrite`")
-        from retromem.datastore import Datastore
-
-        self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore or m["datastore_path"])
-        if self.datastore.datastore_id != m["datastore_id"]:
-            raise FMIndexError(f"{self.path} was built from datastore {m['datastore_id'][:16]}, not from "
-                               f"{self.datastore.datastore_id[:16]} at {self.datastore.path}")
+        self.datastore = open_bound_datastore(self.path, m, datastore, error=FMIndexError, what="FM-index")
         self.backend = m["backend"]
         self._starts = load_npy(self.path / STARTS_NAME, mmap=False, error=FMIndexCorruptError)
-        if len(self._starts) != self.datastore.num_documents or (len(self._starts) and (self._starts[0] != 0 or (np.diff(self._starts) <= 0).any())):
+        # more documents in the datastore than here: documents added since the build (not searched)
+        if len(self._starts) > self.datastore.num_documents or (len(self._starts) and (self._starts[0] != 0 or (np.diff(self._starts) <= 0).any())):
             raise FMIndexCorruptError(self.path / STARTS_NAME, "document starts are not increasing from 0, one per document: "
                                       "the file is damaged; rebuild the index")
         if self.backend == "compact":
@@ -324,11 +330,33 @@ class FMIndex:
         return pattern
 
     def count(self, pattern: str) -> int:
+        """Occurrences of ``pattern`` in the live documents (those in deleted documents are subtracted)."""
         pattern = self._check(pattern)
         if self.backend == "compact":
             lo, hi = self._engine.range(pattern.encode("utf-8"))
-            return hi - lo
-        return int(self.fm.count(pattern))
+            n = hi - lo
+        else:
+            n = int(self.fm.count(pattern))
+        return n - sum(_overlapping(t, pattern.encode("utf-8")) for t in self._dead_texts().values())
+
+    def _dead_texts(self) -> dict[int, bytes]:
+        """UTF-8 text of each deleted document this index holds (the datastore's tombstones), read once.
+        After compaction their text is gone from the datastore: this index must then be rebuilt."""
+        cached = getattr(self, "_dead", None)
+        if cached is not None:
+            return cached
+        dead = deleted_doc_ids(self.datastore)
+        dead = dead[dead < len(self._starts)]
+        out = {}
+        for d in dead.tolist():
+            try:
+                text = self.datastore.document_text(d, include_deleted=True)
+            except Exception as exc:  # noqa: BLE001 - any failure means the text is not there to subtract
+                raise FMIndexError(f"{self.path} holds deleted document {d}, whose text the datastore no longer has "
+                                   f"(compacted): rebuild the FM-index (`retromem index fm build --overwrite`)") from exc
+            out[d] = text.encode("utf-8")
+        self._dead = out
+        return out
 
     def find(self, pattern: str, limit: int = 100) -> FMFindResult:
         """Occurrences (document, character offset, chunk): the first ``limit`` by document and offset
@@ -345,6 +373,14 @@ class FMIndex:
             total = len(pos)
             pos = pos[:limit]
         docs = np.searchsorted(self._starts, pos, side="right") - 1
+        dead = self._dead_texts()
+        if dead:  # hits in deleted documents are dropped (and not counted)
+            if self.backend == "compact" and hi - lo > len(pos):
+                pos = np.sort(np.array([self._engine.locate(i) for i in range(lo, hi)], dtype=np.int64))
+                docs = np.searchsorted(self._starts, pos, side="right") - 1
+            keep = ~np.isin(docs, list(dead))
+            pos, docs = pos[keep][:limit], docs[keep][:limit]
+            total -= sum(_overlapping(t, pattern.encode("utf-8")) for t in dead.values())
         offs = pos - self._starts[docs]
         hits = []
         for d, o in zip(docs.tolist(), offs.tolist()):

@@ -42,7 +42,7 @@ from retromem.datastore.atomic import read_json, sha256_file
 from retromem.datastore.job import open_job
 from retromem.errors import IndexFormatError, QueryError
 from retromem.index.dense import _fetch_flags  # the same fetch= as dense search
-from retromem.index.types import BoundToDatastore, SearchResult, check_k, fetch_payloads
+from retromem.index.types import BoundToDatastore, SearchResult, check_k, deleted_chunk_ids, fetch_payloads, record_path
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def build_lexical_index(datastore_path: str | Path, out: str | Path, config: Lex
             "kind": "bm25",
             "engine": {"package": "bm25s", "version": md.version("bm25s")},
             "datastore_id": ds.datastore_id,
-            "datastore_path": str(Path(datastore_path).resolve()),
+            "datastore_path": record_path(datastore_path, job.path),  # relative: the tree may move
             "datastore_manifest_sha256": sha256_file(ds.path / "manifest.json"),
             "bm25": settings,
             "counts": {"chunks": ds.num_chunks, "documents": ds.num_documents, "terms": n_terms,
@@ -226,10 +226,13 @@ class LexicalIndex(BoundToDatastore):
         first = None
         if exclude_doc_ids is not None:
             first = np.asarray(self.datastore.doc_first_chunk_array, dtype=np.int64)
+        dead = deleted_chunk_ids(self.datastore)  # tombstones: scored 0, never a hit
+        dead = dead[dead < self.ntotal]
         I = np.full((len(queries), k), -1, np.int64)
         D = np.full((len(queries), k), -np.inf, np.float32)
         for i, q in enumerate(queries):
             s = self.scores(q)
+            s[dead] = 0.0
             if first is not None and exclude_doc_ids[i] is not None:
                 excl = np.atleast_1d(np.asarray(exclude_doc_ids[i], dtype=np.int64)).reshape(-1)
                 if len(excl) and (excl.min() < 0 or excl.max() >= len(first) - 1):

@@ -13,9 +13,12 @@ turned into exceptions and never returned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -26,7 +29,8 @@ from retromem.datastore.integrity import check_size, check_sizes, read_manifest,
 from retromem.errors import ConfigError, NgramIndexCorruptError, NgramQueryError
 from retromem.index.ngram_build import ENGINE_VERSION, FORMAT_VERSION, MANIFEST_NAME, NgramIndexError, token_dtype
 from retromem.index.types import (ChunkPayload, Count, DocumentSearch, FindResult, InfgramProb, NextTokenDistribution,
-                                  Occurrence, Prob, TokenCount, TokenScore, fetch_payloads)
+                                  Occurrence, Prob, TokenCount, TokenScore, deleted_doc_ids, fetch_payloads,
+                                  open_bound_datastore)
 
 Query = Union[str, Sequence[int], np.ndarray]
 logger = logging.getLogger(__name__)
@@ -74,6 +78,35 @@ def _bound(ds: Any, sa: Any, p: int, q: bytes, lo: int, hi: int, *, upper: bool)
     return lo
 
 
+# The native engine picks a shard's files by substring of their whole path ("table" -> suffix array),
+# so a shard under a folder whose path holds one of these (".../portable/...", ".../stable/...")
+# got every file taken for a suffix array and crashed the process on open.
+_ENGINE_NAME_PARTS = ("tokenized", "table", "offset", "metadata", "metaoff", "unigram")
+
+
+@contextlib.contextmanager
+def _engine_dirs(dirs: list[Path]):
+    """Shard directories as the engine may be given them: as they are, or, where a parent's name holds
+    one of its file-name keys, through symlinks in a fresh temporary folder (removed once the engine
+    has opened and mapped the files)."""
+    if not any(part in str(d.parent.resolve()) for d in dirs for part in _ENGINE_NAME_PARTS):
+        yield [str(d) for d in dirs]
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="retromem-ngram-"))
+    try:
+        if any(part in str(tmp) for part in _ENGINE_NAME_PARTS):
+            raise NgramIndexError(f"the n-gram engine cannot open shards under {tmp.parent}: its path holds one of "
+                                  f"{', '.join(_ENGINE_NAME_PARTS)}; set TMPDIR to another folder")
+        links = []
+        for i, d in enumerate(dirs):
+            link = tmp / f"s{i:05d}"
+            link.symlink_to(d.resolve(), target_is_directory=True)
+            links.append(str(link))
+        yield links
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _check_engine(result: Any, verb: str) -> Any:
     # the package signals bad arguments with a dict; we check arguments first, so this is a bug
     if isinstance(result, dict) and "error" in result:
@@ -81,16 +114,63 @@ def _check_engine(result: Any, verb: str) -> Any:
     return result
 
 
+class _Deleted:
+    """The deleted documents an n-gram index still holds (until it is rebuilt after compaction),
+    read from the index's own token streams: a small "subtraction" index whose n-gram counts are
+    taken off the main index's, so every count equals a count over the live documents only.
+
+    ``stream`` has the main index's layout (each document: the separator, then its tokens), so an
+    n-gram (which never holds the separator) occurs in it exactly as often as in those documents
+    in the main index. Lookups go through a 1-gram index (positions sorted by token), then check
+    the following tokens: cost in proportion to the occurrences of the n-gram's first token among
+    the deleted documents, not to the main index."""
+
+    def __init__(self, index: "NgramIndex", deleted: np.ndarray) -> None:
+        parts, docs = [], []
+        for s, sh in enumerate(index._shards):
+            first, n = int(sh["first_doc_id"]), int(sh["documents"])
+            mine = deleted[(deleted >= first) & (deleted < first + n)]
+            offs = index._doc_offsets[s]
+            size = int(sh["tokenized_bytes"])
+            data = index._ds_maps[s]
+            for d in mine.tolist():
+                a = int(offs[d - first])
+                b = int(offs[d - first + 1]) if d - first + 1 < n else size
+                parts.append(np.frombuffer(bytes(data[a:b]), dtype=index._dtype))
+                docs.append(d)
+        self.doc_ids = np.asarray(docs, dtype=np.int64)  # sorted: shards and ids ascend
+        self.stream = np.concatenate(parts) if parts else np.zeros(0, dtype=index._dtype)
+        self._order = np.argsort(self.stream, kind="stable")
+        self._sorted = self.stream[self._order]
+
+    def __len__(self) -> int:
+        return len(self.stream)  # positions, separators included: what the engine counts for an empty prompt
+
+    def positions(self, ids: list[int]) -> np.ndarray:
+        """Start positions in ``stream`` of every occurrence of ``ids`` (non-empty)."""
+        lo, hi = np.searchsorted(self._sorted, ids[0], "left"), np.searchsorted(self._sorted, ids[0], "right")
+        cand = np.sort(self._order[lo:hi])
+        for j, t in enumerate(ids[1:], 1):
+            cand = cand[cand + j < len(self.stream)]
+            cand = cand[self.stream[cand + j] == t]
+        return cand
+
+    def count(self, ids: list[int]) -> int:
+        return len(self.stream) if not ids else len(self.positions(ids))
+
+
 class NgramIndex:
-    """A finished suffix-array index, opened with the infini-gram engine over all its shards."""
+    """A finished suffix-array index, opened with the infini-gram engine over all its shards.
+
+    Deleted documents (the datastore's tombstones) are honoured by every verb: counts,
+    probabilities and distributions are over the live documents exactly (the deleted ones'
+    counts are subtracted, :class:`_Deleted`), and no occurrence in a deleted document is returned."""
 
     def __init__(self, path: str | Path, datastore=None, limits: QueryLimits | None = None, *, verify: bool = True) -> None:
         """``verify``: check the recorded checksums of every shard's files before the native engine
         maps them (a full read: 0.6 s for a 129 MB index on a loaded 2-core machine, BENCHMARKS.md);
         the engine trusts their bytes and crashes the process on damaged ones (a flipped ``table.0``
         or ``tokenized.0`` segfaulted it). Sizes and the document offsets are always checked."""
-        from retromem.datastore import Datastore
-
         self.path = Path(path)
         self.limits = limits or QueryLimits()
         mp = self.path / MANIFEST_NAME
@@ -106,12 +186,8 @@ class NgramIndex:
         except (KeyError, TypeError, ValueError) as exc:
             raise NgramIndexCorruptError(mp, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
                                              "the manifest is damaged; rebuild the index") from None
-        if datastore is None:
-            datastore = m["datastore_path"]
-        self.datastore = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
-        if self.datastore.datastore_id != m["datastore_id"]:
-            raise NgramIndexError(f"{self.path} was built from datastore {m['datastore_id'][:16]}, not from "
-                                  f"{self.datastore.datastore_id[:16]} at {self.datastore.path}; rebuild the index for it")
+        # the datastore given (open, or a directory: a moved copy) or the recorded one, checked by id
+        self.datastore = open_bound_datastore(self.path, m, datastore, error=NgramIndexError, what="n-gram index")
         self.vocab_size = int(m["vocab_size"])
         self.width = int(m["token_width"])
         self.chunk_length = int(m["chunk_length"])
@@ -126,12 +202,17 @@ class NgramIndex:
         self._doc_first_chunk = self.datastore.doc_first_chunk_array
         from infini_gram.engine import InfiniGramEngine
 
-        self.engine = InfiniGramEngine(
-            index_dir=[str(self.path / s["dir"]) for s in self._shards], eos_token_id=int(m["eos_token_id"]),
-            vocab_size=self.vocab_size, version=ENGINE_VERSION, token_dtype=m["token_dtype"],
-            max_support=self.limits.max_support, max_clause_freq=self.limits.max_clause_freq,
-            max_diff_tokens=self.limits.max_diff_tokens,
-        )
+        with _engine_dirs([self.path / s["dir"] for s in self._shards]) as dirs:
+            self.engine = InfiniGramEngine(
+                index_dir=dirs, eos_token_id=int(m["eos_token_id"]),
+                vocab_size=self.vocab_size, version=ENGINE_VERSION, token_dtype=m["token_dtype"],
+                max_support=self.limits.max_support, max_clause_freq=self.limits.max_clause_freq,
+                max_diff_tokens=self.limits.max_diff_tokens,
+            )
+        dead = deleted_doc_ids(self.datastore)
+        self._deleted = _Deleted(self, dead) if len(dead) else None
+        if self._deleted is not None and not len(self._deleted.doc_ids):
+            self._deleted = None  # none of them is in this index (compacted away, or added after it)
 
     def _check_files(self, verify: bool) -> None:
         """Everything the native engine would trust, checked before it maps a byte: sizes (it reads
@@ -221,7 +302,19 @@ class NgramIndex:
     # -- verbs ---------------------------------------------------------------------------
 
     def count(self, ngram: Query) -> Count:
-        return Count(sum(hi - lo for lo, hi in self._segments(self.ids(ngram, "ngram"))), False)
+        return Count(self._count(self.ids(ngram, "ngram")), False)
+
+    def _count(self, ids: list[int]) -> int:
+        """Occurrences of ``ids`` in the live documents (an empty ``ids``: every position, as the engine counts)."""
+        n = int(self.engine.count(input_ids=[])["count"]) if not ids else sum(hi - lo for lo, hi in self._segments(ids))
+        return n - self._deleted.count(ids) if self._deleted is not None else n
+
+    def _dead_ptrs(self, s: int, ptrs: np.ndarray) -> np.ndarray:
+        """(n,) bool: which byte pointers into shard ``s`` fall in deleted documents."""
+        if self._deleted is None or len(ptrs) == 0:
+            return np.zeros(len(ptrs), dtype=bool)
+        doc = np.searchsorted(self._doc_offsets[s], ptrs, side="right") - 1 + int(self._shards[s]["first_doc_id"])
+        return np.isin(doc, self._deleted.doc_ids)
 
     def _segments(self, ids: list[int]) -> list[tuple[int, int]]:
         """Per shard, the suffix-array rank range [lo, hi) of the suffixes that start with ``ids``.
@@ -239,8 +332,11 @@ class NgramIndex:
         return out
 
     def prob(self, prompt: Query, next_token: int | str) -> Prob:
-        r = _check_engine(self.engine.prob(prompt_ids=self.ids(prompt, "prompt", allow_empty=True),
-                                           cont_id=self.token(next_token)), "prob")
+        ids, t = self.ids(prompt, "prompt", allow_empty=True), self.token(next_token)
+        if self._deleted is not None:  # counts over the live documents
+            pc, cc = self._count(ids), self._count(ids + [t])
+            return Prob(pc, cc, cc / pc if pc > 0 else None)
+        r = _check_engine(self.engine.prob(prompt_ids=ids, cont_id=t), "prob")
         pc = int(r["prompt_cnt"])
         return Prob(pc, int(r["cont_cnt"]), float(r["prob"]) if pc > 0 else None)
 
@@ -264,7 +360,7 @@ class NgramIndex:
                 seen[f[0]] = seen.get(f[0], 0) + 1
         approx = total > cap
         if approx:  # exact counts for the sampled tokens: the followers of one token are contiguous in the suffix array
-            seen = {t: sum(hi - lo for lo, hi in self._segments(ids + [t])) for t in seen}
+            seen = {t: self._count(ids + [t]) for t in seen}
         return NextTokenDistribution(total, {t: TokenCount(c, c / total) for t, c in seen.items()}, approx, suffix_len)
 
     def _follows(self, ids: list[int], cap: int, depth: int) -> tuple[int, int, list[tuple[int, ...]]]:
@@ -274,6 +370,8 @@ class NgramIndex:
         by what follows, so the sample keeps every frequent continuation in proportion."""
         segments = self._segments(ids)
         total = sum(hi - lo for lo, hi in segments)
+        live = total - (self._deleted.count(ids) if self._deleted is not None else 0)
+        # sampled over every occurrence, deleted ones then skipped (all are read while total <= cap: exact)
         picks = np.arange(total, dtype=np.int64) if total <= cap else (np.arange(cap, dtype=np.int64) * total) // cap
         sep = (1 << (8 * self.width)) - 1  # a document's separator: not a token
         out: list[tuple[int, ...]] = []
@@ -284,46 +382,64 @@ class NgramIndex:
             if len(mine) == 0:
                 continue
             data = self._ds_maps[s]
-            for a in (self._ranks_to_ptrs(s, mine) + len(ids) * self.width).tolist():
+            ptrs = self._ranks_to_ptrs(s, mine)
+            ptrs = ptrs[~self._dead_ptrs(s, ptrs)]
+            for a in (ptrs + len(ids) * self.width).tolist():
                 raw = data[a:min(a + depth * self.width, len(data))]
                 toks = np.frombuffer(raw[:len(raw) - len(raw) % self.width], dtype=self._dtype).tolist()
                 if sep in toks:
                     toks = toks[:toks.index(sep)]
                 out.append(tuple(toks))
-        return total, len(picks), out
+        return live, len(out), out
 
     def infgram_prob(self, prompt: Query, next_token: int | str) -> InfgramProb:
-        r = _check_engine(self.engine.infgram_prob(prompt_ids=self.ids(prompt, "prompt", allow_empty=True),
-                                                   cont_id=self.token(next_token)), "infgram_prob")
-        return InfgramProb(int(r["prompt_cnt"]), int(r["cont_cnt"]), float(r["prob"]), int(r["suffix_len"]))
+        return self._infgram(self.ids(prompt, "prompt", allow_empty=True), self.token(next_token))
+
+    def _infgram(self, ids: list[int], t: int) -> InfgramProb:
+        if self._deleted is None:
+            r = _check_engine(self.engine.infgram_prob(prompt_ids=ids, cont_id=t), "infgram_prob")
+            return InfgramProb(int(r["prompt_cnt"]), int(r["cont_cnt"]), float(r["prob"]), int(r["suffix_len"]))
+        # the engine's definition over the live documents: the longest suffix that occurs in them
+        n = self._longest_live_suffix(ids)
+        suffix = ids[len(ids) - n:]
+        pc, cc = self._count(suffix), self._count(suffix + [t])
+        return InfgramProb(pc, cc, cc / pc if pc > 0 else 0.0, n)
+
+    def _longest_live_suffix(self, ids: list[int]) -> int:
+        """Tokens of the longest suffix of ``ids`` that occurs in the live documents (binary search:
+        if a suffix occurs, every shorter one does)."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if self._count(ids[len(ids) - mid:]) > 0:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def infgram_next_token_distribution(self, prompt: Query) -> NextTokenDistribution:
         """The next-token distribution after the longest suffix of ``prompt`` that occurs in the
         datastore (``suffix_len`` tokens; 0 means the unigram distribution), read as
         :meth:`next_token_distribution` reads it."""
         ids = self.ids(prompt, "prompt", allow_empty=True)
-        # if a suffix occurs, every shorter one does: binary search on the suffix length
-        lo, hi = 0, len(ids)
-        while lo < hi:
-            mid = (lo + hi + 1) >> 1
-            if any(b > a for a, b in self._segments(ids[len(ids) - mid:])):
-                lo = mid
-            else:
-                hi = mid - 1
+        lo = self._longest_live_suffix(ids)
         return self._next_tokens(ids[len(ids) - lo:], suffix_len=lo)
 
     def find(self, ngram: Query, limit: int = 100) -> FindResult:
         """Occurrences of ``ngram`` (the first ``limit`` in suffix-array order) and their total count."""
         if not isinstance(limit, int) or limit < 0:
             raise ConfigError(f"`limit` must be a non-negative integer, got {limit!r}")
-        segments = self._segments(self.ids(ngram, "ngram"))
+        ids = self.ids(ngram, "ngram")
+        segments = self._segments(ids)
         occ: list[Occurrence] = []
         for s, (lo, hi) in enumerate(segments):
-            take = min(hi - lo, limit - len(occ))
-            if take <= 0:
-                continue
-            occ.extend(self._locate(s, self._ranks_to_ptrs(s, np.arange(lo, lo + take, dtype=np.int64))))
-        return FindResult(sum(hi - lo for lo, hi in segments), tuple(occ))
+            while lo < hi and len(occ) < limit:  # occurrences in deleted documents are skipped
+                take = min(hi - lo, max(limit - len(occ), 64))
+                ptrs = self._ranks_to_ptrs(s, np.arange(lo, lo + take, dtype=np.int64))
+                ptrs = ptrs[~self._dead_ptrs(s, ptrs)][:limit - len(occ)]
+                occ.extend(self._locate(s, ptrs))
+                lo += take
+        return FindResult(self._count(ids), tuple(occ))
 
     def search_documents(self, cnf: Sequence[Sequence[Query]], max_hits: int = 10,
                          max_diff_tokens: int | None = None) -> DocumentSearch:
@@ -353,11 +469,19 @@ class NgramIndex:
             ids_cnf.append([self.ids(t, f"cnf[{i}][{j}]") for j, t in enumerate(clause)])
         r = _check_engine(self.engine.find_cnf(cnf=ids_cnf, max_diff_tokens=diff), "find_cnf")
         hits: list[Occurrence] = []
+        dead = 0
         for s, ptrs in enumerate(r["ptrs_by_shard"]):
+            ptrs = np.sort(np.asarray(ptrs, dtype=np.int64))
+            gone = self._dead_ptrs(s, ptrs)  # matches in deleted documents are neither counted nor returned
+            dead += int(gone.sum())
+            ptrs = ptrs[~gone]
             take = max_hits - len(hits)
             if take > 0:
-                hits.extend(self._locate(s, np.sort(np.asarray(ptrs, dtype=np.int64))[:take]))
-        return DocumentSearch(int(r["cnt"]), bool(r["approx"]), tuple(hits))
+                hits.extend(self._locate(s, ptrs[:take]))
+        # the engine returns every match unless it sampled (approx): then the count is scaled, and so the estimate
+        count = int(r["cnt"]) - dead if not r["approx"] else int(round(int(r["cnt"]) * (1 - dead / max(1, sum(
+            len(p) for p in r["ptrs_by_shard"])))))
+        return DocumentSearch(count, bool(r["approx"]), tuple(hits))
 
     def score(self, text: Query) -> list[TokenScore]:
         """Per-token ∞-gram probabilities of ``text``: token i given tokens 0..i-1 (the first token
@@ -372,9 +496,9 @@ class NgramIndex:
             # at most one token per step: the engine need only see the last `longest + 1` tokens,
             # which gives the same answer as the whole prefix and keeps long texts linear.
             k = min(longest + 1, cap, i)
-            r = _check_engine(self.engine.infgram_prob(prompt_ids=ids[i - k : i], cont_id=t), "infgram_prob")
-            longest = int(r["suffix_len"])
-            out.append(TokenScore(t, float(r["prob"]), longest, int(r["prompt_cnt"]), int(r["cont_cnt"])))
+            r = self._infgram(ids[i - k : i], t)
+            longest = r.suffix_len
+            out.append(TokenScore(t, r.prob, longest, r.prompt_count, r.cont_count))
         return out
 
     def _ids_unbounded(self, ids: Query) -> list[int]:

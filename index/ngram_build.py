@@ -31,7 +31,7 @@ from retromem.datastore.atomic import sha256_file
 from retromem.diskspace import preflight
 from retromem.datastore.job import Job, open_job
 from retromem.errors import ConfigError, NgramIndexError
-from retromem.index.types import NgramBuildResult
+from retromem.index.types import NgramBuildResult, record_path
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
         "kind": "infini-gram suffix array",
         "engine": {"package": "infini-gram", "version": md.version("infini-gram"), "index_version": ENGINE_VERSION},
         "datastore_id": ds.datastore_id,
-        "datastore_path": str(Path(datastore_path).resolve()),
+        "datastore_path": record_path(datastore_path, out),  # relative: the tree may move
         "datastore_manifest_sha256": sha256_file(ds.path / "manifest.json"),
         "tokenizer": {k: tok[k] for k in ("name", "vocab_hash", "vocab_size") if k in tok},
         "vocab_size": vocab,

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retromem.config import fail, key_name, one_of, optional_positive_int, positive_int
+from retromem.index.types import record_path  # relative: a moved tree still names its datastore
 from retromem.datastore.atomic import atomic_path, write_json
 from retromem.datastore.integrity import check_sizes, recorded_files, verify_files
 from retromem.datastore.integrity import read_manifest as read_checked_manifest
@@ -221,7 +222,7 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
                               f"use another --out or --overwrite")
     else:
         manifest = {"format_version": FORMAT_VERSION, "config": ident, "datastore_id": ds.datastore_id,
-                    "datastore_path": str(Path(cfg.datastore).resolve()), "k": cfg.k, "split": cfg.split,
+                    "datastore_path": record_path(cfg.datastore, out), "k": cfg.k, "split": cfg.split,
                     "split_spec": cfg.split_spec.as_dict(), "schema": NEIGHBOURS_SCHEMA.to_string(),
                     "shards": [], "complete": False}
         write_json(manifest_path, manifest)

@@ -8,7 +8,7 @@ hands the lead to the oldest queued request, which searches everything queued by
 ``max_batch`` queries) in one call. Before searching, a leader waits for company while other
 request threads are still parsing dense requests (at most ``wait_s``; woken, not polling). A batch
 embeds every text in one encoder call and runs one search per group of requests that share ``k``,
-``nprobe``, ``efSearch`` and the fetch flags. A request whose deadline passed while it waited is
+``nprobe``, ``efSearch``, the fetch flags and the metadata filters. A request whose deadline passed while it waited is
 dropped unsearched. A failing group is re-run request by request so that one bad request fails
 alone.
 """
@@ -44,19 +44,20 @@ class DenseItem:
     exclude: list[np.ndarray | None] | None
     fetch: tuple[str, ...]
     deadline: float | None  # time.monotonic() after which nobody waits for the answer
+    filters: tuple = ()  # ((field, (values...)), ...) sorted by field: metadata filters of every query
     future: Future = field(default_factory=Future)
     wake: threading.Event = field(default_factory=threading.Event)  # set: answered, or handed the lead
     lead: bool = False  # handed the lead by the last batch's leader
 
     @property
     def key(self) -> tuple:
-        return (self.k, self.nprobe, self.ef_search, self.fetch)
+        return (self.k, self.nprobe, self.ef_search, self.fetch, self.filters)
 
     def rows(self, lo: int, hi: int) -> "DenseItem":
         """Queries ``lo:hi`` as a request of their own (SearchStream searches a big request in slices)."""
         return DenseItem(self.vectors[lo:hi], {r - lo: t for r, t in self.texts.items() if lo <= r < hi}, self.k,
                          self.nprobe, self.ef_search, self.exclude[lo:hi] if self.exclude is not None else None,
-                         self.fetch, self.deadline)
+                         self.fetch, self.deadline, self.filters)
 
 
 class DenseBatcher:
@@ -194,7 +195,8 @@ class DenseBatcher:
             if any(it.exclude is not None for it in items):
                 excl = [e for it in items for e in (it.exclude if it.exclude is not None else [None] * len(it.vectors))]
             res = self.index.search(x, first.k, nprobe=first.nprobe, ef_search=first.ef_search,
-                                    exclude_doc_ids=excl, fetch=first.fetch or False)
+                                    exclude_doc_ids=excl, filters={k: list(v) for k, v in first.filters} or None,
+                                    fetch=first.fetch or False)
         except Exception as exc:
             if len(items) == 1:
                 first.future.set_exception(exc)

@@ -28,7 +28,7 @@ from retromem.index.types import ChunkPayload, SearchResult
 from retromem.config import integer, number
 from retromem.errors import QueryError, RemoteQueryError, ServiceCallError
 from retromem.service.common import SERVICE_NAME
-from retromem.service.messages import fetch_msg, payload_from_msg
+from retromem.service.messages import fetch_msg, filters_msg, meta_value, payload_from_msg
 from retromem.service.v1 import retrieval_pb2 as pb
 from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -172,12 +172,14 @@ class RetrievalClient:
 
     def search(self, queries, k: int = 10, *, exclude_doc_ids: Sequence[Iterable[int] | int | None] | None = None,
                fetch: bool | str | Sequence[str] = False, nprobe: int | None = None, ef_search: int | None = None,
-               timeout: float | None = None) -> SearchResult:
-        """Top-k chunks per query, as :meth:`retromem.index.dense.DenseIndex.search` returns them."""
+               filters: dict[str, Any] | None = None, timeout: float | None = None) -> SearchResult:
+        """Top-k chunks per query, as :meth:`retromem.index.dense.DenseIndex.search` returns them
+        (``filters``: ``{field: value or [values]}`` on the datastore's metadata, enforced in the search)."""
         qs = self._queries(queries, exclude_doc_ids)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
-        base = dict(k=int(k), nprobe=nprobe or 0, ef_search=ef_search or 0, fetch=fetch_msg(fetch))
+        base = dict(k=int(k), nprobe=nprobe or 0, ef_search=ef_search or 0, fetch=fetch_msg(fetch),
+                    filters=filters_msg(filters))
         batch = self.stream_batch or int(self.limits.max_batch) or 1024
         want_payloads = bool(fetch)
         ids = np.full((len(qs), k), -1, np.int64)
@@ -216,6 +218,18 @@ class RetrievalClient:
         ids = [int(c) for c in np.asarray(chunk_ids, dtype=np.int64).reshape(-1)]
         resp = self._call("GetChunks", pb.GetChunksRequest(chunk_ids=ids, fetch=fetch_msg(fetch)), timeout)
         return [payload_from_msg(c) for c in resp.chunks]
+
+    def get_document(self, doc_id: int, *, text: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """A document: doc_id, source_id, source, metadata, text (unless ``text=False``) and its chunk range."""
+        d = self._call("GetDocument", pb.GetDocumentRequest(doc_id=int(doc_id), omit_text=not text), timeout).document
+        return {"doc_id": int(d.doc_id), "source_id": d.source_id, "source": d.source,
+                "metadata": {k: meta_value(v) for k, v in d.metadata.items()},
+                "text": d.text if d.HasField("text") else None, "first_chunk_id": int(d.first_chunk_id),
+                "num_chunks": int(d.num_chunks), "num_tokens": int(d.num_tokens)}
+
+    def reload(self, *, timeout: float | None = None) -> pb.ReloadResponse:
+        """Ask the server to re-open the datastore's newest version and its indexes (calls in flight finish first on the old)."""
+        return self._call("Reload", pb.ReloadRequest(), timeout)
 
     # -- n-gram --------------------------------------------------------------------------
 

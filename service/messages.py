@@ -4,7 +4,7 @@ limits), for the servicer, the router and the client."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -35,8 +35,63 @@ def fetch_msg(flags: Iterable[str] | bool) -> pb.Fetch:
     return pb.Fetch(**{name: name in flags for name in FETCH_ALL})
 
 
+def meta_value_msg(v: Any, field: str = "metadata") -> pb.MetadataValue:
+    """One metadata value as a message (bool before int: a bool is an int in Python)."""
+    if isinstance(v, (bool, np.bool_)):
+        return pb.MetadataValue(flag=bool(v))
+    if isinstance(v, (int, np.integer)):
+        return pb.MetadataValue(int=int(v))
+    if isinstance(v, (float, np.floating)):
+        return pb.MetadataValue(real=float(v))
+    if isinstance(v, str):
+        return pb.MetadataValue(text=v)
+    if v is None:
+        return pb.MetadataValue()
+    return pb.MetadataValue(text=str(v))  # dates, decimals: their text form
+
+
+def meta_value(m: pb.MetadataValue) -> Any:
+    kind = m.WhichOneof("value")
+    return None if kind is None else getattr(m, kind)
+
+
+def metadata_msg(target, metadata: dict[str, Any] | None) -> None:
+    """Fill the ``metadata`` map of ``target`` (a Chunk or Document message)."""
+    for k, v in (metadata or {}).items():
+        target.metadata[str(k)].CopyFrom(meta_value_msg(v))
+
+
+def filters_msg(filters: dict[str, Any] | None) -> list[pb.MetadataFilter]:
+    """``{field: value or [values]}`` as MetadataFilter messages."""
+    out = []
+    for name, value in (filters or {}).items():
+        values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        out.append(pb.MetadataFilter(field=name, values=[meta_value_msg(v) for v in values]))
+    return out
+
+
+def filters_from_msg(filters: Iterable[pb.MetadataFilter], prefix: str = "") -> dict[str, list]:
+    """MetadataFilter messages as ``{field: [values]}``; an empty field, an empty value list or a
+    field named twice raises ValueError naming the field."""
+    out: dict[str, list] = {}
+    for i, f in enumerate(filters):
+        where = f"`{prefix}filters[{i}]"
+        if not f.field:
+            raise ValueError(f"{where}.field` is empty: name a metadata field")
+        if f.field in out:
+            raise ValueError(f"{where}.field` names {f.field!r} twice: give all its values in one filter")
+        if not len(f.values):
+            raise ValueError(f"{where}.values` is empty: give at least one value")
+        vals = [meta_value(v) for v in f.values]
+        if any(v is None for v in vals):
+            raise ValueError(f"{where}.values` holds an unset value")
+        out[f.field] = vals
+    return out
+
+
 def chunk_msg(p: ChunkPayload, id_offset: int = 0, doc_offset: int = 0) -> pb.Chunk:
-    m = pb.Chunk(chunk_id=p.chunk_id + id_offset, doc_id=p.doc_id + doc_offset)
+    m = pb.Chunk(chunk_id=p.chunk_id + id_offset, doc_id=p.doc_id + doc_offset, source_id=p.source_id or "")
+    metadata_msg(m, p.metadata)
     if p.text is not None:
         m.text = p.text
     if p.tokens is not None:
@@ -59,6 +114,7 @@ def payload_from_msg(m: pb.Chunk) -> ChunkPayload:
         continuation_id=int(m.continuation_id) if has_cont else None,
         continuation_text=m.continuation_text if m.HasField("continuation_text") else None,
         continuation_tokens=np.asarray(m.continuation_tokens, dtype=np.int64) if has_cont and len(m.continuation_tokens) else None,
+        source_id=m.source_id or None, metadata={k: meta_value(v) for k, v in m.metadata.items()},
     )
 
 

@@ -5,7 +5,8 @@
 :class:`retromem.service.interceptors.StreamGuard`), the standard health and reflection services,
 optional TLS and bearer-token auth, and Prometheus metrics (on ``metrics_host``, loopback unless
 asked); :func:`serve` runs it until SIGTERM/SIGINT, then drains in-flight requests for at most
-the grace period and returns.
+the grace period and returns. SIGHUP (or the ``Reload`` RPC) re-opens the datastore's newest
+version and the indexes without downtime (:meth:`RetrievalServicer.reload`).
 """
 
 from __future__ import annotations
@@ -174,7 +175,22 @@ def serve(cfg: ServerConfig, *, on_ready=None) -> int:
         logger.info("signal %d: draining in-flight requests (grace %.1fs)", signum, cfg.grace_s)
         stop.set()
 
-    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    def reload() -> None:
+        try:
+            running.servicer.reload()
+        except Exception:  # the previous version keeps serving
+            logger.exception("SIGHUP reload failed; still serving the previous version")
+
+    def hup(signum, frame):
+        # never open files inside a signal handler: the reload runs on a thread of its own
+        if hasattr(running.servicer, "reload"):
+            logger.info("SIGHUP: reloading the datastore's newest version and the indexes")
+            threading.Thread(target=reload, name="retromem-reload", daemon=True).start()
+        else:
+            logger.warning("SIGHUP: a router has nothing to reload; reload its shard servers")
+
+    signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    old = {s: signal.signal(s, hup if s == getattr(signal, "SIGHUP", None) else handle) for s in signals}
     try:
         if on_ready is not None:
             on_ready(running)

@@ -6,15 +6,23 @@ serving), calls the library (:class:`retromem.index.dense.DenseIndex` through th
 :class:`retromem.index.ngram.NgramIndex`, :func:`retromem.index.types.fetch_payloads`) and converts the typed
 results to messages (:mod:`retromem.service.messages`). :class:`Backend` is what one server
 serves. Wiring it into a running server is :mod:`retromem.service.server`'s job.
+
+Reload without downtime (``Reload`` RPC, SIGHUP): what a server serves is one immutable
+:class:`ServingState` (backend, dense batcher, Info); a reload opens a new one beside it (the
+datastore's newest version, the indexes) and swaps the reference. Every call pins the state it
+started with (:func:`pinned`) and finishes on it, so a call never sees half of each; the old state
+is freed when its last call ends. Nothing is mutated under a running call.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -27,7 +35,8 @@ from retromem.service.common import (SEARCH_ADVICE, AnswerSize, ServiceError, ch
                                      stream_search, too_big)
 from retromem.service.config import ServerConfig, ServiceLimits
 from retromem.service.interceptors import Metrics
-from retromem.service.messages import chunk_msg, dist_msg, fetch_flags, limits_msg, occurrence_msg
+from retromem.service.messages import (chunk_msg, dist_msg, fetch_flags, filters_from_msg, limits_msg, metadata_msg,
+                                       occurrence_msg)
 from retromem.service.v1 import retrieval_pb2 as pb
 from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -69,34 +78,127 @@ class Backend:
         return cls(ds, dense, ngram)
 
 
+@dataclass(frozen=True)
+class ServingState:
+    """Everything one version of a server answers from; never mutated, replaced whole by a reload."""
+
+    backend: Backend
+    batcher: DenseBatcher | None
+    info: pb.InfoResponse
+    size: AnswerSize
+    opened_at: float  # time.monotonic() when it was opened
+
+
+def pinned(fn: Callable) -> Callable:
+    """RPC-method decorator: the call runs on the state current when it started (a thread-local pin,
+    set around each step of a streaming handler), however many reloads happen meanwhile."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(self, request, context):
+            state = self._state
+            gen = fn(self, request, context)
+            while True:
+                prev = getattr(self._local, "state", None)
+                self._local.state = state
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    return
+                finally:
+                    self._local.state = prev
+                yield item
+
+        return stream
+
+    @functools.wraps(fn)
+    def unary(self, request, context):
+        prev = getattr(self._local, "state", None)
+        self._local.state = self._state
+        try:
+            return fn(self, request, context)
+        finally:
+            self._local.state = prev
+
+    return unary
+
+
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """The ``retromem.v1.Retrieval`` service over a :class:`Backend` (see module docstring)."""
 
     def __init__(self, cfg: ServerConfig, backend: Backend, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.limits: ServiceLimits = cfg.limits
-        self.b = backend
         self.metrics = metrics
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
-        self.batcher: DenseBatcher | None = None
+        self._local = threading.local()  # the state each running call is pinned to
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._state = self._open_state(backend)
+        if metrics is not None and backend.dense is not None:
+            metrics.dense_queue.set_function(lambda: self.batcher.depth if self.batcher is not None else 0)
+
+    def _open_state(self, backend: Backend) -> ServingState:
+        batcher = None
         if backend.dense is not None:
-            self.batcher = DenseBatcher(backend.dense, max_batch=cfg.max_dense_batch, wait_s=cfg.batch_wait_ms / 1000,
-                                        on_batch=metrics.dense_batch.observe if metrics else None)
-            if metrics is not None:
-                metrics.dense_queue.set_function(lambda: self.batcher.depth)
-        self._info = self._build_info()
-        self.size = AnswerSize.of(self._info.datastore if self._info.HasField("datastore") else None)
+            batcher = DenseBatcher(backend.dense, max_batch=self.cfg.max_dense_batch, wait_s=self.cfg.batch_wait_ms / 1000,
+                                   on_batch=self.metrics.dense_batch.observe if self.metrics else None)
+        info = self._build_info(backend)
+        return ServingState(backend, batcher, info, AnswerSize.of(info.datastore if info.HasField("datastore") else None),
+                            time.monotonic())
+
+    # the state of the running call (pinned), else the current one
+    @property
+    def state(self) -> ServingState:
+        return getattr(self._local, "state", None) or self._state
+
+    @property
+    def b(self) -> Backend:
+        return self.state.backend
+
+    @property
+    def batcher(self) -> DenseBatcher | None:
+        return self.state.batcher
+
+    @property
+    def size(self) -> AnswerSize:
+        return self.state.size
+
+    @property
+    def _info(self) -> pb.InfoResponse:
+        return self.state.info
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        if self._state.batcher is not None:
+            self._state.batcher.close()
+
+    def reload(self) -> ServingState:
+        """Open the datastore's newest version and the indexes anew (what ``cfg`` names) and serve them
+        from now on; calls already running finish on the old state. An error leaves the old state
+        serving and is raised."""
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            backend = Backend.open(self.cfg)
+            if backend.dense is not None and backend.dense.meta.get("embedder"):
+                old = self._state.backend.dense
+                if old is not None and old._embedder is not None:
+                    backend.dense.attach_embedder(old.embedder)  # the same model: no second load
+                else:
+                    backend.dense.embedder  # load it now, not in the first call
+            new = self._open_state(backend)
+            old_state, self._state = self._state, new  # one reference swap: calls pin one or the other
+            logger.info("reloaded in %.2fs: datastore version %s, %s documents", time.perf_counter() - t0,
+                        getattr(backend.datastore, "version", 1), getattr(backend.datastore, "num_documents", "?"))
+            if old_state.batcher is not None:
+                old_state.batcher.close()
+            return new
 
     # -- info ----------------------------------------------------------------------------
 
-    def _build_info(self) -> pb.InfoResponse:
+    def _build_info(self, backend: Backend) -> pb.InfoResponse:
+        from retromem.index.types import deleted_doc_ids
+
         m = pb.InfoResponse(version=__version__, role="server", limits=limits_msg(self.cfg),
                             auth_required=self.cfg.token is not None)
-        ds = self.b.datastore
+        ds = backend.datastore
         if ds is not None:
             man = ds.manifest
             tok = man["tokenizer"]
@@ -104,20 +206,23 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 datastore_id=ds.datastore_id, num_documents=ds.num_documents, num_chunks=ds.num_chunks,
                 chunk_length=ds.chunk_length, num_tokens=int(man["counts"]["tokens"]), tokenizer=str(tok.get("name", "")),
                 vocab_size=int(tok.get("vocab_size", 0)), vocab_sha256=str(tok.get("vocab_hash", "")),
-                text_bytes=int(man["counts"].get("text_bytes", 0))))
-        d = self.b.dense
+                text_bytes=int(man["counts"].get("text_bytes", 0)), version=int(getattr(ds, "version", 1) or 1),
+                version_id=str(getattr(ds, "version_id", "") or ""), deleted_documents=len(deleted_doc_ids(ds)),
+                metadata_fields={str(k): str(v) for k, v in (getattr(ds, "metadata_fields", None) or {}).items()}))
+        d = backend.dense
         if d is not None:
             e = d.meta["embedder"]
             m.dense.CopyFrom(pb.DenseInfo(factory=d.factory, dim=d.dim, ntotal=d.ntotal, embedder=e["name"],
                                           embedder_sha256=e["weights_sha256"],
                                           search_defaults={k: int(v) for k, v in d.defaults.items()}))
-        g = self.b.ngram
+        g = backend.ngram
         if g is not None:
             eng = g.manifest.get("engine", {})
             m.ngram.CopyFrom(pb.NgramInfo(num_tokens=g.num_tokens, shards=len(g.manifest["shards"]),
                                           engine=f"{eng.get('package', 'infini-gram')} {eng.get('version', '')}".strip()))
         return m
 
+    @pinned
     @rpc
     def Info(self, request, context):
         return self._info
@@ -163,10 +268,25 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 if exclude is None:
                     exclude = [None] * n
                 exclude[i] = e
+        filters = self._filters(req, prefix)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         return DenseItem(x, texts, int(req.k), req.nprobe or None, req.ef_search or None, exclude,
-                         fetch_flags(req.fetch if req.HasField("fetch") else None), deadline)
+                         fetch_flags(req.fetch if req.HasField("fetch") else None), deadline, filters)
+
+    def _filters(self, req: pb.SearchRequest, prefix: str) -> tuple:
+        """The request's metadata filters, checked against the datastore's declared fields, as a
+        hashable ((field, (values...)), ...) sorted by field (the batcher groups equal filters)."""
+        from retromem.index.types import check_filters, metadata_fields
+
+        if not len(req.filters):
+            return ()
+        try:
+            flt = filters_from_msg(req.filters, prefix)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        flt = check_filters(flt, metadata_fields(self.b.datastore))  # QueryError -> INVALID_ARGUMENT
+        return tuple(sorted((k, tuple(v)) for k, v in flt.items()))
 
     def _dense_search(self, item: DenseItem, context):
         try:
@@ -193,6 +313,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             self.batcher.abandon()
             raise
 
+    @pinned
     @rpc
     def Search(self, request, context):
         item = self._announced_item(request, context)
@@ -202,6 +323,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         return check_answer(out, self.limits.max_message_bytes, f"{len(item.vectors):,} queries x {item.k:,} hits",
                             SEARCH_ADVICE)
 
+    @pinned
     def SearchStream(self, request_iterator, context):
         budget = message_budget(self.limits.max_message_bytes)
 
@@ -224,17 +346,68 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     # -- chunks --------------------------------------------------------------------------
 
+    @pinned
     @rpc
     def GetChunks(self, request, context):
         from retromem.index.types import fetch_payloads
 
+        from retromem.index.types import live_chunk_mask
+
         ds = self._need("datastore")
         flags = fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True)
         ids = check_chunk_ids(request.chunk_ids, self.limits, ds.num_chunks, self.size, flags)
+        live = live_chunk_mask(ds, ids)
+        if not live.all():
+            dead = np.asarray(ids)[~live]
+            raise ServiceError(FAILED_PRECONDITION, f"`chunk_ids` holds chunks of deleted documents: "
+                                                    f"{', '.join(map(str, dead[:20].tolist()))}"
+                                                    f"{f' and {len(dead) - 20} more' if len(dead) > 20 else ''}")
         payloads = fetch_payloads(ds, ids, text="text" in flags, tokens="tokens" in flags,
                                   continuation="continuation" in flags)
         return check_answer(pb.GetChunksResponse(chunks=[chunk_msg(p) for p in payloads]), self.limits.max_message_bytes,
                             f"{len(ids):,} chunks", "ask for fewer chunks per call, or less fetch")
+
+    @pinned
+    @rpc
+    def GetDocument(self, request, context):
+        from retromem.index.types import deleted_doc_ids, doc_metadata
+
+        ds = self._need("datastore")
+        d = int(request.doc_id)
+        if not 0 <= d < ds.num_documents:
+            raise ServiceError(OUT_OF_RANGE, f"`doc_id` {d} is outside 0..{ds.num_documents - 1}")
+        if d in set(deleted_doc_ids(ds).tolist()):
+            raise ServiceError(FAILED_PRECONDITION, f"`doc_id` {d} is a deleted document")
+        nbytes = int(ds.doc_byte_offsets_array[d + 1] - ds.doc_byte_offsets_array[d])
+        if not request.omit_text and nbytes + 4096 > self.limits.max_message_bytes:
+            raise too_big(nbytes + 4096, self.limits.max_message_bytes, f"document {d} ({nbytes:,} bytes of text)",
+                          "ask with omit_text and fetch its chunks with GetChunks")
+        doc = ds.document(d)
+        m = pb.Document(doc_id=d, source_id=doc.source_id, source=doc.source, first_chunk_id=doc.first_chunk_id,
+                        num_chunks=doc.n_chunks, num_tokens=doc.n_tokens)
+        if not request.omit_text:
+            m.text = doc.text
+        metadata_msg(m, getattr(doc, "metadata", None) or doc_metadata(ds, [d])[0])
+        return pb.GetDocumentResponse(document=m)
+
+    @rpc
+    def Reload(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            st = self.reload()
+        except Exception as exc:  # the old state keeps serving
+            logger.exception("reload failed")
+            raise ServiceError(FAILED_PRECONDITION, f"reload failed, still serving the previous version: "
+                                                    f"{type(exc).__name__}: {exc}") from None
+        from retromem.index.types import deleted_doc_ids
+
+        ds = st.backend.datastore
+        return pb.ReloadResponse(version=int(getattr(ds, "version", 1) or 1), version_id=str(getattr(ds, "version_id", "") or ""),
+                                 num_documents=ds.num_documents if ds is not None else 0,
+                                 num_chunks=ds.num_chunks if ds is not None else 0,
+                                 deleted_documents=len(deleted_doc_ids(ds)) if ds is not None else 0,
+                                 dense_ntotal=st.backend.dense.ntotal if st.backend.dense is not None else 0,
+                                 seconds=time.perf_counter() - t0)
 
     # -- n-gram --------------------------------------------------------------------------
 
@@ -286,12 +459,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             return int(t.id)
         raise invalid(f"`{field}` is not set: give text or id")
 
+    @pinned
     @rpc
     def Count(self, request, context):
         ids = self._ids(request.query, "query")
         c = self.b.ngram.count(ids)
         return pb.CountResponse(count=c.count, approx=c.approx, token_ids=ids)
 
+    @pinned
     @rpc
     def Prob(self, request, context):
         ids = self._ids(request.prompt, "prompt", allow_empty=True)
@@ -301,6 +476,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             m.prob = p.prob
         return m
 
+    @pinned
     @rpc
     def InfgramProb(self, request, context):
         ids = self._ids(request.prompt, "prompt", allow_empty=True)
@@ -314,18 +490,21 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                                              "(the vocabulary size)")
         return request.top_k
 
+    @pinned
     @rpc
     def NextTokenDistribution(self, request, context):
         top_k = self._top_k(request)
         ids = self._ids(request.query, "query", allow_empty=True)
         return dist_msg(self.b.ngram.next_token_distribution(ids), top_k, self._decode)
 
+    @pinned
     @rpc
     def InfgramNextTokenDistribution(self, request, context):
         top_k = self._top_k(request)
         ids = self._ids(request.query, "query", allow_empty=True)
         return dist_msg(self.b.ngram.infgram_next_token_distribution(ids), top_k, self._decode)
 
+    @pinned
     @rpc
     def NextTokens(self, request, context):
         g = self._need("ngram")
@@ -370,6 +549,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         ps = self.b.ngram.fetch(hits, text="text" in flags, tokens="tokens" in flags, continuation="continuation" in flags)
         return [chunk_msg(p) for p in ps]
 
+    @pinned
     @rpc
     def Find(self, request, context):
         fetch = request.fetch if request.HasField("fetch") else None
@@ -379,6 +559,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         return pb.FindResponse(count=r.count, occurrences=[occurrence_msg(o) for o in r.occurrences],
                                chunks=self._chunks(r.occurrences, request.fetch if request.HasField("fetch") else None))
 
+    @pinned
     @rpc
     def SearchDocuments(self, request, context):
         g = self._need("ngram")

@@ -98,14 +98,16 @@ def _print_index(m: dict) -> None:
 @click.option("--nprobe", type=int, default=None)
 @click.option("--ef-search", type=int, default=None)
 @click.option("--exclude-doc", "exclude_docs", type=int, multiple=True, help="doc_id to exclude (every query).")
+@click.option("--datastore", "datastore_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Datastore directory, if it moved (default: the one the index records); must be the same datastore_id.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def index_search(index_dir: str, queries: tuple[str, ...], k: int, nprobe: int | None, ef_search: int | None,
-                 exclude_docs: tuple[int, ...], as_json: bool) -> None:
+                 exclude_docs: tuple[int, ...], datastore_path: str | None, as_json: bool) -> None:
     """Search the dense index INDEX_DIR for each of QUERIES (texts); show hits with their continuation."""
     from retromem.index.dense import DenseIndex
 
-    idx = DenseIndex.open(index_dir)
+    idx = DenseIndex.open(index_dir, datastore=datastore_path)
     excl = [list(exclude_docs)] * len(queries) if exclude_docs else None
     res = idx.search(list(queries), k, nprobe=nprobe, ef_search=ef_search, exclude_doc_ids=excl, fetch=True)
     if as_json:

@@ -17,7 +17,14 @@ class Fetch(_message.Message):
     def __init__(self, text: _Optional[bool] = ..., tokens: _Optional[bool] = ..., continuation: _Optional[bool] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("chunk_id", "doc_id", "text", "tokens", "continuation_id", "continuation_text", "continuation_tokens")
+    __slots__ = ("chunk_id", "doc_id", "text", "tokens", "continuation_id", "continuation_text", "continuation_tokens", "source_id", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MetadataValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MetadataValue, _Mapping]] = ...) -> None: ...
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +32,8 @@ class Chunk(_message.Message):
     CONTINUATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_TEXT_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     chunk_id: int
     doc_id: int
     text: str
@@ -32,7 +41,29 @@ class Chunk(_message.Message):
     continuation_id: int
     continuation_text: str
     continuation_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, chunk_id: _Optional[int] = ..., doc_id: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., continuation_id: _Optional[int] = ..., continuation_text: _Optional[str] = ..., continuation_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    source_id: str
+    metadata: _containers.MessageMap[str, MetadataValue]
+    def __init__(self, chunk_id: _Optional[int] = ..., doc_id: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., continuation_id: _Optional[int] = ..., continuation_text: _Optional[str] = ..., continuation_tokens: _Optional[_Iterable[int]] = ..., source_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, MetadataValue]] = ...) -> None: ...
+
+class MetadataValue(_message.Message):
+    __slots__ = ("text", "int", "real", "flag")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    INT_FIELD_NUMBER: _ClassVar[int]
+    REAL_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    int: int
+    real: float
+    flag: bool
+    def __init__(self, text: _Optional[str] = ..., int: _Optional[int] = ..., real: _Optional[float] = ..., flag: _Optional[bool] = ...) -> None: ...
+
+class MetadataFilter(_message.Message):
+    __slots__ = ("field", "values")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    values: _containers.RepeatedCompositeFieldContainer[MetadataValue]
+    def __init__(self, field: _Optional[str] = ..., values: _Optional[_Iterable[_Union[MetadataValue, _Mapping]]] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -51,18 +82,20 @@ class Query(_message.Message):
     def __init__(self, text: _Optional[bytes] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., exclude_doc_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe", "ef_search", "fetch")
+    __slots__ = ("queries", "k", "nprobe", "ef_search", "fetch", "filters")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     k: int
     nprobe: int
     ef_search: int
     fetch: Fetch
-    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ...) -> None: ...
+    filters: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., fetch: _Optional[_Union[Fetch, _Mapping]] = ..., filters: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ...) -> None: ...
 
 class QueryResult(_message.Message):
     __slots__ = ("chunk_ids", "scores", "chunks")
@@ -99,6 +132,69 @@ class GetChunksResponse(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+
+class GetDocumentRequest(_message.Message):
+    __slots__ = ("doc_id", "omit_text")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    OMIT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    doc_id: int
+    omit_text: bool
+    def __init__(self, doc_id: _Optional[int] = ..., omit_text: _Optional[bool] = ...) -> None: ...
+
+class Document(_message.Message):
+    __slots__ = ("doc_id", "source_id", "source", "metadata", "text", "first_chunk_id", "num_chunks", "num_tokens")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MetadataValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MetadataValue, _Mapping]] = ...) -> None: ...
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    doc_id: int
+    source_id: str
+    source: str
+    metadata: _containers.MessageMap[str, MetadataValue]
+    text: str
+    first_chunk_id: int
+    num_chunks: int
+    num_tokens: int
+    def __init__(self, doc_id: _Optional[int] = ..., source_id: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, MetadataValue]] = ..., text: _Optional[str] = ..., first_chunk_id: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class GetDocumentResponse(_message.Message):
+    __slots__ = ("document",)
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    document: Document
+    def __init__(self, document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("version", "version_id", "num_documents", "num_chunks", "deleted_documents", "dense_ntotal", "seconds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_NTOTAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    version_id: str
+    num_documents: int
+    num_chunks: int
+    deleted_documents: int
+    dense_ntotal: int
+    seconds: float
+    def __init__(self, version: _Optional[int] = ..., version_id: _Optional[str] = ..., num_documents: _Optional[int] = ..., num_chunks: _Optional[int] = ..., deleted_documents: _Optional[int] = ..., dense_ntotal: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -305,7 +401,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DatastoreInfo(_message.Message):
-    __slots__ = ("datastore_id", "num_documents", "num_chunks", "chunk_length", "num_tokens", "tokenizer", "vocab_size", "vocab_sha256", "text_bytes")
+    __slots__ = ("datastore_id", "num_documents", "num_chunks", "chunk_length", "num_tokens", "tokenizer", "vocab_size", "vocab_sha256", "text_bytes", "version", "version_id", "deleted_documents", "metadata_fields")
+    class MetadataFieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DATASTORE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +418,10 @@ class DatastoreInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SHA256_FIELD_NUMBER: _ClassVar[int]
     TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELDS_FIELD_NUMBER: _ClassVar[int]
     datastore_id: str
     num_documents: int
     num_chunks: int
@@ -324,7 +431,11 @@ class DatastoreInfo(_message.Message):
     vocab_size: int
     vocab_sha256: str
     text_bytes: int
-    def __init__(self, datastore_id: _Optional[str] = ..., num_documents: _Optional[int] = ..., num_chunks: _Optional[int] = ..., chunk_length: _Optional[int] = ..., num_tokens: _Optional[int] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_sha256: _Optional[str] = ..., text_bytes: _Optional[int] = ...) -> None: ...
+    version: int
+    version_id: str
+    deleted_documents: int
+    metadata_fields: _containers.ScalarMap[str, str]
+    def __init__(self, datastore_id: _Optional[str] = ..., num_documents: _Optional[int] = ..., num_chunks: _Optional[int] = ..., chunk_length: _Optional[int] = ..., num_tokens: _Optional[int] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., vocab_sha256: _Optional[str] = ..., text_bytes: _Optional[int] = ..., version: _Optional[int] = ..., version_id: _Optional[str] = ..., deleted_documents: _Optional[int] = ..., metadata_fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DenseInfo(_message.Message):
     __slots__ = ("factory", "dim", "ntotal", "embedder", "embedder_sha256", "search_defaults")

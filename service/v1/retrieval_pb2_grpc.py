@@ -54,6 +54,16 @@ class RetrievalStub:
                 request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksRequest.SerializeToString,
                 response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksResponse.FromString,
                 _registered_method=True)
+        self.GetDocument = channel.unary_unary(
+                '/retromem.v1.Retrieval/GetDocument',
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetDocumentRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetDocumentResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/retromem.v1.Retrieval/Reload',
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ReloadResponse.FromString,
+                _registered_method=True)
         self.Count = channel.unary_unary(
                 '/retromem.v1.Retrieval/Count',
                 request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
@@ -125,7 +135,23 @@ class RetrievalServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetChunks(self, request, context):
-        """Chunks by id, with their continuation.
+        """Chunks by id, with their continuation. Chunks of deleted documents are refused
+        (FAILED_PRECONDITION naming the ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDocument(self, request, context):
+        """A document by doc_id: its text, source_id, metadata and chunk range (deleted: FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-open the datastore's newest version and the indexes, without downtime: calls in flight
+        finish on what they started with, later calls see the new version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +230,16 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.GetChunks,
                     request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksRequest.FromString,
                     response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksResponse.SerializeToString,
+            ),
+            'GetDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocument,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetDocumentRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.GetDocumentResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ReloadRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ReloadResponse.SerializeToString,
             ),
             'Count': grpc.unary_unary_rpc_method_handler(
                     servicer.Count,
@@ -354,6 +390,60 @@ class Retrieval:
             '/retromem.v1.Retrieval/GetChunks',
             retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksRequest.SerializeToString,
             retromem_dot_service_dot_v1_dot_retrieval__pb2.GetChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retromem.v1.Retrieval/GetDocument',
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.GetDocumentRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.GetDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retromem.v1.Retrieval/Reload',
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.ReloadRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
