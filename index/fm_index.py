@@ -22,6 +22,7 @@ offsets into a document; they map to the datastore chunk that holds them.
 
 from __future__ import annotations
 
+import array
 import functools
 import logging
 import time
@@ -175,13 +176,15 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
 
 
 _BYTES = [bytes([c]) for c in range(256)]
-SUB = 512  # in a decompressed block, cumulative byte counts every SUB bytes (33 KiB per cached 32 KiB block)
+SUB = 512  # in a decompressed block, a byte's cumulative counts every SUB bytes
+CACHE_BYTES = 256 << 20  # decompressed BWT blocks kept in memory (the whole BWT of up to 256 MiB of text)
+COUNT_CACHE = 1 << 17  # (block, byte) count arrays kept (~0.3 KiB each: at most ~45 MiB)
 
 
 class _CompactEngine:
     """Backward search and locate over the compact backend's files (positions are byte offsets in T)."""
 
-    def __init__(self, path: Path, m: dict, cache_blocks: int = 1024) -> None:
+    def __init__(self, path: Path, m: dict, cache_bytes: int = CACHE_BYTES) -> None:
         self.rows, self.dollar_row = int(m["n"]) + 1, int(m["dollar_row"])
         self.k, self.B = int(m["sample_rate"]), int(m["block_size"])
         def load(name: str) -> np.ndarray:
@@ -191,10 +194,9 @@ class _CompactEngine:
         self.C, self.col = load("C.npy"), load("alphabet_col.npy")
         # The backward search runs two ranks per pattern byte, so a rank must cost a few Python
         # operations: plain ints for the small tables, a typed memoryview (indexing gives an int, not a
-        # numpy scalar) for the checkpoints, and inside a block a count table per SUB bytes plus
-        # bytes.count over the rest: 3-4x faster than comparing the block prefix (issue 19, BENCHMARKS.md).
+        # numpy scalar) for the checkpoints, and inside a block a byte's cached step counts plus
+        # bytes.count over the rest (issue 19, BENCHMARKS.md).
         self._C, self._col = [int(x) for x in self.C], [int(x) for x in self.col]
-        self._step = np.arange(self.B, dtype=np.int32) // SUB  # the SUB-byte step of each block offset
         occ = np.ascontiguousarray(self.occ)
         self._occ = memoryview(occ).cast("B").cast("Q" if occ.dtype == np.uint64 else "I", occ.shape) if occ.size else None
         size = (path / "bwt.zst").stat().st_size
@@ -205,25 +207,23 @@ class _CompactEngine:
         import zstandard
 
         self._dec = zstandard.ZstdDecompressor()
-        self.block = functools.lru_cache(maxsize=cache_blocks)(self._block)
-        # A block's count table (~0.1 ms to build, 33 KiB) makes a rank inside it O(SUB) instead of
-        # O(block): a cold query pays ~0.1 ms per new block, a warm one 3-4x less than a scan.
-        self.table = functools.lru_cache(maxsize=cache_blocks)(self._table)
+        self.block = functools.lru_cache(maxsize=max(1, cache_bytes // self.B))(self._block)
+        # Per (block, byte), the byte's counts at every SUB step of the block: one scan of the block
+        # (what a rank cost before) builds it, and every later rank of that byte in that block costs a
+        # lookup plus a count over < SUB bytes. 65 ints each; the backward search of common text
+        # keeps asking the same few bytes of the same blocks, so most ranks hit.
+        self.counts = functools.lru_cache(maxsize=COUNT_CACHE)(self._counts)
 
     def _block(self, b: int) -> bytes:
         return self._dec.decompress(self.data[self.offsets[b] : self.offsets[b + 1]].tobytes())
 
-    def _table(self, b: int) -> tuple[bytes, memoryview]:
-        """Block b's bytes, and the counts of every byte value before each SUB-byte step of it."""
-        raw = self.block(b)
-        blk = np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
-        steps = -(-len(blk) // SUB)
-        # bincount keyed (byte, step), one flat cumsum, then each byte's row restarted from 0: a
-        # cumsum along the short axis is several times slower on this layout
-        cs = np.cumsum(np.bincount(blk * steps + self._step[: len(blk)], minlength=256 * steps)).reshape(256, steps)
-        counts = np.zeros((256, steps + 1), dtype=np.uint16)  # counts[c, s]: c in the block's first s * SUB bytes
-        counts[:, 1:] = cs - np.concatenate(([0], cs[:-1, -1]))[:, None]
-        return raw, memoryview(counts).cast("B").cast("H", counts.shape)
+    def _counts(self, b: int, c: int) -> array.array:
+        """Occurrences of byte c in block b before each SUB-byte step of it (one scan of the block)."""
+        blk = np.frombuffer(self.block(b), dtype=np.uint8)
+        out = np.zeros(-(-len(blk) // SUB) + 1, dtype=np.int32)
+        if len(blk):
+            np.cumsum(np.add.reduceat(blk == c, np.arange(0, len(blk), SUB), dtype=np.int32), out=out[1:])
+        return array.array("i", out.tobytes())  # indexing gives a Python int, unlike a numpy array
 
     def rank(self, c: int, i: int) -> int:
         """Occurrences of byte c in BWT[0:i]."""
@@ -233,11 +233,10 @@ class _CompactEngine:
         b, off = divmod(i, self.B)
         r = self._occ[b, j]
         if off:
-            raw, counts = self.table(b)
             s, rest = divmod(off, SUB)
-            r += counts[c, s]
+            r += self.counts(b, c)[s]
             if rest:
-                r += raw.count(_BYTES[c], off - rest, off)
+                r += self.block(b).count(_BYTES[c], off - rest, off)
         if c == 0 and i > self.dollar_row:
             r -= 1  # the $ placeholder is not a NUL
         return r
@@ -262,15 +261,6 @@ class _CompactEngine:
             steps += 1
         return int(self.samples[i // self.k]) + steps
 
-
-
-def _overlapping(text: bytes, pattern: bytes) -> int:
-    """Occurrences of ``pattern`` in ``text``, overlapping ones included (as a suffix array counts them)."""
-    n, i = 0, text.find(pattern)
-    while i >= 0:
-        n += 1
-        i = text.find(pattern, i + 1)
-    return n
 
 class FMIndex:
     """A finished FM-index with its datastore, for mapping hits to chunks."""
