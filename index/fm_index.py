@@ -262,6 +262,15 @@ class _CompactEngine:
         return int(self.samples[i // self.k]) + steps
 
 
+def _overlapping(text: bytes, pattern: bytes) -> int:
+    """Occurrences of ``pattern`` in ``text``, overlapping ones included (as a suffix array counts them)."""
+    n, i = 0, text.find(pattern)
+    while i >= 0:
+        n += 1
+        i = text.find(pattern, i + 1)
+    return n
+
+
 class FMIndex:
     """A finished FM-index with its datastore, for mapping hits to chunks."""
 
