@@ -8,8 +8,8 @@ What this adds to a plain Trainer run:
   training ends, so the saved model is an ordinary memory wrapper);
 - gate and memory telemetry in every log line and in ``telemetry.jsonl``, with a warning when the
   gates sit at 0.5 or saturate;
-- checkpoints in the wrapper's own format (``model.safetensors`` + configs), which Trainer reads
-  back on ``--resume``.
+- checkpoints and the final model as Hugging Face directories with the modeling code, a model card
+  recording the run and checksums (``save_memory_model``); Trainer reads them back on ``--resume``.
 
 The Trainer settings (``train:``), the Trainer itself, resume and multi-process runs are the
 shared harness's (:mod:`retromem.training`).
@@ -351,11 +351,10 @@ def gate_warnings(tel: dict[str, float], step: int, warn_after: int) -> list[str
 # -- the run --------------------------------------------------------------------------------------
 
 def make_trainer(cfg: MemoryTrainConfig, model: torch.nn.Module, tokenizer: Any, dataset: torch.utils.data.Dataset):
-    """The shared harness's Trainer with the memory parameter group, checkpoints in the wrapper's
-    own format, and telemetry in every log line (rank 0 writes ``telemetry.jsonl``)."""
+    """The shared harness's Trainer with the memory parameter group, checkpoints written by
+    ``save_memory_model``, and telemetry in every log line (rank 0 writes ``telemetry.jsonl``)."""
     from transformers import default_data_collator
 
-    from retromem.memory.common import load_weights
     from retromem.training import build_training_arguments, checkpoint_trainer_class
 
     telemetry_path = Path(cfg.output_dir) / "telemetry.jsonl"
@@ -376,19 +375,29 @@ def make_trainer(cfg: MemoryTrainConfig, model: torch.nn.Module, tokenizer: Any,
     # examples are fixed-length: stack them, no padding collator (the tokenizer may have no pad token)
     return MemoryTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          data_collator=default_data_collator, save_checkpoint=save_memory_model,
-                         load_checkpoint=load_weights, param_groups=lambda m: parameter_groups(m, cfg),
+                         # resume: Trainer's own loading (the models are PreTrainedModels, tied embeddings included)
+                         param_groups=lambda m: parameter_groups(m, cfg),
                          mean_loss=True)  # the wrappers' SegmentLoss is a mean over their own batch
 
 
 def save_memory_model(model: torch.nn.Module, tokenizer: Any, target: Path) -> Path:
-    """The wrapper's own format (``model.safetensors`` + configs) and the tokenizer: checkpoints and the final model."""
+    """A Hugging Face directory (``retromem.hf_export``): weights, config with ``auto_map`` and the
+    modeling code, the tokenizer, the model card (README.md) and checksums.json: checkpoints and the final model."""
     from retromem.datastore.integrity import seal_model_dir
+    from retromem.hf_export import export_model
 
-    model.save_pretrained(target)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(target))
-    seal_model_dir(target)
-    return target
+    return export_model(model, target, card=model.model_card(), tokenizer=tokenizer, seal=seal_model_dir)
+
+
+def training_facts(cfg: MemoryTrainConfig) -> dict[str, Any]:
+    """What the model card records of a run (kept in ``config.retromem_training``)."""
+    data = (f"{cfg.num_examples} {cfg.data} examples of {cfg.train_length} tokens of real text from "
+            f"{cfg.corpus or 'the default corpus (python-docs, else the built-in demo corpus)'}, after its first 50 documents")
+    return {"base_model": cfg.model, "training_data": data, "module": cfg.module, "max_steps": cfg.train.max_steps,
+            "lr": cfg.train.lr, "memory_lr": cfg.memory_lr, "seed": cfg.train.seed, "train_base": cfg.train_base,
+            "lora": None if cfg.lora is None else {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                                                   "target_modules": list(cfg.lora.target_modules)},
+            "needle_min_compressions": cfg.needle_min_compressions, "passkey_text_weight": cfg.passkey_text_weight}
 
 
 def train(cfg: MemoryTrainConfig, resume: bool = False) -> TrainResult:
@@ -397,6 +406,7 @@ def train(cfg: MemoryTrainConfig, resume: bool = False) -> TrainResult:
 
     out = start_run(cfg, cfg.train, cfg.output_dir)
     model, tok = build_model(cfg)
+    model.config.retromem_training = training_facts(cfg)  # the model card's record of this run
     if cfg.lora is not None:
         add_lora(model, cfg.lora)
     trainable = set_trainable(model, cfg)
