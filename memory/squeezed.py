@@ -50,11 +50,21 @@ class SqueezedConfig:
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means of x (n, D) into k clusters: (centroids (k, D), assignment (n,))."""
+    """Lloyd's k-means of x (n, D) into k clusters, k-means++ seeding: (centroids (k, D), assignment (n,))."""
     n = x.shape[0]
     k = min(k, n)
     x = x.float()
-    c = x[torch.randperm(n, generator=generator)[:k]].clone()
+    # k-means++: each next seed drawn with probability proportional to its squared distance to the
+    # nearest seed so far (random seeding can put two seeds in one cluster and never recover)
+    first = int(torch.randint(n, (1,), generator=generator))
+    c = x.new_empty(k, x.shape[1])
+    c[0] = x[first]
+    nearest = ((x - c[0]) ** 2).sum(1)
+    for j in range(1, k):
+        p = nearest.clamp(min=0)
+        idx = int(torch.multinomial(p / p.sum(), 1, generator=generator)) if float(p.sum()) > 0 else j % n
+        c[j] = x[idx]
+        nearest = torch.minimum(nearest, ((x - c[j]) ** 2).sum(1))
     assign = torch.zeros(n, dtype=torch.long)
     for _ in range(iters):
         d = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]  # (n, k) squared distances
