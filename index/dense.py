@@ -7,7 +7,9 @@ searches every shard and merges them by score (as MassiveDS does), excludes give
 query while still returning ``k`` hits, and can fetch each hit's text, tokens and continuation from
 the datastore. ``knn`` is the bare batched top-k, for measurements (:mod:`retromem.index.dense_eval`).
 
-Metric: inner product over L2-normalised vectors, i.e. cosine similarity.
+Metric: the embedder's similarity as recorded (cosine: inner product over L2-normalised vectors, the
+default of older indexes; dot; euclidean, scored as minus the distance), and text queries embedded
+with the recorded query prompt (:meth:`retromem.index.embed.Embedder.from_info`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from retromem.datastore.integrity import check_sizes, read_manifest, recorded_fi
 from retromem.errors import ArtifactCorruptError, IndexFormatError, QueryError
 from retromem.index.dense_faiss import (INDEX_FORMAT, id_selector, read_index, search_parameters, set_gpu_params, to_gpu,
                                         use_gpu)
-from retromem.index.embed import Embedder
+from retromem.index.embed import Embedder, EmbedderInfo, faiss_scores, index_similarity
 from retromem.index.types import (MAX_K, BoundToDatastore, SearchResult, check_k, chunks_matching, deleted_chunk_ids,
                                   fetch_payloads, resolved_meta)
 
@@ -117,7 +119,7 @@ class DenseIndex(BoundToDatastore):
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            self.attach_embedder(Embedder(self.meta["embedder"]["name"]))
+            self.attach_embedder(Embedder.from_info(self.meta["embedder"]))  # the recorded prompts and similarity
         return self._embedder
 
     def attach_embedder(self, embedder: Embedder) -> None:
@@ -126,6 +128,10 @@ class DenseIndex(BoundToDatastore):
             raise IndexFormatError(f"{self.path} was built with embedder {want['name']} "
                                    f"(sha256 {want['weights_sha256'][:12]}, {want['dim']} dims), not {embedder.info.name} "
                                    f"(sha256 {embedder.info.weights_sha256[:12]}, {embedder.dim} dims)")
+        if embedder.info.query_encoding != EmbedderInfo.from_dict(want).query_encoding:
+            raise IndexFormatError(f"{self.path} embeds queries as (similarity, normalized, query prompt) "
+                                   f"{EmbedderInfo.from_dict(want).query_encoding}, not {embedder.info.query_encoding}: "
+                                   "use Embedder.from_info(index.meta['embedder'])")
         self._embedder = embedder
 
     # -- search --------------------------------------------------------------------------
@@ -176,7 +182,7 @@ class DenseIndex(BoundToDatastore):
                 D, I = index.search(x, kk, params=params)
             Ds.append(D)
             Is.append(I)
-        D = np.concatenate(Ds, axis=1)
+        D = faiss_scores(np.concatenate(Ds, axis=1), index_similarity(self.meta))  # higher is better, any metric
         I = np.concatenate(Is, axis=1)
         D = np.where(I < 0, -np.inf, D).astype(np.float32)
         if len(self._indexes) > 1:  # merge shards by score

@@ -10,7 +10,8 @@ merged on disk into one index (``faiss.contrib.ondisk``), whose inverted lists a
 After the build, :func:`retromem.index.dense_eval.tune` picks the search parameter for a target
 recall. ``index.json`` records the datastore and the embedder the index was built from.
 
-Metric: inner product over L2-normalised vectors, i.e. cosine similarity.
+Metric: the embedder's recorded similarity (cosine: inner product over L2-normalised vectors; dot:
+inner product; euclidean: L2), :func:`retromem.index.embed.faiss_metric`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from retromem.errors import ConfigError, IndexFormatError
 from retromem.index.dense_eval import tune
 from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has_search_param, read_index, to_gpu,
                                         use_gpu, write_index)
-from retromem.index.embed import Embeddings
+from retromem.index.embed import Embeddings, faiss_metric, index_similarity
 from retromem.index.factory import AutoChoice, choose_factory, parse_factory
 from retromem.index.types import DenseBuildResult, portable_meta, record_path, resolve_path
 
@@ -75,11 +76,11 @@ class DenseBuildConfig:
         integer(self.seed, "seed")
 
 
-def _new_index(factory: str, d: int):
+def _new_index(factory: str, d: int, similarity: str = "cosine"):
     import faiss
 
     try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, factory, faiss_metric(similarity))
     except RuntimeError as exc:
         raise ConfigError(f"FAISS cannot build factory {factory!r} for dimension {d}: {str(exc).splitlines()[-1]}") from exc
     if _has_ivf(index):
@@ -174,7 +175,7 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
     train_info = job.done("trained")
     if train_info is None or not trained_path.exists():
         t0 = time.perf_counter()
-        index = _new_index(factory, d)
+        index = _new_index(factory, d, index_similarity(emb.manifest))
         size = 0
         if plan["needs_training"]:
             size = min(n, cfg.train_size or plan["good_train"])
@@ -231,7 +232,7 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
         "kind": "dense",
         "factory": factory,
         "reason": plan["reason"],
-        "metric": "inner_product",
+        "metric": "l2" if index_similarity(emb.manifest) == "euclidean" else "inner_product",
         "dim": d,
         "ntotal": n,
         "estimated_bytes": plan["estimated_bytes"],

@@ -27,7 +27,7 @@ from retromem.datastore.atomic import write_json
 from retromem.errors import ConfigError, IndexFormatError
 from retromem.index.dense import DenseIndex
 from retromem.index.dense_faiss import has_search_param
-from retromem.index.embed import Embeddings
+from retromem.index.embed import Embeddings, faiss_metric, faiss_scores
 from retromem.index.factory import parse_factory
 from retromem.index.types import EvalReport, TuneReport, portable_meta
 
@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 def exact_search(emb: Embeddings, queries: np.ndarray, k: int, exclude_docs: list[np.ndarray] | None = None,
                  chunk_doc: np.ndarray | None = None, block: int = 262144) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k over every stored embedding, blockwise (memory bounded by
-    ``block`` vectors), optionally excluding documents per query. The reference for recall."""
+    """Exact top-k over every stored embedding under the embedder's similarity (scores higher
+    is better), blockwise (memory bounded by ``block`` vectors), optionally excluding documents per
+    query. The reference for recall."""
     import faiss
 
     n = len(queries)
@@ -49,8 +50,8 @@ def exact_search(emb: Embeddings, queries: np.ndarray, k: int, exclude_docs: lis
     bestD = np.full((n, 0), -np.inf, np.float32)
     bestI = np.full((n, 0), -1, np.int64)
     for start, xb in emb.iter_blocks(block=block):
-        D, I = faiss.knn(queries, xb, min(kk, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
-        D = np.asarray(D, np.float32)
+        D, I = faiss.knn(queries, xb, min(kk, len(xb)), metric=faiss_metric(emb.embedder.similarity))
+        D = np.asarray(faiss_scores(D, emb.embedder.similarity), np.float32)
         I = np.asarray(I, np.int64) + start
         bestD = np.concatenate([bestD, D], axis=1)
         bestI = np.concatenate([bestI, I], axis=1)
@@ -231,7 +232,7 @@ def evaluate(path: str | Path, *, n_queries: int = 1000, ks: Sequence[int] = (1,
     # the exact reference: a flat inner-product index over the same vectors, searched the same way
     # QPS of both is timed on the plain top-k search (without the exclusion step), best of `repeats`
     # interleaved runs so that a busy machine penalises both alike
-    flat = faiss.IndexFlatIP(emb.dim)
+    flat = faiss.IndexFlat(emb.dim, faiss_metric(emb.embedder.similarity))
     for _, xb in emb.iter_blocks():
         flat.add(xb)
     kw = {"nprobe": params.get("nprobe"), "ef_search": params.get("ef_search")}

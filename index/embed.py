@@ -6,9 +6,16 @@ dimension, a sha256 of its weights). Each shard file is written atomically and r
 so a killed job re-run continues with the next shard, and an index can be rebuilt or retuned from
 the stored vectors without embedding again.
 
-Vectors are L2-normalised, so inner product is cosine similarity (the metric sentence-transformers
-models such as all-MiniLM-L6-v2 are trained for), and float16 keeps them at 2 bytes a dimension.
-On a GPU the model runs in fp16. The job runs on the shared executors
+The model's own choices are used and recorded: chunks are encoded with its document prompt and
+queries with its query prompt (``prompts`` in ``config_sentence_transformers.json``, as
+``encode_document`` / ``encode_query`` pick them; configurable by name), and its similarity
+function (``similarity_fn_name``) sets the FAISS metric and the normalisation: cosine is inner
+product over L2-normalised vectors, dot is inner product over the raw vectors, euclidean is L2
+distance over the raw vectors (scores are minus the distance, so higher is better everywhere).
+Every search path embeds its queries with :meth:`Embedder.encode_queries` of an embedder rebuilt
+from the recorded :class:`EmbedderInfo` (:meth:`Embedder.from_info`). Manifests written before
+these fields existed mean cosine and no prompts, as they were built. float16 keeps vectors at 2
+bytes a dimension. On a GPU the model runs in fp16. The job runs on the shared executors
 (:mod:`retromem.datastore.executors`) in an output directory owned by the job helper
 (:mod:`retromem.datastore.job`, kind ``embeddings``): in-process with ``executor="local"``, or
 as Ray tasks with ``executor="ray"``, one per shard, each holding a GPU (or an equal share of the
@@ -28,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retromem.config import boolean, non_negative_int, one_of, positive_int
+from retromem.config import boolean, fail, non_negative_int, one_of, positive_int
 from retromem.datastore.atomic import atomic_path, sha256_file
 from retromem.datastore.integrity import check_sizes, load_npy, read_manifest
 from retromem.datastore.job import Job, open_job
@@ -39,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 EMBEDDINGS_FORMAT = 1
+SIMILARITIES = ("cosine", "dot", "euclidean")  # the model's similarity functions FAISS can search
+PROMPT_AUTO, PROMPT_NONE = "auto", "none"  # prompt-name choices besides a name in the model's `prompts`
+# the prompt names encode_document tries, in order (sentence-transformers' own list)
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 
 
 def embedder_path(name_or_path: str) -> str:
@@ -62,17 +73,86 @@ def default_device() -> str:
 
 @dataclass(frozen=True)
 class EmbedderInfo:
-    """What an index records about the model that made its vectors."""
+    """What an index records about the model that made its vectors, and how to embed a query for it.
+
+    ``similarity`` (cosine | dot | euclidean) and ``normalized`` fix the FAISS metric and whether
+    vectors are L2-normalised; ``query_prompt`` / ``document_prompt`` are the prompt texts prepended
+    to queries / chunks (None: none) and ``*_prompt_name`` the names they had in the model's
+    ``prompts``. The defaults are what manifests without these fields were built with."""
 
     name: str
     dim: int
     weights_sha256: str
     max_seq_length: int
     normalized: bool = True
+    similarity: str = "cosine"
+    query_prompt_name: str | None = None
+    query_prompt: str | None = None
+    document_prompt_name: str | None = None
+    document_prompt: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EmbedderInfo":
-        return cls(**{k: d[k] for k in ("name", "dim", "weights_sha256", "max_seq_length", "normalized")})
+        optional = ("normalized", "similarity", "query_prompt_name", "query_prompt", "document_prompt_name",
+                    "document_prompt")
+        return cls(**{k: d[k] for k in ("name", "dim", "weights_sha256", "max_seq_length")},
+                   **{k: d[k] for k in optional if k in d})
+
+    @property
+    def query_encoding(self) -> tuple[str, bool, str | None]:
+        """What a query vector depends on besides the weights: it must match between build and search."""
+        return (self.similarity, self.normalized, self.query_prompt)
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether a query is embedded as a chunk is (same prompt): stored chunk vectors can then stand in for queries."""
+        return (self.query_prompt or "") == (self.document_prompt or "")
+
+
+def faiss_metric(similarity: str) -> int:
+    """The FAISS metric that ranks as ``similarity`` does (cosine on normalised vectors: inner product)."""
+    import faiss
+
+    one_of(similarity, "similarity", SIMILARITIES, flag="--similarity")
+    return faiss.METRIC_L2 if similarity == "euclidean" else faiss.METRIC_INNER_PRODUCT
+
+
+def faiss_scores(distances: np.ndarray, similarity: str) -> np.ndarray:
+    """FAISS's distances as scores, higher better: inner products as they are, L2 (FAISS returns
+    squared distances) as minus the euclidean distance, which is sentence-transformers' own
+    euclidean similarity."""
+    if similarity != "euclidean":
+        return distances
+    return -np.sqrt(np.maximum(distances, 0.0))
+
+
+def index_similarity(meta: dict[str, Any]) -> str:
+    """The similarity an index or embeddings manifest was built for (cosine before it was recorded)."""
+    return (meta.get("embedder") or {}).get("similarity", "cosine")
+
+
+def _resolve_prompt(model, choice: str | None, role: str, flag: str) -> tuple[str | None, str | None]:
+    """(name, text) of the prompt to use for ``role`` ("query" | "document"); (None, None) for none.
+
+    ``auto`` follows sentence-transformers' ``encode_query`` / ``encode_document``: the prompt named
+    "query" (queries) or the first of "document", "passage", "corpus" (chunks), else the model's
+    ``default_prompt_name``, skipping empty ones (sentence-transformers fills in empty "query" and
+    "document" prompts, which would hide a model's own "passage"). An empty prompt text counts as none."""
+    prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
+    if choice is None or choice == PROMPT_NONE:
+        return None, None
+    if not isinstance(choice, str) or not choice:
+        fail(f"{role}_prompt_name", f"be {PROMPT_AUTO!r}, {PROMPT_NONE!r} or a prompt name of the model", choice, flag=flag)
+    if choice == PROMPT_AUTO:
+        names = ("query",) if role == "query" else DOCUMENT_PROMPT_NAMES
+        name = next((n for n in names if prompts.get(n)), getattr(model, "default_prompt_name", None))
+    else:
+        if choice not in prompts:
+            fail(f"{role}_prompt_name", f"name one of the model's prompts {sorted(prompts)} (or be "
+                 f"{PROMPT_AUTO!r} / {PROMPT_NONE!r})", choice, flag=flag)
+        name = choice
+    text = prompts.get(name) if name else None
+    return (name, text) if text else (None, None)
 
 
 def weights_sha256(model) -> str:
@@ -88,19 +168,26 @@ def weights_sha256(model) -> str:
 
 
 class Embedder:
-    """A sentence-transformers model that turns texts into L2-normalised float32 vectors.
+    """A sentence-transformers model that turns texts into float32 vectors, queries and chunks each
+    with their own prompt, L2-normalised when the similarity is cosine.
 
-    ``fp16`` defaults to on for CUDA and off for CPU. ``encode`` sorts each call's texts by length
-    (sentence-transformers does) so padding is small, and runs under ``torch.inference_mode()``.
+    ``query_prompt_name`` / ``document_prompt_name``: ``auto`` (the model's own, as
+    ``encode_query`` / ``encode_document`` choose), ``none``, or a name in the model's ``prompts``.
+    ``similarity``: ``auto`` (the model's ``similarity_fn_name``; cosine when it sets none) or one of
+    cosine, dot, euclidean. ``fp16`` defaults to on for CUDA and off for CPU. Encoding sorts each
+    call's texts by length (sentence-transformers does) so padding is small, and runs under
+    ``torch.inference_mode()``.
     """
 
     def __init__(self, name_or_path: str = DEFAULT_EMBEDDER, *, device: str | None = None,
-                 fp16: bool | None = None, batch_size: int = 256) -> None:
+                 fp16: bool | None = None, batch_size: int = 256, query_prompt_name: str | None = PROMPT_AUTO,
+                 document_prompt_name: str | None = PROMPT_AUTO, similarity: str = "auto") -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
         if batch_size <= 0:
             raise ConfigError(f"`batch_size` must be positive, got {batch_size}")
+        one_of(similarity, "similarity", ("auto", *SIMILARITIES), flag="--similarity")
         self.device = device or default_device()
         self.fp16 = self.device.startswith("cuda") if fp16 is None else fp16
         self.batch_size = batch_size
@@ -114,16 +201,67 @@ class Embedder:
             self.model.half()
         self.model.eval()
         getdim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        if similarity == "auto":
+            similarity = getattr(self.model, "similarity_fn_name", None) or "cosine"
+            if similarity not in SIMILARITIES:
+                raise ConfigError(f"{name_or_path} uses similarity {similarity!r}, which FAISS indexes cannot search: "
+                                  f"pass `similarity` (--similarity) one of {', '.join(SIMILARITIES)}")
+        qname, qtext = _resolve_prompt(self.model, query_prompt_name, "query", "--query-prompt-name")
+        dname, dtext = _resolve_prompt(self.model, document_prompt_name, "document", "--document-prompt-name")
         self.info = EmbedderInfo(name=name_or_path, dim=int(getdim()), weights_sha256=self._hash,
-                                 max_seq_length=int(self.model.max_seq_length))
+                                 max_seq_length=int(self.model.max_seq_length), normalized=similarity == "cosine",
+                                 similarity=similarity, query_prompt_name=qname, query_prompt=qtext,
+                                 document_prompt_name=dname, document_prompt=dtext)
         self._torch = torch
+
+    @classmethod
+    def from_info(cls, info: EmbedderInfo | dict[str, Any], **kwargs: Any) -> "Embedder":
+        """The embedder an index or embeddings manifest records, encoding exactly as it was built:
+        the recorded prompt texts and similarity, whatever the model's config says today.
+        ``kwargs``: device, fp16, batch_size."""
+        if isinstance(info, dict):
+            info = EmbedderInfo.from_dict(info)
+        e = cls(info.name, query_prompt_name=PROMPT_NONE, document_prompt_name=PROMPT_NONE,
+                similarity=info.similarity, **kwargs)
+        e.info = EmbedderInfo(**{**asdict(info), "weights_sha256": e.info.weights_sha256, "dim": e.info.dim,
+                                 "max_seq_length": e.info.max_seq_length})
+        return e
 
     @property
     def dim(self) -> int:
         return self.info.dim
 
     def encode(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
-        """(n, dim) float32, unit norm. Empty strings are a caller's mistake (they embed to noise)."""
+        """Queries: :meth:`encode_queries` (every search path embeds its texts through here)."""
+        return self.encode_queries(texts, show_progress=show_progress)
+
+    def encode_queries(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        """(n, dim) float32 query vectors, with the query prompt; unit norm for cosine. Empty
+        strings are a caller's mistake (they embed to noise)."""
+        self._check_texts(texts)
+        return self._encode(list(texts), "query", show_progress)
+
+    def encode_documents(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        """(n, dim) float32 chunk vectors, with the document prompt; unit norm for cosine. A chunk
+        may be whitespace only (a run of blank lines): it is embedded as it is."""
+        if isinstance(texts, str):
+            raise TypeError("`texts` must be a sequence of strings, not one string: wrap it in a list")
+        return self._encode(list(texts), "document", show_progress)
+
+    def _encode(self, texts: list[str], role: str, show_progress: bool) -> np.ndarray:
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        # an explicit prompt ("" for none) on every call: the model's default_prompt_name never slips in
+        if role == "query":
+            fn, prompt = self.model.encode_query, self.info.query_prompt
+        else:
+            fn, prompt = self.model.encode_document, self.info.document_prompt
+        with self._torch.inference_mode():
+            out = fn(texts, prompt=prompt or "", batch_size=self.batch_size, convert_to_numpy=True,
+                     normalize_embeddings=self.info.normalized, show_progress_bar=show_progress)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _check_texts(self, texts: Sequence[str]) -> None:
         if isinstance(texts, str):
             raise TypeError("`texts` must be a sequence of strings, not one string: wrap it in a list")
         for i, t in enumerate(texts):
@@ -131,12 +269,6 @@ class Embedder:
                 raise TypeError(f"query {i} must be a string, got {type(t).__name__}")
             if not t.strip():
                 raise QueryError(f"query text {i} is empty or whitespace: give each query some text")
-        if len(texts) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        with self._torch.inference_mode():
-            out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=show_progress)
-        return np.ascontiguousarray(out, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +289,21 @@ class EmbedConfig:
     ray_address: str | None = None
     ray_actors: int = 0  # concurrent Ray tasks; 0: one per GPU, or 1 without GPUs
     block: int = 2048  # chunks handed to one encode call (sorted by length inside it)
+    # the model's own prompts and similarity by default (see the module docstring)
+    query_prompt_name: str = PROMPT_AUTO  # auto | none | a name in the model's prompts
+    document_prompt_name: str = PROMPT_AUTO
+    similarity: str = "auto"  # auto (the model's similarity_fn_name) | cosine | dot | euclidean
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive_int(self.batch_size, "batch_size", flag="--batch-size")
         positive_int(self.block, "block")
         one_of(self.executor, "executor", ("local", "ray"), flag="--executor")
+        one_of(self.similarity, "similarity", ("auto", *SIMILARITIES), flag="--similarity")
+        for key, v in (("query_prompt_name", self.query_prompt_name), ("document_prompt_name", self.document_prompt_name)):
+            if not isinstance(v, str) or not v:
+                fail(key, f"be {PROMPT_AUTO!r}, {PROMPT_NONE!r} or a prompt name of the model", v,
+                     flag="--" + key.replace("_", "-"))
         non_negative_int(self.ray_actors, "ray_actors")
         if self.fp16 is not None:
             boolean(self.fp16, "fp16", flag="--fp16")
@@ -196,6 +337,10 @@ class _EmbedContext:
     batch_size: int
     block: int
     dim: int
+    query_prompt_name: str
+    document_prompt_name: str
+    similarity: str
+    info: EmbedderInfo  # what the driver recorded: a worker whose model resolves otherwise is refused
 
 
 def _shard_file(out: Path, shard: int) -> Path:
@@ -207,10 +352,12 @@ def _marker(shard: dict[str, Any]) -> str:
 
 
 @lru_cache(maxsize=1)
-def _embedder(model: str, device: str | None, fp16: bool | None, batch_size: int) -> Embedder:
+def _embedder(model: str, device: str | None, fp16: bool | None, batch_size: int, query_prompt_name: str,
+              document_prompt_name: str, similarity: str) -> Embedder:
     """One model per process: the driver's and every step run in it share it, and a Ray worker
     process loads it once for all the shards it is given."""
-    return Embedder(model, device=device, fp16=fp16, batch_size=batch_size)
+    return Embedder(model, device=device, fp16=fp16, batch_size=batch_size, query_prompt_name=query_prompt_name,
+                    document_prompt_name=document_prompt_name, similarity=similarity)
 
 
 def _embed_shard(ctx: _EmbedContext, shard: dict[str, Any]) -> dict[str, Any]:
@@ -221,13 +368,15 @@ def _embed_shard(ctx: _EmbedContext, shard: dict[str, Any]) -> dict[str, Any]:
     vecs = np.empty((n, ctx.dim), dtype=np.float16)
     if n:  # a shard without chunks (every document empty) gets an empty file, and no model
         ds = Datastore.open(ctx.datastore)
-        embedder = _embedder(ctx.model, ctx.device, ctx.fp16, ctx.batch_size)
+        embedder = _embedder(ctx.model, ctx.device, ctx.fp16, ctx.batch_size, ctx.query_prompt_name,
+                             ctx.document_prompt_name, ctx.similarity)
+        if embedder.info != ctx.info:
+            raise DatastoreError(f"the embedder {ctx.model} loaded by a worker differs from the driver's "
+                                 f"({embedder.info} vs {ctx.info}): give every node the same model files")
         for s in range(0, n, ctx.block):
             e = min(n, s + ctx.block)
             texts = ds.chunk_texts(np.arange(first + s, first + e))
-            # a chunk can be whitespace only (e.g. a run of blank lines): embed it as is, not as an error
-            vecs[s:e] = embedder.model.encode(texts, batch_size=embedder.batch_size, convert_to_numpy=True,
-                                              normalize_embeddings=True, show_progress_bar=False).astype(np.float16)
+            vecs[s:e] = embedder.encode_documents(texts).astype(np.float16)
     path = _shard_file(Path(ctx.out), shard["shard"])
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -268,7 +417,8 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
     device = cfg.device
     if cfg.executor == "local":
         executor: LocalExecutor | RayExecutor = LocalExecutor(workers=1)  # one model, in this process
-        info = asdict(_embedder(cfg.model, cfg.device, cfg.fp16, cfg.batch_size).info)
+        info = asdict(_embedder(cfg.model, cfg.device, cfg.fp16, cfg.batch_size, cfg.query_prompt_name,
+                                cfg.document_prompt_name, cfg.similarity).info)
     else:
         info = _probe_info(cfg)
         ray = init_ray(cfg.ray_address)
@@ -280,6 +430,9 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
         device = None if gpus else "cpu"
     started = job.done("started")
     if started is not None and (started["embedder"]["weights_sha256"] != info["weights_sha256"]
+                                or EmbedderInfo.from_dict(started["embedder"]).query_encoding
+                                != EmbedderInfo.from_dict(info).query_encoding
+                                or EmbedderInfo.from_dict(started["embedder"]).document_prompt != info["document_prompt"]
                                 or started["datastore_id"] != ds.datastore_id):
         raise DatastoreError(f"{out} holds a partial run with another embedder or datastore "
                              f"({started['embedder']['name']}): pass --overwrite or another --out")
@@ -295,7 +448,9 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
     if len(todo) < len(shards):
         logger.info("embed: resuming, %d of %d shards already done", len(shards) - len(todo), len(shards))
     ctx = _EmbedContext(datastore=str(ds.path), out=str(out), model=cfg.model, device=device, fp16=cfg.fp16,
-                        batch_size=cfg.batch_size, block=cfg.block, dim=int(info["dim"]))
+                        batch_size=cfg.batch_size, block=cfg.block, dim=int(info["dim"]),
+                        query_prompt_name=cfg.query_prompt_name, document_prompt_name=cfg.document_prompt_name,
+                        similarity=cfg.similarity, info=EmbedderInfo.from_dict(info))
     done: dict[int, dict] = {}
     t_embed = time.perf_counter()
     bar = tqdm(total=n_todo, unit="chunk", desc="embed", disable=not progress or n_todo == 0)
@@ -326,7 +481,9 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
 
 
 def _probe_info(cfg: EmbedConfig) -> dict[str, Any]:
-    return asdict(Embedder(cfg.model, device="cpu", fp16=False, batch_size=cfg.batch_size).info)
+    return asdict(Embedder(cfg.model, device="cpu", fp16=False, batch_size=cfg.batch_size,
+                           query_prompt_name=cfg.query_prompt_name, document_prompt_name=cfg.document_prompt_name,
+                           similarity=cfg.similarity).info)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,9 +173,13 @@ class HeldOutNgrams:
 
 
 def _query_source(cfg: NeighboursConfig, retriever: Any, ds: Any):
-    """(kind, fn(chunk_ids) -> queries): stored embeddings when the index records them, else texts."""
+    """(kind, fn(chunk_ids) -> queries): stored embeddings when the index records them and its model
+    embeds a query as it embeds a chunk (same prompt), else texts, embedded as queries by the retriever."""
     emb_path = (getattr(retriever, "meta", None) or {}).get("embeddings_path")
-    if cfg.query in ("auto", "embeddings") and emb_path and Path(emb_path).is_dir():
+    recorded = (getattr(retriever, "meta", None) or {}).get("embedder") or {}
+    # a chunk's stored vector carries the document prompt; with another query prompt it is not the query's vector
+    symmetric = (recorded.get("query_prompt") or "") == (recorded.get("document_prompt") or "")
+    if (cfg.query == "embeddings" or symmetric) and cfg.query != "text" and emb_path and Path(emb_path).is_dir():
         from retromem.index.embed import Embeddings
 
         emb = Embeddings(emb_path)

@@ -27,15 +27,23 @@ def group() -> None:
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: one embedder actor per GPU of the cluster.")
 @click.option("--ray-address", default=None)
+@click.option("--query-prompt-name", default="auto", show_default=True,
+              help="Prompt for queries: auto (the model's 'query' prompt), none, or a name in the model's prompts.")
+@click.option("--document-prompt-name", default="auto", show_default=True,
+              help="Prompt for chunks: auto (the model's 'document' / 'passage' / 'corpus' prompt), none, or a name.")
+@click.option("--similarity", type=click.Choice(["auto", "cosine", "dot", "euclidean"]), default="auto", show_default=True,
+              help="auto: the model's similarity_fn_name (cosine when unset); sets the FAISS metric and normalisation.")
 @click.option("--overwrite", is_flag=True, help="Delete existing embeddings at --out first.")
 @handle_errors
 def index_embed(datastore: str, out: str | None, model: str, batch_size: int, device: str | None, fp16: bool | None,
-                executor: str, ray_address: str | None, overwrite: bool) -> None:
+                executor: str, ray_address: str | None, query_prompt_name: str, document_prompt_name: str,
+                similarity: str, overwrite: bool) -> None:
     """Embed every chunk of DATASTORE, one float16 file per datastore shard; re-run to resume."""
     from retromem.index.embed import EmbedConfig, embed_datastore
 
     cfg = EmbedConfig(datastore=datastore, out=out, model=model, batch_size=batch_size, device=device, fp16=fp16,
-                      executor=executor, ray_address=ray_address)
+                      executor=executor, ray_address=ray_address, query_prompt_name=query_prompt_name,
+                      document_prompt_name=document_prompt_name, similarity=similarity)
     res = embed_datastore(cfg, overwrite=overwrite)
     m = res.manifest
     e = m["embedder"]
@@ -43,6 +51,8 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
         click.echo(f"{res.out} is already complete; nothing to do.")
     click.echo(f"embeddings  {m['num_vectors']:,} x {m['dim']} float16 in {len(m['shards'])} shards -> {res.out}")
     click.echo(f"embedder    {e['name']}  sha256:{e['weights_sha256'][:12]}  max_seq_length {e['max_seq_length']}")
+    click.echo(f"encoding    similarity {e.get('similarity', 'cosine')}; query prompt {e.get('query_prompt')!r}; "
+               f"document prompt {e.get('document_prompt')!r}")
     if res.chunks_per_second:
         click.echo(f"throughput  {res.chunks_per_second:,.0f} chunks/s ({res.seconds:.1f}s)")
 
@@ -76,7 +86,8 @@ def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: st
 
 
 def _print_index(m: dict) -> None:
-    click.echo(f"index       {m['factory']}  ({m['ntotal']:,} vectors x {m['dim']}, inner product)")
+    click.echo(f"index       {m['factory']}  ({m['ntotal']:,} vectors x {m['dim']}, "
+               f"{(m.get('embedder') or {}).get('similarity', 'cosine')} similarity, metric {m.get('metric', 'inner_product')})")
     click.echo(f"chosen      {m['reason']}")
     click.echo(f"size        {fmt_bytes(m['index_bytes'])} ({m['index_bytes'] / max(m['ntotal'], 1):.1f} bytes/vector; "
                f"float32 {4 * m['dim']}; estimated {fmt_bytes(m['estimated_bytes'])})")
