@@ -134,13 +134,16 @@ def _plan_shards(doc_tokens: np.ndarray, shard_tokens: int) -> list[tuple[int, i
 
 
 def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0: int, d1: int,
-                        width: int, work: Path, shard: Path, block_tokens: int = 1 << 24) -> None:
+                        width: int, work: Path, shard: Path, block_tokens: int = 1 << 24,
+                        chunk_ntok: np.ndarray | None = None) -> None:
     """tokenized.0 and offset.0 of documents [d0, d1), written through temporary files in
-    ``work`` (the engine reads every file named *tokenized* in a shard directory)."""
+    ``work`` (the engine reads every file named *tokenized* in a shard directory). ``chunk_ntok``
+    overrides the datastore's tokens per chunk (0 for the chunks of deleted documents, written
+    empty), and must agree with ``doc_tokens``."""
     dt = token_dtype(width)
     sep = np.iinfo(dt).max
     toks = ds.token_array
-    ntok = ds.chunk_ntokens_array
+    ntok = ds.chunk_ntokens_array if chunk_ntok is None else chunk_ntok
     L = ds.chunk_length
     lens = doc_tokens[d0:d1] + 1  # each document is its separator, then its tokens
     offsets = (np.concatenate(([0], np.cumsum(lens)[:-1])) * width).astype(np.uint64)

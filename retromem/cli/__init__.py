@@ -7,7 +7,7 @@ and adds them. Library errors (:class:`retromem.errors.RetromemError`) become a 
 Command names follow one scheme, ``retromem <area> [<kind>] <verb>``:
 
     retromem datastore build|info|show|verify
-    retromem index verify
+    retromem index verify | update
     retromem index dense embed|build|search|tune|eval
     retromem index ngram build|query|score|eval-interpolation
     retromem index fm build|query
@@ -58,6 +58,7 @@ def _alias(group: click.Group, name: str, command: click.Command) -> None:
 
 
 index.add_command(dense.group)
+index.add_command(dense.index_update)
 index.add_command(datastore.index_verify)
 index.add_command(ngram.group)
 index.add_command(ngram.fm_group)

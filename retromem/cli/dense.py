@@ -219,3 +219,32 @@ def demo(out_dir: Path, datastore_path: Path, echo) -> None:
     again = idx.search(queries[:1], 3, exclude_doc_ids=[[top.doc_id]])
     echo(f"excluding document {top.doc_id}: still {int((again.chunk_ids[0] >= 0).sum())} hits, none from it: "
          f"{not set(idx.datastore.doc_ids(again.chunk_ids[0])) & {top.doc_id}}")
+
+
+@click.command("update")
+@click.argument("index_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--datastore", "datastore_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Datastore directory, if it moved (default: the one each index records); must be the same datastore_id.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def index_update(index_dirs: tuple[str, ...], datastore_path: str | None, as_json: bool) -> None:
+    """Bring indexes (dense, n-gram, FM-index, BM25) up to their datastore's newest version: embed and
+    add only new chunks, one n-gram shard per new segment, deleted documents' vectors removed and
+    their n-gram shards rebuilt (after `retromem datastore compact`, `datastore check-takedown --index`
+    then passes). FM-index and BM25 are rebuilt whole."""
+    from retromem.index.update import update_index
+
+    out = []
+    for d in index_dirs:
+        r = update_index(d, datastore=datastore_path)
+        out.append({"path": str(r.path), "kind": r.kind, "added": r.added, "removed": r.removed,
+                    "shards_written": r.shards_written, "bytes_written": r.bytes_written, "seconds": round(r.seconds, 3),
+                    "recall_new_at_10": r.recall_new, "drifted": r.drifted, "note": r.note})
+        if not as_json:
+            what = {"dense": "vectors", "ngram": "documents"}.get(r.kind, "documents")
+            extra = f"; recall@10 on new chunks {r.recall_new:.3f}{' (drifted: retune or rebuild)' if r.drifted else ''}" \
+                if r.recall_new is not None else ""
+            click.echo(f"{r.kind:<6} {d}: +{r.added:,} {what}, -{r.removed:,} deleted, {len(r.shards_written)} shard(s) "
+                       f"written ({fmt_bytes(r.bytes_written)}) in {r.seconds:.1f}s{extra}{'; ' + r.note if r.note else ''}")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
