@@ -23,6 +23,7 @@ Assumptions, stated so a reader can disagree with them:
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -146,6 +147,196 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
         faiss_gpu_hours=kmeans_flops / costs.kmeans_flops_per_s_gpu / 3600 + add_core_h / cores / costs.gpu_speedup_faiss,
         costs=costs,
     )
+
+
+# The rest of the stack (issue 19): datastore, dedup, suffix array, FM-index, the dense search of the
+# neighbours job. Sizes are ratios measured on the shared corpora (python-docs + linux-docs + gcide,
+# 72.1 MB of text) and re-derived from any built artifacts by ``stack_costs_from_artifacts``; rates
+# are CPU-seconds measured on the development machine (BENCHMARKS.md, "Whole-stack plan").
+STACK_COSTS_MEASURED: dict[str, Any] = {
+    "machine": "2-core x86_64 VM, 24 GiB, no GPU (retromem development machine, under load)",
+    "text_bytes_per_token": 3.60,  # normalized UTF-8 text per SmolLM2 token
+    "datastore_bytes_per_token": 9.18,  # Parquet shards + memory-mapped arrays + text, all files
+    "documents_per_million_tokens": 371.0,
+    "bloom_bytes_per_document": 35.3,  # LSHBloom (10 bands, fp 1e-5) + exact hashes (fp 1e-9)
+    "datastore_text_mb_per_cpu_s": 1.74,  # build with dedup (issue 19's side-by-side measurement)
+    # token streams + suffix array of the shared corpora (21.2 M tokens) in shards of 12 M / 3 M tokens:
+    # 10.7 / 8.2 CPU-s, peak RSS 311 / 254 MiB, so ~234 MiB fixed + 6.6 bytes per token of a shard
+    "ngram_tokens_per_cpu_s": 2.0e6,
+    "ngram_shard_tokens": 1_000_000_000,  # the build's default shard size
+    "ngram_build_fixed_bytes": 234 * 2**20,
+    "ngram_build_bytes_per_shard_token": 6.6,
+    "ngram_count_ms_per_shard": 0.062,  # in-process binary search, p50, one shard
+    "fm_bytes_per_text_byte": 0.402,  # zstd BWT blocks + checkpoints + 1/32 suffix-array samples
+    "fm_text_mb_per_cpu_s": 4.6,
+    "fm_build_bytes_per_text_byte": 14.4,  # divsufsort's suffix array + BWT in RAM (1,040 MiB for 72 MB)
+    "fm_count_ms": 0.07,  # p50, warm block tables
+    # IVF list scanning: 2.2e7 PQ64 codes per CPU-second one query a call (IVF1024,PQ64, 200k vectors,
+    # nprobe 64, 1 thread, loaded machine), i.e. 1.4 GB of codes; ADC cost grows with the code bytes
+    "dense_code_bytes_per_cpu_s": 1.4e9,
+}
+
+
+@dataclass(frozen=True)
+class StackCosts:
+    machine: str
+    text_bytes_per_token: float
+    datastore_bytes_per_token: float
+    documents_per_million_tokens: float
+    bloom_bytes_per_document: float
+    datastore_text_mb_per_cpu_s: float
+    ngram_tokens_per_cpu_s: float
+    ngram_shard_tokens: int
+    ngram_build_fixed_bytes: int
+    ngram_build_bytes_per_shard_token: float
+    ngram_count_ms_per_shard: float
+    fm_bytes_per_text_byte: float
+    fm_text_mb_per_cpu_s: float
+    fm_build_bytes_per_text_byte: float
+    fm_count_ms: float
+    dense_code_bytes_per_cpu_s: float
+
+    @classmethod
+    def load(cls, path: str | None = None) -> "StackCosts":
+        """The shipped costs, overridden by the ``stack`` object of a unit-costs JSON file if it has one."""
+        data = dict(STACK_COSTS_MEASURED)
+        if path is not None:
+            try:
+                data.update(json.loads(Path(path).read_text()).get("stack", {}))
+                return cls(**{k: data[k] for k in STACK_COSTS_MEASURED})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ConfigError(f"--unit-costs {path}: cannot read its `stack` costs ({exc}); "
+                                  f"expected keys {sorted(STACK_COSTS_MEASURED)}") from exc
+        return cls(**data)
+
+
+def stack_costs_from_artifacts(datastore: str | Path, fm: str | Path | None = None,
+                               base: StackCosts | None = None) -> StackCosts:
+    """Size ratios re-measured from built artifacts (every file's bytes), rates kept from ``base``. The
+    suffix array needs no measuring: its bytes per token follow from the token width and the pointer
+    size (``_ptr_bytes``), within 1% of built indexes."""
+    from retromem.datastore import Datastore
+
+    def tree_bytes(path: str | Path) -> int:
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+    base = base or StackCosts.load()
+    ds = Datastore.open(datastore)
+    counts = ds.manifest["counts"]
+    tokens, text, docs = int(counts["tokens"]), int(counts["text_bytes"]), int(counts["documents"])
+    if tokens <= 0:
+        raise ConfigError(f"{datastore} holds no tokens: nothing to measure")
+    changes: dict[str, Any] = {
+        "machine": f"sizes from {Path(datastore).name}" + (f", {Path(fm).name}" if fm else "")
+                   + f"; rates from {base.machine}",
+        "text_bytes_per_token": text / tokens, "datastore_bytes_per_token": tree_bytes(datastore) / tokens,
+        "documents_per_million_tokens": docs / tokens * 1e6,
+    }
+    bloom = (ds.manifest.get("dedup") or {}).get("bloom_bytes_per_billion_documents")
+    if bloom:
+        changes["bloom_bytes_per_document"] = bloom / 1e9
+    if fm is not None:
+        changes["fm_bytes_per_text_byte"] = tree_bytes(fm) / max(text, 1)
+    return StackCosts(**{**asdict(base), **changes})
+
+
+def _ptr_bytes(tokens: int, width: int) -> int:
+    """infini-gram's suffix-array pointer size: bytes enough to address the shard's token stream."""
+    return max(1, math.ceil(math.log2(max(tokens * width, 2)) / 8))
+
+
+@dataclass(frozen=True)
+class StackPrediction:
+    tokens: int
+    documents: int
+    text_bytes: int
+    datastore_bytes: int
+    datastore_cpu_core_hours: float
+    bloom_ram_bytes: int
+    ngram_shards: int
+    ngram_bytes: int
+    ngram_cpu_core_hours: float
+    ngram_build_peak_bytes: int
+    ngram_count_ms: float  # every shard searched in turn by one query
+    fm_bytes: int
+    fm_cpu_core_hours: float
+    fm_build_peak_bytes: int
+    ivf_nlist_range: tuple[int, int]  # FAISS's guideline, 4 sqrt(n) .. 16 sqrt(n)
+    ivf_nlist_ok: bool
+    ivf_bytes_read_per_query: int  # inverted-list bytes one query scans at --nprobe (on-disk lists)
+    ivf_nlist_suggested: int  # the power of two nearest 8 sqrt(n)
+    dense_query_cpu_ms: float  # list scanning alone, one query
+    neighbours_cpu_core_hours: float
+    total_cpu_core_hours: float
+    costs: StackCosts
+
+
+def predict_stack(dense: Prediction, *, nprobe: int = 64, costs: StackCosts | None = None,
+                  token_width: int = 2) -> StackPrediction:
+    """Every part of the stack for the datastore of ``dense``; CPU core-hours at the measured rates."""
+    if nprobe <= 0:
+        raise ConfigError(f"`--nprobe` must be positive, got {nprobe}")
+    c = costs or StackCosts.load()
+    t = dense.tokens
+    text = int(t * c.text_bytes_per_token)
+    docs = max(1, int(t * c.documents_per_million_tokens / 1e6))
+    shards = max(1, math.ceil(t / c.ngram_shard_tokens))
+    shard_tokens = math.ceil(t / shards)
+    ngram_bytes = int(t * (token_width + _ptr_bytes(shard_tokens, token_width)) + docs * 8)
+    spec = parse_factory(dense.factory, dense.dim)
+    chunks = dense.chunks
+    lo, hi = 4 * math.isqrt(chunks), 16 * math.isqrt(chunks)
+    per_list = chunks / spec.nlist if spec.nlist else chunks
+    scanned = min(nprobe, spec.nlist) * per_list if spec.nlist else chunks  # codes one query compares
+    read = int(scanned * (spec.code_bytes + 8))  # codes and their ids
+    query_s = scanned * spec.code_bytes / c.dense_code_bytes_per_cpu_s
+    ds_h = text / 1e6 / c.datastore_text_mb_per_cpu_s / 3600
+    ng_h = t / c.ngram_tokens_per_cpu_s / 3600
+    fm_h = text / 1e6 / c.fm_text_mb_per_cpu_s / 3600
+    nb_h = chunks * query_s / 3600  # one search per chunk
+    total = ds_h + ng_h + fm_h + nb_h + dense.embed_cpu_core_hours + dense.train_cpu_core_hours + dense.add_cpu_core_hours
+    return StackPrediction(
+        tokens=t, documents=docs, text_bytes=text, datastore_bytes=int(t * c.datastore_bytes_per_token),
+        datastore_cpu_core_hours=ds_h, bloom_ram_bytes=int(docs * c.bloom_bytes_per_document),
+        ngram_shards=shards, ngram_bytes=ngram_bytes, ngram_cpu_core_hours=ng_h,
+        ngram_build_peak_bytes=int(c.ngram_build_fixed_bytes + shard_tokens * c.ngram_build_bytes_per_shard_token),
+        ngram_count_ms=shards * c.ngram_count_ms_per_shard,
+        fm_bytes=int(text * c.fm_bytes_per_text_byte), fm_cpu_core_hours=fm_h,
+        fm_build_peak_bytes=int(text * c.fm_build_bytes_per_text_byte),
+        ivf_nlist_range=(lo, hi), ivf_nlist_ok=bool(spec.nlist) and lo <= spec.nlist <= hi,
+        ivf_bytes_read_per_query=read, ivf_nlist_suggested=2 ** round(math.log2(max(8 * math.isqrt(chunks), 1))),
+        dense_query_cpu_ms=query_s * 1e3, neighbours_cpu_core_hours=nb_h, total_cpu_core_hours=total, costs=c,
+    )
+
+
+def gb(b: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at or above 1."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:,.1f} {unit}"
+    return f"{int(b)} B"
+
+
+def describe_stack(p: StackPrediction, dense: Prediction, nprobe: int) -> list[str]:
+    spec = parse_factory(dense.factory, dense.dim)
+    lo, hi = p.ivf_nlist_range
+    nlist_note = (f"nlist {spec.nlist:,} is inside FAISS's range {lo:,}..{hi:,}" if p.ivf_nlist_ok
+                  else f"nlist {spec.nlist:,} is OUTSIDE FAISS's range {lo:,}..{hi:,} (4..16 sqrt(n)) for {dense.chunks:,} "
+                  f"vectors: use IVF{p.ivf_nlist_suggested}" if spec.nlist else "not an IVF index")
+    return [
+        f"text        {gb(p.text_bytes)} normalized, {p.documents:,} documents; datastore on disk {gb(p.datastore_bytes)}, "
+        f"build {p.datastore_cpu_core_hours:,.1f} CPU core-hours",
+        f"dedup       Bloom filters {gb(p.bloom_ram_bytes)} of RAM for the whole build",
+        f"suffix arr. {p.ngram_shards:,} shard(s), {gb(p.ngram_bytes)}, build {p.ngram_cpu_core_hours:,.1f} CPU core-hours, "
+        f"peak {gb(p.ngram_build_peak_bytes)} per shard; count fans out to every shard: ~{p.ngram_count_ms:.2f} ms",
+        f"FM-index    {gb(p.fm_bytes)}, build {p.fm_cpu_core_hours:,.1f} CPU core-hours, peak {gb(p.fm_build_peak_bytes)} "
+        f"(one piece: the build holds the whole text's suffix array)",
+        f"dense IVF   {nlist_note}; on-disk lists: {gb(p.ivf_bytes_read_per_query)} read per query at nprobe={nprobe} "
+        f"(~{p.dense_query_cpu_ms:,.2f} CPU-ms scanning)",
+        f"neighbours  {p.neighbours_cpu_core_hours:,.1f} CPU core-hours (one search per chunk at nprobe={nprobe})",
+        f"total       {p.total_cpu_core_hours:,.0f} CPU core-hours for datastore, embeddings, dense, n-gram, FM and neighbours",
+        f"stack costs {p.costs.machine}",
+    ]
 
 
 def plot_plan(path: str, *, chunk_length: int, dim: int, factory: str, costs: UnitCosts | None = None) -> None:
