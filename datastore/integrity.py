@@ -45,6 +45,9 @@ MANIFESTS = {"datastore": "manifest.json", "embeddings": "embeddings.json", "den
              "lexical-index": "lexical_index.json", "model": "checksums.json"}
 
 
+MANIFEST_NAMES_DATASTORE = MANIFESTS["datastore"]
+
+
 def _threads(n_files: int) -> int:
     # hashlib releases the GIL on large updates: a few files hash in parallel
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -233,6 +236,25 @@ def check_model_dir(root: str | Path) -> None:
 # -- verifying a whole artifact -------------------------------------------------------------------
 
 
+def version_problems(root: str | Path) -> list[tuple[str, str]]:
+    """What a datastore's integrity section cannot cover: ``manifest.json`` must be the byte-for-byte
+    copy of its own version's file ``versions/vNNNNN.json`` (each later version records the earlier
+    version files); ``(relpath, what)`` for both when they differ."""
+    root = Path(root)
+    mpath = root / MANIFEST_NAMES_DATASTORE
+    try:
+        version = int(read_manifest(mpath).get("version", 1))
+    except (ArtifactCorruptError, OSError, TypeError, ValueError):
+        return []  # the manifest itself is reported by whoever read it
+    rel = f"versions/v{version:05d}.json"
+    if not (root / rel).is_file():
+        return [] if version == 1 else [(rel, "missing: the version manifest.json names has no version file")]
+    if (root / rel).read_bytes() != mpath.read_bytes():
+        what = f"differs from its copy (manifest.json and {rel} are written with the same bytes): one of them is damaged"
+        return [(rel, what), (MANIFEST_NAMES_DATASTORE, what)]
+    return []
+
+
 def artifact_kind(path: str | Path) -> str:
     """The kind recorded in the artifact's marker, or guessed from its manifest's name (artifacts
     written before markers existed); DatastoreError when ``path`` is not a retromem artifact."""
@@ -287,10 +309,12 @@ def verify_artifact(path: str | Path, kind: str | None = None) -> VerifyReport:
     if files is None:
         return VerifyReport(path, kind, False, seconds=time.perf_counter() - t0)
     problems = verify_files(path, manifest)
+    if kind == "datastore":
+        problems = sorted(problems + version_problems(path))
     return VerifyReport(path, kind, True, len(files), sum(int(r["bytes"]) for r in files.values()),
                         time.perf_counter() - t0, problems)
 
 
 __all__ = ["ALGORITHM", "MANIFESTS", "SECTION", "VerifyReport", "artifact_files", "artifact_kind", "check_size",
-           "check_model_dir", "check_sizes", "load_npy", "seal_model_dir", "npy_header", "read_manifest", "record_files", "recorded_files", "verify_artifact",
+           "check_model_dir", "check_sizes", "load_npy", "seal_model_dir", "npy_header", "read_manifest", "record_files", "recorded_files", "verify_artifact", "version_problems",
            "verify_files"]

@@ -50,7 +50,7 @@ from retromem.datastore.job import Job, open_job
 from retromem.datastore.normalize import NormalizeConfig, normalize
 from retromem.datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
 from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, ensure_version_file, file_records, next_integrity,
-                                         publish_version, shard_arrays_sha256)
+                                         publish_version, shard_arrays_sha256, version_file)
 from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
 from retromem import __version__
 from retromem.config import boolean, from_dict, integer, non_negative_int, one_of
@@ -691,6 +691,7 @@ def _build(job: Job, cfg: BuildConfig, files: list[InputFile], plan: dict[str, A
     gen = _keep_dedup_generation(lay, lay.out, 1)
     manifest = _manifest(cfg, plan, tok_info, steps, gen)
     # last: version 1 (versions/v00001.json, then manifest.json), with every file's size and checksum
+    (lay.out / version_file(1)).unlink(missing_ok=True)  # a publish killed before manifest.json: redo it
     manifest = {**manifest, SECTION: record_files(lay.out, exclude=(lay.manifest.name,))}
     publish_version(lay.out, manifest)
     if not cfg.keep_work:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from retromem.datastore.atomic import atomic_path
+from retromem.datastore.atomic import atomic_path, sha256_file
 from retromem.datastore.integrity import SECTION, check_size, load_npy, read_manifest, record_files
 from retromem.errors import ArtifactCorruptError, DatastoreError
 
@@ -97,32 +97,32 @@ def _single_segment(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_version(root: str | Path, version: int | None = None) -> tuple[dict[str, Any], str]:
-    """(manifest, version_id) of ``version`` (default: the newest) of the datastore at ``root``.
+    """(manifest, version_id) of ``version`` (default: the current one) of the datastore at ``root``.
 
-    A datastore without ``versions/`` opens as version 1 from ``manifest.json``. The version id
-    is the sha256 of the version file's bytes."""
+    ``manifest.json`` names the current version (a copy of its version file); ``versions/vN.json``
+    the others. A datastore without ``versions/`` opens as version 1. The version id is the
+    sha256 of the version file's bytes."""
     root = Path(root)
-    versions = list_versions(root)
-    if versions:
-        v = versions[-1] if version is None else int(version)
-        if v not in versions:
-            raise DatastoreError(f"{root} has no version {v}; its versions are {versions[0]}..{versions[-1]}"
-                                 f" (`retromem datastore log {root}` lists them)")
-        path = root / version_file(v)
-        newest = read_manifest(root / version_file(versions[-1]))
-        floor = int(newest.get("min_readable_version", 1))
+    mpath = root / MANIFEST
+    if not mpath.exists():
+        hint = " (an unfinished build: re-run `retromem datastore build` to finish it)" if (root / "_work").exists() else ""
+        raise DatastoreError(f"{root} is not a datastore: no manifest.json{hint}")
+    path = mpath
+    current = read_manifest(mpath)
+    cv = current.get("version", 1)
+    if version is not None and int(version) != cv:
+        v = int(version)
+        versions = list_versions(root)
+        if v not in versions or v > cv:
+            shown = f"its versions are {min(versions + [cv])}..{cv}"
+            raise DatastoreError(f"{root} has no version {v}; {shown} (`retromem datastore log {root}` lists them)")
+        floor = int(current.get("min_readable_version", 1))
         if v < floor:
             raise DatastoreError(f"version {v} of {root} is no longer readable: compaction at version {floor} removed "
                                  f"the files holding deleted documents; open version {floor} or later")
-    else:
-        path = root / MANIFEST
-        if not path.exists():
-            hint = " (an unfinished build: re-run `retromem datastore build` to finish it)" if (root / "_work").exists() else ""
-            raise DatastoreError(f"{root} is not a datastore: no manifest.json{hint}")
-        if version not in (None, 1):
-            raise DatastoreError(f"{root} has only version 1 (it was never added to or deleted from)")
+        path = root / version_file(v)
     raw = path.read_bytes()
-    m = read_manifest(path)
+    m = read_manifest(path) if path != mpath else current
     try:
         m.setdefault("version", 1)
         if "segments" not in m:
@@ -131,6 +131,11 @@ def load_version(root: str | Path, version: int | None = None) -> tuple[dict[str
         raise ArtifactCorruptError(path, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
                                          "the manifest is damaged; rebuild the datastore") from None
     return m, hashlib.sha256(raw).hexdigest()
+
+
+def current_version(root: str | Path) -> int:
+    """The version ``manifest.json`` names (1 for a datastore without versions)."""
+    return int(read_manifest(Path(root) / MANIFEST).get("version", 1))
 
 
 def publish_version(root: str | Path, manifest: dict[str, Any]) -> str:
@@ -142,8 +147,16 @@ def publish_version(root: str | Path, manifest: dict[str, Any]) -> str:
     root = Path(root)
     v = int(manifest["version"])
     path = root / version_file(v)
-    if path.exists():
+    if path.exists():  # only a publish killed before its manifest.json rename: ensure_version_file rolls it forward
         raise DatastoreError(f"{root} already has version {v}: another writer got there first; retry")
+    # the earlier version files are immutable: this version's integrity section covers them (its own
+    # file cannot be; verify compares it with manifest.json, its byte-for-byte copy)
+    files = manifest.setdefault(SECTION, {"algorithm": "sha256", "files": {}}).setdefault("files", {})
+    for old in list_versions(root):
+        rel = version_file(old)
+        if old < v and rel not in files:
+            files[rel] = {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+    manifest[SECTION]["files"] = dict(sorted(files.items()))
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -153,12 +166,19 @@ def publish_version(root: str | Path, manifest: dict[str, Any]) -> str:
 
 
 def ensure_version_file(root: str | Path) -> None:
-    """Give a datastore of one version without ``versions/`` (built before versions existed) its
-    ``versions/v00001.json``, so that the next version does not hide it. Call under the job lock."""
+    """Before a writer starts (under the job lock): give a datastore built before versions existed
+    its ``versions/v00001.json``; and roll forward a publish killed between writing its version
+    file (complete: written atomically) and copying it to ``manifest.json``."""
     root = Path(root)
-    if not list_versions(root) and (root / MANIFEST).is_file():
+    versions = list_versions(root)
+    if not (root / MANIFEST).is_file():
+        return
+    if not versions:
         with atomic_path(root / version_file(1)) as tmp:
             tmp.write_bytes((root / MANIFEST).read_bytes())
+    elif versions[-1] > current_version(root):
+        with atomic_path(root / MANIFEST) as tmp:
+            tmp.write_bytes((root / version_file(versions[-1])).read_bytes())
 
 
 def file_records(root: str | Path, rel_dir: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -187,8 +207,10 @@ class Segment:
     ``first_doc_id`` / ``first_chunk_id`` turn local rows into global ids; ``shards`` are the
     version's shard records of this segment (global ids, root-relative paths)."""
 
-    def __init__(self, root: Path, rec: dict[str, Any], shards: list[dict[str, Any]], chunk_length: int) -> None:
+    def __init__(self, root: Path, rec: dict[str, Any], shards: list[dict[str, Any]], chunk_length: int,
+                 limits: tuple[int, int, int] = (FULL_CHECK_CHUNKS, FULL_CHECK_DOCS, SAMPLE_ROWS)) -> None:
         self.root = root
+        self.limits = limits  # (chunks checked whole, documents checked whole, sample rows beyond)
         self.rec = rec
         self.name = str(rec["name"])
         self.first_doc_id = int(rec["first_doc_id"])
@@ -239,20 +261,21 @@ class Segment:
         """Offsets monotone and in range (vectorised; chunk rows sampled beyond FULL_CHECK_CHUNKS)."""
         n, d = self.n_chunks, self.n_docs
         size = len(self.text)
-        docs = np.arange(d, dtype=np.int64) if d <= FULL_CHECK_DOCS else np.linspace(0, d - 1, SAMPLE_ROWS).astype(np.int64)
+        full_chunks, full_docs, sample = self.limits
+        docs = np.arange(d, dtype=np.int64) if d <= full_docs else np.linspace(0, d - 1, sample).astype(np.int64)
         for name, arr, total in (("doc_first_chunk", self.doc_first_chunk, n), ("doc_byte_offsets", self.doc_bytes, size)):
             lo, hi = np.asarray(arr[docs], dtype=np.int64), np.asarray(arr[docs + 1], dtype=np.int64)
             if arr[0] != 0 or arr[-1] != total or (hi < lo).any() or (lo > total).any():
                 raise self.corrupt(name, f"offsets are not monotone from 0 to {total:,}: the file is damaged")
         if n == 0:
             return
-        whole = n <= FULL_CHECK_CHUNKS
+        whole = n <= full_chunks
         if whole:
             rows = np.arange(n, dtype=np.int64)
         else:  # an even sample, and the first and last chunk of every (sampled) document
             first = np.asarray(self.doc_first_chunk[docs], dtype=np.int64)
             ends = np.concatenate((first, np.asarray(self.doc_first_chunk[docs + 1], dtype=np.int64) - 1))
-            rows = np.unique(np.concatenate((np.linspace(0, n - 1, SAMPLE_ROWS).astype(np.int64), ends[(ends >= 0) & (ends < n)])))
+            rows = np.unique(np.concatenate((np.linspace(0, n - 1, sample).astype(np.int64), ends[(ends >= 0) & (ends < n)])))
         self.check_rows(rows, whole)
 
     def check_rows(self, rows: np.ndarray, whole: bool = False) -> None:
@@ -332,6 +355,7 @@ def remove_files(root: Path, rels: set[str]) -> int:
     return freed
 
 
-__all__ = ["CHUNK_ARRAYS", "DOC_ARRAYS", "MANIFEST", "Segment", "SegmentInfo", "VERSIONS_DIR", "ensure_version_file", "file_records",
+__all__ = ["CHUNK_ARRAYS", "DOC_ARRAYS", "MANIFEST", "Segment", "SegmentInfo", "VERSIONS_DIR", "current_version",
+           "ensure_version_file", "file_records",
            "list_versions", "load_version", "next_integrity", "publish_version", "remove_files", "shard_arrays_sha256",
            "version_file"]

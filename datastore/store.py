@@ -39,9 +39,9 @@ import pyarrow.parquet as pq
 
 from retromem.datastore import schema
 from retromem.datastore.atomic import sha256_file
-from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files
+from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files, version_problems
 from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, FULL_CHECK_CHUNKS, FULL_CHECK_DOCS, SAMPLE_ROWS,
-                                         Segment, SegmentInfo, load_version, shard_arrays_sha256)
+                                         Segment, SegmentInfo, current_version, load_version, shard_arrays_sha256)
 from retromem.errors import ArtifactCorruptError, ConfigError, DatastoreError, DocumentDeletedError
 
 __all__ = ["CHUNK_ARRAYS", "DOC_ARRAYS", "FULL_CHECK_CHUNKS", "FULL_CHECK_DOCS", "SAMPLE_ROWS", "Chunk", "Datastore",
@@ -97,7 +97,9 @@ class Datastore:
             self._segs: list[Segment] = []
             for rec in m["segments"]:
                 s0, ns = int(rec["first_shard"]), int(rec["n_shards"])
-                self._segs.append(Segment(self.path, rec, shards[s0:s0 + ns], self.chunk_length))
+                # the sampling limits are read here, at open, so that tests can lower them
+                self._segs.append(Segment(self.path, rec, shards[s0:s0 + ns], self.chunk_length,
+                                          limits=(FULL_CHECK_CHUNKS, FULL_CHECK_DOCS, SAMPLE_ROWS)))
             self._seg_c0 = np.asarray([s.first_chunk_id for s in self._segs], dtype=np.int64)
             self._seg_d0 = np.asarray([s.first_doc_id for s in self._segs], dtype=np.int64)
             tomb = m.get("tombstones")
@@ -660,8 +662,10 @@ class Datastore:
         and a damaged array is then located shard by shard; without them (older datastores) the
         Parquet shards and each shard's tokens and text are checked against their own checksums."""
         problems = [f"{rel}: {what}" for rel, what in verify_files(self.path, self.manifest)]
-        damaged = {p.split(":")[0] for p in problems}
         recorded = recorded_files(self.manifest) is not None
+        if recorded and self.version == current_version(self.path):
+            problems += [f"{rel}: {what}" for rel, what in version_problems(self.path)]
+        damaged = {p.split(":")[0] for p in problems}
         for s, seg in enumerate(self._segs):
             array_files = {str(p.relative_to(self.path)) for p in seg.files.values()}
             for i, shard in enumerate(seg.shards):

@@ -271,7 +271,7 @@ def check(paths: Sequence[str | Path], ds: Datastore) -> TakedownReport:
 class CompactResult:
     version: int | None  # the new version (None: nothing to compact)
     segments: list[str]  # rewritten
-    purged_docs: int
+    purged_docs: int  # newly purged by this compaction
     bytes_freed: int
     bytes_written: int
 
@@ -286,12 +286,14 @@ def compact(path: str | Path) -> CompactResult:
         bm = ds.manifest
         dead = ds.deleted_doc_ids
         v = ds.version + 1
-        todo = []
+        todo, n_purged = [], 0
         for i, seg in enumerate(ds.segments):
             rec = bm["segments"][i]
             in_seg = dead[(dead >= seg.first_doc_id) & (dead < seg.first_doc_id + seg.n_docs)]
-            if len(np.setdiff1d(in_seg, np.asarray(rec.get("purged_doc_ids", []), np.int64))):
+            fresh = np.setdiff1d(in_seg, np.asarray(rec.get("purged_doc_ids", []), np.int64))
+            if len(fresh):
                 todo.append((i, in_seg))
+                n_purged += len(fresh)
         if not todo:
             return CompactResult(None, [], 0, 0, 0)
         segments = [dict(r) for r in bm["segments"]]
@@ -331,7 +333,7 @@ def compact(path: str | Path) -> CompactResult:
         if (path / "_work").is_dir() and (path / "manifest.json").is_file():  # a kept work dir (--keep-work) holds staged text
             shutil.rmtree(path / "_work")
         written = sum(int(r["bytes"]) for r in new_files.values())
-        return CompactResult(v, [segments[i]["name"] for i, _ in todo], int(sum(len(x) for _, x in todo)), freed, written)
+        return CompactResult(v, [segments[i]["name"] for i, _ in todo], n_purged, freed, written)
 
 
 def _now() -> str:
