@@ -14,8 +14,9 @@ argmax at every answer position is the answer token (what greedy decoding would 
 Tasks:
 - ``passkey``: :func:`~retromem.memory.passkey.make_passkey` (real documentation text as the
   haystack) at each length and depth;
-- ``perplexity``: documents of the corpus concatenated (EOS between them) to each length; the
-  perplexity of the last ``ppl_score`` tokens;
+- ``perplexity``: documents of the corpus concatenated (EOS between them); the perplexity of its
+  last ``ppl_score`` tokens after the preceding ``length`` - ``ppl_score`` tokens (the same scored
+  tokens at every length: only the context differs);
 - ``recall`` (built like SirLLM's multi-turn tasks): a long dialogue whose user turns state
   facts ("Alice's locker number is 48213") among turns of real text; at the end every fact is
   asked in turn, one call per question; the score is the share recalled;
@@ -205,8 +206,9 @@ def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict
 def perplexity_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
     from retromem.memory.passkey import token_stream
 
+    stream_ids = torch.tensor([token_stream(tok, max(cfg.ppl_lengths), cfg.corpus)])
     for n in cfg.ppl_lengths:
-        ids = torch.tensor([token_stream(tok, n, cfg.corpus)])
+        ids = stream_ids[:, -n:]  # every length scores the same last tokens, after more or less context
         cut = n - cfg.ppl_score
         for method in cfg.methods:
             if method == "full" and n > cfg.full_max:

@@ -72,6 +72,51 @@ def memory_eval(model_path: str, module: str, segment_length: int, lengths: str,
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
 
 
+@group.command("long-eval")
+@click.option("--config", "config_path", default=None,
+              help="YAML of LongEvalConfig fields (configs/memory/long-context-smollm2.yaml); flags given win.")
+@click.option("--model", "model_path", default="smollm2-135m", show_default=True, help="Any RoPE causal LM (built-in name, directory, hub id).")
+@click.option("--methods", default=None, help="Comma-separated: full,streaming_llm,lm_infinite,infllm,sirllm.")
+@click.option("--tasks", default=None, help="Comma-separated: passkey,perplexity,recall,qa.")
+@click.option("--budget", type=int, default=None, help="KV tokens each bounded method keeps per layer (default 1024).")
+@click.option("--segment", type=int, default=None, help="Tokens per forward call (default 512).")
+@click.option("--lengths", default=None, help="Passkey input lengths.")
+@click.option("--depths", default=None, help="Needle depths (fractions).")
+@click.option("--samples", type=int, default=None, help="Passkey examples per (length, depth).")
+@click.option("--ppl-lengths", default=None, help="Context lengths for the perplexity of the same last tokens.")
+@click.option("--fractions", default=None, help="Squeezed Attention key fractions for the QA task (1 = full attention).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--out", default=None, help="Directory for rows.jsonl, results.json and the plot (default long-eval).")
+@handle_errors
+def memory_long_eval(config_path: str | None, model_path: str, methods: str | None, tasks: str | None, budget: int | None,
+                     segment: int | None, lengths: str | None, depths: str | None, samples: int | None,
+                     ppl_lengths: str | None, fractions: str | None, threads: int, out: str | None) -> None:
+    """Training-free long context (LM-Infinite, InfLLM, SirLLM, Squeezed Attention) against full
+    attention and StreamingLLM: passkey, long perplexity, multi-turn recall, fixed-context QA."""
+    import torch
+
+    from retromem.config import from_dict, load_yaml
+    from retromem.memory.long_context_eval import LongEvalConfig, evaluate, markdown_table
+    from retromem.models import load_causal_lm
+
+    names = lambda v: None if v is None else tuple(x for x in v.replace(",", " ").split())  # noqa: E731
+    flags = {"methods": names(methods), "tasks": names(tasks), "budget": budget, "segment": segment,
+             "lengths": parse_list(lengths, "--lengths") if lengths else None,
+             "depths": parse_list(depths, "--depths", float) if depths else None, "samples": samples,
+             "ppl_lengths": parse_list(ppl_lengths, "--ppl-lengths") if ppl_lengths else None,
+             "fractions": parse_list(fractions, "--fractions", float) if fractions else None, "out": out}
+    if config_path:
+        cfg = load_yaml(config_path, LongEvalConfig, **flags)
+    else:
+        cfg = from_dict(LongEvalConfig, {"out": "long-eval", **{k: v for k, v in flags.items() if v is not None}})
+    torch.set_num_threads(threads)
+    model, tok = load_causal_lm(model_path)
+    click.echo(f"{model_path}: trained context {model.config.max_position_embeddings} tokens; budget {cfg.budget} tokens")
+    summary = evaluate(model, tok, cfg, title=f"{Path(model_path).name}, budget {cfg.budget} tokens")
+    click.echo(markdown_table(summary))
+    click.echo(f"rows: {Path(cfg.out) / 'rows.jsonl'}   plot: {summary['plot']}")
+
+
 @group.command("compress")
 @click.argument("datastore_path", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "model_path", required=True, help="A saved AutoCompressor directory (or a base model, untrained summaries).")

@@ -1,0 +1,78 @@
+"""The long-context evaluation of the bounded memories: budgets, the multi-turn dialogue, every task
+and method end to end on a tiny decoder, and the `retromem memory long-eval` command."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from retromem.errors import ConfigError
+from retromem.memory.long_context_eval import METHODS, LongEvalConfig, build_memory, evaluate, make_dialogue, markdown_table
+
+from .conftest import tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+
+    return load_hf_tokenizer("gpt2")
+
+
+def test_every_bounded_method_keeps_to_the_budget():
+    model = tiny_decoder("llama")
+    for method in METHODS[1:]:
+        mem = build_memory(method, model, 1024)
+        assert 900 <= mem.budget_tokens <= 1024 + 63, method  # InfLLM may hold one partial block more
+    assert build_memory("full", model, 1024).budget_tokens == -1
+    with pytest.raises(ConfigError, match=r"`methods` \(--methods\)"):
+        LongEvalConfig(out="x", methods=("full", "h2o"))
+    with pytest.raises(ConfigError, match=r"`fractions` \(--fractions\)"):
+        LongEvalConfig(out="x", fractions=(0.0,))
+
+
+def test_dialogue_states_every_fact_and_asks_each_once(gpt2_tok):
+    filler = gpt2_tok("The module returns a value of the function. " * 400)["input_ids"]
+    body, questions = make_dialogue(gpt2_tok, 900, 4, filler, random.Random(0))
+    text = gpt2_tok.decode(body)
+    assert len(body) + sum(len(q[0]) for q in questions) == 900 and len(questions) == 4
+    for ids, a, b in questions:
+        q = gpt2_tok.decode(ids)
+        name = q.split("What is ")[1].split("'s")[0]
+        key = gpt2_tok.decode(ids[a:b]).strip()
+        assert f"{name}'s locker number is {key}." in text and key.isdigit()
+
+
+@pytest.mark.slow
+def test_evaluate_runs_every_task_and_method_and_the_command(tmp_path, gpt2_tok):
+    from retromem.cli import main
+
+    model = tiny_decoder("llama", vocab=50304)
+    cfg = LongEvalConfig(out=str(tmp_path / "ev"), budget=64, segment=64, lengths=(256,), ppl_lengths=(256,),
+                         ppl_score=32, recall_length=384, recall_facts=2, qa_length=256, qa_questions=2,
+                         fractions=(1.0, 0.5))
+    summary = evaluate(model, gpt2_tok, cfg, title="tiny")
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
+    assert {(r["task"], r["method"]) for r in rows} >= {(t, m) for t in ("passkey", "perplexity", "recall") for m in METHODS}
+    assert {r["method"] for r in rows if r["task"] == "qa"} == {"full", "squeezed"}
+    bounded = [r for r in rows if r["task"] == "passkey" and r["method"] != "full"]
+    full = [r for r in rows if r["task"] == "passkey" and r["method"] == "full"][0]
+    assert all(r["attention_mib"] < full["attention_mib"] for r in bounded)
+    ppl = {(r["method"], r["length"]): r["perplexity"] for r in rows if r["task"] == "perplexity"}
+    assert ppl[("full", 256)] == pytest.approx(ppl[("lm_infinite", 256)], rel=0.5) and all(v > 1 for v in ppl.values())
+    assert "| passkey | InfLLM | 256 |" in markdown_table(summary)
+    assert (tmp_path / "ev" / "accuracy_vs_length.png").stat().st_size > 1000
+    # the command, on the same tiny model saved as a directory
+    model.save_pretrained(tmp_path / "m")
+    gpt2_tok.save_pretrained(tmp_path / "m")
+    res = CliRunner().invoke(main, ["memory", "long-eval", "--model", str(tmp_path / "m"), "--tasks", "passkey",
+                                   "--methods", "full,infllm", "--lengths", "256", "--budget", "64", "--segment", "64",
+                                   "--threads", "1", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "| passkey | InfLLM | 256 | 1 |" in res.output
+    bad = CliRunner().invoke(main, ["memory", "long-eval", "--methods", "nope", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--methods" in bad.output
