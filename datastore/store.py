@@ -108,7 +108,7 @@ class Datastore:
             raise ArtifactCorruptError(manifest_path, f"a field is missing or malformed ({type(exc).__name__}: {exc}): "
                                                       "the manifest is damaged; rebuild the datastore") from None
         self._shard_cache: tuple[tuple[int, int], dict] | None = None
-        self._doc_tables: dict[int, pa.Table] = {}
+        self._doc_cols: dict[tuple[int, str], pa.Array] = {}
         self._verified: set[tuple[int, int]] = set()  # (segment, shard) whose checksums reads have verified
         self._docs_verified: set[str] = set()  # documents Parquet files verified
         self._all_verified = False
@@ -582,31 +582,33 @@ class Datastore:
         ``json`` for nested values, kept as JSON text)."""
         return dict(self.manifest.get("metadata_fields", {}))
 
-    def _doc_table(self, s: int) -> pa.Table:
-        """Segment ``s``'s ``source_id`` and metadata columns (declared types), one row per document."""
-        if s not in self._doc_tables:
-            fields = self.metadata_fields
+    def _doc_column(self, s: int, name: str) -> pa.Array:
+        """Segment ``s``'s column ``name`` (``source_id`` or a metadata field, cast to its declared
+        type; null where a shard lacks it), one row per document; read once per reader."""
+        key = (s, name)
+        if key not in self._doc_cols:
+            col = name if name == "source_id" else schema.METADATA_PREFIX + name
+            arrow = pa.string() if name == "source_id" else schema.metadata_arrow_type(self.metadata_fields[name])
             parts = []
             for shard in self._segs[s].shards:
                 path = self._documents_file(shard)
-                present = set(pq.ParquetFile(path).schema_arrow.names)
-                t = pq.read_table(path, columns=["source_id"] + [schema.METADATA_PREFIX + f for f in fields
-                                                                 if schema.METADATA_PREFIX + f in present])
-                cols, names = [t.column("source_id")], ["source_id"]
-                for f, typ in fields.items():
-                    col = schema.METADATA_PREFIX + f
-                    arrow = schema.metadata_arrow_type(typ)
-                    cols.append(t.column(col).cast(arrow) if col in present else pa.nulls(t.num_rows, arrow))
-                    names.append(f)
-                parts.append(pa.table(cols, names=names))
-            self._doc_tables[s] = pa.concat_tables(parts).combine_chunks() if parts else pa.table({"source_id": pa.array([], pa.string())})
-        return self._doc_tables[s]
+                pf = pq.ParquetFile(path)
+                if col in pf.schema_arrow.names:
+                    parts.append(pq.read_table(path, columns=[col]).column(col).cast(arrow))
+                else:
+                    parts.append(pa.chunked_array([pa.nulls(int(shard["documents"]), arrow)]))
+            chunks = [c for p in parts for c in p.chunks]
+            self._doc_cols[key] = pa.chunked_array(chunks, type=arrow).combine_chunks() if chunks else pa.array([], arrow)
+        return self._doc_cols[key]
+
+    def _doc_table(self, s: int, columns: list[str]) -> pa.Table:
+        return pa.table([self._doc_column(s, c) for c in columns], names=columns)
 
     def _doc_rows(self, doc_ids: Sequence[int] | np.ndarray, columns: list[str]) -> dict[str, list]:
         docs = self._in_range(_ids(doc_ids), "doc_id", self.num_documents)
         out: dict[str, list] = {c: [None] * len(docs) for c in columns}
         for s, sel, local in self._groups(docs, "doc"):
-            t = self._doc_table(s).select(columns).take(pa.array(local))
+            t = self._doc_table(s, columns).take(pa.array(local))
             where = np.arange(len(docs))[sel].tolist()
             for c in columns:
                 vals = t.column(c).to_pylist()
@@ -637,8 +639,8 @@ class Datastore:
                                   f"{', '.join(sorted(fields)) or 'none'}")
         out = []
         for s, seg in enumerate(self._segs):
-            t = self._doc_table(s)
-            mask = pa.array(np.ones(t.num_rows, dtype=bool))
+            t = self._doc_table(s, list(filters))
+            mask = pa.array(np.ones(seg.n_docs, dtype=bool))
             for f, want in filters.items():
                 values = list(want) if isinstance(want, (list, tuple, set, frozenset)) else [want]
                 try:

@@ -82,45 +82,67 @@ def window_hashes(buf: np.ndarray | bytes) -> np.ndarray:
     return _mix64(out)
 
 
-def _starts(length: int, starts: np.ndarray, width: int) -> np.ndarray:
-    """Window starts: each chunk start, pulled back so the window fits; none if too short."""
-    if length < width:
-        return np.zeros(0, np.int64)
-    return np.unique(np.minimum(starts, length - width))
+def _probe_hashes(mat: np.ndarray) -> np.ndarray:
+    """Hashes of the rows of a (n, WINDOW) uint8 matrix: each equals ``window_hashes(row)[0]``."""
+    pw, _ = _tables(_BLOCK + WINDOW)
+    return _mix64((mat.astype(np.uint64) * pw[:WINDOW]).sum(axis=1, dtype=np.uint64))
+
+
+def _window_starts(lengths: np.ndarray, owner: np.ndarray, starts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, start) of one window per chunk: at the chunk's start, pulled back so it fits in its
+    document (``lengths[owner]``); none for documents shorter than ``width``."""
+    length = lengths[owner]
+    keep = length >= width
+    return keep, np.minimum(starts, length - width)[keep]
 
 
 def doc_probes(ds: Datastore, doc_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-    """Probes of the given documents (read with ``include_deleted``): arrays ``doc_id`` (int64),
-    ``kind`` (uint8, index into KINDS) and ``hash`` (uint64), one row per probe."""
-    out_doc, out_kind, out_hash = [], [], []
+    """Probes of the given documents (read with ``include_deleted``; their shards verified),
+    vectorised per segment: arrays ``doc_id`` (int64), ``kind`` (uint8, index into KINDS) and
+    ``hash`` (uint64), one row per probe (duplicates within a document dropped)."""
+    docs = np.unique(np.asarray(doc_ids, dtype=np.int64))
+    ds._check_ids(docs, "doc_id", include_deleted=True)
     L = ds.chunk_length
-    vocab16 = int(ds.manifest["tokenizer"]["vocab_size"]) <= 1 << 16
-    for d in np.asarray(doc_ids, dtype=np.int64).tolist():
-        chunk_ids = ds.document_chunk_ids(d, include_deleted=True)
-        text = ds.document_text(d, include_deleted=True).encode("utf-8")
-        if not text:
-            continue  # purged already: nothing left to probe
-        # byte offset of each chunk's start inside the document
-        texts = ds.chunk_texts(chunk_ids, include_deleted=True)
-        starts = np.concatenate(([0], np.cumsum([len(t.encode("utf-8")) for t in texts])[:-1])).astype(np.int64)
-        buf = np.frombuffer(text, dtype=np.uint8)
-        for s in _starts(len(buf), starts, WINDOW).tolist():
-            out_doc.append(d)
-            out_kind.append(0)
-            out_hash.append(window_hashes(buf[s:s + WINDOW])[0])
-        toks = ds.doc_token_ids(d, include_deleted=True).astype(np.int64)
-        tstarts = np.arange(0, len(toks), L, dtype=np.int64)
-        for kind, dtype in ((1, np.uint16), (2, np.uint32)):
-            if kind == 1 and not vocab16:
-                continue
+    widths = [(1, np.uint16)] if int(ds.manifest["tokenizer"]["vocab_size"]) <= 1 << 16 else []
+    widths.append((2, np.uint32))
+    out_doc, out_kind, out_hash = [], [], []
+    for s, sel, local in ds._groups(docs, "doc"):
+        seg = ds._segs[s]
+        gdocs = docs[sel]
+        lo = np.asarray(seg.doc_first_chunk[local], np.int64)
+        n = np.asarray(seg.doc_first_chunk[local + 1], np.int64) - lo
+        rows = np.repeat(lo - np.concatenate(([0], np.cumsum(n)[:-1])), n) + np.arange(int(n.sum()), dtype=np.int64)
+        ds._verified_chunks(rows + seg.first_chunk_id)
+        owner = np.repeat(np.arange(len(gdocs)), n)  # index into gdocs of every chunk
+        pos = rows - lo[owner]  # chunk position in its document
+        # text: one window per chunk start (byte offsets inside the document)
+        b0 = np.asarray(seg.doc_bytes[local], np.int64)
+        blen = np.asarray(seg.doc_bytes[local + 1], np.int64) - b0
+        cstart = np.asarray(seg.byte_spans[rows, 0], np.int64) - b0[owner]
+        keep, st = _window_starts(blen, owner, cstart, WINDOW)
+        text = np.asarray(seg.text)
+        mat = text[(b0[owner][keep] + st)[:, None] + np.arange(WINDOW)]
+        out_doc.append(gdocs[owner[keep]])
+        out_kind.append(np.zeros(len(st), np.uint8))
+        out_hash.append(_probe_hashes(mat))
+        # tokens: each document's stream (padding dropped), one window per chunk start
+        ntok = np.asarray(seg.chunk_ntok[rows], np.int64)
+        toks = np.asarray(seg.tokens[rows])
+        flat = toks[np.arange(L)[None, :] < ntok[:, None]]
+        tlen = np.bincount(owner, weights=ntok, minlength=len(gdocs)).astype(np.int64)
+        toff = np.concatenate(([0], np.cumsum(tlen)[:-1]))
+        for kind, dtype in widths:
             width = WINDOW // np.dtype(dtype).itemsize
-            tb = toks.astype(dtype)
-            for s in _starts(len(tb), tstarts, width).tolist():
-                out_doc.append(d)
-                out_kind.append(kind)
-                out_hash.append(window_hashes(tb[s:s + width].tobytes())[0])
-    return {"doc_id": np.asarray(out_doc, np.int64), "kind": np.asarray(out_kind, np.uint8),
-            "hash": np.asarray(out_hash, np.uint64)}
+            keep, st = _window_starts(tlen, owner, pos * L, width)
+            win = flat[(toff[owner][keep] + st)[:, None] + np.arange(width)].astype(dtype)
+            out_doc.append(gdocs[owner[keep]])
+            out_kind.append(np.full(len(st), kind, np.uint8))
+            out_hash.append(_probe_hashes(np.ascontiguousarray(win).view(np.uint8).reshape(-1, WINDOW)))
+    doc = np.concatenate(out_doc) if out_doc else np.zeros(0, np.int64)
+    kind = np.concatenate(out_kind) if out_kind else np.zeros(0, np.uint8)
+    h = np.concatenate(out_hash) if out_hash else np.zeros(0, np.uint64)
+    uniq = np.unique(np.stack([doc.astype(np.uint64), kind.astype(np.uint64), h], axis=1), axis=0)
+    return {"doc_id": uniq[:, 0].astype(np.int64), "kind": uniq[:, 1].astype(np.uint8), "hash": uniq[:, 2]}
 
 
 # -- the check -------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def resolve(ds: Datastore, doc_ids: Sequence[int], source_ids: Sequence[str]) ->
         want = pa.array(sorted(set(source_ids)), pa.string())
         seen = set()
         for s, seg in enumerate(ds.segments):
-            col = ds._doc_table(s).column("source_id")
+            col = ds._doc_column(s, "source_id")
             hit = np.flatnonzero(np.asarray(pc.is_in(col, value_set=want).to_numpy(zero_copy_only=False), dtype=bool))
             if len(hit):
                 found.append(hit + seg.first_doc_id)

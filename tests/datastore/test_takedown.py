@@ -103,3 +103,19 @@ def test_delete_and_add_after_compaction(deleted, docs, tmp_path):  # noqa: F811
                                                    {"id": "fresh", "text": docs[1]["text"][::-1]}])
     res = add(ds_path, [str(again)], workers=1)
     assert res.segment["n_docs"] == 1 and Datastore.open(ds_path).document(36).source_id == "fresh"
+
+
+def test_probes_are_windows_of_each_chunk_of_the_documents(grown):  # noqa: F811
+    from retromem.datastore.takedown import doc_probes, window_hashes
+
+    ds = Datastore.open(grown)
+    p = doc_probes(ds, [2, 30])
+    for d in (2, 30):
+        toks = ds.doc_token_ids(d)
+        pools = {0: window_hashes(ds.document_text(d).encode()), 1: window_hashes(toks.astype(np.uint16).tobytes()),
+                 2: window_hashes(toks.astype(np.uint32).tobytes())}
+        n_chunks = len(ds.document_chunk_ids(d))
+        for kind, pool in pools.items():
+            mine = p["hash"][(p["doc_id"] == d) & (p["kind"] == kind)]
+            assert n_chunks - 1 <= len(mine) <= n_chunks  # one per chunk (the last may coincide)
+            assert np.isin(mine, pool).all()
