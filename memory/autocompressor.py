@@ -10,7 +10,8 @@ precomputed for datastore chunks or documents (:func:`precompute_summaries`), ke
 
 Positions (the original code ignored them for some models, AutoCompressors issue #17): every input
 vector gets a real position; the soft prompt takes positions 0..P-1, the segment P..P+N-1 and the
-summary tokens P+N..P+N+κ-1, for RoPE and learned absolute positions (GPT-2) alike.
+summary tokens P+N..P+N+κ-1, for RoPE and learned absolute positions (GPT-2) alike. (Gemma scales
+every input vector by sqrt(hidden), summary vectors fed back included: they are learned with it.)
 
 Works on current transformers through public model APIs only (``inputs_embeds``, ``position_ids``,
 ``cache``, the decoder body ``base.base_model`` and ``get_output_embeddings()``), not a forked
@@ -345,7 +346,7 @@ class AutoCompressorLM(MemoryPreTrainedModel, GenerationMixin):
             pieces = parts + [seg] + ([self.summary(B).to(seg.dtype)] if compress else [])
             hidden = self._run_body(torch.cat(pieces, dim=1))  # (B, P + N (+ κ), hidden)
             if labels is not None or keep == "all" or (keep == "last" and end == L):
-                logits = lm_head(hidden[:, P:P + N])  # (B, N, V)
+                logits = self._logits(lm_head, hidden[:, P:P + N])  # (B, N, V)
                 loss.add(logits, start, end)
                 if keep == "all":
                     kept.append(logits)
@@ -382,13 +383,19 @@ class AutoCompressorLM(MemoryPreTrainedModel, GenerationMixin):
             hidden = self._run_body(embed(input_ids[:, start:end]), P + state.open_tokens, state.kv)  # (B, N, hidden)
             state.open_tokens += end - start
             if labels is not None or keep == "all" or (keep == "last" and end == L):
-                logits = lm_head(hidden)
+                logits = self._logits(lm_head, hidden)
                 loss.add(logits, start, end)
                 kept.append(logits if keep == "all" else logits[:, -1:])
             start = end
         if keep == "last":
             kept = kept[-1:]
         return loss, torch.cat(kept, 1) if kept and keep != "none" else None
+
+    def _logits(self, lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The base model's logits of final hidden states, with its final soft-capping (Gemma2) if any."""
+        logits = lm_head(hidden)
+        cap = getattr(self.base.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     def _compress_open_segment(self, state: AutoCompressorState) -> None:
         kappa = self.memory_config.summary_length
