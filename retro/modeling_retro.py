@@ -199,19 +199,25 @@ class ChunkedCrossAttention(nn.Module):
             positions = (q_pos, k_pos)
         return self.attn(self.norm(hidden), encoded, key_mask=key_mask, positions=positions)  # (N, L, D)
 
-    def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (B, T, D) decoder states from position 0; encoded (B, C, k*r, d) neighbours of the first
-        C chunks (all complete); mask (B, C, k*r) bool, False = padding -> the update (B, T, D)."""
+    def forward(self, hidden: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor | None = None,
+                first_offset: int | None = None) -> torch.Tensor:
+        """With ``first_offset`` (a span's states, encoded (N, k*r, d), mask (N, k*r)): :meth:`attend`.
+        Without: hidden (B, T, D) decoder states from position 0; encoded (B, C, k*r, d) neighbours of the
+        first C chunks (all complete); mask (B, C, k*r) bool, False = padding -> the update (B, T, D).
+        (The hooks call the module, not ``attend``, so that wrappers such as peft's ``modules_to_save``
+        copies take effect.)"""
+        if first_offset is not None:
+            return self.attend(hidden, encoded, mask, first_offset)
         out = hidden.new_zeros(hidden.shape)
-        got = span_update(self, hidden, encoded, mask, 0, encoded.shape[1])
+        got = span_update(self, hidden, encoded, mask, 0, encoded.shape[1], self.chunk_length)
         if got is not None:
             t_lo, t_hi, update = got
             out[:, t_lo:t_hi] = update
         return out
 
 
-def span_update(cca: ChunkedCrossAttention, hidden: torch.Tensor, encoded: torch.Tensor, key_mask: torch.Tensor | None,
-                rel0: int, n_encoded: int) -> tuple[int, int, torch.Tensor] | None:
+def span_update(cca: nn.Module, hidden: torch.Tensor, encoded: torch.Tensor, key_mask: torch.Tensor | None,
+                rel0: int, n_encoded: int, m: int) -> tuple[int, int, torch.Tensor] | None:
     """CCA of states ``hidden`` (R, T, D) at positions [rel0, rel0 + T) (counted from the rows' first real
     token) with encoded neighbours (R, C, k*r, d) of which the first ``n_encoded`` chunks are valid: the
     input offsets [a, b) that get an update and the update (R, b - a, D); None when none does.
@@ -220,7 +226,6 @@ def span_update(cca: ChunkedCrossAttention, hidden: torch.Tensor, encoded: torch
     chunk u + 1; its tokens attend the encoded neighbours of chunk u. Positions before m - 1, and spans
     whose chunk is not encoded, get no update. States of one span (a decoding step) attend with just
     their tokens; several spans are laid out as whole spans (zero-padded at the ends) and attended at once."""
-    m = cca.chunk_length
     R, T, D = hidden.shape
     t_lo, t_hi = max(rel0, m - 1), min(rel0 + T, n_encoded * m + m - 1)
     if t_lo >= t_hi:
@@ -231,12 +236,12 @@ def span_update(cca: ChunkedCrossAttention, hidden: torch.Tensor, encoded: torch
     kmask = None if key_mask is None else key_mask[:, u_lo: u_hi + 1]  # (R, U, k*r)
     U = u_hi - u_lo + 1
     if U == 1:
-        update = cca.attend(h, enc[:, 0], None if kmask is None else kmask[:, 0], first_offset=t_lo - (u_lo * m + m - 1))
+        update = cca(h, enc[:, 0], None if kmask is None else kmask[:, 0], first_offset=t_lo - (u_lo * m + m - 1))
     else:
         w0 = u_lo * m + m - 1  # first position of the window of whole spans
         window = F.pad(h, (0, 0, t_lo - w0, (u_hi + 1) * m + m - 1 - t_hi))  # (R, U*m, D)
-        update = cca.attend(window.reshape(R * U, m, D), enc.reshape(R * U, enc.shape[2], -1),
-                            None if kmask is None else kmask.reshape(R * U, -1))  # (R*U, m, D)
+        update = cca(window.reshape(R * U, m, D), enc.reshape(R * U, enc.shape[2], -1),
+                     None if kmask is None else kmask.reshape(R * U, -1), first_offset=0)  # (R*U, m, D)
         update = update.reshape(R, U * m, D)[:, t_lo - w0: t_hi - w0]  # (R, L, D)
     return t_lo - rel0, t_hi - rel0, update
 
@@ -368,6 +373,7 @@ class RetroState:
     neighbour tokens (the decoder's own)."""
 
     memory: RetroMemory
+    chunk_length: int
     start: int = 0
     persistent: bool = False
     embed: nn.Module | None = None
@@ -384,7 +390,7 @@ def encode_chunks(layer: nn.Module, state: RetroState, hidden: torch.Tensor) -> 
     """At the first RETRO layer: encodes the neighbours of every chunk that is complete (within the input
     and what the cache saw before), has neighbours and is not encoded yet, each conditioned on that
     chunk's states ``hidden`` (B, T_new, D) of this layer."""
-    mem, m = state.memory, getattr(layer, CCA_ATTR).chunk_length
+    mem, m = state.memory, state.chunk_length
     if not state.persistent:  # a fresh forward (or its replay under activation checkpointing) encodes again
         mem.chunk_states, mem.encoded, mem.encoded_mask = hidden, None, None
         mem.n_encoded.zero_()
@@ -416,7 +422,7 @@ def cca_update(layer: nn.Module, state: RetroState, hidden: torch.Tensor) -> tor
     for pad, rows in mem.groups():
         n_enc = int(mem.n_encoded[mem.first_row(rows)])
         kmask = None if mem.encoded_mask is None else mem.encoded_mask[rows]
-        got = span_update(cca, hidden[rows], mem.encoded[rows], kmask, state.start - pad, n_enc)
+        got = span_update(cca, hidden[rows], mem.encoded[rows], kmask, state.start - pad, n_enc, state.chunk_length)
         if got is None:
             continue
         a, b, update = got
@@ -637,7 +643,7 @@ def begin_retro_forward(config: RetroConfig, context: RetroContext, embed: nn.Mo
     if retriever is not None:
         memory.tokens = input_ids if memory.tokens is None or not persistent else torch.cat([memory.tokens, input_ids], 1)
         retrieve_new_chunks(memory, retriever, config)
-    context.state = RetroState(memory, start, persistent, embed)
+    context.state = RetroState(memory, config.chunk_length, start, persistent, embed)
     return cache, use_cache
 
 

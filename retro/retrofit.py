@@ -184,3 +184,62 @@ def load_retro_weights(model: nn.Module, path: str | Path) -> RetrofitForCausalL
 def _require_retrofitted(model: nn.Module) -> None:
     if not isinstance(model, RetrofitForCausalLM):
         raise ConfigError(f"{type(model).__name__} is not RETROfitted; call retro.retrofit(model, config) first")
+
+
+def save_retrofit(model: RetrofitForCausalLM, out: str | Path, *, card: Any, tokenizer: Any = None,
+                  weights: str = "retro", base_model_name: str | None = None, base_model_path: str | None = None,
+                  seal: Any = None) -> Path:
+    """Writes ``model`` as a self-contained Hugging Face directory (:func:`retromem.hf_export.export_model`).
+
+    weights: ``retro`` (the RETRO blocks alone, a few MB, with the base pinned by name, local path and the
+        sha256 of its weights) or ``full`` (base and blocks).
+    base_model_name / base_model_path: how to find the base again (a name or hub id; a local directory).
+    card: a :class:`retromem.hf_export.ModelCard` (its base-model fields are filled in here).
+    """
+    from dataclasses import replace
+
+    from retromem.hf_export import export_model
+    from retromem.retro.configuration_retro import RETROFIT_WEIGHTS
+
+    _require_retrofitted(model)
+    if weights not in RETROFIT_WEIGHTS:
+        raise ConfigError(f"`weights` must be one of {', '.join(RETROFIT_WEIGHTS)}, got {weights!r}")
+    cfg = model.config
+    if cfg.base_model_sha256 is None:  # the base is frozen: hash it once
+        cfg.base_model_sha256 = base_weights_sha256(model.base)
+    if base_model_name is not None:
+        cfg.base_model_name = base_model_name
+    if base_model_path is not None:
+        cfg.base_model_path = str(Path(base_model_path).resolve()) if Path(base_model_path).is_dir() else base_model_path
+    if weights == "retro" and not (cfg.base_model_name or cfg.base_model_path):
+        raise ConfigError("saving RETRO weights alone needs the base model's name or path (`base_model_name`), so "
+                          "that loading can find it again; or save weights='full'")
+    card = replace(card, base_model=cfg.base_model_name or cfg.base_model_path, base_model_sha256=cfg.base_model_sha256)
+    state_dict = None
+    if weights == "retro":
+        state_dict = {f"base.{name}": t.detach().contiguous() for name, t in model.retro_state_dict().items()}
+    previous, cfg.weights = cfg.weights, weights
+    try:
+        return export_model(model, out, card=card, tokenizer=tokenizer, state_dict=state_dict, seal=seal)
+    finally:
+        cfg.weights = previous
+
+
+def load_retro_checkpoint(model: RetrofitForCausalLM, path: str | Path) -> RetrofitForCausalLM:
+    """Loads, in place, the RETRO weights of a directory written by :func:`save_retrofit` (either kind) or by
+    :func:`save_retro_weights` into ``model`` (retrofitted with the same settings): Trainer's resume."""
+    from safetensors.torch import load_file
+
+    _require_retrofitted(model)
+    src = Path(path)
+    if (src / WEIGHTS_FILE).is_file():
+        return load_retro_weights(model, src)
+    config = RetrofitConfig.from_pretrained(str(src))
+    if config.get_retro_config().to_dict() != model.retro_config.to_dict():
+        raise ConfigError(f"{type(model).__name__} is retrofitted with another RetroConfig than the one in {src}")
+    tensors = load_file(str(src / "model.safetensors"))
+    own = {f"base.{name}" for name in model.retro_state_dict()}
+    if not own <= set(tensors):
+        raise ConfigError(f"RETRO weights in {src} do not fit this model: missing {sorted(own - set(tensors))[:5]}")
+    model.load_state_dict({k: tensors[k] for k in own}, strict=False)
+    return model

@@ -37,7 +37,7 @@ import torch
 
 from retromem.config import fail, from_dict, one_of, optional_positive_int, positive_int
 from retromem.errors import ConfigError
-from retromem.retro.loading import is_retrofitted, save_model
+from retromem.retro.loading import is_retrofitted, save_model, save_retro_checkpoint
 from retromem.training import TrainerSettings, TrainResult
 from retromem.training import load_train_config as _load_train_config
 
@@ -148,7 +148,7 @@ def make_trainer(cfg: RetroTrainConfig, model: torch.nn.Module, tokenizer: Any, 
     """The shared harness's Trainer; a RETROfit checkpoints its RETRO weights alone."""
     from transformers import default_data_collator
 
-    from retromem.retro.retrofit import load_retro_weights
+    from retromem.retro.retrofit import load_retro_checkpoint
     from retromem.training import build_training_arguments, checkpoint_trainer_class
 
     retrofitted = is_retrofitted(model)
@@ -156,11 +156,22 @@ def make_trainer(cfg: RetroTrainConfig, model: torch.nn.Module, tokenizer: Any, 
     args = build_training_arguments(cfg.train, cfg.output_dir, evaluate=do_eval)
     hooks: dict[str, Any] = {}
     if retrofitted:
-        hooks = {"save_checkpoint": lambda m, tok, target: save_model(m, tok, target, cfg.model),
-                 "load_checkpoint": load_retro_weights}
+        hooks = {"save_checkpoint": lambda m, tok, target: save_retro_checkpoint(m, tok, target, cfg.model),
+                 "load_checkpoint": load_retro_checkpoint}
     return checkpoint_trainer_class()(model=model, args=args, train_dataset=train_ds,
                                       eval_dataset=eval_ds if do_eval else None, processing_class=tokenizer,
                                       data_collator=default_data_collator, **hooks)
+
+
+def card(cfg: RetroTrainConfig, model: torch.nn.Module, ds: Any = None) -> Any:
+    """The model card of a run's saves: the datastore, the neighbours and the Trainer settings it trained on."""
+    from retromem.retro.loading import model_card
+
+    datastore_id = getattr(ds, "datastore_id", None)
+    training = (f"datastore {cfg.datastore}, neighbours {', '.join(cfg.neighbours)} ({cfg.neighbours_mode}), "
+                f"sequences of {cfg.seq_chunks} chunks")
+    return model_card(model, datastore_id=datastore_id, training_data=training,
+                      extra={"max_steps": cfg.train.max_steps, "learning_rate": cfg.train.lr})
 
 
 def datasets(cfg: RetroTrainConfig, ds: Any, k: int) -> tuple[Any, Any | None]:
@@ -207,6 +218,6 @@ def train(cfg: RetroTrainConfig, resume: bool = False) -> TrainResult:
     model.train()
     trainer = make_trainer(cfg, model, tok, train_ds, eval_ds)
     return run(trainer, out, resume=resume, eval_dataset=eval_ds,
-               save_final=lambda final: save_model(model, tok, final, cfg.model),
+               save_final=lambda final: save_model(model, tok, final, cfg.model, card=card(cfg, model, ds)),
                trainable={"retro" if is_retrofitted(model) else "model": trainable}, total_parameters=total,
                train_examples=len(train_ds))

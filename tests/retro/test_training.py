@@ -63,7 +63,7 @@ def test_retrofit_run_trains_only_the_retro_blocks_and_checkpoints_them_alone(re
     from transformers import AutoModelForCausalLM
 
     fresh = AutoModelForCausalLM.from_pretrained(base_dir)
-    own = model.state_dict()
+    own = model.base.state_dict()  # the RETROfit wraps its base: the base's own tensor names
     for name, t in fresh.state_dict().items():
         torch.testing.assert_close(own[name], t, msg=name)  # frozen
     moved = [n for n, t in own.items() if "retro_cca" in n and n.endswith("o_proj.weight")]
