@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from retromem.datastore import schema
 from retromem.datastore.atomic import atomic_dir, atomic_path, read_json, sha256_file, write_json
-from retromem.datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion, bloom_params
+from retromem.datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion
 from retromem.datastore.executors import EXECUTORS, make_executor
 from retromem.datastore.integrity import SECTION, read_manifest, record_files
 from retromem.datastore.job import Job, open_job
@@ -514,7 +514,6 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
 
     # Parquet shards: ids global (the arrays above are local to the segment)
     base_doc, base_chunk = ctx.id_base
-    meta_fields = sorted(ctx.meta_types)
     documents = pa.table(
         [
             pa.array(doc_ids + base_doc, pa.int64()),

@@ -558,8 +558,10 @@ class Datastore:
                 present = pf.schema_arrow.names
                 cols = None if want is None else [c for c in want if c in present]
                 for batch in pf.iter_batches(columns=cols, batch_size=1024):
-                    for row in batch.to_pylist():
-                        if not include_deleted and not self.is_live_doc([row["doc_id"]])[0]:
+                    rows = batch.to_pylist()
+                    live = self.is_live_doc([r["doc_id"] for r in rows]) if not include_deleted else None
+                    for i, row in enumerate(rows):
+                        if live is not None and not live[i]:
                             continue
                         if want is not None:
                             row = {c: row.get(c) for c in columns}

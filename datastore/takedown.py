@@ -48,7 +48,6 @@ from retromem.datastore.job import open_job
 from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, ensure_version_file, file_records, list_versions,
                                          next_integrity, publish_version, remove_files, shard_arrays_sha256, version_file)
 from retromem.datastore.store import Datastore
-from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +378,7 @@ def _rewrite_segment(ds: Datastore, i: int, rec: dict[str, Any], shards: list[di
     if out.exists():
         shutil.rmtree(out)  # a compaction killed before it published: start this segment over
     (out / "arrays").mkdir(parents=True)
-    d0, c0 = seg.first_doc_id, seg.first_chunk_id
+    d0 = seg.first_doc_id
     purge = np.zeros(seg.n_docs, dtype=bool)
     purge[dead - d0] = True
     doc_bytes = np.asarray(seg.doc_bytes, np.int64)

@@ -122,6 +122,9 @@ def test_deleted_ids_are_refused_and_audited(tmp_path, grown):
     np.testing.assert_array_equal(ds.deleted_chunk_ids(), dead_chunks)
     assert ds.live_chunks(dead_chunks).sum() == 0 and ds.live_chunks([0, dead_chunks[-1] + 1]).all()
     assert ds.is_live_doc([1, 2, 26, 27]).tolist() == [True, False, False, True]
+    assert [r["doc_id"] for r in ds.iter_documents(["doc_id"], include_deleted=False)] == [d for d in range(36) if d not in (2, 26)]
+    live_ids = np.concatenate([ids for ids, _ in ds.iter_chunk_batches(500, include_deleted=False)])
+    assert len(live_ids) == ds.num_chunks - len(dead_chunks) and not np.isin(dead_chunks, live_ids).any()
     for read in (lambda: ds.chunks([dead_chunks[0]]), lambda: ds.document(26), lambda: ds.tokens(dead_chunks[:2]),
                  lambda: ds.chunk_texts([int(dead_chunks[-1])]), lambda: ds.neighbour_tokens([dead_chunks[0]]),
                  lambda: ds.doc_token_ids(2)):
