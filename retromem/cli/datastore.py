@@ -349,9 +349,11 @@ def datastore_add(path: str, inputs: tuple[str, ...], fmt: str, text_field: str,
               shard_bytes=parse_size(shard_size, "--shard-size") if shard_size else None, workers=workers,
               executor=executor, ray_address=ray_address)
     seg, d = res.segment, res.manifest["dedup"]
-    click.echo(f"version {res.version}: segment {seg['name']} with {seg['n_docs']:,} documents (doc ids "
-               f"{seg['first_doc_id']}..{seg['first_doc_id'] + seg['n_docs'] - 1}), {seg['n_chunks']:,} chunks, "
-               f"{seg['n_tokens']:,} tokens; {fmt_bytes(res.bytes_written)} written in {res.seconds['total']:.1f}s")
+    ids = (f"doc ids {seg['first_doc_id']}..{seg['first_doc_id'] + seg['n_docs'] - 1}" if seg["n_docs"]
+           else "every input document was already in the datastore")
+    click.echo(f"version {res.version}: segment {seg['name']} with {seg['n_docs']:,} documents ({ids}), "
+               f"{seg['n_chunks']:,} chunks, {seg['n_tokens']:,} tokens; {fmt_bytes(res.bytes_written)} written in "
+               f"{res.seconds['total']:.1f}s")
     click.echo(f"dedup       the whole datastore now: {d['removed_exact']:,} exact and {d['removed_near']:,} near "
                f"duplicates removed, {d['kept']:,} kept")
 
