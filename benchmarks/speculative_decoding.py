@@ -116,9 +116,12 @@ def main() -> None:
     methods = args.methods.split(",")
     client = server = None
     if "rest-grpc" in methods:
+        import atexit
+
         from retromem.service.client import RetrievalClient
 
         server = start_server(args.ngram_index, str(idx.datastore.path), args.port)
+        atexit.register(server.terminate)
         client = RetrievalClient(f"127.0.0.1:{args.port}", timeout=60)
     assistant = early_exit_model(model, args.draft_layers)
     rcfg = RestConfig(max_nodes=args.rest_nodes, min_share=args.min_share)
@@ -182,6 +185,8 @@ def main() -> None:
                 info["exact"] = greedy is not None and out == greedy
                 row[m] = info
             rows.append(row)
+            result["tasks"][task] = {"rows": rows, "new_tokens": new_tokens}  # partial results survive a kill
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(f"[{task} {i + 1}/{len(prompts)}] {p['id']}: " + "  ".join(
                 f"{m} {row[m]['new_tokens'] / row[m]['seconds']:.2f} tok/s "
                 f"{row[m]['new_tokens'] / max(row[m]['forwards'], 1):.2f} tok/fwd{'' if row[m]['exact'] else ' (DIFFERS)'}"

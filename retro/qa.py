@@ -306,10 +306,13 @@ def random_entries(n_docs: int, exclude: int, k: int, seed: int, question: int) 
 
 
 def evaluate_qa(model: torch.nn.Module, tokenizer: Any, items: Sequence[QaItem], ds: Any, retrievers: dict[str, Any],
-                cfg: QaConfig, *, cache_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+                cfg: QaConfig, *, cache_dir: str | Path | None = None, progress: bool = False,
+                compressor: Any = None) -> dict[str, Any]:
     """Answers every question under ``closed_book``, each retriever, ``oracle`` and ``random`` (see the
     module doc) and compares them. ``cache_dir``: generations are saved there per block of ``cfg.block``
-    questions (keyed by the settings) and read back on a re-run, so a killed run carries on."""
+    questions (keyed by the settings) and read back on a re-run, so a killed run carries on.
+    ``compressor`` (:mod:`retromem.retro.compress`, TCRA-LLM): the retrievers' entries are compressed
+    before they enter the prompt; ``prompt_tokens`` reports each setting's mean prompt length."""
     from tqdm.auto import tqdm
 
     bad = {"closed_book", "oracle", "random"} & set(retrievers)
@@ -333,6 +336,14 @@ def evaluate_qa(model: torch.nn.Module, tokenizer: Any, items: Sequence[QaItem],
     shown: dict[str, list[list[int]]] = {s: [entries_of(s, i) for i in range(len(kept))] for s in settings}
     cache = Path(cache_dir) if cache_dir is not None else None
     key = {"config": _config_dict(cfg), "datastore_id": ds.datastore_id, "few_shot": FEW_SHOT, "instruction": INSTRUCTION}
+    if compressor is not None:
+        key["compressor"] = compressor.describe()
+    prompt_tokens: dict[str, list[int]] = {s: [] for s in settings}
+
+    def entries_shown(s: str, i: int) -> list[str]:
+        texts = [entry_text(ds, d, cfg.entry_chars) for d in reversed(shown[s][i])]
+        return compressor.compress(kept[i].query, texts) if compressor is not None and s in retrievers else texts
+
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         kfile = cache / "key.json"
@@ -350,9 +361,11 @@ def evaluate_qa(model: torch.nn.Module, tokenizer: Any, items: Sequence[QaItem],
             if rec["ident"] == json.loads(json.dumps(ident)):
                 for s in settings:
                     generated[s] += rec["generated"][s]
+                    prompt_tokens[s] += rec.get("prompt_tokens", {}).get(s, [])
                 continue
-        prompts = {s: [build_prompt(kept[i].query, [entry_text(ds, d, cfg.entry_chars) for d in reversed(shown[s][i])])
-                       for i in idx] for s in settings}
+        prompts = {s: [build_prompt(kept[i].query, entries_shown(s, i)) for i in idx] for s in settings}
+        for s in settings:
+            prompt_tokens[s] += [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[s]]
         # one generation per distinct prompt: greedy decoding gives the same answer to the same prompt, and
         # the retrievers often agree (known-item lookup), so this saves most of a setting's cost
         unique = list(dict.fromkeys(p for s in settings for p in prompts[s]))
@@ -363,7 +376,8 @@ def evaluate_qa(model: torch.nn.Module, tokenizer: Any, items: Sequence[QaItem],
             generated[s] += gen_block[s]
         if path is not None:
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"ident": ident, "generated": gen_block}) + "\n")
+            tmp.write_text(json.dumps({"ident": ident, "generated": gen_block,
+                                       "prompt_tokens": {s: prompt_tokens[s][-len(idx):] for s in settings}}) + "\n")
             tmp.replace(path)
     correct = {s: [is_correct(g, q.answer) for g, q in zip(generated[s], kept)] for s in settings}
     pairs = [(r, "closed_book") for r in retrievers] + [(r, "random") for r in retrievers]
@@ -376,6 +390,7 @@ def evaluate_qa(model: torch.nn.Module, tokenizer: Any, items: Sequence[QaItem],
                 f"{_STRIP!r}, lowercased; equal to the headword normalized the same way",
         "entries_shown": "as stored (GCIDE markup), whitespace collapsed, cut to entry_chars characters",
         "settings": {s: wilson(sum(c), len(c), cfg.level) for s, c in correct.items()},
+        "prompt_tokens": {s: float(np.mean(v)) if v else None for s, v in prompt_tokens.items()},
         "answer_in_prompt": {s: float(np.mean([g in e for g, e in zip(gold, shown[s])])) for s in settings},
         "comparisons": [compare(correct[a], correct[b], cfg, names=(a, b)) for a, b in pairs],
         "examples": [{"query": q.query, "answer": q.answer, **{s: generated[s][i] for s in settings}}

@@ -254,8 +254,11 @@ def _payload_text(p: Any) -> str:
 
 
 def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datastore: Any, cfg: RalmConfig, *,
-                  progress: bool = False) -> RalmResult:
-    """Scores the held-out documents of ``datastore`` under every setting and subsample (see module doc)."""
+                  progress: bool = False, compressor: Any = None) -> RalmResult:
+    """Scores the held-out documents of ``datastore`` under every setting and subsample (see module doc).
+    ``compressor`` (:mod:`retromem.retro.compress`, TCRA-LLM): the ``retrieved`` setting's chunks are
+    compressed, with the block's query in view, before they are prepended (``prefix_tokens`` shows
+    the tokens saved); the controls and the scaling curve stay uncompressed."""
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), "
                         f"got {type(retriever).__name__}")
@@ -284,6 +287,7 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
     # -- one deep retrieval per query, evaluated documents excluded
     queries = [(i, b, tokenizer.decode(doc.tokens[p - cfg.query_tokens:p]))
                for i, doc in enumerate(docs) for b, p in enumerate(doc.positions)]
+    query_text = {(i, b): q for i, b, q in queries}
     deep: dict[tuple[int, int], np.ndarray] = {}
     chunk_text: dict[int, str] = {}
     for s in range(0, len(queries), cfg.search_batch):
@@ -343,6 +347,10 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
             dropped_topk += sum(1 for c in hits[:k].tolist() if not clean(i, c))
             prefixes["none"][i, b] = []
             prefixes["retrieved"][i, b] = prefix(sel)
+            if compressor is not None:
+                texts = compressor.compress(query_text[i, b], [chunk_text[c] for c in reversed(sel)])
+                prefixes["retrieved"][i, b] = [t for x in texts for t in
+                                               list(tokenizer(x, add_special_tokens=False)["input_ids"]) + sep]
             # random: the same lengths, chunk by chunk, so the two prefixes have equal token counts
             rand: list[int] = []
             for c in reversed(sel):

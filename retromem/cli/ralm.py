@@ -66,6 +66,13 @@ def _default(name: str) -> str:
 @click.option("--random-seed", type=int, default=None, help="Random chunks and bootstrap." + _default("random_seed"))
 @click.option("--batch-size", type=int, default=None, help=_default("batch_size").strip())
 @click.option("--bootstrap", type=int, default=None, help="Bootstrap resamples." + _default("bootstrap"))
+@click.option("--compress", type=click.Choice(["none", "summary", "similarity", "surprisal", "extractive"]),
+              default="none", show_default=True,
+              help="TCRA-LLM: compress the retrieved text before the prompt (summary: the small LM summarises; "
+                   "similarity / surprisal: drop the sentences least like the query / the least surprising words; "
+                   "extractive: model-free word-overlap fallback).")
+@click.option("--compress-ratio", type=float, default=0.5, show_default=True,
+              help="Share of each retrieved text's tokens kept by --compress.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @handle_errors
 def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None, server: str | None,
@@ -74,7 +81,7 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
               deep_k: int | None, max_docs: int | None, max_doc_tokens: int | None, eval_fraction: float | None,
               split_seed: int | None, fractions: str | None, seeds: str | None, decontam_ngram: int | None,
               separator: str | None, random_seed: int | None, batch_size: int | None, bootstrap: int | None,
-              threads: int) -> None:
+              compress: str, compress_ratio: float, threads: int) -> None:
     """Score held-out documents of --datastore with no retrieval, retrieved chunks (dense or BM25), random
     chunks of the same length and another query's chunks, over datastore subsamples; write results.json
     and a plot. Settings come from --config (a YAML of RalmConfig fields), then the flags given."""
@@ -94,6 +101,9 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
     data = read_yaml(config_path) if config_path else {}
     data.update({key: v for key, v in flags.items() if v is not None})
     cfg = from_dict(RalmConfig, data, where=config_path or "")
+    from retromem.retro.compress import CompressConfig, make_compressor
+
+    ccfg = CompressConfig(compress, compress_ratio)
     torch.set_num_threads(threads)
     ds = Datastore.open(datastore)
     if retriever == "lexical":
@@ -109,7 +119,8 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
         searcher = open_retriever(index_dir, server, token_file, tls_ca, datastore=ds)
         source = server or str(index_dir)
     lm, tok = load_causal_lm(model)
-    res = evaluate_ralm(lm, tok, searcher, ds, cfg, progress=True)
+    compressor = make_compressor(ccfg, tok, model=lm, summary_tokenizer=tok)
+    res = evaluate_ralm(lm, tok, searcher, ds, cfg, progress=True, compressor=compressor)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": model, "datastore": str(ds.path), "retriever": retriever, "retriever_source": source,
@@ -154,6 +165,13 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
 @click.option("--search-k", type=int, default=50, show_default=True, help="Chunks retrieved per question.")
 @click.option("--entry-chars", type=int, default=160, show_default=True, help="Characters of each entry shown.")
 @click.option("--max-new-tokens", type=int, default=5, show_default=True, help="Greedy tokens generated.")
+@click.option("--compress", type=click.Choice(["none", "summary", "similarity", "surprisal", "extractive"]),
+              default="none", show_default=True,
+              help="TCRA-LLM: compress the retrieved entries before the prompt (summary: the small LM summarises; "
+                   "similarity / surprisal: drop the sentences least like the question / the least surprising words; "
+                   "extractive: model-free word-overlap fallback).")
+@click.option("--compress-ratio", type=float, default=0.5, show_default=True,
+              help="Share of each entry's tokens kept by --compress.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Random entries and bootstrap.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples.")
@@ -161,7 +179,8 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
 @handle_errors
 def ralm_qa(model: str, datastore: str, qa_path: str, index_dir: str | None, lexical_index: str | None, out: str,
             questions: int, lm_questions: int, k: int, search_k: int, entry_chars: int, max_new_tokens: int,
-            batch_size: int, random_seed: int, bootstrap: int, threads: int) -> None:
+            batch_size: int, random_seed: int, bootstrap: int, threads: int, compress: str = "none",
+            compress_ratio: float = 0.5) -> None:
     """Question answering on gcide-qa: recall@1/@10 of the answer entry for the dense index and BM25, and
     the LM's accuracy closed-book, with the top-k dense / BM25 entries, the gold entry (oracle) and k
     random entries in its prompt, with Wilson intervals and paired comparisons; resumable into --out."""
@@ -177,6 +196,9 @@ def ralm_qa(model: str, datastore: str, qa_path: str, index_dir: str | None, lex
         raise click.UsageError("give --index (dense), --lexical-index (BM25) or both")
     cfg = QaConfig(k=k, search_k=search_k, entry_chars=entry_chars, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, random_seed=random_seed, bootstrap=bootstrap)
+    from retromem.retro.compress import CompressConfig, make_compressor
+
+    ccfg = CompressConfig(compress, compress_ratio)
     torch.set_num_threads(threads)
     ds = Datastore.open(datastore)
     retrievers = {}
@@ -204,12 +226,14 @@ def ralm_qa(model: str, datastore: str, qa_path: str, index_dir: str | None, lex
         from retromem.models import load_causal_lm
 
         lm, tok = load_causal_lm(model)
+        compressor = make_compressor(ccfg, tok, model=lm, summary_tokenizer=tok)
         res = evaluate_qa(lm, tok, items[:lm_questions], ds, retrievers, cfg, cache_dir=out_dir / "generations",
-                          progress=True)
+                          progress=True, compressor=compressor)
         report.update(res)
         click.echo(f"answers     {res['questions']} questions, k = {k}")
         for name, s in res["settings"].items():
-            click.echo(f"{name:<12}accuracy {s['rate']:.3f} [{s['low']:.3f}, {s['high']:.3f}]  ({s['correct']}/{s['n']})")
+            click.echo(f"{name:<12}accuracy {s['rate']:.3f} [{s['low']:.3f}, {s['high']:.3f}]  ({s['correct']}/{s['n']})"
+                       f"  prompt tokens {(res['prompt_tokens'].get(name) or float('nan')):.1f}")
         for c in res["comparisons"]:
             click.echo(f"{c['a'] + ' - ' + c['b']:<24}{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]  "
                        f"McNemar p {c['mcnemar_p']:.3g}{'  *' if c['excludes_zero'] else ''}")
