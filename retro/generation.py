@@ -2,14 +2,17 @@
 complete (prompt or generated), its text is sent to the retriever and its k neighbours (chunk +
 continuation) join the model's neighbours, so the next chunk is written reading them.
 
-The retriever is duck-typed like the neighbours job's: ``search([text], k, exclude_doc_ids=...,
+The retriever is duck-typed like the neighbours job's: ``search(texts, k, exclude_doc_ids=...,
 fetch=True)`` returning ``payloads`` with ``tokens`` and ``continuation_tokens`` (an in-process
-:class:`retromem.index.dense.DenseIndex`, or the service client). Between chunk boundaries decoding is
-Hugging Face ``generate`` with fixed neighbours (greedy, sampling, ... as configured); batch size 1.
+:class:`retromem.index.dense.DenseIndex`, or the service client). Decoding is one Hugging Face
+``generate`` call with a key/value cache (greedy, sampling, beam search, a streamer, as configured):
+the model calls :class:`ChunkRetriever` whenever a row completes a chunk, with the chunk's tokens,
+so the prompts of a batch (left-padded) retrieve together, each at its own chunk boundaries.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -85,64 +88,97 @@ def check_retriever(retriever: Any, tokenizer: Any, cfg: Any) -> None:
         raise ConfigError(f"the retriever's datastore has chunks of {chunk_length} tokens, the model {cfg.chunk_length}")
 
 
+class ChunkRetriever:
+    """The ``retriever`` callable a RETRO model's forward takes: ``(chunk_ids (N, m), chunk_index, rows (N,))
+    -> (ids (N, k, r), mask (N, k, r))``, searching ``retriever`` with the decoded text of each chunk and
+    recording every search as a :class:`Retrieval` under its batch row."""
+
+    def __init__(self, retriever: Any, tokenizer: Any, k: int, r: int, pad_id: int,
+                 exclude_doc_ids: Sequence[int] | None = None,
+                 on_retrieval: Callable[[int, Retrieval], None] | None = None) -> None:
+        self.retriever, self.tokenizer, self.k, self.r, self.pad_id = retriever, tokenizer, k, r, pad_id
+        self.exclude = None if exclude_doc_ids is None else list(exclude_doc_ids)
+        self.on_retrieval = on_retrieval
+        self.records: dict[int, list[Retrieval]] = {}
+
+    def __call__(self, chunk_ids: torch.Tensor, chunk_index: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = [self.tokenizer.decode(row) for row in chunk_ids.tolist()]
+        excl = None if self.exclude is None else [self.exclude] * len(queries)
+        res = self.retriever.search(queries, self.k, exclude_doc_ids=excl, fetch=True)
+        toks, masks = [], []
+        for i, (row, query) in enumerate(zip(rows.tolist(), queries)):
+            payloads = res.payloads[i]
+            t, mk = neighbour_rows(payloads, self.k, self.r, self.pad_id)
+            toks.append(t)
+            masks.append(mk)
+            rec = Retrieval(chunk_index, query, [p.chunk_id for p in payloads[:self.k]],
+                            [p.doc_id for p in payloads[:self.k]],
+                            [float(s) for s in np.asarray(res.scores[i])[:self.k]], [p.text for p in payloads[:self.k]])
+            self.records.setdefault(row, []).append(rec)
+            if self.on_retrieval is not None:
+                self.on_retrieval(row, rec)
+        device = chunk_ids.device
+        return torch.from_numpy(np.stack(toks)).to(device), torch.from_numpy(np.stack(masks)).to(device)
+
+
+def _retro_settings(model: Any) -> Any:
+    cfg = model.retro_config if getattr(model, "retro_config", None) is not None else getattr(model, "config", None)
+    if getattr(cfg, "chunk_length", None) is None or "retriever" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"{type(model).__name__} is not a RETRO model (RETROfit it or load a RetroForCausalLM)")
+    return cfg
+
+
 @torch.inference_mode()
+def generate_batch_with_retrieval(model: torch.nn.Module, tokenizer: Any, retriever: Any,
+                                  prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
+                                  exclude_doc_ids: Sequence[int] | None = None,
+                                  on_retrieval: Callable[[int, Retrieval], None] | None = None,
+                                  **generate_kwargs: Any) -> list[GenerationResult]:
+    """Decodes ``max_new_tokens`` after each prompt (a batch, left-padded), retrieving at every chunk
+    boundary of every row; one :class:`GenerationResult` per prompt (its text stops after an end-of-text).
+
+    exclude_doc_ids: documents never retrieved from (e.g. the ones the prompts came from).
+    on_retrieval: called with (prompt index, Retrieval) as each search returns; with beam search the
+        rows are beams, and a prompt's records are every search its beams made.
+    generate_kwargs: passed to ``model.generate`` (do_sample, temperature, top_p, num_beams, streamer,
+        use_cache, ...); ``num_return_sequences`` must stay 1."""
+    cfg = _retro_settings(model)
+    if not callable(getattr(retriever, "search", None)):
+        raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), got {type(retriever).__name__}")
+    positive_int(max_new_tokens, "max_new_tokens", flag="--max-new-tokens")
+    if generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ConfigError("`num_return_sequences` must be 1: generation with retrieval returns one text per prompt")
+    check_retriever(retriever, tokenizer, cfg)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
+    if not rows or any(not r for r in rows):
+        raise ConfigError("the prompt is empty")
+    longest = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows], device=device)  # (B, T) left-padded
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], device=device)
+    beams = int(generate_kwargs.get("num_beams", 1) or 1)
+    hook = None if on_retrieval is None else (lambda row, rec: on_retrieval(row // beams, rec))
+    chunks = ChunkRetriever(retriever, tokenizer, cfg.num_neighbours, cfg.neighbour_length, pad, exclude_doc_ids, hook)
+    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("pad_token_id", pad)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, retriever=chunks, **generate_kwargs)
+    results = []
+    for i, prompt_ids in enumerate(rows):
+        new = out[i, longest:].tolist()
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id) + 1]
+        records = [rec for row in range(i * beams, (i + 1) * beams) for rec in chunks.records.get(row, [])]
+        results.append(GenerationResult(prompt_ids, new, tokenizer.decode(new), records))
+    return results
+
+
 def generate_with_retrieval(model: torch.nn.Module, tokenizer: Any, retriever: Any, prompt: str | Sequence[int], *,
                             max_new_tokens: int = 64, exclude_doc_ids: Sequence[int] | None = None,
                             on_retrieval: Callable[[Retrieval], None] | None = None,
                             **generate_kwargs: Any) -> GenerationResult:
-    """Decodes ``max_new_tokens`` after ``prompt``, retrieving at every chunk boundary.
-
-    exclude_doc_ids: documents never retrieved from (e.g. the one the prompt came from).
-    generate_kwargs: passed to ``model.generate`` (do_sample, temperature, top_p, ...)."""
-    cfg = model.retro_config if getattr(model, "retro_config", None) is not None else getattr(model, "config", None)
-    if getattr(cfg, "chunk_length", None) is None:
-        raise ConfigError(f"{type(model).__name__} is not a RETRO model (RETROfit it or load a RetroForCausalLM)")
-    if not callable(getattr(retriever, "search", None)):
-        raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), got {type(retriever).__name__}")
-    positive_int(max_new_tokens, "max_new_tokens", flag="--max-new-tokens")
-    check_retriever(retriever, tokenizer, cfg)
-    m, k, r = cfg.chunk_length, cfg.num_neighbours, cfg.neighbour_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise ConfigError("the prompt is empty")
-    excl = None if exclude_doc_ids is None else [list(exclude_doc_ids)]
-    nbr_toks: list[np.ndarray] = []
-    nbr_mask: list[np.ndarray] = []
-    retrievals: list[Retrieval] = []
-    device = next(model.parameters()).device
-
-    def retrieve_complete_chunks() -> None:
-        while len(nbr_toks) < len(ids) // m:
-            u = len(nbr_toks)
-            query = tokenizer.decode(ids[u * m:(u + 1) * m])
-            res = retriever.search([query], k, exclude_doc_ids=excl, fetch=True)
-            payloads = res.payloads[0]
-            t, mk = neighbour_rows(payloads, k, r, pad)
-            nbr_toks.append(t)
-            nbr_mask.append(mk)
-            rec = Retrieval(u, query, [p.chunk_id for p in payloads[:k]], [p.doc_id for p in payloads[:k]],
-                            [float(s) for s in np.asarray(res.scores[0])[:k]], [p.text for p in payloads[:k]])
-            retrievals.append(rec)
-            if on_retrieval is not None:
-                on_retrieval(rec)
-
-    generate_kwargs.setdefault("do_sample", False)
-    generate_kwargs.setdefault("pad_token_id", pad)
-    start = len(ids)
-    while len(ids) - start < max_new_tokens:
-        retrieve_complete_chunks()
-        boundary = (len(ids) // m + 1) * m
-        n = min(boundary - len(ids), max_new_tokens - (len(ids) - start))
-        x = torch.tensor([ids], device=device)
-        kw = dict(generate_kwargs)
-        if nbr_toks:
-            kw["neighbour_ids"] = torch.from_numpy(np.stack(nbr_toks))[None].to(device)  # (1, C, k, r)
-            kw["neighbour_attention_mask"] = torch.from_numpy(np.stack(nbr_mask))[None].to(device)
-        out = model.generate(x, max_new_tokens=n, min_new_tokens=0, **kw)
-        new = out[0, len(ids):].tolist()
-        ids.extend(new)
-        if not new or (tokenizer.eos_token_id is not None and new[-1] == tokenizer.eos_token_id):
-            break
-    new_ids = ids[start:]
-    return GenerationResult(ids[:start], new_ids, tokenizer.decode(new_ids), retrievals)
+    """Decodes ``max_new_tokens`` after ``prompt``, retrieving at every chunk boundary (one prompt of
+    :func:`generate_batch_with_retrieval`; ``on_retrieval`` gets each Retrieval)."""
+    hook = None if on_retrieval is None else (lambda _row, rec: on_retrieval(rec))
+    return generate_batch_with_retrieval(model, tokenizer, retriever, [prompt], max_new_tokens=max_new_tokens,
+                                         exclude_doc_ids=exclude_doc_ids, on_retrieval=hook, **generate_kwargs)[0]
