@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -40,7 +40,9 @@ from retromem.index.types import (FMBuildResult, FMContext, FMFindResult, FMHit,
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents in shards, each its own FM-index (1: one FM-index at the top, still read)
+READABLE_VERSIONS = (1, 2)
+SHARD_BYTES = 512 << 20  # text bytes per shard: the build holds ~14 bytes per text byte of its shard
 MANIFEST_NAME = "fm_index.json"
 DATA_NAME = "fm_index.bin"
 STARTS_NAME = "doc_starts.npy"
@@ -117,10 +119,18 @@ def _build_library(out: Path, texts: list[str]) -> dict:
 
 
 def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str = "compact", sample_rate: int = 32,
-                   block_size: int = 32768, overwrite: bool = False, progress: bool = True) -> FMBuildResult:
+                   block_size: int = 32768, shard_bytes: int = SHARD_BYTES, executor: str = "local", workers: int = 1,
+                   ray_address: str | None = None, overwrite: bool = False, progress: bool = True) -> FMBuildResult:
     """Build the FM-index of the datastore's documents in ``out`` (files are written atomically and the
-    manifest last, so a killed build leaves no index; re-run to build it). ``overwrite`` deletes an
-    FM-index at ``out`` first (only ever an FM-index: anything else there is refused)."""
+    manifest last, so a killed build leaves no index; re-run to carry on: finished shards are kept).
+    ``overwrite`` deletes an FM-index at ``out`` first (only ever an FM-index: anything else there is
+    refused).
+
+    The compact backend cuts the documents into shards of at most ``shard_bytes`` of text (whole
+    documents; a longer document is a shard of its own), each its own FM-index built as one task of
+    ``executor`` (``local`` with ``workers`` processes, or ``ray``: every task opens the datastore
+    and writes its shard under ``out``, so both must be on storage that every node sees). Peak memory
+    is that of one shard's build per worker, ~14 bytes per text byte, instead of the whole text's."""
     from retromem.datastore import Datastore
     from retromem.datastore.job import open_job
 
@@ -130,14 +140,62 @@ def build_fm_index(datastore_path: str | Path, out: str | Path, *, backend: str 
         raise ConfigError(f"`sample_rate` must be a positive integer, got {sample_rate!r}")
     if not isinstance(block_size, int) or block_size < 256:
         raise ConfigError(f"`block_size` must be an integer of at least 256, got {block_size!r}")
+    if not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise ConfigError(f"`shard_bytes` (--shard-size) must be a positive number of bytes, got {shard_bytes!r}")
     t0 = time.perf_counter()
     ds = Datastore.open(datastore_path)
     with open_job(out, "fm-index", overwrite=overwrite, legacy=(MANIFEST_NAME,)) as job:
-        return _build(job, ds, datastore_path, backend, sample_rate, block_size, progress, t0)
+        plan = _Plan(backend, sample_rate, block_size, shard_bytes, executor, workers, ray_address)
+        return _build(job, ds, datastore_path, plan, progress, t0)
 
 
-def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: int, block_size: int,
-           progress: bool, t0: float) -> FMBuildResult:
+class _Plan(NamedTuple):
+    """The build's settings."""
+
+    backend: str
+    sample_rate: int
+    block_size: int
+    shard_bytes: int
+    executor: str
+    workers: int
+    ray_address: str | None
+
+
+def _shard_ranges(doc_bytes: np.ndarray, shard_bytes: int) -> list[tuple[int, int]]:
+    """[first_doc, end_doc) of each shard: whole documents, at most ``shard_bytes`` of text each
+    (a longer document alone)."""
+    n = len(doc_bytes) - 1
+    out, d0 = [], 0
+    while d0 < n:
+        # the last document that still ends within shard_bytes of this shard's start, and at least one
+        d1 = int(np.searchsorted(doc_bytes, doc_bytes[d0] + shard_bytes, side="right")) - 1
+        d1 = min(max(d1, d0 + 1), n)
+        out.append((d0, d1))
+        d0 = d1
+    return out
+
+
+def _fm_shard(ctx: tuple, item: tuple[int, int, int]) -> dict:
+    """One shard's FM-index, built in ``out/shard-NNNNN`` (a step of ``Job.map``: any process or node)."""
+    from retromem.datastore import Datastore
+
+    datastore_path, out, sample_rate, block_size = ctx
+    k, d0, d1 = item
+    ds = Datastore.open(datastore_path)
+    doc_bytes = np.asarray(ds.doc_byte_offsets_array[d0 : d1 + 1], dtype=np.int64)
+    text = np.array(ds.text_bytes[int(doc_bytes[0]) : int(doc_bytes[-1])])
+    if (text == 0).any():
+        raise FMIndexError("a document contains NUL, the FM-index's document separator; rebuild the datastore "
+                           "(its normalizer removes control characters)")
+    name = f"shard-{k:05d}"
+    (Path(out) / name).mkdir(parents=True, exist_ok=True)
+    info = _build_compact(Path(out) / name, text, doc_bytes - doc_bytes[0], sample_rate, block_size)
+    info["files"] = [f"{name}/{f}" for f in info["files"]]
+    return {"dir": name, "first_doc": d0, "documents": d1 - d0, "text_bytes": int(doc_bytes[-1] - doc_bytes[0]), **info}
+
+
+def _build(job: Job, ds, datastore_path: str | Path, plan: _Plan, progress: bool, t0: float) -> FMBuildResult:
+    backend, sample_rate, block_size = plan.backend, plan.sample_rate, plan.block_size
     out = job.path
     import importlib.metadata as md
 
@@ -150,12 +208,26 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
     text_bytes = int(ds.manifest["counts"]["text_bytes"])
     logger.info("building the %s FM-index of %d documents (%d bytes)", backend, ds.num_documents, text_bytes)
     if backend == "compact":
-        text = np.array(ds.text_bytes) if text_bytes else np.zeros(0, np.uint8)
-        if (text == 0).any():
-            raise FMIndexError("a document contains NUL, the FM-index's document separator; rebuild the datastore "
-                               "(its normalizer removes control characters)")
+        from retromem.datastore.executors import make_executor
+
         doc_bytes = np.asarray(ds.doc_byte_offsets_array, dtype=np.int64)
-        info = _build_compact(out, text, doc_bytes, sample_rate, block_size)
+        ranges = _shard_ranges(doc_bytes, plan.shard_bytes)
+        items = [(k, d0, d1) for k, (d0, d1) in enumerate(ranges)]
+        ctx = (str(ds.path), str(out), sample_rate, block_size)
+        executor = make_executor(plan.executor, plan.workers, plan.ray_address)
+        shards = {}
+        bar = tqdm(total=len(items), desc="FM-index: shards", disable=not progress)
+        for item, rec in job.map(executor, _fm_shard, ctx, items, marker=lambda it: f"shard-{it[0]:05d}"):
+            if (rec["first_doc"], rec["first_doc"] + rec["documents"]) != (item[1], item[2]):
+                raise FMIndexError(f"{out / rec['dir']} was built for other documents (a build with another "
+                                   "--shard-size was interrupted here): pass --overwrite")
+            shards[item[0]] = rec
+            bar.update(1)
+        bar.close()
+        shard_list = [shards[k] for k in range(len(items))]
+        info = {"sample_rate": sample_rate, "block_size": block_size, "shard_bytes": plan.shard_bytes,
+                "shards": [{k: v for k, v in r.items() if k != "files"} for r in shard_list],
+                "files": [f for r in shard_list for f in r["files"]]}
         library = {"package": "pydivsufsort + zstandard", "version": f"{md.version('pydivsufsort')} + {md.version('zstandard')}"}
     else:
         texts = [ds.document_text(d) for d in tqdm(range(ds.num_documents), desc="FM-index: documents", disable=not progress)]
@@ -171,6 +243,7 @@ def _build(job: Job, ds, datastore_path: str | Path, backend: str, sample_rate: 
         "documents": ds.num_documents, "text_bytes": text_bytes, "index_bytes": size, "file_bytes": file_bytes,
         "size_ratio": size / max(text_bytes, 1),
     }
+    job.clear_work()
     m = job.seal(MANIFEST_NAME, m)  # last, with every file's size and checksum
     return FMBuildResult(out, m, False, time.perf_counter() - t0)
 
@@ -283,7 +356,7 @@ class FMIndex:
         if not mpath.exists():
             raise FMIndexError(f"{self.path} is not an FM-index: no {MANIFEST_NAME}")
         self.manifest = m = read_manifest(mpath, error=FMIndexCorruptError)
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in READABLE_VERSIONS:
             raise FMIndexError(f"{self.path} has FM-index format {m.get('format_version')}; rebuild it with this version")
         try:
             check_sizes(self.path, m, error=FMIndexCorruptError)
@@ -298,14 +371,23 @@ class FMIndex:
                 raise FMIndexCorruptError(self.path / bad[0][0], bad[0][1] + "; rebuild with `retromem index build-fm --overwrite`")
         self.datastore = open_bound_datastore(self.path, m, datastore, error=FMIndexError, what="FM-index")
         self.backend = m["backend"]
-        self._starts = load_npy(self.path / STARTS_NAME, mmap=False, error=FMIndexCorruptError)
+        # one (first document, document starts, engine) per shard; format 1 is one shard at the top
+        shards = m.get("shards") or [{"dir": ".", "first_doc": 0, "n": m.get("n"), "dollar_row": m.get("dollar_row")}]
+        self._shards: list[tuple[int, np.ndarray, _CompactEngine | None]] = []
+        for sh in shards:
+            starts = load_npy(self.path / sh["dir"] / STARTS_NAME, mmap=False, error=FMIndexCorruptError)
+            if len(starts) and (starts[0] != 0 or (np.diff(starts) <= 0).any()):
+                raise FMIndexCorruptError(self.path / sh["dir"] / STARTS_NAME, "document starts are not increasing from 0: "
+                                          "the file is damaged; rebuild the index")
+            engine = _CompactEngine(self.path / sh["dir"], {**m, **sh}) if self.backend == "compact" else None
+            self._shards.append((int(sh["first_doc"]), starts, engine))
+        self.num_documents = sum(len(st) for _, st, _ in self._shards)
         # more documents in the datastore than here: documents added since the build (not searched)
-        if len(self._starts) > self.datastore.num_documents or (len(self._starts) and (self._starts[0] != 0 or (np.diff(self._starts) <= 0).any())):
-            raise FMIndexCorruptError(self.path / STARTS_NAME, "document starts are not increasing from 0, one per document: "
-                                      "the file is damaged; rebuild the index")
-        if self.backend == "compact":
-            self._engine = _CompactEngine(self.path, m)
-        else:
+        if self.num_documents > self.datastore.num_documents:
+            raise FMIndexCorruptError(self.path / MANIFEST_NAME, f"the index holds {self.num_documents:,} documents, the "
+                                      f"datastore {self.datastore.num_documents:,}: rebuild the index")
+        self._starts = self._shards[0][1] if self._shards else np.zeros(0, np.int64)  # the fm-index backend: one piece
+        if self.backend != "compact":
             from fm_index import FMIndex as _FMIndex
 
             self.fm = _FMIndex("")
@@ -332,8 +414,8 @@ class FMIndex:
         """Occurrences of ``pattern`` in the live documents (those in deleted documents are subtracted)."""
         pattern = self._check(pattern)
         if self.backend == "compact":
-            lo, hi = self._engine.range(pattern.encode("utf-8"))
-            n = hi - lo
+            p = pattern.encode("utf-8")
+            n = sum(hi - lo for lo, hi in (e.range(p) for _, _, e in self._shards))
         else:
             n = int(self.fm.count(pattern))
         return n - sum(_overlapping(t, pattern.encode("utf-8")) for t in self._dead_texts().values())
@@ -345,7 +427,7 @@ class FMIndex:
         if cached is not None:
             return cached
         dead = deleted_doc_ids(self.datastore)
-        dead = dead[dead < len(self._starts)]
+        dead = dead[dead < self.num_documents]
         out = {}
         for d in dead.tolist():
             try:
@@ -363,24 +445,38 @@ class FMIndex:
         if not isinstance(limit, int) or limit < 0:
             raise ConfigError(f"`limit` must be a non-negative integer, got {limit!r}")
         pattern = self._check(pattern)
+        p = pattern.encode("utf-8")
+        dead = self._dead_texts()
         if self.backend == "compact":
-            lo, hi = self._engine.range(pattern.encode("utf-8"))
-            pos = np.sort(np.array([self._engine.locate(i) for i in range(lo, min(hi, lo + limit))], dtype=np.int64))
-            total = hi - lo
+            # shard by shard (document order), each shard's first live hits in suffix-array order
+            total, found = 0, []
+            for first, starts, engine in self._shards:
+                lo, hi = engine.range(p)
+                total += hi - lo
+                pos = []
+                for i in range(lo, hi):
+                    if len(found) + len(pos) >= limit:
+                        break
+                    at = engine.locate(i)
+                    if dead and first + int(np.searchsorted(starts, at, side="right")) - 1 in dead:
+                        continue  # a hit in a deleted document: dropped, and not counted below
+                    pos.append(at)
+                pos = np.sort(np.asarray(pos, dtype=np.int64))
+                local = np.searchsorted(starts, pos, side="right") - 1
+                found.extend(zip((local + first).tolist(), (pos - starts[local]).tolist()))
+            docs = np.asarray([d for d, _ in found], dtype=np.int64)
+            offs = np.asarray([o for _, o in found], dtype=np.int64)
         else:
             pos = np.sort(np.asarray(self.fm.locate(pattern), dtype=np.int64))
             total = len(pos)
-            pos = pos[:limit]
-        docs = np.searchsorted(self._starts, pos, side="right") - 1
-        dead = self._dead_texts()
-        if dead:  # hits in deleted documents are dropped (and not counted)
-            if self.backend == "compact" and hi - lo > len(pos):
-                pos = np.sort(np.array([self._engine.locate(i) for i in range(lo, hi)], dtype=np.int64))
-                docs = np.searchsorted(self._starts, pos, side="right") - 1
-            keep = ~np.isin(docs, list(dead))
-            pos, docs = pos[keep][:limit], docs[keep][:limit]
-            total -= sum(_overlapping(t, pattern.encode("utf-8")) for t in dead.values())
-        offs = pos - self._starts[docs]
+            docs = np.searchsorted(self._starts, pos, side="right") - 1
+            if dead:
+                keep = ~np.isin(docs, list(dead))
+                pos, docs = pos[keep], docs[keep]
+            pos, docs = pos[:limit], docs[:limit]
+            offs = pos - self._starts[docs]
+        if dead:
+            total -= sum(_overlapping(t, p) for t in dead.values())
         hits = []
         for d, o in zip(docs.tolist(), offs.tolist()):
             if self.backend == "compact":  # a byte offset: the character offset is what callers index text with

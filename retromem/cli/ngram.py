@@ -133,19 +133,29 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
 @click.option("--backend", type=click.Choice(["compact", "fm-index"]), default="compact", show_default=True,
               help="compact: our zstd-compressed FM-index; fm-index: the fm-index package (larger).")
 @click.option("--sample-rate", type=int, default=32, show_default=True, help="compact: keep every n-th suffix-array entry.")
+@click.option("--shard-size", default="512MiB", show_default=True,
+              help="compact: text per shard (whole documents); a shard's build holds ~14 bytes per text byte.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where shards are built: local processes, or one Ray task per shard (datastore and --out on shared storage).")
+@click.option("--workers", type=int, default=1, show_default=True, help="local: shards built at once (0: one per core).")
+@click.option("--ray-address", default=None, help="ray: the cluster to join (default: start a local Ray).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing index at --out first.")
 @handle_errors
-def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, overwrite: bool) -> None:
+def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, shard_size: str, executor: str, workers: int,
+             ray_address: str | None, overwrite: bool) -> None:
     """Build the FM-index (compressed exact substring search) of DATASTORE's normalized text."""
     from retromem.index.fm_index import build_fm_index
 
-    r = build_fm_index(datastore_path, out, backend=backend, sample_rate=sample_rate, overwrite=overwrite)
+    r = build_fm_index(datastore_path, out, backend=backend, sample_rate=sample_rate,
+                       shard_bytes=parse_size(shard_size, "--shard-size"), executor=executor, workers=workers,
+                       ray_address=ray_address, overwrite=overwrite)
     m = r.manifest
     if r.already_complete:
         click.echo(f"{out} is already complete for this datastore; nothing to do.")
     click.echo(f"FM-index      {out}  ({m['backend']}: {m['library']['package']} {m['library']['version']})")
     click.echo(f"size          {fmt_bytes(m['index_bytes'])} for {fmt_bytes(m['text_bytes'])} of text: "
-               f"{m['size_ratio']:.0%} of the corpus bytes" + ("" if r.already_complete else f"; built in {r.seconds:.1f}s"))
+               f"{m['size_ratio']:.0%} of the corpus bytes" + (f", {len(m['shards'])} shard(s)" if m.get("shards") else "")
+               + ("" if r.already_complete else f"; built in {r.seconds:.1f}s"))
 
 
 @fm_group.command("query")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from retromem.errors import ConfigError
 from retromem.index.fm_index import FMIndex, FMIndexError, FMQueryError, build_fm_index
 from retromem.index.ngram import NgramIndex
 from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
@@ -27,12 +28,14 @@ def texts(ds) -> list[str]:
     return [ds.document_text(d) for d in range(ds.num_documents)]
 
 
-@pytest.fixture(scope="module", params=["compact", "fm-index"])
+@pytest.fixture(scope="module", params=["compact", "compact-sharded", "fm-index"])
 def fm_dir(built, tmp_path_factory, request):
     """Both backends: our compact FM-index (small blocks and samples, to exercise block edges and LF
-    walks) and the fm-index package's."""
+    walks; and in shards of ~20 kB of text, built by two worker processes) and the fm-index package's."""
     out = tmp_path_factory.mktemp("fm") / request.param
-    build_fm_index(built[1].out, out, backend=request.param, sample_rate=8, block_size=1024, progress=False)
+    backend = request.param.split("-sharded")[0]
+    kw = {"shard_bytes": 20_000, "workers": 2} if request.param.endswith("sharded") else {}
+    build_fm_index(built[1].out, out, backend=backend, sample_rate=8, block_size=1024, progress=False, **kw)
     return out
 
 
@@ -70,7 +73,7 @@ def test_rank_equals_a_count_over_the_whole_bwt(fm):
     decompressed Burrows-Wheeler transform, at block and table-step edges and in between."""
     if fm.backend != "compact":
         pytest.skip("the fm-index package has its own rank")
-    e = fm._engine
+    e = fm._shards[-1][2]
     bwt = np.frombuffer(b"".join(e._block(b) for b in range(len(e.offsets) - 1)), dtype=np.uint8)
     assert len(bwt) == e.rows
     rng = np.random.default_rng(1)
@@ -80,6 +83,41 @@ def test_rank_equals_a_count_over_the_whole_bwt(fm):
         for i in positions:
             want = int(np.count_nonzero(bwt[:i] == c)) - (c == 0 and i > e.dollar_row)
             assert e.rank(c, i) == want, (c, i)
+
+
+def test_shards_hold_whole_documents_and_resume(built, ds, tmp_path):
+    """Shards cut at document boundaries with at most shard_bytes of text (a longer document alone);
+    a build killed after some shards keeps them and finishes the rest; the result equals one piece's."""
+    from retromem.index.fm_index import _shard_ranges
+
+    offs = np.asarray(ds.doc_byte_offsets_array, dtype=np.int64)
+    ranges = _shard_ranges(offs, 20_000)
+    assert ranges[0][0] == 0 and ranges[-1][1] == ds.num_documents
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(offs[d1] - offs[d0] <= 20_000 or d1 == d0 + 1 for d0, d1 in ranges)
+    out = tmp_path / "fm"
+    full = build_fm_index(built[1].out, out, shard_bytes=20_000, progress=False)
+    n = len(full.manifest["shards"])
+    assert n == len(ranges) > 2
+    # simulate a kill after the first shard: no manifest, the first shard's done-marker kept
+    marker = out / "_work" / "shard-00000.json"
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text(json.dumps({"dir": "shard-00000", **full.manifest["shards"][0],
+                                  "files": [f for f in full.manifest["file_bytes"] if f.startswith("shard-00000/")]}))
+    before = (out / "shard-00000" / "bwt.zst").stat().st_mtime_ns
+    (out / "fm_index.json").unlink()
+    again = build_fm_index(built[1].out, out, shard_bytes=20_000, progress=False)
+    assert (out / "shard-00000" / "bwt.zst").stat().st_mtime_ns == before  # kept, not rebuilt
+    assert again.manifest["shards"] == full.manifest["shards"]
+    one = FMIndex(build_fm_index(built[1].out, tmp_path / "one", progress=False).path, ds)
+    sharded = FMIndex(out, ds)
+    for p in ("the", "Python", "interpreter", "zqxjv"):
+        assert sharded.count(p) == one.count(p)
+        every = {(h.doc_id, h.offset) for h in one.find(p, limit=100_000).hits}
+        assert {(h.doc_id, h.offset) for h in sharded.find(p, limit=100_000).hits} == every
+        assert {(h.doc_id, h.offset) for h in sharded.find(p, limit=5).hits} <= every  # which 5: suffix-array order
+    with pytest.raises(ConfigError, match="shard_bytes"):
+        build_fm_index(built[1].out, tmp_path / "bad", shard_bytes=0, progress=False)
 
 
 def test_hits_map_to_their_chunk_and_context(fm, ds, texts):

@@ -78,7 +78,7 @@ def _run(*args: str):
 
 
 @pytest.mark.parametrize("kind, rel", [("datastore", "arrays/chunk_doc_ids.npy"), ("datastore", "documents/shard-00000.parquet"),
-                                       ("ngram-index", "shard-00000/table.0"), ("fm-index", "bwt.zst")])
+                                       ("ngram-index", "shard-00000/table.0"), ("fm-index", "shard-00000/bwt.zst")])
 def test_verify_names_each_damaged_file_and_exits_2(fast_artifacts, tmp_path, kind, rel):
     copy = tmp_path / "copy"
     shutil.copytree(fast_artifacts[kind], copy)
