@@ -25,14 +25,26 @@ The input of ``T`` tokens is split into chunks of ``m = chunk_length`` tokens; c
     encoder reads the first RETRO layer's output.
   Hooks leave the base model's modules and parameter names untouched, so the same code serves the
   from-scratch ``RetroForCausalLM`` (a Llama-style decoder from transformers' building blocks)
-  and RETROfit of Hugging Face Llama and GPT-2 models (``retromem.retro.retrofit``).
+  and ``RetrofitForCausalLM``, a pretrained Hugging Face decoder of a supported family
+  (``DECODER_LAYERS``) wrapped with RETRO blocks (``retromem.retro.retrofit``).
 * ``gated`` configs start every CCA output projection at zero, so the model with retrieval starts
   exactly equal to the model without it.
 
-Chunk boundaries count from position 0 of the input, so inputs with neighbours must not be
-left-padded. Neighbours cut short (a continuation at a document's end) are padded and masked with
-``neighbour_attention_mask``. Key/value caching across generation steps with neighbours is not
-supported yet: with neighbours, a forward must see the whole sequence (``use_cache=False``).
+Chunk boundaries count from each row's first real token: a left-padded batch (``attention_mask``)
+has each row's chunks in its own frame. Neighbours cut short (a continuation at a document's end)
+are padded and masked with ``neighbour_attention_mask``.
+
+Neighbours come with the call (``neighbour_ids`` for the first C chunks) or from a ``retriever``
+callable that the forward asks, with the chunk's tokens, for each chunk the input completes beyond
+those. Decoding with a key/value cache (``generate``, ``use_cache=True``): the retrieval state
+(:class:`RetroMemory`: neighbours, the first RETRO layer's states, encoded neighbours) rides on the
+cache object (``cache.retro_memory``), so a step encodes a chunk's neighbours once, when its last
+token is fed, and CCA runs for the new positions only, attending the encoded neighbours of the
+chunk whose span they sit in; beam search reorders it with the cache. The cached model equals the
+whole-sequence forward (a test checks logits, greedy, seeded sampling and beams).
+
+The modeling and configuration files import only torch and transformers (and each other,
+relatively): ``retromem.hf_export`` copies them into saved directories with an ``auto_map``.
 """
 
 from __future__ import annotations
