@@ -205,3 +205,18 @@ def test_cli_build_fm_and_query(built, tmp_path):
     assert r.exit_code == 0 and "occurrences" in r.output and "-> chunk" in r.output
     r = CliRunner().invoke(main, ["index", "fm-query", str(out), ""])
     assert r.exit_code == 2 and "empty" in r.output
+
+
+@pytest.mark.slow
+def test_ray_builds_the_same_shards(built, tmp_path):
+    """One Ray task per shard on a local Ray: every file byte-identical to the local build's."""
+    pytest.importorskip("ray")
+    import ray
+
+    local = build_fm_index(built[1].out, tmp_path / "local", shard_bytes=20_000, progress=False)
+    try:
+        via_ray = build_fm_index(built[1].out, tmp_path / "ray", shard_bytes=20_000, executor="ray", workers=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert len(local.manifest["shards"]) > 2
+    assert via_ray.manifest["integrity"] == local.manifest["integrity"] and via_ray.manifest["shards"] == local.manifest["shards"]
