@@ -170,6 +170,7 @@ STACK_COSTS_MEASURED: dict[str, Any] = {
     "fm_bytes_per_text_byte": 0.402,  # zstd BWT blocks + checkpoints + 1/32 suffix-array samples
     "fm_text_mb_per_cpu_s": 4.6,
     "fm_build_bytes_per_text_byte": 14.4,  # divsufsort's suffix array + BWT in RAM (1,040 MiB for 72 MB)
+    "fm_shard_text_bytes": 512 * 2**20,  # the build's default --shard-size
     "fm_count_ms": 0.07,  # p50, warm block tables
     # IVF list scanning: 2.2e7 PQ64 codes per CPU-second one query a call (IVF1024,PQ64, 200k vectors,
     # nprobe 64, 1 thread, loaded machine), i.e. 1.4 GB of codes; ADC cost grows with the code bytes
@@ -193,6 +194,7 @@ class StackCosts:
     fm_bytes_per_text_byte: float
     fm_text_mb_per_cpu_s: float
     fm_build_bytes_per_text_byte: float
+    fm_shard_text_bytes: int
     fm_count_ms: float
     dense_code_bytes_per_cpu_s: float
 
@@ -259,6 +261,7 @@ class StackPrediction:
     ngram_build_peak_bytes: int
     ngram_count_ms: float  # every shard searched in turn by one query
     fm_bytes: int
+    fm_shards: int
     fm_cpu_core_hours: float
     fm_build_peak_bytes: int
     ivf_nlist_range: tuple[int, int]  # FAISS's guideline, 4 sqrt(n) .. 16 sqrt(n)
@@ -293,6 +296,7 @@ def predict_stack(dense: Prediction, *, nprobe: int = 64, costs: StackCosts | No
     ds_h = text / 1e6 / c.datastore_text_mb_per_cpu_s / 3600
     ng_h = t / c.ngram_tokens_per_cpu_s / 3600
     fm_h = text / 1e6 / c.fm_text_mb_per_cpu_s / 3600
+    fm_shards = max(1, math.ceil(text / c.fm_shard_text_bytes))
     nb_h = chunks * query_s / 3600  # one search per chunk
     total = ds_h + ng_h + fm_h + nb_h + dense.embed_cpu_core_hours + dense.train_cpu_core_hours + dense.add_cpu_core_hours
     return StackPrediction(
@@ -301,8 +305,8 @@ def predict_stack(dense: Prediction, *, nprobe: int = 64, costs: StackCosts | No
         ngram_shards=shards, ngram_bytes=ngram_bytes, ngram_cpu_core_hours=ng_h,
         ngram_build_peak_bytes=int(c.ngram_build_fixed_bytes + shard_tokens * c.ngram_build_bytes_per_shard_token),
         ngram_count_ms=shards * c.ngram_count_ms_per_shard,
-        fm_bytes=int(text * c.fm_bytes_per_text_byte), fm_cpu_core_hours=fm_h,
-        fm_build_peak_bytes=int(text * c.fm_build_bytes_per_text_byte),
+        fm_bytes=int(text * c.fm_bytes_per_text_byte), fm_shards=fm_shards, fm_cpu_core_hours=fm_h,
+        fm_build_peak_bytes=int(math.ceil(text / fm_shards) * c.fm_build_bytes_per_text_byte),
         ivf_nlist_range=(lo, hi), ivf_nlist_ok=bool(spec.nlist) and lo <= spec.nlist <= hi,
         ivf_bytes_read_per_query=read, ivf_nlist_suggested=2 ** round(math.log2(max(8 * math.isqrt(chunks), 1))),
         dense_query_cpu_ms=query_s * 1e3, neighbours_cpu_core_hours=nb_h, total_cpu_core_hours=total, costs=c,
@@ -329,8 +333,8 @@ def describe_stack(p: StackPrediction, dense: Prediction, nprobe: int) -> list[s
         f"dedup       Bloom filters {gb(p.bloom_ram_bytes)} of RAM for the whole build",
         f"suffix arr. {p.ngram_shards:,} shard(s), {gb(p.ngram_bytes)}, build {p.ngram_cpu_core_hours:,.1f} CPU core-hours, "
         f"peak {gb(p.ngram_build_peak_bytes)} per shard; count fans out to every shard: ~{p.ngram_count_ms:.2f} ms",
-        f"FM-index    {gb(p.fm_bytes)}, build {p.fm_cpu_core_hours:,.1f} CPU core-hours, peak {gb(p.fm_build_peak_bytes)} "
-        f"(one piece: the build holds the whole text's suffix array)",
+        f"FM-index    {p.fm_shards:,} shard(s), {gb(p.fm_bytes)}, build {p.fm_cpu_core_hours:,.1f} CPU core-hours, "
+        f"peak {gb(p.fm_build_peak_bytes)} per shard; count fans out to every shard: ~{p.fm_shards * p.costs.fm_count_ms:.2f} ms",
         f"dense IVF   {nlist_note}; on-disk lists: {gb(p.ivf_bytes_read_per_query)} read per query at nprobe={nprobe} "
         f"(~{p.dense_query_cpu_ms:,.2f} CPU-ms scanning)",
         f"neighbours  {p.neighbours_cpu_core_hours:,.1f} CPU core-hours (one search per chunk at nprobe={nprobe})",
