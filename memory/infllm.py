@@ -18,8 +18,9 @@ rotated to position ``n_local``, memory keys to position 0). One softmax covers 
 the memory (:class:`~retromem.memory.kv_budget.TwoBranchMemory`).
 
 Memory held for attention per layer: n_init + n_local + block_size - 1 pending tokens + the
-representative keys + the cached blocks (>= topk); the block store is reported apart
-(:meth:`InfLLM.store_bytes`). Batches hold one sequence.
+cached blocks (at most ``cache_blocks`` per KV head, >= topk). The block store and the
+representative keys grow with the input and are reported apart (:meth:`InfLLM.store_bytes`).
+Batches hold one sequence.
 """
 
 from __future__ import annotations
@@ -177,14 +178,18 @@ class InfLLM(TwoBranchMemory):
     def held_tensors(self) -> Iterable[torch.Tensor]:
         yield from super().held_tensors()
         yield from (t for t in self.pend_k + self.pend_v if t is not None)
-        yield from (b.repr for b in self.blocks if b.repr is not None)
         for c in self.cache:
             for k, v in c.values():
                 yield k
                 yield v
 
     def store_bytes(self) -> int:
-        return sum(b.nbytes() for b in self.blocks)
+        """The block store (allocated) and the representative keys: both grow with the input. The
+        representatives stay on the compute device for the lookup (n_repr / block_size of the blocks)."""
+        return sum(b.nbytes() + tensors_bytes([b.repr]) for b in self.blocks)
+
+    def cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for c in self.cache for k, v in c.values())
 
     def held_tokens(self, layer: int = 0) -> int:
         pend = 0 if self.pend_k[layer] is None else self.pend_k[layer].shape[-2]
