@@ -517,7 +517,7 @@ class InfiniAttentionLM(MemoryPreTrainedModel, GenerationMixin):
             if memory is None:
                 mem = InfiniMemory()
             elif row is None:
-                mem = memory.clone() if keep_local else memory  # the cache must not change the caller's memory
+                mem = memory.clone()  # the caller's memory stays as it was; the one after the input is returned
             else:
                 mem = memory.clone()
                 mem.select_(torch.tensor([row if next(iter(memory.M.values()), torch.zeros(2)).shape[0] > 1 else 0]))

@@ -30,7 +30,7 @@ FAMILY_CONFIGS = {
 }
 
 
-# Llama runs in the fast loop; the other families (each a few seconds on a loaded machine) are slow
+# Llama in the fast loop; the other families are slow (a few seconds each: two generations and a save / load)
 FAMILY_PARAMS = [pytest.param(t, marks=() if t == "llama" else pytest.mark.slow) for t in sorted(FAMILY_CONFIGS)]
 
 
