@@ -413,7 +413,13 @@ class SpeculativeDecoding:
             return False
 
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, cache=cache, use_cache=True)
+        # logits of the last position only, as generate's prefill does: the output layer over a whole
+        # prompt (SmolLM2: 128 tokens x 49k rows) costs as much as several decoding steps on a CPU
+        try:
+            out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model without logits_to_keep
+            cache = DynamicCache(config=model.config)
+            out = model(input_ids=input_ids, cache=cache, use_cache=True)
         _check_cache(cache)
         nxt = pick(scores(out.logits[0, -1].float(), ()))
         stats.prefill_seconds = time.perf_counter() - t_start
