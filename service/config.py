@@ -66,6 +66,9 @@ class ServerConfig:
     dense: str | None = None
     ngram: str | None = None
     shards: tuple[str, ...] = ()  # router mode: host:port of each shard server, in id order
+    # router: each shard's (datastore_id, first_doc, first_chunk) from a deployment description, so ids
+    # do not depend on shard order; empty: ids follow the order of `shards`
+    shard_ranges: tuple[tuple[str, int, int], ...] = ()
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (the bound one is reported)
     workers: int = 8  # threads running unary requests (health checks included)
@@ -91,6 +94,13 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", tuple(self.shards))
+        object.__setattr__(self, "shard_ranges", tuple(tuple(r) for r in self.shard_ranges))
+        if self.shard_ranges and len(self.shard_ranges) != len(self.shards):
+            fail("shard_ranges", f"give one (datastore_id, first_doc, first_chunk) per shard ({len(self.shards)})",
+                 len(self.shard_ranges), flag="--deployment")
+        if len(set(self.shards)) != len(self.shards):
+            dup = sorted({s for s in self.shards if self.shards.count(s) > 1})
+            fail("shards", "name each shard server once (a shard given twice returns every hit twice)", dup, flag="--shard")
         if self.shards and (self.datastore or self.dense or self.ngram):
             raise ConfigError("a router (`--shard`) serves its shards only: drop --datastore/--dense/--ngram")
         if not self.shards and not (self.datastore or self.dense or self.ngram):

@@ -1,10 +1,13 @@
 """Router: one retrieval API over N shard servers, answers merged (as MassiveDS serves shards).
 
-The shard unit is one server per datastore (with its dense and/or n-gram index); shards are
-listed in id order. The router numbers their documents and chunks consecutively: shard i's
-``doc_id``/``chunk_id`` are offset by the documents/chunks of shards 0..i-1, which is exactly the
-numbering of one datastore built from the shards' inputs in shard order, so the ids the router
-hands out are globally unique and a router over shards answers as one server over their union:
+The shard unit is one server per datastore (with its dense and/or n-gram index). Global ids come
+from a deployment description (``--deployment``: each shard's datastore id and first document and
+chunk id, checked against what the shard serves, ranges never overlapping), so adding a shard or
+reordering them moves no id. Without one, shards are listed in id order and numbered
+consecutively: shard i's ``doc_id``/``chunk_id`` are offset by the documents/chunks of shards
+0..i-1, the numbering of one datastore built from the shards' inputs in shard order. Either way a
+datastore given twice is refused, the ids the router hands out are globally unique, and a router
+over shards answers as one server over their union:
 dense hits merged by score (top-k), n-gram counts summed, ∞-gram answers merged at the longest
 suffix any shard matched, chunks fetched from the shard that owns them.
 
@@ -94,16 +97,46 @@ class RouterServicer(pb_grpc.RetrievalServicer):
                 raise ConfigError(f"shard {target} did not answer Info within {cfg.shard_timeout_s}s: "
                                   f"{exc.code().name}: {exc.details()}") from None
             self.shards.append(Shard(target, stub, ch, info))
-        doc = chunk = 0
-        for s in self.shards:
-            s.first_doc, s.first_chunk = doc, chunk
-            doc += s.num_docs
-            chunk += s.num_chunks
-        self.num_docs, self.num_chunks = doc, chunk
+        self._place_shards()
         self._chunk_starts = np.array([s.first_chunk for s in self.shards], dtype=np.int64)
+        self._chunk_ends = np.array([s.first_chunk + s.num_chunks for s in self.shards], dtype=np.int64)
         self._check_compatible()
         self._info = self._build_info()
         self.size = AnswerSize.of(self._info.datastore if self._info.HasField("datastore") else None)
+
+    def _place_shards(self) -> None:
+        """Each shard's first document and chunk id. With a deployment description they are declared
+        (checked against the datastore each shard serves, ranges never overlapping), so adding or
+        reordering shards moves no id; without one they follow the order of ``--shard``. A datastore
+        served by two shards is refused either way: its hits would come back twice."""
+        ids = [s.info.datastore.datastore_id for s in self.shards]
+        for i, d in enumerate(ids):
+            if d and ids.index(d) != i:
+                self.close()
+                raise ConfigError(f"shards {self.shards[ids.index(d)].target} and {self.shards[i].target} serve the same "
+                                  f"datastore {d[:16]}: every hit would come back twice; give each datastore once")
+        if self.cfg.shard_ranges:
+            for s, (want, doc, chunk) in zip(self.shards, self.cfg.shard_ranges):
+                if s.info.datastore.datastore_id != want:
+                    self.close()
+                    raise ConfigError(f"shard {s.target} serves datastore {s.info.datastore.datastore_id[:16]}, but the "
+                                      f"deployment declares {want[:16]} for it")
+                s.first_doc, s.first_chunk = int(doc), int(chunk)
+            self.shards.sort(key=lambda s: s.first_chunk)
+            for a, b in zip(self.shards, self.shards[1:]):
+                if b.first_chunk < a.first_chunk + a.num_chunks or b.first_doc < a.first_doc + a.num_docs:
+                    self.close()
+                    raise ConfigError(f"the deployment's id ranges of shards {a.target} (chunks {a.first_chunk:,}.."
+                                      f"{a.first_chunk + a.num_chunks - 1:,}, documents {a.first_doc:,}..{a.first_doc + a.num_docs - 1:,}) "
+                                      f"and {b.target} (chunks from {b.first_chunk:,}, documents from {b.first_doc:,}) overlap")
+        else:
+            doc = chunk = 0
+            for s in self.shards:
+                s.first_doc, s.first_chunk = doc, chunk
+                doc += s.num_docs
+                chunk += s.num_chunks
+        last = self.shards[-1]
+        self.num_docs, self.num_chunks = last.first_doc + last.num_docs, last.first_chunk + last.num_chunks
 
     def close(self) -> None:
         for s in self.shards:
@@ -267,6 +300,10 @@ class RouterServicer(pb_grpc.RetrievalServicer):
         ids = check_chunk_ids(request.chunk_ids, self.limits, self.num_chunks, self.size,
                               fetch_flags(request.fetch if request.HasField("fetch") else None, default_all=True))
         owner = np.searchsorted(self._chunk_starts, ids, side="right") - 1
+        gap = ids >= self._chunk_ends[owner]
+        if gap.any():  # between declared shard ranges: no shard holds them
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no shard holds chunk ids {ids[gap][:10].tolist()} (they fall "
+                               "between the deployment's shard ranges)")
         requests = {}
         for si in np.unique(owner).tolist():
             sub = pb.GetChunksRequest(chunk_ids=(ids[owner == si] - self.shards[si].first_chunk).tolist())

@@ -12,6 +12,26 @@ import click
 
 from retromem.cli._common import handle_errors, parse_list, parse_number, parse_size, secret, snippet
 from retromem.cli.datastore import verify_option
+from retromem.errors import ConfigError
+
+
+def read_deployment(path: str) -> tuple[tuple[str, ...], tuple[tuple[str, int, int], ...]]:
+    """Shard targets and their (datastore_id, first_doc, first_chunk) from a deployment file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+        entries = data["shards"]
+        targets = tuple(str(e["target"]) for e in entries)
+        ranges = tuple((str(e["datastore_id"]), int(e["first_doc"]), int(e["first_chunk"])) for e in entries)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--deployment {path}: expected `shards:` as a list of {{target, datastore_id, first_doc, "
+                          f"first_chunk}} ({type(exc).__name__}: {exc})") from None
+    if not targets:
+        raise ConfigError(f"--deployment {path} lists no shards")
+    if any(d < 0 or c < 0 for _, d, c in ranges):
+        raise ConfigError(f"--deployment {path}: first_doc and first_chunk must be non-negative")
+    return targets, ranges
 
 
 @click.command("serve")
@@ -19,6 +39,9 @@ from retromem.cli.datastore import verify_option
 @click.option("--dense", type=click.Path(exists=True, file_okay=False), help="Dense index directory.")
 @click.option("--ngram", type=click.Path(exists=True, file_okay=False), help="N-gram (suffix array) index directory.")
 @click.option("--shard", "shards", multiple=True, help="Router mode: host:port of a shard server (repeat, in id order).")
+@click.option("--deployment", type=click.Path(exists=True, dir_okay=False),
+              help="Router mode: YAML/JSON `shards:` list of {target, datastore_id, first_doc, first_chunk}; ids come "
+                   "from it, not from shard order.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=int, default=50051, show_default=True, help="Port (0: any free one).")
 @click.option("--workers", type=int, default=8, show_default=True, help="Threads running unary requests (health checks included).")
@@ -49,7 +72,7 @@ from retromem.cli.datastore import verify_option
 @click.option("--faiss-threads", type=int, default=None, help="FAISS OpenMP threads (default: one per core).")
 @verify_option
 @handle_errors
-def serve(datastore_path, dense, ngram, shards, host, port, workers, max_streams, stream_idle, stream_max, max_queue,
+def serve(datastore_path, dense, ngram, shards, deployment, host, port, workers, max_streams, stream_idle, stream_max, max_queue,
           batch_wait_ms, max_dense_batch, max_batch, max_k, max_chunks, max_query_tokens, max_message_bytes, max_nprobe,
           max_ef_search, token_file, tls_cert, tls_key, metrics_port, metrics_host, grace,
           partial, shard_timeout, shard_token_file, shard_tls_ca, torch_threads, faiss_threads) -> None:
@@ -61,7 +84,13 @@ def serve(datastore_path, dense, ngram, shards, host, port, workers, max_streams
     limits = ServiceLimits(max_batch=max_batch, max_k=max_k, max_chunks=max_chunks, max_query_tokens=max_query_tokens,
                            max_message_bytes=parse_size(max_message_bytes, "--max-message-bytes"), max_nprobe=max_nprobe,
                            max_ef_search=max_ef_search)
-    cfg = ServerConfig(datastore=datastore_path, dense=dense, ngram=ngram, shards=tuple(shards), host=host, port=port,
+    shard_ranges: tuple = ()
+    if deployment:
+        if shards:
+            raise ConfigError("give the shards either with --shard or in --deployment, not both")
+        shards, shard_ranges = read_deployment(deployment)
+    cfg = ServerConfig(datastore=datastore_path, dense=dense, ngram=ngram, shards=tuple(shards), shard_ranges=shard_ranges,
+                       host=host, port=port,
                        workers=workers, max_streams=max_streams, stream_idle_s=stream_idle, stream_max_s=stream_max,
                        max_queue=max_queue, batch_wait_ms=batch_wait_ms, max_dense_batch=max_dense_batch,
                        token=secret(token_file, "RETROMEM_TOKEN"), tls_cert=tls_cert, tls_key=tls_key,

@@ -132,3 +132,55 @@ def test_router_bounds_requests_as_a_server_does(cluster):
             assert len(msgs) > 1 and got == u.search(QUERIES * 2, 50).chunk_ids.tolist() and x.shape == (4, 1)
     finally:
         router.stop(0)
+
+
+def test_deployment_ids_do_not_depend_on_shard_order_and_duplicates_are_refused(cluster, stores, tmp_path):
+    """Declared id ranges: shards listed in reverse answer exactly as the ordered router; a shard given
+    twice, a datastore served twice, a wrong datastore id and overlapping ranges are all refused; ids
+    between two declared ranges are NOT_FOUND, not sent to the wrong shard."""
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+    from retromem.errors import ConfigError
+
+    union, a, b, router = cluster
+    with RetrievalClient(router.target) as r:
+        info = r.info()
+    ia, ib = (s for s in info.shards)
+    with RetrievalClient(a.target) as ca, RetrievalClient(b.target) as cb:
+        id_a, id_b = ca.info().datastore.datastore_id, cb.info().datastore.datastore_id
+    declared = ((id_b, ib.first_doc_id, ib.first_chunk_id), (id_a, 0, 0))
+    rev = start_server(ServerConfig(shards=(b.target, a.target), shard_ranges=declared, port=0, workers=4))
+    gap = start_server(ServerConfig(shards=(a.target, b.target), port=0, workers=4,
+                                    shard_ranges=((id_a, 0, 0), (id_b, ib.first_doc_id + 100, ib.first_chunk_id + 1000))))
+    try:
+        with RetrievalClient(rev.target) as v, RetrievalClient(router.target) as r:
+            assert [s.target for s in v.info().shards] == [a.target, b.target]  # placed by declared range
+            np.testing.assert_array_equal(v.search(QUERIES, 8).chunk_ids, r.search(QUERIES, 8).chunk_ids)
+            ids = [0, int(ib.first_chunk_id), int(ib.first_chunk_id) + 3]
+            assert [c.text for c in v.get_chunks(ids)] == [c.text for c in r.get_chunks(ids)]
+        with RetrievalClient(gap.target, retries=0) as g:
+            first_b = int(ib.first_chunk_id) + 1000
+            assert g.get_chunks([first_b])[0].text == RetrievalClient(router.target).get_chunks([int(ib.first_chunk_id)])[0].text
+            with pytest.raises(ServiceCallError) as e:
+                g.get_chunks([int(ib.first_chunk_id) + 10])  # between a's end and b's declared start
+            assert e.value.code == grpc.StatusCode.NOT_FOUND and "between the deployment's shard ranges" in e.value.details
+    finally:
+        rev.stop(0)
+        gap.stop(0)
+    with pytest.raises(ConfigError, match="name each shard server once"):
+        ServerConfig(shards=(a.target, a.target))
+    a2 = _serve(stores["a"])  # a second server over shard a's datastore
+    try:
+        with pytest.raises(ConfigError, match="serve the same datastore"):
+            start_server(ServerConfig(shards=(a.target, b.target, a2.target), port=0))
+    finally:
+        a2.stop(0)
+    with pytest.raises(ConfigError, match="declares"):
+        start_server(ServerConfig(shards=(a.target, b.target), shard_ranges=((id_b, 0, 0), (id_a, 10**6, 10**6)), port=0))
+    with pytest.raises(ConfigError, match="overlap"):
+        start_server(ServerConfig(shards=(a.target, b.target), shard_ranges=((id_a, 0, 0), (id_b, 1, 1)), port=0))
+    bad = tmp_path / "deployment.yaml"
+    bad.write_text("shards:\n  - target: x:1\n")
+    res = CliRunner().invoke(main, ["serve", "--deployment", str(bad)])
+    assert res.exit_code == 2 and "--deployment" in res.output and "datastore_id" in res.output
