@@ -46,7 +46,11 @@ def test_every_family_of_the_table_is_tested() -> None:
     assert set(FAMILIES) == set(DECODER_LAYERS)
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+FAST = ("llama", "gpt2")  # the other families carry the slow mark (a few seconds each)
+
+
+@pytest.mark.parametrize("model_type", [t if t in FAST else pytest.param(t, marks=pytest.mark.slow)
+                                        for t in sorted(FAMILIES)])
 @torch.no_grad()
 def test_family_round_trip_and_zero_gate(model_type: str, tmp_path: Path) -> None:
     base = tiny(model_type)

@@ -65,6 +65,13 @@ def model(request) -> torch.nn.Module:
     return MODELS[request.param]()
 
 
+# the batch, sampling, beam and streamer checks run on two of the four models (the others are slow)
+@pytest.fixture(scope="module", params=["retro", "retrofit-gpt2", pytest.param("retrofit-llama", marks=pytest.mark.slow),
+                                        pytest.param("retro-after-layer", marks=pytest.mark.slow)])
+def some_model(request) -> torch.nn.Module:
+    return MODELS[request.param]()
+
+
 def prompt(T: int = 7, B: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, V, (B, T), generator=g), torch.randint(0, V, (B, 8, K, R), generator=g)
@@ -107,25 +114,25 @@ def test_greedy_with_cache_equals_without(model: torch.nn.Module, how: str) -> N
 
 
 @torch.no_grad()
-def test_sampling_with_a_seed_equals_without_cache(model: torch.nn.Module) -> None:
+def test_sampling_with_a_seed_equals_without_cache(some_model: torch.nn.Module) -> None:
     x, _ = prompt()
     outs = []
     for use_cache in (True, False):
         torch.manual_seed(11)
-        outs.append(gen(model, x, do_sample=True, top_k=20, temperature=1.5, use_cache=use_cache,
+        outs.append(gen(some_model, x, do_sample=True, top_k=20, temperature=1.5, use_cache=use_cache,
                         retriever=chunk_retriever()))
     assert torch.equal(*outs)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_left_padded_batch_equals_one_by_one(model: torch.nn.Module, use_cache: bool) -> None:
+def test_left_padded_batch_equals_one_by_one(some_model: torch.nn.Module, use_cache: bool) -> None:
     long, short = prompt(T=9, B=1, seed=2)[0], prompt(T=4, B=1, seed=3)[0]
     batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
     mask = torch.tensor([[1] * 9, [0] * 5 + [1] * 4])
     calls: list = []
-    out = gen(model, batch, attention_mask=mask, use_cache=use_cache, retriever=chunk_retriever(calls))
-    alone = [gen(model, p, use_cache=use_cache, retriever=chunk_retriever()) for p in (long, short)]
+    out = gen(some_model, batch, attention_mask=mask, use_cache=use_cache, retriever=chunk_retriever(calls))
+    alone = [gen(some_model, p, use_cache=use_cache, retriever=chunk_retriever()) for p in (long, short)]
     assert torch.equal(out[0], alone[0][0])
     assert torch.equal(out[1, 5:], alone[1][0])
     # chunks count from each row's first real token: row 1's chunk 0 is its own first 4 tokens
@@ -133,16 +140,16 @@ def test_left_padded_batch_equals_one_by_one(model: torch.nn.Module, use_cache: 
 
 
 @torch.no_grad()
-def test_beam_search_runs_and_returns_valid_sequences(model: torch.nn.Module) -> None:
+def test_beam_search_runs_and_returns_valid_sequences(some_model: torch.nn.Module) -> None:
     x, nb = prompt()
-    out = model.generate(x, num_beams=3, num_return_sequences=2, max_new_tokens=NEW, min_new_tokens=NEW,
+    out = some_model.generate(x, num_beams=3, num_return_sequences=2, max_new_tokens=NEW, min_new_tokens=NEW,
                          do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
                          retriever=chunk_retriever(), neighbour_ids=nb[:, :1])
     seqs = out.sequences
     assert seqs.shape == (4, 7 + NEW) and int(seqs.min()) >= 0 and int(seqs.max()) < V
     assert torch.equal(seqs[0::2, :7], x) and torch.equal(seqs[1::2, :7], x)  # each prompt kept, two beams each
     assert torch.isfinite(out.sequences_scores).all()
-    uncached = model.generate(x, num_beams=3, num_return_sequences=2, max_new_tokens=NEW, min_new_tokens=NEW,
+    uncached = some_model.generate(x, num_beams=3, num_return_sequences=2, max_new_tokens=NEW, min_new_tokens=NEW,
                               do_sample=False, pad_token_id=0, use_cache=False, retriever=chunk_retriever(),
                               neighbour_ids=nb[:, :1])
     assert torch.equal(seqs, uncached)
@@ -161,10 +168,10 @@ class Collect(BaseStreamer):
 
 
 @torch.no_grad()
-def test_streamer_sees_every_token(model: torch.nn.Module) -> None:
+def test_streamer_sees_every_token(some_model: torch.nn.Module) -> None:
     x, _ = prompt(B=1)
     streamer = Collect()
-    out = gen(model, x, streamer=streamer, retriever=chunk_retriever())
+    out = gen(some_model, x, streamer=streamer, retriever=chunk_retriever())
     assert streamer.ended and torch.equal(torch.cat(streamer.pieces), out[0])
 
 

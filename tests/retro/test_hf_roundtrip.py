@@ -174,6 +174,7 @@ def test_model_card_records_what_it_was_made_with(tmp_path: Path) -> None:
     assert "trust_remote_code=True" in text and "neighbour_ids" in text
 
 
+@pytest.mark.slow  # loads and saves three times
 @torch.no_grad()
 def test_cli_export_turns_a_training_checkpoint_into_a_hub_directory(tmp_path: Path) -> None:
     from click.testing import CliRunner

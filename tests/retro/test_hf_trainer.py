@@ -52,6 +52,7 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow  # two short training runs per kind
 @pytest.mark.parametrize("kind", ["retro", "retrofit"])
 def test_plain_trainer_checkpoints_and_resumes(kind: str, tmp_path: Path) -> None:
     data = Sequences()
@@ -73,7 +74,7 @@ def test_plain_trainer_checkpoints_and_resumes(kind: str, tmp_path: Path) -> Non
     assert again.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied after the resume
 
 
-@pytest.mark.parametrize("kind", ["retro", "retrofit"])
+@pytest.mark.parametrize("kind", ["retro", pytest.param("retrofit", marks=pytest.mark.slow)])
 def test_lora_adapters_with_trainable_cca_save_and_load(kind: str, tmp_path: Path) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
 
