@@ -64,12 +64,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None, help="Also write the accuracy-vs-length PNG here.")
+    ap.add_argument("--from-rows", default=None,
+                    help="Comma-separated result directories: only print their rows' table (and --plot); run nothing.")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import torch
 
     from retromem.memory.long_context_eval import LongEvalConfig, evaluate, markdown_table, plot, summarize
+
+    if a.from_rows:
+        rows = [json.loads(x) for d in a.from_rows.split(",") for x in (Path(d) / "rows.jsonl").read_text().splitlines()]
+        print(markdown_table(summarize(rows)))
+        for r in rows:
+            if r["task"] == "qa":
+                print(f"qa {r['method']} fraction {r['fraction']}: {r['answered']}/{r['questions']}, attended "
+                      f"{r['attended_fraction']:.3f} of the context's keys, decode attention {r['decode_attention_ms']:.2f} ms/token")
+        if a.plot:
+            print("plot:", plot(rows, Path(a.plot), f"{a.model}, budget {a.budget} tokens"))
+        return
     from retromem.models import load_causal_lm
 
     torch.set_num_threads(a.threads)

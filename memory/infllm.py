@@ -9,9 +9,11 @@ Each layer keeps:
   received the most attention while they were in the window (the paper's representative score).
   Blocks live in a store on ``store_device`` (CPU by default) that grows with the input.
 
-For each call (a segment, or one generated token) and KV head, a block's relevance is
-Σ_t Σ_r q_t · k_r over the call's queries t (all query heads sharing the KV head) and the block's
-representatives r; the ``topk`` most relevant blocks are fetched (through an LRU cache of
+For each call (a segment, or one generated token) and KV head, a block's relevance is the
+attention its representatives draw: Σ_t Σ_r softmax_{all representatives}(q_t · k / √D)_r over the
+call's queries t (all query heads sharing the KV head) and the block's representatives r (the
+paper sums raw dot products q_t · k_r; on SmolLM2-135M that picked the passkey's block in fewer
+layers, see BENCHMARKS.md); the ``topk`` most relevant blocks are fetched (through an LRU cache of
 ``cache_blocks`` blocks per layer in front of the store) and attended exactly, together with the
 initial tokens, as the paper does: all memory tokens at one distance, the window size (query
 rotated to position ``n_local``, memory keys to position 0). One softmax covers the window and
@@ -45,7 +47,7 @@ class InfLLMConfig:
     n_init: int = 128
     n_local: int = 1024
     block_size: int = 128
-    n_repr: int = 4
+    n_repr: int = 8
     topk: int = 8
     cache_blocks: int = 32
     store_device: str = "cpu"
@@ -95,7 +97,8 @@ class BlockStore:
         self.n += 1
 
     def nbytes(self) -> int:
-        return tensors_bytes([self.k, self.v])
+        """Bytes of the blocks stored (the buffer's spare capacity not counted)."""
+        return 0 if self.k is None else 2 * self.n * self.k[:, 0].numel() * self.k.element_size()
 
 
 class InfLLM(TwoBranchMemory):
@@ -158,8 +161,13 @@ class InfLLM(TwoBranchMemory):
         if store.n:
             Hkv = store.repr.shape[0]
             B, H, T, D = q_far.shape
-            q_sum = q_far.float().reshape(B, Hkv, H // Hkv, T, D).sum((2, 3))[0]  # (Hkv, D): Σ_t q_t is linear in q
-            rel = torch.einsum("hnrd,hd->hn", store.repr.float(), q_sum)  # (Hkv, n_blocks)
+            q = q_far[0].float().reshape(Hkv, H // Hkv, T, D)
+            s = torch.einsum("hnrd,hgtd->hgtnr", store.repr.float(), q) * D ** -0.5  # (Hkv, G, T, n_blocks, n_repr)
+            # each query's attention over all representatives, summed per block: a block wins by the
+            # attention mass its representatives would draw, not by raw dot products (which favour
+            # blocks whose representatives are sink-like tokens every query scores high)
+            p = torch.softmax(s.flatten(3), dim=-1).reshape(s.shape)
+            rel = p.sum((1, 2, 4))  # (Hkv, n_blocks)
             top = rel.topk(min(self.config.topk, store.n), dim=-1).indices.sort(-1).values  # (Hkv, k) in stream order
             ks, vs = [], []
             for h in range(Hkv):
@@ -184,7 +192,7 @@ class InfLLM(TwoBranchMemory):
                 yield v
 
     def store_bytes(self) -> int:
-        """The block store (allocated) and the representative keys: both grow with the input. The
+        """The block store and the representative keys: both grow with the input. The
         representatives stay on the compute device for the lookup (n_repr / block_size of the blocks)."""
         return sum(b.nbytes() + tensors_bytes([b.repr]) for b in self.blocks)
 

@@ -126,8 +126,8 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     """The memory of ``method`` holding about ``budget`` tokens per layer (``full``: unbounded).
 
     StreamingLLM / LM-Infinite: 4 sinks + a window of the rest. SirLLM: 4 sinks, half the rest
-    for entropy-selected tokens, half for the window. InfLLM: 32 initial tokens, a window of half
-    the budget, and blocks of 64 tokens for the rest (topk = what fits)."""
+    for entropy-selected tokens, half for the window. InfLLM: 32 initial tokens, a window of a
+    quarter of the budget, and blocks of 64 tokens (8 representatives) for the rest (topk = what fits)."""
     from retromem.memory.infllm import InfLLM, InfLLMConfig
     from retromem.memory.lm_infinite import LMInfinite, LMInfiniteConfig
     from retromem.memory.sirllm import SirLLM, SirLLMConfig
@@ -142,9 +142,9 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
         half = (budget - 4) // 2
         return SirLLM(model, SirLLMConfig(n_sink=4, n_keep=half, n_local=budget - 4 - half))
     if method == "infllm":
-        n_local = budget // 2
+        n_local = budget // 4
         topk = max(1, (budget - n_local - 32) // 64)
-        return InfLLM(model, InfLLMConfig(n_init=32, n_local=n_local, block_size=64, n_repr=4, topk=topk,
+        return InfLLM(model, InfLLMConfig(n_init=32, n_local=n_local, block_size=64, n_repr=8, topk=topk,
                                           cache_blocks=2 * topk))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
