@@ -4,8 +4,9 @@ and its reader (:class:`NeighbourTable`).
 
 The retriever is anything with DenseIndex's verb, ``search(queries, k, *, exclude_doc_ids=...)``
 returning an object with ``chunk_ids`` (n, k) (-1: none) and ``scores``: an in-process
-:class:`retromem.index.dense.DenseIndex`, or the retrieval service's client. Queries are the chunks' stored
-embeddings when the index records them (no re-embedding), else their text.
+:class:`retromem.index.dense.DenseIndex`, or the retrieval service's client (``--server``: the server
+must serve this datastore, checked by id). Queries are the chunks' stored embeddings when the index
+records them (no re-embedding), else their text (embedded where the index is: in the server).
 
 Exclusions: a chunk never retrieves from its own document (the paper's rule). Optionally
 (``leakage_ngram``), a candidate neighbour (chunk + continuation) that shares a ``leakage_ngram``
@@ -193,6 +194,21 @@ def _query_source(cfg: NeighboursConfig, retriever: Any, ds: Any):
     return "text", ds.chunk_texts
 
 
+def _check_served_datastore(retriever: Any, ds: Any) -> None:
+    """A retrieval server (anything with ``info()``, as the gRPC client) must serve this datastore: the
+    chunk ids it returns are written as this datastore's. A router over shards numbers its own ids."""
+    info = getattr(retriever, "info", None)
+    if not callable(info) or hasattr(retriever, "datastore"):
+        return
+    served = info()
+    if served.HasField("datastore") and served.datastore.datastore_id != ds.datastore_id:
+        raise ConfigError(f"the server serves datastore {served.datastore.datastore_id[:16]}, not {ds.datastore_id[:16]} "
+                          f"at {ds.path}: its chunk ids would not be this datastore's")
+    if not served.HasField("datastore") or not served.HasField("dense"):
+        raise ConfigError("the server serves no datastore and dense index: the neighbours job needs both "
+                          "(`retromem serve --datastore DS --dense INDEX`)")
+
+
 def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None, *, overwrite: bool = False,
                        progress: bool = True) -> NeighboursResult:
     """Runs (or resumes) the job; returns what was done. ``retriever`` defaults to ``DenseIndex.open(cfg.index)``.
@@ -209,6 +225,7 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
         retriever = DenseIndex.open(cfg.index, datastore=ds)
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
+    _check_served_datastore(retriever, ds)
     with open_job(cfg.out, "neighbours", overwrite=overwrite, legacy=(MANIFEST,)) as job:
         return _run(cfg, retriever, ds, job, progress, t0)
 
@@ -255,10 +272,17 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
         scores = np.full((len(ids), cfg.k), -np.inf, np.float32)
         shard_dropped = 0
         for b in range(0, len(ids), cfg.batch_size):
-            sel = slice(b, b + cfg.batch_size)
-            res = retriever.search(get_queries(ids[sel]), n_cand, exclude_doc_ids=[[int(d)] for d in docs[sel]])
+            sel = np.arange(b, min(b + cfg.batch_size, len(ids)))
+            queries = get_queries(ids[sel])
+            if kind == "text":  # a whitespace-only chunk is no query (embedders refuse it): it gets no neighbours
+                has_text = np.array([bool(t.strip()) for t in queries], dtype=bool)
+                sel, queries = sel[has_text], [t for t, h in zip(queries, has_text) if h]
+                bar.update(int((~has_text).sum()))
+                if not len(sel):
+                    continue
+            res = retriever.search(queries, n_cand, exclude_doc_ids=[[int(d)] for d in docs[sel]])
             I, D = np.asarray(res.chunk_ids, dtype=np.int64), np.asarray(res.scores, dtype=np.float32)
-            for r in range(len(I)):
+            for r, row in enumerate(sel.tolist()):
                 keep = I[r] >= 0
                 if leak is not None and keep.any():
                     cand = I[r][keep]
@@ -267,8 +291,8 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
                     shard_dropped += int((~ok).sum())
                     keep[np.flatnonzero(keep)[~ok]] = False
                 got = I[r][keep][: cfg.k]
-                nbr[b + r, : len(got)] = got
-                scores[b + r, : len(got)] = D[r][keep][: cfg.k]
+                nbr[row, : len(got)] = got
+                scores[row, : len(got)] = D[r][keep][: cfg.k]
             bar.update(len(I))
         has = nbr >= 0
         nbr_docs = np.where(has, ds.chunk_doc_array[np.maximum(nbr, 0)], -1)

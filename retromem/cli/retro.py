@@ -18,8 +18,7 @@ def group() -> None:
 
 @group.command("neighbours")
 @click.argument("datastore", type=click.Path(exists=True, file_okay=False))
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dense index over DATASTORE (retromem index build-dense).")
+@retriever_options("Dense index over DATASTORE (retromem index build-dense), searched in this process.")
 @click.option("--out", "-o", required=True, help="Output directory (Parquet shards + neighbours.json).")
 @click.option("-k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
 @click.option("--split", type=click.Choice(["train", "eval", "all"]), default="train", show_default=True)
@@ -35,16 +34,24 @@ def group() -> None:
 @click.option("--max-chunks", type=int, default=None, help="Only the first N chunks of the split (smoke runs).")
 @click.option("--overwrite", is_flag=True, help="Delete existing output first.")
 @handle_errors
-def retro_neighbours(datastore: str, index_dir: str, out: str, k: int, split: str, eval_fraction: float, split_seed: int,
+def retro_neighbours(datastore: str, index_dir: str | None, server: str | None, token_file: str | None, tls_ca: str | None,
+                     out: str, k: int, split: str, eval_fraction: float, split_seed: int,
                      query: str, leakage_ngram: int | None, candidates: int | None, shard_chunks: int, batch_size: int,
                      max_chunks: int | None, overwrite: bool) -> None:
-    """Retrieve k neighbours for every chunk of a split of DATASTORE (own document excluded); re-run to resume."""
+    """Retrieve k neighbours for every chunk of a split of DATASTORE (own document excluded), from a dense
+    index in process (--index) or a running server (--server, which must serve DATASTORE); re-run to resume."""
+    from retromem.datastore import Datastore
     from retromem.retro.neighbours import NeighboursConfig, compute_neighbours
 
     cfg = NeighboursConfig(datastore=datastore, out=out, index=index_dir, k=k, split=split, eval_fraction=eval_fraction,
                            split_seed=split_seed, query=query, leakage_ngram=leakage_ngram, candidates=candidates,
                            shard_chunks=shard_chunks, batch_size=batch_size, max_chunks=max_chunks)
-    res = compute_neighbours(cfg, overwrite=overwrite)
+    retriever = open_retriever(index_dir, server, token_file, tls_ca, datastore=Datastore.open(datastore) if index_dir else None)
+    try:
+        res = compute_neighbours(cfg, retriever, overwrite=overwrite)
+    finally:
+        if server is not None:
+            retriever.close()
     m = res.manifest
     missing = sum(s["missing"] for s in m["shards"])
     if res.shards_done == 0:

@@ -115,3 +115,43 @@ def test_bad_settings_are_named():
         NeighboursConfig(datastore="x", out="y", k=0)
     with pytest.raises(ConfigError, match="`candidates`"):
         NeighboursConfig(datastore="x", out="y", k=4, candidates=2)
+
+
+def test_neighbours_through_a_running_server_equal_text_queries_in_process(retro_ds, retro_index, tmp_path):
+    """`retromem retro neighbours --server`: a real server on loopback, chunk texts embedded there as
+    queries; the table equals the in-process job with text queries. A server over another datastore is
+    refused (its chunk ids are not this datastore's)."""
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+    from retromem.service.config import ServerConfig
+    from retromem.service.server import start_server
+
+    local = compute_neighbours(NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "local"), k=2,
+                                                split="all", query="text", max_chunks=60), retro_index, progress=False)
+    running = start_server(ServerConfig(datastore=str(retro_ds.path), dense=str(retro_index.path), port=0, workers=2))
+    try:
+        r = CliRunner().invoke(main, ["retro", "neighbours", str(retro_ds.path), "--server", running.target, "-k", "2",
+                                      "--split", "all", "--query", "text", "--max-chunks", "60", "--out", str(tmp_path / "remote")])
+        assert r.exit_code == 0, r.output
+        remote = _all_rows(tmp_path / "remote")
+        want = _all_rows(local.out)
+        assert remote["chunk_id"] == want["chunk_id"] and remote["neighbour_ids"] == want["neighbour_ids"]
+        np.testing.assert_allclose(np.array(remote["scores"]), np.array(want["scores"]), rtol=1e-4)
+        r = CliRunner().invoke(main, ["retro", "neighbours", str(retro_ds.path), "--out", str(tmp_path / "x")])
+        assert r.exit_code == 2 and "exactly one of --index" in r.output
+    finally:
+        running.stop(0)
+    from retromem.datastore import BuildConfig, build
+
+    other = tmp_path / "other-ds"
+    build(BuildConfig(inputs=(str(retro_ds.path / "manifest.json"),), out=str(other), tokenizer="gpt2", workers=1,
+                      format="text"))
+    running = start_server(ServerConfig(datastore=str(other), port=0, workers=2))
+    try:
+        from retromem.service.client import RetrievalClient
+
+        with RetrievalClient(running.target) as client, pytest.raises(ConfigError, match="its chunk ids would not be this datastore's"):
+            compute_neighbours(NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "y")), client, progress=False)
+    finally:
+        running.stop(0)
