@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retromem.datastore.atomic import atomic_path, sha256_file
-from retromem.datastore.dedup import _mix64, _powers
+from retromem.datastore.dedup import _powers
 from retromem.datastore.integrity import SECTION, read_manifest
 from retromem.datastore.job import open_job
 from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, ensure_version_file, file_records, list_versions,
@@ -64,7 +64,7 @@ def _tables(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def window_hashes(buf: np.ndarray | bytes) -> np.ndarray:
     """(len - WINDOW + 1,) uint64 hash of every WINDOW-byte window of ``buf`` (position-independent
-    polynomial hash from prefix sums, mixed; processed in 1 MiB blocks)."""
+    polynomial hash modulo 2**64 from prefix sums; processed in 1 MiB blocks)."""
     b = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else np.asarray(buf, np.uint8).reshape(-1)
     n = len(b) - WINDOW + 1
     if n <= 0:
@@ -78,13 +78,15 @@ def window_hashes(buf: np.ndarray | bytes) -> np.ndarray:
         np.cumsum(seg * pw[:m], dtype=np.uint64, out=prefix[1:])
         cnt = m - WINDOW + 1
         out[k:k + cnt] = (prefix[WINDOW:WINDOW + cnt] - prefix[:cnt]) * inv[:cnt]
-    return _mix64(out)
+    # no finalizer: equal windows give equal hashes, and a collision could only add a false
+    # finding, never hide one; the scan's cost is a few passes per byte (BENCHMARKS.md)
+    return out
 
 
 def _probe_hashes(mat: np.ndarray) -> np.ndarray:
     """Hashes of the rows of a (n, WINDOW) uint8 matrix: each equals ``window_hashes(row)[0]``."""
     pw, _ = _tables(_BLOCK + WINDOW)
-    return _mix64((mat.astype(np.uint64) * pw[:WINDOW]).sum(axis=1, dtype=np.uint64))
+    return (mat.astype(np.uint64) * pw[:WINDOW]).sum(axis=1, dtype=np.uint64)
 
 
 def _window_starts(lengths: np.ndarray, owner: np.ndarray, starts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +244,22 @@ def _walk(paths: Sequence[str | Path]) -> Iterator[Path]:
             yield from sorted(q for q in p.rglob("*") if q.is_file() and not q.is_symlink())
 
 
+_SIEVE_BITS = 22
+
+
+def _sieve(h: np.ndarray) -> np.ndarray:
+    """A bitmap over the top bits of the probe hashes: one gather per window rules out almost all."""
+    sieve = np.zeros(1 << _SIEVE_BITS, dtype=bool)
+    sieve[h >> np.uint64(64 - _SIEVE_BITS)] = True
+    return sieve
+
+
+def _present(h: np.ndarray, sieve: np.ndarray, wh: np.ndarray) -> np.ndarray:
+    """(len(h),) bool: which probes occur among the window hashes ``wh``."""
+    cand = wh[sieve[wh >> np.uint64(64 - _SIEVE_BITS)]]
+    return np.isin(h, cand) if len(cand) else np.zeros(len(h), dtype=bool)
+
+
 def check(paths: Sequence[str | Path], ds: Datastore) -> TakedownReport:
     """Scan every file under ``paths`` for the probes of ``ds``'s deleted documents (see the module
     docstring); the report names each file and doc id found."""
@@ -251,22 +269,14 @@ def check(paths: Sequence[str | Path], ds: Datastore) -> TakedownReport:
     h = probes["hash"]
     shared = np.zeros(len(h), dtype=bool)
     if len(h):
-        order = np.argsort(h, kind="stable")
-        sorted_h = h[order]
+        sieve = _sieve(h)
         for buf in _live_buffers(ds):
-            wh = window_hashes(buf)
-            pos = np.searchsorted(sorted_h, wh)
-            ok = pos < len(sorted_h)
-            hit = np.zeros(len(wh), dtype=bool)
-            hit[ok] = sorted_h[pos[ok]] == wh[ok]
-            for v in np.unique(wh[hit]):
-                shared[h == v] = True
+            shared |= _present(h, sieve, window_hashes(buf))
     rep.shared_probes = int(shared.sum())
     keep = ~shared
     h, docs, kinds = h[keep], probes["doc_id"][keep], probes["kind"][keep]
     rep.probes = int(len(h))
-    order = np.argsort(h, kind="stable")
-    h, docs, kinds = h[order], docs[order], kinds[order]
+    sieve = _sieve(h)
     for f in _walk(paths):
         rep.files += 1
         rep.bytes += f.stat().st_size
@@ -274,12 +284,8 @@ def check(paths: Sequence[str | Path], ds: Datastore) -> TakedownReport:
             continue
         found: set[tuple[int, str]] = set()
         for buf in file_buffers(f):
-            wh = window_hashes(buf)
-            lo = np.searchsorted(h, wh, side="left")
-            hi = np.searchsorted(h, wh, side="right")
-            for i in np.flatnonzero(hi > lo).tolist():
-                for j in range(lo[i], hi[i]):
-                    found.add((int(docs[j]), KINDS[int(kinds[j])]))
+            hit = _present(h, sieve, window_hashes(buf))
+            found.update(zip(docs[hit].tolist(), (KINDS[k] for k in kinds[hit].tolist())))
         for d, kind in sorted(found):
             rep.found.append((str(f), d, kind))
     return rep
