@@ -123,7 +123,9 @@ class ChunkRetriever:
 
 def _retro_settings(model: Any) -> Any:
     cfg = model.retro_config if getattr(model, "retro_config", None) is not None else getattr(model, "config", None)
-    if getattr(cfg, "chunk_length", None) is None or "retriever" not in inspect.signature(model.forward).parameters:
+    params = inspect.signature(model.forward).parameters
+    takes = "retriever" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())  # e.g. a peft wrapper
+    if getattr(cfg, "chunk_length", None) is None or not takes:
         raise ConfigError(f"{type(model).__name__} is not a RETRO model (RETROfit it or load a RetroForCausalLM)")
     return cfg
 
