@@ -384,3 +384,25 @@ def test_next_token_distribution_above_max_support_lists_real_followers_with_exa
     d = small.infgram_next_token_distribution([50_100] + common)
     assert d.suffix_len == len(common) and d.approx
     assert all(_followers(streams, common).get(t) == c.count for t, c in d.tokens.items())
+
+
+def test_prob_and_infgram_answer_as_the_engine_without_it(idx, streams):
+    """prob and ∞-gram probability come from this process's suffix-array search (no engine thread per
+    query): the same counts and probabilities as the engine's, for seen, unseen and empty prompts."""
+    rng = np.random.default_rng(11)
+    cases = []
+    for _ in range(60):
+        doc = streams[int(rng.integers(len(streams)))]
+        i = int(rng.integers(1, len(doc) - 1))
+        n = int(rng.integers(0, min(i, 12) + 1))
+        cases.append((doc[i - n : i].tolist(), int(doc[i])))
+    cases += [([int(t) for t in rng.integers(0, idx.vocab_size, 3)], int(rng.integers(idx.vocab_size))) for _ in range(20)]
+    cases += [([], int(streams[0][0])), (streams[1][:5].tolist(), 49_999)]
+    for prompt, t in cases:
+        r = idx.engine.prob(prompt_ids=prompt, cont_id=t)
+        p = idx.prob(prompt, t)
+        assert (p.prompt_count, p.cont_count) == (r["prompt_cnt"], r["cont_cnt"]), prompt
+        assert p.prob == (r["prob"] if r["prompt_cnt"] > 0 else None)
+        r = idx.engine.infgram_prob(prompt_ids=prompt, cont_id=t)
+        g = idx.infgram_prob(prompt, t)
+        assert (g.prompt_count, g.cont_count, g.prob, g.suffix_len) == (r["prompt_cnt"], r["cont_cnt"], r["prob"], r["suffix_len"]), prompt
