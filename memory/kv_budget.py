@@ -33,7 +33,7 @@ unless a method says otherwise; padding is refused (each method's selection is p
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from transformers import Cache
@@ -630,5 +630,3 @@ def check_budget(value: Any, key: str, flag: str | None = None, minimum: int = 1
 def tensors_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-
-Factory = Callable[[Any], KVMemory]
