@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 EMBEDDINGS_FORMAT = 1
 SIMILARITIES = ("cosine", "dot", "euclidean")  # the model's similarity functions FAISS can search
+# CPU runtimes offered by the job and the CLI: those whose recall@10 stays within 0.01 of fp32 torch on
+# the shared corpora (BENCHMARKS.md, "Embedding backends on CPU"); the int8 ones lose 0.14-0.23 and are
+# kept for measurement only (Embedder(backend="onnx-int8" | "torch-int8"))
+OFFERED_BACKENDS = ("torch", "onnx", "openvino")
 PROMPT_AUTO, PROMPT_NONE = "auto", "none"  # prompt-name choices besides a name in the model's `prompts`
 # the prompt names encode_document tries, in order (sentence-transformers' own list)
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
@@ -204,6 +208,9 @@ class Embedder:
             from retromem.index.embed_backends import check_backend, install_backend
 
             check_backend(backend, self.device, self.fp16)
+            if backend not in OFFERED_BACKENDS:
+                logger.warning("embedder backend %s: recall@10 against fp32 fell to 0.77-0.86 on the shared corpora "
+                               "(BENCHMARKS.md); for measurement, not for indexes", backend)
             install_backend(self.model, backend, path, self._hash)
         if self.fp16:
             self.model.half()
@@ -302,7 +309,7 @@ class EmbedConfig:
     query_prompt_name: str = PROMPT_AUTO  # auto | none | a name in the model's prompts
     document_prompt_name: str = PROMPT_AUTO
     similarity: str = "auto"  # auto (the model's similarity_fn_name) | cosine | dot | euclidean
-    backend: str = "torch"  # torch | torch-int8 | onnx | onnx-int8 | openvino (CPU runtimes: embed_backends)
+    backend: str = "torch"  # torch | onnx | openvino (CPU runtimes of the same weights: embed_backends)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -310,7 +317,7 @@ class EmbedConfig:
         positive_int(self.block, "block")
         one_of(self.executor, "executor", ("local", "ray"), flag="--executor")
         one_of(self.similarity, "similarity", ("auto", *SIMILARITIES), flag="--similarity")
-        one_of(self.backend, "backend", ("torch", "torch-int8", "onnx", "onnx-int8", "openvino"), flag="--backend")
+        one_of(self.backend, "backend", OFFERED_BACKENDS, flag="--backend")
         for key, v in (("query_prompt_name", self.query_prompt_name), ("document_prompt_name", self.document_prompt_name)):
             if not isinstance(v, str) or not v:
                 fail(key, f"be {PROMPT_AUTO!r}, {PROMPT_NONE!r} or a prompt name of the model", v,

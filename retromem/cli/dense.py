@@ -33,9 +33,9 @@ def group() -> None:
               help="Prompt for chunks: auto (the model's 'document' / 'passage' / 'corpus' prompt), none, or a name.")
 @click.option("--similarity", type=click.Choice(["auto", "cosine", "dot", "euclidean"]), default="auto", show_default=True,
               help="auto: the model's similarity_fn_name (cosine when unset); sets the FAISS metric and normalisation.")
-@click.option("--backend", type=click.Choice(["torch", "torch-int8", "onnx", "onnx-int8", "openvino"]), default="torch",
-              show_default=True, help="CPU runtime of the same weights (onnx*: onnxruntime, openvino: openvino; "
-              "exported once beside the model). See BENCHMARKS.md for their recall and speed.")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]), default="torch", show_default=True,
+              help="CPU runtime of the same weights (onnx: onnxruntime, openvino: openvino; exported once beside the "
+              "model; extra cpu-backends). See BENCHMARKS.md for their recall and speed.")
 @click.option("--overwrite", is_flag=True, help="Delete existing embeddings at --out first.")
 @handle_errors
 def index_embed(datastore: str, out: str | None, model: str, batch_size: int, device: str | None, fp16: bool | None,

@@ -113,5 +113,7 @@ def test_bad_backends_are_refused(model_dir):
 
     with pytest.raises(ConfigError, match=r"`backend` \(--backend\) must be one of"):
         EmbedConfig(datastore="x", backend="tensorrt")
+    with pytest.raises(ConfigError, match=r"`backend` \(--backend\) must be one of 'torch', 'onnx', 'openvino'"):
+        EmbedConfig(datastore="x", backend="onnx-int8")  # measured short of fp32's recall: not offered
     with pytest.raises(ConfigError, match=r"`backend` \(--backend\) 'onnx' runs on the CPU in fp32 only"):
         Embedder(str(model_dir), device="cpu", fp16=True, backend="onnx")
