@@ -4,7 +4,8 @@
 SmolLM2-135M answers the first ``--questions`` gcide-qa questions with the few-shot prompt of
 :mod:`retromem.retro.qa`, under: ``none`` (closed book), ``retrieved`` (the top-``k`` BM25 entries,
 uncompressed: the control), and each compressor of :mod:`retromem.retro.compress` at each ratio
-(the same retrieved entries, compressed before they enter the prompt). The summary compressor,
+(the same retrieved entries, compressed before they enter the prompt; ``truncate``, each entry's
+first tokens to the same budget, is the control for the compressors). The summary compressor,
 which generates, runs on the first ``--summary-questions`` only (its own paired control is the
 uncompressed setting on the same questions). Per setting: accuracy with a Wilson interval, mean
 prompt tokens, tokens saved against ``retrieved``, and the paired accuracy difference against
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=80)
     ap.add_argument("--summary-questions", type=int, default=24)
     ap.add_argument("--ratios", default="0.25,0.5,0.75")
-    ap.add_argument("--methods", default="similarity,surprisal")
+    ap.add_argument("--methods", default="similarity,surprisal,truncate")
     ap.add_argument("--summary-ratio", type=float, default=0.5)
     ap.add_argument("-k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -131,7 +132,8 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for r in rows:
             a = r["accuracy"]
-            color = {"similarity": "tab:blue", "surprisal": "tab:orange", "summary": "tab:green"}.get(r["method"], "k")
+            color = {"similarity": "tab:blue", "surprisal": "tab:orange", "summary": "tab:green",
+                     "truncate": "tab:gray"}.get(r["method"], "k")
             ax.errorbar(r["prompt_tokens"], a["rate"], yerr=[[a["rate"] - a["low"]], [a["high"] - a["rate"]]],
                         fmt="o", color=color, capsize=3)
             ax.annotate(r["setting"] + ("" if r["n"] == len(kept) else f" (n={r['n']})"), (r["prompt_tokens"], a["rate"]),

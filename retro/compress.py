@@ -15,7 +15,8 @@ has at most ``ceil(r * n)`` tokens of the reader's tokenizer, n being the passag
   drops the words the small LM finds least surprising (-log p of the word's tokens given the text
   before it: Selective Context's criterion), keeping the rest in their original order.
   :class:`ExtractiveCompressor` is a model-free fallback, stated as such: sentences ranked by word
-  overlap with the query.
+  overlap with the query. :class:`TruncateCompressor` (each passage's first tokens, to the same
+  budget) is the control every compressor is measured against.
 
 Every compressor has ``compress(query, passages) -> list[str]`` and ``describe() -> dict``.
 """
@@ -36,7 +37,7 @@ from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "summary", "similarity", "surprisal", "extractive")
+METHODS = ("none", "summary", "similarity", "surprisal", "extractive", "truncate")
 _SENT = re.compile(r"(?<=[.;!?])\s+|\s+--\s+")
 _WORD = re.compile(r"\S+\s*")
 _ABBREV = re.compile(r"(?:^|[\s(])[A-Za-z]{1,2}\.$")
@@ -114,6 +115,19 @@ class ExtractiveCompressor(_Base):
             scores = [len(qwords & {w.lower().strip(".,;:!?()\"'") for w in s.split()}) / (1 + len(s.split()))
                       for s in sents]
             out.append(self._keep_ranked(sents, scores, _budget(self.ntokens(p), self.ratio)))
+        return out
+
+
+class TruncateCompressor(_Base):
+    """The control for every compressor: each passage's first ``ceil(ratio * n)`` tokens."""
+
+    method = "truncate"
+
+    def compress(self, query: str, passages: Sequence[str]) -> list[str]:
+        out = []
+        for p in passages:
+            ids = self.tokenizer(" ".join(p.split()), add_special_tokens=False)["input_ids"]
+            out.append(self.tokenizer.decode(ids[:_budget(len(ids), self.ratio)]).strip())
         return out
 
 
@@ -223,6 +237,8 @@ def make_compressor(cfg: CompressConfig, tokenizer: Any, *, model: Any = None, s
         return None
     if cfg.method == "extractive":
         return ExtractiveCompressor(tokenizer, cfg.ratio)
+    if cfg.method == "truncate":
+        return TruncateCompressor(tokenizer, cfg.ratio)
     if cfg.method == "similarity":
         if embedder is None:
             from retromem.index.embed import Embedder
@@ -241,4 +257,4 @@ def make_compressor(cfg: CompressConfig, tokenizer: Any, *, model: Any = None, s
 
 
 __all__ = ["CompressConfig", "ExtractiveCompressor", "METHODS", "SimilarityCompressor", "SummaryCompressor",
-           "SurprisalCompressor", "make_compressor", "sentences"]
+           "SurprisalCompressor", "TruncateCompressor", "make_compressor", "sentences"]

@@ -66,11 +66,11 @@ def _default(name: str) -> str:
 @click.option("--random-seed", type=int, default=None, help="Random chunks and bootstrap." + _default("random_seed"))
 @click.option("--batch-size", type=int, default=None, help=_default("batch_size").strip())
 @click.option("--bootstrap", type=int, default=None, help="Bootstrap resamples." + _default("bootstrap"))
-@click.option("--compress", type=click.Choice(["none", "summary", "similarity", "surprisal", "extractive"]),
-              default="none", show_default=True,
+@click.option("--compress", default="none",
+              type=click.Choice(["none", "summary", "similarity", "surprisal", "extractive", "truncate"]), show_default=True,
               help="TCRA-LLM: compress the retrieved text before the prompt (summary: the small LM summarises; "
                    "similarity / surprisal: drop the sentences least like the query / the least surprising words; "
-                   "extractive: model-free word-overlap fallback).")
+                   "extractive: model-free word-overlap fallback; truncate: the first tokens, the control).")
 @click.option("--compress-ratio", type=float, default=0.5, show_default=True,
               help="Share of each retrieved text's tokens kept by --compress.")
 @click.option("--threads", type=int, default=2, show_default=True)
@@ -165,11 +165,11 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
 @click.option("--search-k", type=int, default=50, show_default=True, help="Chunks retrieved per question.")
 @click.option("--entry-chars", type=int, default=160, show_default=True, help="Characters of each entry shown.")
 @click.option("--max-new-tokens", type=int, default=5, show_default=True, help="Greedy tokens generated.")
-@click.option("--compress", type=click.Choice(["none", "summary", "similarity", "surprisal", "extractive"]),
-              default="none", show_default=True,
+@click.option("--compress", default="none",
+              type=click.Choice(["none", "summary", "similarity", "surprisal", "extractive", "truncate"]), show_default=True,
               help="TCRA-LLM: compress the retrieved entries before the prompt (summary: the small LM summarises; "
                    "similarity / surprisal: drop the sentences least like the question / the least surprising words; "
-                   "extractive: model-free word-overlap fallback).")
+                   "extractive: model-free word-overlap fallback; truncate: the first tokens, the control).")
 @click.option("--compress-ratio", type=float, default=0.5, show_default=True,
               help="Share of each entry's tokens kept by --compress.")
 @click.option("--batch-size", type=int, default=8, show_default=True)

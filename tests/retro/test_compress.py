@@ -14,7 +14,7 @@ import torch
 
 from retromem.errors import ConfigError
 from retromem.retro.compress import (CompressConfig, ExtractiveCompressor, SimilarityCompressor, SummaryCompressor,
-                                     SurprisalCompressor, make_compressor, sentences)
+                                     SurprisalCompressor, TruncateCompressor, make_compressor, sentences)
 from tests.retro.test_qa import ITEMS, bm25, dict_ds, lm  # noqa: F401  (module fixtures)
 from tests.retro.test_ralm import CFG, llama_dir  # noqa: F401
 
@@ -45,7 +45,7 @@ def test_every_compressor_keeps_within_the_budget(lm, embedder, ratio):
     model, tok = lm
     n = n_tokens(tok, PASSAGE)
     comps = [ExtractiveCompressor(tok, ratio), SimilarityCompressor(tok, ratio, embedder),
-             SurprisalCompressor(tok, ratio, model), SummaryCompressor(tok, ratio, model)]
+             SurprisalCompressor(tok, ratio, model), SummaryCompressor(tok, ratio, model), TruncateCompressor(tok, ratio)]
     for c in comps:
         (out,) = c.compress(QUERY, [PASSAGE])
         assert 0 < n_tokens(tok, out) <= math.ceil(ratio * n), (c.method, out)
@@ -80,6 +80,8 @@ def test_config_and_factory(lm):
     with pytest.raises(ConfigError, match="--compress"):
         CompressConfig("zip", 0.5)
     assert make_compressor(CompressConfig("none"), tok) is None
+    (head,) = make_compressor(CompressConfig("truncate", 0.25), tok).compress(QUERY, [PASSAGE])
+    assert " ".join(PASSAGE.split()).startswith(head) and n_tokens(tok, head) == math.ceil(0.25 * n_tokens(tok, PASSAGE))
     assert make_compressor(CompressConfig("extractive", 0.3), tok).describe() == {"method": "extractive", "ratio": 0.3}
 
 
