@@ -222,3 +222,23 @@ def test_a_killed_add_leaves_the_old_version_readable_and_resumes(tmp_path, grow
     assert done.returncode == 0, done.stderr
     ds = Datastore.open(ds_path)
     assert ds.version == 3 and ds.num_documents == 76 and ds.verify() == []
+
+
+def test_neighbour_units_of_every_chunk_across_segments(grown):
+    """The chunk + continuation unit (one gather of each row and its successor) equals one built from
+    chunk records, for every chunk of a two-segment datastore: documents' last chunks and each
+    segment's last chunk have no continuation, mixed batches from both segments keep their order."""
+    ds = Datastore.open(grown)
+    assert len(ds.segments) == 2
+    L, pad = ds.chunk_length, ds.pad_token_id
+    ids = np.arange(ds.num_chunks)
+    rng = np.random.default_rng(0)
+    for batch in (ids, rng.permutation(ids)[:300], ids[-3:], np.array([ds.segments[0].n_chunks - 1, 0, ds.num_chunks - 1])):
+        got, lens = ds.neighbour_tokens(batch)
+        for row, c in enumerate(batch.tolist()):
+            rec = ds.chunks([c])[0]
+            want = list(rec.tokens) + ([] if rec.continuation_id is None else list(ds.chunks([rec.continuation_id])[0].tokens))
+            assert lens[row] == len(want), c
+            assert got[row, : len(want)].tolist() == want, c
+            if rec.continuation_id is None:
+                assert (got[row, L:] == pad).all(), c
