@@ -1,8 +1,10 @@
 """Takedown latency (issue 18): how long after `datastore delete` of 1,000 documents a running
 server stops returning them, and what tombstones cost at query time.
 
-Builds (cached under ``--work``) a datastore of the first ``--docs`` documents of a shared corpus
-(gcide: short dictionary entries), its embeddings, a Flat dense index and an n-gram index, and
+Builds (cached under ``--work``: a ``pristine/`` folder holding ds, emb, dense and ngram, which may
+be copied from elsewhere, e.g. the grown store of incremental_update.py) a datastore of the first
+``--docs`` documents of a shared corpus (gcide: short dictionary entries), its embeddings, a Flat
+dense index and an n-gram index, and
 starts a server on loopback (in process; ``--workers`` threads). Queries: the first chunk of each
 document to be deleted (so every query would retrieve its own document) as vectors, k=10.
 
@@ -93,10 +95,13 @@ def main() -> None:
     shutil.copytree(work / "pristine", run)
     ds0 = Datastore.open(run / "ds")
     rng = np.random.default_rng(0)
-    victims = np.sort(rng.choice(ds0.num_documents, size=args.delete, replace=False))
     first = ds0.doc_first_chunk_array
-    q_ids = first[victims].astype(np.int64)
     emb = Embeddings(run / "emb")
+    # documents whose first chunk has a stored vector (a store grown by `datastore add` + `index update`
+    # keeps the new segment's vectors in the index, not in the embeddings directory)
+    eligible = np.flatnonzero(np.asarray(first[:-1]) < emb.num_vectors)
+    victims = np.sort(rng.choice(eligible, size=args.delete, replace=False))
+    q_ids = first[victims].astype(np.int64)
     x = emb.get(q_ids).astype(np.float32)
     victim_chunks = set(ds0.chunk_ids_of_docs(victims).tolist())
     cfg = ServerConfig(datastore=str(run / "ds"), dense=str(run / "dense"), ngram=str(run / "ngram"), port=0,

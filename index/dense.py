@@ -93,6 +93,7 @@ class DenseIndex(BoundToDatastore):
             self._indexes = [(to_gpu(i) or i) for i in self._indexes]
         self._datastore = None
         self._tomb_sel = None  # (datastore key, faiss selector of its deleted chunks)
+        self._deleted = None  # (datastore, its deleted chunk ids)
         if datastore is not None:
             self.attach_datastore(datastore)
         self._embedder: Embedder | None = None
@@ -233,7 +234,11 @@ class DenseIndex(BoundToDatastore):
     def _eligible(self, filters: dict[str, Any] | None) -> tuple[np.ndarray | None, np.ndarray]:
         """(chunk ids the filters allow, None for all; deleted chunk ids of the datastore's version)."""
         ds = self.datastore
-        deleted = deleted_chunk_ids(ds)
+        cached = self._deleted
+        if cached is None or cached[0] is not ds:  # a datastore object is one version: its tombstones are fixed
+            cached = (ds, deleted_chunk_ids(ds))
+            self._deleted = cached
+        deleted = cached[1]
         if not filters:
             return None, deleted
         allowed = chunks_matching(ds, filters)

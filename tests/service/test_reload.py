@@ -29,10 +29,11 @@ def _records(idx):
 
 @pytest.fixture()
 def store(tmp_path):
-    """(datastore dir, Flat dense index dir): four documents, one version."""
+    """(datastore dir, Flat dense index dir, n-gram index dir): four documents, one version."""
     from retromem.datastore import BuildConfig, build
     from retromem.index.dense_build import DenseBuildConfig, build_dense
     from retromem.index.embed import EmbedConfig, embed_datastore
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     write_jsonl(tmp_path / "docs.jsonl", _records(DOCS))
     write_jsonl(tmp_path / "new.jsonl", _records(NEW))
@@ -41,7 +42,8 @@ def store(tmp_path):
     emb = embed_datastore(EmbedConfig(datastore=str(ds), out=str(tmp_path / "emb"), batch_size=64), progress=False)
     dense = build_dense(DenseBuildConfig(embeddings=str(emb.out), out=str(tmp_path / "dense"), factory="Flat", tune=False),
                         progress=False)
-    return ds, dense.out
+    build_ngram_index(ds, tmp_path / "ngram", NgramBuildConfig(cpus=1), progress=False)
+    return ds, dense.out, tmp_path / "ngram"
 
 
 def test_reload_rpc_while_calls_run(store, tmp_path):
@@ -52,10 +54,11 @@ def test_reload_rpc_while_calls_run(store, tmp_path):
     from retromem.service.config import ServerConfig
     from retromem.service.server import start_server
 
-    ds_path, dense = store
+    ds_path, dense, ngram = store
     old = Datastore.open(ds_path)
     n_chunks, n_docs = old.num_chunks, old.num_documents
-    running = start_server(ServerConfig(datastore=str(ds_path), dense=str(dense), port=0, workers=4))
+    probe = old.doc_token_ids(0)[5:15].tolist()  # ten tokens of the document taken down below
+    running = start_server(ServerConfig(datastore=str(ds_path), dense=str(dense), ngram=str(ngram), port=0, workers=4))
     errors: list[BaseException] = []
     calls = [0]
     stop = threading.Event()
@@ -104,6 +107,13 @@ def test_reload_rpc_while_calls_run(store, tmp_path):
             res = c.search(["how to read a file", "sorting lists"], 5)
             assert not set(res.chunk_ids.reshape(-1).tolist()) & set(range(int(first[0]), int(first[1])))
             assert (res.chunk_ids >= 0).all()  # still k hits
+            # the n-gram verbs: no occurrence in the deleted document is counted or returned
+            live = [Datastore.open(ds_path).doc_token_ids(d).tolist() for d in range(1, n_docs)]
+            want = sum(1 for t in live for i in range(len(t) - 1) if t[i:i + 2] == probe[:2])
+            assert c.count(probe[:2]).count == want
+            assert c.count(probe).count == sum(1 for t in live for i in range(len(t)) if t[i:i + 10] == probe)
+            assert 0 not in {o.doc_id for o in c.find(probe[:2], limit=100).occurrences}
+            assert 0 not in set(c.search_documents([[probe[:3]]], max_hits=100).doc_ids)
         time.sleep(0.5)
         assert calls[0] > before  # calls kept flowing through both reloads
     finally:
