@@ -239,6 +239,18 @@ class RetrievalClient:
         r = self._call("Count", pb.NgramRequest(query=_ngram_query(ngram)), timeout)
         return Count(int(r.count), bool(r.approx))
 
+    def count_batch(self, ngrams, *, timeout: float | None = None):
+        """Counts of many n-grams (texts or token-id lists): one CountBatch round trip per max_batch of them."""
+        from retromem.index.types import Count
+
+        ngrams = list(ngrams)
+        step = int(self.limits.max_batch) or 1024
+        out = []
+        for i in range(0, len(ngrams), step):
+            r = self._call("CountBatch", pb.CountBatchRequest(queries=[_ngram_query(g) for g in ngrams[i : i + step]]), timeout)
+            out.extend(Count(int(c), bool(a)) for c, a in zip(r.counts, r.approx))
+        return out
+
     def prob(self, prompt, next_token, *, timeout: float | None = None):
         from retromem.index.types import Prob
 

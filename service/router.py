@@ -333,6 +333,14 @@ class RouterServicer(pb_grpc.RetrievalServicer):
                                 token_ids=first.token_ids, missing_shards=missing)
 
     @rpc
+    def CountBatch(self, request, context):
+        self._need("ngram")
+        answers, missing = self._all("CountBatch", request, context)
+        counts = np.sum([np.asarray(a.counts, dtype=np.int64) for a in answers.values()], axis=0)
+        approx = np.any([np.asarray(a.approx, dtype=bool) for a in answers.values()], axis=0)
+        return pb.CountBatchResponse(counts=counts.tolist(), approx=approx.tolist(), missing_shards=missing)
+
+    @rpc
     def Prob(self, request, context):
         self._need("ngram")
         answers, missing = self._all("Prob", request, context)

@@ -468,6 +468,18 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     @pinned
     @rpc
+    def CountBatch(self, request, context):
+        g = self._need("ngram")
+        n = len(request.queries)
+        if not n:
+            raise invalid("`queries` is empty: give at least one n-gram")
+        if n > self.limits.max_batch:
+            raise invalid(f"`queries` has {n:,} n-grams, more than max_batch={self.limits.max_batch:,}: send several requests")
+        counts = [g.count(self._ids(q, f"queries[{i}]")) for i, q in enumerate(request.queries)]
+        return pb.CountBatchResponse(counts=[c.count for c in counts], approx=[c.approx for c in counts])
+
+    @pinned
+    @rpc
     def Prob(self, request, context):
         ids = self._ids(request.prompt, "prompt", allow_empty=True)
         p = self.b.ngram.prob(ids, self._token(request.next_token, "next_token"))

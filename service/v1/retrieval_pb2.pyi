@@ -226,6 +226,22 @@ class NgramRequest(_message.Message):
     top_k: int
     def __init__(self, query: _Optional[_Union[NgramQuery, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
 
+class CountBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[NgramQuery]
+    def __init__(self, queries: _Optional[_Iterable[_Union[NgramQuery, _Mapping]]] = ...) -> None: ...
+
+class CountBatchResponse(_message.Message):
+    __slots__ = ("counts", "approx", "missing_shards")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    APPROX_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    approx: _containers.RepeatedScalarFieldContainer[bool]
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, counts: _Optional[_Iterable[int]] = ..., approx: _Optional[_Iterable[bool]] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CountResponse(_message.Message):
     __slots__ = ("count", "approx", "token_ids", "missing_shards")
     COUNT_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class RetrievalStub:
                 request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
                 response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountResponse.FromString,
                 _registered_method=True)
+        self.CountBatch = channel.unary_unary(
+                '/retromem.v1.Retrieval/CountBatch',
+                request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountBatchRequest.SerializeToString,
+                response_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountBatchResponse.FromString,
+                _registered_method=True)
         self.Prob = channel.unary_unary(
                 '/retromem.v1.Retrieval/Prob',
                 request_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.ProbRequest.SerializeToString,
@@ -164,6 +169,13 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountBatch(self, request, context):
+        """Many n-gram counts in one round trip, each as Count answers it (at most Limits.max_batch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Prob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -245,6 +257,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Count,
                     request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.FromString,
                     response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountResponse.SerializeToString,
+            ),
+            'CountBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountBatch,
+                    request_deserializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountBatchRequest.FromString,
+                    response_serializer=retromem_dot_service_dot_v1_dot_retrieval__pb2.CountBatchResponse.SerializeToString,
             ),
             'Prob': grpc.unary_unary_rpc_method_handler(
                     servicer.Prob,
@@ -471,6 +488,33 @@ class Retrieval:
             '/retromem.v1.Retrieval/Count',
             retromem_dot_service_dot_v1_dot_retrieval__pb2.NgramRequest.SerializeToString,
             retromem_dot_service_dot_v1_dot_retrieval__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retromem.v1.Retrieval/CountBatch',
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.CountBatchRequest.SerializeToString,
+            retromem_dot_service_dot_v1_dot_retrieval__pb2.CountBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

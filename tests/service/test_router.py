@@ -184,3 +184,27 @@ def test_deployment_ids_do_not_depend_on_shard_order_and_duplicates_are_refused(
     bad.write_text("shards:\n  - target: x:1\n")
     res = CliRunner().invoke(main, ["serve", "--deployment", str(bad)])
     assert res.exit_code == 2 and "--deployment" in res.output and "datastore_id" in res.output
+
+
+def test_count_batch_equals_count_on_a_server_and_a_router(cluster):
+    """CountBatch: many n-grams in one round trip, each answered as Count answers it, over one server
+    and summed over a router's shards; an empty or oversized batch is INVALID_ARGUMENT and the server
+    keeps serving."""
+    union, _, _, router = cluster
+    grams = [" the", " Python", " file", " import", [464, 318], "zzqx unseen words", " open the file"]
+    with RetrievalClient(union.target, retries=0) as u, RetrievalClient(router.target, retries=0) as r:
+        want = [u.count(g).count for g in grams]
+        assert [c.count for c in u.count_batch(grams)] == want
+        assert [c.count for c in r.count_batch(grams)] == want
+        assert want[0] > 0 and want[5] == 0
+        from retromem.service.v1 import retrieval_pb2 as pb
+
+        with pytest.raises(ServiceCallError) as e:
+            u.raw("CountBatch", pb.CountBatchRequest())
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in e.value.details
+        big = int(u.info().limits.max_batch) + 1
+        with pytest.raises(ServiceCallError) as e:
+            u.raw("CountBatch", pb.CountBatchRequest(queries=[pb.NgramQuery(text=b" the")] * big))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in e.value.details
+        assert len(u.count_batch([" the"] * big)) == big  # the client splits a long list
+        assert u.count(" the").count == want[0]
