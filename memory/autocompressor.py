@@ -43,10 +43,9 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
-from .common import (NestedBaseConfig, MemoryCache, MemoryPreTrainedModel, SegmentLoss, UnsupportedModelError, boolean,
-                     check_architecture, check_input_ids, fail, integer, keep_mode,
-                     non_negative_int, optional_non_negative_int, positive_int, run_lanes,
-                     segment_bounds)
+from .common import (MemoryCache, MemoryPreTrainedModel, NestedBaseConfig, SegmentLoss, boolean, check_architecture,
+                     check_input_ids, fail, integer, keep_mode, non_negative_int, optional_non_negative_int,
+                     positive_int, run_lanes, segment_bounds)
 
 logger = logging.getLogger(__name__)
 

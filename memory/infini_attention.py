@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
-from .common import (NestedBaseConfig, MEMORY_CONFIG_FILE, MemoryCache, MemoryPreTrainedModel, SegmentLoss, UnsupportedModelError, fail,
-                     is_int, is_number, keep_mode, number, one_of,
-                     positive_int, run_lanes, check_architecture, check_input_ids)
+from .common import (MEMORY_CONFIG_FILE, MemoryCache, MemoryPreTrainedModel, NestedBaseConfig, SegmentLoss,
+                     UnsupportedModelError, check_architecture, check_input_ids, fail, is_int, is_number, keep_mode,
+                     number, one_of, positive_int, run_lanes)
 
 logger = logging.getLogger(__name__)
 
