@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retromem.config import fail, is_int, non_negative_int, positive_int
+from retromem.config import fail, is_int, non_negative_int, one_of, positive_int
 from retromem.datastore.atomic import sha256_file
 from retromem.diskspace import preflight
 from retromem.datastore.job import Job, open_job
@@ -100,12 +100,17 @@ class NgramBuildConfig:
     gets a shard of its own), ``cpus`` and ``mem_bytes`` are what the Rust indexer may use."""
 
     shard_tokens: int = 1_000_000_000
-    cpus: int = 0  # 0: every core
+    cpus: int = 0  # 0: every core (divided between shards built at once)
     mem_bytes: int = 4 << 30
+    executor: str = "local"  # where shards are built: local processes, or one Ray task per shard
+    workers: int = 1  # shards built at once (local); Ray: CPUs of a local Ray (0: all)
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         positive_int(self.shard_tokens, "shard_tokens", flag="--shard-tokens")
         non_negative_int(self.cpus, "cpus", flag="--cpus")  # 0: every core
+        one_of(self.executor, "executor", ("local", "ray"), flag="--executor")
+        non_negative_int(self.workers, "workers", flag="--workers")
         if not is_int(self.mem_bytes) or self.mem_bytes < 16 << 20:
             fail("mem_bytes", "be at least 16 MiB", self.mem_bytes, flag="--mem")
 
@@ -264,6 +269,23 @@ def _shard_marker(shard: Path, step: str) -> str:
     return f"{shard.name}.{step}.done"  # _work/shard-00000.table.done.json
 
 
+def _ngram_shard(ctx: tuple, item: tuple[int, int, int]) -> dict:
+    """One shard: its token stream (kept if a killed run finished it: tokenized.0 is renamed into
+    place last), then its suffix array. A step of ``Job.map``: any process, or any Ray node."""
+    from retromem.datastore import Datastore
+
+    datastore_path, out, work, width, cpus, mem_bytes = ctx
+    s, d0, d1 = item
+    ds = Datastore.open(datastore_path)
+    first_chunk, doc_tokens = _doc_token_counts(ds)
+    sd = _shard_dir(Path(out), s)
+    Path(work).mkdir(parents=True, exist_ok=True)
+    if not (sd / "tokenized.0").is_file():
+        _write_token_stream(ds, first_chunk, doc_tokens, d0, d1, width, Path(work), sd)
+    _build_suffix_array(sd, Path(work), width, cpus, mem_bytes)
+    return {"docs": d1 - d0, "tokens": int(doc_tokens[d0:d1].sum()) + (d1 - d0)}
+
+
 def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: float, progress: bool) -> NgramBuildResult:
     from tqdm.auto import tqdm
 
@@ -290,27 +312,30 @@ def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: 
                 datastore_path, len(doc_tokens), total, len(plan), width)
     # the token stream, then the suffix array written as parts and merged: about 2x its final size at the peak
     preflight(out, total * width + 3 * total * _ptr_size(total * width) + 8 * len(doc_tokens), "the n-gram index build")
-    shards = []
+    from retromem.datastore.executors import make_executor
+
+    # One task per shard (token stream, then suffix array), on local processes or Ray: every task opens
+    # the datastore and writes its shard under `out`, so on Ray both must be on storage every node sees.
+    # Indexer processes per task: `cpus` shared by the shards built at once (one each on Ray).
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
+    at_once = 1 if cfg.executor == "local" and cfg.workers == 1 else (cfg.workers or os.cpu_count() or 1)
+    task_cpus = 1 if cfg.executor == "ray" else max(1, cpus // min(at_once, len(plan)))
+    ctx = (str(ds.path), str(out), str(work), width, task_cpus, cfg.mem_bytes)
+    items = [(s, d0, d1) for s, (d0, d1) in enumerate(plan)]
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="n-gram index", disable=not progress)
+    for _item, rec in job.map(executor, _ngram_shard, ctx, items, marker=lambda it: _shard_marker(_shard_dir(out, it[0]), "table")):
+        bar.update(int(rec["tokens"]))
+    bar.close()
+    shards = []
     for s, (d0, d1) in enumerate(plan):
-        sd = _shard_dir(out, s)
         n = int(doc_tokens[d0:d1].sum()) + (d1 - d0)
-        if job.done(_shard_marker(sd, "tokenized")) is None:
-            bar.set_postfix_str(f"{sd.name} tokens")
-            _write_token_stream(ds, first_chunk, doc_tokens, d0, d1, width, work, sd)
-            job.mark_done(_shard_marker(sd, "tokenized"), {"docs": d1 - d0, "tokens": n})
-        if job.done(_shard_marker(sd, "table")) is None:
-            bar.set_postfix_str(f"{sd.name} suffix array")
-            _build_suffix_array(sd, work, width, cpus, cfg.mem_bytes)
-            job.mark_done(_shard_marker(sd, "table"), {"docs": d1 - d0, "tokens": n})
+        sd = _shard_dir(out, s)
         ds_bytes = n * width
         shards.append({
             "shard": s, "dir": sd.name, "first_doc_id": d0, "documents": d1 - d0, "tokens": n,
             "tokenized_bytes": ds_bytes, "offset_bytes": (d1 - d0) * 8,
             "table_bytes": n * _ptr_size(ds_bytes), "ptr_size": _ptr_size(ds_bytes),
         })
-        bar.update(n)
-    bar.close()
     import importlib.metadata as md
 
     manifest = {

@@ -131,6 +131,20 @@ def train_options(example: str):
     return add
 
 
+def shard_executor_options(fn):
+    """--executor/--workers/--ray-address of a build made of one task per shard."""
+    for option in reversed((
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where shards are built: local processes, or one Ray task per shard (the datastore and "
+                          "--out on storage every node sees)."),
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="local: shards built at once (0: one per core); ray: CPUs of a local Ray (0: all)."),
+        click.option("--ray-address", default=None, help="ray: the cluster to join (default: start a local Ray)."),
+    )):
+        fn = option(fn)
+    return fn
+
+
 def retriever_options(index_help: str):
     """The options of a command that retrieves from a dense index in process (--index) or through a
     retrieval server (--server, with --token-file and --tls-ca); see :func:`open_retriever`."""

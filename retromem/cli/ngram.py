@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import fmt_bytes, handle_errors, parse_list, parse_number, parse_size
+from retromem.cli._common import fmt_bytes, handle_errors, parse_list, parse_number, parse_size, shard_executor_options
 from retromem.errors import ConfigError
 
 VERBS = ["count", "find", "prob", "ntd", "infgram-prob", "infgram-ntd", "search"]
@@ -44,15 +44,17 @@ def fm_group() -> None:
 @click.option("--shard-tokens", default="1G", show_default=True, help="Tokens per shard (whole documents), e.g. 500M.")
 @click.option("--cpus", type=int, default=0, show_default=True, help="Indexer processes (0: every core).")
 @click.option("--mem", default="4GiB", show_default=True, help="Memory the suffix-array indexer may use.")
+@shard_executor_options
 @click.option("--overwrite", is_flag=True, help="Delete an existing index at --out first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the index manifest as JSON.")
 @handle_errors
-def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem: str, overwrite: bool, as_json: bool) -> None:
+def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem: str, executor: str, workers: int,
+                ray_address: str | None, overwrite: bool, as_json: bool) -> None:
     """Build the infini-gram suffix-array index of DATASTORE (resumable: re-run to continue)."""
     from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
 
     cfg = NgramBuildConfig(shard_tokens=parse_size(shard_tokens, "--shard-tokens"), cpus=cpus,
-                           mem_bytes=parse_size(mem, "--mem"))
+                           mem_bytes=parse_size(mem, "--mem"), executor=executor, workers=workers, ray_address=ray_address)
     r = build_ngram_index(datastore_path, out, cfg, overwrite=overwrite)
     m = r.manifest
     if as_json:
@@ -135,10 +137,7 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
 @click.option("--sample-rate", type=int, default=32, show_default=True, help="compact: keep every n-th suffix-array entry.")
 @click.option("--shard-size", default="512MiB", show_default=True,
               help="compact: text per shard (whole documents); a shard's build holds ~14 bytes per text byte.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where shards are built: local processes, or one Ray task per shard (datastore and --out on shared storage).")
-@click.option("--workers", type=int, default=1, show_default=True, help="local: shards built at once (0: one per core).")
-@click.option("--ray-address", default=None, help="ray: the cluster to join (default: start a local Ray).")
+@shard_executor_options
 @click.option("--overwrite", is_flag=True, help="Delete an existing index at --out first.")
 @handle_errors
 def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, shard_size: str, executor: str, workers: int,

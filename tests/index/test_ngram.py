@@ -406,3 +406,26 @@ def test_prob_and_infgram_answer_as_the_engine_without_it(idx, streams):
         r = idx.engine.infgram_prob(prompt_ids=prompt, cont_id=t)
         g = idx.infgram_prob(prompt, t)
         assert (g.prompt_count, g.cont_count, g.prob, g.suffix_len) == (r["prompt_cnt"], r["cont_cnt"], r["prob"], r["suffix_len"]), prompt
+
+
+@pytest.mark.slow  # starts a local Ray
+def test_shards_built_at_once_locally_and_on_ray_equal_the_sequential_build(ds, tmp_path):
+    """One task per shard: two local worker processes, and Ray tasks on a local Ray, write the same
+    files, byte for byte, as the one-at-a-time build (the integrity section holds every file's sha256)."""
+    from retromem.errors import ConfigError
+    from retromem.index.ngram_build import NgramBuildConfig, build_ngram_index
+
+    small = dict(shard_tokens=max(int(ds.manifest["counts"]["tokens"]) // 3, 1000), cpus=1)
+    one = build_ngram_index(ds.path, tmp_path / "one", NgramBuildConfig(**small), progress=False)
+    two = build_ngram_index(ds.path, tmp_path / "two", NgramBuildConfig(**small, workers=2), progress=False)
+    assert len(one.manifest["shards"]) >= 3
+    assert two.manifest["integrity"] == one.manifest["integrity"] and two.manifest["shards"] == one.manifest["shards"]
+    ray = pytest.importorskip("ray")
+    try:
+        via_ray = build_ngram_index(ds.path, tmp_path / "ray", NgramBuildConfig(**small, executor="ray", workers=2),
+                                    progress=False)
+    finally:
+        ray.shutdown()
+    assert via_ray.manifest["integrity"] == one.manifest["integrity"]
+    with pytest.raises(ConfigError, match="--executor"):
+        NgramBuildConfig(executor="spark")
