@@ -333,7 +333,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     for r in rows:
         groups[(r["task"], r["method"], r.get("length"), r.get("fraction"))].append(r)
     table = []
-    for (task, method, length, fraction), rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (task, method, length, fraction), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0, kv[0][3] or 0)):
         row = {"task": task, "method": method, "length": length, "n": len(rs)}
         if fraction is not None:
             row["fraction"] = fraction
