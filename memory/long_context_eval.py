@@ -55,6 +55,9 @@ TASKS = ("passkey", "perplexity", "recall", "qa")
 METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks + window)",
                  "lm_infinite": "LM-Infinite", "infllm": "InfLLM", "sirllm": "SirLLM", "squeezed": "Squeezed Attention"}
 
+METHOD_COLORS = {"full": "tab:blue", "streaming_llm": "tab:orange", "lm_infinite": "tab:green", "infllm": "tab:red",
+                 "sirllm": "tab:purple", "squeezed": "tab:brown"}
+
 NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lena",
          "Marek", "Nadia", "Oskar", "Priya")
 
@@ -383,7 +386,9 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
                 by[r["method"]][r["length"]].append(float(r["correct"]))
         for method in [m for m in METHOD_LABELS if m in by]:
             xs = sorted(by[method])
-            ax.plot(xs, [sum(by[method][x]) / len(by[method][x]) for x in xs], "o-", label=METHOD_LABELS[method])
+            n = sum(len(v) for v in by[method].values())
+            ax.plot(xs, [sum(by[method][x]) / len(by[method][x]) for x in xs], "o-", color=METHOD_COLORS[method],
+                    label=f"{METHOD_LABELS[method]} ({n} example{'s' if n > 1 else ''})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("accuracy" if task == "passkey" else "share of facts recalled")
