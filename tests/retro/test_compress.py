@@ -10,13 +10,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from retromem.errors import ConfigError
 from retromem.retro.compress import (CompressConfig, ExtractiveCompressor, SimilarityCompressor, SummaryCompressor,
                                      SurprisalCompressor, TruncateCompressor, make_compressor, sentences)
 from tests.retro.test_qa import ITEMS, bm25, dict_ds, lm  # noqa: F401  (module fixtures)
-from tests.retro.test_ralm import CFG, llama_dir  # noqa: F401
+from tests.retro.test_ralm import CFG
 
 PASSAGE = ("Kettle \\Ket\"tle\\, n. A metallic vessel for boiling water, usually with a spout and a lid. "
            "It was sold in the market of the town on Tuesdays. -- A kettle drum is a drum of brass. "
