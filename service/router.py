@@ -75,6 +75,39 @@ def _channel(cfg: ServerConfig, target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=opts)
 
 
+def place_shards(shards: list[Shard], declared: dict[str, tuple[str, int, int]]) -> list[Shard]:
+    """The shards in id order with their first document and chunk id set. With a deployment description
+    (``declared``: target -> (datastore_id, first_doc, first_chunk)) the ids are declared, checked against
+    the datastore each shard serves, ranges never overlapping, so adding or reordering shards moves no id;
+    without one they follow the order given. A datastore served by two shards is refused either way:
+    its hits would come back twice."""
+    ids = [s.info.datastore.datastore_id for s in shards]
+    for i, d in enumerate(ids):
+        if d and ids.index(d) != i:
+            raise ConfigError(f"shards {shards[ids.index(d)].target} and {shards[i].target} serve the same "
+                              f"datastore {d[:16]}: every hit would come back twice; give each datastore once")
+    if not declared:
+        doc = chunk = 0
+        for s in shards:
+            s.first_doc, s.first_chunk = doc, chunk
+            doc += s.num_docs
+            chunk += s.num_chunks
+        return list(shards)
+    for s in shards:
+        want, doc, chunk = declared[s.target]
+        if s.info.datastore.datastore_id != want:
+            raise ConfigError(f"shard {s.target} serves datastore {s.info.datastore.datastore_id[:16]}, but the "
+                              f"deployment declares {want[:16]} for it")
+        s.first_doc, s.first_chunk = int(doc), int(chunk)
+    out = sorted(shards, key=lambda s: s.first_chunk)
+    for a, b in zip(out, out[1:]):
+        if b.first_chunk < a.first_chunk + a.num_chunks or b.first_doc < a.first_doc + a.num_docs:
+            raise ConfigError(f"the deployment's id ranges of shards {a.target} (chunks {a.first_chunk:,}.."
+                              f"{a.first_chunk + a.num_chunks - 1:,}, documents {a.first_doc:,}..{a.first_doc + a.num_docs - 1:,}) "
+                              f"and {b.target} (chunks from {b.first_chunk:,}, documents from {b.first_doc:,}) overlap")
+    return out
+
+
 class RouterServicer(pb_grpc.RetrievalServicer):
     """The ``retromem.v1.Retrieval`` service over shard servers (see module docstring)."""
 
@@ -84,6 +117,7 @@ class RouterServicer(pb_grpc.RetrievalServicer):
         self.metrics = metrics
         self._metadata = (("authorization", f"Bearer {cfg.shard_token}"),) if cfg.shard_token else None
         self.shards: list[Shard] = []
+        self._declared = dict(zip(cfg.shards, cfg.shard_ranges)) if cfg.shard_ranges else {}
         for target in cfg.shards:
             ch = _channel(cfg, target)
             stub = pb_grpc.RetrievalStub(ch)
@@ -97,53 +131,62 @@ class RouterServicer(pb_grpc.RetrievalServicer):
                 raise ConfigError(f"shard {target} did not answer Info within {cfg.shard_timeout_s}s: "
                                   f"{exc.code().name}: {exc.details()}") from None
             self.shards.append(Shard(target, stub, ch, info))
-        self._place_shards()
-        self._chunk_starts = np.array([s.first_chunk for s in self.shards], dtype=np.int64)
-        self._chunk_ends = np.array([s.first_chunk + s.num_chunks for s in self.shards], dtype=np.int64)
-        self._check_compatible()
+        try:
+            self._install(place_shards(self.shards, self._declared))
+        except ConfigError:
+            self.close()
+            raise
+
+    def _install(self, shards: list[Shard]) -> None:
+        """Serve ``shards`` (placed): the id tables, the merged Info and the answer-size model."""
+        self._check_compatible(shards)
+        self.shards = shards
+        last = shards[-1]
+        self.num_docs, self.num_chunks = last.first_doc + last.num_docs, last.first_chunk + last.num_chunks
+        self._chunk_starts = np.array([s.first_chunk for s in shards], dtype=np.int64)
+        self._chunk_ends = np.array([s.first_chunk + s.num_chunks for s in shards], dtype=np.int64)
         self._info = self._build_info()
         self.size = AnswerSize.of(self._info.datastore if self._info.HasField("datastore") else None)
 
-    def _place_shards(self) -> None:
-        """Each shard's first document and chunk id. With a deployment description they are declared
-        (checked against the datastore each shard serves, ranges never overlapping), so adding or
-        reordering shards moves no id; without one they follow the order of ``--shard``. A datastore
-        served by two shards is refused either way: its hits would come back twice."""
-        ids = [s.info.datastore.datastore_id for s in self.shards]
-        for i, d in enumerate(ids):
-            if d and ids.index(d) != i:
-                self.close()
-                raise ConfigError(f"shards {self.shards[ids.index(d)].target} and {self.shards[i].target} serve the same "
-                                  f"datastore {d[:16]}: every hit would come back twice; give each datastore once")
-        if self.cfg.shard_ranges:
-            for s, (want, doc, chunk) in zip(self.shards, self.cfg.shard_ranges):
-                if s.info.datastore.datastore_id != want:
-                    self.close()
-                    raise ConfigError(f"shard {s.target} serves datastore {s.info.datastore.datastore_id[:16]}, but the "
-                                      f"deployment declares {want[:16]} for it")
-                s.first_doc, s.first_chunk = int(doc), int(chunk)
-            self.shards.sort(key=lambda s: s.first_chunk)
-            for a, b in zip(self.shards, self.shards[1:]):
-                if b.first_chunk < a.first_chunk + a.num_chunks or b.first_doc < a.first_doc + a.num_docs:
-                    self.close()
-                    raise ConfigError(f"the deployment's id ranges of shards {a.target} (chunks {a.first_chunk:,}.."
-                                      f"{a.first_chunk + a.num_chunks - 1:,}, documents {a.first_doc:,}..{a.first_doc + a.num_docs - 1:,}) "
-                                      f"and {b.target} (chunks from {b.first_chunk:,}, documents from {b.first_doc:,}) overlap")
-        else:
-            doc = chunk = 0
-            for s in self.shards:
-                s.first_doc, s.first_chunk = doc, chunk
-                doc += s.num_docs
-                chunk += s.num_chunks
-        last = self.shards[-1]
-        self.num_docs, self.num_chunks = last.first_doc + last.num_docs, last.first_chunk + last.num_chunks
+    @rpc
+    def Reload(self, request, context):
+        """Every shard re-opens its newest version (its own Reload), then the router re-reads their Info
+        and re-places them. Without a deployment description a shard that grew or shrank before the
+        last one would move the ids of every shard after it: refused (FAILED_PRECONDITION), and the
+        router keeps serving the old placement; with one, new sizes must fit the declared ranges."""
+        import time
+
+        t0 = time.perf_counter()
+        answers, missing = self._all("Reload", request, context)
+        if missing:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"shards did not reload: {missing}; the router still serves "
+                                                           "the previous placement")
+        fresh = []
+        for s in self.shards:
+            info = s.stub.Info(pb.InfoRequest(), timeout=self.cfg.shard_timeout_s, metadata=self._metadata)
+            fresh.append(Shard(s.target, s.stub, s.channel, info))
+        if not self._declared:
+            for old, new in zip(self.shards[:-1], fresh[:-1]):
+                if (new.num_docs, new.num_chunks) != (old.num_docs, old.num_chunks):
+                    raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"shard {old.target} now holds {new.num_chunks:,} chunks (was {old.num_chunks:,}): "
+                                       "the ids of the shards after it would move; serve them with --deployment "
+                                       "(declared id ranges with room to grow). Still serving the previous placement.")
+        try:
+            self._install(place_shards(fresh, self._declared))
+        except ConfigError as exc:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; still serving the previous placement") from None
+        return pb.ReloadResponse(num_documents=self.num_docs, num_chunks=self.num_chunks,
+                                 deleted_documents=sum(int(a.deleted_documents) for a in answers.values()),
+                                 dense_ntotal=sum(int(a.dense_ntotal) for a in answers.values()),
+                                 seconds=time.perf_counter() - t0)
 
     def close(self) -> None:
         for s in self.shards:
             s.channel.close()
 
-    def _check_compatible(self) -> None:
-        infos = [s.info for s in self.shards]
+    def _check_compatible(self, shards: list[Shard]) -> None:
+        infos = [s.info for s in shards]
         for what, get in (("tokenizer vocabulary", lambda i: i.datastore.vocab_sha256),
                           ("chunk length", lambda i: i.datastore.chunk_length),
                           ("embedder", lambda i: (i.HasField("dense"), i.dense.embedder_sha256, i.dense.dim)),

@@ -208,3 +208,31 @@ def test_count_batch_equals_count_on_a_server_and_a_router(cluster):
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in e.value.details
         assert len(u.count_batch([" the"] * big)) == big  # the client splits a long list
         assert u.count(" the").count == want[0]
+
+
+def test_router_reload_reloads_every_shard_and_refuses_moving_ids(cluster):
+    """Reload on a router: every shard re-opens its newest version and the router re-reads their sizes
+    (same answers after it). A shard before the last that changed size would move later shards' ids
+    in --shard order: refused by place checks, the previous placement kept serving."""
+    from retromem.service.router import Shard, place_shards
+    from retromem.service.v1 import retrieval_pb2 as pb
+
+    _, _, _, router = cluster
+    with RetrievalClient(router.target, retries=0) as r:
+        before = r.search(QUERIES, 5).chunk_ids
+        info = r.info()
+        resp = r.reload()
+        assert resp.num_chunks == info.datastore.num_chunks and resp.num_documents == info.datastore.num_documents
+        np.testing.assert_array_equal(r.search(QUERIES, 5).chunk_ids, before)
+
+    def shard(target, ident, docs, chunks):
+        return Shard(target, None, None, pb.InfoResponse(datastore=pb.DatastoreInfo(datastore_id=ident, num_documents=docs,
+                                                                                     num_chunks=chunks)))
+
+    placed = place_shards([shard("a:1", "A", 10, 100), shard("b:1", "B", 5, 50)], {})
+    assert [(s.first_doc, s.first_chunk) for s in placed] == [(0, 0), (10, 100)]
+    declared = {"a:1": ("A", 0, 0), "b:1": ("B", 20, 200)}  # room for a to grow
+    grown = place_shards([shard("b:1", "B", 5, 50), shard("a:1", "A", 15, 150)], declared)
+    assert [(s.target, s.first_chunk) for s in grown] == [("a:1", 0), ("b:1", 200)]
+    with pytest.raises(Exception, match="overlap"):
+        place_shards([shard("a:1", "A", 25, 250), shard("b:1", "B", 5, 50)], declared)
