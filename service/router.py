@@ -376,6 +376,34 @@ class RouterServicer(pb_grpc.RetrievalServicer):
                                 token_ids=first.token_ids, missing_shards=missing)
 
     @rpc
+    def NextTokens(self, request, context):
+        """Per context, the longest suffix any shard matched with a continuation: the shards that matched
+        that length contribute (counts, reads and continuation counts summed); a shard whose longest match
+        is shorter holds no occurrence of it."""
+        self._need("ngram")
+        answers, missing = self._all("NextTokens", request, context)
+        out = pb.NextTokensResponse()
+        for i in range(len(request.contexts)):
+            rows = [a.results[i] for a in answers.values()]
+            n = max(r.suffix_len for r in rows)
+            merged = pb.ContextContinuations(suffix_len=n)
+            if n:
+                seqs: dict[tuple[int, ...], int] = {}
+                for r in rows:
+                    if r.suffix_len == n:
+                        merged.count += r.count
+                        merged.read += r.read
+                        merged.approx = merged.approx or r.approx
+                        for c in r.continuations:
+                            seqs[tuple(c.ids)] = seqs.get(tuple(c.ids), 0) + int(c.count)
+                merged.continuations.extend(pb.Continuation(ids=list(k), count=v)
+                                            for k, v in sorted(seqs.items(), key=lambda kv: (-kv[1], kv[0])))
+            out.results.append(merged)
+        if missing:  # a context's answer cannot be half a datastore's: missing shards fail the call
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"shards failed: {missing}")
+        return out
+
+    @rpc
     def CountBatch(self, request, context):
         self._need("ngram")
         answers, missing = self._all("CountBatch", request, context)

@@ -236,3 +236,20 @@ def test_router_reload_reloads_every_shard_and_refuses_moving_ids(cluster):
     assert [(s.target, s.first_chunk) for s in grown] == [("a:1", 0), ("b:1", 200)]
     with pytest.raises(Exception, match="overlap"):
         place_shards([shard("a:1", "A", 25, 250), shard("b:1", "B", 5, 50)], declared)
+
+
+def test_router_next_tokens_equal_one_server_over_the_union(cluster):
+    """NextTokens through a router: per context the longest suffix any shard matched, with counts and
+    continuations summed over the shards that matched it, as one server over the union answers."""
+    union, _, _, router = cluster
+    with RetrievalClient(union.target, retries=0) as u, RetrievalClient(router.target, retries=0) as r:
+        ids = [t for c in u.get_chunks([3, 50, 120]) for t in c.tokens.tolist()]
+        contexts = [ids[:20], ids[60:90], ids[130:140], [50_000, 50_001, 50_002]]
+        want = u.draft_continuations(contexts, depth=3)
+        got = r.draft_continuations(contexts, depth=3)
+    assert [n for n, _ in got] == [n for n, _ in want] and any(n for n, _ in want)
+    for (_, g), (_, w) in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None and not w.approx:
+            assert (g.count, g.read) == (w.count, w.read)
+            assert dict(g.sequences) == dict(w.sequences)
