@@ -195,7 +195,7 @@ def _recall_check(path: Path, meta: dict, ds, new_vecs: np.ndarray, new_ids: np.
     import faiss
 
     from retromem.index.dense import DenseIndex
-    from retromem.index.embed import Embeddings
+    from retromem.index.embed import Embeddings, faiss_metric, faiss_scores, index_similarity
     from retromem.index.types import deleted_chunk_ids
 
     rng = np.random.default_rng(0)
@@ -207,9 +207,12 @@ def _recall_check(path: Path, meta: dict, ds, new_vecs: np.ndarray, new_ids: np.
     best_d = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.full((len(q), k), -1, np.int64)
 
+    similarity = index_similarity(meta)  # the index's own metric: exact search must rank as it does
+    metric = faiss_metric(similarity)
+
     def merge(D, I):
         nonlocal best_d, best_i
-        D = np.concatenate([best_d, D], axis=1)
+        D = np.concatenate([best_d, faiss_scores(D, similarity)], axis=1)  # higher is better for any metric
         I = np.concatenate([best_i, I], axis=1)
         o = np.argsort(-D, axis=1, kind="stable")[:, :k]
         best_d, best_i = np.take_along_axis(D, o, 1), np.take_along_axis(I, o, 1)
@@ -219,7 +222,7 @@ def _recall_check(path: Path, meta: dict, ds, new_vecs: np.ndarray, new_ids: np.
         keep = ~np.isin(ids, dead)
         if keep.any():
             D, I = faiss.knn(q, np.ascontiguousarray(block[keep], dtype=np.float32), min(k, int(keep.sum())),
-                             metric=faiss.METRIC_INNER_PRODUCT)
+                             metric=metric)
             merge(D, ids[keep][I])
     for rec in meta["shards"]:
         if rec.get("vectors"):  # this update's and earlier updates' vectors
@@ -227,7 +230,7 @@ def _recall_check(path: Path, meta: dict, ds, new_vecs: np.ndarray, new_ids: np.
             ids = np.load(path / rec["vectors"].replace(".vectors.npy", ".ids.npy"))
             keep = ~np.isin(ids, dead)
             if keep.any():
-                D, I = faiss.knn(q, np.ascontiguousarray(x[keep]), min(k, int(keep.sum())), metric=faiss.METRIC_INNER_PRODUCT)
+                D, I = faiss.knn(q, np.ascontiguousarray(x[keep]), min(k, int(keep.sum())), metric=metric)
                 merge(D, ids[keep][I])
     fresh = DenseIndex.open(path, datastore=ds, verify=False)
     got = fresh.search(q, min(k, fresh.ntotal)).chunk_ids
