@@ -257,8 +257,8 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
         seconds["tune"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     meta["build"]["seconds"] = seconds
-    write_json(out / "index.json", meta)
     meta = portable_meta(meta, out)  # tuning returns the in-process meta, with absolute paths
+    write_json(out / "index.json", meta)
     job.clear_work()
     return DenseBuildResult(out, meta, seconds)
 
