@@ -59,6 +59,9 @@ class DenseBuildConfig:
     tune: bool = True  # find nprobe/efSearch for target_recall after the build
     tune_queries: int = 500
     seed: int = 0
+    executor: str = "local"  # where shards are added: local processes, or one Ray task per shard
+    workers: int = 1  # shards added at once (local); Ray: CPUs of a local Ray (0: all)
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.factory, str) or not self.factory:
@@ -74,6 +77,8 @@ class DenseBuildConfig:
         boolean(self.tune, "tune", flag="--tune")
         positive_int(self.tune_queries, "tune_queries")
         integer(self.seed, "seed")
+        one_of(self.executor, "executor", ("local", "ray"), flag="--executor")
+        integer(self.workers, "workers", ge=0, flag="--workers")
 
 
 def _new_index(factory: str, d: int, similarity: str = "cosine"):
@@ -114,6 +119,26 @@ def _shard_marker(i: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # build
+
+
+def _add_shard(ctx: tuple, item: tuple[int, int, int]) -> dict[str, Any]:
+    """One shard: the trained index with vectors [lo, hi) added, written to ``shard-NNNNN.index`` (a step
+    of ``Job.map``: any process, or any Ray node)."""
+    import faiss
+
+    emb_path, out, trained_path, add_batch, gpu = ctx
+    i, lo, hi = item
+    emb = Embeddings(emb_path)
+    index = read_index(Path(trained_path))
+    gindex = to_gpu(index) if gpu else None
+    target = gindex if gindex is not None else index
+    for start, block in emb.iter_blocks(lo, hi, add_batch):
+        target.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+    if gindex is not None:
+        index = faiss.index_gpu_to_cpu(gindex)
+    path = Path(out) / f"shard-{i:05d}.index"
+    write_index(index, path)
+    return {"shard": i, "file": path.name, "first_chunk_id": lo, "ntotal": int(index.ntotal), "bytes": path.stat().st_size}
 
 
 def build_dense(cfg: DenseBuildConfig, *, overwrite: bool = False, progress: bool = True) -> DenseBuildResult:
@@ -192,31 +217,27 @@ def _build(cfg: DenseBuildConfig, emb: Embeddings, job: Job, t_all: float, progr
         job.mark_done("trained", train_info)
     seconds["train"] = train_info["seconds"]
 
-    # 3. add, shard by shard; each shard file is written atomically and recorded as done
+    # 3. add, one task per shard (local processes or Ray: each reads the trained index and its range of
+    # the embeddings and writes its shard file, atomically; on Ray both must be on storage every node
+    # sees); the driver records each shard done as it arrives, so a killed build resumes
+    from retromem.datastore.executors import make_executor
+
     t0 = time.perf_counter()
-    shard_recs: list[dict[str, Any]] = []
-    todo = sum(hi - lo for i, (lo, hi) in enumerate(plan["shards"]) if job.done(_shard_marker(i)) is None)
-    bar = tqdm(total=todo, unit="vec", desc="add", disable=not progress or todo == 0)
-    for i, (lo, hi) in enumerate(plan["shards"]):
-        path = out / f"shard-{i:05d}.index"
-        rec = job.done(_shard_marker(i))
-        if rec is not None and path.exists():
-            shard_recs.append(rec)
-            continue
-        index = read_index(trained_path)
-        gindex = to_gpu(index) if gpu else None
-        target = gindex if gindex is not None else index
-        for start, block in emb.iter_blocks(lo, hi, cfg.add_batch):
-            ids = np.arange(start, start + len(block), dtype=np.int64)
-            target.add_with_ids(block, ids)
-            bar.update(len(block))
-        if gindex is not None:
-            index = faiss.index_gpu_to_cpu(gindex)
-        write_index(index, path)
-        rec = {"shard": i, "file": path.name, "first_chunk_id": lo, "ntotal": int(index.ntotal), "bytes": path.stat().st_size}
-        job.mark_done(_shard_marker(i), rec)
-        shard_recs.append(rec)
+    items = [(i, lo, hi) for i, (lo, hi) in enumerate(plan["shards"])
+             if job.done(_shard_marker(i)) is None or not (out / f"shard-{i:05d}.index").exists()]
+    for i, _, _ in items:  # a marker without its file (deleted by hand): redo the shard
+        job.marker(_shard_marker(i)).unlink(missing_ok=True)
+    bar = tqdm(total=sum(hi - lo for _, lo, hi in items), unit="vec", desc="add", disable=not progress or not items)
+    ctx = (str(emb.path), str(out), str(trained_path), cfg.add_batch, bool(gpu))
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
+    recs = {}
+    for item, rec in job.map(executor, _add_shard, ctx, [(i, lo, hi) for i, (lo, hi) in enumerate(plan["shards"])],
+                             marker=lambda it: _shard_marker(it[0])):
+        recs[item[0]] = rec
+        if item in items:
+            bar.update(item[2] - item[1])
     bar.close()
+    shard_recs = [recs[i] for i in range(len(plan["shards"]))]
     seconds["add"] = time.perf_counter() - t0
 
     # 4. optional on-disk merge of IVF shards into one index with memory-mapped inverted lists

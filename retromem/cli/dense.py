@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import fmt_bytes, handle_errors, parse_size, snippet
+from retromem.cli._common import fmt_bytes, handle_errors, parse_size, shard_executor_options, snippet
 
 
 @click.group("dense")
@@ -73,17 +73,19 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
               help="ondisk: merge IVF shards into one index with memory-mapped inverted lists.")
 @click.option("--gpu/--no-gpu", default=None, help="Train, add (and search) on GPUs (default: when faiss-gpu sees one).")
 @click.option("--tune/--no-tune", default=True, show_default=True, help="Find nprobe/efSearch for --target-recall after building.")
+@shard_executor_options
 @click.option("--overwrite", is_flag=True)
 @handle_errors
 def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: str | None, target_recall: float,
-                      train_size: int | None, shard_vectors: int, merge: str, gpu: bool | None, tune: bool, overwrite: bool) -> None:
+                      train_size: int | None, shard_vectors: int, merge: str, gpu: bool | None, tune: bool, executor: str,
+                      workers: int, ray_address: str | None, overwrite: bool) -> None:
     """Build a FAISS index over EMBEDDINGS (from `retromem index embed`); re-run to resume."""
     from retromem.index.dense_build import DenseBuildConfig, build_dense
 
     cfg = DenseBuildConfig(embeddings=embeddings, out=out, factory=factory,
                            memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
                            target_recall=target_recall, train_size=train_size, shard_vectors=shard_vectors,
-                           merge=merge, gpu=gpu, tune=tune)
+                           merge=merge, gpu=gpu, tune=tune, executor=executor, workers=workers, ray_address=ray_address)
     res = build_dense(cfg, overwrite=overwrite)
     _print_index(res.meta)
 

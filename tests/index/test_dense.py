@@ -210,6 +210,24 @@ def test_shards_merged_by_score_and_on_disk_equal_one_index(emb_dir, tmp_path):
     assert (a.chunk_ids == c.chunk_ids).mean() > 0.97
 
 
+@pytest.mark.slow  # starts a local Ray
+def test_shards_added_at_once_locally_and_on_ray_equal_the_sequential_build(emb_dir, tmp_path):
+    """Train once, then one task per shard: two local processes, and Ray tasks, write shard files
+    byte-identical to the one-at-a-time build (the integrity section holds every file's sha256)."""
+    kw = dict(tune=False, shard_vectors=300)
+    one = _build(emb_dir, tmp_path / "one", "IVF16,Flat", **kw)
+    two = _build(emb_dir, tmp_path / "two", "IVF16,Flat", workers=2, **kw)
+    assert len(one.meta["shards"]) >= 3
+    shard_files = lambda m: {k: v for k, v in m["integrity"]["files"].items() if k.startswith("shard-")}  # noqa: E731
+    assert shard_files(two.meta) == shard_files(one.meta)
+    ray = pytest.importorskip("ray")
+    try:
+        via_ray = _build(emb_dir, tmp_path / "ray", "IVF16,Flat", executor="ray", workers=2, **kw)
+    finally:
+        ray.shutdown()
+    assert shard_files(via_ray.meta) == shard_files(one.meta)
+
+
 def test_killed_build_resumes(emb_dir, tmp_path):
     """kill -9 a real build between shards; the re-run keeps finished shards and completes."""
     from retromem.index.dense import DenseIndex
