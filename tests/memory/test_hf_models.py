@@ -178,4 +178,5 @@ def test_fresh_process_with_only_transformers_loads_it(kind, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     found = re.search(r"DIFF (\S+) (\S+)", p.stdout)  # after transformers' trust_remote_code prompt, on its line
     assert found, p.stdout[-2000:] + p.stderr[-4000:]
-    assert float(found.group(1)) == 0.0 and found.group(2) == type(m).__name__
+    # the child runs at one thread: float sums may differ in the last bits from a multi-threaded parent
+    assert float(found.group(1)) < 1e-5 and found.group(2) == type(m).__name__
