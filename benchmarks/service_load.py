@@ -171,6 +171,8 @@ def main() -> None:
     args.datastore = args.datastore or str(demo / "datastore")
     args.dense = args.dense or str(demo / "dense-index")
     args.ngram = args.ngram or str(demo / "ngram")
+    # the server runs from the repository root: relative paths must mean what they meant here
+    args.datastore, args.dense, args.ngram = (str(Path(p).resolve()) for p in (args.datastore, args.dense, args.ngram))
 
     import grpc
     import torch
