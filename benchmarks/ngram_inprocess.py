@@ -1,9 +1,11 @@
-"""n-gram `prob` and infini-gram probability answered by this process's own suffix-array search
-against the infini-gram engine called directly, on the same queries, interleaved (issue 19).
+"""n-gram `prob`, infini-gram probability and document search (CNF) answered by this process's own
+suffix-array search against the infini-gram engine called directly, on the same queries, interleaved
+(issue 19).
 
     .venv/bin/python benchmarks/ngram_inprocess.py DATASTORE NGRAM_INDEX [--queries 1000]
 
-Queries: random (prompt of 1-11 tokens, next token) drawn from the index's first shard's token stream.
+Queries: random (prompt of 1-11 tokens, next token) drawn from the index's first shard's token stream;
+document search: two clauses, the query's first two tokens and its last two, within 100 tokens.
 """
 
 from __future__ import annotations
@@ -38,12 +40,22 @@ def main() -> None:
         g = stream[s : s + n + 1]
         if not (g == sep).any():
             qs.append((g[:-1].astype(int).tolist(), int(g[-1])))
+    def cnf(p: list[int], t: int) -> list[list[list[int]]]:
+        g = p + [t]
+        return [[g[:2]], [g[-2:]]] if len(g) >= 4 else [[g]]
+
     calls = {
         "prob, in process": lambda p, t: idx.prob(p, t),
         "prob, engine": lambda p, t: idx.engine.prob(prompt_ids=p, cont_id=t),
         "infgram_prob, in process": lambda p, t: idx.infgram_prob(p, t),
         "infgram_prob, engine": lambda p, t: idx.engine.infgram_prob(prompt_ids=p, cont_id=t),
+        "find_cnf, in process": lambda p, t: idx._find_cnf(cnf(p, t), 100),
+        "find_cnf, engine": lambda p, t: idx.engine.find_cnf(cnf=cnf(p, t), max_clause_freq=idx.limits.max_clause_freq,
+                                                             max_diff_tokens=100),
     }
+    sampled = [q for q in qs if idx._find_cnf(cnf(*q), 100) is None]  # left to the engine's sampling: not compared
+    qs = [q for q in qs if q not in sampled]
+    print(f"{len(qs)} queries ({len(sampled)} whose document search samples a clause left out)")
     for f in calls.values():
         f(*qs[0])
     times: dict[str, list[int]] = {k: [] for k in calls}

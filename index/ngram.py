@@ -470,7 +470,10 @@ class NgramIndex:
                 raise NgramQueryError(f"`cnf[{i}]` has {len(clause)} terms, more than "
                                       f"max_terms_per_clause={self.limits.max_terms_per_clause}")
             ids_cnf.append([self.ids(t, f"cnf[{i}][{j}]") for j, t in enumerate(clause)])
-        r = _check_engine(self.engine.find_cnf(cnf=ids_cnf, max_diff_tokens=diff), "find_cnf")
+        r = self._find_cnf(ids_cnf, diff)
+        if r is None:  # a clause must be sampled: the engine's own sample, so the estimate stays the engine's
+            r = _check_engine(self.engine.find_cnf(cnf=ids_cnf, max_clause_freq=self.limits.max_clause_freq,
+                                                   max_diff_tokens=diff), "find_cnf")
         hits: list[Occurrence] = []
         dead = 0
         for s, ptrs in enumerate(r["ptrs_by_shard"]):
@@ -485,6 +488,54 @@ class NgramIndex:
         count = int(r["cnt"]) - dead if not r["approx"] else int(round(int(r["cnt"]) * (1 - dead / max(1, sum(
             len(p) for p in r["ptrs_by_shard"])))))
         return DocumentSearch(count, bool(r["approx"]), tuple(hits))
+
+    def _find_cnf(self, cnf: list[list[list[int]]], diff: int) -> dict[str, Any] | None:
+        """The engine's ``find_cnf``, answered from this process's suffix-array search (issue 19: the
+        engine starts OS threads per clause, term and shard for every query). The same matches, in
+        the engine's own way (tested against it): per shard, the pointers of the rarest clause seed
+        ranges; each further clause's sorted pointers widen a range to its nearest match on either
+        side within ``diff`` tokens (keeping one range per side that fits); ranges that span a
+        document separator are dropped. None when a clause occurs more than its per-shard share of
+        ``max_clause_freq`` times: the engine samples such clauses at random and answers those."""
+        n_shards = len(self._shards)
+        cap = -(-self.limits.max_clause_freq // n_shards)
+        segs = [[self._segments(term) for term in clause] for clause in cnf]  # clause -> term -> shard -> ranks
+        counts = [[sum(t[s][1] - t[s][0] for t in clause) for s in range(n_shards)] for clause in segs]
+        if any(sum(c) == 0 for c in counts):
+            return {"cnt": 0, "approx": False, "ptrs_by_shard": []}
+        if any(c > cap for per_shard in counts for c in per_shard):
+            return None
+        reach = diff * self.width
+        sep = b"\xff" * self.width
+        out: list[np.ndarray] = []
+        for s in range(n_shards):
+            def ptrs(c: int) -> np.ndarray:
+                parts = [self._ranks_to_ptrs(s, np.arange(t[s][0], t[s][1], dtype=np.int64)) for t in segs[c]]
+                return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+            order = sorted(range(len(cnf)), key=lambda c: counts[c][s])  # stable, as the engine's sort of a few
+            left = ptrs(order[0])
+            right = left.copy()
+            for c in order[1:]:
+                p = np.sort(ptrs(c))
+                if len(p) == 0:
+                    left = right = np.zeros(0, dtype=np.int64)
+                    break
+                before = np.searchsorted(p, right, side="left") - 1  # the last match < right
+                after = np.searchsorted(p, left, side="left")  # the first match >= left
+                has_l, has_r = before >= 0, after < len(p)
+                new_l = np.minimum(left, p[np.clip(before, 0, None)])
+                new_r = np.maximum(right, p[np.clip(after, None, len(p) - 1)])
+                ok_l = has_l & (new_l + reach >= left)
+                ok_r = has_r & (new_r <= right + reach)
+                both = ok_l & ok_r
+                only_l, only_r = ok_l & ~both, ok_r & ~both
+                left = np.concatenate([new_l[both], new_l[only_l], left[only_r]])
+                right = np.concatenate([new_r[both], right[only_l], new_r[only_r]])
+            data = self._ds_maps[s]
+            keep = [i for i, (a, b) in enumerate(zip(left.tolist(), right.tolist())) if data.find(sep, a, b) < 0]
+            out.append(left[keep])
+        return {"cnt": sum(len(p) for p in out), "approx": False, "ptrs_by_shard": out}
 
     def score(self, text: Query) -> list[TokenScore]:
         """Per-token ∞-gram probabilities of ``text``: token i given tokens 0..i-1 (the first token

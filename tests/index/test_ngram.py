@@ -408,6 +408,40 @@ def test_prob_and_infgram_answer_as_the_engine_without_it(idx, streams):
         assert (g.prompt_count, g.cont_count, g.prob, g.suffix_len) == (r["prompt_cnt"], r["cont_cnt"], r["prob"], r["suffix_len"]), prompt
 
 
+def test_document_search_answers_as_the_engine_without_it(idx, streams):
+    """Document search (CNF: AND of ORs of n-grams, near each other in one document) is answered by
+    this process's suffix-array search: the same match count and the same match pointers, shard by
+    shard, as the engine's find_cnf, over clauses of common and rare n-grams, 1-3 clauses, 1-2 terms
+    each, several distances (shards: several, so matches span them)."""
+    rng = np.random.default_rng(5)
+
+    def gram(common: bool) -> list[int]:
+        doc = streams[int(rng.integers(len(streams)))]
+        n = 1 if common else int(rng.integers(2, 4))
+        i = int(rng.integers(0, len(doc) - n))
+        return doc[i : i + n].tolist()
+
+    checked = matched = 0
+    for _ in range(80):
+        cnf = [[gram(bool(rng.integers(2))) for _ in range(int(rng.integers(1, 3)))] for _ in range(int(rng.integers(1, 4)))]
+        diff = int(rng.choice([1, 5, 20, 100]))
+        r = idx.engine.find_cnf(cnf=cnf, max_clause_freq=idx.limits.max_clause_freq, max_diff_tokens=diff)
+        mine = idx._find_cnf(cnf, diff)
+        if r["approx"]:
+            assert mine is None  # a sampled clause is left to the engine's sampling
+            continue
+        assert mine["cnt"] == r["cnt"], cnf
+        engine_ptrs = [sorted(p) for p in r["ptrs_by_shard"]] if r["ptrs_by_shard"] else []
+        assert [sorted(p.tolist()) for p in mine["ptrs_by_shard"]] == engine_ptrs or (r["cnt"] == 0 and mine["cnt"] == 0), cnf
+        checked += 1
+        matched += r["cnt"] > 0
+    assert checked >= 60 and matched >= 20  # the comparison saw many real matches, not only empty answers
+    # and through the public call: hits located as before
+    a, b = streams[2][50:53].tolist(), streams[2][60:62].tolist()
+    r = idx.search_documents([[a], [b]], max_hits=50)
+    assert r.count >= 1 and 2 in r.doc_ids
+
+
 @pytest.mark.slow  # starts a local Ray
 def test_shards_built_at_once_locally_and_on_ray_equal_the_sequential_build(ds, tmp_path):
     """One task per shard: two local worker processes, and Ray tasks on a local Ray, write the same
