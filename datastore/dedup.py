@@ -8,6 +8,16 @@ hash, for exact dedup) was already inserted; every document's keys are inserted,
 the result that of connected components over LSH collisions: the first document of each
 cluster, in corpus order, is kept.
 
+Because every document's keys are inserted (kept or dropped alike), the rule is a property of
+each key on its own: a document is dropped when one of its keys (of the same kind: content hash,
+or band ``j``'s key) occurs in a document earlier in corpus order. That makes dedup partitionable
+(:func:`key_records`, :func:`scatter`, :func:`partition_duplicates`, :func:`reasons_from_marks`):
+keys are hash-partitioned, each partition finds its repeated keys exactly (a sort, no Bloom
+filter), and a document is dropped if any partition marks it. The build runs it that way
+(``datastore/pipeline.py``); :class:`Deduplicator`, the sequential Bloom-filter pass, differs from
+it only where one of its filters answers a false positive (at most ``near_fp_rate`` per band
+lookup), and stays as the reference and the reader of kept generations.
+
 All hashing is vectorized over a batch of documents (numpy, uint64 arithmetic modulo 2**64):
 
 * word hashes and shingle hashes are polynomial rolling hashes computed from prefix sums;
@@ -351,3 +361,78 @@ class Deduplicator:
         if self.exact is not None:
             f = self.exact
             f.data = np.array(state["exact"])
+
+
+# ---------------------------------------------------------------------------------------------
+# partitioned dedup: the same rule, key by key, in independent partitions
+
+# One dedup key of one document: ``kind`` 0 is the content hash, 1 + j band j's LSH key. Keys of
+# different kinds never match each other (a band's Bloom filter only ever saw that band's keys).
+KEY_RECORD = np.dtype([("key", "<u8"), ("doc", "<i8"), ("kind", "u1")])  # 17 bytes, packed
+EXACT_KIND = 0
+_PARTITION_SALT = np.uint64(0x2545F4914F6CDD1D)
+
+
+def key_kinds(cfg: DedupConfig) -> list[int]:
+    """The key kinds a config uses: 0 (content hash) when exact, 1 + j for each band when near."""
+    return ([EXACT_KIND] if cfg.exact else []) + ([1 + j for j in range(cfg.bands)] if cfg.near else [])
+
+
+def key_records(content_hash: np.ndarray, band_keys: np.ndarray, first_doc: int, cfg: DedupConfig) -> np.ndarray:
+    """Every dedup key of a run of documents numbered from ``first_doc`` (their global position in
+    corpus order). content_hash: (n,) uint64; band_keys: (n, bands) uint64 -> (n * kinds,) KEY_RECORD."""
+    n = len(content_hash)
+    kinds = key_kinds(cfg)
+    rec = np.empty(n * len(kinds), dtype=KEY_RECORD)
+    for i, kind in enumerate(kinds):
+        sl = slice(i * n, (i + 1) * n)
+        rec["key"][sl] = content_hash if kind == EXACT_KIND else band_keys[:, kind - 1]
+        rec["doc"][sl] = np.arange(first_doc, first_doc + n, dtype=np.int64)
+        rec["kind"][sl] = kind
+    return rec
+
+
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition (0 .. partitions-1) of each uint64 key: equal keys always share one."""
+    return (_mix64(keys ^ _PARTITION_SALT) % np.uint64(partitions)).astype(np.int64)
+
+
+def scatter(records: np.ndarray, partitions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(records grouped by partition, offsets): partition q's records are ``out[offsets[q]:offsets[q + 1]]``,
+    in their original order. offsets: (partitions + 1,) int64."""
+    q = partition_of(records["key"], partitions)
+    order = np.argsort(q, kind="stable")
+    offsets = np.searchsorted(q[order], np.arange(partitions + 1)).astype(np.int64)
+    return records[order], offsets
+
+
+def partition_duplicates(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(exact, near): sorted unique ``doc`` numbers of the records whose (kind, key) an earlier
+    document (lower ``doc``) also has. Exact, not probabilistic: a sort of the partition's keys."""
+    order = np.lexsort((records["doc"], records["key"], records["kind"]))
+    key, kind, doc = records["key"][order], records["kind"][order], records["doc"][order]
+    dup = np.zeros(len(order), dtype=bool)
+    dup[1:] = (key[1:] == key[:-1]) & (kind[1:] == kind[:-1])  # not the first (lowest doc) of its group
+    return np.unique(doc[dup & (kind == EXACT_KIND)]), np.unique(doc[dup & (kind != EXACT_KIND)])
+
+
+def reasons_from_marks(first_doc: int, n_docs: int, exact: list[np.ndarray], near: list[np.ndarray]) -> np.ndarray:
+    """Reason codes (0 keep, 1 exact, 2 near) of documents first_doc .. first_doc + n_docs - 1 from the
+    doc numbers (inside that range) that partitions or earlier generations marked; exact wins."""
+    reason = np.zeros(n_docs, dtype=np.int8)
+    for docs in near:
+        reason[np.asarray(docs, dtype=np.int64) - first_doc] = 2
+    for docs in exact:
+        reason[np.asarray(docs, dtype=np.int64) - first_doc] = 1
+    return reason
+
+
+def partitioned_reasons(content_hash: np.ndarray, band_keys: np.ndarray, cfg: DedupConfig, partitions: int) -> np.ndarray:
+    """The partitioned rule in one process (tests and benchmarks; the build runs it as tasks)."""
+    rec, offsets = scatter(key_records(content_hash, band_keys, 0, cfg), partitions)
+    exact, near = [], []
+    for q in range(partitions):
+        e, nr = partition_duplicates(rec[offsets[q] : offsets[q + 1]])
+        exact.append(e)
+        near.append(nr)
+    return reasons_from_marks(0, len(content_hash), exact, near)

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 from retromem.errors import ConfigError
@@ -33,19 +34,43 @@ class LocalExecutor:
 
     def __init__(self, workers: int = 0) -> None:
         self.workers = workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None  # set inside pooled()
+
+    @property
+    def parallelism(self) -> int:
+        """How many items run at once: what a step sizes its number of work items by."""
+        return self.workers
+
+    @contextmanager
+    def pooled(self) -> Iterator["LocalExecutor"]:
+        """Keep one pool of ``workers`` processes for every map inside the block: a step made of
+        several short maps (the dedup's scatter, partitions, reasons) starts its workers once."""
+        if self.workers == 1 or self._pool is not None:
+            yield self
+            return
+        self._pool = self._new_pool(self.workers)
+        try:
+            yield self
+        finally:
+            pool, self._pool = self._pool, None
+            pool.shutdown(cancel_futures=True)
+
+    @staticmethod
+    def _new_pool(n: int) -> ProcessPoolExecutor:
+        threads = max(1, (os.cpu_count() or 1) // n)
+        spawn = multiprocessing.get_context("spawn")  # no fork: pyarrow and tokenizers hold threads
+        return ProcessPoolExecutor(n, mp_context=spawn, initializer=_init_worker, initargs=(threads,))
 
     def map(self, fn: Callable[[Any, Any], Any], ctx: Any, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         if not items:
             return
         n = min(self.workers, len(items))
-        threads = max(1, (os.cpu_count() or 1) // n)
-        if n == 1:
-            _init_worker(threads)
+        if n == 1 and self._pool is None:
+            _init_worker(max(1, (os.cpu_count() or 1)))
             for item in items:
                 yield item, fn(ctx, item)
             return
-        spawn = multiprocessing.get_context("spawn")  # no fork: pyarrow and tokenizers hold threads
-        with ProcessPoolExecutor(n, mp_context=spawn, initializer=_init_worker, initargs=(threads,)) as pool:
+        with nullcontext(self._pool) if self._pool is not None else self._new_pool(n) as pool:
             pending = {pool.submit(fn, ctx, item): item for item in items}
             try:
                 while pending:
@@ -88,6 +113,16 @@ class RayExecutor:
     def __init__(self, address: str | None = None, workers: int = 0, task_options: dict[str, Any] | None = None) -> None:
         self.ray = init_ray(address, workers)
         self.task_options = {"max_retries": 2, **(task_options or {"num_cpus": 1})}
+
+    @property
+    def parallelism(self) -> int:
+        """How many one-CPU tasks the cluster runs at once (its CPUs now; at least 1)."""
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
+    @contextmanager
+    def pooled(self) -> Iterator["RayExecutor"]:
+        """As :meth:`LocalExecutor.pooled`; Ray keeps its worker processes anyway."""
+        yield self
 
     def map(self, fn: Callable[[Any, Any], Any], ctx: Any, items: list[Any]) -> Iterator[tuple[Any, Any]]:
         ray = self.ray

@@ -5,8 +5,11 @@ The job is four steps over shards, each resumable:
 1. ``ingest`` (parallel, one work unit per input file or group of small files): read records,
    normalize, apply the error policy, hash the content and compute MinHash band keys; write
    staged parts of about ``shard_bytes`` of text each.
-2. ``dedup`` (sequential, cheap): run every part's hashes through the exact and LSHBloom
-   filters in corpus order; write a keep/drop reason per document. Checkpointed.
+2. ``dedup`` (partitioned, no serial pass on the driver; :func:`run_dedup`): every document's
+   keys (content hash, LSH band keys) are hash-partitioned, one task per partition finds the
+   keys an earlier document already had, one task per Bloom filter builds the filter kept for
+   ``datastore add`` (and checks an add's documents against the datastore's earlier filters),
+   and one task per part combines the marks into a keep/drop reason per document.
 3. ``tokenize`` (parallel, one part each): batch-tokenize the kept documents with the fast
    tokenizer and find each chunk's character and byte span.
 4. ``finalize`` (parallel, one part each): with every part's counts known, assign dense global
@@ -18,8 +21,9 @@ while the build runs, never deleted on ``--overwrite`` unless it is a datastore.
 written atomically and every finished item leaves a done-marker in ``_work/``; the job helper
 hands each step only the items not yet done, so a killed build re-run with the same command
 skips finished items and ends with the same bytes. The steps read one frozen
-:class:`BuildContext`. The final part index is the shard index; memory is bounded by the shard
-size (plus the Bloom filters, whose size depends only on the number of documents).
+:class:`BuildContext` (dedup tasks a :class:`DedupContext`). The final part index is the shard
+index; memory is bounded by the shard size, a dedup partition's keys, and one Bloom filter per
+filter task (whose size depends only on the number of documents).
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import math
 import shutil
 import time
+import zipfile
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -43,7 +50,9 @@ from tqdm.auto import tqdm
 
 from retromem.datastore import schema
 from retromem.datastore.atomic import atomic_dir, atomic_path, read_json, sha256_file, write_json
-from retromem.datastore.dedup import DedupConfig, Deduplicator, MinHasher, bloom_bytes_per_billion
+from retromem.datastore.dedup import (EXACT_KIND, KEY_RECORD, BloomFilter, DedupConfig, MinHasher, bloom_bytes_per_billion,
+                                      bloom_params, key_kinds, key_records, partition_duplicates, reasons_from_marks,
+                                      scatter)
 from retromem.datastore.executors import EXECUTORS, make_executor
 from retromem.datastore.integrity import SECTION, read_manifest, record_files
 from retromem.datastore.job import Job, open_job
@@ -63,6 +72,7 @@ ON_ERROR = ("raise", "skip")
 REASONS = {0: "kept", 1: "exact_duplicate", 2: "near_duplicate"}
 _HASH_BATCH_BYTES = 4 << 20  # text per MinHash batch: bounds the hashing temporaries
 _TOKENIZE_BATCH_DOCS = 512
+MAX_DEDUP_PARTITIONS = 4096  # every part's scatter file is read once per partition: keep the fan-in sane
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,9 @@ class BuildConfig:
     executor: str = "local"
     ray_address: str | None = None
     keep_work: bool = False
+    dedup_partitions: int = 0  # 0: from the number of keys and workers (the output never depends on it)
 
-    RUN_FIELDS = ("out", "workers", "executor", "ray_address", "keep_work")
+    RUN_FIELDS = ("out", "workers", "executor", "ray_address", "keep_work", "dedup_partitions")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -97,6 +108,7 @@ class BuildConfig:
         one_of(self.executor, "executor", EXECUTORS, flag="--executor")
         non_negative_int(self.workers, "workers", flag="--workers")
         boolean(self.keep_work, "keep_work", flag="--keep-work")
+        integer(self.dedup_partitions, "dedup_partitions", ge=0, le=MAX_DEDUP_PARTITIONS)
         # sections given as mappings (a caller's dict) become their configs, unknown keys refused
         if isinstance(self.normalize, Mapping):
             object.__setattr__(self, "normalize", from_dict(NormalizeConfig, self.normalize, prefix="normalize."))
@@ -145,7 +157,19 @@ class Layout:
     def reasons(self, p: int) -> Path:
         return self.work / "dedup" / f"reasons-{p:05d}.npy"
 
-    checkpoint = property(lambda s: s.work / "dedup" / "checkpoint.npz")
+    checkpoint = property(lambda s: s.work / "dedup" / "checkpoint.npz")  # this run's Bloom filters (the generation)
+
+    def dedup_scatter(self, p: int) -> Path:
+        return self.work / "dedup" / f"scatter-{p:05d}.npy"
+
+    def dedup_marks(self, q: int) -> Path:
+        return self.work / "dedup" / f"marks-{q:05d}.npy"
+
+    def dedup_filter(self, kind: int) -> Path:
+        return self.work / "dedup" / f"filter-{kind:03d}.npy"
+
+    def dedup_prior_hits(self, kind: int) -> Path:
+        return self.work / "dedup" / f"prior-{kind:03d}.npy"
 
     def tokenized(self, p: int) -> Path:
         return self.work / "tokenize" / f"part-{p:05d}.npz"
@@ -347,43 +371,199 @@ def _read_hashes(path: Path, bands: int) -> tuple[np.ndarray, np.ndarray]:
     return content.copy(), keys
 
 
-def run_dedup(cfg: BuildConfig, parts: list[tuple[int, int]], total_docs: int,
-              prior: list[tuple[Path, int]] = ()) -> dict:
-    """Dedup the staged parts in order; ``prior``: (state file, expected docs) of the datastore's
-    earlier dedup generations, checked but not written (an add). The final checkpoint holds this
-    run's generation, which the caller keeps with the datastore."""
-    lay = Layout(cfg.out)
-    dd = Deduplicator(cfg.dedup, total_docs)
-    for path, expected in prior:
+def _read_key_column(path: Path, kind: int, bands: int) -> np.ndarray:
+    """One kind of key of a staged part: its content hashes (kind 0) or band ``kind - 1``'s keys. (n,) uint64."""
+    if kind == EXACT_KIND:
+        ch = pq.read_table(path, columns=["content_hash"]).column("content_hash").combine_chunks()
+        return np.frombuffer(ch.buffers()[1], dtype=np.uint64, count=2 * len(ch)).reshape(-1, 2)[:, 0].copy()
+    return _read_hashes(path, bands)[1][:, kind - 1].copy()
+
+
+def _filter_name(kind: int) -> str:
+    """The member of a dedup generation file (``dedup/gen-*.npz``) holding this kind's Bloom filter."""
+    return "exact" if kind == EXACT_KIND else f"band{kind - 1}"
+
+
+@dataclass(frozen=True)
+class DedupContext:
+    """What the dedup tasks read; frozen and picklable like :class:`BuildContext`. Documents are
+    numbered from 0 in corpus order over the run's parts (part ``p`` holds ``first_doc[p]`` to
+    ``first_doc[p + 1] - 1``)."""
+
+    out: str  # the build's (or the add's segment's) directory: staged parts and dedup files in its _work/
+    dedup: DedupConfig
+    parts: tuple[tuple[int, int], ...]
+    first_doc: tuple[int, ...]  # len(parts) + 1
+    partitions: int
+    prior: tuple[tuple[str, int], ...] = ()  # an add's earlier generations: (file, expected docs), checked only
+    scatter_offsets: tuple[tuple[int, ...], ...] = ()  # per part, partitions + 1 offsets into its scatter file
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.out)
+
+
+def dedup_scatter_part(ctx: DedupContext, p: int) -> dict:
+    """Every key of part ``p``'s documents, grouped by partition, into one memory-mappable file."""
+    lay = ctx.layout
+    content, keys = _read_hashes(lay.staged(*ctx.parts[p]), ctx.dedup.bands)
+    rec, offsets = scatter(key_records(content, keys, ctx.first_doc[p], ctx.dedup), ctx.partitions)
+    with atomic_path(lay.dedup_scatter(p)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, rec)
+    return {"offsets": offsets.tolist()}
+
+
+def dedup_partition(ctx: DedupContext, q: int) -> dict:
+    """Partition ``q``: its keys from every part's scatter file; the documents whose key an earlier
+    document had (exact marks from content hashes, near marks from band keys). Memory: the partition."""
+    lay = ctx.layout
+    pieces = []
+    for p in range(len(ctx.parts)):
+        lo, hi = ctx.scatter_offsets[p][q], ctx.scatter_offsets[p][q + 1]
+        if hi > lo:
+            pieces.append(np.load(lay.dedup_scatter(p), mmap_mode="r")[lo:hi])
+    rec = np.concatenate(pieces) if pieces else np.zeros(0, dtype=KEY_RECORD)
+    exact, near = partition_duplicates(rec)
+    marks = np.sort(np.concatenate((exact * 2, near * 2 + 1)))  # one sorted file: doc * 2 (+ 1 for near)
+    with atomic_path(lay.dedup_marks(q)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, marks)
+    return {"keys": len(rec), "exact": len(exact), "near": len(near)}
+
+
+def dedup_filter(ctx: DedupContext, kind: int) -> dict:
+    """One Bloom filter of this run's generation (every document's keys of that kind, as the
+    sequential pass inserted them, so ``datastore add`` later finds them), sized for all of the
+    run's documents; for an add, the documents whose key the datastore's earlier generations hold.
+    Memory: the filter (and the earlier generations' filters of this kind) plus one part's keys."""
+    cfg, lay = ctx.dedup, ctx.layout
+    rate = cfg.exact_fp_rate if kind == EXACT_KIND else cfg.near_fp_rate
+    bloom = BloomFilter(*bloom_params(ctx.first_doc[-1], rate))
+    priors = []
+    for path, expected in ctx.prior:
         with np.load(path) as st:
-            dd.add_prior({k: st[k] for k in st.files if k != "parts_done"}, expected)
-    start = 0
-    if lay.checkpoint.exists():
-        with np.load(lay.checkpoint) as ck:
-            start = int(ck["parts_done"])
-            dd.load_state({k: ck[k] for k in ck.files if k != "parts_done"})
-    last_save = time.monotonic()
-    bar = tqdm(total=len(parts), initial=start, desc="dedup", unit="shard", disable=None)
-    for p in range(start, len(parts)):
-        content, keys = _read_hashes(lay.staged(*parts[p]), cfg.dedup.bands)
-        reasons = dd.process(content, keys)
-        with atomic_path(lay.reasons(p)) as tmp:
+            if _filter_name(kind) in st.files:
+                priors.append(BloomFilter(*bloom_params(expected, rate), data=st[_filter_name(kind)]))
+    hits = []
+    for p, part in enumerate(ctx.parts):
+        keys = _read_key_column(lay.staged(*part), kind, cfg.bands)
+        if priors:
+            hit = np.zeros(len(keys), dtype=bool)
+            for old in priors:
+                hit |= old.contains(keys)
+            hits.append(ctx.first_doc[p] + np.flatnonzero(hit))
+        bloom.add(keys)
+    with atomic_path(lay.dedup_filter(kind)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, bloom.data)
+    hit_docs = np.concatenate(hits).astype(np.int64) if hits else np.zeros(0, np.int64)  # ascending: parts in order
+    if ctx.prior:
+        with atomic_path(lay.dedup_prior_hits(kind)) as tmp:
             with open(tmp, "wb") as fh:
-                np.save(fh, reasons)
-        bar.update(1)
-        if p == len(parts) - 1 or time.monotonic() - last_save > 30:
-            with atomic_path(lay.checkpoint) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, parts_done=np.int64(p + 1), **dd.state())
-            last_save = time.monotonic()
-    bar.close()
-    logger.info("dedup: %d shards, Bloom filters %.1f MiB", len(parts), dd.nbytes() / 2**20)
-    counts = {"exact_duplicate": 0, "near_duplicate": 0, "kept": 0}
-    for p in range(len(parts)):
-        r = np.load(lay.reasons(p))
-        for code, name in REASONS.items():
-            counts[name] += int((r == code).sum())
-    return {"bloom_bytes": dd.nbytes(), **counts}
+                np.save(fh, hit_docs)
+    return {"bytes": int(bloom.data.nbytes), "prior_hits": len(hit_docs)}
+
+
+def dedup_generation(ctx: DedupContext, _: int = 0) -> dict:
+    """The run's generation file (``np.load``-able, one member per filter, as ``Deduplicator.state``
+    names them), streamed filter by filter; fixed zip timestamps so equal filters give equal bytes."""
+    lay = ctx.layout
+    with atomic_path(lay.checkpoint) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for kind in sorted(key_kinds(ctx.dedup), key=lambda k: (k == EXACT_KIND, k)):  # band0.., exact
+                info = zipfile.ZipInfo(_filter_name(kind) + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.load(lay.dedup_filter(kind), mmap_mode="r"))
+    return {"bytes": lay.checkpoint.stat().st_size}
+
+
+def dedup_reasons(ctx: DedupContext, p: int) -> dict:
+    """Part ``p``'s keep/drop reason per document: dropped when any partition (or an earlier
+    generation) marked it; exact beats near. Reads only its range of each mark file."""
+    lay = ctx.layout
+    first, end = ctx.first_doc[p], ctx.first_doc[p + 1]
+
+    def within(path: Path, scale: int = 1) -> np.ndarray:
+        docs = np.load(path, mmap_mode="r")
+        lo, hi = np.searchsorted(docs, [first * scale, end * scale])
+        return np.array(docs[lo:hi])
+
+    exact, near = [], []
+    for q in range(ctx.partitions):
+        marks = within(lay.dedup_marks(q), 2)
+        exact.append(marks[marks % 2 == 0] // 2)
+        near.append(marks[marks % 2 == 1] // 2)
+    if ctx.prior:
+        for kind in key_kinds(ctx.dedup):
+            (exact if kind == EXACT_KIND else near).append(within(lay.dedup_prior_hits(kind)))
+    reasons = reasons_from_marks(first, end - first, exact, near)
+    with atomic_path(lay.reasons(p)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, reasons)
+    return {name: int((reasons == code).sum()) for code, name in REASONS.items()}
+
+
+def dedup_task(ctx: DedupContext, item: tuple[str, int]) -> dict:
+    """One dedup work item, ``(step, index)``: the executors run a single function per map."""
+    step, i = item
+    if step == "scatter":
+        return dedup_scatter_part(ctx, i)
+    if step == "filter":
+        return dedup_filter(ctx, i)
+    if step == "partition":
+        return dedup_partition(ctx, i)
+    if step == "generation":
+        return dedup_generation(ctx, i)
+    if step == "reasons":
+        return dedup_reasons(ctx, i)
+    raise AssertionError(f"unknown dedup step {step!r}")
+
+
+def dedup_partitions(total_keys: int, shard_bytes: int, parallelism: int) -> int:
+    """Partitions of a run with ``total_keys`` keys: enough that one partition's records fit in a
+    shard's worth of memory, and at least one per worker. Only speed depends on it."""
+    by_memory = math.ceil(total_keys * KEY_RECORD.itemsize / shard_bytes)
+    return int(min(MAX_DEDUP_PARTITIONS, max(1, parallelism, by_memory)))
+
+
+def run_dedup(job: Job, executor, cfg: BuildConfig, parts: list[tuple[int, int]], part_docs: list[int],
+              prior: list[tuple[Path, int]] = ()) -> dict:
+    """Dedup the staged parts as tasks (see the module docstring); ``prior``: (state file, expected
+    docs) of the datastore's earlier dedup generations, checked but not written (an add). Writes a
+    reasons file per part and this run's generation (``Layout.checkpoint``), which the caller keeps
+    with the datastore. Returns the counts and the Bloom bytes."""
+    first_doc = tuple(int(x) for x in np.concatenate(([0], np.cumsum(part_docs, dtype=np.int64))))
+    kinds = key_kinds(cfg.dedup)
+    plan = job.done("dedup/plan")  # a resumed run keeps its partitioning: the scatter files depend on it
+    if plan is None:
+        partitions = cfg.dedup_partitions or dedup_partitions(first_doc[-1] * len(kinds), cfg.shard_bytes,
+                                                              getattr(executor, "parallelism", 1))
+        job.mark_done("dedup/plan", {"partitions": partitions})
+    else:
+        partitions = int(plan["partitions"])
+    ctx = DedupContext(out=cfg.out, dedup=cfg.dedup, parts=tuple(parts), first_doc=first_doc, partitions=partitions,
+                       prior=tuple((str(path), int(n)) for path, n in prior))
+
+    def run(items: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+        out = {}
+        with tqdm(total=len(items), desc="dedup", unit="task", disable=None) as bar:
+            for item, res in job.map(executor, dedup_task, ctx, items, lambda it: f"dedup/{it[0]}-{it[1]:05d}"):
+                out[tuple(item)] = res
+                bar.update(1)
+        return out
+
+    # scatter and filters read only staged parts; partitions need every scatter file; reasons every mark.
+    # One pool of local workers for the three maps (each is short: starting workers three times cost more).
+    with executor.pooled() if hasattr(executor, "pooled") else nullcontext():
+        first = run([("scatter", p) for p in range(len(parts))] + [("filter", k) for k in kinds])
+        ctx = replace(ctx, scatter_offsets=tuple(tuple(first[("scatter", p)]["offsets"]) for p in range(len(parts))))
+        run([("partition", q) for q in range(partitions)] + [("generation", 0)])
+        reasons = run([("reasons", p) for p in range(len(parts))])
+    counts = {name: sum(r[name] for r in reasons.values()) for name in REASONS.values()}
+    bloom_bytes = sum(first[("filter", k)]["bytes"] for k in kinds)
+    logger.info("dedup: %d shards, %d partitions, Bloom filters %.1f MiB", len(parts), partitions, bloom_bytes / 2**20)
+    return {"bloom_bytes": bloom_bytes, "partitions": partitions, **counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,7 +910,8 @@ def _run_steps(job: Job, cfg: BuildConfig, files: list[InputFile], tok_info: dic
         raise DatastoreError("the inputs hold no usable document" + (" (all were skipped)" if cfg.on_error == "skip" else ""))
 
     t = time.perf_counter()
-    dedup_stats = run_dedup(cfg, list(parts), total_docs, list(prior))
+    part_docs = [ing[u]["parts"][k]["docs"] for u, k in parts]
+    dedup_stats = run_dedup(job, executor, cfg, list(parts), part_docs, list(prior))
     seconds["dedup"] = time.perf_counter() - t
 
     t = time.perf_counter()
