@@ -108,7 +108,7 @@ class BuildConfig:
         one_of(self.executor, "executor", EXECUTORS, flag="--executor")
         non_negative_int(self.workers, "workers", flag="--workers")
         boolean(self.keep_work, "keep_work", flag="--keep-work")
-        integer(self.dedup_partitions, "dedup_partitions", ge=0, le=MAX_DEDUP_PARTITIONS)
+        integer(self.dedup_partitions, "dedup_partitions", ge=0, le=MAX_DEDUP_PARTITIONS, flag="--dedup-partitions")
         # sections given as mappings (a caller's dict) become their configs, unknown keys refused
         if isinstance(self.normalize, Mapping):
             object.__setattr__(self, "normalize", from_dict(NormalizeConfig, self.normalize, prefix="normalize."))

@@ -44,6 +44,8 @@ def group() -> None:
 @click.option("--workers", type=int, default=0, show_default=True, help="Worker processes (0: one per core).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--dedup-partitions", type=int, default=0, show_default=True,
+              help="Dedup key partitions, one task each (0: from the corpus size and workers); never changes the output.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing datastore at --out first.")
 @click.option("--keep-work", is_flag=True, help="Keep the _work/ directory of intermediate files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
@@ -53,7 +55,8 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
                     fmt: str, text_field: str, id_field: str, tokenizer: str, chunk_length: int,
                     shard_size: str, exact_dedup: bool, near_dedup: bool, dedup_threshold: float,
                     dedup_ngram: int, num_perm: int, bloom_fp_rate: float, on_error: str, workers: int,
-                    executor: str, ray_address: str | None, overwrite: bool, keep_work: bool, as_json: bool) -> None:
+                    executor: str, ray_address: str | None, dedup_partitions: int, overwrite: bool, keep_work: bool,
+                    as_json: bool) -> None:
     """Build a datastore from INPUTS (files, directories or globs; JSONL, Parquet or text; plain, .gz or .zst).
 
     Re-running the same command after an interruption resumes where it stopped.
@@ -75,6 +78,7 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
         "chunk_length": ("chunk_length", chunk_length), "shard_bytes": ("shard_size", parse_size(shard_size, "--shard-size")),
         "on_error": ("on_error", on_error), "workers": ("workers", workers), "executor": ("executor", executor),
         "ray_address": ("ray_address", ray_address), "keep_work": ("keep_work", keep_work),
+        "dedup_partitions": ("dedup_partitions", dedup_partitions),
     }
     for key, (param, value) in flags.items():
         if given(param) or key not in settings:
