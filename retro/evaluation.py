@@ -44,6 +44,7 @@ random neighbours is not retrieval at all.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -174,9 +175,15 @@ def format_difference(d: dict[str, Any] | None, unit: str = "groups") -> str:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, base: torch.nn.Module | None = None,
-             title: str = "RETRO", progress: bool = True, control: torch.nn.Module | None = None) -> dict[str, Any]:
+             title: str = "RETRO", progress: bool = True, control: torch.nn.Module | None = None, *,
+             runner: "ShardRunner | None" = None) -> dict[str, Any]:
     """Runs every setting on the held-out sequences; writes results.json, chunks.jsonl and leakage.png
     under ``cfg.out``; returns the summary. ``control``: the model trained with random neighbours.
+
+    ``runner`` (:class:`ShardRunner`): the forward passes run as its executor's tasks (local processes
+    or Ray), each loading the models from paths; this process keeps the rest (sequences, neighbours,
+    overlaps, sums, intervals) and the summary equals the in-process one exactly (the same batches,
+    the same thread count; tested). ``model``/``base``/``control`` are then only read for their configs.
 
     ``table`` must cover the held-out chunks; the random neighbours are lent by its training-split
     chunks (pass the training neighbours too, as ``retromem retro eval --neighbours nb-train
@@ -215,37 +222,32 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
         models["control"] = control
     for mod in {id(x): x for x in models.values()}.values():
         mod.eval()
+    models_by_role = {"model": model, "base": base, "control": control}
     # per predicted token: its NLL in every setting, its bytes, its resampling group, its chunk record (-1: chunk 0)
     tok_nll: dict[str, list[np.ndarray]] = {s: [] for s in models}
     tok_bytes, tok_group, tok_chunk = [], [], []
     chunks: list[dict[str, Any]] = []
     max_abs_off_base = 0.0
     bar = tqdm(total=len(data), unit="seq", desc="retro eval", disable=not progress)
-    for start in range(0, len(data), cfg.batch_size):
-        idx = range(start, min(start + cfg.batch_size, len(data)))
-        items = [data[i] for i in idx]
-        rand = [random_data[i] for i in idx]
-        batch = {key: torch.stack([it[key] for it in items]) for key in items[0]}
-        rbatch = {key: torch.stack([it[key] for it in rand]) for key in ("neighbour_ids", "neighbour_attention_mask")}
-        x, y = batch["input_ids"], batch["labels"]
-        nll = {
-            "retro": token_nll(model, x, y, neighbour_ids=batch["neighbour_ids"],
-                               neighbour_attention_mask=batch["neighbour_attention_mask"]),
-            "retro_random": token_nll(model, x, y, neighbour_ids=rbatch["neighbour_ids"],
-                                      neighbour_attention_mask=rbatch["neighbour_attention_mask"]),
-            "retro_off": token_nll(model, x, y),
-        }
+    starts = list(range(0, len(data), cfg.batch_size))
+    remote_nll: list[dict[str, torch.Tensor]] = []
+    if runner is not None:  # every forward pass in the runner's tasks; the rest below on the merged NLLs
+        remote_nll = runner.score([_batch(data, random_data, start, cfg.batch_size) for start in starts])
+        if remote_nll and list(remote_nll[0]) != list(models):
+            raise ConfigError(f"the tasks' models give the settings {', '.join(remote_nll[0])}, this process's "
+                              f"{', '.join(models)}: pass the same base and control models to both")
+    for bi, start in enumerate(starts):
+        batch, rbatch = _batch(data, random_data, start, cfg.batch_size)
+        n_items = len(batch["input_ids"])
+        x = batch["input_ids"]
+        nll = remote_nll[bi] if runner is not None else batch_nll(models_by_role, batch, rbatch)
         if base is not None:
-            nll["base"] = token_nll(base, x, y)
             max_abs_off_base = max(max_abs_off_base, float(np.nanmax((nll["base"] - nll["retro_off"]).abs().numpy())))
-        if control is not None:
-            nll["control"] = token_nll(control, x, y, neighbour_ids=batch["neighbour_ids"],
-                                       neighbour_attention_mask=batch["neighbour_attention_mask"])
         ok = ~torch.isnan(nll["retro"])  # (B, T)
         nb = nbytes_of[x.clamp(max=len(nbytes_of) - 1)].float()  # (B, T)
         nt, nm = batch["neighbour_ids"].numpy(), batch["neighbour_attention_mask"].numpy()
         rt, rm = rbatch["neighbour_ids"].numpy(), rbatch["neighbour_attention_mask"].numpy()
-        for b in range(len(items)):
+        for b in range(n_items):
             win = data.windows[start + b]
             chunk_of_pos = np.full(x.shape[1], -1, dtype=np.int64)  # (T,) chunk record of each position
             for u in range(1, cfg.seq_chunks):
@@ -273,7 +275,7 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
             else:
                 group = np.full(x.shape[1], start + b, dtype=np.int64)
             tok_group.append(group[keep])
-        bar.update(len(items))
+        bar.update(n_items)
     bar.close()
 
     nll_all = {s: np.concatenate(v) for s, v in tok_nll.items()}
@@ -329,6 +331,97 @@ def evaluate(model: torch.nn.Module, ds: Any, table: Any, cfg: RetroEvalConfig, 
     summary["plot"] = str(plot_leakage(summary, out / "leakage.png"))
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _batch(data: Any, random_data: Any, start: int, batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The evaluated sequences ``start .. start + batch_size`` with their retrieved neighbours, and the
+    random neighbours of the same sequences."""
+    idx = range(start, min(start + batch_size, len(data)))
+    items = [data[i] for i in idx]
+    rand = [random_data[i] for i in idx]
+    batch = {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    rbatch = {key: torch.stack([it[key] for it in rand]) for key in ("neighbour_ids", "neighbour_attention_mask")}
+    return batch, rbatch
+
+
+@torch.inference_mode()
+def batch_nll(models: dict[str, torch.nn.Module | None], batch: dict[str, torch.Tensor],
+              rbatch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(B, T) token NLL of one batch in every setting the ``models`` (roles ``model``, ``base``,
+    ``control``; None: absent) allow, in :data:`SETTINGS`' reporting order of the summary."""
+    model, base, control = models["model"], models.get("base"), models.get("control")
+    x, y = batch["input_ids"], batch["labels"]
+    nll = {
+        "retro": token_nll(model, x, y, neighbour_ids=batch["neighbour_ids"],
+                           neighbour_attention_mask=batch["neighbour_attention_mask"]),
+        "retro_random": token_nll(model, x, y, neighbour_ids=rbatch["neighbour_ids"],
+                                  neighbour_attention_mask=rbatch["neighbour_attention_mask"]),
+        "retro_off": token_nll(model, x, y),
+    }
+    if base is not None:
+        nll["base"] = token_nll(base, x, y)
+    if control is not None:
+        nll["control"] = token_nll(control, x, y, neighbour_ids=batch["neighbour_ids"],
+                                   neighbour_attention_mask=batch["neighbour_attention_mask"])
+    return nll
+
+
+@dataclass(frozen=True)
+class EvalModels:
+    """Where every task finds the models of a sharded evaluation: directories every node sees (or
+    built-in names / hub ids that each node resolves from its own cache).
+
+    model: the RETRO directory (:func:`retromem.retro.loading.load_retro_model`); base_model: the base
+    its RETROfit weights go on (None: the recorded one); base: the model of the ``base`` setting (None:
+    no such setting); control_model: the control run's directory; threads: torch threads per task
+    (the in-process run's ``--threads``, so each batch is computed the same way)."""
+
+    model: str
+    base_model: str | None = None
+    base: str | None = None
+    control_model: str | None = None
+    threads: int = 1
+
+    def load(self) -> dict[str, torch.nn.Module | None]:
+        """The models by role (``model``, ``base``, ``control``), in eval mode."""
+        from retromem.models import load_causal_lm
+        from retromem.retro.loading import load_retro_model
+
+        return {"model": load_retro_model(self.model, self.base_model)[0],
+                "base": load_causal_lm(self.base)[0].eval() if self.base else None,
+                "control": load_retro_model(self.control_model, self.base_model)[0] if self.control_model else None}
+
+
+@functools.lru_cache(maxsize=1)
+def _models_of(spec: EvalModels) -> dict[str, torch.nn.Module | None]:
+    # a worker process (Ray reuses them) loads the models once, not once per shard
+    return spec.load()
+
+
+def _score_shard(spec: EvalModels, shard: tuple[int, list[tuple[dict, dict]]]) -> list[dict[str, np.ndarray]]:
+    """One task: the token NLLs of a run of whole batches (numpy, bit-exact through pickling)."""
+    torch.set_num_threads(spec.threads)
+    models = _models_of(spec)
+    return [{s: v.numpy() for s, v in batch_nll(models, batch, rbatch).items()} for batch, rbatch in shard[1]]
+
+
+class ShardRunner:
+    """Runs :func:`evaluate`'s forward passes as tasks of an executor (``retromem.datastore.executors``:
+    local processes or Ray): the batches are cut into ``shards`` runs of whole batches, one task each,
+    and the NLLs come back in batch order. Tasks load the models from ``models`` (paths every node sees)."""
+
+    def __init__(self, executor: Any, models: EvalModels, shards: int) -> None:
+        positive_int(shards, "shards", flag="--workers")
+        self.executor, self.models, self.shards = executor, models, shards
+
+    def score(self, batches: list[tuple[dict, dict]]) -> list[dict[str, torch.Tensor]]:
+        n = len(batches)
+        bounds = np.linspace(0, n, min(self.shards, n) + 1).round().astype(int)
+        items = [(i, batches[a:b]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+        out: list[list[dict[str, np.ndarray]] | None] = [None] * len(items)
+        for (i, _), result in self.executor.map(_score_shard, self.models, items):
+            out[i] = result
+        return [{s: torch.from_numpy(np.array(v)) for s, v in d.items()} for part in out for d in part]  # type: ignore[union-attr]
 
 
 NAMES = {"base": "base model", "retro": "RETRO, retrieved neighbours", "retro_random": "RETRO, random neighbours",

@@ -31,6 +31,7 @@ Documents, random chunks and datastore sizes come from the local datastore.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -254,11 +255,15 @@ def _payload_text(p: Any) -> str:
 
 
 def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datastore: Any, cfg: RalmConfig, *,
-                  progress: bool = False, compressor: Any = None) -> RalmResult:
+                  progress: bool = False, compressor: Any = None, runner: "RalmRunner | None" = None) -> RalmResult:
     """Scores the held-out documents of ``datastore`` under every setting and subsample (see module doc).
     ``compressor`` (:mod:`retromem.retro.compress`, TCRA-LLM): the ``retrieved`` setting's chunks are
     compressed, with the block's query in view, before they are prepended (``prefix_tokens`` shows
-    the tokens saved); the controls and the scaling curve stay uncompressed."""
+    the tokens saved); the controls and the scaling curve stay uncompressed.
+
+    ``runner`` (:class:`RalmRunner`): the LM scoring (the cost) runs as its executor's tasks (local
+    processes or Ray), each loading the model from its path; retrieval, the controls' draws and the
+    sums stay here, so the result equals the in-process one exactly (the same batches; tested)."""
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have search(queries, k, exclude_doc_ids=..., fetch=...), "
                         f"got {type(retriever).__name__}")
@@ -366,43 +371,52 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
             prefixes["other_query"][i, b] = prefix(other)
     dropped_deep = sum(contaminated.values())
 
-    # -- score the four settings
+    # -- the scaling curve's selections: subsamples of the datastore, hits filtered from the deep lists
     keys = [(i, b) for i, doc in enumerate(docs) for b in range(len(doc.positions))]
-    nll: dict[str, list[np.ndarray]] = {}
-    for s in SETTINGS:
-        if s == "other_query" and len(docs) < 2:
-            continue
-        vals = score_sequences(model, [item(i, b, prefixes[s][i, b]) for i, b in keys], pad_id=pad,
-                               batch_size=cfg.batch_size, progress=s if progress else None)
-        nll[s] = _per_doc(vals, keys, len(docs))
-        logger.info("ralm: scored %s", s)
-
-    # -- the scaling curve: subsamples of the datastore, hits filtered from the deep lists
-    doc_tokens = np.bincount(chunk_doc, weights=np.asarray(ds.chunk_ntokens_array, dtype=np.float64),
-                             minlength=ds.num_documents)
-    outside = ~np.isin(np.arange(ds.num_documents), eval_ids)
+    subsamples: list[tuple[float, int, np.ndarray, dict[tuple[int, int], list[int]]]] = []
     all_docs = np.arange(ds.num_documents)
-    scaling = []
     for f in cfg.fractions:
         for seed in (cfg.seeds if f < 1.0 else cfg.seeds[:1]):
             member = in_subsample(all_docs, f, seed)
             if f >= 1.0:
-                vals_doc = nll["retrieved"]
                 sels = selections["retrieved"]
             else:
                 sels = {(i, b): select(i, deep[i, b], member[[hit_doc[int(c)] for c in deep[i, b]]]
                                        if len(deep[i, b]) else np.zeros(0, bool))
                         for i, b in keys}
-                vals = score_sequences(model, [item(i, b, prefix(sels[i, b])) for i, b in keys], pad_id=pad,
-                                       batch_size=cfg.batch_size,
-                                       progress=f"fraction {f:g} seed {seed}" if progress else None)
-                vals_doc = _per_doc(vals, keys, len(docs))
-            counts = np.array([len(v) for v in sels.values()])
-            row = {"fraction": float(f), "seed": int(seed), "datastore_tokens": int(doc_tokens[member & outside].sum()),
-                   **_summary(vals_doc), "mean_chunks": float(counts.mean()), "blocks_short": int((counts < k).sum()),
-                   "vs_none": _diff(vals_doc, nll["none"], cfg), "vs_random": _diff(vals_doc, nll["random"], cfg)}
-            scaling.append(row)
-            logger.info("ralm: fraction %.3g seed %d: ppl %.3f", f, seed, row["ppl"])
+            subsamples.append((f, seed, member, sels))
+
+    # -- score the four settings and every subsample (in process, or as the runner's tasks)
+    work: dict[str, list[tuple[list[int], int]]] = {}
+    for s in SETTINGS:
+        if s == "other_query" and len(docs) < 2:
+            continue
+        work[s] = [item(i, b, prefixes[s][i, b]) for i, b in keys]
+    for f, seed, _, sels in subsamples:
+        if f < 1.0:
+            work[f"fraction {f:g} seed {seed}"] = [item(i, b, prefix(sels[i, b])) for i, b in keys]
+    if runner is None:
+        scored = {}
+        for name, items in work.items():
+            scored[name] = score_sequences(model, items, pad_id=pad, batch_size=cfg.batch_size,
+                                           progress=name if progress else None)
+            logger.info("ralm: scored %s", name)
+    else:
+        scored = runner.score(work, pad_id=pad, batch_size=cfg.batch_size)
+    nll: dict[str, list[np.ndarray]] = {s: _per_doc(scored[s], keys, len(docs)) for s in SETTINGS if s in scored}
+
+    doc_tokens = np.bincount(chunk_doc, weights=np.asarray(ds.chunk_ntokens_array, dtype=np.float64),
+                             minlength=ds.num_documents)
+    outside = ~np.isin(np.arange(ds.num_documents), eval_ids)
+    scaling = []
+    for f, seed, member, sels in subsamples:
+        vals_doc = nll["retrieved"] if f >= 1.0 else _per_doc(scored[f"fraction {f:g} seed {seed}"], keys, len(docs))
+        counts = np.array([len(v) for v in sels.values()])
+        row = {"fraction": float(f), "seed": int(seed), "datastore_tokens": int(doc_tokens[member & outside].sum()),
+               **_summary(vals_doc), "mean_chunks": float(counts.mean()), "blocks_short": int((counts < k).sum()),
+               "vs_none": _diff(vals_doc, nll["none"], cfg), "vs_random": _diff(vals_doc, nll["random"], cfg)}
+        scaling.append(row)
+        logger.info("ralm: fraction %.3g seed %d: ppl %.3f", f, seed, row["ppl"])
 
     settings = {s: _summary(v) for s, v in nll.items()}
     diffs = [{"a": a, "b": b, **_diff(nll[a], nll[b], cfg)} for a, b in COMPARISONS if a in nll and b in nll]
@@ -416,6 +430,59 @@ def evaluate_ralm(model: torch.nn.Module, tokenizer: Any, retriever: Any, datast
         prefix_tokens={s: int(sum(len(p) for p in pre.values())) for s, pre in prefixes.items()},
         nll=nll,
     )
+
+
+@dataclass(frozen=True)
+class RalmModel:
+    """Where every task finds the scoring LM (a directory every node sees, a built-in name or a hub id
+    each node resolves from its own cache) and its torch threads (the in-process run's ``--threads``)."""
+
+    model: str
+    threads: int = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_of(spec: RalmModel) -> torch.nn.Module:
+    # a worker process (Ray reuses them) loads the model once, not once per task
+    from retromem.models import load_causal_lm
+
+    return load_causal_lm(spec.model)[0]
+
+
+def _score_task(ctx: tuple[RalmModel, int, int], task: tuple[str, int, list[tuple[list[int], int]]]) -> list[np.ndarray]:
+    """One task: :func:`score_sequences` over a run of whole batches of one setting's length-sorted items."""
+    spec, pad_id, batch_size = ctx
+    torch.set_num_threads(spec.threads)
+    return score_sequences(_lm_of(spec), task[2], pad_id=pad_id, batch_size=batch_size)
+
+
+class RalmRunner:
+    """Runs :func:`evaluate_ralm`'s scoring as tasks of an executor (``retromem.datastore.executors``:
+    local processes or Ray). Each setting's sequences are sorted by length as :func:`score_sequences`
+    sorts them and cut into at most ``shards`` runs of whole batches, one task each (all settings'
+    tasks at once), so every batch is the one the in-process run forms; results come back in order."""
+
+    def __init__(self, executor: Any, model: RalmModel, shards: int) -> None:
+        positive_int(shards, "shards", flag="--workers")
+        self.executor, self.model, self.shards = executor, model, shards
+
+    def score(self, work: dict[str, list[tuple[list[int], int]]], *, pad_id: int,
+              batch_size: int) -> dict[str, list[np.ndarray]]:
+        tasks, where = [], {}
+        for name, items in work.items():
+            order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+            nb = -(-len(items) // batch_size)
+            bounds = np.linspace(0, nb, min(self.shards, nb) + 1).round().astype(int) * batch_size
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if b > a:
+                    idx = order[a:b]
+                    where[name, len(tasks)] = idx
+                    tasks.append((name, len(tasks), [items[i] for i in idx]))
+        out: dict[str, list[np.ndarray | None]] = {name: [None] * len(items) for name, items in work.items()}
+        for task, vals in self.executor.map(_score_task, (self.model, pad_id, batch_size), tasks):
+            for i, v in zip(where[task[0], task[1]], vals):
+                out[task[0]][i] = v
+        return out  # type: ignore[return-value]
 
 
 def _check_same_datastore(retriever: Any, ds: Any) -> None:
@@ -502,5 +569,5 @@ def plot_scaling(result: RalmResult | dict[str, Any], path: str | Path, *, title
     return path
 
 
-__all__ = ["COMPARISONS", "RalmConfig", "RalmResult", "SETTINGS", "evaluate_ralm", "in_subsample", "ngram_set",
-           "plot_scaling", "random_tokens", "score_sequences", "shares_ngram", "top_k_kept"]
+__all__ = ["COMPARISONS", "RalmConfig", "RalmModel", "RalmResult", "RalmRunner", "SETTINGS", "evaluate_ralm",
+           "in_subsample", "ngram_set", "plot_scaling", "random_tokens", "score_sequences", "shares_ngram", "top_k_kept"]

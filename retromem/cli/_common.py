@@ -145,6 +145,27 @@ def shard_executor_options(fn):
     return fn
 
 
+def node_path(value: str | None) -> str | None:
+    """A model or data path as the tasks of another process or node will read it: an existing local
+    path made absolute (a Ray worker does not share the driver's working directory); a built-in name,
+    a hub id or a URL as given."""
+    if value is None or "://" in value or not Path(value).exists():
+        return value
+    return str(Path(value).resolve())
+
+
+def task_count(executor: str, workers: int) -> int:
+    """Tasks to cut an evaluation into: --workers, or with 0 the cores of this machine (local) or of
+    the Ray cluster (ray, after the executor has joined it)."""
+    if workers > 0:
+        return workers
+    if executor == "ray":
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
 def retriever_options(index_help: str):
     """The options of a command that retrieves from a dense index in process (--index) or through a
     retrieval server (--server, with --token-file and --tls-ca); see :func:`open_retriever`."""

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, open_retriever, parse_list, retriever_options
+from retromem.cli._common import (handle_errors, node_path, open_retriever, parse_list, retriever_options,
+                                  shard_executor_options, task_count)
 
 
 @click.group("ralm")
@@ -74,6 +75,7 @@ def _default(name: str) -> str:
 @click.option("--compress-ratio", type=float, default=0.5, show_default=True,
               help="Share of each retrieved text's tokens kept by --compress.")
 @click.option("--threads", type=int, default=2, show_default=True)
+@shard_executor_options
 @handle_errors
 def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None, server: str | None,
               token_file: str | None, tls_ca: str | None, lexical_index: str | None, config_path: str | None, out: str,
@@ -81,10 +83,13 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
               deep_k: int | None, max_docs: int | None, max_doc_tokens: int | None, eval_fraction: float | None,
               split_seed: int | None, fractions: str | None, seeds: str | None, decontam_ngram: int | None,
               separator: str | None, random_seed: int | None, batch_size: int | None, bootstrap: int | None,
-              compress: str, compress_ratio: float, threads: int) -> None:
+              compress: str, compress_ratio: float, threads: int, executor: str = "local", workers: int = 1,
+              ray_address: str | None = None) -> None:
     """Score held-out documents of --datastore with no retrieval, retrieved chunks (dense or BM25), random
     chunks of the same length and another query's chunks, over datastore subsamples; write results.json
-    and a plot. Settings come from --config (a YAML of RalmConfig fields), then the flags given."""
+    and a plot. Settings come from --config (a YAML of RalmConfig fields), then the flags given. With
+    --executor ray (or --workers N > 1) the LM scoring runs as tasks, each loading --model from its path
+    (which every node must see); retrieval stays in this process; the figures equal the in-process run's."""
     import torch
 
     from retromem.datastore import Datastore
@@ -120,7 +125,14 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
         source = server or str(index_dir)
     lm, tok = load_causal_lm(model)
     compressor = make_compressor(ccfg, tok, model=lm, summary_tokenizer=tok)
-    res = evaluate_ralm(lm, tok, searcher, ds, cfg, progress=True, compressor=compressor)
+    runner = None
+    if executor == "ray" or workers != 1:
+        from retromem.datastore.executors import make_executor
+        from retromem.retro.ralm import RalmModel, RalmRunner
+
+        runner = RalmRunner(make_executor(executor, workers, ray_address), RalmModel(node_path(model), threads),
+                            shards=task_count(executor, workers))
+    res = evaluate_ralm(lm, tok, searcher, ds, cfg, progress=True, compressor=compressor, runner=runner)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": model, "datastore": str(ds.path), "retriever": retriever, "retriever_source": source,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, open_retriever, retriever_options, train_options
+from retromem.cli._common import (handle_errors, node_path as _node_path, open_retriever, retriever_options, secret,
+                                  shard_executor_options, task_count as _task_count, train_options)
 from retromem.errors import ConfigError
 
 
@@ -33,22 +34,33 @@ def group() -> None:
 @click.option("--batch-size", type=int, default=512, show_default=True)
 @click.option("--max-chunks", type=int, default=None, help="Only the first N chunks of the split (smoke runs).")
 @click.option("--overwrite", is_flag=True, help="Delete existing output first.")
+@shard_executor_options
 @handle_errors
 def retro_neighbours(datastore: str, index_dir: str | None, server: str | None, token_file: str | None, tls_ca: str | None,
                      out: str, k: int, split: str, eval_fraction: float, split_seed: int,
                      query: str, leakage_ngram: int | None, candidates: int | None, shard_chunks: int, batch_size: int,
-                     max_chunks: int | None, overwrite: bool) -> None:
+                     max_chunks: int | None, overwrite: bool, executor: str = "local", workers: int = 1,
+                     ray_address: str | None = None) -> None:
     """Retrieve k neighbours for every chunk of a split of DATASTORE (own document excluded), from a dense
-    index in process (--index) or a running server (--server, which must serve DATASTORE); re-run to resume."""
+    index in process (--index) or a running server (--server, which must serve DATASTORE); re-run to resume.
+    With --executor ray (or --workers N > 1) each output shard is a task that opens DATASTORE and the
+    index (or a client of --server) itself: both must be where every worker sees them; same files."""
     from retromem.datastore import Datastore
-    from retromem.retro.neighbours import NeighboursConfig, compute_neighbours
+    from retromem.retro.neighbours import NeighboursConfig, RetrieverSpec, compute_neighbours
 
     cfg = NeighboursConfig(datastore=datastore, out=out, index=index_dir, k=k, split=split, eval_fraction=eval_fraction,
                            split_seed=split_seed, query=query, leakage_ngram=leakage_ngram, candidates=candidates,
                            shard_chunks=shard_chunks, batch_size=batch_size, max_chunks=max_chunks)
     retriever = open_retriever(index_dir, server, token_file, tls_ca, datastore=Datastore.open(datastore) if index_dir else None)
+    run_on, spec = None, None
+    if executor == "ray" or workers != 1:
+        from retromem.datastore.executors import make_executor
+
+        run_on = make_executor(executor, workers, ray_address)
+        spec = (RetrieverSpec(server=server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca) if server
+                else RetrieverSpec(index=str(Path(index_dir).resolve())))
     try:
-        res = compute_neighbours(cfg, retriever, overwrite=overwrite)
+        res = compute_neighbours(cfg, retriever, overwrite=overwrite, executor=run_on, spec=spec)
     finally:
         if server is not None:
             retriever.close()
@@ -116,14 +128,17 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
               help="What the bootstrap resamples: held-out documents or evaluated sequences.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", default="retro-eval", show_default=True, help="Directory for results.json, chunks.jsonl, leakage.png.")
+@shard_executor_options
 @handle_errors
 def retro_eval(model_path: str, base_model: str | None, control_model: str | None, datastore_path: str, neighbours: tuple[str, ...], seq_chunks: int,
                max_sequences: int, batch_size: int, overlap_ngram: int, seed: int, bootstrap: int, groups: str,
-               threads: int, out: str) -> None:
+               threads: int, out: str, executor: str = "local", workers: int = 1, ray_address: str | None = None) -> None:
     """Held-out perplexity and bits per byte on the same tokens: base model, RETRO with retrieved
     neighbours, with random neighbours (another chunk's), with none, and the control run (trained on
     random neighbours) if given; paired bootstrap intervals for the differences; and the leakage
-    analysis (gain against neighbour overlap), plotted."""
+    analysis (gain against neighbour overlap), plotted. With --executor ray (or --workers N > 1) the
+    forward passes run as tasks, one per run of batches, each loading the models from their paths
+    (which every node must see); the figures equal the in-process run's."""
     import torch
 
     from retromem.datastore import Datastore
@@ -143,7 +158,16 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
     base = load_causal_lm(base_name)[0] if base_name else None
     control = load_retro_model(control_model, base_model)[0] if control_model else None
     table = NeighbourTable(list(neighbours), ds)
-    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}", control=control)
+    runner = None
+    if executor == "ray" or workers != 1:
+        from retromem.datastore.executors import make_executor
+        from retromem.retro.evaluation import EvalModels, ShardRunner
+
+        spec = EvalModels(_node_path(model_path), _node_path(base_model), _node_path(base_name),
+                          _node_path(control_model), threads=threads)
+        runner = ShardRunner(make_executor(executor, workers, ray_address), spec, shards=_task_count(executor, workers))
+    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}", control=control,
+                 runner=runner)
     click.echo(f"{s['sequences']} held-out sequences of {s['sequence_tokens']} tokens from {s['held_out_documents']} "
                f"documents never trained on; k={s['num_neighbours']}; random neighbours lent by "
                f"{s['random_neighbours']['donor_split']}-split chunks of other documents")
