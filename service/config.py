@@ -13,6 +13,8 @@ from retromem.config import fail, integer, key_name, non_negative_int, number, o
 from retromem.errors import ConfigError
 
 MiB = 2**20
+# a shard target `serve:NAME` is the Ray Serve shard deployment NAME (retromem.service.ray_serve), not a host:port
+SERVE_TARGET = "serve:"
 
 # the command-line flags of `retromem serve` that set ServiceLimits fields (the others have none)
 _FLAGS = {"max_batch": "--max-batch", "max_k": "--max-k", "max_chunks": "--max-chunks",
@@ -107,7 +109,7 @@ class ServerConfig:
             raise ConfigError("nothing to serve: give --datastore, --dense and/or --ngram, or --shard for a router")
         for s in self.shards:
             host, _, port = s.rpartition(":")
-            if not host or not port.isdigit():
+            if (not host or not port.isdigit()) and not (s.startswith(SERVE_TARGET) and len(s) > len(SERVE_TARGET)):
                 fail("shards", "be host:port", s, flag="--shard")
         integer(self.port, "port", ge=0, le=65535, flag="--port")
         positive_int(self.workers, "workers", flag="--workers")

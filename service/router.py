@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -32,7 +33,7 @@ from retromem.errors import ConfigError
 from retromem.service.common import (SEARCH_ADVICE, AnswerSize, ServiceError, check_answer, check_chunk_ids,
                                      check_search_request, message_budget, rpc, stream_search)
 from retromem.service.messages import fetch_flags
-from retromem.service.config import ServerConfig
+from retromem.service.config import SERVE_TARGET, ServerConfig
 from retromem.service.interceptors import Metrics
 from retromem.service.messages import limits_msg, shift_chunk
 from retromem.service.v1 import retrieval_pb2 as pb
@@ -111,7 +112,10 @@ def place_shards(shards: list[Shard], declared: dict[str, tuple[str, int, int]])
 class RouterServicer(pb_grpc.RetrievalServicer):
     """The ``retromem.v1.Retrieval`` service over shard servers (see module docstring)."""
 
-    def __init__(self, cfg: ServerConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, metrics: Metrics | None = None,
+                 connect: Callable[[str], tuple[Any, Any]] | None = None) -> None:
+        """``connect(target) -> (stub, channel)``: how to reach a shard (default: a gRPC channel to
+        host:port; the Ray Serve fan-out passes one that calls the shard deployments' handles)."""
         self.cfg = cfg
         self.limits = cfg.limits
         self.metrics = metrics
@@ -119,8 +123,14 @@ class RouterServicer(pb_grpc.RetrievalServicer):
         self.shards: list[Shard] = []
         self._declared = dict(zip(cfg.shards, cfg.shard_ranges)) if cfg.shard_ranges else {}
         for target in cfg.shards:
-            ch = _channel(cfg, target)
-            stub = pb_grpc.RetrievalStub(ch)
+            if connect is not None:
+                stub, ch = connect(target)
+            elif target.startswith(SERVE_TARGET):
+                raise ConfigError(f"shard {target} is a Ray Serve deployment: serve it with `retromem serve --engine ray "
+                                  "--deployment FILE`")
+            else:
+                ch = _channel(cfg, target)
+                stub = pb_grpc.RetrievalStub(ch)
             try:  # the shards may still be starting: wait for them up to the shard timeout
                 info = stub.Info(pb.InfoRequest(), timeout=cfg.shard_timeout_s, metadata=self._metadata,
                                  wait_for_ready=True)
@@ -311,29 +321,30 @@ class RouterServicer(pb_grpc.RetrievalServicer):
         return check_answer(pb.SearchResponse(results=results, missing_shards=missing), self.limits.max_message_bytes,
                             f"{len(request.queries):,} queries x {request.k:,} hits", SEARCH_ADVICE)
 
-    def SearchStream(self, request_iterator, context):
+    def stream_answer(self, r: int, req: pb.SearchRequest, context) -> tuple[list[pb.QueryResult], list[str]]:
+        """The results of SearchStream's request ``r`` and the shards missing from them."""
         budget = message_budget(self.limits.max_message_bytes)
+        prefix = f"requests[{r}]."
+        self._need("dense")
+        n = check_search_request(req, self.limits, self._info.dense.ntotal, prefix, self.size, streaming=True)
+        # each shard answers a unary Search: ask in slices that fit in one of its messages
+        step = max(1, int(budget // self.size.query(req.k, fetch_flags(req.fetch if req.HasField("fetch") else None))))
+        if n <= step:
+            return self._search(req, context, prefix, streaming=True)
+        results, missing = [], set()
+        for lo in range(0, n, step):
+            sub = pb.SearchRequest()
+            sub.CopyFrom(req)
+            del sub.queries[:]
+            sub.queries.extend(req.queries[lo:lo + step])
+            got, miss = self._search(sub, context, prefix, streaming=True)
+            results.extend(got)
+            missing.update(miss)
+        return results, sorted(missing)
 
-        def answer(r, req):
-            prefix = f"requests[{r}]."
-            self._need("dense")
-            n = check_search_request(req, self.limits, self._info.dense.ntotal, prefix, self.size, streaming=True)
-            # each shard answers a unary Search: ask in slices that fit in one of its messages
-            step = max(1, int(budget // self.size.query(req.k, fetch_flags(req.fetch if req.HasField("fetch") else None))))
-            if n <= step:
-                return self._search(req, context, prefix, streaming=True)
-            results, missing = [], set()
-            for lo in range(0, n, step):
-                sub = pb.SearchRequest()
-                sub.CopyFrom(req)
-                del sub.queries[:]
-                sub.queries.extend(req.queries[lo:lo + step])
-                got, miss = self._search(sub, context, prefix, streaming=True)
-                results.extend(got)
-                missing.update(miss)
-            return results, sorted(missing)
-
-        yield from stream_search(request_iterator, context, answer, self.limits.max_message_bytes, self.metrics)
+    def SearchStream(self, request_iterator, context):
+        yield from stream_search(request_iterator, context, lambda r, req: self.stream_answer(r, req, context),
+                                 self.limits.max_message_bytes, self.metrics)
 
     # -- chunks --------------------------------------------------------------------------
 

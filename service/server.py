@@ -90,8 +90,9 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningServer:
-    """Open what ``cfg`` names (or use ``backend``), start serving, return at once."""
+def start_server(cfg: ServerConfig, backend: Backend | None = None, servicer: Any = None) -> RunningServer:
+    """Open what ``cfg`` names (or use ``backend``), start serving, return at once. ``servicer``: serve
+    this one instead (the Ray Serve front of :mod:`retromem.service.ray_serve`), with the same wiring."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
@@ -104,7 +105,9 @@ def start_server(cfg: ServerConfig, backend: Backend | None = None) -> RunningSe
 
         faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
-    if cfg.shards:
+    if servicer is not None:
+        pass
+    elif cfg.shards:
         servicer = RouterServicer(cfg, metrics)
     else:
         servicer = RetrievalServicer(cfg, backend or Backend.open(cfg), metrics)
@@ -164,11 +167,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(cfg: ServerConfig, *, on_ready=None) -> int:
+def serve(cfg: ServerConfig, *, on_ready=None, servicer: Any = None) -> int:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests (up to ``cfg.grace_s``) and return
     the number of calls still running then (a process should exit without waiting for them:
     ``os._exit``, since Python would join their threads at exit)."""
-    running = start_server(cfg)
+    running = start_server(cfg, servicer=servicer)
     stop = threading.Event()
 
     def handle(signum, frame):

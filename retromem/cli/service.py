@@ -41,7 +41,13 @@ def read_deployment(path: str) -> tuple[tuple[str, ...], tuple[tuple[str, int, i
 @click.option("--shard", "shards", multiple=True, help="Router mode: host:port of a shard server (repeat, in id order).")
 @click.option("--deployment", type=click.Path(exists=True, dir_okay=False),
               help="Router mode: YAML/JSON `shards:` list of {target, datastore_id, first_doc, first_chunk}; ids come "
-                   "from it, not from shard order.")
+                   "from it, not from shard order. With --engine ray: each shard's datastore/dense/ngram paths, "
+                   "datastore_id, first_doc, first_chunk and replicas or autoscaling (see retromem.service.ray_serve).")
+@click.option("--engine", type=click.Choice(["grpc", "ray"]), default="grpc", show_default=True,
+              help="ray: run the shards of --deployment as Ray Serve deployments (replicas, health checks, "
+                   "autoscaling) behind this gRPC front; grpc: this process serves (or routes) by itself.")
+@click.option("--ray-address", default=None, help="--engine ray: the Ray cluster to join (default: a running local one, "
+                                                  "or a new one).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=int, default=50051, show_default=True, help="Port (0: any free one).")
 @click.option("--workers", type=int, default=8, show_default=True, help="Threads running unary requests (health checks included).")
@@ -72,7 +78,7 @@ def read_deployment(path: str) -> tuple[tuple[str, ...], tuple[tuple[str, int, i
 @click.option("--faiss-threads", type=int, default=None, help="FAISS OpenMP threads (default: one per core).")
 @verify_option
 @handle_errors
-def serve(datastore_path, dense, ngram, shards, deployment, host, port, workers, max_streams, stream_idle, stream_max, max_queue,
+def serve(datastore_path, dense, ngram, shards, deployment, engine, ray_address, host, port, workers, max_streams, stream_idle, stream_max, max_queue,
           batch_wait_ms, max_dense_batch, max_batch, max_k, max_chunks, max_query_tokens, max_message_bytes, max_nprobe,
           max_ef_search, token_file, tls_cert, tls_key, metrics_port, metrics_host, grace,
           partial, shard_timeout, shard_token_file, shard_tls_ca, torch_threads, faiss_threads) -> None:
@@ -85,7 +91,21 @@ def serve(datastore_path, dense, ngram, shards, deployment, host, port, workers,
                            max_message_bytes=parse_size(max_message_bytes, "--max-message-bytes"), max_nprobe=max_nprobe,
                            max_ef_search=max_ef_search)
     shard_ranges: tuple = ()
-    if deployment:
+    ray_dep = None
+    if engine == "ray":
+        from retromem.service.ray_serve import read_ray_deployment
+
+        if not deployment:
+            raise ConfigError("--engine ray serves the shards of a deployment file: give --deployment FILE")
+        if shards or datastore_path or dense or ngram:
+            raise ConfigError("--engine ray takes its shards and their paths from --deployment: drop --shard, "
+                              "--datastore, --dense and --ngram")
+        ray_dep = read_ray_deployment(deployment)
+        shards = tuple(s.target for s in ray_dep.shards)
+        shard_ranges = tuple((s.datastore_id, s.first_doc, s.first_chunk) for s in ray_dep.shards)
+    elif ray_address:
+        raise ConfigError("--ray-address goes with --engine ray")
+    elif deployment:
         if shards:
             raise ConfigError("give the shards either with --shard or in --deployment, not both")
         shards, shard_ranges = read_deployment(deployment)
@@ -99,13 +119,18 @@ def serve(datastore_path, dense, ngram, shards, deployment, host, port, workers,
                        torch_threads=torch_threads, faiss_threads=faiss_threads, limits=limits)
 
     def ready(running) -> None:
-        parts = [p for p, v in (("router", cfg.shards), ("datastore", datastore_path), ("dense", dense), ("ngram", ngram)) if v]
+        parts = [p for p, v in (("ray-serve" if ray_dep else "router", cfg.shards), ("datastore", datastore_path), ("dense", dense), ("ngram", ngram)) if v]
         extra = f", metrics on http://{metrics_host}:{running.metrics_port}/metrics" if running.metrics_port is not None else ""
         click.echo(f"serving {'+'.join(parts)} on {host}:{running.port} ({'TLS' if tls_cert else 'plaintext'}"
                    f"{', token required' if cfg.token else ''}){extra}", err=False)
         sys.stdout.flush()
 
-    abandoned = run(cfg, on_ready=ready)
+    if ray_dep is not None:
+        from retromem.service.ray_serve import serve_ray
+
+        abandoned = serve_ray(ray_dep, cfg, ray_address=ray_address, on_ready=ready)
+    else:
+        abandoned = run(cfg, on_ready=ready)
     click.echo(f"stopped: {abandoned} call(s) still running after --grace {grace:g}s were abandoned" if abandoned
                else "stopped: in-flight requests drained")
     # exit now: the interpreter's teardown (a last garbage collection over the loaded tokenizer, model

@@ -1,0 +1,634 @@
+"""The retrieval service scaled out on Ray Serve: shard replicas, a fan-out, one gRPC front.
+
+Where one server is not enough, ``retromem serve --engine ray --deployment FILE`` runs the shards
+and the fan-out as Ray Serve deployments of one application, behind the same ``retromem.v1``
+gRPC API as ``retromem serve``:
+
+- one deployment per shard (``shard-<name>``): each replica opens the shard's datastore and its
+  dense and/or n-gram index exactly as ``retromem serve`` does (:meth:`Backend.open`) and answers
+  the calls in process with the same :class:`RetrievalServicer`; its ``check_health`` reads a chunk
+  and counts a token, so Serve replaces a replica that stops answering; replicas per shard, or
+  ``autoscaling`` (min/max replicas, target ongoing requests), come from the deployment file;
+- a fan-out deployment (``fanout``): the router of :mod:`retromem.service.router` itself, its
+  shards reached through their deployment handles instead of gRPC channels, so every merge rule
+  (top-k by score, counts summed, ∞-gram at the longest suffix, chunks from their owner) and the
+  placement (global ids from each shard's declared datastore id and id range, never from shard
+  order; a datastore given twice or overlapping ranges refused) is the router's, in one place;
+- the gRPC front: :func:`retromem.service.server.start_server`'s own server (bounded queue,
+  interceptors, bearer token, TLS, health, reflection, metrics) with a thin servicer that sends
+  each call to the fan-out's handle and turns its answer back into the message or status code.
+
+Why a thin front and not Serve's gRPC proxy (``grpc_servicer_functions``): the proxy serves unary
+and server-streaming calls only (``SearchStream`` is bidirectional), answers its own health
+service instead of ``grpc.health.v1`` with no reflection, runs none of the server's interceptors
+(token, stream guard, metrics, queue bound) and maps a replica's error to INTERNAL unless each
+method sets codes by hand. The front keeps the API byte for byte the same: same service, messages,
+status codes and messages, health and reflection.
+
+A replica that dies is routed around: a call that reached it (the actor died under it) is sent
+again, once or twice, through the handle, which has by then dropped the dead replica; what is still
+unanswered returns UNAVAILABLE, which :class:`retromem.service.client.RetrievalClient` retries.
+Every path in the deployment file must be readable by every node that may run a replica (shared
+storage); the paths are opened where the replica runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import grpc
+
+from retromem.config import fail, integer, is_int, number
+from retromem.errors import ConfigError, QueryError, ServiceError
+from retromem.service.config import SERVE_TARGET, ServerConfig
+from retromem.service.v1 import retrieval_pb2 as pb
+from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+APP = "retromem"
+FANOUT = "fanout"
+_SHARD_KEYS = {"name", "datastore", "dense", "ngram", "datastore_id", "first_doc", "first_chunk", "replicas",
+               "autoscaling", "num_cpus", "max_ongoing_requests"}
+_FANOUT_KEYS = {"replicas", "autoscaling", "num_cpus", "max_ongoing_requests"}
+_AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas"}
+_METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Retrieval"].methods}
+
+
+# ---------------------------------------------------------------------------------------------
+# the deployment description
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How many replicas a deployment runs: ``replicas`` fixed, or ``autoscaling`` (Serve's
+    ``autoscaling_config``: min_replicas, max_replicas, target_ongoing_requests); ``num_cpus`` each
+    replica reserves; ``max_ongoing_requests`` it takes at once."""
+
+    replicas: int = 1
+    autoscaling: Mapping[str, Any] | None = None
+    num_cpus: float = 1.0
+    max_ongoing_requests: int = 32
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options``."""
+        opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.num_cpus},
+                                "max_ongoing_requests": self.max_ongoing_requests}
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard: what its replicas open, and the ids it holds in the whole deployment."""
+
+    name: str
+    datastore: str | None
+    dense: str | None
+    ngram: str | None
+    datastore_id: str
+    first_doc: int
+    first_chunk: int
+    scaling: Scaling
+
+    @property
+    def target(self) -> str:
+        return SERVE_TARGET + self.name
+
+    @property
+    def deployment(self) -> str:
+        return f"shard-{self.name}"
+
+
+@dataclass(frozen=True)
+class RayDeployment:
+    """A deployment description for ``--engine ray`` (see :func:`read_ray_deployment`)."""
+
+    shards: tuple[ShardSpec, ...]
+    fanout: Scaling = Scaling(num_cpus=0.0, max_ongoing_requests=64)
+    app: str = APP
+
+    def server_config(self, **kw: Any) -> ServerConfig:
+        """The front's (and fan-out's) ServerConfig: the shards as ``serve:NAME`` targets with their
+        declared ranges; ``kw`` are the other ServerConfig fields (host, port, limits, ...)."""
+        return ServerConfig(shards=tuple(s.target for s in self.shards),
+                            shard_ranges=tuple((s.datastore_id, s.first_doc, s.first_chunk) for s in self.shards), **kw)
+
+
+def _scaling(entry: Mapping[str, Any], where: str, default: Scaling) -> Scaling:
+    replicas = entry.get("replicas", None)
+    auto = entry.get("autoscaling", None)
+    if replicas is not None and auto is not None:
+        raise ConfigError(f"`{where}.replicas` and `{where}.autoscaling` exclude each other: give a fixed number of "
+                          "replicas or an autoscaling range")
+    if replicas is not None:
+        integer(replicas, f"{where}.replicas", ge=1)
+    if auto is not None:
+        if not isinstance(auto, Mapping):
+            fail(f"{where}.autoscaling", "be a mapping of min_replicas, max_replicas, target_ongoing_requests", auto)
+        unknown = sorted(set(auto) - _AUTOSCALING_KEYS)
+        if unknown:
+            fail(f"{where}.autoscaling", f"hold only {sorted(_AUTOSCALING_KEYS)}", unknown)
+        lo = integer(auto.get("min_replicas", 1), f"{where}.autoscaling.min_replicas", ge=0)
+        hi = integer(auto.get("max_replicas", max(lo, 1)), f"{where}.autoscaling.max_replicas", ge=max(lo, 1))
+        number(auto.get("target_ongoing_requests", 2), f"{where}.autoscaling.target_ongoing_requests", gt=0)
+        if "initial_replicas" in auto:
+            integer(auto["initial_replicas"], f"{where}.autoscaling.initial_replicas", ge=lo, le=hi)
+        auto = dict(auto)
+    num_cpus = number(entry.get("num_cpus", default.num_cpus), f"{where}.num_cpus", ge=0)
+    ongoing = integer(entry.get("max_ongoing_requests", default.max_ongoing_requests), f"{where}.max_ongoing_requests", ge=1)
+    return Scaling(replicas if replicas is not None else default.replicas, auto, float(num_cpus), ongoing)
+
+
+def parse_ray_deployment(data: Any, base: Path | None = None) -> RayDeployment:
+    """A :class:`RayDeployment` from the parsed file (``base``: the directory relative paths start
+    from). Every mistake names its field: ``shards[1].first_chunk``."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("shards"), list):
+        fail("shards", "be a list of {name, datastore, dense, ngram, datastore_id, first_doc, first_chunk, replicas | "
+                       "autoscaling}", type(data.get("shards") if isinstance(data, Mapping) else data).__name__)
+    unknown = sorted(set(data) - {"shards", "fanout", "app"})
+    if unknown:
+        fail("deployment", "hold only `app`, `fanout` and `shards`", unknown)
+    entries = data["shards"]
+    if not entries:
+        fail("shards", "list at least one shard", [])
+    shards: list[ShardSpec] = []
+    for i, e in enumerate(entries):
+        w = f"shards[{i}]"
+        if not isinstance(e, Mapping):
+            fail(w, "be a mapping", e)
+        unknown = sorted(set(e) - _SHARD_KEYS)
+        if unknown:
+            hint = " (`target` belongs to a gRPC router's deployment; with --engine ray give the shard's paths)" \
+                if "target" in unknown else ""
+            fail(w, f"hold only {sorted(_SHARD_KEYS)}{hint}", unknown)
+        name = e.get("name", str(i))
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
+            fail(f"{w}.name", "be a name of letters, digits, '-' and '_'", name)
+        paths = {}
+        for key in ("datastore", "dense", "ngram"):
+            p = e.get(key)
+            if p is None:
+                paths[key] = None
+                continue
+            if not isinstance(p, str) or not p:
+                fail(f"{w}.{key}", "be a directory path", p)
+            path = Path(p) if base is None or "://" in p or Path(p).is_absolute() else base / p
+            if "://" not in p and not path.is_dir():
+                fail(f"{w}.{key}", "be a directory every node can read (shared storage)", str(path))
+            paths[key] = str(path)
+        if not any(paths.values()):
+            fail(w, "name at least one of `datastore`, `dense`, `ngram`", dict(e))
+        ident = e.get("datastore_id")
+        if not isinstance(ident, str) or not ident:
+            fail(f"{w}.datastore_id", "be the datastore id the shard serves (`retromem query info` or the datastore's "
+                                      "manifest): global ids come from the description", ident)
+        first = []
+        for key in ("first_doc", "first_chunk"):
+            if not is_int(e.get(key)) or e[key] < 0:
+                fail(f"{w}.{key}", "be a non-negative integer", e.get(key))
+            first.append(int(e[key]))
+        shards.append(ShardSpec(name, paths["datastore"], paths["dense"], paths["ngram"], ident, first[0], first[1],
+                                _scaling(e, w, Scaling())))
+    for what, key in (("name", lambda s: s.name), ("datastore_id", lambda s: s.datastore_id)):
+        seen: dict[Any, int] = {}
+        for i, s in enumerate(shards):
+            if key(s) in seen:
+                raise ConfigError(f"`shards[{i}].{what}` repeats `shards[{seen[key(s)]}].{what}` ({key(s)!r}): give each "
+                                  "shard once (a datastore served twice would return every hit twice)")
+            seen[key(s)] = i
+    for key in ("datastore", "dense", "ngram"):
+        seen = {}
+        for i, s in enumerate(shards):
+            p = getattr(s, key)
+            if p is not None and p in seen:
+                raise ConfigError(f"`shards[{i}].{key}` repeats `shards[{seen[p]}].{key}` ({p}): give each shard once")
+            if p is not None:
+                seen[p] = i
+    fan = data.get("fanout", {}) or {}
+    if not isinstance(fan, Mapping) or set(fan) - _FANOUT_KEYS:
+        fail("fanout", f"be a mapping of {sorted(_FANOUT_KEYS)}", fan)
+    app = data.get("app", APP)
+    if not isinstance(app, str) or not app:
+        fail("app", "be a Serve application name", app)
+    return RayDeployment(tuple(shards), _scaling(fan, "fanout", RayDeployment.fanout), app)
+
+
+def read_ray_deployment(path: str | Path) -> RayDeployment:
+    """Read a deployment file (YAML or JSON) for ``--engine ray``::
+
+        app: retromem                      # Serve application name (default retromem)
+        fanout: {replicas: 1}              # or autoscaling: {...}; num_cpus (default 0)
+        shards:
+          - name: a                        # deployment shard-a (default: the shard's index)
+            datastore: /shared/a/datastore # paths every node sees; relative ones start at the file
+            dense: /shared/a/dense
+            ngram: /shared/a/ngram
+            datastore_id: 3f2c...          # what the shard must serve, and its global id range
+            first_doc: 0
+            first_chunk: 0
+            replicas: 2                    # or autoscaling: {min_replicas: 1, max_replicas: 4,
+                                           #                  target_ongoing_requests: 2}
+            num_cpus: 1                    # each replica's reservation (default 1)
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--deployment {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    try:
+        return parse_ray_deployment(data, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"--deployment {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# calls through deployment handles, as gRPC stubs
+
+
+class RemoteStatus(grpc.RpcError):
+    """A status code and details, as a gRPC call error carries them (``code()``, ``details()``):
+    what a replica's answer or a handle failure looks like to the router, and what
+    :class:`LocalContext.abort` raises. Internal to the transport: it never reaches a caller, who
+    gets the status on the wire."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class LocalContext:
+    """The part of ``grpc.ServicerContext`` the servicers use, for a call answered inside a replica."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def is_active(self) -> bool:
+        return self._deadline is None or time.monotonic() < self._deadline
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise RemoteStatus(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def cancel(self) -> None:
+        self._deadline = time.monotonic()
+
+
+def answer_in_process(servicer: Any, method: str, request: Any, timeout: float | None) -> tuple:
+    """``servicer.<method>(request)`` with a :class:`LocalContext`: ``("ok", response)`` or
+    ``("error", status name, details)``; plain values, so that no exception crosses Ray."""
+    ctx = LocalContext(timeout)
+    try:
+        if method == "stream_answer":  # SearchStream, one request: (r, SearchRequest) -> (results, missing)
+            r, req = request
+            results, missing = servicer.stream_answer(r, req, ctx)
+            return "ok", (list(results), list(missing))
+        return "ok", getattr(servicer, method)(request, ctx)
+    except RemoteStatus as exc:
+        return "error", exc.code().name, exc.details()
+    except ServiceError as exc:
+        return "error", exc.code.name, exc.message
+    except QueryError as exc:
+        return "error", "INVALID_ARGUMENT", str(exc)
+    except NotImplementedError:  # the generated base class: UNIMPLEMENTED, as gRPC answers it
+        return "error", (ctx.code() or grpc.StatusCode.UNIMPLEMENTED).name, ctx._details or "Method not implemented!"
+    except Exception as exc:  # a bug: say so, the replica keeps serving
+        logger.exception("%s failed", method)
+        return "error", "INTERNAL", f"{method} failed: {type(exc).__name__}: {exc}"
+
+
+def _replica_gone(exc: BaseException) -> bool:
+    """Whether a handle call failed because its replica died or became unreachable (worth sending again)."""
+    from ray import exceptions as rex
+
+    return isinstance(exc, (rex.RayActorError, rex.ActorUnavailableError))
+
+
+class _HandleCall:
+    """One call in flight through a handle, started at once (so that a fan-out's calls overlap);
+    ``result()`` gives the response or raises :class:`RemoteStatus`."""
+
+    ATTEMPTS = 3  # a replica that died under the call: the handle routes the next attempt around it
+
+    def __init__(self, handle: Any, what: str, method: str, request: Any, timeout: float | None) -> None:
+        self.handle, self.what, self.method, self.request = handle, what, method, request
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._response = self._send()
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def _send(self):
+        return self.handle.call.remote(self.method, self.request, self._remaining())
+
+    def result(self, timeout: float | None = None) -> Any:
+        for attempt in range(self.ATTEMPTS):
+            remaining = self._remaining()
+            try:
+                # a little past the deadline: the replica answers DEADLINE_EXCEEDED itself when it can
+                answer = self._response.result(timeout_s=None if remaining is None else remaining + 1.0)
+            except TimeoutError:
+                self._response.cancel()
+                raise RemoteStatus(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.what} did not answer in time") from None
+            except Exception as exc:
+                if _replica_gone(exc) and attempt + 1 < self.ATTEMPTS and (remaining is None or remaining > 0):
+                    logger.warning("%s: a replica of %s died under the call; sending it again", self.method, self.what)
+                    self._response = self._send()
+                    continue
+                code = grpc.StatusCode.UNAVAILABLE if _replica_gone(exc) else grpc.StatusCode.INTERNAL
+                raise RemoteStatus(code, f"{self.what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+            if answer[0] == "ok":
+                return answer[1]
+            raise RemoteStatus(grpc.StatusCode[answer[1]], answer[2])
+        raise AssertionError("unreachable")
+
+
+class _HandleMethod:
+    def __init__(self, handle: Any, what: str, method: str) -> None:
+        self.handle, self.what, self.method = handle, what, method
+
+    def future(self, request: Any, timeout: float | None = None, metadata: Any = None, wait_for_ready: Any = None):
+        return _HandleCall(self.handle, self.what, self.method, request, timeout)
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None, wait_for_ready: Any = None):
+        return self.future(request, timeout).result()
+
+
+class HandleStub:
+    """A ``RetrievalStub`` look-alike over a Serve deployment handle whose replicas answer
+    ``call(method, request, timeout)`` (``stub.Count(req, timeout=...)`` and ``.future``): what the
+    router calls its shards through. ``metadata`` is ignored: the shards are inside the cluster."""
+
+    def __init__(self, handle: Any, what: str) -> None:
+        self.handle, self.what = handle, what
+
+    def __getattr__(self, method: str) -> _HandleMethod:
+        if method not in _METHODS and method != "stream_answer":
+            raise AttributeError(method)
+        return _HandleMethod(self.handle, self.what, method)
+
+
+class _NoChannel:
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the replicas (plain classes: made Serve deployments in build_app, so that importing this module needs no ray)
+
+
+class ShardReplica:
+    """One replica of a shard: ``retromem serve``'s servicer over the shard's files, in process."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        from retromem.service.servicer import Backend, RetrievalServicer
+
+        if cfg.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+        if cfg.faiss_threads is not None:
+            import faiss
+
+            faiss.omp_set_num_threads(cfg.faiss_threads)
+        self.servicer = RetrievalServicer(cfg, Backend.open(cfg))
+        b = self.servicer.b
+        if b.dense is not None and b.dense.meta.get("embedder"):
+            b.dense.embedder  # load the model now: the first text query should not pay for it
+
+    def call(self, method: str, request: Any, timeout: float | None) -> tuple:
+        return answer_in_process(self.servicer, method, request, timeout)
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds: read a chunk, count a token, search one vector. A
+        replica that cannot is restarted, and no call is routed to it meanwhile."""
+        b = self.servicer.b
+        probes = []
+        if b.datastore is not None and b.datastore.num_chunks:
+            probes.append(("GetChunks", pb.GetChunksRequest(chunk_ids=[0], fetch=pb.Fetch(tokens=True))))
+        if b.ngram is not None:
+            probes.append(("Count", pb.NgramRequest(query=pb.NgramQuery(ids=pb.TokenIds(ids=[0])))))
+        if b.dense is not None and b.dense.ntotal:
+            probes.append(("Search", pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=[0.0] * b.dense.dim))], k=1)))
+        for method, req in probes:
+            answer = answer_in_process(self.servicer, method, req, 10.0)
+            if answer[0] != "ok":
+                raise RuntimeError(f"health probe {method} failed: {answer[1]}: {answer[2]}")
+
+    def whoami(self) -> tuple[str, int]:
+        """This replica's actor name and process id (tests kill one by name)."""
+        import ray
+
+        return ray.get_runtime_context().get_actor_name(), os.getpid()
+
+
+class FanOutReplica:
+    """One replica of the fan-out: the router over the shard deployments' handles."""
+
+    STARTUP_S = 600.0  # shard replicas may still be loading their indexes when the fan-out starts
+
+    async def __init__(self, cfg: ServerConfig, names: list[str], *handles: Any) -> None:
+        import asyncio
+
+        # the constructor runs on the replica's event loop, where blocking on a handle is refused
+        await asyncio.to_thread(self._connect, cfg, names, handles)
+
+    def _connect(self, cfg: ServerConfig, names: list[str], handles: tuple) -> None:
+        from retromem.service.router import RouterServicer
+
+        stubs = {SERVE_TARGET + n: HandleStub(h, f"shard {SERVE_TARGET + n}") for n, h in zip(names, handles)}
+        for stub in stubs.values():  # wait until every shard answers (their replicas load first)
+            stub.Info(pb.InfoRequest(), timeout=self.STARTUP_S)
+        self.error: str | None = None
+        self.servicer = None
+        try:
+            self.servicer = RouterServicer(cfg, None, connect=lambda target: (stubs[target], _NoChannel()))
+        except ConfigError as exc:  # the deployment's placement is wrong: the driver reads it and stops the app
+            self.error = str(exc)
+
+    def placement_error(self) -> str | None:
+        return self.error
+
+    def call(self, method: str, request: Any, timeout: float | None) -> tuple:
+        if self.servicer is None:
+            return "error", "FAILED_PRECONDITION", f"the deployment is refused: {self.error}"
+        if method == "Reload":  # a handle reaches one replica of each shard, not all of them
+            return ("error", "FAILED_PRECONDITION", "Reload is not served with --engine ray: redeploy the application "
+                    "(serve.run with the new paths) and Serve replaces the replicas one by one")
+        return answer_in_process(self.servicer, method, request, timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# the application and its gRPC front
+
+
+def shard_config(spec: ShardSpec, cfg: ServerConfig) -> ServerConfig:
+    """The ServerConfig one shard replica opens: its paths, the front's limits and batching."""
+    return ServerConfig(datastore=spec.datastore, dense=spec.dense, ngram=spec.ngram, port=0, workers=cfg.workers,
+                        max_queue=cfg.max_queue, batch_wait_ms=cfg.batch_wait_ms, max_dense_batch=cfg.max_dense_batch,
+                        torch_threads=cfg.torch_threads, faiss_threads=cfg.faiss_threads, limits=cfg.limits)
+
+
+def build_app(dep: RayDeployment, cfg: ServerConfig, health_check_period_s: float = 5.0) -> Any:
+    """The Serve application: one deployment per shard and the fan-out (its ingress)."""
+    from ray import serve
+
+    # the fan-out never sees the front's secrets: it needs only to know whether a token is asked for
+    fan_cfg = dataclasses.replace(cfg, token=None, tls_cert=None, tls_key=None, shard_token=None, shard_tls_ca=None)
+    health = {"health_check_period_s": health_check_period_s, "health_check_timeout_s": 30.0}
+    shard = serve.deployment(ShardReplica)
+    bound = [shard.options(name=s.deployment, **s.scaling.options(), **health).bind(shard_config(s, cfg))
+             for s in dep.shards]
+    fanout = serve.deployment(FanOutReplica).options(name=FANOUT, **dep.fanout.options(), **health)
+    return fanout.bind(fan_cfg, [s.name for s in dep.shards], *bound)
+
+
+class FrontServicer(pb_grpc.RetrievalServicer):
+    """The ``retromem.v1.Retrieval`` service of the gRPC front: every call goes to the fan-out
+    deployment and comes back as its message or status code."""
+
+    def __init__(self, cfg: ServerConfig, fanout: Any, metrics: Any = None) -> None:
+        from retromem.service.common import stream_search
+
+        self.cfg = cfg
+        self.metrics = metrics
+        self._stub = HandleStub(fanout, "the fan-out")
+        self._stream_search = stream_search
+        for name, m in _METHODS.items():
+            if not m.client_streaming and not m.server_streaming:
+                setattr(self, name, self._unary(name))
+
+    def _unary(self, method: str):
+        def handler(request, context):
+            try:
+                answer = getattr(self._stub, method)(request, timeout=context.time_remaining())
+            except RemoteStatus as exc:
+                context.abort(exc.code(), exc.details())
+            if method == "Info":  # the fan-out was not given the token: say whether the front asks for one
+                answer.auth_required = self.cfg.token is not None
+            return answer
+
+        handler.__name__ = method
+        return handler
+
+    def SearchStream(self, request_iterator, context):
+        def answer(r, req):
+            try:
+                return self._stub.stream_answer((r, req), timeout=context.time_remaining())
+            except RemoteStatus as exc:
+                raise ServiceError(exc.code(), exc.details()) from None
+
+        yield from self._stream_search(request_iterator, context, answer, self.cfg.limits.max_message_bytes, self.metrics)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RayService:
+    """A running Serve application with its gRPC front (``front``: :class:`RunningServer`)."""
+
+    dep: RayDeployment
+    front: Any
+    fanout: Any  # the fan-out's DeploymentHandle
+
+    @property
+    def target(self) -> str:
+        return self.front.target
+
+    def stop(self, grace: float | None = None, *, delete_app: bool = True) -> None:
+        self.front.stop(grace)
+        if delete_app:
+            from ray import serve
+
+            serve.delete(self.dep.app)
+
+
+def deploy(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = None,
+           health_check_period_s: float = 5.0) -> Any:
+    """Connect to Ray (``ray_address``, or the running/a new local instance) and deploy the
+    application; returns the fan-out's handle once every replica is up. A deployment whose placement
+    the router refuses (overlapping ranges, a datastore id that is not what the shard serves) is
+    deleted again and raised as :class:`ConfigError`."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="Disabled")  # the gRPC front is the only way in
+    t0 = time.perf_counter()
+    fanout = serve.run(build_app(dep, cfg, health_check_period_s), name=dep.app, route_prefix=None)
+    error = fanout.placement_error.remote().result()
+    if error:
+        serve.delete(dep.app)
+        raise ConfigError(f"--deployment: {error}")
+    logger.info("Serve application %s up in %.1fs: %d shard deployments and the fan-out", dep.app,
+                time.perf_counter() - t0, len(dep.shards))
+    return fanout
+
+
+def start_ray_service(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = None,
+                      health_check_period_s: float = 5.0) -> RayService:
+    """:func:`deploy`, then start the gRPC front on ``cfg``'s address; returns at once."""
+    from retromem.service.server import start_server
+
+    fanout = deploy(dep, cfg, ray_address=ray_address, health_check_period_s=health_check_period_s)
+    try:
+        front = start_server(cfg, servicer=FrontServicer(cfg, fanout))
+    except Exception:
+        from ray import serve
+
+        serve.delete(dep.app)
+        raise
+    return RayService(dep, front, fanout)
+
+
+def serve_ray(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = None, on_ready=None) -> int:
+    """:func:`deploy`, serve the gRPC front until SIGTERM/SIGINT (then drain it as ``retromem serve``
+    does) and delete the application; returns the calls abandoned at the stop."""
+    from ray import serve
+
+    from retromem.service.server import serve as run
+
+    import ray
+
+    started = not ray.is_initialized()
+    try:
+        fanout = deploy(dep, cfg, ray_address=ray_address)
+        try:
+            return run(cfg, on_ready=on_ready, servicer=FrontServicer(cfg, fanout))
+        finally:
+            serve.delete(dep.app)
+    finally:
+        if started:  # a local Ray this process started goes with it (the command line exits without atexit)
+            ray.shutdown()
