@@ -22,6 +22,7 @@ Resumable like every batch job here: the output directory is a job of
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -209,28 +210,67 @@ def _check_served_datastore(retriever: Any, ds: Any) -> None:
                           "(`retromem serve --datastore DS --dense INDEX`)")
 
 
+@dataclass(frozen=True)
+class RetrieverSpec:
+    """How a task of another process or node opens the job's retriever: a dense index directory
+    (``index``, on storage every node sees) or a retrieval server (``server`` HOST:PORT, with an
+    optional bearer ``token`` and ``tls_ca`` file)."""
+
+    index: str | None = None
+    server: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.index is None) == (self.server is None):
+            raise ConfigError("a retriever spec names exactly one of `index` (a dense index directory) and `server`")
+
+    def open(self, ds: Any) -> Retriever:
+        if self.server is not None:
+            from retromem.service.client import RetrievalClient
+
+            return RetrievalClient(self.server, token=self.token, tls_ca=self.tls_ca, retries=2)
+        from retromem.index.dense import DenseIndex
+
+        return DenseIndex.open(self.index, datastore=ds)
+
+
 def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None, *, overwrite: bool = False,
-                       progress: bool = True) -> NeighboursResult:
+                       progress: bool = True, executor: Any = None, spec: RetrieverSpec | None = None) -> NeighboursResult:
     """Runs (or resumes) the job; returns what was done. ``retriever`` defaults to ``DenseIndex.open(cfg.index)``.
-    ``overwrite`` deletes the neighbours at ``cfg.out`` first (only ever neighbours: anything else is refused)."""
+    ``overwrite`` deletes the neighbours at ``cfg.out`` first (only ever neighbours: anything else is refused).
+
+    ``executor`` (:func:`retromem.datastore.executors.make_executor`: local processes or Ray) computes
+    the output shards as tasks, one per shard, each opening the datastore and the retriever named by
+    ``spec`` (default: ``cfg.index``) itself; the driver records each shard as it lands, so a killed
+    job resumes the same way, and the files are the ones the in-process run writes (tested)."""
     from retromem.datastore import Datastore
 
     t0 = time.perf_counter()
     ds = Datastore.open(cfg.datastore)
-    if retriever is None:
+    if executor is not None and spec is None:
         if not cfg.index:
+            raise ConfigError("tasks open their own retriever: give `index` (a dense index directory every worker "
+                              "sees) or a retriever spec (a server)")
+        spec = RetrieverSpec(index=str(Path(cfg.index).resolve()))
+    if retriever is None:
+        if spec is not None:
+            retriever = spec.open(ds)
+        elif not cfg.index:
             raise ConfigError("give `index` (a dense index directory) or a retriever object")
-        from retromem.index.dense import DenseIndex
+        else:
+            from retromem.index.dense import DenseIndex
 
-        retriever = DenseIndex.open(cfg.index, datastore=ds)
+            retriever = DenseIndex.open(cfg.index, datastore=ds)
     if not callable(getattr(retriever, "search", None)):
         raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
     _check_served_datastore(retriever, ds)
     with open_job(cfg.out, "neighbours", overwrite=overwrite, legacy=(MANIFEST,)) as job:
-        return _run(cfg, retriever, ds, job, progress, t0)
+        return _run(cfg, retriever, ds, job, progress, t0, executor, spec)
 
 
-def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progress: bool, t0: float) -> NeighboursResult:
+def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progress: bool, t0: float,
+         executor: Any = None, spec: RetrieverSpec | None = None) -> NeighboursResult:
     from tqdm.auto import tqdm
 
     out = job.path
@@ -257,57 +297,28 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
     done = {s["shard"] for s in manifest["shards"] if (out / s["file"]).is_file()}
     manifest["shards"] = [s for s in manifest["shards"] if s["shard"] in done]
     kind, get_queries = _query_source(cfg, retriever, ds)
-    leak = HeldOutNgrams(ds, cfg.split_spec, cfg.leakage_ngram) if cfg.leakage_ngram else None
-    n_cand = cfg.candidates or (4 * cfg.k if leak else cfg.k)
+    # tasks build their own held-out n-grams: the driver needs them only when it searches itself
+    leak = HeldOutNgrams(ds, cfg.split_spec, cfg.leakage_ngram) if cfg.leakage_ngram and executor is None else None
+    n_cand = _candidates(cfg)
     logger.info("neighbours: %d chunks of split %s in %d shards (%d done), k=%d, queries from %s", len(chunk_ids),
                 cfg.split, n_shards, len(done), cfg.k, kind)
     dropped = 0
     todo = [s for s in range(n_shards) if s not in done]
     bar = tqdm(total=len(chunk_ids), initial=sum(min(cfg.shard_chunks, len(chunk_ids) - s * cfg.shard_chunks) for s in done),
                unit="chunk", desc="neighbours", disable=not progress)
-    for s in todo:
-        ids = chunk_ids[s * cfg.shard_chunks:(s + 1) * cfg.shard_chunks]
-        docs = ds.doc_ids(ids)
-        nbr = np.full((len(ids), cfg.k), -1, np.int64)
-        scores = np.full((len(ids), cfg.k), -np.inf, np.float32)
-        shard_dropped = 0
-        for b in range(0, len(ids), cfg.batch_size):
-            sel = np.arange(b, min(b + cfg.batch_size, len(ids)))
-            queries = get_queries(ids[sel])
-            if kind == "text":  # a whitespace-only chunk is no query (embedders refuse it): it gets no neighbours
-                has_text = np.array([bool(t.strip()) for t in queries], dtype=bool)
-                sel, queries = sel[has_text], [t for t, h in zip(queries, has_text) if h]
-                bar.update(int((~has_text).sum()))
-                if not len(sel):
-                    continue
-            res = retriever.search(queries, n_cand, exclude_doc_ids=[[int(d)] for d in docs[sel]])
-            I, D = np.asarray(res.chunk_ids, dtype=np.int64), np.asarray(res.scores, dtype=np.float32)
-            for r, row in enumerate(sel.tolist()):
-                keep = I[r] >= 0
-                if leak is not None and keep.any():
-                    cand = I[r][keep]
-                    toks, lens = ds.neighbour_tokens(cand)
-                    ok = np.array([not leak.overlaps(toks[j], int(lens[j])) for j in range(len(cand))])
-                    shard_dropped += int((~ok).sum())
-                    keep[np.flatnonzero(keep)[~ok]] = False
-                got = I[r][keep][: cfg.k]
-                nbr[row, : len(got)] = got
-                scores[row, : len(got)] = D[r][keep][: cfg.k]
-            bar.update(len(I))
-        has = nbr >= 0
-        nbr_docs = np.where(has, ds.chunk_doc_array[np.maximum(nbr, 0)], -1)
-        assert not (nbr_docs == docs[:, None]).any(), "a chunk retrieved from its own document"
-        table = pa.Table.from_arrays([
-            pa.array(ids, pa.int64()), pa.array(docs, pa.int64()),
-            pa.array(nbr.tolist(), pa.list_(pa.int64())), pa.array(nbr_docs.tolist(), pa.list_(pa.int64())),
-            pa.array(np.where(has, scores, np.nan).tolist(), pa.list_(pa.float32())),
-        ], schema=NEIGHBOURS_SCHEMA)
-        name = f"neighbours-{s:05d}.parquet"
-        with atomic_path(out / name) as tmp:
-            pq.write_table(table, tmp)
-        manifest["shards"].append({"shard": s, "file": name, "first_chunk_id": int(ids[0]), "chunks": len(ids),
-                                   "missing": int((~has).sum()), "dropped_for_leakage": shard_dropped})
-        dropped += shard_dropped
+    items = [(s, chunk_ids[s * cfg.shard_chunks:(s + 1) * cfg.shard_chunks]) for s in todo]
+    if executor is None:
+        landed = ((item, _shard(cfg, retriever, ds, out, item[0], item[1], kind, get_queries, leak, n_cand, bar))
+                  for item in items)
+    else:
+        # absolute paths: a Ray worker does not share this process's working directory
+        ctx = (cfg, spec, str(Path(out).resolve()), kind, str(Path(cfg.datastore).resolve()))
+        landed = executor.map(_shard_task, ctx, items)
+    for (s, ids), entry in landed:
+        if executor is not None:
+            bar.update(len(ids))
+        manifest["shards"].append(entry)
+        dropped += entry["dropped_for_leakage"]
         manifest["shards"].sort(key=lambda r: r["shard"])
         write_json(manifest_path, manifest)
     bar.close()
@@ -319,6 +330,81 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
     else:
         write_json(manifest_path, manifest)
     return NeighboursResult(out, len(chunk_ids), len(todo), len(done), time.perf_counter() - t0, dropped, manifest)
+
+
+def _shard(cfg: NeighboursConfig, retriever: Retriever, ds: Any, out: Path, s: int, ids: np.ndarray, kind: str,
+           get_queries: Any, leak: "HeldOutNgrams | None", n_cand: int, bar: Any = None) -> dict[str, Any]:
+    """Output shard ``s`` (the split's chunks ``ids``): searched, filtered, written atomically; its
+    manifest entry."""
+    docs = ds.doc_ids(ids)
+    nbr = np.full((len(ids), cfg.k), -1, np.int64)
+    scores = np.full((len(ids), cfg.k), -np.inf, np.float32)
+    shard_dropped = 0
+    for b in range(0, len(ids), cfg.batch_size):
+        sel = np.arange(b, min(b + cfg.batch_size, len(ids)))
+        queries = get_queries(ids[sel])
+        if kind == "text":  # a whitespace-only chunk is no query (embedders refuse it): it gets no neighbours
+            has_text = np.array([bool(t.strip()) for t in queries], dtype=bool)
+            sel, queries = sel[has_text], [t for t, h in zip(queries, has_text) if h]
+            if bar is not None:
+                bar.update(int((~has_text).sum()))
+            if not len(sel):
+                continue
+        res = retriever.search(queries, n_cand, exclude_doc_ids=[[int(d)] for d in docs[sel]])
+        I, D = np.asarray(res.chunk_ids, dtype=np.int64), np.asarray(res.scores, dtype=np.float32)
+        for r, row in enumerate(sel.tolist()):
+            keep = I[r] >= 0
+            if leak is not None and keep.any():
+                cand = I[r][keep]
+                toks, lens = ds.neighbour_tokens(cand)
+                ok = np.array([not leak.overlaps(toks[j], int(lens[j])) for j in range(len(cand))])
+                shard_dropped += int((~ok).sum())
+                keep[np.flatnonzero(keep)[~ok]] = False
+            got = I[r][keep][: cfg.k]
+            nbr[row, : len(got)] = got
+            scores[row, : len(got)] = D[r][keep][: cfg.k]
+        if bar is not None:
+            bar.update(len(I))
+    has = nbr >= 0
+    nbr_docs = np.where(has, ds.chunk_doc_array[np.maximum(nbr, 0)], -1)
+    assert not (nbr_docs == docs[:, None]).any(), "a chunk retrieved from its own document"
+    table = pa.Table.from_arrays([
+        pa.array(ids, pa.int64()), pa.array(docs, pa.int64()),
+        pa.array(nbr.tolist(), pa.list_(pa.int64())), pa.array(nbr_docs.tolist(), pa.list_(pa.int64())),
+        pa.array(np.where(has, scores, np.nan).tolist(), pa.list_(pa.float32())),
+    ], schema=NEIGHBOURS_SCHEMA)
+    name = f"neighbours-{s:05d}.parquet"
+    with atomic_path(out / name) as tmp:
+        pq.write_table(table, tmp)
+    return {"shard": s, "file": name, "first_chunk_id": int(ids[0]), "chunks": len(ids),
+            "missing": int((~has).sum()), "dropped_for_leakage": shard_dropped}
+
+
+@functools.lru_cache(maxsize=2)
+def _task_state(cfg: NeighboursConfig, spec: RetrieverSpec, kind: str, ds_path: str) -> tuple[Any, Any, Any, Any, int]:
+    """A worker's datastore, retriever, query source, held-out n-grams and candidate count, opened
+    once per process (local workers and Ray's reused workers run many shards)."""
+    from retromem.datastore import Datastore
+
+    ds = Datastore.open(ds_path)
+    retriever = spec.open(ds)
+    got, get_queries = _query_source(cfg, retriever, ds)
+    if got != kind:  # the driver saw stored embeddings this worker cannot reach (or the reverse)
+        raise ConfigError(f"a worker would query with {got} where the driver chose {kind}: the index's embeddings "
+                          f"must be on storage every worker sees")
+    leak = HeldOutNgrams(ds, cfg.split_spec, cfg.leakage_ngram) if cfg.leakage_ngram else None
+    return ds, retriever, get_queries, leak, _candidates(cfg)
+
+
+def _candidates(cfg: NeighboursConfig) -> int:
+    """Hits searched per chunk before filtering: ``candidates``, else k (4k when leakage is filtered)."""
+    return cfg.candidates or (4 * cfg.k if cfg.leakage_ngram else cfg.k)
+
+
+def _shard_task(ctx: tuple[NeighboursConfig, RetrieverSpec, str, str, str], item: tuple[int, np.ndarray]) -> dict[str, Any]:
+    cfg, spec, out, kind, ds_path = ctx
+    ds, retriever, get_queries, leak, n_cand = _task_state(cfg, spec, kind, ds_path)
+    return _shard(cfg, retriever, ds, Path(out), item[0], item[1], kind, get_queries, leak, n_cand)
 
 
 # -- the reader -------------------------------------------------------------------------------------

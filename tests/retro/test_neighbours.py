@@ -155,3 +155,44 @@ def test_neighbours_through_a_running_server_equal_text_queries_in_process(retro
             compute_neighbours(NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "y")), client, progress=False)
     finally:
         running.stop(0)
+
+
+def _shard_bytes(out) -> dict:
+    m = read_manifest(out)
+    return {s["file"]: (out / s["file"]).read_bytes() for s in m["shards"]}
+
+
+@pytest.mark.slow  # spawns two worker processes, then a local Ray
+def test_shards_as_tasks_locally_and_on_ray_write_the_in_process_files(retro_ds, retro_index, tmp_path):
+    """One task per output shard, on two local worker processes and on a local Ray, each task opening
+    the datastore and the index itself: the same shard files, byte for byte, and the same manifest
+    rows as the in-process job (leakage filter on, so the tasks build the held-out n-grams too); a
+    killed task-run resumes. Tasks need a retriever they can open: an object alone is refused."""
+    from retromem.datastore.executors import make_executor
+    from retromem.retro.neighbours import RetrieverSpec
+
+    kw = dict(datastore=str(retro_ds.path), k=2, split="train", shard_chunks=20, leakage_ngram=6, candidates=12,
+              index=str(retro_index.path), **SPLIT)
+    ref = compute_neighbours(NeighboursConfig(out=str(tmp_path / "ref"), **kw), progress=False)
+    want = _shard_bytes(ref.out)
+    assert len(want) >= 4 and ref.dropped_for_leakage > 0
+    local = compute_neighbours(NeighboursConfig(out=str(tmp_path / "local"), **kw), progress=False,
+                               executor=make_executor("local", 2))
+    assert _shard_bytes(local.out) == want
+    strip = lambda m: [{k: v for k, v in s.items() if k not in ("sha256", "bytes", "size")} for s in m["shards"]]
+    assert strip(local.manifest) == strip(ref.manifest) and local.dropped_for_leakage == ref.dropped_for_leakage
+    ray_run = compute_neighbours(NeighboursConfig(out=str(tmp_path / "ray"), **kw), progress=False,
+                                 executor=make_executor("ray", 2))
+    assert _shard_bytes(ray_run.out) == want and ray_run.manifest["complete"]
+    # resume: drop two shards from a finished task-run's record; a re-run computes only those
+    m = read_manifest(local.out)
+    for s in m["shards"][1:3]:
+        (local.out / s["file"]).unlink()
+    again = compute_neighbours(NeighboursConfig(out=str(tmp_path / "local"), **kw), progress=False,
+                               executor=make_executor("local", 2))
+    assert again.shards_done == 2 and _shard_bytes(again.out) == want
+    with pytest.raises(ConfigError, match="exactly one of `index`"):
+        RetrieverSpec()
+    with pytest.raises(ConfigError, match="tasks open their own retriever"):
+        compute_neighbours(NeighboursConfig(out=str(tmp_path / "x"), **{**kw, "index": None}), retro_index,
+                           progress=False, executor=make_executor("local", 1))
