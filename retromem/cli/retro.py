@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import (handle_errors, open_retriever, retriever_options, secret, shard_executor_options,
-                                  train_options)
+from retromem.cli._common import (handle_errors, node_path as _node_path, open_retriever, retriever_options, secret,
+                                  shard_executor_options, task_count as _task_count, train_options)
 from retromem.errors import ConfigError
 
 
@@ -128,14 +128,17 @@ def retro_train(config_path: str, output_dir: str | None, datastore: str | None,
               help="What the bootstrap resamples: held-out documents or evaluated sequences.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", default="retro-eval", show_default=True, help="Directory for results.json, chunks.jsonl, leakage.png.")
+@shard_executor_options
 @handle_errors
 def retro_eval(model_path: str, base_model: str | None, control_model: str | None, datastore_path: str, neighbours: tuple[str, ...], seq_chunks: int,
                max_sequences: int, batch_size: int, overlap_ngram: int, seed: int, bootstrap: int, groups: str,
-               threads: int, out: str) -> None:
+               threads: int, out: str, executor: str = "local", workers: int = 1, ray_address: str | None = None) -> None:
     """Held-out perplexity and bits per byte on the same tokens: base model, RETRO with retrieved
     neighbours, with random neighbours (another chunk's), with none, and the control run (trained on
     random neighbours) if given; paired bootstrap intervals for the differences; and the leakage
-    analysis (gain against neighbour overlap), plotted."""
+    analysis (gain against neighbour overlap), plotted. With --executor ray (or --workers N > 1) the
+    forward passes run as tasks, one per run of batches, each loading the models from their paths
+    (which every node must see); the figures equal the in-process run's."""
     import torch
 
     from retromem.datastore import Datastore
@@ -155,7 +158,16 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
     base = load_causal_lm(base_name)[0] if base_name else None
     control = load_retro_model(control_model, base_model)[0] if control_model else None
     table = NeighbourTable(list(neighbours), ds)
-    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}", control=control)
+    runner = None
+    if executor == "ray" or workers != 1:
+        from retromem.datastore.executors import make_executor
+        from retromem.retro.evaluation import EvalModels, ShardRunner
+
+        spec = EvalModels(_node_path(model_path), _node_path(base_model), _node_path(base_name),
+                          _node_path(control_model), threads=threads)
+        runner = ShardRunner(make_executor(executor, workers, ray_address), spec, shards=_task_count(executor, workers))
+    s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}", control=control,
+                 runner=runner)
     click.echo(f"{s['sequences']} held-out sequences of {s['sequence_tokens']} tokens from {s['held_out_documents']} "
                f"documents never trained on; k={s['num_neighbours']}; random neighbours lent by "
                f"{s['random_neighbours']['donor_split']}-split chunks of other documents")
