@@ -536,6 +536,13 @@ def run_dedup(job: Job, executor, cfg: BuildConfig, parts: list[tuple[int, int]]
     first_doc = tuple(int(x) for x in np.concatenate(([0], np.cumsum(part_docs, dtype=np.int64))))
     kinds = key_kinds(cfg.dedup)
     plan = job.done("dedup/plan")  # a resumed run keeps its partitioning: the scatter files depend on it
+    lay = Layout(cfg.out)
+    if plan is None and lay.checkpoint.exists():
+        # a build begun before dedup was partitioned (its sequential pass's checkpoint, no plan): later
+        # steps may have read that pass's reasons, which a Bloom false positive can make differ; redo them
+        logger.info("redoing the dedup of a build begun by an earlier version, and the steps after it")
+        for step in ("dedup", "tokenize", "finalize"):
+            shutil.rmtree(lay.work / step, ignore_errors=True)
     if plan is None:
         partitions = cfg.dedup_partitions or dedup_partitions(first_doc[-1] * len(kinds), cfg.shard_bytes,
                                                               getattr(executor, "parallelism", 1))

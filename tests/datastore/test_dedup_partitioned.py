@@ -252,3 +252,19 @@ def test_ray_gives_the_same_bytes_as_local(built4, tmp_path):
             assert (tmp_path / "ray" / rel).read_bytes() == (Path(cfg.out) / rel).read_bytes()
     assert (tmp_path / "ray" / "dedup" / "gen-v00001.npz").read_bytes() == \
            (Path(cfg.out) / "dedup" / "gen-v00001.npz").read_bytes()
+
+
+def test_a_build_begun_before_partitioned_dedup_redoes_dedup_and_later_steps(built4, tmp_path):
+    """An unfinished build whose dedup ran as the old sequential pass (its checkpoint, no dedup plan):
+    dedup, tokenize and finalize run again (their old results may rest on a Bloom false positive)."""
+    result, cfg = built4
+    out = tmp_path / "old"
+    shutil.copytree(cfg.out, out)
+    (out / "manifest.json").unlink()  # killed before publishing
+    for marker in (out / "_work" / "dedup").glob("*.json"):
+        marker.unlink()  # the old pass left reasons and checkpoint.npz, no done-markers
+    stale = out / "_work" / "tokenize" / "stale.txt"
+    stale.write_text("from the earlier version")
+    again = build(replace(cfg, out=str(out)))
+    assert not again.already_complete and not stale.exists()
+    same_datastore(again.manifest, result.manifest)
