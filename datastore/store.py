@@ -42,6 +42,7 @@ from retromem.datastore.atomic import sha256_file
 from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files, version_problems
 from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, FULL_CHECK_CHUNKS, FULL_CHECK_DOCS, SAMPLE_ROWS,
                                          Segment, SegmentInfo, current_version, load_version, shard_arrays_sha256)
+from retromem import storage
 from retromem.errors import ArtifactCorruptError, ConfigError, DatastoreError, DocumentDeletedError
 
 __all__ = ["CHUNK_ARRAYS", "DOC_ARRAYS", "FULL_CHECK_CHUNKS", "FULL_CHECK_DOCS", "SAMPLE_ROWS", "Chunk", "Datastore",
@@ -81,7 +82,7 @@ class Datastore:
     """One version of a finished datastore directory, opened read-only."""
 
     def __init__(self, path: str | Path, version: int | None = None) -> None:
-        self.path = Path(path)
+        self.path = storage.local_dir(path)  # a URL: its local mirror (mmap needs files)
         self.manifest, self.version_id = load_version(self.path, version)
         m = self.manifest
         fv = m.get("format_version")
@@ -289,6 +290,19 @@ class Datastore:
             for shard in range(len(seg.shards)):
                 self._verify(s, shard)
         self._all_verified = True
+
+    def token_rows(self, c0: int, c1: int) -> np.ndarray:
+        """(c1 - c0, chunk_length) token ids of chunks [c0, c1), after verifying only the shards they
+        fall in: a job that reads one range (an n-gram shard) need not hash the whole datastore."""
+        if not self._all_verified:
+            for s, seg in enumerate(self._segs):
+                a, b = max(c0 - seg.first_chunk_id, 0), min(c1 - seg.first_chunk_id, len(seg.chunk_ntok))
+                if a < b:
+                    lo = int(np.searchsorted(seg.shard_first_chunk, a, side="right")) - 1
+                    hi = int(np.searchsorted(seg.shard_first_chunk, b - 1, side="right")) - 1
+                    for shard in range(lo, hi + 1):
+                        self._verify(s, shard)
+        return self._whole("tokens")[c0:c1]
 
     def _verified_chunks(self, arr: np.ndarray) -> np.ndarray:
         """``arr`` (checked chunk ids), after verifying the shards they fall in."""

@@ -115,13 +115,14 @@ class NgramBuildConfig:
             fail("mem_bytes", "be at least 16 MiB", self.mem_bytes, flag="--mem")
 
 
-def _doc_token_counts(ds) -> tuple[np.ndarray, np.ndarray]:
-    """(doc_first_chunk (n_docs + 1,), tokens per document (n_docs,))."""
-    first = ds.doc_first_chunk_array
-    ntok = ds.chunk_ntokens_array.astype(np.int64)
+def _doc_token_counts(ds, d0: int = 0, d1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(first chunk_id of documents d0..d1 and then d1's (d1 - d0 + 1,), tokens per document (d1 - d0,)),
+    reading only those documents' rows: a shard's task must not pay for the whole datastore."""
+    first = np.asarray(ds.doc_first_chunk_array[d0 : (None if d1 is None else d1 + 1)], dtype=np.int64)
+    c0, c1 = int(first[0]), int(first[-1])
+    ntok = np.asarray(ds.chunk_ntokens_array[c0:c1]).astype(np.int64)
     csum = np.concatenate(([0], np.cumsum(ntok)))
-    first = np.asarray(first, dtype=np.int64)
-    return first, csum[first[1:]] - csum[first[:-1]]
+    return first, csum[first[1:] - c0] - csum[first[:-1] - c0]
 
 
 def _plan_shards(doc_tokens: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
@@ -147,7 +148,8 @@ def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0:
     empty), and must agree with ``doc_tokens``."""
     dt = token_dtype(width)
     sep = np.iinfo(dt).max
-    toks = ds.token_array
+    base = int(first_chunk[d0])
+    toks = ds.token_rows(base, int(first_chunk[d1]))  # rows [base, ..): only their datastore shards are verified
     ntok = ds.chunk_ntokens_array if chunk_ntok is None else chunk_ntok
     L = ds.chunk_length
     lens = doc_tokens[d0:d1] + 1  # each document is its separator, then its tokens
@@ -163,7 +165,7 @@ def _write_token_stream(ds, first_chunk: np.ndarray, doc_tokens: np.ndarray, d0:
                 acc += int(lens[e - d0])
                 e += 1
             c0, c1 = int(first_chunk[d]), int(first_chunk[e])
-            rows = np.asarray(toks[c0:c1])
+            rows = np.asarray(toks[c0 - base : c1 - base])
             valid = np.arange(L)[None, :] < np.asarray(ntok[c0:c1])[:, None]
             flat = rows[valid].astype(dt)  # row-major: each document's tokens in reading order
             blens = lens[d - d0 : e - d0]
@@ -277,13 +279,14 @@ def _ngram_shard(ctx: tuple, item: tuple[int, int, int]) -> dict:
     datastore_path, out, work, width, cpus, mem_bytes = ctx
     s, d0, d1 = item
     ds = Datastore.open(datastore_path)
-    first_chunk, doc_tokens = _doc_token_counts(ds)
+    # this shard's documents only (local indices 0..d1-d0): its time and memory follow the shard, not the datastore
+    first_chunk, doc_tokens = _doc_token_counts(ds, d0, d1)
     sd = _shard_dir(Path(out), s)
     Path(work).mkdir(parents=True, exist_ok=True)
     if not (sd / "tokenized.0").is_file():
-        _write_token_stream(ds, first_chunk, doc_tokens, d0, d1, width, Path(work), sd)
+        _write_token_stream(ds, first_chunk, doc_tokens, 0, d1 - d0, width, Path(work), sd)
     _build_suffix_array(sd, Path(work), width, cpus, mem_bytes)
-    return {"docs": d1 - d0, "tokens": int(doc_tokens[d0:d1].sum()) + (d1 - d0)}
+    return {"docs": d1 - d0, "tokens": int(doc_tokens.sum()) + (d1 - d0)}
 
 
 def _build(ds, datastore_path: str | Path, cfg: NgramBuildConfig, job: Job, t0: float, progress: bool) -> NgramBuildResult:
