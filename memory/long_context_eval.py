@@ -67,7 +67,7 @@ class LongEvalConfig:
     """methods / tasks: what runs; budget: tokens of KV each bounded method keeps per layer;
     segment: tokens per call; lengths / depths / samples: passkey grid; ppl_lengths / ppl_score:
     perplexity of the last ppl_score tokens of inputs of each length; recall_length / recall_facts
-    / recall_dialogues: the multi-turn task; qa_length / qa_questions / fractions: Squeezed
+    / recall_dialogues: the multi-turn task; qa_length / qa_questions / qa_contexts / fractions: Squeezed
     Attention's task; full_max: longest input run with full attention."""
 
     out: str
@@ -85,6 +85,7 @@ class LongEvalConfig:
     recall_dialogues: int = 1
     qa_length: int = 4096
     qa_questions: int = 8
+    qa_contexts: int = 1
     fractions: tuple[float, ...] = (1.0, 0.25)
     full_max: int = 16384
     seed: int = 0
@@ -121,6 +122,7 @@ class LongEvalConfig:
         positive_int(self.qa_questions, "qa_questions", flag="--qa-questions")
         if self.qa_questions > len(NAMES):
             fail("qa_questions", f"be at most {len(NAMES)}", self.qa_questions, flag="--qa-questions")
+        positive_int(self.qa_contexts, "qa_contexts", flag="--qa-contexts")
         positive_int(self.full_max, "full_max", flag="--full-max")
         integer(self.seed, "seed")
 
@@ -227,51 +229,113 @@ def _enc(tok: Any, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+WORDS = ("walrus", "lantern", "cactus", "violin", "anchor", "pepper", "glacier", "saddle", "trumpet", "falcon",
+         "marble", "compass", "thimble", "orchid", "harbor", "kettle", "lobster", "meadow", "pyramid", "quartz",
+         "raven", "satchel", "tulip", "volcano", "wombat", "zeppelin", "biscuit", "canyon", "dolphin", "emerald",
+         "feather", "giraffe", "hammock", "igloo", "jigsaw", "koala", "lemonade", "mustard", "nutmeg", "octopus",
+         "parsley", "quilt", "rhubarb", "sparrow", "tornado", "umbrella", "velvet", "walnut")
+FACT_KINDS = {"number": "locker number", "word": "password"}  # kind of fact -> what the dialogue calls it
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A multi-turn recall example: ``body`` is streamed; ``questions`` are (ids, answer start, answer
+    end), each asked as one call; ``kinds[i]`` and ``fact_end[i]`` (the body index just after the
+    fact) belong to ``questions[i]``."""
+
+    body: list[int]
+    questions: list[tuple[list[int], int, int]]
+    kinds: list[str]
+    fact_end: list[int]
+
+
+def _filler_turns(tok: Any, n: int, filler: list[int], offset: int, rng: random.Random) -> tuple[list[int], int]:
+    """Exactly ``n`` tokens of user turns of real text ("User: ...\\nAssistant: Thanks, go on.\\n");
+    returns (ids, the filler offset after them)."""
+    head, tail = _enc(tok, "User: "), _enc(tok, "\nAssistant: Thanks, go on.\n")
+    out: list[int] = []
+    while len(out) < n:
+        room = n - len(out) - len(head) - len(tail)
+        if room < 8:  # too little room for one more turn: plain text to the end
+            take = n - len(out)
+            out += filler[offset:offset + take]
+            offset += take
+            break
+        take = min(rng.randrange(60, 160), room)
+        out += head + filler[offset:offset + take] + tail
+        offset += take
+    return out, offset
+
+
+def build_dialogue(tok: Any, length: int, n_facts: int, filler: list[int], rng: random.Random,
+                   kinds: tuple[str, ...] = ("number",), far: int = 0) -> Dialogue:
+    """A dialogue of exactly ``length`` tokens: ``n_facts`` fact turns among user turns of real text,
+    then one question turn per fact, in random order.
+
+    Facts are spread over the body (one at a random place in each of ``n_facts`` equal stretches)
+    and every fact ends at least ``far`` tokens before the body ends, so a window of ``far`` tokens
+    before the questions holds none of them. ``kinds`` cycles over the facts (shuffled): ``number``
+    ("Alice's locker number is 48213": five digits, one token each in most tokenizers, ~2.3 nats
+    apiece) and ``word`` ("Alice's password is walrus": a noun, like the items of SirLLM's grocery
+    task)."""
+    for k in kinds:
+        one_of(k, "recall kinds", tuple(FACT_KINDS))
+    names = rng.sample(NAMES, n_facts)
+    kind_of = [kinds[i % len(kinds)] for i in range(n_facts)]
+    rng.shuffle(kind_of)
+    words = iter(rng.sample(WORDS, n_facts))
+    values = [str(rng.randrange(10000, 100000)) if k == "number" else next(words) for k in kind_of]
+    facts = [_enc(tok, f"User: Please remember this: {n}'s {FACT_KINDS[k]} is {v}.\nAssistant: Noted.\n")
+             for n, k, v in zip(names, kind_of, values)]
+    order = rng.sample(range(n_facts), n_facts)
+    questions = []
+    for i in order:
+        what = f"{names[i]}'s {FACT_KINDS[kind_of[i]]}"
+        head = _enc(tok, f"User: What is {what}?\nAssistant: {what} is")
+        ans = _enc(tok, " " + values[i])
+        questions.append((head + ans + _enc(tok, ".\n"), len(head), len(head) + len(ans)))
+    body_len = length - sum(len(q[0]) for q in questions)
+    free = body_len - sum(len(f) for f in facts)  # filler tokens in the body
+    room = free - far  # where facts may start (in filler tokens before them)
+    if room < 8 * n_facts:
+        raise ValueError(f"`recall_length` {length} is too short for {n_facts} facts "
+                         f"ending at least {far} tokens before the questions")
+    starts = [int(room * (j + rng.random()) / n_facts) for j in range(n_facts)]  # one per stretch, ascending
+    body: list[int] = []
+    fact_end = []
+    offset = rng.randrange(0, max(1, len(filler) - length * 2))
+    done = 0  # filler tokens placed so far
+    for s, fact in zip(starts, facts):
+        gap, offset = _filler_turns(tok, s - done, filler, offset, rng)
+        body += gap + fact
+        done = s
+        fact_end.append(len(body))
+    gap, offset = _filler_turns(tok, free - done, filler, offset, rng)
+    body += gap
+    assert len(body) == body_len and body_len - fact_end[-1] >= far
+    return Dialogue(body, questions, [kind_of[i] for i in order], [fact_end[i] for i in order])
+
+
 def make_dialogue(tok: Any, length: int, n_facts: int, filler: list[int], rng: random.Random
                   ) -> tuple[list[int], list[tuple[list[int], int, int]]]:
-    """A dialogue of about ``length`` tokens: fact turns spread over its first 80% among turns of
-    real text, then one question turn per fact. Returns (body ids, [(question ids, answer start,
-    answer end)]): the body is streamed, each question is one call scored on its answer span."""
-    names = rng.sample(NAMES, n_facts)
-    keys = [str(rng.randrange(10000, 100000)) for _ in names]
-    facts = [_enc(tok, f"User: Please remember this: {n}'s locker number is {k}.\nAssistant: Noted.\n")
-             for n, k in zip(names, keys)]
-    questions = []
-    for i in rng.sample(range(n_facts), n_facts):
-        head = _enc(tok, f"User: What is {names[i]}'s locker number?\nAssistant: {names[i]}'s locker number is")
-        ans = _enc(tok, " " + keys[i])
-        questions.append((head + ans + _enc(tok, ".\n"), len(head), len(head) + len(ans)))
-    q_total = sum(len(q[0]) for q in questions)
-    body_len = length - q_total
-    if body_len <= sum(len(f) for f in facts) + 64:
-        raise ValueError(f"`recall_length` {length} is too short for {n_facts} facts")
-    filler_turn = lambda ids: _enc(tok, "User: ") + ids + _enc(tok, "\nAssistant: Thanks, go on.\n")  # noqa: E731
-    slots = sorted(rng.sample(range(1, 81), n_facts))  # facts at these percentages of the body
-    body: list[int] = []
-    offset = rng.randrange(0, max(1, len(filler) - length * 2))
-    f = 0
-    while len(body) < body_len:
-        if f < n_facts and len(body) >= slots[f] / 100 * body_len:
-            body += facts[f]
-            f += 1
-            continue
-        chunk = filler[offset:offset + rng.randrange(60, 160)]
-        offset += len(chunk)
-        body += filler_turn(chunk)
-    body = body[:body_len]
-    while f < n_facts:  # never cut a fact off: put any left at the end of the body
-        body += facts[f]
-        f += 1
-    return body, questions
+    """:func:`build_dialogue` with number facts anywhere in the body: (body ids, [(question ids,
+    answer start, answer end)])."""
+    d = build_dialogue(tok, length, n_facts, filler, rng)
+    return d.body, d.questions
 
 
 def recall_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    """Dialogues of ``recall_length`` tokens, half number and half word facts, each ending at least
+    ``budget`` tokens before the questions (beyond every bounded method's window); one row per
+    dialogue and method, with each question's result in ``right`` (paired across methods)."""
     from retromem.memory.passkey import token_stream
 
     rng = random.Random(cfg.seed + 1)
     filler = token_stream(tok, cfg.recall_length * 3, cfg.corpus, skip_docs=5)
     for d in range(cfg.recall_dialogues):
-        body, questions = make_dialogue(tok, cfg.recall_length, cfg.recall_facts, filler, rng)
+        dia = build_dialogue(tok, cfg.recall_length, cfg.recall_facts, filler, rng, kinds=("number", "word"),
+                             far=cfg.budget)
+        body, questions = dia.body, dia.questions
         pieces = [torch.tensor([body])] + [torch.tensor([q[0]]) for q in questions]
         for method in cfg.methods:
             if method == "full" and cfg.recall_length > cfg.full_max:
@@ -280,47 +344,55 @@ def recall_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict]
             logits, st = run_pieces(model, mem, pieces, cfg.segment, set(range(1, len(pieces))))
             right = [_answer_right(logits[i + 1], pieces[i + 1], a, b) for i, (_, a, b) in enumerate(questions)]
             emit({"task": "recall", "method": method, "length": len(body) + sum(len(q[0]) for q in questions),
-                  "dialogue": d, "recalled": sum(right), "facts": len(right), "correct": sum(right) / len(right), **st})
+                  "dialogue": d, "recalled": sum(right), "facts": len(right), "correct": sum(right) / len(right),
+                  "right": right, "kinds": dia.kinds, "fact_distance": [len(body) - e for e in dia.fact_end], **st})
 
 
 def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
-    """Squeezed Attention over a fixed context with planted facts; fraction 1 is full attention."""
+    """Squeezed Attention over fixed contexts with planted facts: ``qa_contexts`` contexts of
+    ``qa_length`` tokens (consecutive stretches of the corpus), each prefilled and clustered once
+    and asked its ``qa_questions`` questions at every fraction (1 = full attention, no selection).
+    One row per context and fraction, each question's result in ``right`` (paired across fractions)."""
     from retromem.memory.passkey import token_stream
     from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
 
     rng = random.Random(cfg.seed + 2)
-    names = rng.sample(NAMES, cfg.qa_questions)
-    keys = [str(rng.randrange(10000, 100000)) for _ in names]
-    facts = [_enc(tok, f" The secret number of {n} is {k}. ") for n, k in zip(names, keys)]
-    hay = token_stream(tok, cfg.qa_length, cfg.corpus, skip_docs=20)
-    n_hay = cfg.qa_length - sum(len(f) for f in facts)
-    cuts = sorted(rng.sample(range(n_hay), len(facts)))
-    ctx: list[int] = []
-    prev = 0
-    for c, f in zip(cuts, facts):
-        ctx += hay[prev:c] + f
-        prev = c
-    ctx += hay[prev:n_hay]
-    context = torch.tensor([ctx])
-    for fraction in cfg.fractions:
+    hays = token_stream(tok, cfg.qa_length * cfg.qa_contexts, cfg.corpus, skip_docs=20)
+    for c_i in range(cfg.qa_contexts):
+        names = rng.sample(NAMES, cfg.qa_questions)
+        keys = [str(rng.randrange(10000, 100000)) for _ in names]
+        facts = [_enc(tok, f" The secret number of {n} is {k}. ") for n, k in zip(names, keys)]
+        hay = hays[c_i * cfg.qa_length:(c_i + 1) * cfg.qa_length]
+        n_hay = cfg.qa_length - sum(len(f) for f in facts)
+        cuts = sorted(rng.sample(range(n_hay), len(facts)))
+        ctx: list[int] = []
+        prev = 0
+        for c, f in zip(cuts, facts):
+            ctx += hay[prev:c] + f
+            prev = c
+        ctx += hay[prev:n_hay]
         t0 = time.perf_counter()
-        mem = SqueezedAttention.prefill(model, context, SqueezedConfig(fraction=fraction), segment=cfg.segment)
+        mem = SqueezedAttention.prefill(model, torch.tensor([ctx]), SqueezedConfig(fraction=cfg.fractions[0]),
+                                        segment=cfg.segment)
         build_s = time.perf_counter() - t0
-        right = []
-        for n, k in zip(names, keys):
-            mem.reset_queries()
-            head = _enc(tok, f"\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is")
-            ans = _enc(tok, " " + k)
-            ids = torch.tensor([head + ans])
-            # the question in one call, then the answer one token at a time (decoding: keys gathered)
-            logits = stream(model, ids[:, :len(head) + 1], mem, segment=len(head) + 1, keep_logits="all")
-            logits = torch.cat([logits] + [stream(model, ids[:, j:j + 1], mem, segment=1, keep_logits="all")
-                                           for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
-            right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
-        emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
-              "length": cfg.qa_length, "correct": sum(right) / len(right), "answered": sum(right), "questions": len(right),
-              "attended_fraction": mem.attended_fraction(), "decode_attention_ms": round(mem.decode_attention_ms(), 4),
-              "prefill_and_cluster_s": round(build_s, 2), "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)})
+        for fraction in cfg.fractions:
+            mem.set_fraction(fraction)
+            right = []
+            for n, k in zip(names, keys):
+                mem.reset_queries()
+                head = _enc(tok, f"\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is")
+                ans = _enc(tok, " " + k)
+                ids = torch.tensor([head + ans])
+                # the question in one call, then the answer one token at a time (decoding: keys gathered)
+                logits = stream(model, ids[:, :len(head) + 1], mem, segment=len(head) + 1, keep_logits="all")
+                logits = torch.cat([logits] + [stream(model, ids[:, j:j + 1], mem, segment=1, keep_logits="all")
+                                               for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
+                right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
+            emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
+                  "length": cfg.qa_length, "context": c_i, "correct": sum(right) / len(right), "answered": sum(right),
+                  "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
+                  "decode_attention_ms": round(mem.decode_attention_ms(), 4), "prefill_and_cluster_s": round(build_s, 2),
+                  "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)})
 
 
 TASK_FUNCTIONS = {"passkey": passkey_task, "perplexity": perplexity_task, "recall": recall_task, "qa": qa_task}

@@ -40,7 +40,7 @@ class SirLLMConfig:
     def __post_init__(self) -> None:
         check_budget(self.n_sink, "sirllm.n_sink", "--n-sink", minimum=0)
         check_budget(self.n_keep, "sirllm.n_keep", "--n-keep", minimum=0)
-        check_budget(self.n_local, "sirllm.n_local", "--n-local")
+        check_budget(self.n_local, "sirllm.n_local", "--n-local", minimum=0)
         number(self.decay, "sirllm.decay", gt=0, le=1, flag="--decay")
         check_budget(self.decay_every, "sirllm.decay_every", "--decay-every")
 

@@ -11,7 +11,19 @@ For a long fixed context reused across many queries (a manual, a code base):
    hold ``fraction`` of the context's keys, and attends exactly to those keys only, plus every
    token after the context (the question and what is generated), causally.
 
-With ``fraction = 1`` every cluster is taken and the result is full attention. A single query
+Beyond the paper, the context's first ``n_sink`` keys (attention sinks: they draw a large share
+of every softmax, and dropping them from a head distorts the whole distribution) and its last
+``n_tail`` keys (the text just before the question) are always attended; they count towards the
+fraction, which clusters fill up. With ``fraction = 1`` there is no selection: plain full attention
+over the context (the reference the time saved is measured against).
+
+Two ways to pick clusters (``selection``): ``fraction`` takes clusters by q · centroid until each
+query and KV head holds ``fraction`` of the keys; ``threshold`` is the paper's: each cluster's share
+of the attention is estimated as softmax_c(q · c_c * scaling + log N_c) (N_c keys in it; the
+largest over the query heads sharing the KV head), clusters above a per-layer threshold are kept,
+and each layer's threshold is calibrated at :meth:`freeze` on the queries of the context's last
+``n_calib`` tokens so that they would attend ``fraction`` of the keys on average (questions then
+attend more or less; :meth:`attended_fraction` counts what they did). A single query
 token (decoding) gathers its selected keys, so its attention costs about ``fraction`` of full
 attention over the context (:meth:`SqueezedAttention.attended_fraction` counts what was attended);
 several query tokens at once use a mask over all keys (same result, no time saved). The context's
@@ -23,12 +35,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
 
-from retromem.config import number
+from retromem.config import number, one_of
 from retromem.errors import ConfigError
 from retromem.memory.kv_budget import KVMemory, cat, check_budget, group_attention, stream
 
@@ -36,17 +48,26 @@ from retromem.memory.kv_budget import KVMemory, cat, check_budget, group_attenti
 @dataclass(frozen=True)
 class SqueezedConfig:
     """fraction: share of the context's keys each query attends; cluster_size: mean keys per
-    centroid; kmeans_iters: Lloyd iterations; seed: k-means initialisation."""
+    centroid; kmeans_iters: Lloyd iterations; seed: k-means initialisation; n_sink / n_tail: the
+    context's first / last keys, always attended (part of the fraction)."""
 
     fraction: float = 0.25
     cluster_size: int = 16
     kmeans_iters: int = 10
     seed: int = 0
+    n_sink: int = 4
+    n_tail: int = 32
+    selection: str = "fraction"
+    n_calib: int = 64
 
     def __post_init__(self) -> None:
         number(self.fraction, "squeezed.fraction", gt=0, le=1, flag="--fraction")
         check_budget(self.cluster_size, "squeezed.cluster_size", "--cluster-size")
         check_budget(self.kmeans_iters, "squeezed.kmeans_iters", "--kmeans-iters")
+        check_budget(self.n_sink, "squeezed.n_sink", "--n-sink", minimum=0)
+        check_budget(self.n_tail, "squeezed.n_tail", "--n-tail", minimum=0)
+        one_of(self.selection, "squeezed.selection", ("fraction", "threshold"), flag="--selection")
+        check_budget(self.n_calib, "squeezed.n_calib", "--n-calib")
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +121,10 @@ class SqueezedAttention(KVMemory):
         self.offered = 0  # context keys there were
         self.decode_seconds = 0.0  # time in attention for single-token calls, all layers
         self.decode_tokens = 0
+        self.calib_q: list[torch.Tensor | None] = [None] * L  # (1, H, <=n_calib, D) the context's last queries
+        self.calib_mass: list[torch.Tensor | None] = [None] * L  # (Hkv, n_calib, C) their estimated cluster shares
+        self.thresholds: dict[tuple[int, float], float] = {}  # (layer, fraction) -> threshold
+        self.scaling: float | None = None
 
     @classmethod
     def prefill(cls, model: Any, context_ids: torch.Tensor, config: SqueezedConfig | None = None,
@@ -134,20 +159,68 @@ class SqueezedAttention(KVMemory):
             self.centroids[layer] = torch.stack(cs).to(self.ctx_k[layer].device)
             self.assign[layer] = torch.stack(assigns).to(self.ctx_k[layer].device)
             self.sizes[layer] = torch.stack([torch.bincount(a, minlength=c.shape[0]) for a, c in zip(assigns, cs)])
+            self.calib_mass[layer] = self.cluster_mass(layer, self.calib_q[layer])
+            self.calib_q[layer] = None  # the masses are all calibration needs
         self.frozen = True
 
+    def cluster_mass(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """(Hkv, T, C): each cluster's estimated share of the attention of the query tokens q
+        (1, H, T, D), softmax_c(q · c_c * scaling + log N_c), the largest over the query heads that
+        share the KV head."""
+        B, H, T, D = q.shape
+        c = self.centroids[layer]  # (Hkv, C, D)
+        Hkv = c.shape[0]
+        scaling = self.scaling if self.scaling is not None else D ** -0.5
+        logits = torch.einsum("hgtd,hcd->hgtc", q[0].float().reshape(Hkv, H // Hkv, T, D), c.float()) * scaling
+        logits = logits + self.sizes[layer].to(q.device).float().clamp(min=1).log()[:, None, None, :]
+        return logits.softmax(-1).amax(1)  # (Hkv, T, C)
+
+    def threshold(self, layer: int) -> float:
+        """The layer's threshold on :meth:`cluster_mass` at which the calibration queries take
+        ``fraction`` of the keys on average (the fixed keys included)."""
+        f = self.config.fraction
+        if (layer, f) not in self.thresholds:
+            m = self.calib_mass[layer]  # (Hkv, Tc, C)
+            Hkv, Tc, C = m.shape
+            w = self.sizes[layer].to(m.device)[:, None, :].expand(Hkv, Tc, C).flatten().float()
+            vals, order = m.flatten().sort(descending=True)
+            share = w[order].cumsum(0) / (Hkv * Tc * self.context_length)  # keys taken down to each value
+            target = f - float(self.fixed_keys().float().mean())
+            i = int(torch.searchsorted(share, torch.tensor([target])).clamp(max=vals.numel() - 1))
+            self.thresholds[(layer, f)] = float(vals[i]) if target > 0 else math.inf
+        return self.thresholds[(layer, f)]
+
+    def fixed_keys(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n,) bool: the context keys every query attends (the first n_sink and the last n_tail)."""
+        n = self.context_length
+        i = torch.arange(n, device=device)
+        return (i < self.config.n_sink) | (i >= n - self.config.n_tail)
+
+    def set_fraction(self, fraction: float) -> None:
+        """Ask later queries at another ``fraction`` (the clusters stay; the counters restart)."""
+        self.config = replace(self.config, fraction=fraction)
+        self.attended = self.offered = self.decode_tokens = 0
+        self.decode_seconds = 0.0
+
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """(Hkv, T, n) mask of the context keys each query token attends to."""
+        """(Hkv, T, n) mask of the context keys each query token attends to: the fixed keys, then
+        whole clusters from the most relevant (q · centroid, the largest over the query heads that
+        share the KV head) until ``fraction`` of the context's keys are taken."""
         B, H, T, D = q.shape
         c = self.centroids[layer]  # (Hkv, C, D)
         Hkv, C = c.shape[:2]
+        fixed = self.fixed_keys(q.device)
+        if self.config.selection == "threshold":
+            take = self.cluster_mass(layer, q) >= self.threshold(layer)  # (Hkv, T, C)
+            return take.gather(-1, self.assign[layer][:, None, :].expand(Hkv, T, -1)) | fixed
         rel = torch.einsum("hgtd,hcd->hgtc", q[0].float().reshape(Hkv, H // Hkv, T, D), c.float()).amax(1)  # (Hkv, T, C)
         order = rel.argsort(-1, descending=True)
         sizes = self.sizes[layer].to(q.device)[:, None, :].expand(Hkv, T, C).gather(-1, order)  # (Hkv, T, C) sorted
         before = sizes.cumsum(-1) - sizes  # keys already taken when reaching each cluster
-        take_sorted = before < self.config.fraction * self.context_length
+        take_sorted = before < self.config.fraction * self.context_length - int(fixed.sum())
         take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (Hkv, T, C) by cluster id
-        return take.gather(-1, self.assign[layer][:, None, :].expand(Hkv, T, -1))  # (Hkv, T, n)
+        sel = take.gather(-1, self.assign[layer][:, None, :].expand(Hkv, T, -1))  # (Hkv, T, n)
+        return sel | fixed
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -159,8 +232,10 @@ class SqueezedAttention(KVMemory):
             self.decode_seconds += time.perf_counter() - t0
             self.decode_tokens += layer == 0
             return out
+        self.scaling = scaling
         if not self.frozen:  # recording the context: full causal attention
             self.ctx_k[layer], self.ctx_v[layer] = cat(self.ctx_k[layer], k), cat(self.ctx_v[layer], v)
+            self.calib_q[layer] = cat(self.calib_q[layer], q)[:, :, -self.config.n_calib:]
             n = self.ctx_k[layer].shape[-2]
             mask = torch.ones(T, n, dtype=torch.bool, device=q.device).tril(n - T)
             return group_attention([(q, self.ctx_k[layer], self.ctx_v[layer], mask)], scaling)[0]
@@ -172,6 +247,12 @@ class SqueezedAttention(KVMemory):
         self.new_k[layer], self.new_v[layer] = cat(self.new_k[layer], k), cat(self.new_v[layer], v)
         m = self.new_k[layer].shape[-2]
         after = (torch.ones(T, m, dtype=torch.bool, device=q.device).tril(m - T), self.new_k[layer], self.new_v[layer])
+        if self.config.fraction >= 1:  # no selection: full attention over the context
+            n = self.context_length
+            self.attended += k.shape[1] * T * n
+            self.offered += k.shape[1] * T * n
+            ctx = (q, self.ctx_k[layer], self.ctx_v[layer], torch.ones(T, n, dtype=torch.bool, device=q.device))
+            return group_attention([ctx, (q, after[1], after[2], after[0])], scaling)[0]
         sel = self.select(layer, q)  # (Hkv, T, n)
         self.attended += int(sel.sum())
         self.offered += sel.numel()

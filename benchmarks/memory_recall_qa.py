@@ -1,0 +1,203 @@
+"""SirLLM against StreamingLLM on multi-turn recall, and Squeezed Attention against full attention
+on fixed-context QA, with 95% intervals (issue 20).
+
+Recall: dialogues built by :func:`retromem.memory.long_context_eval.build_dialogue` (half number,
+half word facts, every fact ending at least ``--budget`` tokens before the questions, so a window of
+the budget holds none of them); full attention (the ceiling), StreamingLLM and SirLLM variants at
+the same budget on the same dialogues. QA: :func:`retromem.memory.long_context_eval.qa_task`
+(``--qa-contexts`` contexts, each prefilled and clustered once, asked at every fraction).
+Rows go to ``--rows`` (JSONL, appended as they come); ``--report`` prints the tables from rows:
+accuracy with a bootstrap interval over dialogues / contexts, and paired differences
+(:func:`retromem.stats.paired_bootstrap`, whole dialogues / contexts resampled).
+
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/memory_recall_qa.py --task recall \\
+        --recall-length 2048 --recall-facts 10 --dialogues 5 --budget 512 --rows rows/recall.jsonl
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/memory_recall_qa.py --task qa \\
+        --qa-length 4096 --qa-questions 8 --qa-contexts 5 --fractions 1,0.5,0.25,0.125 --rows rows/qa.jsonl
+    .venv/bin/python benchmarks/memory_recall_qa.py --report rows/recall.jsonl,rows/qa.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+
+def sirllm_variant(spec: str, budget: int):
+    """``sirllm:LOCAL:DECAY``: 4 sinks, LOCAL recent tokens, the rest entropy-selected, DECAY per 512 tokens."""
+    from retromem.memory.sirllm import SirLLMConfig
+
+    _, local, decay = spec.split(":")
+    return SirLLMConfig(n_sink=4, n_keep=budget - 4 - int(local), n_local=int(local), decay=float(decay))
+
+
+def run_recall(a, emit) -> None:
+    import torch
+
+    from retromem.memory.kv_budget import FullAttention, StreamingLLM
+    from retromem.memory.long_context_eval import _answer_right, build_dialogue, run_pieces
+    from retromem.memory.passkey import token_stream
+    from retromem.memory.sirllm import SirLLM
+
+    model, tok = a.model_tok
+    rng = random.Random(a.seed + 1)
+    filler = token_stream(tok, a.recall_length * 3, None, skip_docs=5)
+    methods = a.methods.split(",")
+    for d in range(a.dialogues):
+        dia = build_dialogue(tok, a.recall_length, a.recall_facts, filler, rng, kinds=("number", "word"), far=a.budget)
+        pieces = [torch.tensor([dia.body])] + [torch.tensor([q[0]]) for q in dia.questions]
+        for method in methods:
+            if method == "full":
+                mem = FullAttention(model)
+            elif method == "streaming_llm":
+                mem = StreamingLLM(model, n_sink=4, n_local=a.budget - 4)
+            else:
+                mem = SirLLM(model, sirllm_variant(method, a.budget))
+            logits, st = run_pieces(model, mem, pieces, a.segment, set(range(1, len(pieces))))
+            right = [_answer_right(logits[i + 1], pieces[i + 1], s, e) for i, (_, s, e) in enumerate(dia.questions)]
+            emit({"task": "recall", "method": method, "budget": a.budget, "length": a.recall_length, "dialogue": d,
+                  "right": right, "kinds": dia.kinds, "fact_distance": [len(dia.body) - e for e in dia.fact_end],
+                  "correct": sum(right) / len(right), **st})
+
+
+def run_qa(a, emit) -> None:
+    from retromem.memory.long_context_eval import LongEvalConfig, qa_task
+
+    model, tok = a.model_tok
+    cfg = LongEvalConfig(out=str(Path(a.rows).parent), tasks=("qa",), qa_length=a.qa_length,
+                         qa_questions=a.qa_questions, qa_contexts=a.qa_contexts, segment=a.segment,
+                         fractions=tuple(float(x) for x in a.fractions.split(",")), seed=a.seed)
+    qa_task(model, tok, cfg, emit)
+
+
+def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
+    """Mean of all items and a 95% bootstrap interval resampling whole groups (dialogues / contexts)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    sums = np.array([sum(v) for v in vals], float)
+    cnts = np.array([len(v) for v in vals], float)
+    idx = g.integers(0, len(vals), (n, len(vals)))
+    boots = sums[idx].sum(1) / cnts[idx].sum(1)
+    return float(sums.sum() / cnts.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def report(paths: list[str]) -> None:
+    from retromem.stats import paired_bootstrap
+
+    rows = [json.loads(x) for p in paths for x in Path(p).read_text().splitlines() if x.strip()]
+    for task, unit in (("recall", "dialogue"), ("qa", "context")):
+        rs = [r for r in rows if r["task"] == task]
+        if not rs:
+            continue
+        key = (lambda r: r["method"]) if task == "recall" else (lambda r: f"fraction {r['fraction']}")
+        by: dict[str, dict[int, dict]] = defaultdict(dict)
+        for r in rs:
+            by[key(r)][r[unit]] = r
+        ref = "full" if task == "recall" else "fraction 1.0"
+        print(f"\n{task}: per method (95% interval: {unit}s resampled)")
+        print("| method | items | accuracy [95% CI] | number facts | word facts | vs full [95% CI] | extra |")
+        print("| --- | ---: | --- | --- | --- | --- | --- |")
+        for m, units in by.items():
+            ids = sorted(units)
+            vals = [units[u]["right"] for u in ids]
+            mean, lo, hi = _group_mean_ci(vals)
+            kinds = ""
+            if task == "recall":
+                parts = []
+                for kind in ("number", "word"):
+                    kv = [x for u in ids for x, k in zip(units[u]["right"], units[u]["kinds"]) if k == kind]
+                    parts.append(f"{sum(kv)}/{len(kv)}")
+                kinds = " | ".join(parts)
+            else:
+                kinds = " | "
+            common = [u for u in ids if u in by.get(ref, {})]
+            vs = ""
+            if m != ref and common:
+                a_ = [float(x) for u in common for x in units[u]["right"]]
+                b_ = [float(x) for u in common for x in by[ref][u]["right"]]
+                grp = [u for u in common for _ in units[u]["right"]]
+                res = paired_bootstrap(a_, b_, groups=grp, n=2000)
+                vs = f"{res.mean:+.3f} [{res.low:+.3f}, {res.high:+.3f}]"
+            extra = ""
+            if task == "qa":
+                att = sum(units[u]["attended_fraction"] for u in ids) / len(ids)
+                ms = sum(units[u]["decode_attention_ms"] for u in ids) / len(ids)
+                extra = f"keys attended {att:.3f}; attention {ms:.1f} ms per decoded token"
+            else:
+                extra = f"{sum(units[u]['tokens_per_s'] for u in ids) / len(ids):.0f} tok/s; KV {max(units[u]['attention_mib'] for u in ids):.1f} MiB"
+            n_items = sum(len(v) for v in vals)
+            print(f"| {m} | {n_items} | {sum(sum(v) for v in vals)}/{n_items} = {mean:.3f} [{lo:.3f}, {hi:.3f}] | {kinds} | {vs} | {extra} |")
+        if task == "recall" and "streaming_llm" in by:
+            print("\npaired against StreamingLLM (same dialogues and questions):")
+            for m, units in by.items():
+                if m in ("streaming_llm", "full"):
+                    continue
+                common = [u for u in sorted(units) if u in by["streaming_llm"]]
+                a_ = [float(x) for u in common for x in units[u]["right"]]
+                b_ = [float(x) for u in common for x in by["streaming_llm"][u]["right"]]
+                grp = [u for u in common for _ in units[u]["right"]]
+                res = paired_bootstrap(a_, b_, groups=grp, n=2000)
+                only_a = sum(1 for x, y in zip(a_, b_) if x and not y)
+                only_b = sum(1 for x, y in zip(a_, b_) if y and not x)
+                print(f"- {m} - StreamingLLM: {res.mean:+.3f} [{res.low:+.3f}, {res.high:+.3f}] over {len(a_)} questions "
+                      f"({only_a} right only with {m}, {only_b} only with StreamingLLM)")
+        if task == "qa" and ref in by:
+            full_ms = sum(r["decode_attention_ms"] for r in by[ref].values()) / len(by[ref])
+            for m, units in by.items():
+                if m != ref:
+                    ms = sum(units[u]["decode_attention_ms"] for u in units) / len(units)
+                    print(f"- {m}: attention per decoded token {ms:.1f} ms vs {full_ms:.1f} ms with all keys "
+                          f"({full_ms / ms:.2f}x less)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=("recall", "qa"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="full,streaming_llm,sirllm:0:1.0",
+                    help="recall: full, streaming_llm and SirLLM variants sirllm:LOCAL:DECAY")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--segment", type=int, default=512)
+    ap.add_argument("--recall-length", type=int, default=2048)
+    ap.add_argument("--recall-facts", type=int, default=10)
+    ap.add_argument("--dialogues", type=int, default=5)
+    ap.add_argument("--qa-length", type=int, default=4096)
+    ap.add_argument("--qa-questions", type=int, default=8)
+    ap.add_argument("--qa-contexts", type=int, default=5)
+    ap.add_argument("--fractions", default="1,0.5,0.25,0.125")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default=None, help="JSONL file the rows are appended to")
+    ap.add_argument("--report", default=None, help="comma-separated row files: print the tables, run nothing")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.report:
+        report(a.report.split(","))
+        return
+    import torch
+
+    from retromem.memory.kv_budget import enable
+    from retromem.models import load_causal_lm
+
+    torch.set_num_threads(a.threads)
+    model, tok = load_causal_lm(a.model)
+    enable(model)
+    model.eval()
+    a.model_tok = (model, tok)
+    Path(a.rows).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.rows, "a") as log:
+        def emit(row: dict) -> None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            logging.info("%s", {k: v for k, v in row.items() if k not in ("right", "kinds", "fact_distance")})
+
+        (run_recall if a.task == "recall" else run_qa)(a, emit)
+
+
+if __name__ == "__main__":
+    main()

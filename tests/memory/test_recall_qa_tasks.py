@@ -1,0 +1,112 @@
+"""The re-measured SirLLM and Squeezed Attention settings (issue 20): dialogues whose facts all lie
+beyond the window, SirLLM with every non-sink slot entropy-selected (the paper's runs), Squeezed
+Attention's always-attended sinks and tail, fraction changes without re-clustering, and the QA task
+over several contexts with per-question results."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from retromem.memory.kv_budget import enable, stream
+from retromem.memory.long_context_eval import FACT_KINDS, LongEvalConfig, build_dialogue, qa_task
+from retromem.memory.sirllm import SirLLM, SirLLMConfig
+from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
+
+from .conftest import tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    from retromem.datastore.tokenizer import load_hf_tokenizer
+
+    return load_hf_tokenizer("gpt2")
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_dialogue_facts_end_beyond_the_window_and_mix_numbers_and_words(gpt2_tok):
+    filler = gpt2_tok("The module returns a value of the function. " * 400)["input_ids"]
+    d = build_dialogue(gpt2_tok, 1200, 6, filler, random.Random(0), kinds=("number", "word"), far=300)
+    assert len(d.body) + sum(len(q[0]) for q in d.questions) == 1200
+    assert sorted(d.kinds) == ["number"] * 3 + ["word"] * 3
+    assert all(len(d.body) - e >= 300 for e in d.fact_end)
+    for (ids, a, b), kind, end in zip(d.questions, d.kinds, d.fact_end):
+        q = gpt2_tok.decode(ids)
+        name = q.split("What is ")[1].split("'s")[0]
+        value = gpt2_tok.decode(ids[a:b]).strip()
+        assert value.isdigit() == (kind == "number")
+        # the fact turn ends exactly at fact_end
+        assert gpt2_tok.decode(d.body[:end]).endswith(f"{name}'s {FACT_KINDS[kind]} is {value}.\nAssistant: Noted.\n")
+    with pytest.raises(ValueError, match="too short"):
+        build_dialogue(gpt2_tok, 400, 6, filler, random.Random(0), far=300)
+
+
+def test_sirllm_without_a_window_keeps_sinks_and_the_most_surprising_tokens():
+    model = enable(tiny_decoder("llama"))
+    ids = _ids(96)
+    mem = SirLLM(model, SirLLMConfig(n_sink=2, n_keep=8, n_local=0, decay=1.0))
+    logits = stream(model, ids, mem, segment=16, keep_logits="all")
+    surprise = -torch.log_softmax(logits[0].float(), -1)[:-1].gather(1, ids[0, 1:, None])[:, 0]  # token t = 1..95
+    stream(model, ids[:, :1], mem, segment=1)  # prunes before attending
+    kept = mem.pos[0][:-1].tolist()
+    candidates = torch.arange(2, 96)
+    best = set(candidates[surprise[candidates - 1].topk(8).indices].tolist())
+    assert set(kept) == {0, 1} | best and mem.held_tokens(0) == 2 + 8 + 1
+
+
+def test_squeezed_always_attends_sinks_and_tail_and_changes_fraction_without_reclustering():
+    model = tiny_decoder("llama")
+    ids = _ids(140)
+    with torch.no_grad():
+        ref = model(ids).logits[:, 128:]
+    enable(model)
+    mem = SqueezedAttention.prefill(model, ids[:, :128], SqueezedConfig(fraction=0.05, cluster_size=4, n_sink=4,
+                                                                          n_tail=8), segment=64)
+    q = torch.randn(1, 4, 3, 16)
+    sel = mem.select(0, q)  # (Hkv, T, n)
+    assert sel[..., :4].all() and sel[..., -8:].all()
+    centroids = [c.clone() for c in mem.centroids]
+    stream(model, ids[:, 128:], mem, segment=1)
+    assert mem.attended_fraction() == pytest.approx(12 / 128)  # 0.05 of 128 keys: the fixed ones alone
+    mem.set_fraction(1.0)
+    mem.reset_queries()
+    out = stream(model, ids[:, 128:], mem, segment=1, keep_logits="all")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert mem.attended_fraction() == 1.0 and all(torch.equal(a, b) for a, b in zip(centroids, mem.centroids))
+
+
+@pytest.mark.slow
+def test_qa_task_asks_every_context_at_every_fraction(tmp_path, gpt2_tok):
+    model = enable(tiny_decoder("llama", vocab=50304))
+    cfg = LongEvalConfig(out=str(tmp_path), tasks=("qa",), qa_length=256, qa_questions=2, qa_contexts=2,
+                         segment=128, fractions=(1.0, 0.25))
+    rows: list[dict] = []
+    qa_task(model, gpt2_tok, cfg, rows.append)
+    assert [(r["context"], r["fraction"]) for r in rows] == [(0, 1.0), (0, 0.25), (1, 1.0), (1, 0.25)]
+    assert all(len(r["right"]) == 2 and r["questions"] == 2 for r in rows)
+    assert [r["method"] for r in rows] == ["full", "squeezed"] * 2
+    assert rows[0]["attended_fraction"] == 1.0 and rows[1]["attended_fraction"] < 0.5
+
+
+def test_squeezed_threshold_is_calibrated_per_layer_to_the_fraction():
+    model = enable(tiny_decoder("qwen2"))
+    ids = _ids(140, seed=3)
+    cfg = SqueezedConfig(fraction=0.4, cluster_size=4, n_sink=2, n_tail=4, selection="threshold", n_calib=32)
+    mem = SqueezedAttention.prefill(model, ids[:, :128], cfg, segment=64)
+    fixed_share = 6 / 128
+    for layer in range(mem.num_layers):
+        m = mem.calib_mass[layer]  # (Hkv, 32, C)
+        taken = ((m >= mem.threshold(layer)) * mem.sizes[layer][:, None, :]).sum() / (m.shape[0] * 32 * 128)
+        assert 0.4 - fixed_share <= float(taken) <= 0.4 - fixed_share + 0.1  # one cluster's worth over at most
+    seen = []
+    for f in (0.2, 0.6):
+        mem.set_fraction(f)
+        mem.reset_queries()
+        stream(model, ids[:, 128:], mem, segment=1)
+        seen.append(mem.attended_fraction())
+    assert fixed_share < seen[0] < seen[1] < 1
