@@ -162,6 +162,9 @@ class Layout:
     def dedup_scatter(self, p: int) -> Path:
         return self.work / "dedup" / f"scatter-{p:05d}.npy"
 
+    def dedup_scatter_offsets(self, p: int) -> Path:
+        return self.work / "dedup" / f"scatter-{p:05d}-offsets.npy"
+
     def dedup_marks(self, q: int) -> Path:
         return self.work / "dedup" / f"marks-{q:05d}.npy"
 
@@ -396,7 +399,6 @@ class DedupContext:
     first_doc: tuple[int, ...]  # len(parts) + 1
     partitions: int
     prior: tuple[tuple[str, int], ...] = ()  # an add's earlier generations: (file, expected docs), checked only
-    scatter_offsets: tuple[tuple[int, ...], ...] = ()  # per part, partitions + 1 offsets into its scatter file
 
     @property
     def layout(self) -> Layout:
@@ -404,14 +406,17 @@ class DedupContext:
 
 
 def dedup_scatter_part(ctx: DedupContext, p: int) -> dict:
-    """Every key of part ``p``'s documents, grouped by partition, into one memory-mappable file."""
+    """Every key of part ``p``'s documents, grouped by partition, into one memory-mappable file, and
+    where each partition starts in it (a file too: partitions x parts offsets would not travel well
+    with every task's context)."""
     lay = ctx.layout
     content, keys = _read_hashes(lay.staged(*ctx.parts[p]), ctx.dedup.bands)
     rec, offsets = scatter(key_records(content, keys, ctx.first_doc[p], ctx.dedup), ctx.partitions)
-    with atomic_path(lay.dedup_scatter(p)) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, rec)
-    return {"offsets": offsets.tolist()}
+    for path, array in ((lay.dedup_scatter(p), rec), (lay.dedup_scatter_offsets(p), offsets)):
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+    return {"keys": len(rec)}
 
 
 def dedup_partition(ctx: DedupContext, q: int) -> dict:
@@ -420,7 +425,7 @@ def dedup_partition(ctx: DedupContext, q: int) -> dict:
     lay = ctx.layout
     pieces = []
     for p in range(len(ctx.parts)):
-        lo, hi = ctx.scatter_offsets[p][q], ctx.scatter_offsets[p][q + 1]
+        lo, hi = (int(x) for x in np.load(lay.dedup_scatter_offsets(p), mmap_mode="r")[q : q + 2])
         if hi > lo:
             pieces.append(np.load(lay.dedup_scatter(p), mmap_mode="r")[lo:hi])
     rec = np.concatenate(pieces) if pieces else np.zeros(0, dtype=KEY_RECORD)
@@ -564,7 +569,6 @@ def run_dedup(job: Job, executor, cfg: BuildConfig, parts: list[tuple[int, int]]
     # One pool of local workers for the three maps (each is short: starting workers three times cost more).
     with executor.pooled() if hasattr(executor, "pooled") else nullcontext():
         first = run([("scatter", p) for p in range(len(parts))] + [("filter", k) for k in kinds])
-        ctx = replace(ctx, scatter_offsets=tuple(tuple(first[("scatter", p)]["offsets"]) for p in range(len(parts))))
         run([("partition", q) for q in range(partitions)] + [("generation", 0)])
         reasons = run([("reasons", p) for p in range(len(parts))])
     counts = {name: sum(r[name] for r in reasons.values()) for name in REASONS.values()}
