@@ -17,6 +17,8 @@ gRPC API as ``retromem serve``:
 - the gRPC front: :func:`retromem.service.server.start_server`'s own server (bounded queue,
   interceptors, bearer token, TLS, health, reflection, metrics) with a thin servicer that sends
   each call to the fan-out's handle and turns its answer back into the message or status code.
+  With ``fanout: {in_front: true}`` the front runs the same router itself over the shards' handles
+  instead: one Ray hop per call where the fan-out deployment costs two.
 
 Why a thin front and not Serve's gRPC proxy (``grpc_servicer_functions``): the proxy serves unary
 and server-streaming calls only (``SearchStream`` is bidirectional), answers its own health
@@ -56,7 +58,9 @@ APP = "retromem"
 FANOUT = "fanout"
 _SHARD_KEYS = {"name", "datastore", "dense", "ngram", "datastore_id", "first_doc", "first_chunk", "replicas",
                "autoscaling", "num_cpus", "max_ongoing_requests"}
-_FANOUT_KEYS = {"replicas", "autoscaling", "num_cpus", "max_ongoing_requests"}
+_FANOUT_KEYS = {"replicas", "autoscaling", "num_cpus", "max_ongoing_requests", "in_front"}
+RELOAD_REFUSED = ("Reload is not served with --engine ray (a handle reaches one replica of each shard, not all): "
+                  "redeploy the application with the new paths and Serve replaces the replicas one by one")
 _AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas"}
 _METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Retrieval"].methods}
 
@@ -116,6 +120,9 @@ class RayDeployment:
     shards: tuple[ShardSpec, ...]
     fanout: Scaling = Scaling(num_cpus=0.0, max_ongoing_requests=64)
     app: str = APP
+    # the front runs the router itself over the shards' handles: one Ray hop per call instead of two
+    # (the fan-out deployment still checks the placement at deploy time, then idles)
+    fanout_in_front: bool = False
 
     def server_config(self, **kw: Any) -> ServerConfig:
         """The front's (and fan-out's) ServerConfig: the shards as ``serve:NAME`` targets with their
@@ -220,14 +227,18 @@ def parse_ray_deployment(data: Any, base: Path | None = None) -> RayDeployment:
     app = data.get("app", APP)
     if not isinstance(app, str) or not app:
         fail("app", "be a Serve application name", app)
-    return RayDeployment(tuple(shards), _scaling(fan, "fanout", RayDeployment.fanout), app)
+    in_front = fan.get("in_front", False)
+    if not isinstance(in_front, bool):
+        fail("fanout.in_front", "be true or false", in_front)
+    return RayDeployment(tuple(shards), _scaling(fan, "fanout", RayDeployment.fanout), app, in_front)
 
 
 def read_ray_deployment(path: str | Path) -> RayDeployment:
     """Read a deployment file (YAML or JSON) for ``--engine ray``::
 
         app: retromem                      # Serve application name (default retromem)
-        fanout: {replicas: 1}              # or autoscaling: {...}; num_cpus (default 0)
+        fanout: {replicas: 1}              # or autoscaling: {...}; num_cpus (default 0); in_front: true
+                                           # merges in the front's process (one Ray hop fewer)
         shards:
           - name: a                        # deployment shard-a (default: the shard's index)
             datastore: /shared/a/datastore # paths every node sees; relative ones start at the file
@@ -482,9 +493,8 @@ class FanOutReplica:
     def call(self, method: str, request: Any, timeout: float | None) -> tuple:
         if self.servicer is None:
             return "error", "FAILED_PRECONDITION", f"the deployment is refused: {self.error}"
-        if method == "Reload":  # a handle reaches one replica of each shard, not all of them
-            return ("error", "FAILED_PRECONDITION", "Reload is not served with --engine ray: redeploy the application "
-                    "(serve.run with the new paths) and Serve replaces the replicas one by one")
+        if method == "Reload":
+            return "error", "FAILED_PRECONDITION", RELOAD_REFUSED
         return answer_in_process(self.servicer, method, request, timeout)
 
 
@@ -554,6 +564,24 @@ class FrontServicer(pb_grpc.RetrievalServicer):
         pass
 
 
+def front_servicer(dep: RayDeployment, cfg: ServerConfig, fanout: Any) -> Any:
+    """The front's servicer: a thin one over the fan-out deployment, or with ``fanout.in_front`` the
+    router itself over the shards' handles."""
+    if not dep.fanout_in_front:
+        return FrontServicer(cfg, fanout)
+    from ray import serve
+
+    from retromem.service.router import RouterServicer
+
+    class InFrontRouter(RouterServicer):
+        def Reload(self, request, context):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, RELOAD_REFUSED)
+
+    stubs = {s.target: HandleStub(serve.get_deployment_handle(s.deployment, app_name=dep.app), f"shard {s.target}")
+             for s in dep.shards}
+    return InFrontRouter(cfg, None, connect=lambda target: (stubs[target], _NoChannel()))
+
+
 @dataclass
 class RayService:
     """A running Serve application with its gRPC front (``front``: :class:`RunningServer`)."""
@@ -604,7 +632,7 @@ def start_ray_service(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str
 
     fanout = deploy(dep, cfg, ray_address=ray_address, health_check_period_s=health_check_period_s)
     try:
-        front = start_server(cfg, servicer=FrontServicer(cfg, fanout))
+        front = start_server(cfg, servicer=front_servicer(dep, cfg, fanout))
     except Exception:
         from ray import serve
 
@@ -626,7 +654,7 @@ def serve_ray(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None 
     try:
         fanout = deploy(dep, cfg, ray_address=ray_address)
         try:
-            return run(cfg, on_ready=on_ready, servicer=FrontServicer(cfg, fanout))
+            return run(cfg, on_ready=on_ready, servicer=front_servicer(dep, cfg, fanout))
         finally:
             serve.delete(dep.app)
     finally:

@@ -61,7 +61,8 @@ def test_same_index_twice_and_scaling_options(tmp_path):
     with pytest.raises(ConfigError, match=r"`shards\[1\].ngram` repeats `shards\[0\].ngram`"):
         parse_ray_deployment({"shards": [a, dict(a, name="b", datastore_id="other")]})
     b = _entry(tmp_path, "b", autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2})
-    dep = parse_ray_deployment({"shards": [a, b], "fanout": {"replicas": 2}})
+    dep = parse_ray_deployment({"shards": [a, b], "fanout": {"replicas": 2, "in_front": True}})
+    assert dep.fanout_in_front
     assert dep.shards[0].scaling.options()["num_replicas"] == 2
     assert dep.shards[0].scaling.options()["ray_actor_options"] == {"num_cpus": 0.0}
     opts = dep.shards[1].scaling.options()
@@ -127,9 +128,28 @@ def deployed(stores):
 
 
 @pytest.mark.slow
-def test_ray_serve_answers_as_the_router_over_the_same_shards(deployed):
+@pytest.mark.parametrize("in_front", [False, True])
+def test_ray_serve_answers_as_the_router_over_the_same_shards(deployed, in_front):
+    """Through the fan-out deployment, and with the router in the front's process (``fanout.in_front``)
+    over the same shard replicas."""
+    import dataclasses
+
+    from retromem.service.ray_serve import front_servicer
+
     router, svc = deployed
-    with RetrievalClient(svc.target) as f, RetrievalClient(router.target) as r:
+    front = svc.front
+    if in_front:
+        cfg = svc.front.servicer.cfg
+        front = start_server(cfg, servicer=front_servicer(dataclasses.replace(svc.dep, fanout_in_front=True), cfg, None))
+    try:
+        _check_same_answers(front, router)
+    finally:
+        if in_front:
+            front.stop(0)
+
+
+def _check_same_answers(front, router):
+    with RetrievalClient(front.target) as f, RetrievalClient(router.target) as r:
         fi, ri = f.info(), r.info()
         assert [(s.target, s.first_doc_id, s.first_chunk_id, s.num_chunks) for s in fi.shards] == \
                [(t, s.first_doc_id, s.first_chunk_id, s.num_chunks) for t, s in zip(("serve:a", "serve:b"), ri.shards)]
@@ -144,7 +164,7 @@ def test_ray_serve_answers_as_the_router_over_the_same_shards(deployed):
         excl = [[int(want.payloads[0][0].doc_id)], None, [0, 9], [5]]
         np.testing.assert_array_equal(f.search(QUERIES, 8, exclude_doc_ids=excl).chunk_ids,
                                       r.search(QUERIES, 8, exclude_doc_ids=excl).chunk_ids)
-        with RetrievalClient(svc.target, stream_batch=1) as fs:  # SearchStream through the front
+        with RetrievalClient(front.target, stream_batch=1) as fs:  # SearchStream through the front
             np.testing.assert_array_equal(fs.search(QUERIES, 5).chunk_ids, r.search(QUERIES, 5).chunk_ids)
         first_b = int(ri.shards[1].first_chunk_id)
         ids = [0, 3, first_b, first_b + 7]
