@@ -48,6 +48,7 @@ import grpc
 
 from retromem.config import fail, integer, is_int, number
 from retromem.errors import ConfigError, QueryError, ServiceError
+from retromem.service.common import stream_search
 from retromem.service.config import SERVE_TARGET, ServerConfig
 from retromem.service.v1 import retrieval_pb2 as pb
 from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
@@ -272,7 +273,8 @@ class RemoteStatus(grpc.RpcError):
     """A status code and details, as a gRPC call error carries them (``code()``, ``details()``):
     what a replica's answer or a handle failure looks like to the router, and what
     :class:`LocalContext.abort` raises. Internal to the transport: it never reaches a caller, who
-    gets the status on the wire."""
+    gets the status on the wire. (Not in :mod:`retromem.errors`: it must be a ``grpc.RpcError``,
+    and the ground floor does not import grpc.)"""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -311,6 +313,9 @@ class LocalContext:
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
+    def details(self) -> str:
+        return self._details
+
     def cancel(self) -> None:
         self._deadline = time.monotonic()
 
@@ -332,7 +337,7 @@ def answer_in_process(servicer: Any, method: str, request: Any, timeout: float |
     except QueryError as exc:
         return "error", "INVALID_ARGUMENT", str(exc)
     except NotImplementedError:  # the generated base class: UNIMPLEMENTED, as gRPC answers it
-        return "error", (ctx.code() or grpc.StatusCode.UNIMPLEMENTED).name, ctx._details or "Method not implemented!"
+        return "error", (ctx.code() or grpc.StatusCode.UNIMPLEMENTED).name, ctx.details() or "Method not implemented!"
     except Exception as exc:  # a bug: say so, the replica keeps serving
         logger.exception("%s failed", method)
         return "error", "INTERNAL", f"{method} failed: {type(exc).__name__}: {exc}"
@@ -528,12 +533,9 @@ class FrontServicer(pb_grpc.RetrievalServicer):
     deployment and comes back as its message or status code."""
 
     def __init__(self, cfg: ServerConfig, fanout: Any, metrics: Any = None) -> None:
-        from retromem.service.common import stream_search
-
         self.cfg = cfg
         self.metrics = metrics
         self._stub = HandleStub(fanout, "the fan-out")
-        self._stream_search = stream_search
         for name, m in _METHODS.items():
             if not m.client_streaming and not m.server_streaming:
                 setattr(self, name, self._unary(name))
@@ -558,7 +560,7 @@ class FrontServicer(pb_grpc.RetrievalServicer):
             except RemoteStatus as exc:
                 raise ServiceError(exc.code(), exc.details()) from None
 
-        yield from self._stream_search(request_iterator, context, answer, self.cfg.limits.max_message_bytes, self.metrics)
+        yield from stream_search(request_iterator, context, answer, self.cfg.limits.max_message_bytes, self.metrics)
 
     def close(self) -> None:
         pass
