@@ -210,6 +210,9 @@ def open_job(path: str | Path, kind: str, *, overwrite: bool = False, legacy: Se
     """
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; known: {', '.join(KINDS)}")
+    if "://" in str(path):  # a plain Path would turn s3://b/x into a local folder "s3:/b/x"
+        raise ConfigError(f"`--out` {path} is a URL: a job writes a local directory; wrap it in "
+                          "retromem.storage.output_dir(url), which stages it and puts it to the URL (the CLI does)")
     path = Path(path)
     _check_owned(path, kind, legacy, overwrite)  # before writing anything there, even a lock file
     path.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-"""Input discovery and record reading: JSONL, Parquet and plain text, plain or .gz / .zst.
+"""Input discovery and record reading: JSONL, Parquet and plain text, plain or .gz / .zst, from local
+paths or URLs of any fsspec filesystem (:mod:`retromem.storage`: ``s3://bucket/prefix/``, a glob
+such as ``gs://b/c4/*.json.gz``, ``file://``, ``memory://``); compression comes from the name.
 
 Readers never raise on a bad record: they yield an :class:`~retromem.errors.InputError` in its
 place (naming the file and line), so the ingest step can apply the error policy (stop, or
@@ -19,6 +21,7 @@ from typing import Iterator, Literal
 
 import orjson
 
+from retromem import storage
 from retromem.errors import ConfigError, InputError
 
 InputFormat = Literal["auto", "jsonl", "parquet", "text"]
@@ -29,10 +32,10 @@ _COMPRESSION_EXT = (".gz", ".zst")
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str  # as it will be recorded in the datastore (the path given, or below a given dir)
+    path: str  # as it will be recorded in the datastore (the path or URL given, or below a given dir / prefix)
     format: str  # jsonl | parquet | text
     size: int  # bytes on disk
-    mtime_ns: int
+    mtime_ns: int  # 0 where a filesystem gives no time
 
 
 @dataclass(frozen=True)
@@ -56,14 +59,19 @@ def detect_format(path: str) -> str:
 
 
 def expand_inputs(specs: list[str], fmt: str = "auto") -> list[InputFile]:
-    """Files named by paths, directories (recursive, sorted) and globs, in the order given."""
+    """Files named by paths or URLs, directories / prefixes (recursive, sorted) and globs, in the order given."""
     if fmt not in FORMATS:
         raise ConfigError(f"`--format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not specs:
         raise ConfigError("no input given: name at least one file, directory or glob")
     files: list[str] = []
+    remote: dict[str, tuple[int, int]] = {}  # url -> (size, mtime_ns), from the listing
     for spec in specs:
-        if any(ch in spec for ch in "*?["):
+        if storage.is_url(spec):
+            for url, size, mtime in storage.list_inputs(spec, "input"):
+                remote[url] = (size, mtime)
+                files.append(url)
+        elif any(ch in spec for ch in "*?["):
             matched = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
             if not matched:
                 raise ConfigError(f"input glob {spec!r} matches no file")
@@ -83,23 +91,41 @@ def expand_inputs(specs: list[str], fmt: str = "auto") -> list[InputFile]:
     seen: set[str] = set()
     out = []
     for f in files:
-        key = os.path.realpath(f)
+        key = f if f in remote else os.path.realpath(f)
         if key in seen:
             continue
         seen.add(key)
-        st = os.stat(f)
-        out.append(InputFile(f, detect_format(f) if fmt == "auto" else fmt, st.st_size, st.st_mtime_ns))
+        size, mtime = remote[f] if f in remote else (os.stat(f).st_size, os.stat(f).st_mtime_ns)
+        out.append(InputFile(f, detect_format(f) if fmt == "auto" else fmt, size, mtime))
     return out
 
 
 def open_binary(path: str) -> io.BufferedIOBase:
+    """The decompressed bytes of a local file or a URL (.gz / .zst by name)."""
+    url = storage.is_url(path)
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return _GzipOwning(storage.open_input(path)) if url else gzip.open(path, "rb")
+    raw = storage.open_input(path) if url else open(path, "rb")
     if path.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))  # closes raw with itself
+    return raw
+
+
+class _GzipOwning(gzip.GzipFile):
+    """A gzip stream over a remote file object that it closes with itself (GzipFile leaves a given
+    file object open)."""
+
+    def __init__(self, raw: io.IOBase) -> None:
+        self._raw = raw
+        super().__init__(fileobj=raw, mode="rb")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 # Errors a damaged compressed stream raises while being read.
@@ -176,7 +202,7 @@ def _iter_parquet(path: str, text_field: str, id_field: str | None) -> Iterator[
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.open_input(path) if storage.is_url(path) else path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for broken files
         yield InputError(path, None, "corrupt_file", f"not a readable Parquet file: {exc}")
         return

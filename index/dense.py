@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from retromem.datastore.integrity import check_sizes, read_manifest, recorded_files, verify_files
+from retromem import storage
 from retromem.errors import ArtifactCorruptError, IndexFormatError, QueryError
 from retromem.index.dense_faiss import (INDEX_FORMAT, id_selector, read_index, search_parameters, set_gpu_params, to_gpu,
                                         use_gpu)
@@ -41,7 +42,7 @@ class DenseIndex(BoundToDatastore):
         """``verify``: check the recorded checksums of the index files before FAISS reads them (a full
         read of each file, which FAISS does anyway unless ``mmap``): damaged bytes never reach FAISS,
         which would crash or answer wrongly. Sizes are always checked."""
-        self.path = Path(path)
+        self.path = storage.local_dir(path)  # a URL: its local mirror (mmap needs files)
         meta_path = self.path / "index.json"
         if not meta_path.is_file():
             hint = " (an unfinished build: re-run `retromem index build-dense`)" if (self.path / "_work").exists() else ""

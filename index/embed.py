@@ -40,6 +40,7 @@ from retromem.datastore.atomic import atomic_path, sha256_file
 from retromem.datastore.integrity import check_sizes, load_npy, read_manifest
 from retromem.datastore.job import Job, open_job
 from retromem.diskspace import preflight
+from retromem import storage
 from retromem.errors import ArtifactCorruptError, ConfigError, DatastoreError, QueryError
 
 logger = logging.getLogger(__name__)
@@ -486,7 +487,8 @@ def _embed_job(job: Job, cfg: EmbedConfig, ds: Any, progress: bool) -> EmbedResu
         "format_version": EMBEDDINGS_FORMAT,
         "complete": True,
         "datastore_id": ds.datastore_id,
-        "datastore_path": os.path.relpath(Path(cfg.datastore).resolve(), out.resolve()),  # relative: the tree may move
+        "datastore_path": (cfg.datastore if "://" in str(cfg.datastore)  # a URL as it is
+                           else os.path.relpath(Path(cfg.datastore).resolve(), out.resolve())),  # relative: the tree may move
         "embedder": info,
         "dtype": "float16",
         "dim": info["dim"],
@@ -518,7 +520,7 @@ class Embeddings:
     build (:class:`~retromem.errors.ArtifactCorruptError` naming the file)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = storage.local_dir(path)  # a URL: its local mirror (mmap needs files)
         mp = self.path / "embeddings.json"
         if not mp.exists():
             hint = " (an unfinished run: re-run `retromem index embed` to finish it)" if (self.path / "_work").exists() else ""

@@ -34,6 +34,7 @@ import numpy as np
 from retromem.datastore.atomic import atomic_path
 from retromem.datastore.job import Job
 from retromem.datastore.integrity import check_size, check_sizes, load_npy, read_manifest, recorded_files, verify_files
+from retromem import storage
 from retromem.errors import ConfigError, FMIndexCorruptError, FMIndexError, FMQueryError
 from retromem.index.types import (FMBuildResult, FMContext, FMFindResult, FMHit, deleted_doc_ids, open_bound_datastore,
                                   record_path)
@@ -350,7 +351,7 @@ class FMIndex:
     def __init__(self, path: str | Path, datastore=None, max_query_chars: int = 10_000, *, verify: bool = True) -> None:
         """``verify``: check every file's recorded checksum first (a full read of the index, about 40%
         of the text's size; its arrays are read whole anyway). Sizes are always checked."""
-        self.path = Path(path)
+        self.path = storage.local_dir(path)  # a URL: its local mirror (mmap needs files)
         self.max_query_chars = max_query_chars
         mpath = self.path / MANIFEST_NAME
         if not mpath.exists():

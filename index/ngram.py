@@ -27,6 +27,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from retromem.datastore.integrity import check_size, check_sizes, read_manifest, recorded_files, verify_files
+from retromem import storage
 from retromem.errors import ConfigError, NgramIndexCorruptError, NgramQueryError
 from retromem.index.ngram_build import ENGINE_VERSION, FORMAT_VERSION, MANIFEST_NAME, NgramIndexError, token_dtype
 from retromem.index.types import (ChunkPayload, Count, DocumentSearch, FindResult, InfgramProb, NextTokenDistribution,
@@ -172,7 +173,7 @@ class NgramIndex:
         maps them (a full read: 0.6 s for a 129 MB index on a loaded 2-core machine, BENCHMARKS.md);
         the engine trusts their bytes and crashes the process on damaged ones (a flipped ``table.0``
         or ``tokenized.0`` segfaulted it). Sizes and the document offsets are always checked."""
-        self.path = Path(path)
+        self.path = storage.local_dir(path)  # a URL: its local mirror (mmap needs files)
         self.limits = limits or QueryLimits()
         mp = self.path / MANIFEST_NAME
         if not mp.exists():

@@ -44,14 +44,19 @@ PATH_KEYS = ("datastore_path", "embeddings_path")  # manifest fields holding a p
 
 
 def record_path(target: str | Path, artifact_dir: str | Path) -> str:
-    """``target`` as a POSIX path relative to ``artifact_dir`` (what a manifest records)."""
+    """``target`` as a POSIX path relative to ``artifact_dir`` (what a manifest records); a URL as it is."""
+    if "://" in str(target):
+        return str(target)
     rel = os.path.relpath(Path(target).resolve(), Path(artifact_dir).resolve())
     return Path(rel).as_posix()
 
 
 def resolve_path(artifact_dir: str | Path, recorded: str | Path) -> Path:
     """The path a manifest of ``artifact_dir`` records, made absolute: relative paths (since issue 18)
-    are relative to the artifact, absolute ones (older manifests) are taken as they are."""
+    are relative to the artifact, absolute ones (older manifests) are taken as they are; a URL
+    (:mod:`retromem.storage`) is returned as it is (a str)."""
+    if "://" in str(recorded):
+        return recorded  # type: ignore[return-value]  # Path() would fold s3://b into s3:/b
     p = Path(recorded)
     return p if p.is_absolute() else Path(os.path.normpath(Path(artifact_dir).resolve() / p))
 
@@ -86,7 +91,7 @@ def open_bound_datastore(artifact_dir: str | Path, meta: dict[str, Any], datasto
     if datastore is not None and not isinstance(datastore, (str, Path)):
         ds = datastore
     else:
-        where = Path(datastore) if datastore is not None else resolve_path(artifact_dir, meta["datastore_path"])
+        where = datastore if datastore is not None else resolve_path(artifact_dir, meta["datastore_path"])
         try:
             ds = Datastore.open(where)
         except DatastoreError as exc:

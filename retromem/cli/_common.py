@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -145,6 +146,33 @@ def shard_executor_options(fn):
     return fn
 
 
+class PathOrURL(click.ParamType):
+    """An existing local directory (checked as ``click.Path(exists=True, file_okay=False)``), or a URL
+    of any fsspec filesystem (``s3://bucket/datastore``, ``file://``, ``memory://``), read through
+    :mod:`retromem.storage` (URLs are checked when opened)."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        if "://" in str(value):
+            return str(value)
+        return click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+
+
+PATH_OR_URL = PathOrURL()
+
+
+@contextlib.contextmanager
+def local_out(out: str):
+    """The local directory a job writes for ``--out``: ``out`` itself, or for a URL its staging
+    directory, put to the URL (manifest last) when the block ends without an error
+    (:func:`retromem.storage.output_dir`)."""
+    from retromem import storage
+
+    with storage.output_dir(out, "--out") as local:
+        yield str(local)
+
+
 def node_path(value: str | None) -> str | None:
     """A model or data path as the tasks of another process or node will read it: an existing local
     path made absolute (a Ray worker does not share the driver's working directory); a built-in name,
@@ -172,8 +200,7 @@ def retriever_options(index_help: str):
 
     def add(fn):
         for option in reversed((
-            click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False),
-                         help=index_help),
+            click.option("--index", "index_dir", default=None, type=PATH_OR_URL, help=index_help),
             click.option("--server", default=None, metavar="HOST:PORT",
                          help="Retrieve through a `retromem serve` server (or router) instead of --index."),
             click.option("--token-file", default=None, type=click.Path(exists=True, dir_okay=False),

@@ -5,6 +5,7 @@ document back)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from retromem.cli._common import fail, fmt_bytes, handle_errors, parse_size
+from retromem.cli._common import PATH_OR_URL, fail, fmt_bytes, handle_errors, local_out, parse_size
 from retromem.config import from_dict, read_yaml
 from retromem.errors import ConfigError, RetromemError
 
@@ -57,7 +58,8 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
                     dedup_ngram: int, num_perm: int, bloom_fp_rate: float, on_error: str, workers: int,
                     executor: str, ray_address: str | None, dedup_partitions: int, overwrite: bool, keep_work: bool,
                     as_json: bool) -> None:
-    """Build a datastore from INPUTS (files, directories or globs; JSONL, Parquet or text; plain, .gz or .zst).
+    """Build a datastore from INPUTS (files, directories or globs; JSONL, Parquet or text; plain, .gz or .zst;
+    local paths or URLs such as s3://bucket/prefix/ or gs://b/*.jsonl.gz). --out may be a URL too.
 
     Re-running the same command after an interruption resumes where it stopped.
     """
@@ -101,7 +103,8 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
     if isinstance(settings.get("shard_bytes"), str):
         settings["shard_bytes"] = parse_size(settings["shard_bytes"], "shard_bytes")
     cfg = from_dict(BuildConfig, settings, where=config_path or "")  # unknown keys refused by name, `dedup.foo` too
-    result = build(cfg, overwrite=overwrite)
+    with local_out(cfg.out) as out_dir:  # a URL: built in a staging directory, then put there
+        result = build(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(_summary(result.manifest), indent=2))
         return
@@ -332,7 +335,7 @@ def datastore_verify(path: str, all_versions: bool) -> None:
 
 
 @group.command("add")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=PATH_OR_URL)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "text"]), default="auto", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
@@ -349,9 +352,10 @@ def datastore_add(path: str, inputs: tuple[str, ...], fmt: str, text_field: str,
     already in it (exactly or nearly) are dropped. Re-run the same command to resume a killed add."""
     from retromem.datastore.pipeline import add
 
-    res = add(path, list(inputs), format=fmt, text_field=text_field, id_field=id_field or None, on_error=on_error,
-              shard_bytes=parse_size(shard_size, "--shard-size") if shard_size else None, workers=workers,
-              executor=executor, ray_address=ray_address)
+    with local_out(path) as ds_dir:  # a URL: added in a staging copy, then put back, manifest last
+        res = add(ds_dir, list(inputs), format=fmt, text_field=text_field, id_field=id_field or None,
+                  on_error=on_error, shard_bytes=parse_size(shard_size, "--shard-size") if shard_size else None,
+                  workers=workers, executor=executor, ray_address=ray_address)
     seg, d = res.segment, res.manifest["dedup"]
     ids = (f"doc ids {seg['first_doc_id']}..{seg['first_doc_id'] + seg['n_docs'] - 1}" if seg["n_docs"]
            else "every input document was already in the datastore")

@@ -3,12 +3,14 @@ that embeds the demo datastore, builds a FAISS index and searches it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import click
 
-from retromem.cli._common import fmt_bytes, handle_errors, parse_size, shard_executor_options, snippet
+from retromem.cli._common import (PATH_OR_URL, fmt_bytes, handle_errors, local_out, parse_size, shard_executor_options,
+                                  snippet)
 
 
 @click.group("dense")
@@ -17,7 +19,7 @@ def group() -> None:
 
 
 @group.command("embed")
-@click.argument("datastore", type=click.Path(exists=True, file_okay=False))
+@click.argument("datastore", type=PATH_OR_URL)
 @click.option("--out", "-o", default=None, help="Embeddings directory (default: DATASTORE/embeddings/<model>).")
 @click.option("--model", default="all-minilm-l6-v2", show_default=True,
               help="sentence-transformers model: built-in all-minilm-l6-v2 (offline), a local directory or a hub id.")
@@ -47,7 +49,10 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
     cfg = EmbedConfig(datastore=datastore, out=out, model=model, batch_size=batch_size, device=device, fp16=fp16,
                       executor=executor, ray_address=ray_address, query_prompt_name=query_prompt_name,
                       document_prompt_name=document_prompt_name, similarity=similarity, backend=backend)
-    res = embed_datastore(cfg, overwrite=overwrite)
+    if out is None and "://" in datastore:
+        raise click.UsageError("a DATASTORE URL needs --out (the default is a folder inside DATASTORE)")
+    with local_out(str(cfg.out_path)) as out_dir:  # a URL: written in a staging directory, then put there
+        res = embed_datastore(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     m = res.manifest
     e = m["embedder"]
     if res.embedded_shards == 0:
@@ -61,7 +66,7 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
 
 
 @group.command("build")
-@click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
+@click.argument("embeddings", type=PATH_OR_URL)
 @click.option("--out", "-o", required=True, help="Index directory.")
 @click.option("--factory", default="auto", show_default=True,
               help="FAISS factory string (Flat, HNSW32, IVF4096,SQ8, OPQ64,IVF65536_HNSW32,PQ64 ...) or auto.")
@@ -86,7 +91,8 @@ def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: st
                            memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
                            target_recall=target_recall, train_size=train_size, shard_vectors=shard_vectors,
                            merge=merge, gpu=gpu, tune=tune, executor=executor, workers=workers, ray_address=ray_address)
-    res = build_dense(cfg, overwrite=overwrite)
+    with local_out(cfg.out) as out_dir:  # a URL: built in a staging directory, then put there
+        res = build_dense(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     _print_index(res.meta)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import fmt_bytes, handle_errors, parse_list, parse_number, parse_size, shard_executor_options
+from retromem.cli._common import (PATH_OR_URL, fmt_bytes, handle_errors, local_out, parse_list, parse_number, parse_size,
+                                  shard_executor_options)
 from retromem.errors import ConfigError
 
 VERBS = ["count", "find", "prob", "ntd", "infgram-prob", "infgram-ntd", "search"]
@@ -39,7 +40,7 @@ def fm_group() -> None:
 
 
 @group.command("build")
-@click.argument("datastore_path", metavar="DATASTORE", type=click.Path(exists=True, file_okay=False))
+@click.argument("datastore_path", metavar="DATASTORE", type=PATH_OR_URL)
 @click.option("--out", "-o", required=True, help="Output index directory.")
 @click.option("--shard-tokens", default="1G", show_default=True, help="Tokens per shard (whole documents), e.g. 500M.")
 @click.option("--cpus", type=int, default=0, show_default=True, help="Indexer processes (0: every core).")
@@ -55,14 +56,15 @@ def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem
 
     cfg = NgramBuildConfig(shard_tokens=parse_size(shard_tokens, "--shard-tokens"), cpus=cpus,
                            mem_bytes=parse_size(mem, "--mem"), executor=executor, workers=workers, ray_address=ray_address)
-    r = build_ngram_index(datastore_path, out, cfg, overwrite=overwrite)
+    with local_out(out) as out_dir:  # a URL: built in a staging directory, then put there
+        r = build_ngram_index(datastore_path, out_dir, cfg, overwrite=overwrite)
     m = r.manifest
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
     if r.already_complete:
         click.echo(f"{out} is already complete for this datastore; nothing to do.")
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in Path(out_dir).rglob("*") if f.is_file())
     tokens = m["counts"]["tokens"]
     click.echo(f"n-gram index  {out}  ({m['engine']['package']} {m['engine']['version']}, {m['token_dtype']})")
     click.echo(f"datastore     {m['datastore_id'][:16]}  {m['counts']['documents']:,} documents, {tokens:,} tokens, "
@@ -130,7 +132,7 @@ def ngram_query(index_path: str, query: str, verb: str, next_token: str | None, 
 
 
 @fm_group.command("build")
-@click.argument("datastore_path", metavar="DATASTORE", type=click.Path(exists=True, file_okay=False))
+@click.argument("datastore_path", metavar="DATASTORE", type=PATH_OR_URL)
 @click.option("--out", "-o", required=True, help="Output index directory.")
 @click.option("--backend", type=click.Choice(["compact", "fm-index"]), default="compact", show_default=True,
               help="compact: our zstd-compressed FM-index; fm-index: the fm-index package (larger).")
@@ -145,9 +147,10 @@ def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, shar
     """Build the FM-index (compressed exact substring search) of DATASTORE's normalized text."""
     from retromem.index.fm_index import build_fm_index
 
-    r = build_fm_index(datastore_path, out, backend=backend, sample_rate=sample_rate,
-                       shard_bytes=parse_size(shard_size, "--shard-size"), executor=executor, workers=workers,
-                       ray_address=ray_address, overwrite=overwrite)
+    with local_out(out) as out_dir:  # a URL: built in a staging directory, then put there
+        r = build_fm_index(datastore_path, out_dir, backend=backend, sample_rate=sample_rate,
+                           shard_bytes=parse_size(shard_size, "--shard-size"), executor=executor, workers=workers,
+                           ray_address=ray_address, overwrite=overwrite)
     m = r.manifest
     if r.already_complete:
         click.echo(f"{out} is already complete for this datastore; nothing to do.")

@@ -3,12 +3,14 @@ the neighbours job and generates with retrieval."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
-from retromem.cli._common import (handle_errors, node_path as _node_path, open_retriever, retriever_options, secret,
-                                  shard_executor_options, task_count as _task_count, train_options)
+from retromem.cli._common import (PATH_OR_URL, handle_errors, local_out, node_path as _node_path, open_retriever,
+                                  retriever_options, secret, shard_executor_options, task_count as _task_count,
+                                  train_options)
 from retromem.errors import ConfigError
 
 
@@ -18,9 +20,9 @@ def group() -> None:
 
 
 @group.command("neighbours")
-@click.argument("datastore", type=click.Path(exists=True, file_okay=False))
+@click.argument("datastore", type=PATH_OR_URL)
 @retriever_options("Dense index over DATASTORE (retromem index build-dense), searched in this process.")
-@click.option("--out", "-o", required=True, help="Output directory (Parquet shards + neighbours.json).")
+@click.option("--out", "-o", required=True, help="Output directory or URL (Parquet shards + neighbours.json).")
 @click.option("-k", type=int, default=2, show_default=True, help="Neighbours per chunk (RETRO: 2).")
 @click.option("--split", type=click.Choice(["train", "eval", "all"]), default="train", show_default=True)
 @click.option("--eval-fraction", type=float, default=0.05, show_default=True, help="Share of documents held out (by hash of doc_id).")
@@ -58,9 +60,11 @@ def retro_neighbours(datastore: str, index_dir: str | None, server: str | None, 
 
         run_on = make_executor(executor, workers, ray_address)
         spec = (RetrieverSpec(server=server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca) if server
-                else RetrieverSpec(index=str(Path(index_dir).resolve())))
+                else RetrieverSpec(index=_node_path(index_dir)))
     try:
-        res = compute_neighbours(cfg, retriever, overwrite=overwrite, executor=run_on, spec=spec)
+        with local_out(out) as out_dir:  # a URL: written in a staging directory, then put there
+            res = compute_neighbours(dataclasses.replace(cfg, out=out_dir), retriever, overwrite=overwrite,
+                                     executor=run_on, spec=spec)
     finally:
         if server is not None:
             retriever.close()
