@@ -66,12 +66,13 @@ def run_recall(a, emit) -> None:
 
 def run_qa(a, emit) -> None:
     from retromem.memory.long_context_eval import LongEvalConfig, qa_task
+    from retromem.memory.squeezed import SqueezedConfig
 
     model, tok = a.model_tok
     cfg = LongEvalConfig(out=str(Path(a.rows).parent), tasks=("qa",), qa_length=a.qa_length,
                          qa_questions=a.qa_questions, qa_contexts=a.qa_contexts, segment=a.segment,
                          fractions=tuple(float(x) for x in a.fractions.split(",")), seed=a.seed)
-    qa_task(model, tok, cfg, emit)
+    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(selection=a.selection, n_sink=a.n_sink, n_tail=a.n_tail))
 
 
 def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
@@ -94,11 +95,12 @@ def report(paths: list[str]) -> None:
         rs = [r for r in rows if r["task"] == task]
         if not rs:
             continue
-        key = (lambda r: r["method"]) if task == "recall" else (lambda r: f"fraction {r['fraction']}")
+        key = (lambda r: r["method"]) if task == "recall" else \
+            (lambda r: "all keys" if r["fraction"] >= 1 else f"{r.get('selection', 'fraction')} {r['fraction']}")
         by: dict[str, dict[int, dict]] = defaultdict(dict)
         for r in rs:
             by[key(r)][r[unit]] = r
-        ref = "full" if task == "recall" else "fraction 1.0"
+        ref = "full" if task == "recall" else "all keys"
         print(f"\n{task}: per method (95% interval: {unit}s resampled)")
         print("| method | items | accuracy [95% CI] | number facts | word facts | vs full [95% CI] | extra |")
         print("| --- | ---: | --- | --- | --- | --- | --- |")
@@ -170,6 +172,9 @@ def main() -> None:
     ap.add_argument("--qa-questions", type=int, default=8)
     ap.add_argument("--qa-contexts", type=int, default=5)
     ap.add_argument("--fractions", default="1,0.5,0.25,0.125")
+    ap.add_argument("--selection", default="fraction", choices=("fraction", "threshold"))
+    ap.add_argument("--n-sink", type=int, default=4)
+    ap.add_argument("--n-tail", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", default=None, help="JSONL file the rows are appended to")

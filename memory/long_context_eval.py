@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -348,11 +348,12 @@ def recall_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict]
                   "right": right, "kinds": dia.kinds, "fact_distance": [len(body) - e for e in dia.fact_end], **st})
 
 
-def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None], squeezed: Any = None) -> None:
     """Squeezed Attention over fixed contexts with planted facts: ``qa_contexts`` contexts of
     ``qa_length`` tokens (consecutive stretches of the corpus), each prefilled and clustered once
     and asked its ``qa_questions`` questions at every fraction (1 = full attention, no selection).
-    One row per context and fraction, each question's result in ``right`` (paired across fractions)."""
+    One row per context and fraction, each question's result in ``right`` (paired across fractions).
+    ``squeezed``: a :class:`~retromem.memory.squeezed.SqueezedConfig` for everything but the fraction."""
     from retromem.memory.passkey import token_stream
     from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
 
@@ -372,7 +373,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
             prev = c
         ctx += hay[prev:n_hay]
         t0 = time.perf_counter()
-        mem = SqueezedAttention.prefill(model, torch.tensor([ctx]), SqueezedConfig(fraction=cfg.fractions[0]),
+        base = squeezed or SqueezedConfig()
+        mem = SqueezedAttention.prefill(model, torch.tensor([ctx]), replace(base, fraction=cfg.fractions[0]),
                                         segment=cfg.segment)
         build_s = time.perf_counter() - t0
         for fraction in cfg.fractions:
@@ -389,7 +391,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
                                                for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
                 right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
             emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
-                  "length": cfg.qa_length, "context": c_i, "correct": sum(right) / len(right), "answered": sum(right),
+                  "selection": base.selection, "length": cfg.qa_length, "context": c_i,
+                  "correct": sum(right) / len(right), "answered": sum(right),
                   "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
                   "decode_attention_ms": round(mem.decode_attention_ms(), 4), "prefill_and_cluster_s": round(build_s, 2),
                   "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)})
