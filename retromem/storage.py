@@ -15,8 +15,9 @@ One small module so that every job says the same thing in the same way:
 - :func:`output_dir`: a job's output at a URL is written to a local staging directory (the same
   directory on a re-run, so the job resumes; pulled from the URL first when it is not here), then
   put to the URL when the job ends: the old top-level JSON files (the manifest and the kind
-  marker) are removed first, every other file is put, files the job no longer has are removed,
-  and the top-level JSON files go last. Every retromem artifact's manifest is a top-level JSON
+  marker) are removed first, every new or changed file is put, and the top-level JSON files go
+  last. Files the job no longer has stay at the URL (the manifest names the artifact's files;
+  another artifact may live below the same prefix, such as a datastore's embeddings). Every retromem artifact's manifest is a top-level JSON
   file written last, so a reader never takes a half-written tree for a finished one.
 
 The cache root is ``$RETROMEM_CACHE`` (default ``~/.cache/retromem``): ``remote/`` holds the
@@ -252,14 +253,12 @@ def put_tree(local: Path, url: str, flag: str = "--out") -> int:
         stamp = {rel: [p.stat().st_size, str(p.stat().st_mtime_ns)] for rel, p in files.items()}
         remote = _remote_files(fs, rpath)
         changed = [rel for rel in files if state.get(rel) != stamp[rel] or rel not in remote]
-        if changed or any(rel not in files for rel in remote):
+        if changed:
             for rel in sorted(r for r in remote if _is_last(r)):  # "not finished" while the tree changes
                 fs.rm_file(f"{base}/{rel}")
         for rel in sorted(rel for rel in changed if not _is_last(rel)):
             fs.makedirs(f"{base}/{rel}".rsplit("/", 1)[0], exist_ok=True)
             fs.put_file(str(files[rel]), f"{base}/{rel}")
-        for rel in sorted(set(remote) - set(files)):
-            fs.rm_file(f"{base}/{rel}")
         for rel in sorted(rel for rel in files if _is_last(rel)):  # all of them: the first loop removed them
             fs.put_file(str(files[rel]), f"{base}/{rel}")
         _write_state(local, stamp)

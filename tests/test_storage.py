@@ -140,6 +140,11 @@ def test_put_tree_removes_then_puts_the_manifest_last(tmp_path):
     assert log == [("rm", "manifest.json"), ("put", "b.bin"), ("put", "manifest.json")]
     fs = fsspec.filesystem("recmem")
     assert sorted(p.rsplit("/", 1)[1] for p in fs.find("/bucket/out")) == ["a.bin", "b.bin", "manifest.json"]
+    log.clear()
+    (local / "data" / "a.bin").unlink()  # a file the job dropped stays (another artifact may share the prefix)
+    (local / "manifest.json").write_text('{"v": 2}')
+    storage.put_tree(local, "recmem://bucket/out")
+    assert log == [("rm", "manifest.json"), ("put", "manifest.json")] and fs.exists("/bucket/out/data/a.bin")
     mirror = storage.local_dir("recmem://bucket/out")
     assert (mirror / "manifest.json").read_text() == '{"v": 2}' and (mirror / "data" / "b.bin").read_bytes() == b"b"
     fs.pipe("/bucket/out/data/b.bin", b"B")  # changed remotely: the mirror fetches it again
