@@ -166,10 +166,67 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     Each group is (q, k, v, mask): q (B, H, T, D) rotated as this group needs; k, v (B, Hkv, N, D);
     mask broadcastable to (B, Hkv, 1, T, N), True = attend. Returns (B, H, T, D) and, with
     ``want_probs``, each group's probabilities summed over the query heads of each KV head
-    (B, Hkv, T, N)."""
-    B, H, T, D = groups[0][0].shape
-    if not want_probs:
+    (B, Hkv, T, N).
+
+    With 2-D masks (every method but Squeezed Attention's per-head selection) each group is one
+    flash-attention call that also returns its log-sum-exp, and the groups are merged exactly
+    (out = Σ_j o_j · exp(lse_j - lse)); the probabilities, when wanted, are exp(s - lse) from one
+    more matmul. Same result as :func:`reference_group_attention` up to float rounding (tested)."""
+    if not all(mask.dim() == 2 for _, _, _, mask in groups) or groups[0][0].dtype not in (torch.float32, torch.float64) \
+            or groups[0][0].device.type != "cpu":
+        if want_probs:
+            return reference_group_attention(groups, scaling, want_probs=True)
         return _fused_group_attention(groups, scaling), None
+    B, H, T, D = groups[0][0].shape
+    parts = [_flash_lse(q, k, v, mask, scaling) for q, k, v, mask in groups]
+    if len(parts) == 1:
+        out, lse = parts[0]
+    else:
+        lse = torch.stack([p[1] for p in parts]).logsumexp(0)  # (B, H, T)
+        lse_safe = lse.masked_fill(lse == NEG_INF, 0.0)
+        out = sum(o * (l - lse_safe).exp()[..., None] for o, l in parts)
+    if not want_probs:
+        return out.to(groups[0][0].dtype), None
+    probs = []
+    for q, k, _, mask in groups:
+        Hkv = k.shape[1]
+        G = H // Hkv
+        s = torch.matmul(q.reshape(B, Hkv, G * T, D), k.transpose(-1, -2))  # (B, Hkv, G*T, N)
+        p = (s * scaling - lse.reshape(B, Hkv, G * T, 1)).exp().reshape(B, Hkv, G, T, -1)
+        probs.append((p * mask.to(p.dtype)).sum(2))  # (B, Hkv, T, N)
+    return out.to(groups[0][0].dtype), probs
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, N, D) under a (T, N) mask, and its log-sum-exp
+    (B, H, T): -inf (and output 0) for rows that see no key. The query heads sharing a KV head are
+    laid side by side as one head of G*T queries, so keys are never repeated."""
+    B, H, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if N == 0:
+        return q.new_zeros(B, H, T, D), q.new_full((B, H, T), NEG_INF)
+    qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D): query head h = kv * G + g
+    bias = torch.zeros(T, N, dtype=q.dtype, device=q.device).masked_fill_(~mask, NEG_INF)
+    if G > 1:
+        bias = bias.repeat(G, 1)  # (G*T, N)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, False,
+                                                                       attn_mask=bias[None, None], scale=scaling)
+    o, lse = o.reshape(B, H, T, D), lse.reshape(B, H, T)
+    empty = ~mask.any(-1)  # (T,) rows with no key: the kernel gives them lse 0
+    if bool(empty.any()):
+        lse = lse.masked_fill(empty, NEG_INF)
+        o = o.masked_fill(empty[:, None], 0.0)
+    return o, lse
+
+
+def reference_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                              scaling: float, want_probs: bool = False
+                              ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """:func:`group_attention` written out (scores, one softmax, weighted values): the reference
+    the fast path is tested against, and the path for per-head masks with probabilities."""
+    B, H, T, D = groups[0][0].shape
     scores, values = [], []
     for q, k, v, mask in groups:
         Hkv = k.shape[1]
@@ -179,6 +236,8 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             mask = mask[None, None, None]
         elif mask.dim() == 4:
             mask = mask[:, :, None]
+        elif mask.dim() == 3:
+            mask = mask[None, :, None]
         scores.append(s.masked_fill(~mask, NEG_INF))
         values.append(v)
     sizes = [s.shape[-1] for s in scores]
@@ -339,8 +398,11 @@ class KVMemory(Cache):
         raise NotImplementedError
 
 
-def cat(a: torch.Tensor | None, b: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    return b if a is None else torch.cat([a, b], dim=dim)
+def cat(a: torch.Tensor | None, b: torch.Tensor | None, dim: int = -2) -> torch.Tensor | None:
+    """a and b joined along ``dim``; either may be None (nothing held yet)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return torch.cat([a, b], dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,10 +600,27 @@ class FullAttention(KVMemory):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        self.k[layer], self.v[layer] = cat(self.k[layer], k), cat(self.v[layer], v)
-        self.pos[layer] = positions if self.pos[layer] is None else torch.cat([self.pos[layer], positions])
-        mask = self.pos[layer][None, :] <= positions[:, None]
-        return group_attention([(q, self.k[layer], self.v[layer], mask)], scaling)[0]
+        past_k, past_v, past_pos = self.k[layer], self.v[layer], self.pos[layer]
+        self.k[layer], self.v[layer] = cat(past_k, k), cat(past_v, v)
+        self.pos[layer] = positions if past_pos is None else torch.cat([past_pos, positions])
+        T = positions.numel()
+        in_order = bool((positions[1:] > positions[:-1]).all()) and (past_pos is None or bool(past_pos.max() < positions.min()))
+        if not in_order or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+            mask = self.pos[layer][None, :] <= positions[:, None]
+            return group_attention([(q, self.k[layer], self.v[layer], mask)], scaling)[0]
+        # the past is seen whole and the call's own keys causally: two flash calls with no mask
+        # (a (T, N) mask at 32K tokens would cost more than the attention), merged by log-sum-exp
+        B, H, _, D = q.shape
+        G = H // k.shape[1]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o, lse = flash(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), 0.0, True, scale=scaling)
+        if past_k is None:
+            return o
+        op, lp = flash(q.reshape(B, past_k.shape[1], G * T, D), past_k, past_v, 0.0, False, scale=scaling)
+        op, lp = op.reshape(B, H, T, D), lp.reshape(B, H, T)
+        m = torch.maximum(lse, lp)
+        a, b = (lse - m).exp(), (lp - m).exp()
+        return (o * a[..., None] + op * b[..., None]) / (a + b)[..., None]
 
     def held_tensors(self) -> Iterable[torch.Tensor]:
         yield from (t for t in self.k + self.v if t is not None)
