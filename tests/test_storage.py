@@ -60,6 +60,14 @@ def test_bad_urls_and_missing_inputs_are_named():
     with pytest.raises(ConfigError, match="is a URL"):  # never a local folder named "memory:"
         open_job("memory://x/out", "datastore")
     assert storage.local_dir("/some/path") == storage.Path("/some/path") and not storage.is_url("/a/b")
+    from click.testing import CliRunner
+
+    from retromem.cli import main as cli
+
+    res = CliRunner().invoke(cli, ["index", "fm", "build", "memory://nowhere/ds", "--out", "zzz://bucket/fm"])
+    assert res.exit_code == 2 and res.output.startswith("error: `--out` 'zzz://bucket/fm': unknown protocol 'zzz'")
+    res = CliRunner().invoke(cli, ["index", "fm", "build", "memory://nowhere/ds", "--out", "memory://nowhere/fm"])
+    assert res.exit_code == 2 and "'memory://nowhere/ds' holds no file" in res.output
 
 
 def test_inputs_read_through_fsspec_equal_local_files(tmp_path, mem):
@@ -207,6 +215,11 @@ def test_build_from_memory_to_memory_equals_a_local_build_byte_for_byte(tmp_path
     remote = _tree(fs, f"/{root}/ds")
     assert "manifest.json" in remote and len(remote) > 20
     assert remote == _tree(local_fs, str(tmp_path / "ds"))  # every file, byte for byte
+    again = _build([], [f"memory://{root}/in/"], f"memory://{root}/ds")  # resumes in its staging directory
+    assert "already complete" in again.output
+    storage.clear_staging(f"memory://{root}/ds")  # another machine: pulled from the URL, found complete
+    assert "already complete" in _build([], [f"memory://{root}/in/"], f"memory://{root}/ds").output
+    assert _tree(fs, f"/{root}/ds") == remote
     ds = Datastore.open(f"memory://{root}/ds")
     assert ds.datastore_id == Datastore.open(tmp_path / "ds").datastore_id and ds.num_documents == 6
 
