@@ -71,20 +71,20 @@ class SirLLM(CachePositionMemory):
         positions: token t's entropy comes from the logits of position t - 1."""
         ids = input_ids[0].cpu()
         T, Tl = ids.numel(), logits.shape[1]
-        logp = torch.log_softmax(logits[0].float(), -1).cpu()  # (T', V)
-        prev = torch.full((T, logp.shape[-1]), float("nan"))
-        if Tl:
-            prev[T - Tl + 1:] = logp[:-1]
+        lg = logits[0].float()  # (T', V)
+        # -log p(x_t) = logsumexp(logits_{t-1}) - logits_{t-1}[x_t]: no (T, V) log-softmax is built
+        ent = torch.zeros(T)  # a token never predicted (the first one, or logits not kept) scores 0
+        if Tl > 1:
+            nxt = ids[T - Tl + 1:].to(lg.device)
+            ent[T - Tl + 1:] = (lg[:-1].logsumexp(-1) - lg[:-1].gather(1, nxt[:, None])[:, 0]).cpu()
         if self.last_logprobs is not None:
-            prev[0] = self.last_logprobs
-        ent = -prev.gather(1, ids[:, None])[:, 0]
-        ent = torch.nan_to_num(ent, nan=0.0)  # never predicted (the first token, or logits not kept)
+            ent[0] = -self.last_logprobs[ids[0]]
         self.score_val = self.score_val * self.config.decay ** (T / self.config.decay_every)
         start = self.scored_until
         self.score_pos = torch.cat([self.score_pos, torch.arange(start, start + T)])
         self.score_val = torch.cat([self.score_val, ent])
         self.scored_until += T
-        self.last_logprobs = logp[-1] if Tl else None
+        self.last_logprobs = torch.log_softmax(lg[-1], -1).cpu() if Tl else None
 
     def keep(self, layer: int, pos: torch.Tensor) -> torch.Tensor:
         base = super().keep(layer, pos)  # sinks and recent window
