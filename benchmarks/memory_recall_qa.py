@@ -130,6 +130,9 @@ def report(paths: list[str]) -> None:
                 att = sum(units[u]["attended_fraction"] for u in ids) / len(ids)
                 ms = sum(units[u]["decode_attention_ms"] for u in ids) / len(ids)
                 extra = f"keys attended {att:.3f}; attention {ms:.1f} ms per decoded token"
+                if all("decode_attention_cpu_ms" in units[u] for u in ids):
+                    cpu = sum(units[u]["decode_attention_cpu_ms"] for u in ids) / len(ids)
+                    extra += f" ({cpu:.1f} ms CPU)"
             else:
                 extra = f"{sum(units[u]['tokens_per_s'] for u in ids) / len(ids):.0f} tok/s; KV {max(units[u]['attention_mib'] for u in ids):.1f} MiB"
             n_items = sum(len(v) for v in vals)
@@ -149,12 +152,15 @@ def report(paths: list[str]) -> None:
                 print(f"- {m} - StreamingLLM: {res.mean:+.3f} [{res.low:+.3f}, {res.high:+.3f}] over {len(a_)} questions "
                       f"({only_a} right only with {m}, {only_b} only with StreamingLLM)")
         if task == "qa" and ref in by:
-            full_ms = sum(r["decode_attention_ms"] for r in by[ref].values()) / len(by[ref])
-            for m, units in by.items():
-                if m != ref:
-                    ms = sum(units[u]["decode_attention_ms"] for u in units) / len(units)
-                    print(f"- {m}: attention per decoded token {ms:.1f} ms vs {full_ms:.1f} ms with all keys "
-                          f"({full_ms / ms:.2f}x less)")
+            for field, what in (("decode_attention_ms", "wall"), ("decode_attention_cpu_ms", "CPU")):
+                if not all(field in r for r in rs):
+                    continue
+                full_ms = sum(r[field] for r in by[ref].values()) / len(by[ref])
+                for m, units in by.items():
+                    if m != ref:
+                        ms = sum(units[u][field] for u in units) / len(units)
+                        print(f"- {m}: attention per decoded token {ms:.1f} ms vs {full_ms:.1f} ms with all keys "
+                              f"({what} time, {full_ms / ms:.2f}x less)")
 
 
 def main() -> None:

@@ -394,7 +394,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
                   "selection": base.selection, "length": cfg.qa_length, "context": c_i,
                   "correct": sum(right) / len(right), "answered": sum(right),
                   "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
-                  "decode_attention_ms": round(mem.decode_attention_ms(), 4), "prefill_and_cluster_s": round(build_s, 2),
+                  "decode_attention_ms": round(mem.decode_attention_ms(), 4),
+                  "decode_attention_cpu_ms": round(mem.decode_attention_ms(cpu=True), 4), "prefill_and_cluster_s": round(build_s, 2),
                   "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)})
 
 

@@ -120,6 +120,7 @@ class SqueezedAttention(KVMemory):
         self.attended = 0  # context keys attended, summed over layers, query tokens and KV heads
         self.offered = 0  # context keys there were
         self.decode_seconds = 0.0  # time in attention for single-token calls, all layers
+        self.decode_cpu_seconds = 0.0  # the same in CPU time of this process (steadier on a shared machine)
         self.decode_tokens = 0
         self.calib_q: list[torch.Tensor | None] = [None] * L  # (1, H, <=n_calib, D) the context's last queries
         self.calib_mass: list[torch.Tensor | None] = [None] * L  # (Hkv, n_calib, C) their estimated cluster shares
@@ -200,7 +201,7 @@ class SqueezedAttention(KVMemory):
         """Ask later queries at another ``fraction`` (the clusters stay; the counters restart)."""
         self.config = replace(self.config, fraction=fraction)
         self.attended = self.offered = self.decode_tokens = 0
-        self.decode_seconds = 0.0
+        self.decode_seconds = self.decode_cpu_seconds = 0.0
 
     def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """(Hkv, T, n) mask of the context keys each query token attends to: the fixed keys, then
@@ -227,9 +228,10 @@ class SqueezedAttention(KVMemory):
         self.check_batch(q)
         T = q.shape[2]
         if T == 1 and self.frozen:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = self._attend_frozen(layer, q, k, v, scaling)
             self.decode_seconds += time.perf_counter() - t0
+            self.decode_cpu_seconds += time.process_time() - c0
             self.decode_tokens += layer == 0
             return out
         self.scaling = scaling
@@ -277,9 +279,11 @@ class SqueezedAttention(KVMemory):
         for layer in self.layers:
             layer.seen = n
 
-    def decode_attention_ms(self) -> float:
-        """Milliseconds of attention (all layers) per single-token call after the context."""
-        return 1000 * self.decode_seconds / self.decode_tokens if self.decode_tokens else float("nan")
+    def decode_attention_ms(self, cpu: bool = False) -> float:
+        """Milliseconds of attention (all layers) per single-token call after the context: wall
+        time, or with ``cpu`` this process's CPU time."""
+        spent = self.decode_cpu_seconds if cpu else self.decode_seconds
+        return 1000 * spent / self.decode_tokens if self.decode_tokens else float("nan")
 
     def attended_fraction(self) -> float:
         """Share of the context's keys attended by the query tokens so far."""
