@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--ppl-lengths", default="2048,8192")
     ap.add_argument("--ppl-score", type=int, default=512)
+    ap.add_argument("--ppl-streams", type=int, default=1, help="Disjoint stretches of the corpus scored at each length.")
     ap.add_argument("--recall-length", type=int, default=4096)
     ap.add_argument("--recall-facts", type=int, default=8)
     ap.add_argument("--recall-dialogues", type=int, default=1)
@@ -89,7 +90,7 @@ def main() -> None:
     split = lambda s, f=int: tuple(f(x) for x in s.split(",") if x)  # noqa: E731
     cfg = LongEvalConfig(out=a.out, methods=split(a.methods, str), tasks=split(a.tasks, str), budget=a.budget,
                          segment=a.segment, lengths=split(a.lengths), depths=split(a.depths, float), samples=a.samples,
-                         ppl_lengths=split(a.ppl_lengths), ppl_score=a.ppl_score, recall_length=a.recall_length,
+                         ppl_lengths=split(a.ppl_lengths), ppl_score=a.ppl_score, ppl_streams=a.ppl_streams, recall_length=a.recall_length,
                          recall_facts=a.recall_facts, recall_dialogues=a.recall_dialogues, qa_length=a.qa_length,
                          qa_questions=a.qa_questions, fractions=split(a.fractions, float), full_max=a.full_max)
     model, tok = load_causal_lm(a.model)

@@ -41,7 +41,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -80,6 +80,7 @@ class LongEvalConfig:
     samples: int = 1
     ppl_lengths: tuple[int, ...] = (2048, 8192)
     ppl_score: int = 512
+    ppl_streams: int = 1
     recall_length: int = 4096
     recall_facts: int = 8
     recall_dialogues: int = 1
@@ -113,6 +114,7 @@ class LongEvalConfig:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         non_negative_int(self.samples, "samples", flag="--samples")
         integer(self.ppl_score, "ppl_score", ge=16, flag="--ppl-score")
+        positive_int(self.ppl_streams, "ppl_streams", flag="--ppl-streams")
         integer(self.recall_length, "recall_length", ge=256, flag="--recall-length")
         positive_int(self.recall_facts, "recall_facts", flag="--recall-facts")
         if self.recall_facts > len(NAMES):
@@ -186,43 +188,122 @@ def _answer_right(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int)
 # Tasks
 # ----------------------------------------------------------------------------------------------
 
+def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples: list[tuple[torch.Tensor, int]],
+                      segment: int) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
+    """:func:`run_pieces` over ``examples`` whose tokens share prefixes, each shared prefix run once.
+
+    Each example is (ids (1, n), cut): the pieces ``ids[:, :cut]`` and ``ids[:, cut:]`` (the latter
+    scored, as one call). The examples form a tree (passkey examples over one haystack share the
+    text before their needles; examples of several lengths with the needle at the same place share
+    everything before their questions): a common prefix is fed once, up to the last segment
+    boundary before the examples part, where the memory is copied and each part continues from its
+    copy. Every example sees exactly the calls of a fresh :func:`run_pieces` (the same segment
+    boundaries from the same memory state), so its logits are identical (tested). Yields
+    (index, scored logits (1, n - cut, V), stats over the tokens run for this example alone;
+    ``shared_tokens`` came from common prefixes) as each example completes."""
+    import copy
+
+    def lcp(a: torch.Tensor, b: torch.Tensor) -> int:
+        n = min(a.shape[1], b.shape[1])
+        diff = (a[0, :n] != b[0, :n]).nonzero()
+        return int(diff[0]) if diff.numel() else n
+
+    def solve(memory: KVMemory, pos: int, group: list[int]) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
+        # every example of ``group`` starts with ids[:pos], which ``memory`` has seen (pos on a boundary)
+        first = examples[group[0]][0]
+        common = min([lcp(first, examples[i][0]) for i in group[1:]] + [examples[i][1] for i in group])
+        upto = (common // segment) * segment if len(group) > 1 else pos
+        if upto > pos:
+            stream(model, first[:, pos:upto], memory, segment=segment)
+            pos = upto
+        if len(group) == 1:
+            ids, cut = examples[group[0]]
+            logits, st = run_pieces(model, memory, [ids[:, pos:cut], ids[:, cut:]], segment, {1})
+            yield group[0], logits[1], {**st, "shared_tokens": pos}
+            return
+        # parts: examples that end within the next segment go alone, the rest by their next segment
+        parts: list[list[int]] = []
+        for i in group:
+            ids, cut = examples[i]
+            for part in parts:
+                j = part[0]
+                if cut > pos + segment and examples[j][1] > pos + segment and \
+                        bool((examples[j][0][:, pos:pos + segment] == ids[:, pos:pos + segment]).all()):
+                    part.append(i)
+                    break
+            else:
+                parts.append([i])
+        parts.sort(key=len)  # the largest part goes on with this memory: at most one copy per level is alive
+        for n, part in enumerate(parts):
+            yield from solve(copy.deepcopy(memory) if n < len(parts) - 1 else memory, pos, part)
+
+    yield from solve(make_memory(), 0, list(range(len(examples))))
+
+
+def passkey_grid(lengths: tuple[int, ...], depths: tuple[float, ...]) -> dict[int, list[int]]:
+    """Needle places (haystack tokens before the needle) per length: depth d of length L puts the
+    needle after round(d * L) haystack tokens, so lengths that are multiples of each other share
+    needle places (0.25 of 8K = 0.125 of 16K) and the examples share all but their questions."""
+    return {L: sorted({round(d * L) for d in depths}) for L in lengths}
+
+
 def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
-    from retromem.memory.passkey import QUESTION, make_passkey, token_stream
+    """Passkey examples: per sample one stretch of haystack and, for every length and depth, a
+    needle (:func:`passkey_grid`; one key per needle place). All examples of a sample form one
+    tree of shared prefixes, run once per method (:func:`run_shared_prefix`: the logits of
+    separate runs); each example is scored on its own answer."""
+    from retromem.memory.passkey import NEEDLE, PREFIX, QUESTION, make_passkey, token_stream
 
     rng = random.Random(cfg.seed)
     hay = token_stream(tok, max(cfg.lengths) + 1000, cfg.corpus)
-    n_question = len(tok(QUESTION, add_special_tokens=False)["input_ids"])
-    for n in cfg.lengths:
-        for depth in cfg.depths:
-            for s in range(cfg.samples):
-                ex = make_passkey(tok, n, depth, hay, rng)
-                ids = torch.tensor([ex.input_ids])
-                cut = ex.answer_start - n_question  # the question and the answer come as the last call
-                for method in cfg.methods:
-                    if method == "full" and n > cfg.full_max:
-                        continue
-                    mem = build_memory(method, model, cfg.budget)
-                    logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
-                    right = _answer_right(logits[1], ids[:, cut:], ex.answer_start - cut, n - cut)
-                    emit({"task": "passkey", "method": method, "length": n, "depth": depth, "sample": s,
-                          "correct": right, **st})
+    enc = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    n_question = enc(QUESTION)
+    for s in range(cfg.samples):
+        offset = rng.randrange(0, len(hay) - max(cfg.lengths) + 1)
+        seeds: dict[int, int] = {}
+        meta, examples = [], []
+        for n in cfg.lengths:
+            for place in passkey_grid((n,), cfg.depths)[n]:
+                seed = seeds.setdefault(place, rng.randrange(2 ** 31))
+                key = str(random.Random(seed).randrange(10 ** 4, 10 ** 5))  # the key make_passkey draws first
+                n_hay = n - enc(PREFIX) - enc(NEEDLE.format(key=key)) - n_question - enc(" " + key)
+                # a haystack of exactly n_hay tokens (make_passkey's offset is then 0), the needle
+                # after ``place`` of them: the same text and key wherever the place recurs
+                ex = make_passkey(tok, n, min(place, n_hay) / n_hay, hay[offset:offset + n_hay], random.Random(seed))
+                assert ex.needle_start == enc(PREFIX) + min(place, n_hay)
+                meta.append((n, ex, min(place, n_hay) / n_hay))
+                examples.append((torch.tensor([ex.input_ids]), ex.answer_start - n_question))
+        for method in cfg.methods:
+            keep = [i for i, m in enumerate(meta) if not (method == "full" and m[0] > cfg.full_max)]
+            runs = run_shared_prefix(model, lambda: build_memory(method, model, cfg.budget),
+                                     [examples[i] for i in keep], cfg.segment)
+            for j, logits, st in runs:
+                n, ex, depth = meta[keep[j]]
+                ids, cut = examples[keep[j]]
+                right = _answer_right(logits, ids[:, cut:], ex.answer_start - cut, n - cut)
+                emit({"task": "passkey", "method": method, "length": n, "depth": round(depth, 4), "sample": s,
+                      "correct": right, "needle_at": ex.needle_start, **st})
 
 
 def perplexity_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
     from retromem.memory.passkey import token_stream
 
-    stream_ids = torch.tensor([token_stream(tok, max(cfg.ppl_lengths), cfg.corpus)])
-    for n in cfg.ppl_lengths:
-        ids = stream_ids[:, -n:]  # every length scores the same last tokens, after more or less context
-        cut = n - cfg.ppl_score
-        for method in cfg.methods:
-            if method == "full" and n > cfg.full_max:
-                continue
-            mem = build_memory(method, model, cfg.budget)
-            logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
-            nll = torch.nn.functional.cross_entropy(logits[1][0, :-1].float(), ids[0, cut + 1:], reduction="sum")
-            emit({"task": "perplexity", "method": method, "length": n, "nll": float(nll), "scored": n - cut - 1,
-                  "perplexity": math.exp(float(nll) / (n - cut - 1)), **st})
+    longest = max(cfg.ppl_lengths)
+    # ppl_streams disjoint stretches of the corpus (consecutive, each of the longest length)
+    text = token_stream(tok, longest * cfg.ppl_streams, cfg.corpus)
+    for k in range(cfg.ppl_streams):
+        stream_ids = torch.tensor([text[k * longest:(k + 1) * longest]])
+        for n in cfg.ppl_lengths:
+            ids = stream_ids[:, -n:]  # every length scores the same last tokens, after more or less context
+            cut = n - cfg.ppl_score
+            for method in cfg.methods:
+                if method == "full" and n > cfg.full_max:
+                    continue
+                mem = build_memory(method, model, cfg.budget)
+                logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
+                nll = torch.nn.functional.cross_entropy(logits[1][0, :-1].float(), ids[0, cut + 1:], reduction="sum")
+                emit({"task": "perplexity", "method": method, "length": n, "stream": k, "nll": float(nll),
+                      "scored": n - cut - 1, "perplexity": math.exp(float(nll) / (n - cut - 1)), **st})
 
 
 def _enc(tok: Any, text: str) -> list[int]:
@@ -418,8 +499,12 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             row["fraction"] = fraction
         if task == "perplexity":
             row["perplexity"] = math.exp(sum(r["nll"] for r in rs) / sum(r["scored"] for r in rs))
+            if len(rs) > 1:  # streams: a t interval on their mean NLL per token, as perplexity
+                row["ci"] = _t_interval_ppl([r["nll"] / r["scored"] for r in rs])
         else:
             row["accuracy"] = sum(r["correct"] for r in rs) / len(rs)
+            if all(isinstance(r["correct"], bool) for r in rs):
+                row["ci"] = wilson(sum(r["correct"] for r in rs), len(rs))
         for key in ("tokens_per_s", "decode_attention_ms", "attended_fraction"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
@@ -432,11 +517,33 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     return {"table": table}
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% by default) for k successes in n trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _t_interval_ppl(nll_per_token: list[float]) -> tuple[float, float]:
+    """95% t interval of the mean NLL per token over streams, as perplexities."""
+    from statistics import mean, stdev
+
+    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    n = len(nll_per_token)
+    half = t975.get(n - 1, 1.96) * stdev(nll_per_token) / math.sqrt(n)
+    return (math.exp(mean(nll_per_token) - half), math.exp(mean(nll_per_token) + half))
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = ["| task | method | tokens | n | accuracy / ppl | tok/s | attention KV MiB | block store MiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary["table"]:
         score = f"ppl {r['perplexity']:.2f}" if "perplexity" in r else f"{r['accuracy']:.2f}"
+        if "ci" in r:
+            score += f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
         name = METHOD_LABELS.get(r["method"], r["method"]) + (f" (fraction {r['fraction']})" if "fraction" in r else "")
         tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
         lines.append(f"| {r['task']} | {name} | {r['length']} | {r['n']} | {score} | {tps} | "
@@ -460,11 +567,17 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         for r in rows:
             if r["task"] == task:
                 by[r["method"]][r["length"]].append(float(r["correct"]))
-        for method in [m for m in METHOD_LABELS if m in by]:
+        for method in [m for m in METHOD_LABELS if m in by] + sorted(m for m in by if m not in METHOD_LABELS):
             xs = sorted(by[method])
             n = sum(len(v) for v in by[method].values())
-            ax.plot(xs, [sum(by[method][x]) / len(by[method][x]) for x in xs], "o-", color=METHOD_COLORS[method],
-                    label=f"{METHOD_LABELS[method]} ({n} example{'s' if n > 1 else ''})")
+            ys = [sum(by[method][x]) / len(by[method][x]) for x in xs]
+            label = f"{METHOD_LABELS.get(method, method)} ({n} example{'s' if n > 1 else ''})"
+            if task == "passkey":  # 95% Wilson intervals
+                ci = [wilson(round(sum(by[method][x])), len(by[method][x])) for x in xs]
+                yerr = [[y - lo for y, (lo, _) in zip(ys, ci)], [hi - y for y, (_, hi) in zip(ys, ci)]]
+                ax.errorbar(xs, ys, yerr=yerr, fmt="o-", capsize=3, color=METHOD_COLORS.get(method), label=label)
+            else:
+                ax.plot(xs, ys, "o-", color=METHOD_COLORS.get(method), label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("accuracy" if task == "passkey" else "share of facts recalled")

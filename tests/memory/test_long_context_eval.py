@@ -76,3 +76,29 @@ def test_evaluate_runs_every_task_and_method_and_the_command(tmp_path, gpt2_tok)
     assert "| passkey | InfLLM | 256 | 1 |" in res.output
     bad = CliRunner().invoke(main, ["memory", "long-eval", "--methods", "nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--methods" in bad.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_prefix_gives_the_logits_of_separate_runs(method):
+    from retromem.memory.kv_budget import enable
+    from retromem.memory.long_context_eval import run_pieces, run_shared_prefix
+
+    model = enable(tiny_decoder("llama"))
+    g = torch.Generator().manual_seed(3)
+    hay = torch.randint(3, 128, (1, 200), generator=g)
+    question = torch.randint(3, 128, (1, 6), generator=g)
+    examples = []
+    # needles in the first segment, twice in one segment, and one needle place at two lengths
+    for needle, length in ((20, 200), (40, 200), (130, 200), (135, 200), (40, 100)):
+        needle_ids = torch.full((1, 4), needle % 100 + 3)
+        ids = torch.cat([hay[:, :needle], needle_ids, hay[:, needle:length - 10], question], 1)
+        examples.append((ids, length - 6))
+    got = {i: (logits, st) for i, logits, st in run_shared_prefix(model, lambda: build_memory(method, model, 64),
+                                                                   examples, segment=32)}
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    for i, (ids, cut) in enumerate(examples):
+        ref, _ = run_pieces(model, build_memory(method, model, 64), [ids[:, :cut], ids[:, cut:]], 32, {1})
+        assert torch.equal(got[i][0], ref[1])
+        assert got[i][1]["tokens"] + got[i][1]["shared_tokens"] == ids.shape[1]
+    assert [got[i][1]["shared_tokens"] for i in range(5)] == [0, 64, 128, 128, 64]
