@@ -617,7 +617,9 @@ def deploy(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = N
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")  # the gRPC front is the only way in
     t0 = time.perf_counter()
-    fanout = serve.run(build_app(dep, cfg, health_check_period_s), name=dep.app, route_prefix=None)
+    # no access log: a line per call per replica would cost CPU on every hop and fill the log directory
+    fanout = serve.run(build_app(dep, cfg, health_check_period_s), name=dep.app, route_prefix=None,
+                       logging_config={"enable_access_log": False})
     error = fanout.placement_error.remote().result()
     if error:
         serve.delete(dep.app)
