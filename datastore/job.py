@@ -35,6 +35,7 @@ race); it is empty but for the holder's pid and host.
 from __future__ import annotations
 
 import fcntl
+import re
 import os
 import shutil
 import socket
@@ -210,7 +211,7 @@ def open_job(path: str | Path, kind: str, *, overwrite: bool = False, legacy: Se
     """
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; known: {', '.join(KINDS)}")
-    if "://" in str(path):  # a plain Path would turn s3://b/x into a local folder "s3:/b/x"
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(path)):  # s3://b/x (or a Path of it, s3:/b/x): never a local folder
         raise ConfigError(f"`--out` {path} is a URL: a job writes a local directory; wrap it in "
                           "retromem.storage.output_dir(url), which stages it and puts it to the URL (the CLI does)")
     path = Path(path)

@@ -51,7 +51,7 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
                       document_prompt_name=document_prompt_name, similarity=similarity, backend=backend)
     if out is None and "://" in datastore:
         raise click.UsageError("a DATASTORE URL needs --out (the default is a folder inside DATASTORE)")
-    with local_out(str(cfg.out_path)) as out_dir:  # a URL: written in a staging directory, then put there
+    with local_out(out if out is not None else str(cfg.out_path)) as out_dir:  # a URL: written in a staging directory, then put there
         res = embed_datastore(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     m = res.manifest
     e = m["embedder"]
