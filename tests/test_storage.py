@@ -57,8 +57,9 @@ def test_bad_urls_and_missing_inputs_are_named():
             storage.url_fs("s3://bucket/ds", "--out")
     from retromem.datastore.job import open_job
 
-    with pytest.raises(ConfigError, match="is a URL"):  # never a local folder named "memory:"
-        open_job("memory://x/out", "datastore")
+    for out in ("memory://x/out", storage.Path("memory://x/out")):  # never a local folder named "memory:"
+        with pytest.raises(ConfigError, match="is a URL"):
+            open_job(out, "datastore")
     assert storage.local_dir("/some/path") == storage.Path("/some/path") and not storage.is_url("/a/b")
     from click.testing import CliRunner
 
