@@ -190,8 +190,8 @@ def parse_ray_deployment(data: Any, base: Path | None = None) -> RayDeployment:
                 continue
             if not isinstance(p, str) or not p:
                 fail(f"{w}.{key}", "be a directory path", p)
-            path = Path(p) if base is None or "://" in p or Path(p).is_absolute() else base / p
-            if "://" not in p and not path.is_dir():
+            path = Path(p) if base is None or Path(p).is_absolute() else base / p
+            if not path.is_dir():  # replicas memory-map their files: a local path on storage every node mounts
                 fail(f"{w}.{key}", "be a directory every node can read (shared storage)", str(path))
             paths[key] = str(path)
         if not any(paths.values()):
