@@ -119,8 +119,16 @@ class Prediction:
         ]
 
 
+def auto_factory(chunks: int, code: str = "PQ64") -> str:
+    """The IVF factory for ``chunks`` vectors with nlist inside FAISS's guideline (4..16 sqrt(n)): the power
+    of two nearest 8 sqrt(n), an HNSW coarse quantizer, ``code`` codes."""
+    nlist = 2 ** max(0, round(math.log2(max(8 * math.isqrt(max(chunks, 1)), 1))))
+    return f"OPQ64_384,IVF{nlist}_HNSW32,{code}" if code == "PQ64" else f"IVF{nlist}_HNSW32,{code}"
+
+
 def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str = "OPQ64_384,IVF262144_HNSW32,PQ64",
             costs: UnitCosts | None = None) -> Prediction:
+    """``factory`` ``auto``: :func:`auto_factory` for the datastore's chunk count."""
     if tokens <= 0:
         raise ConfigError(f"`--tokens` must be positive, got {tokens}")
     if chunk_length <= 0:
@@ -128,8 +136,10 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
     if dim <= 0:
         raise ConfigError(f"`--dim` must be positive, got {dim}")
     costs = costs or UnitCosts.load()
-    spec = parse_factory(factory, dim)
     chunks = -(-int(tokens) // chunk_length)
+    if factory == "auto":
+        factory = auto_factory(chunks)
+    spec = parse_factory(factory, dim)
     index_bytes = spec.index_bytes(chunks)
     train_points = min(chunks, spec.good_train()) if spec.needs_training else 0
     kmeans_flops = 10 * train_points * max(spec.nlist, spec.pq_ksub) * spec.d * 2
@@ -160,6 +170,10 @@ STACK_COSTS_MEASURED: dict[str, Any] = {
     "documents_per_million_tokens": 371.0,
     "bloom_bytes_per_document": 35.3,  # LSHBloom (10 bands, fp 1e-5) + exact hashes (fp 1e-9)
     "datastore_text_mb_per_cpu_s": 1.74,  # build with dedup (issue 19's side-by-side measurement)
+    # the build's largest process (the driver: dedup's Bloom filters, one shard's arrays) and all of them together
+    # (2 workers), shared corpora x1 (benchmarks/scale_curve.py); bounded by the shard size, not the datastore
+    "datastore_build_peak_bytes": 674 * 2**20,
+    "datastore_build_peak_all_bytes": 1293 * 2**20,
     # token streams + suffix array of the shared corpora (21.2 M tokens) in shards of 12 M / 3 M tokens:
     # 10.7 / 8.2 CPU-s, peak RSS 311 / 254 MiB, so ~234 MiB fixed + 6.6 bytes per token of a shard
     "ngram_tokens_per_cpu_s": 2.0e6,
@@ -170,11 +184,15 @@ STACK_COSTS_MEASURED: dict[str, Any] = {
     "fm_bytes_per_text_byte": 0.402,  # zstd BWT blocks + checkpoints + 1/32 suffix-array samples
     "fm_text_mb_per_cpu_s": 4.6,
     "fm_build_bytes_per_text_byte": 14.4,  # divsufsort's suffix array + BWT in RAM (1,040 MiB for 72 MB)
+    "fm_build_fixed_bytes": 0,  # the task's process before its shard: interpreter, datastore maps
     "fm_shard_text_bytes": 512 * 2**20,  # the build's default --shard-size
     "fm_count_ms": 0.07,  # p50, warm block tables
     # IVF list scanning: 2.2e7 PQ64 codes per CPU-second one query a call (IVF1024,PQ64, 200k vectors,
     # nprobe 64, 1 thread, loaded machine), i.e. 1.4 GB of codes; ADC cost grows with the code bytes
     "dense_code_bytes_per_cpu_s": 1.4e9,
+    # on-disk lists: a query's probed lists hold this many times the mean list (queries fall where the data is
+    # dense, and k-means lists there are fuller); 1.0 until measured (benchmarks/scale_curve.py --dense)
+    "ivf_probed_list_ratio": 1.0,
 }
 
 
@@ -197,6 +215,10 @@ class StackCosts:
     fm_shard_text_bytes: int
     fm_count_ms: float
     dense_code_bytes_per_cpu_s: float
+    datastore_build_peak_bytes: int = STACK_COSTS_MEASURED["datastore_build_peak_bytes"]
+    datastore_build_peak_all_bytes: int = STACK_COSTS_MEASURED["datastore_build_peak_all_bytes"]
+    fm_build_fixed_bytes: int = 0
+    ivf_probed_list_ratio: float = 1.0
 
     @classmethod
     def load(cls, path: str | None = None) -> "StackCosts":
@@ -242,6 +264,70 @@ def stack_costs_from_artifacts(datastore: str | Path, fm: str | Path | None = No
     return StackCosts(**{**asdict(base), **changes})
 
 
+def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through the points (slope 0 through their mean
+    when every x is the same); never a negative intercept or slope."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return float(y.mean()), 0.0
+    slope, icpt = np.polyfit(x, y, 1)
+    if icpt < 0:
+        return 0.0, float((x * y).sum() / (x * x).sum())
+    if slope < 0:
+        return float(y.mean()), 0.0
+    return float(icpt), float(slope)
+
+
+def stack_costs_from_rows(rows_path: str | Path, base: StackCosts | None = None, *, max_tokens: float | None = None,
+                          ngram_shard_tokens: int = 64_000_000, fm_shard_bytes: int = 128 * 2**20) -> StackCosts:
+    """Unit costs measured by ``benchmarks/scale_curve.py`` (its rows JSONL): CPU rates pooled over every
+    scale (total work / total CPU-seconds), bytes per token and per text byte likewise, peak memory per
+    task fitted as fixed + per shard unit, count latency per shard from the query rows. ``max_tokens``
+    keeps only the rows of scales up to that size, so a plan can be checked on a scale it did not see.
+    The shard sizes are the ones the rows were built with (the script's defaults)."""
+    base = base or StackCosts.load()
+    try:
+        rows = [json.loads(line) for line in Path(rows_path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--measure-from {rows_path}: cannot read the scale-curve rows ({exc})") from exc
+    rows = [r for r in rows if r.get("stage") != "dense" and (max_tokens is None or r["tokens"] <= max_tokens)]
+    by = {st: [r for r in rows if r.get("stage") == st] for st in ("datastore", "ngram", "fm", "query")}
+    if not by["datastore"]:
+        raise ConfigError(f"--measure-from {rows_path}: no datastore rows" + (f" up to {max_tokens:g} tokens" if max_tokens else ""))
+    tot = lambda rs, k: float(sum(r[k] for r in rs))  # noqa: E731
+    biggest = lambda r: max(r.get("peak_rss_max_child", 0), r.get("peak_rss_driver", 0))  # noqa: E731
+    ds, ng, fm, q = by["datastore"], by["ngram"], by["fm"], by["query"]
+    ch: dict[str, Any] = {
+        "machine": f"scale-curve rows {Path(rows_path).name} ({len(ds)} scale(s) up to {max(r['tokens'] for r in ds):,} tokens)",
+        "text_bytes_per_token": tot(ds, "text_bytes") / tot(ds, "tokens"),
+        "datastore_bytes_per_token": tot(ds, "disk_bytes") / tot(ds, "tokens"),
+        "documents_per_million_tokens": tot(ds, "documents") / tot(ds, "tokens") * 1e6,
+        "datastore_text_mb_per_cpu_s": tot(ds, "text_bytes") / 1e6 / tot(ds, "cpu_s"),
+        "datastore_build_peak_bytes": int(max(biggest(r) for r in ds)),
+        "datastore_build_peak_all_bytes": int(max(r["peak_rss_sum"] for r in ds)),
+    }
+    if ng:
+        ch["ngram_tokens_per_cpu_s"] = tot(ng, "tokens") / tot(ng, "cpu_s")
+        ch["ngram_shard_tokens"] = ngram_shard_tokens
+        icpt, slope = _fit_line([min(r["tokens"], ngram_shard_tokens) for r in ng], [biggest(r) for r in ng])
+        ch["ngram_build_fixed_bytes"], ch["ngram_build_bytes_per_shard_token"] = int(icpt), slope
+    if fm:
+        ch["fm_bytes_per_text_byte"] = tot(fm, "disk_bytes") / tot(fm, "text_bytes")
+        ch["fm_text_mb_per_cpu_s"] = tot(fm, "text_bytes") / 1e6 / tot(fm, "cpu_s")
+        ch["fm_shard_text_bytes"] = fm_shard_bytes
+        icpt, slope = _fit_line([min(r["text_bytes"], fm_shard_bytes) for r in fm], [biggest(r) for r in fm])
+        if slope == 0:  # one shard size seen: keep the per-byte cost, the rest is fixed
+            slope = base.fm_build_bytes_per_text_byte
+            icpt = max(0.0, icpt - slope * float(np.mean([min(r["text_bytes"], fm_shard_bytes) for r in fm])))
+        ch["fm_build_fixed_bytes"], ch["fm_build_bytes_per_text_byte"] = int(icpt), slope
+    if q:
+        ch["ngram_count_ms_per_shard"] = float(np.median([r["ngram_count"]["p50_ms"] / r["ngram_shards"] for r in q]))
+        fq = [r for r in q if "fm_count" in r]
+        if fq:
+            ch["fm_count_ms"] = float(np.median([r["fm_count"]["p50_ms"] / r["fm_shards"] for r in fq]))
+    return StackCosts(**{**asdict(base), **ch})
+
+
 def _ptr_bytes(tokens: int, width: int) -> int:
     """infini-gram's suffix-array pointer size: bytes enough to address the shard's token stream."""
     return max(1, math.ceil(math.log2(max(tokens * width, 2)) / 8))
@@ -254,6 +340,7 @@ class StackPrediction:
     text_bytes: int
     datastore_bytes: int
     datastore_cpu_core_hours: float
+    datastore_build_peak_bytes: int  # the largest process of the build
     bloom_ram_bytes: int
     ngram_shards: int
     ngram_bytes: int
@@ -284,13 +371,14 @@ def predict_stack(dense: Prediction, *, nprobe: int = 64, costs: StackCosts | No
     text = int(t * c.text_bytes_per_token)
     docs = max(1, int(t * c.documents_per_million_tokens / 1e6))
     shards = max(1, math.ceil(t / c.ngram_shard_tokens))
-    shard_tokens = math.ceil(t / shards)
+    shard_tokens = min(t, c.ngram_shard_tokens)  # the build fills each shard to the limit: the largest one sets the peak
     ngram_bytes = int(t * (token_width + _ptr_bytes(shard_tokens, token_width)) + docs * 8)
     spec = parse_factory(dense.factory, dense.dim)
     chunks = dense.chunks
     lo, hi = 4 * math.isqrt(chunks), 16 * math.isqrt(chunks)
     per_list = chunks / spec.nlist if spec.nlist else chunks
-    scanned = min(nprobe, spec.nlist) * per_list if spec.nlist else chunks  # codes one query compares
+    # codes one query compares: its probed lists are fuller than the mean list (measured ratio)
+    scanned = min(nprobe, spec.nlist) * per_list * c.ivf_probed_list_ratio if spec.nlist else chunks
     read = int(scanned * (spec.code_bytes + 8))  # codes and their ids
     query_s = scanned * spec.code_bytes / c.dense_code_bytes_per_cpu_s
     ds_h = text / 1e6 / c.datastore_text_mb_per_cpu_s / 3600
@@ -301,12 +389,12 @@ def predict_stack(dense: Prediction, *, nprobe: int = 64, costs: StackCosts | No
     total = ds_h + ng_h + fm_h + nb_h + dense.embed_cpu_core_hours + dense.train_cpu_core_hours + dense.add_cpu_core_hours
     return StackPrediction(
         tokens=t, documents=docs, text_bytes=text, datastore_bytes=int(t * c.datastore_bytes_per_token),
-        datastore_cpu_core_hours=ds_h, bloom_ram_bytes=int(docs * c.bloom_bytes_per_document),
+        datastore_cpu_core_hours=ds_h, datastore_build_peak_bytes=int(c.datastore_build_peak_bytes), bloom_ram_bytes=int(docs * c.bloom_bytes_per_document),
         ngram_shards=shards, ngram_bytes=ngram_bytes, ngram_cpu_core_hours=ng_h,
         ngram_build_peak_bytes=int(c.ngram_build_fixed_bytes + shard_tokens * c.ngram_build_bytes_per_shard_token),
         ngram_count_ms=shards * c.ngram_count_ms_per_shard,
         fm_bytes=int(text * c.fm_bytes_per_text_byte), fm_shards=fm_shards, fm_cpu_core_hours=fm_h,
-        fm_build_peak_bytes=int(math.ceil(text / fm_shards) * c.fm_build_bytes_per_text_byte),
+        fm_build_peak_bytes=int(c.fm_build_fixed_bytes + math.ceil(text / fm_shards) * c.fm_build_bytes_per_text_byte),
         ivf_nlist_range=(lo, hi), ivf_nlist_ok=bool(spec.nlist) and lo <= spec.nlist <= hi,
         ivf_bytes_read_per_query=read, ivf_nlist_suggested=2 ** round(math.log2(max(8 * math.isqrt(chunks), 1))),
         dense_query_cpu_ms=query_s * 1e3, neighbours_cpu_core_hours=nb_h, total_cpu_core_hours=total, costs=c,
@@ -329,7 +417,7 @@ def describe_stack(p: StackPrediction, dense: Prediction, nprobe: int) -> list[s
                   f"vectors: use IVF{p.ivf_nlist_suggested}" if spec.nlist else "not an IVF index")
     return [
         f"text        {gb(p.text_bytes)} normalized, {p.documents:,} documents; datastore on disk {gb(p.datastore_bytes)}, "
-        f"build {p.datastore_cpu_core_hours:,.1f} CPU core-hours",
+        f"build {p.datastore_cpu_core_hours:,.1f} CPU core-hours, peak {gb(p.datastore_build_peak_bytes)} (largest process)",
         f"dedup       Bloom filters {gb(p.bloom_ram_bytes)} of RAM for the whole build",
         f"suffix arr. {p.ngram_shards:,} shard(s), {gb(p.ngram_bytes)}, build {p.ngram_cpu_core_hours:,.1f} CPU core-hours, "
         f"peak {gb(p.ngram_build_peak_bytes)} per shard; count fans out to every shard: ~{p.ngram_count_ms:.2f} ms",
