@@ -72,7 +72,8 @@ def run_qa(a, emit) -> None:
     cfg = LongEvalConfig(out=str(Path(a.rows).parent), tasks=("qa",), qa_length=a.qa_length,
                          qa_questions=a.qa_questions, qa_contexts=a.qa_contexts, segment=a.segment,
                          fractions=tuple(float(x) for x in a.fractions.split(",")), seed=a.seed)
-    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(selection=a.selection, n_sink=a.n_sink, n_tail=a.n_tail))
+    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(n_sink=a.n_sink, n_tail=a.n_tail),
+            selections=tuple(a.selection.split(",")), decoded=a.decoded)
 
 
 def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
@@ -178,7 +179,9 @@ def main() -> None:
     ap.add_argument("--qa-questions", type=int, default=8)
     ap.add_argument("--qa-contexts", type=int, default=5)
     ap.add_argument("--fractions", default="1,0.5,0.25,0.125")
-    ap.add_argument("--selection", default="fraction", choices=("fraction", "threshold"))
+    ap.add_argument("--selection", default="fraction", help="fraction, threshold or both (comma-separated)")
+    ap.add_argument("--decoded", type=int, default=None,
+                    help="questions per setting decoded token by token (timed); the rest in one call")
     ap.add_argument("--n-sink", type=int, default=4)
     ap.add_argument("--n-tail", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)

@@ -429,12 +429,17 @@ def recall_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict]
                   "right": right, "kinds": dia.kinds, "fact_distance": [len(body) - e for e in dia.fact_end], **st})
 
 
-def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None], squeezed: Any = None) -> None:
+def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None], squeezed: Any = None,
+            selections: tuple[str, ...] | None = None, decoded: int | None = None) -> None:
     """Squeezed Attention over fixed contexts with planted facts: ``qa_contexts`` contexts of
     ``qa_length`` tokens (consecutive stretches of the corpus), each prefilled and clustered once
     and asked its ``qa_questions`` questions at every fraction (1 = full attention, no selection).
     One row per context and fraction, each question's result in ``right`` (paired across fractions).
-    ``squeezed``: a :class:`~retromem.memory.squeezed.SqueezedConfig` for everything but the fraction."""
+    ``squeezed``: a :class:`~retromem.memory.squeezed.SqueezedConfig` for everything but the fraction;
+    ``selections``: ways of picking clusters to ask at each fraction below 1 (default: the config's),
+    on the same clusters; ``decoded``: how many questions per setting decode their answer one token
+    at a time (the gather path, timed); the others are scored in one call (the mask path, which
+    gives the same logits, tested), which costs a sixth of the calls (default: all decoded)."""
     from retromem.memory.passkey import token_stream
     from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
 
@@ -458,21 +463,26 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
         mem = SqueezedAttention.prefill(model, torch.tensor([ctx]), replace(base, fraction=cfg.fractions[0]),
                                         segment=cfg.segment)
         build_s = time.perf_counter() - t0
-        for fraction in cfg.fractions:
-            mem.set_fraction(fraction)
+        settings = [(f, s) for f in cfg.fractions for s in ((selections or (base.selection,)) if f < 1 else ("none",))]
+        for fraction, selection in settings:
+            mem.set_fraction(fraction, None if selection == "none" else selection)
             right = []
-            for n, k in zip(names, keys):
+            for q_i, (n, k) in enumerate(zip(names, keys)):
                 mem.reset_queries()
                 head = _enc(tok, f"\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is")
                 ans = _enc(tok, " " + k)
                 ids = torch.tensor([head + ans])
+                if decoded is not None and q_i >= decoded:  # question and answer in one call
+                    logits = stream(model, ids, mem, segment=ids.shape[1], keep_logits="all")
+                    right.append(_answer_right(logits, ids, len(head), ids.shape[1]))
+                    continue
                 # the question in one call, then the answer one token at a time (decoding: keys gathered)
                 logits = stream(model, ids[:, :len(head) + 1], mem, segment=len(head) + 1, keep_logits="all")
                 logits = torch.cat([logits] + [stream(model, ids[:, j:j + 1], mem, segment=1, keep_logits="all")
                                                for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
                 right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
             emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
-                  "selection": base.selection, "length": cfg.qa_length, "context": c_i,
+                  "selection": selection, "length": cfg.qa_length, "context": c_i,
                   "correct": sum(right) / len(right), "answered": sum(right),
                   "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
                   "decode_attention_ms": round(mem.decode_attention_ms(), 4),

@@ -197,9 +197,10 @@ class SqueezedAttention(KVMemory):
         i = torch.arange(n, device=device)
         return (i < self.config.n_sink) | (i >= n - self.config.n_tail)
 
-    def set_fraction(self, fraction: float) -> None:
-        """Ask later queries at another ``fraction`` (the clusters stay; the counters restart)."""
-        self.config = replace(self.config, fraction=fraction)
+    def set_fraction(self, fraction: float, selection: str | None = None) -> None:
+        """Ask later queries at another ``fraction`` (and ``selection``); the clusters and the
+        calibration stay, the counters restart."""
+        self.config = replace(self.config, fraction=fraction, selection=selection or self.config.selection)
         self.attended = self.offered = self.decode_tokens = 0
         self.decode_seconds = self.decode_cpu_seconds = 0.0
 
