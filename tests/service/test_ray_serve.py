@@ -114,7 +114,7 @@ def deployed(stores):
     dep = parse_ray_deployment({"shards": [  # listed in reverse: placement follows the declared ranges
         shard("b", ranges[1], autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}),
         shard("a", ranges[0], replicas=2)]})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     svc = None
     try:
         svc = start_ray_service(dep, dep.server_config(port=0, workers=4, shard_timeout_s=20), health_check_period_s=2)
@@ -122,6 +122,9 @@ def deployed(stores):
     finally:
         if svc is not None:
             svc.stop(0)
+        from ray import serve
+
+        serve.shutdown()  # no Serve client left behind for a later test's Ray
         ray.shutdown()
         for s in (router, a, b):
             s.stop(0)
