@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retromem import storage
 from retromem.config import fail, key_name, one_of, optional_positive_int, positive_int
 from retromem.index.types import record_path  # relative: a moved tree still names its datastore
 from retromem.datastore.atomic import atomic_path, write_json
@@ -252,7 +253,7 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
         if not cfg.index:
             raise ConfigError("tasks open their own retriever: give `index` (a dense index directory every worker "
                               "sees) or a retriever spec (a server)")
-        spec = RetrieverSpec(index=str(Path(cfg.index).resolve()))
+        spec = RetrieverSpec(index=storage.node_path(cfg.index))
     if retriever is None:
         if spec is not None:
             retriever = spec.open(ds)
@@ -311,8 +312,8 @@ def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progres
         landed = ((item, _shard(cfg, retriever, ds, out, item[0], item[1], kind, get_queries, leak, n_cand, bar))
                   for item in items)
     else:
-        # absolute paths: a Ray worker does not share this process's working directory
-        ctx = (cfg, spec, str(Path(out).resolve()), kind, str(Path(cfg.datastore).resolve()))
+        # absolute paths (a Ray worker does not share this process's working directory); a URL as given
+        ctx = (cfg, spec, str(Path(out).resolve()), kind, storage.node_path(cfg.datastore))
         landed = executor.map(_shard_task, ctx, items)
     for (s, ids), entry in landed:
         if executor is not None:

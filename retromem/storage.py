@@ -134,6 +134,18 @@ def list_inputs(spec: str, flag: str = "input") -> list[tuple[str, int, int]]:
     return [(url_of(path), int(info.get("size") or 0), _mtime_ns(info))]  # one spelling: duplicates show
 
 
+def node_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` as the tasks of another process or node will read it: an existing local path made
+    absolute (a Ray worker does not share this process's working directory); a URL as given (each
+    node mirrors it: ``Path`` would fold ``s3://b/x`` into ``s3:/b/x``), and anything else (a built-in
+    model name, a hub id, a path that does not exist here) as given."""
+    if path is None:
+        return None
+    if is_url(path) or not Path(path).exists():
+        return str(path)
+    return str(Path(path).resolve())
+
+
 def open_input(url: str, flag: str = "input") -> IO[bytes]:
     """A binary read stream of one file at ``url`` (not decompressed: the caller decides by name)."""
     fs, path = url_fs(url, flag)
@@ -296,5 +308,5 @@ def clear_staging(path: str) -> None:
         shutil.rmtree(_slot("staging", str(path)), ignore_errors=True)
 
 
-__all__ = ["cache_root", "clear_staging", "is_url", "list_inputs", "local_dir", "open_input", "output_dir",
-           "put_tree", "url_fs"]
+__all__ = ["cache_root", "clear_staging", "is_url", "list_inputs", "local_dir", "node_path", "open_input",
+           "output_dir", "put_tree", "url_fs"]

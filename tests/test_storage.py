@@ -240,3 +240,12 @@ def test_build_from_memory_to_memory_equals_a_local_build_byte_for_byte(tmp_path
     _build([], [url], str(tmp_path / "ds-1"))
     _build([], [url], str(tmp_path / "ds-2"), workers=2)
     assert _tree(local_fs, str(tmp_path / "ds-2")) == _tree(local_fs, str(tmp_path / "ds-1"))
+
+
+def test_node_path_keeps_urls_and_names_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    assert storage.node_path("ds") == str(tmp_path / "ds")  # a worker's cwd is not the driver's
+    assert storage.node_path("s3://bucket/ds") == "s3://bucket/ds"  # not s3:/bucket/ds under the cwd
+    assert storage.node_path("memory://b/ds") == "memory://b/ds"
+    assert storage.node_path("gpt2") == "gpt2" and storage.node_path(None) is None  # a hub id / built-in name

@@ -14,6 +14,7 @@ import click
 
 from retromem.diskspace import disk_full_message, fmt_bytes, forget, is_disk_full
 from retromem.errors import ConfigError, RetromemError
+from retromem.storage import node_path  # noqa: F401  (the group modules import it from here)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -171,15 +172,6 @@ def local_out(out: str):
 
     with storage.output_dir(out, "--out") as local:
         yield str(local)
-
-
-def node_path(value: str | None) -> str | None:
-    """A model or data path as the tasks of another process or node will read it: an existing local
-    path made absolute (a Ray worker does not share the driver's working directory); a built-in name,
-    a hub id or a URL as given."""
-    if value is None or "://" in value or not Path(value).exists():
-        return value
-    return str(Path(value).resolve())
 
 
 def task_count(executor: str, workers: int) -> int:

@@ -196,3 +196,28 @@ def test_shards_as_tasks_locally_and_on_ray_write_the_in_process_files(retro_ds,
     with pytest.raises(ConfigError, match="tasks open their own retriever"):
         compute_neighbours(NeighboursConfig(out=str(tmp_path / "x"), **{**kw, "index": None}), retro_index,
                            progress=False, executor=make_executor("local", 1))
+
+
+def test_tasks_open_a_datastore_given_as_a_url_by_its_url(retro_ds, retro_index, tmp_path, monkeypatch):
+    """A datastore named by a URL reaches each task as that URL (each node mirrors it), never folded
+    into a local path (``Path('memory://b/ds').resolve()`` is ``<cwd>/memory:/b/ds``): the task-run
+    (one in-process worker, so it sees this process's ``memory://``) writes the in-process files."""
+    import uuid
+
+    import fsspec
+
+    from retromem.datastore.executors import make_executor
+
+    monkeypatch.setenv("RETROMEM_CACHE", str(tmp_path / "cache"))
+    fs, root = fsspec.filesystem("memory"), f"nb{uuid.uuid4().hex[:8]}"
+    fs.put(str(retro_ds.path), f"/{root}/ds", recursive=True)
+    try:
+        kw = dict(k=2, split="train", shard_chunks=40, index=str(retro_index.path), **SPLIT)
+        ref = compute_neighbours(NeighboursConfig(datastore=str(retro_ds.path), out=str(tmp_path / "ref"), **kw),
+                                 progress=False)
+        got = compute_neighbours(NeighboursConfig(datastore=f"memory://{root}/ds", out=str(tmp_path / "url"), **kw),
+                                 progress=False, executor=make_executor("local", 1))
+        assert got.manifest["complete"] and got.manifest["datastore_path"] == f"memory://{root}/ds"
+        assert _shard_bytes(got.out) == _shard_bytes(ref.out)
+    finally:
+        fs.rm(f"/{root}", recursive=True)
