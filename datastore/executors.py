@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
+from retromem.config import integer
 from retromem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def _ray_call(fn: Callable[[Any, Any], Any], ctx: Any, item: Any) -> Any:
 
 def make_executor(kind: str, workers: int = 0, address: str | None = None) -> LocalExecutor | RayExecutor:
     """The executor named by ``--executor``: ``local`` (``workers`` processes) or ``ray``."""
+    integer(workers, "workers", ge=0, flag="--workers")  # before a pool or a Ray starts with it
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "ray":
