@@ -76,6 +76,44 @@ def run_qa(a, emit) -> None:
             selections=tuple(a.selection.split(",")), decoded=a.decoded)
 
 
+def run_attention_time(a, emit) -> None:
+    """Attention per decoded token over n context keys with SmolLM2-135M's attention shape (9 query
+    heads, 3 KV heads of 64 dims; one layer, random keys: the work depends on the count of keys
+    attended, not their values), all keys against the clusters selected at each fraction."""
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=9, num_key_value_heads=3, head_dim=64))
+    g = torch.Generator().manual_seed(0)
+    for n in (int(x) for x in a.attn_lengths.split(",")):
+        mem = SqueezedAttention(model, SqueezedConfig(kmeans_iters=2))
+        mem.ctx_k[0] = torch.randn(1, 3, n, 64, generator=g)
+        mem.ctx_v[0] = torch.randn(1, 3, n, 64, generator=g)
+        mem.calib_q[0] = torch.randn(1, 9, 64, 64, generator=g)
+        t0 = time.perf_counter()
+        mem.freeze()
+        cluster_s = time.perf_counter() - t0
+        for rep_ in range(2):  # each fraction twice, interleaved, to see the drift of a shared machine
+            for f in (1.0, 0.5, 0.25, 0.125):
+                mem.set_fraction(f)
+                mem.reset_queries()
+                for t in range(a.attn_tokens):
+                    q = torch.randn(1, 9, 1, 64, generator=g)
+                    kv = torch.randn(1, 3, 1, 64, generator=g)
+                    with torch.inference_mode():
+                        mem.attend(0, q, kv, kv, torch.tensor([n + t]), 0.125)
+                emit({"task": "attention_time", "context_keys": n, "fraction": f, "repeat": rep_,
+                      "attended_fraction": mem.attended_fraction(), "tokens": mem.decode_tokens,
+                      "ms_per_token_per_layer": round(mem.decode_attention_ms(), 4),
+                      "cpu_ms_per_token_per_layer": round(mem.decode_attention_ms(cpu=True), 4),
+                      "cluster_s": round(cluster_s, 2)})
+
+
 def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
     """Mean of all items and a 95% bootstrap interval resampling whole groups (dialogues / contexts)."""
     import numpy as np
@@ -166,7 +204,9 @@ def report(paths: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", choices=("recall", "qa"))
+    ap.add_argument("--task", choices=("recall", "qa", "attention-time"))
+    ap.add_argument("--attn-lengths", default="2048,8192,32768")
+    ap.add_argument("--attn-tokens", type=int, default=20)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default="full,streaming_llm,sirllm:0:1.0",
                     help="recall: full, streaming_llm and SirLLM variants sirllm:LOCAL:DECAY")
@@ -199,10 +239,11 @@ def main() -> None:
     from retromem.models import load_causal_lm
 
     torch.set_num_threads(a.threads)
-    model, tok = load_causal_lm(a.model)
-    enable(model)
-    model.eval()
-    a.model_tok = (model, tok)
+    if a.task != "attention-time":
+        model, tok = load_causal_lm(a.model)
+        enable(model)
+        model.eval()
+        a.model_tok = (model, tok)
     Path(a.rows).parent.mkdir(parents=True, exist_ok=True)
     with open(a.rows, "a") as log:
         def emit(row: dict) -> None:
@@ -210,7 +251,7 @@ def main() -> None:
             log.flush()
             logging.info("%s", {k: v for k, v in row.items() if k not in ("right", "kinds", "fact_distance")})
 
-        (run_recall if a.task == "recall" else run_qa)(a, emit)
+        {"recall": run_recall, "qa": run_qa, "attention-time": run_attention_time}[a.task](a, emit)
 
 
 if __name__ == "__main__":
