@@ -174,18 +174,6 @@ def local_out(out: str):
         yield str(local)
 
 
-def task_count(executor: str, workers: int) -> int:
-    """Tasks to cut an evaluation into: --workers, or with 0 the cores of this machine (local) or of
-    the Ray cluster (ray, after the executor has joined it)."""
-    if workers > 0:
-        return workers
-    if executor == "ray":
-        import ray
-
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return os.cpu_count() or 1
-
-
 def retriever_options(index_help: str):
     """The options of a command that retrieves from a dense index in process (--index) or through a
     retrieval server (--server, with --token-file and --tls-ca); see :func:`open_retriever`."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from retromem.cli._common import (handle_errors, node_path, open_retriever, parse_list, retriever_options,
-                                  shard_executor_options, task_count)
+                                  shard_executor_options)
 
 
 @click.group("ralm")
@@ -130,8 +130,8 @@ def ralm_eval(model: str, datastore: str, retriever: str, index_dir: str | None,
         from retromem.datastore.executors import make_executor
         from retromem.retro.ralm import RalmModel, RalmRunner
 
-        runner = RalmRunner(make_executor(executor, workers, ray_address), RalmModel(node_path(model), threads),
-                            shards=task_count(executor, workers))
+        run_on = make_executor(executor, workers, ray_address)
+        runner = RalmRunner(run_on, RalmModel(node_path(model), threads), shards=run_on.parallelism)
     res = evaluate_ralm(lm, tok, searcher, ds, cfg, progress=True, compressor=compressor, runner=runner)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from retromem.cli._common import (PATH_OR_URL, handle_errors, local_out, node_path as _node_path, open_retriever,
-                                  retriever_options, secret, shard_executor_options, task_count as _task_count,
-                                  train_options)
+                                  retriever_options, secret, shard_executor_options, train_options)
 from retromem.errors import ConfigError
 
 
@@ -169,7 +168,8 @@ def retro_eval(model_path: str, base_model: str | None, control_model: str | Non
 
         spec = EvalModels(_node_path(model_path), _node_path(base_model), _node_path(base_name),
                           _node_path(control_model), threads=threads)
-        runner = ShardRunner(make_executor(executor, workers, ray_address), spec, shards=_task_count(executor, workers))
+        run_on = make_executor(executor, workers, ray_address)
+        runner = ShardRunner(run_on, spec, shards=run_on.parallelism)
     s = evaluate(model, ds, table, cfg, base=base, title=f"{Path(model_path).name} on {ds.path.name}", control=control,
                  runner=runner)
     click.echo(f"{s['sequences']} held-out sequences of {s['sequence_tokens']} tokens from {s['held_out_documents']} "

@@ -244,3 +244,28 @@ def test_cli_lexical_retriever_and_config_file(llama_dir, retro_ds, retro_index,
     bad = CliRunner().invoke(main, base + ["--lexical-index", str(retro_bm25.path), "--index", str(retro_index.path),
                                            "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--retriever lexical" in bad.output
+
+
+@pytest.mark.slow  # two spawned worker processes, each loading the model
+def test_cli_with_two_workers_writes_the_in_process_figures(llama_dir, retro_ds, retro_index, tmp_path):
+    """`ralm eval --workers 2`: the scoring as tasks of two local worker processes (the model loaded
+    from its path in each), cut into as many tasks as the executor runs at once; the same figures."""
+    import json
+
+    from click.testing import CliRunner
+
+    from retromem.cli import main
+
+    args = ["ralm", "eval", "--model", llama_dir, "--datastore", str(retro_ds.path), "--index", str(retro_index.path),
+            "--stride", "16", "--query-tokens", "16", "-k", "2", "--deep-k", "16", "--max-docs", "2",
+            "--max-doc-tokens", "48", "--eval-fraction", "0.5", "--split-seed", "1", "--fractions", "0.5,1",
+            "--bootstrap", "50", "--threads", "1"]
+    figures = []
+    for out, extra in (("one", []), ("two", ["--workers", "2"])):
+        res = CliRunner().invoke(main, args + ["--out", str(tmp_path / out)] + extra)
+        assert res.exit_code == 0, res.output
+        report = json.loads((tmp_path / out / "results.json").read_text())
+        figures.append({key: report[key] for key in ("settings", "differences", "scaling", "tokens_scored")})
+    assert figures[0]["settings"] and figures[1] == figures[0]
+    bad = CliRunner().invoke(main, args + ["--out", str(tmp_path / "bad"), "--workers", "-1"])
+    assert bad.exit_code == 2 and "`workers` (--workers) must be an integer >= 0, got -1" in bad.output
