@@ -215,7 +215,8 @@ def _check_served_datastore(retriever: Any, ds: Any) -> None:
 class RetrieverSpec:
     """How a task of another process or node opens the job's retriever: a dense index directory
     (``index``, on storage every node sees) or a retrieval server (``server`` HOST:PORT, with an
-    optional bearer ``token`` and ``tls_ca`` file)."""
+    optional bearer ``token`` and ``tls_ca`` file). Local paths are made absolute where the spec is
+    made (the driver): a task resolves a relative one in its own working directory."""
 
     index: str | None = None
     server: str | None = None
@@ -225,6 +226,8 @@ class RetrieverSpec:
     def __post_init__(self) -> None:
         if (self.index is None) == (self.server is None):
             raise ConfigError("a retriever spec names exactly one of `index` (a dense index directory) and `server`")
+        for name in ("index", "tls_ca"):  # frozen: set once, here, before the spec is pickled to tasks
+            object.__setattr__(self, name, storage.node_path(getattr(self, name)))
 
     def open(self, ds: Any) -> Retriever:
         if self.server is not None:
@@ -253,7 +256,7 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
         if not cfg.index:
             raise ConfigError("tasks open their own retriever: give `index` (a dense index directory every worker "
                               "sees) or a retriever spec (a server)")
-        spec = RetrieverSpec(index=storage.node_path(cfg.index))
+        spec = RetrieverSpec(index=cfg.index)
     if retriever is None:
         if spec is not None:
             retriever = spec.open(ds)

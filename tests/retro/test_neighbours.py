@@ -221,3 +221,16 @@ def test_tasks_open_a_datastore_given_as_a_url_by_its_url(retro_ds, retro_index,
         assert _shard_bytes(got.out) == _shard_bytes(ref.out)
     finally:
         fs.rm(f"/{root}", recursive=True)
+
+
+def test_retriever_spec_paths_are_absolute_before_they_reach_a_task(tmp_path, monkeypatch):
+    """A relative --tls-ca (or index) is resolved in the driver, where it was given: a Ray worker's
+    working directory is another one. URLs stay URLs."""
+    from retromem.retro.neighbours import RetrieverSpec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "idx").mkdir()
+    assert RetrieverSpec(server="host:1", tls_ca="ca.pem").tls_ca == str(tmp_path / "ca.pem")
+    assert RetrieverSpec(index="idx").index == str(tmp_path / "idx")
+    assert RetrieverSpec(index="s3://b/idx").index == "s3://b/idx"
