@@ -191,6 +191,11 @@ class SqueezedAttention(KVMemory):
             self.thresholds[(layer, f)] = float(vals[i]) if target > 0 else math.inf
         return self.thresholds[(layer, f)]
 
+    def _by_key(self, take: torch.Tensor, layer: int) -> torch.Tensor:
+        """(Hkv, T, C) per cluster -> (Hkv, T, n) per key, through each key's cluster."""
+        a = self.assign[layer]  # (Hkv, n)
+        return take.gather(-1, a[:, None, :].expand(a.shape[0], take.shape[1], -1))
+
     def fixed_keys(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(n,) bool: the context keys every query attends (the first n_sink and the last n_tail)."""
         n = self.context_length
@@ -214,14 +219,14 @@ class SqueezedAttention(KVMemory):
         fixed = self.fixed_keys(q.device)
         if self.config.selection == "threshold":
             take = self.cluster_mass(layer, q) >= self.threshold(layer)  # (Hkv, T, C)
-            return take.gather(-1, self.assign[layer][:, None, :].expand(Hkv, T, -1)) | fixed
+            return self._by_key(take, layer) | fixed
         rel = torch.einsum("hgtd,hcd->hgtc", q[0].float().reshape(Hkv, H // Hkv, T, D), c.float()).amax(1)  # (Hkv, T, C)
         order = rel.argsort(-1, descending=True)
         sizes = self.sizes[layer].to(q.device)[:, None, :].expand(Hkv, T, C).gather(-1, order)  # (Hkv, T, C) sorted
         before = sizes.cumsum(-1) - sizes  # keys already taken when reaching each cluster
         take_sorted = before < self.config.fraction * self.context_length - int(fixed.sum())
         take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (Hkv, T, C) by cluster id
-        sel = take.gather(-1, self.assign[layer][:, None, :].expand(Hkv, T, -1))  # (Hkv, T, n)
+        sel = self._by_key(take, layer)  # (Hkv, T, n)
         return sel | fixed
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -264,9 +269,10 @@ class SqueezedAttention(KVMemory):
             width = int(counts.max())
             idx = sel[:, 0].float().argsort(dim=-1, descending=True, stable=True)[:, :width]  # selected first
             valid = torch.arange(width, device=q.device)[None] < counts[:, None]  # (Hkv, width)
-            D = k.shape[-1]
-            ck = self.ctx_k[layer][0].gather(1, idx[..., None].expand(-1, -1, D))[None]  # (1, Hkv, width, D)
-            cv = self.ctx_v[layer][0].gather(1, idx[..., None].expand(-1, -1, D))[None]
+            # index_select copies whole rows: ~6x faster on CPU than gather with an index expanded over D
+            ck = torch.stack([self.ctx_k[layer][0, h].index_select(0, idx[h]) for h in range(idx.shape[0])])[None]
+            cv = torch.stack([self.ctx_v[layer][0, h].index_select(0, idx[h]) for h in range(idx.shape[0])])[None]
+            # ck, cv: (1, Hkv, width, D)
             ctx = (q, ck, cv, valid[None, :, None, :])
         else:
             ctx = (q, self.ctx_k[layer], self.ctx_v[layer], sel[None])
