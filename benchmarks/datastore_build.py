@@ -4,6 +4,15 @@ memory at 1x and 4x the corpus, and random chunk fetch.
     python benchmarks/datastore_build.py [--corpora ../shared/corpora] [--out benchmarks/out]
 
 Prints a Markdown block for BENCHMARKS.md and writes the same figures as JSON.
+
+CPU efficiency (MB of text per CPU-second, driver + workers, from ``getrusage(RUSAGE_CHILDREN)``),
+this checkout against another one's code, alternating in the same run (a loaded machine: CPU time,
+not wall time, is the figure):
+
+    python benchmarks/datastore_build.py --cpu --base-pythonpath DIR --workers 1 2 --repeats 2
+
+``DIR`` holds a ``retromem`` package laid out from an old commit (``git worktree add``, then
+``retromem/{datastore,index,...}`` linked in); without it only this checkout is measured.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import gzip
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -141,16 +151,66 @@ def fetch_benchmark(path: Path, n: int = 200_000) -> dict:
     return out
 
 
+def cpu_build(inputs: list[str], out: Path, workers: int, pythonpath: str | None) -> dict:
+    """One build in a fresh process tree; CPU-seconds of the driver and every reaped worker."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [sys.executable, "-m", "retromem.cli", "-q", "datastore", "build", *inputs, "--out", str(out),
+           "--overwrite", "--json", "--workers", str(workers)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"build failed: {proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"wall_s": wall, "user_s": user, "sys_s": system, "cpu_s": user + system,
+            "datastore_id": summary.get("datastore_id") or summary.get("manifest", {}).get("datastore_id")}
+
+
+def cpu_compare(args, paths: list[str]) -> None:
+    raw = input_bytes(paths)
+    variants = [("before", args.base_pythonpath)] if args.base_pythonpath else []
+    variants.append(("after", None))
+    rows = []
+    out = Path(args.out)
+    for rep in range(args.repeats):
+        for workers in args.workers:
+            for name, pp in variants:
+                r = cpu_build(paths, out / f"cpu-{name}-w{workers}", workers, pp)
+                r.update(variant=name, workers=workers, repeat=rep, mb_per_cpu_s=raw / r["cpu_s"] / 1e6,
+                         load=os.getloadavg()[0])
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    (out / "datastore_build_cpu.json").write_text(json.dumps({"input_bytes": raw, "runs": rows}, indent=2))
+    print(f"\ninputs: {raw / 1e6:.1f} MB of UTF-8 text")
+    print("| variant | workers | repeat | CPU s (user + sys) | MB/CPU-s | wall s | load |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['workers']} | {r['repeat'] + 1} | {r['cpu_s']:.2f} ({r['user_s']:.2f} + {r['sys_s']:.2f}) "
+              f"| {r['mb_per_cpu_s']:.2f} | {r['wall_s']:.1f} | {r['load']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpora", default=str(REPO.parent / "shared" / "corpora"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     ap.add_argument("--tokenizer", default="smollm2-135m")
     ap.add_argument("--skip-4x", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="only the CPU-efficiency comparison (see the module docstring)")
+    ap.add_argument("--base-pythonpath", default=None, help="--cpu: PYTHONPATH of the old code to compare with")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--cpu: worker counts")
+    ap.add_argument("--repeats", type=int, default=2, help="--cpu: rounds (each runs every variant once)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [str(Path(args.corpora) / c) for c in CORPORA]
+    paths = [str(Path(args.corpora).resolve() / c) for c in CORPORA]
+    if args.cpu:
+        cpu_compare(args, paths)
+        return
     raw = input_bytes(paths)
     res: dict = {"machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
                  "input_bytes": raw}

@@ -39,6 +39,7 @@ from retromem.errors import ConfigError
 _M64 = (1 << 64) - 1
 _B_BYTE = 0x100000001B3  # odd multipliers for the rolling hashes
 _B_WORD = 0x9E3779B97F4A7C15
+_POWERS_KEPT = 1 << 21  # positions of the rolling-hash powers a MinHasher keeps between batches
 
 
 # command-line flags of `retromem datastore build` that set these fields, named in error messages
@@ -159,9 +160,11 @@ def _powers(base: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cumprod(p, dtype=np.uint64), np.cumprod(q, dtype=np.uint64)
 
 
-def _range_hash(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int) -> np.ndarray:
-    """Polynomial hash of values[s:e] for each (s, e), position-independent, via prefix sums."""
-    pw, inv = _powers(base, len(values) + 1)
+def _range_hash(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, base: int,
+                powers: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Polynomial hash of values[s:e] for each (s, e), position-independent, via prefix sums.
+    ``powers``: :func:`_powers` of ``base`` for at least ``len(values) + 1`` positions (else computed)."""
+    pw, inv = powers if powers is not None else _powers(base, len(values) + 1)
     prefix = np.zeros(len(values) + 1, dtype=np.uint64)
     np.cumsum(values * pw[: len(values)], dtype=np.uint64, out=prefix[1:])
     return (prefix[ends] - prefix[starts]) * inv[starts]
@@ -174,6 +177,18 @@ class MinHasher:
     cfg: DedupConfig
     _a: np.ndarray = field(init=False, repr=False)
     _b: np.ndarray = field(init=False, repr=False)
+    _pw: dict[int, tuple[np.ndarray, np.ndarray]] = field(init=False, repr=False, default_factory=dict)
+
+    def _powers(self, base: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        # kept between batches, grown to a power of two: recomputing them per batch (two cumprods
+        # over every byte) was a third of the shingling's CPU (issue 19). A batch longer than
+        # _POWERS_KEPT (one huge document) gets its own, not kept: the cache stays <= 64 MiB.
+        if n > _POWERS_KEPT:
+            return _powers(base, n)
+        have = self._pw.get(base)
+        if have is None or len(have[0]) < n:
+            have = self._pw[base] = _powers(base, 1 << max(n - 1, 1).bit_length())
+        return have
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.cfg.seed)
@@ -195,7 +210,7 @@ class MinHasher:
         is_word = (raw >= 0x80) | ((raw >= 0x30) & (raw <= 0x39)) | ((raw >= 0x61) & (raw <= 0x7A))
         edges = np.diff(np.concatenate(([False], is_word, [False])).astype(np.int8))
         w_start, w_end = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        word_hash = _mix64(_range_hash(raw.astype(np.uint64), w_start, w_end, _B_BYTE))
+        word_hash = _mix64(_range_hash(raw.astype(np.uint64), w_start, w_end, _B_BYTE, self._powers(_B_BYTE, len(raw) + 1)))
         # document of each word: separators are the only NUL bytes
         doc_of_byte_start = np.cumsum(raw == 0)
         doc_of_word = doc_of_byte_start[w_start] if len(w_start) else np.zeros(0, dtype=np.int64)
@@ -211,7 +226,7 @@ class MinHasher:
         starts = np.concatenate((full, first[short]))
         ends = np.concatenate((full + n, last[short]))
         owner = np.concatenate((doc_of_word[full] if len(full) else full, short))
-        hashes = _mix64(_range_hash(word_hash, starts, ends, _B_WORD))
+        hashes = _mix64(_range_hash(word_hash, starts, ends, _B_WORD, self._powers(_B_WORD, len(word_hash) + 1)))
         order = np.argsort(owner, kind="stable")
         return hashes[order], owner[order]
 

@@ -31,9 +31,12 @@ class NormalizeConfig:
 
 
 def normalize(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> str:
-    if cfg.nfc and not unicodedata.is_normalized("NFC", text):
+    # ASCII text (str.isascii is O(1)) is always NFC and its only line break to rewrite is \r:
+    # skipping those scans took normalization of the shared corpora from 0.97 to 0.35 CPU-s (issue 19)
+    ascii_only = text.isascii()
+    if cfg.nfc and not ascii_only and not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    if cfg.newlines:
+    if cfg.newlines and (not ascii_only or "\r" in text):
         text = _NEWLINES.sub("\n", text)
     if cfg.control:
         text = _CONTROL.sub("", text)

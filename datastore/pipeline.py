@@ -60,7 +60,7 @@ from retromem.datastore.normalize import NormalizeConfig, normalize
 from retromem.datastore.readers import FORMATS, InputFile, Record, expand_inputs, iter_records
 from retromem.datastore.segments import (CHUNK_ARRAYS, DOC_ARRAYS, ensure_version_file, file_records, next_integrity,
                                          publish_version, shard_arrays_sha256, version_file)
-from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, describe, load_hf_tokenizer, token_dtype
+from retromem.datastore.tokenizer import DEFAULT_TOKENIZER, BatchTokenizer, save_datastore_tokenizer
 from retromem import __version__
 from retromem.config import boolean, from_dict, integer, non_negative_int, one_of
 from retromem.diskspace import preflight
@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
 REASONS = {0: "kept", 1: "exact_duplicate", 2: "near_duplicate"}
-_HASH_BATCH_BYTES = 4 << 20  # text per MinHash batch: bounds the hashing temporaries
+_HASH_BATCH_BYTES = 256 << 10  # text per MinHash batch: its temporaries (~40 bytes a byte) stay small enough to be reused, not page-faulted in afresh (4 MiB cost 2x the CPU; issue 19)
 _TOKENIZE_BATCH_DOCS = 512
 MAX_DEDUP_PARTITIONS = 4096  # every part's scatter file is read once per partition: keep the fan-in sane
 
@@ -594,40 +594,20 @@ def tokenize_part(ctx: BuildContext, p: int) -> dict:
     keep = np.load(lay.reasons(p)) == 0
     texts = pq.read_table(lay.staged(*ctx.parts[p]), columns=["text"]).column("text").to_pylist()
     texts = [t for t, k in zip(texts, keep) if k]
-    ids, ntok, char_starts, byte_starts, doc_bytes = [], [], [], [], []
-    for b in range(0, len(texts), _TOKENIZE_BATCH_DOCS):
-        batch = texts[b : b + _TOKENIZE_BATCH_DOCS]
-        for text, (tids, cstarts) in zip(batch, tok.encode(batch)):
-            raw = text.encode("utf-8")
-            raw_len = len(raw)
-            if raw_len == len(text):
-                bstarts = cstarts
-            else:  # byte offset of each chunk's first character
-                b = np.frombuffer(raw, dtype=np.uint8)
-                bstarts = np.append(np.flatnonzero((b & 0xC0) != 0x80), raw_len)[cstarts]
-            ids.append(tids)
-            ntok.append(len(tids))
-            char_starts.append(cstarts)
-            byte_starts.append(bstarts)
-            doc_bytes.append(raw_len)
+    batches = [tok.encode_flat(texts[b : b + _TOKENIZE_BATCH_DOCS]) for b in range(0, len(texts), _TOKENIZE_BATCH_DOCS)]
     dtype = np.dtype(ctx.token_dtype)
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    cat = lambda name, dt: np.concatenate([getattr(x, name) for x in batches]).astype(dt) if batches else np.zeros(0, dt)  # noqa: E731
+    ntok, doc_bytes = cat("ntok", np.int64), cat("doc_bytes", np.int64)
     with atomic_path(lay.tokenized(p)) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                ids=cat(ids, dtype),
-                ntok=np.asarray(ntok, np.int64),
-                char_starts=cat(char_starts, np.int64),
-                byte_starts=cat(byte_starts, np.int64),
-                doc_bytes=np.asarray(doc_bytes, np.int64),
-            )
+            np.savez(fh, ids=cat("ids", dtype), ntok=ntok, char_starts=cat("char_starts", np.int64),
+                     byte_starts=cat("byte_starts", np.int64), doc_bytes=doc_bytes)
     L = cfg.chunk_length
     return {
         "docs": len(texts),
-        "tokens": int(sum(ntok)),
-        "chunks": int(sum(-(-n // L) for n in ntok)),
-        "text_bytes": int(sum(doc_bytes)),
+        "tokens": int(ntok.sum()),
+        "chunks": int((-(-ntok // L)).sum()),
+        "text_bytes": int(doc_bytes.sum()),
     }
 
 
@@ -870,10 +850,8 @@ def _build(job: Job, cfg: BuildConfig, files: list[InputFile], plan: dict[str, A
     t0 = time.perf_counter()
     # the tokenizer, saved into the datastore so every reader decodes with exactly it
     if not lay.tokenizer_json.exists():
-        hf = load_hf_tokenizer(cfg.tokenizer)
         with atomic_dir(lay.tokenizer_dir) as tmp:
-            hf.save_pretrained(str(tmp))
-            write_json(tmp / "retromem_tokenizer.json", asdict(describe(hf, cfg.tokenizer)))
+            save_datastore_tokenizer(cfg.tokenizer, tmp)
     tok_info = read_json(lay.tokenizer_dir / "retromem_tokenizer.json")
     seconds["tokenizer"] = time.perf_counter() - t0
 
@@ -910,57 +888,62 @@ def _run_steps(job: Job, cfg: BuildConfig, files: list[InputFile], tok_info: dic
     ctx = BuildContext(config=cfg, files=tuple(files), units=units, token_dtype=tok_info["token_dtype"],
                        pad_token_id=tok_info["pad_token_id"], id_base=tuple(id_base), tokenizer_root=tokenizer_root)
 
-    t = time.perf_counter()
-    unit_sizes = [sum(files[i].size for i in u) for u in units]
-    ing = _run_step(job, executor, "ingest", ingest_unit, ctx, list(range(len(units))), _ingest_marker, "unit", unit_sizes)
-    seconds["ingest"] = time.perf_counter() - t
-    parts = tuple((u, k) for u in range(len(units)) for k in range(len(ing[u]["parts"])))
-    ctx = replace(ctx, parts=parts, meta_types=merge_unit_types(ing, base_types))
-    total_docs = sum(pt["docs"] for u in range(len(units)) for pt in ing[u]["parts"])
-    if total_docs == 0:
-        raise DatastoreError("the inputs hold no usable document" + (" (all were skipped)" if cfg.on_error == "skip" else ""))
+    # One pool of workers for every step (local executor): each worker process starts and imports
+    # once per build, not once per step (4 steps x workers process starts, about 0.5-1 CPU-s each
+    # on this machine; issue 19). A worker loads the tokenizer on its first tokenize task and keeps
+    # it; ingest, dedup and finalize tasks never load it.
+    with executor.pooled():
+        t = time.perf_counter()
+        unit_sizes = [sum(files[i].size for i in u) for u in units]
+        ing = _run_step(job, executor, "ingest", ingest_unit, ctx, list(range(len(units))), _ingest_marker, "unit", unit_sizes)
+        seconds["ingest"] = time.perf_counter() - t
+        parts = tuple((u, k) for u in range(len(units)) for k in range(len(ing[u]["parts"])))
+        ctx = replace(ctx, parts=parts, meta_types=merge_unit_types(ing, base_types))
+        total_docs = sum(pt["docs"] for u in range(len(units)) for pt in ing[u]["parts"])
+        if total_docs == 0:
+            raise DatastoreError("the inputs hold no usable document" + (" (all were skipped)" if cfg.on_error == "skip" else ""))
 
-    t = time.perf_counter()
-    part_docs = [ing[u]["parts"][k]["docs"] for u, k in parts]
-    dedup_stats = run_dedup(job, executor, cfg, list(parts), part_docs, list(prior))
-    seconds["dedup"] = time.perf_counter() - t
+        t = time.perf_counter()
+        part_docs = [ing[u]["parts"][k]["docs"] for u, k in parts]
+        dedup_stats = run_dedup(job, executor, cfg, list(parts), part_docs, list(prior))
+        seconds["dedup"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    tok = _run_step(job, executor, "tokenize", tokenize_part, ctx, list(range(len(parts))), _tokenize_marker, "shard")
-    seconds["tokenize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tok = _run_step(job, executor, "tokenize", tokenize_part, ctx, list(range(len(parts))), _tokenize_marker, "shard")
+        seconds["tokenize"] = time.perf_counter() - t
 
-    # offsets of every part inside this segment, then the arrays at their final size
-    offsets, d, c, b = [], 0, 0, 0
-    for p in range(len(parts)):
-        offsets.append({"doc": d, "chunk": c, "byte": b})
-        d, c, b = d + tok[p]["docs"], c + tok[p]["chunks"], b + tok[p]["text_bytes"]
-    L = cfg.chunk_length
-    shapes = {
-        "tokens": ((c, L), tok_info["token_dtype"]),
-        "chunk_doc_ids": ((c,), "int64"),
-        "chunk_ntokens": ((c,), "int32"),
-        "chunk_byte_spans": ((c, 2), "int64"),
-        "doc_first_chunk": ((d + 1,), "int64"),
-        "doc_byte_offsets": ((d + 1,), "int64"),
-    }
-    ctx = replace(ctx, offsets=tuple(offsets), array_shapes=shapes)
-    if job.done("finalize/arrays") is None:
-        lay.arrays.mkdir(parents=True, exist_ok=True)
-        for name in shapes:
-            _open_array(lay, name, "w+", shapes).flush()
-        with open(lay.arrays / "text.bin", "wb") as fh:
-            fh.truncate(b)
-        ends = _open_array(lay, "doc_first_chunk", "r+", shapes)
-        ends[d] = c
-        ends.flush()
-        ends = _open_array(lay, "doc_byte_offsets", "r+", shapes)
-        ends[d] = b
-        ends.flush()
-        job.mark_done("finalize/arrays", {k: [list(v[0]), v[1]] for k, v in shapes.items()})
+        # offsets of every part inside this segment, then the arrays at their final size
+        offsets, d, c, b = [], 0, 0, 0
+        for p in range(len(parts)):
+            offsets.append({"doc": d, "chunk": c, "byte": b})
+            d, c, b = d + tok[p]["docs"], c + tok[p]["chunks"], b + tok[p]["text_bytes"]
+        L = cfg.chunk_length
+        shapes = {
+            "tokens": ((c, L), tok_info["token_dtype"]),
+            "chunk_doc_ids": ((c,), "int64"),
+            "chunk_ntokens": ((c,), "int32"),
+            "chunk_byte_spans": ((c, 2), "int64"),
+            "doc_first_chunk": ((d + 1,), "int64"),
+            "doc_byte_offsets": ((d + 1,), "int64"),
+        }
+        ctx = replace(ctx, offsets=tuple(offsets), array_shapes=shapes)
+        if job.done("finalize/arrays") is None:
+            lay.arrays.mkdir(parents=True, exist_ok=True)
+            for name in shapes:
+                _open_array(lay, name, "w+", shapes).flush()
+            with open(lay.arrays / "text.bin", "wb") as fh:
+                fh.truncate(b)
+            ends = _open_array(lay, "doc_first_chunk", "r+", shapes)
+            ends[d] = c
+            ends.flush()
+            ends = _open_array(lay, "doc_byte_offsets", "r+", shapes)
+            ends[d] = b
+            ends.flush()
+            job.mark_done("finalize/arrays", {k: [list(v[0]), v[1]] for k, v in shapes.items()})
 
-    t = time.perf_counter()
-    fin = _run_step(job, executor, "finalize", finalize_part, ctx, list(range(len(parts))), _finalize_marker, "shard")
-    seconds["finalize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fin = _run_step(job, executor, "finalize", finalize_part, ctx, list(range(len(parts))), _finalize_marker, "shard")
+        seconds["finalize"] = time.perf_counter() - t
 
     skipped: dict[str, int] = {}
     for u in range(len(units)):

@@ -16,10 +16,12 @@ Built-in names (no hub access needed):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +55,6 @@ def load_hf_tokenizer(spec: str):
             tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
             tok.save_pretrained(str(tmp))
             if cached.exists():
-                import shutil
-
                 shutil.rmtree(cached)
             os.replace(tmp, cached)
         tok = AutoTokenizer.from_pretrained(str(cached))
@@ -73,6 +73,43 @@ def load_hf_tokenizer(spec: str):
             "for batch tokenization. Convert it with transformers (AutoTokenizer(..., use_fast=True))."
         )
     return tok
+
+
+def save_datastore_tokenizer(spec: str, dest: Path) -> None:
+    """Write the tokenizer files a datastore keeps into ``dest``: ``save_pretrained``'s files and
+    ``retromem_tokenizer.json`` (:func:`describe`).
+
+    A built-in tokenizer's files are copied from a cache that the first build with this version of
+    transformers fills (the same bytes ``save_pretrained`` writes): importing transformers and
+    loading the tokenizer cost a build about 2 CPU-s on the driver (issue 19).
+    """
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    from retromem import assets
+    from retromem.datastore.atomic import write_json
+
+    dest = Path(dest)
+    cache = None
+    if spec in BUILTIN_TOKENIZERS:
+        cache = assets.cache_dir() / "tokenizers" / f"{spec}-datastore-transformers-{version('transformers')}"
+        if (cache / "retromem_tokenizer.json").is_file():
+            for f in sorted(cache.iterdir()):
+                shutil.copyfile(f, dest / f.name)
+            return
+    hf = load_hf_tokenizer(spec)
+    hf.save_pretrained(str(dest))
+    write_json(dest / "retromem_tokenizer.json", asdict(describe(hf, spec)))
+    if cache is not None:  # retromem_tokenizer.json last: it says the cache is complete
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in sorted(dest.iterdir(), key=lambda f: f.name == "retromem_tokenizer.json"):
+            shutil.copyfile(f, tmp / f.name)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another build filled it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gpt2_from_bpe_files(encoder: Path, merges: Path):
@@ -117,6 +154,17 @@ def is_lossless_byte_level(backend) -> bool:
 
 
 @dataclass(frozen=True)
+class FlatBatch:
+    """A batch of documents tokenized, as flat arrays (documents in order)."""
+
+    ids: np.ndarray  # (tokens,) int64, every document's ids one after the other
+    ntok: np.ndarray  # (docs,) int64
+    char_starts: np.ndarray  # (chunk starts,) int64: each document's chunk starts in characters, local to it
+    byte_starts: np.ndarray  # (chunk starts,) int64: the same starts in bytes (of the chunk's first character)
+    doc_bytes: np.ndarray  # (docs,) int64: UTF-8 bytes of each document
+
+
+@dataclass(frozen=True)
 class TokenizerInfo:
     """What the manifest records about the tokenizer."""
 
@@ -146,6 +194,7 @@ class BatchTokenizer:
         self._byte_lens = byte_length_table(self.backend) if self.byte_level else None
         self._tiktoken = tiktoken_equivalent(self.backend) if self.byte_level else None
         self._threads = max(1, int(os.environ.get("RAYON_NUM_THREADS", "1")))
+        self._pool = None  # threads for tiktoken when _threads > 1, made on first use
 
     @property
     def engine(self) -> str:
@@ -158,15 +207,30 @@ class BatchTokenizer:
         enc, unencodable = self._tiktoken
         hard = [] if unencodable is None else [i for i, t in enumerate(texts) if unencodable.search(t)]
         if not hard:
-            return enc.encode_ordinary_batch(texts, num_threads=self._threads)
+            return self._tiktoken_batch(enc, texts)
         hard_set = set(hard)
         easy = [i for i in range(len(texts)) if i not in hard_set]
         out: list[list[int]] = [[] for _ in texts]
-        for i, ids in zip(easy, enc.encode_ordinary_batch([texts[i] for i in easy], num_threads=self._threads)):
+        for i, ids in zip(easy, self._tiktoken_batch(enc, [texts[i] for i in easy])):
             out[i] = ids
         for i, e in zip(hard, self.backend.encode_batch_fast([texts[i] for i in hard], add_special_tokens=False)):
             out[i] = e.ids
         return out
+
+    def _tiktoken_batch(self, enc, texts: list[str]) -> list[list[int]]:
+        # Not enc.encode_ordinary_batch: it submits one thread-pool future per text, which cost as
+        # much CPU as the BPE itself on the shared corpora (about 55 us a document, one thread;
+        # issue 19). A plain loop on one thread; with several, one future per slice of texts
+        # (tiktoken's encode releases the GIL).
+        if self._threads == 1 or len(texts) < 2 * self._threads:
+            return [enc.encode_ordinary(t) for t in texts]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenize")
+        step = -(-len(texts) // self._threads)
+        slices = self._pool.map(lambda s: [enc.encode_ordinary(t) for t in texts[s : s + step]], range(0, len(texts), step))
+        return [ids for part in slices for ids in part]
 
     def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each text: (token ids as int64, char offset where each chunk starts).
@@ -194,6 +258,54 @@ class BatchTokenizer:
             for text in texts:
                 out.append(self._encode_with_offsets(text))
         return out
+
+    def encode_flat(self, texts: list[str]) -> "FlatBatch":
+        """:meth:`encode` of a batch as flat arrays (what the datastore build stores), plus each
+        chunk's start as a byte offset (that of its first character).
+
+        The same values as :meth:`encode` document by document; for byte-level BPE computed over
+        the whole batch at once (per-document numpy calls cost as much as the BPE on short
+        documents; issue 19)."""
+        L = self.chunk_length
+        n = len(texts)
+        doc_bytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), np.int64, n)
+        if self.byte_level and n:
+            id_lists = self.encode_ids(texts)
+            ntok = np.fromiter(map(len, id_lists), np.int64, n)
+            ids = np.fromiter(itertools.chain.from_iterable(id_lists), np.int64, int(ntok.sum()))
+            before = np.zeros(len(ids) + 1, np.int64)  # bytes of the batch's tokens before each token
+            np.cumsum(self._byte_lens[ids], out=before[1:])
+            tok0 = np.zeros(n + 1, np.int64)
+            np.cumsum(ntok, out=tok0[1:])
+            if np.array_equal(before[tok0[1:]] - before[tok0[:-1]], doc_bytes):  # lossless, as expected
+                nstarts = np.maximum(1, -(-ntok // L))  # a chunk start per chunk (one for an empty text)
+                doc = np.repeat(np.arange(n), nstarts)
+                k = np.arange(len(doc)) - np.repeat(np.cumsum(nstarts) - nstarts, nstarts)
+                byte_starts = before[tok0[doc] + k * L] - before[tok0[doc]]
+                char_starts = byte_starts.copy()
+                first = np.cumsum(nstarts) - nstarts
+                for i in np.flatnonzero(doc_bytes != np.fromiter(map(len, texts), np.int64, n)):  # non-ASCII
+                    sl = slice(first[i], first[i] + nstarts[i])
+                    raw = np.frombuffer(texts[i].encode("utf-8"), np.uint8)
+                    char_at = np.flatnonzero((raw & 0xC0) != 0x80)  # byte position of each character
+                    char_starts[sl] = np.searchsorted(char_at, byte_starts[sl], side="right") - 1
+                    byte_starts[sl] = np.append(char_at, len(raw))[char_starts[sl]]
+                return FlatBatch(ids, ntok, char_starts, byte_starts, doc_bytes)
+        # per document (another tokenizer, or a byte-level one that turned out lossy)
+        ids_l, ntok_l, cs_l, bs_l = [], [], [], []
+        for text, (tids, cstarts) in zip(texts, self.encode(texts)):
+            raw = text.encode("utf-8")
+            if len(raw) == len(text):
+                bstarts = cstarts
+            else:  # byte offset of each chunk's first character
+                b = np.frombuffer(raw, dtype=np.uint8)
+                bstarts = np.append(np.flatnonzero((b & 0xC0) != 0x80), len(raw))[cstarts]
+            ids_l.append(tids)
+            ntok_l.append(len(tids))
+            cs_l.append(cstarts)
+            bs_l.append(bstarts)
+        cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
+        return FlatBatch(cat(ids_l), np.asarray(ntok_l, np.int64), cat(cs_l), cat(bs_l), doc_bytes)
 
     def _encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         L = self.chunk_length

@@ -143,3 +143,23 @@ def test_bloom_filter_has_no_false_negatives_and_few_false_positives():
     assert bf.contains(keys).all()
     fresh = rng.integers(0, 2**63, size=200_000, dtype=np.uint64)
     assert bf.contains(fresh).mean() < 3e-3
+
+
+def test_band_keys_do_not_depend_on_batching_or_on_kept_powers():
+    """The build hashes small batches with one MinHasher that keeps its rolling-hash powers between
+    batches (and computes them afresh for a batch too long to keep): every document's keys equal
+    those of a fresh MinHasher hashing it alone, so the dedup generation's bytes never depend on it."""
+    import retromem.datastore.dedup as dedup
+
+    texts = [r["text"] for r in demo_records()[:12]] + ["short", "ünïcödé text " * 50, "x"]
+    shared = MinHasher(DedupConfig())
+    batched = np.concatenate([shared.band_keys(texts[i : i + 3]) for i in range(0, len(texts), 3)]
+                             + [shared.band_keys(texts)])
+    alone = np.stack([MinHasher(DedupConfig()).band_keys([t])[0] for t in texts])
+    np.testing.assert_array_equal(batched, np.concatenate([alone, alone]))
+    kept = dedup._POWERS_KEPT
+    try:
+        dedup._POWERS_KEPT = 64  # every batch too long to keep
+        np.testing.assert_array_equal(MinHasher(DedupConfig()).band_keys(texts), alone)
+    finally:
+        dedup._POWERS_KEPT = kept

@@ -17,3 +17,17 @@ def test_stages_can_be_switched_off():
     cfg = NormalizeConfig(nfc=False, newlines=False, control=False)
     text = "e\u0301\r\n\x07"
     assert normalize(text, cfg) == text
+
+
+def test_ascii_shortcut_gives_the_full_normalization():
+    """ASCII text skips the NFC and line-break scans unless it holds \\r: same result as doing all three."""
+    import re
+    import unicodedata
+
+    def full(t: str) -> str:
+        t = unicodedata.normalize("NFC", t)
+        t = re.sub("\r\n|[\r\x85\u2028\u2029]", "\n", t)
+        return re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]", "", t)
+
+    for t in ["plain", "a\r\nb\rc\n", "tab\tbell\x07 nul\x00 del\x7f", "e\u0301 \x85 \u2028 \u2029 x", "\r", "caf\u00e9\r\n"]:
+        assert normalize(t) == full(t)

@@ -80,3 +80,38 @@ def test_a_tokenizer_worker_never_imports_transformers(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_flat_batch_encoding_equals_the_per_document_encoding(tmp_path, monkeypatch, threads):
+    """encode_flat (the build's path, vectorized over a batch, tiktoken in slices on threads) gives
+    each document's ids and chunk starts exactly as encode() does, and byte starts at characters."""
+    monkeypatch.setenv("RAYON_NUM_THREADS", threads)
+    tok = load_hf_tokenizer("gpt2")
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    bt = BatchTokenizer(tmp_path / "tokenizer.json", chunk_length=16)
+    texts = TEXTS + ["x", "é" * 40, "naïve café " * 30, "🙂" * 33] + [r["text"][:800] for r in demo_records()[1:9]]
+    flat = bt.encode_flat(texts)
+    per_doc = bt.encode(texts)
+    np.testing.assert_array_equal(flat.ids, np.concatenate([ids for ids, _ in per_doc]))
+    np.testing.assert_array_equal(flat.ntok, [len(ids) for ids, _ in per_doc])
+    np.testing.assert_array_equal(flat.char_starts, np.concatenate([starts for _, starts in per_doc]))
+    np.testing.assert_array_equal(flat.doc_bytes, [len(t.encode()) for t in texts])
+    byte_starts = np.concatenate([[len(t[:c].encode()) for c in starts] for t, (_, starts) in zip(texts, per_doc)])
+    np.testing.assert_array_equal(flat.byte_starts, byte_starts)
+
+
+def test_datastore_tokenizer_files_from_the_cache_equal_a_fresh_save(tmp_path, monkeypatch):
+    """The first build fills the cache with save_pretrained's files; later builds copy the same bytes."""
+    from retromem.datastore.tokenizer import save_datastore_tokenizer
+
+    monkeypatch.setenv("RETROMEM_CACHE", str(tmp_path / "cache"))
+    fresh, copied = tmp_path / "fresh", tmp_path / "copied"
+    fresh.mkdir()
+    copied.mkdir()
+    save_datastore_tokenizer("gpt2", fresh)
+    assert [p.name for p in (tmp_path / "cache" / "tokenizers").glob("gpt2-datastore-*/retromem_tokenizer.json")]
+    save_datastore_tokenizer("gpt2", copied)
+    names = sorted(p.name for p in fresh.iterdir())
+    assert "tokenizer.json" in names and names == sorted(p.name for p in copied.iterdir())
+    assert all((fresh / n).read_bytes() == (copied / n).read_bytes() for n in names)
