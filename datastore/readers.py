@@ -201,11 +201,23 @@ def _iter_text(path: str) -> Iterator[Record | InputError]:
 def _iter_parquet(path: str, text_field: str, id_field: str | None) -> Iterator[Record | InputError]:
     import pyarrow.parquet as pq
 
+    raw = None  # a URL's file object: pyarrow leaves a given file open, so it is closed here
     try:
-        pf = pq.ParquetFile(storage.open_input(path) if storage.is_url(path) else path)
+        raw = storage.open_input(path) if storage.is_url(path) else None
+        pf = pq.ParquetFile(raw if raw is not None else path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for broken files
+        if raw is not None:
+            raw.close()
         yield InputError(path, None, "corrupt_file", f"not a readable Parquet file: {exc}")
         return
+    try:
+        yield from _parquet_records(pf, path, text_field, id_field)
+    finally:  # also when the reader is abandoned (the error policy stopped the ingest)
+        if raw is not None:
+            raw.close()
+
+
+def _parquet_records(pf, path: str, text_field: str, id_field: str | None) -> Iterator[Record | InputError]:
     names = pf.schema_arrow.names
     if text_field not in names:
         yield InputError(path, None, "missing_field",

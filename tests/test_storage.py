@@ -124,6 +124,16 @@ class RecordingMemoryFS(MemoryFileSystem):
         type(self).log.append(("rm", path.rsplit("/", 1)[-1]))
         return super().rm_file(path)
 
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if mode == "rb":  # MemoryFile.close() does nothing (the store keeps the bytes): note the call instead
+            f.close_called = False
+            f.close = lambda: setattr(f, "close_called", True)
+            type(self).opened.append(f)
+        return f
+
+    opened: list = []
+
 
 fsspec.register_implementation("recmem", RecordingMemoryFS, clobber=True)
 
@@ -249,3 +259,30 @@ def test_node_path_keeps_urls_and_names_and_makes_local_paths_absolute(tmp_path,
     assert storage.node_path("s3://bucket/ds") == "s3://bucket/ds"  # not s3:/bucket/ds under the cwd
     assert storage.node_path("memory://b/ds") == "memory://b/ds"
     assert storage.node_path("gpt2") == "gpt2" and storage.node_path(None) is None  # a hub id / built-in name
+
+
+def test_every_input_file_read_from_a_url_is_closed(tmp_path):
+    """Parquet, JSONL (.gz, .zst) and text from a URL: each stream is closed when its records are read,
+    and when the reader is abandoned part way (pyarrow leaves a file object it is given open)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from retromem.datastore.readers import expand_inputs, iter_records
+
+    fs = fsspec.filesystem("recmem")
+    root = f"/c{uuid.uuid4().hex[:8]}"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "id": ["1", "2", "3"]}), tmp_path / "d.parquet")
+    fs.pipe(f"{root}/d.parquet", (tmp_path / "d.parquet").read_bytes())
+    lines = "".join(_records(3)).encode()
+    fs.pipe(f"{root}/a.jsonl.gz", gzip.compress(lines))
+    fs.pipe(f"{root}/b.jsonl.zst", zstandard.ZstdCompressor().compress(lines))
+    fs.pipe(f"{root}/c.txt", b"one\n\ntwo\n")
+    RecordingMemoryFS.opened.clear()
+    files = expand_inputs([f"recmem://{root}/"])
+    assert [len(list(iter_records(f))) for f in files] == [3, 3, 1 if files[2].format == "text" else 2, 3]
+    reader = iter_records(files[-1])  # d.parquet
+    next(reader)
+    reader.close()  # abandoned after one record
+    assert [(f.path.rsplit("/", 1)[1], f.close_called) for f in RecordingMemoryFS.opened] == [
+        (name, True) for name in ("a.jsonl.gz", "b.jsonl.zst", "c.txt", "d.parquet", "d.parquet")]
