@@ -94,11 +94,15 @@ def test_shared_prefix_gives_the_logits_of_separate_runs(method):
         needle_ids = torch.full((1, 4), needle % 100 + 3)
         ids = torch.cat([hay[:, :needle], needle_ids, hay[:, needle:length - 10], question], 1)
         examples.append((ids, length - 6))
+    ends = [ids.shape[1] - 3 for ids, _ in examples]  # greedy decoding after all but 3 question tokens
     got = {i: (logits, st) for i, logits, st in run_shared_prefix(model, lambda: build_memory(method, model, 64),
-                                                                   examples, segment=32)}
+                                                                   examples, segment=32, greedy=(ends, 3))}
     assert sorted(got) == [0, 1, 2, 3, 4]
     for i, (ids, cut) in enumerate(examples):
         ref, _ = run_pieces(model, build_memory(method, model, 64), [ids[:, :cut], ids[:, cut:]], 32, {1})
         assert torch.equal(got[i][0], ref[1])
         assert got[i][1]["tokens"] + got[i][1]["shared_tokens"] == ids.shape[1]
+        if method == "full":  # greedy decoding through the memory is plain greedy generate
+            plain = model.generate(ids[:, :ends[i]], max_new_tokens=3, do_sample=False, min_new_tokens=3)
+            assert got[i][1]["generated"] == plain[0, ends[i]:].tolist()
     assert [got[i][1]["shared_tokens"] for i in range(5)] == [0, 64, 128, 128, 64]
