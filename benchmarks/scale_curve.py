@@ -42,13 +42,14 @@ def tree_bytes(path: Path) -> int:
 class Watch:
     """Samples the RSS of a process and all its descendants every ``period`` seconds."""
 
-    def __init__(self, pid: int, period: float = 0.2) -> None:
+    def __init__(self, pid: int, period: float = 0.5) -> None:
         import psutil
 
         self.root = psutil.Process(pid)
         self.period = period
         self.peak: dict[int, tuple[str, int]] = {}  # pid -> (name, peak RSS)
         self.peak_sum = 0
+        self.peak_anon: dict[int, int] = {}  # pid -> peak of RSS less its file-backed shared pages (memory maps)
         self.loads: list[float] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -66,7 +67,9 @@ class Watch:
             total = 0
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
+                    mi = p.memory_info()
+                    rss = mi.rss
+                    self.peak_anon[p.pid] = max(self.peak_anon.get(p.pid, 0), mi.rss - mi.shared)
                     name = self.peak.get(p.pid, (None, 0))[0] or " ".join(p.cmdline()[:3])[-80:]
                 except psutil.Error:
                     continue
@@ -89,6 +92,10 @@ class Watch:
             "peak_rss_max_child": kids[0][0] if kids else 0,
             "peak_rss_max_child_cmd": kids[0][1] if kids else "",
             "peak_rss_sum": self.peak_sum,
+            # RSS counts the pages of memory-mapped files a process touched (the datastore, a token stream):
+            # the kernel can drop those, so the anonymous part is the memory a job really needs
+            "peak_anon_driver": self.peak_anon.get(root, 0),
+            "peak_anon_max_child": max((v for k, v in self.peak_anon.items() if k != root), default=0),
             "processes": len(self.peak),
             "load_mean": float(np.mean(self.loads)) if self.loads else None,
         }
@@ -194,6 +201,179 @@ def query_latency(d: Path, n: int, seed: int = 0) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# dense: FAISS IVF-PQ with on-disk (memory-mapped) inverted lists, 1e5 .. 1e7 vectors
+
+REAL_EMBEDDINGS = ("/work/scratch/retro2/real/emb", "/work/scratch/qa/gcide/emb")  # MiniLM, python-docs + gcide chunks
+
+
+def real_vectors(dirs: tuple[str, ...] = REAL_EMBEDDINGS) -> np.ndarray:
+    """(n, 384) float32 unit vectors: real all-MiniLM-L6-v2 embeddings of chunks of the shared corpora
+    (embedding jobs of other issues, `retromem index embed`), duplicates dropped."""
+    xs = []
+    for d in dirs:
+        m = json.loads((Path(d) / "embeddings.json").read_text())
+        for sh in m["shards"]:
+            xs.append(np.load(Path(d) / sh["file"]).astype(np.float32))
+    x = np.unique(np.concatenate(xs), axis=0)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def stand_ins(real: np.ndarray, start: int, n: int, noise: float = 0.3) -> np.ndarray:
+    """Vectors [start, start + n) of the stand-in database: the real vectors, then real vectors plus
+    isotropic noise of norm ~``noise`` (cosine ~0.96 to their origin), renormalized; deterministic in
+    ``start``. Real neighbourhoods, repeated: time and memory behave as with real data; recall is not claimed."""
+    out = np.empty((n, real.shape[1]), dtype=np.float32)
+    i = np.arange(start, start + n)
+    rng = np.random.default_rng(start)
+    out[:] = real[i % len(real)]
+    fresh = i >= len(real)
+    out[fresh] += rng.standard_normal((int(fresh.sum()), real.shape[1]), dtype=np.float32) * np.float32(noise / np.sqrt(real.shape[1]))
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def nlist_for(n: int) -> int:
+    """The power of two nearest 8 sqrt(n), inside FAISS's guideline 4 sqrt(n) .. 16 sqrt(n)."""
+    return 2 ** int(round(np.log2(8 * np.sqrt(n))))
+
+
+def dense_one(n: int, work: Path, pq: int, queries: int, out_json: Path) -> None:
+    """Build IVF{nlist}_HNSW32,PQ{pq} over n vectors (real ones first, then stand-ins), write it, search it
+    memory-mapped (IO_FLAG_MMAP: the inverted lists stay on disk) with real held-out queries; recall@10
+    against exact search over the same n vectors, at nprobe 1..nlist/4."""
+    import faiss
+    from faiss.contrib.clustering import train_ivf_index_with_2level
+
+    faiss.omp_set_num_threads(1)
+    real = real_vectors()
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(real))
+    q, base = real[perm[:queries]], real[perm[queries:]]
+    d = base.shape[1]
+    nlist = nlist_for(n)
+    res: dict = {"n": n, "nlist": nlist, "nlist_range": [4 * int(np.sqrt(n)), 16 * int(np.sqrt(n))], "pq_bytes": pq,
+                 "real_base": len(base), "queries": queries}
+    t = time.process_time()
+    ntrain = min(n, 39 * nlist)
+    xt = stand_ins(base, 0, ntrain) if ntrain <= len(base) else stand_ins(base, n - ntrain, ntrain)
+    index = faiss.index_factory(d, f"IVF{nlist}_HNSW32,PQ{pq}")
+    # two-level k-means (sqrt(nlist) coarse clusters, each split): FAISS's own recipe for large nlist
+    train_ivf_index_with_2level(index, xt, clustering_niter=10)
+    res["train_cpu_s"], res["train_points"] = time.process_time() - t, ntrain
+    del xt
+    t = time.process_time()
+    batch = 200_000
+    top_d = np.full((queries, 10), np.inf, dtype=np.float32)
+    top_i = np.zeros((queries, 10), dtype=np.int64)
+    gt_s = 0.0
+    for s0 in range(0, n, batch):
+        x = stand_ins(base, s0, min(batch, n - s0))
+        g0 = time.process_time()
+        # exact top-10 by squared L2 (unit vectors): merged batch by batch, as the index is filled
+        dist = 2 - 2 * q @ x.T
+        k = np.argpartition(dist, 10, axis=1)[:, :10] if x.shape[0] > 10 else np.tile(np.arange(x.shape[0]), (queries, 1))
+        cd = np.concatenate([top_d, np.take_along_axis(dist, k, 1)], 1)
+        ci = np.concatenate([top_i, k + s0], 1)
+        o = np.argsort(cd, 1)[:, :10]
+        top_d, top_i = np.take_along_axis(cd, o, 1), np.take_along_axis(ci, o, 1)
+        gt_s += time.process_time() - g0
+        index.add(x)
+    res["add_cpu_s"] = time.process_time() - t - gt_s
+    res["exact_cpu_s"] = gt_s
+    path = work / f"ivf-{n}.faiss"
+    faiss.write_index(index, str(path))
+    res["index_bytes"] = path.stat().st_size
+    ivf = faiss.extract_index_ivf(index)
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+    res["list_size_max_over_mean"] = float(sizes.max() / max(sizes.mean(), 1))
+    del index, ivf
+    import resource as _r
+
+    res["rss_before_mmap"] = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    res["open_s"] = time.perf_counter() - t
+    ivf = faiss.extract_index_ivf(index)
+    # which lists each query probes: bytes read from the on-disk lists = their codes + ids
+    _, probed = ivf.quantizer.search(q, min(nlist, 1024))
+    rows = []
+    for nprobe in [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist // 4]:
+        ivf.nprobe = nprobe
+        index.search(q[:10], 10)  # warm the quantizer
+        ns = []
+        found = np.zeros((queries, 10), dtype=np.int64)
+        for j in range(queries):
+            a = time.perf_counter_ns()
+            _, found[j : j + 1] = index.search(q[j : j + 1], 10)
+            ns.append(time.perf_counter_ns() - a)
+        recall = float(np.mean([len(set(found[j]) & set(top_i[j])) / 10 for j in range(queries)]))
+        read = float(np.mean(sizes[probed[:, :nprobe]].sum(1))) * (pq + 8)
+        rows.append({"nprobe": nprobe, "recall_at_10": recall, "bytes_read_per_query": read, **percentiles(ns)})
+    best = max(r["recall_at_10"] for r in rows)
+    tuned = next(r for r in rows if r["recall_at_10"] >= best - 0.02)
+    res.update(sweep=rows, tuned=tuned, peak_rss=_r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024)
+    out_json.write_text(json.dumps(res))
+
+
+def dense_rows(a: argparse.Namespace, rows_path: Path) -> None:
+    work = Path(a.work) / "dense"
+    work.mkdir(parents=True, exist_ok=True)
+    for n in [int(float(x)) for x in a.dense.split(",")]:
+        if any(r["stage"] == "dense" and r["n"] == n for r in read_rows(rows_path)):
+            print(f"dense {n}: done", flush=True)
+            continue
+        out = work / f"dense-{n}.json"
+        load0 = os.getloadavg()[0]
+        row = run_measured([sys.executable, __file__, "--dense-one", str(n), "--work", a.work, "--pq", str(a.pq),
+                            "--dense-queries", str(a.dense_queries), "--dense-out", str(out)], work / f"dense-{n}.log", a.nice)
+        row = {"stage": "dense", "scale": None, "tokens": n * 64, "load_start": load0, "load_end": os.getloadavg()[0],
+               "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), **row, **json.loads(out.read_text())}
+        with open(rows_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        if not a.keep_index:
+            (work / f"ivf-{n}.faiss").unlink(missing_ok=True)
+
+
+def compare(rows_path: Path, fit_up_to: float) -> list[dict]:
+    """`retromem plan` fitted on the scales up to ``fit_up_to`` tokens against every larger measured scale,
+    per component: disk bytes, CPU-seconds, peak of the largest process, count p50."""
+    from retromem.index.plan import predict, predict_stack, stack_costs_from_rows
+
+    costs = stack_costs_from_rows(rows_path, max_tokens=fit_up_to)
+    rows = read_rows(rows_path)
+    out = []
+    for scale in sorted({r["scale"] for r in rows if r.get("scale") and r["tokens"] > fit_up_to}):
+        by = {r["stage"]: r for r in rows if r.get("scale") == scale}
+        t = by["datastore"]["tokens"]
+        sp = predict_stack(predict(t, factory="auto"), costs=costs)
+        big = lambda r: max(r.get("peak_rss_max_child", 0), r.get("peak_rss_driver", 0))  # noqa: E731
+        pairs = [("datastore", "disk bytes", sp.datastore_bytes, "disk_bytes"),
+                 ("datastore", "CPU-s", sp.datastore_cpu_core_hours * 3600, "cpu_s"),
+                 ("datastore", "peak RSS", sp.datastore_build_peak_bytes, big),
+                 ("ngram", "disk bytes", sp.ngram_bytes, "disk_bytes"),
+                 ("ngram", "CPU-s", sp.ngram_cpu_core_hours * 3600, "cpu_s"),
+                 ("ngram", "peak RSS", sp.ngram_build_peak_bytes, big),
+                 ("fm", "disk bytes", sp.fm_bytes, "disk_bytes"),
+                 ("fm", "CPU-s", sp.fm_cpu_core_hours * 3600, "cpu_s"),
+                 ("fm", "peak RSS", sp.fm_build_peak_bytes, big)]
+        for stage, what, pred, key in pairs:
+            if stage in by:
+                m = key(by[stage]) if callable(key) else by[stage][key]
+                out.append({"scale": scale, "tokens": t, "component": f"{stage} {what}", "predicted": pred, "measured": m,
+                            "error": pred / m - 1 if m else None})
+        if "query" in by:
+            q = by["query"]
+            out.append({"scale": scale, "tokens": t, "component": "ngram count p50 ms", "predicted": sp.ngram_count_ms,
+                        "measured": q["ngram_count"]["p50_ms"], "error": sp.ngram_count_ms / q["ngram_count"]["p50_ms"] - 1})
+            if "fm_count" in q:
+                fp = sp.fm_shards * costs.fm_count_ms
+                out.append({"scale": scale, "tokens": t, "component": "fm count p50 ms", "predicted": fp,
+                            "measured": q["fm_count"]["p50_ms"], "error": fp / q["fm_count"]["p50_ms"] - 1})
+    return out
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -214,7 +394,8 @@ def plot(rows: list[dict], png: Path) -> None:
         t = [r["tokens"] for r in rs]
         a.loglog(t, [r["cpu_s"] for r in rs], "o-", color=colour, label=f"{stage} CPU-s")
         a.loglog(t, [r["wall_s"] for r in rs], "o--", color=colour, alpha=0.6, label=f"{stage} wall s")
-        b.semilogx(t, [r["peak_rss_max_child"] / 2**20 for r in rs], "o-", color=colour, label=f"{stage} largest process")
+        b.semilogx(t, [max(r["peak_rss_max_child"], r["peak_rss_driver"]) / 2**20 for r in rs], "o-", color=colour,
+                   label=f"{stage} largest process")
         b.semilogx(t, [r["peak_rss_sum"] / 2**20 for r in rs], "o:", color=colour, alpha=0.6, label=f"{stage} all processes")
         b.semilogx(t, [r["peak_rss_driver"] / 2**20 for r in rs], "x--", color=colour, alpha=0.6, label=f"{stage} driver")
     rs = [r for r in rows if r["stage"] == "datastore"]
@@ -252,8 +433,29 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=10)
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "scale_curve.png"))
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--dense", default=None, help="dense rows instead: vector counts, e.g. 1e5,1e6,1e7")
+    ap.add_argument("--pq", type=int, default=32)
+    ap.add_argument("--dense-queries", type=int, default=200)
+    ap.add_argument("--keep-index", action="store_true")
+    ap.add_argument("--compare", type=float, default=None, metavar="TOKENS",
+                    help="print `retromem plan` fitted on the scales up to TOKENS against every larger scale measured")
+    ap.add_argument("--dense-one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dense-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     rows_path = Path(a.rows)
+    if a.dense_one is not None:
+        dense_one(a.dense_one, Path(a.work) / "dense", a.pq, a.dense_queries, Path(a.dense_out))
+        return
+    if a.dense:
+        dense_rows(a, rows_path)
+        return
+    if a.compare is not None:
+        print("| scale | tokens | component | plan | measured | error |\n| --- | ---: | --- | ---: | ---: | ---: |")
+        for c in compare(rows_path, a.compare):
+            f = (lambda v: f"{v / 2**20:,.0f} MiB") if "bytes" in c["component"] or "RSS" in c["component"] else (lambda v: f"{v:,.2f}")
+            print(f"| x{c['scale']} | {c['tokens']:,} | {c['component']} | {f(c['predicted'])} | {f(c['measured'])} | "
+                  f"{c['error']:+.1%} |")
+        return
     if a.plot_only:
         plot(read_rows(rows_path), Path(a.plot))
         return
