@@ -472,7 +472,8 @@ class NgramIndex:
                                       f"max_terms_per_clause={self.limits.max_terms_per_clause}")
             ids_cnf.append([self.ids(t, f"cnf[{i}][{j}]") for j, t in enumerate(clause)])
         r = self._find_cnf(ids_cnf, diff)
-        if r is None:  # a clause must be sampled: the engine's own sample, so the estimate stays the engine's
+        sampled = r is None
+        if sampled:  # a clause must be sampled: the engine's own sample, so the estimate stays the engine's
             r = _check_engine(self.engine.find_cnf(cnf=ids_cnf, max_clause_freq=self.limits.max_clause_freq,
                                                    max_diff_tokens=diff), "find_cnf")
         hits: list[Occurrence] = []
@@ -488,7 +489,8 @@ class NgramIndex:
         # the engine returns every match unless it sampled (approx): then the count is scaled, and so the estimate
         count = int(r["cnt"]) - dead if not r["approx"] else int(round(int(r["cnt"]) * (1 - dead / max(1, sum(
             len(p) for p in r["ptrs_by_shard"])))))
-        return DocumentSearch(count, bool(r["approx"]), tuple(hits))
+        # approx also when the engine sampled a clause but left its flag unset (a count below the exact one)
+        return DocumentSearch(count, bool(r["approx"]) or sampled, tuple(hits))
 
     def _find_cnf(self, cnf: list[list[list[int]]], diff: int) -> dict[str, Any] | None:
         """The engine's ``find_cnf``, answered from this process's suffix-array search (issue 19: the
@@ -496,20 +498,26 @@ class NgramIndex:
         the engine's own way (tested against it): per shard, the pointers of the rarest clause seed
         ranges; each further clause's sorted pointers widen a range to its nearest match on either
         side within ``diff`` tokens (keeping one range per side that fits); ranges that span a
-        document separator are dropped. None when a clause occurs more than its per-shard share of
-        ``max_clause_freq`` times: the engine samples such clauses at random and answers those."""
+        document separator are dropped. None when, in a shard where every clause occurs, a clause
+        occurs more than its per-shard share of ``max_clause_freq`` times: the engine samples such
+        clauses at random and answers those (a shard missing a clause has no match either way)."""
         n_shards = len(self._shards)
         cap = -(-self.limits.max_clause_freq // n_shards)
         segs = [[self._segments(term) for term in clause] for clause in cnf]  # clause -> term -> shard -> ranks
         counts = [[sum(t[s][1] - t[s][0] for t in clause) for s in range(n_shards)] for clause in segs]
         if any(sum(c) == 0 for c in counts):
             return {"cnt": 0, "approx": False, "ptrs_by_shard": []}
-        if any(c > cap for per_shard in counts for c in per_shard):
+        live = [all(per_shard[s] > 0 for per_shard in counts) for s in range(n_shards)]
+        if any(per_shard[s] > cap for per_shard in counts for s in range(n_shards) if live[s]):
             return None
         reach = diff * self.width
         sep = b"\xff" * self.width
         out: list[np.ndarray] = []
         for s in range(n_shards):
+            if not live[s]:  # a clause with no occurrence here: no match in this shard
+                out.append(np.zeros(0, dtype=np.int64))
+                continue
+
             def ptrs(c: int) -> np.ndarray:
                 parts = [self._ranks_to_ptrs(s, np.arange(t[s][0], t[s][1], dtype=np.int64)) for t in segs[c]]
                 return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -442,6 +442,40 @@ def test_document_search_answers_as_the_engine_without_it(idx, streams):
     assert r.count >= 1 and 2 in r.doc_ids
 
 
+def test_document_search_near_max_clause_freq_answers_as_the_engine_and_flags_its_samples(ngram_dir, ds, streams):
+    """With a small ``max_clause_freq`` (40: 20 per shard) clauses fall on both sides of a shard's
+    share of it. Where this process answers, its matches are the engine's (the engine samples a
+    clause above the share, so answering one of those here would differ: tested); where it leaves
+    the query to the engine, the public call says approx, which the engine's own flag does not
+    always say for a sampled clause."""
+    from retromem.index.ngram import QueryLimits
+
+    small = NgramIndex(ngram_dir, ds, limits=QueryLimits(max_clause_freq=40))
+    assert len(small._shards) >= 2  # a shard's share of 40 (ceil(40 / shards)) is below 40
+    tok, cnt = np.unique(np.concatenate(streams), return_counts=True)
+    by_count = tok[np.argsort(cnt, kind="stable")]
+    rare = [int(t) for t, c in zip(tok, cnt) if 3 <= c <= 8][:3]  # a few occurrences: the other clause
+    # tokens at counts from a handful to thousands, and many around the cap and its per-shard share
+    spread = [int(by_count[i]) for i in np.unique(np.geomspace(1, len(by_count) - 1, 40).astype(int))]
+    spread += [int(t) for t, c in zip(tok, cnt) if 20 <= c <= 120][:30]
+    answered = left = 0
+    for a in spread:
+        for b in rare:
+            cnf = [[[a]], [[b]]]
+            r = small.engine.find_cnf(cnf=cnf, max_clause_freq=40, max_diff_tokens=20)
+            mine = small._find_cnf(cnf, 20)
+            if mine is None:
+                assert small.search_documents(cnf, max_diff_tokens=20).approx, cnf
+                left += 1
+                continue
+            assert mine["cnt"] == r["cnt"], cnf
+            engine_ptrs = [sorted(p) for p in r["ptrs_by_shard"]] if r["ptrs_by_shard"] else []
+            assert [sorted(p.tolist()) for p in mine["ptrs_by_shard"]] == engine_ptrs or r["cnt"] == 0, cnf
+            assert not small.search_documents(cnf, max_diff_tokens=20).approx, cnf
+            answered += 1
+    assert answered >= 20 and left >= 20  # both sides of the share were seen
+
+
 @pytest.mark.slow  # starts a local Ray
 def test_shards_built_at_once_locally_and_on_ray_equal_the_sequential_build(ds, tmp_path):
     """One task per shard: two local worker processes, and Ray tasks on a local Ray, write the same
