@@ -174,7 +174,7 @@ def cpu_build(inputs: list[str], out: Path, workers: int, pythonpath: str | None
 def cpu_compare(args, paths: list[str]) -> None:
     raw = input_bytes(paths)
     variants = [("before", args.base_pythonpath)] if args.base_pythonpath else []
-    variants.append(("after", None))
+    variants.append(("after", args.after_pythonpath))
     rows = []
     out = Path(args.out)
     for rep in range(args.repeats):
@@ -186,7 +186,8 @@ def cpu_compare(args, paths: list[str]) -> None:
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     (out / "datastore_build_cpu.json").write_text(json.dumps({"input_bytes": raw, "runs": rows}, indent=2))
-    print(f"\ninputs: {raw / 1e6:.1f} MB of UTF-8 text")
+    print(f"\ninputs: {raw / 1e6:.1f} MB of UTF-8 text; one datastore_id over every run (same bytes): "
+          f"{len({r['datastore_id'] for r in rows}) == 1}")
     print("| variant | workers | repeat | CPU s (user + sys) | MB/CPU-s | wall s | load |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -202,6 +203,7 @@ def main() -> None:
     ap.add_argument("--skip-4x", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="only the CPU-efficiency comparison (see the module docstring)")
     ap.add_argument("--base-pythonpath", default=None, help="--cpu: PYTHONPATH of the old code to compare with")
+    ap.add_argument("--after-pythonpath", default=None, help="--cpu: PYTHONPATH of the new code (default: this checkout)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--cpu: worker counts")
     ap.add_argument("--repeats", type=int, default=2, help="--cpu: rounds (each runs every variant once)")
     args = ap.parse_args()

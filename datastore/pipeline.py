@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -307,7 +308,9 @@ def ingest_unit(ctx: BuildContext, u: int) -> dict:
                 else:
                     if rec.metadata:
                         for name, value in rec.metadata.items():
-                            merge_meta_type(types, name, meta_type(value), f"{f.path}:{rec.line}")
+                            typ = meta_type(value)
+                            if typ is not None and types.get(name, (None,))[0] != typ:  # new field or type: record where
+                                merge_meta_type(types, name, typ, f"{f.path}:{rec.line}")
                     sources.append(f.path)
                     ids.append(rec.source_id)
                     texts.append(text)
@@ -635,7 +638,10 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
     n_chunks_doc = -(-ntok // L)
     n_chunks = int(n_chunks_doc.sum())
     kept = staged.filter(pa.array(keep))
-    texts = kept.column("text").to_pylist()
+    # the kept texts stay Arrow: their UTF-8 bytes, one after the other, are text.bin's slice (no
+    # round trip through Python strings; issue 19)
+    text_col = kept.column("text").combine_chunks()
+    text_bytes = _large_string_bytes(text_col)
     hashes = [h.hex() for h in kept.column("content_hash").to_pylist()]
 
     doc_ids = np.arange(off["doc"], off["doc"] + n_docs, dtype=np.int64)
@@ -645,7 +651,7 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
     # per chunk
     chunk_doc = np.repeat(doc_ids, n_chunks_doc)
     chunk_pos = np.concatenate([np.arange(n, dtype=np.int32) for n in n_chunks_doc]) if n_docs else np.zeros(0, np.int32)
-    doc_chars = np.asarray([len(t) for t in texts], dtype=np.int64)
+    doc_chars = pc.utf8_length(text_col).to_numpy(zero_copy_only=False).astype(np.int64)
     local_doc = np.repeat(np.arange(n_docs), n_chunks_doc)
     last = np.zeros(n_chunks, dtype=bool)
     if n_chunks:
@@ -678,7 +684,6 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
         arr = _open_array(lay, name, "r+", shapes)
         arr[off["doc"] : off["doc"] + n_docs] = values
         arr.flush()
-    text_bytes = "".join(texts).encode("utf-8")
     with open(lay.arrays / "text.bin", "r+b") as fh:
         fh.seek(off["byte"])
         fh.write(text_bytes)
@@ -690,7 +695,7 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
             pa.array(doc_ids + base_doc, pa.int64()),
             kept.column("source").combine_chunks().cast(pa.string()),
             kept.column("source_id").combine_chunks().cast(pa.string()),
-            pa.array(texts, pa.large_string()),
+            text_col,
             pa.array(hashes, pa.string()),
             pa.array(ntok, pa.int64()),
             pa.array(first_chunk + base_chunk, pa.int64()),
@@ -736,6 +741,14 @@ def finalize_part(ctx: BuildContext, p: int) -> dict:
     result["tokens_sha256"] = hashlib.sha256(block.tobytes()).hexdigest()
     result["text_sha256"] = hashlib.sha256(text_bytes).hexdigest()
     return result
+
+
+def _large_string_bytes(col: pa.LargeStringArray) -> bytes:
+    """The UTF-8 bytes of every value of a (null-free) large_string array, one after the other."""
+    if len(col) == 0:
+        return b""
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
+    return col.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0])).to_pybytes()
 
 
 def documents_schema(meta_types: Mapping[str, str]) -> pa.Schema:
