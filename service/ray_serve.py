@@ -423,6 +423,16 @@ class _NoChannel:
 # the replicas (plain classes: made Serve deployments in build_app, so that importing this module needs no ray)
 
 
+def _first_live_chunk(ds: Any) -> int | None:
+    """The first chunk of the first document not taken down (None: no live document)."""
+    doc = 0
+    for d in ds.deleted_doc_ids.tolist():  # sorted
+        if d > doc:
+            break
+        doc = d + 1
+    return int(ds.doc_first_chunk_array[doc]) if doc < ds.num_documents else None
+
+
 class ShardReplica:
     """One replica of a shard: ``retromem serve``'s servicer over the shard's files, in process."""
 
@@ -450,8 +460,9 @@ class ShardReplica:
         replica that cannot is restarted, and no call is routed to it meanwhile."""
         b = self.servicer.b
         probes = []
-        if b.datastore is not None and b.datastore.num_chunks:
-            probes.append(("GetChunks", pb.GetChunksRequest(chunk_ids=[0], fetch=pb.Fetch(tokens=True))))
+        live = _first_live_chunk(b.datastore) if b.datastore is not None else None
+        if live is not None:  # a deleted document's chunk is refused (FAILED_PRECONDITION): probe a live one
+            probes.append(("GetChunks", pb.GetChunksRequest(chunk_ids=[live], fetch=pb.Fetch(tokens=True))))
         if b.ngram is not None:
             probes.append(("Count", pb.NgramRequest(query=pb.NgramQuery(ids=pb.TokenIds(ids=[0])))))
         if b.dense is not None and b.dense.ntotal:

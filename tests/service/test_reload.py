@@ -156,3 +156,23 @@ def test_sighup_reloads_a_running_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_ray_serve_health_probe_reads_a_live_chunk(store):
+    """A Ray Serve shard replica's health check (run here in process: the same object Serve calls)
+    stays healthy when document 0 is taken down: it probes the first live document's chunk, not
+    chunk 0, which the servicer refuses (FAILED_PRECONDITION) once its document is deleted."""
+    from retromem.datastore import Datastore
+    from retromem.datastore.tombstones import delete
+    from retromem.service.config import ServerConfig
+    from retromem.service.ray_serve import ShardReplica, _first_live_chunk
+
+    ds_path, dense, ngram = store
+    cfg = ServerConfig(datastore=str(ds_path), dense=str(dense), ngram=str(ngram), port=0, workers=1)
+    ShardReplica(cfg).check_health()
+    delete(ds_path, doc_ids=[0, 1], reason="test", who="test")
+    ds = Datastore.open(ds_path)
+    assert _first_live_chunk(ds) == int(ds.doc_first_chunk_array[2])
+    ShardReplica(cfg).check_health()  # probed chunk 0 before: refused, and Serve restarted the replica forever
+    delete(ds_path, doc_ids=[2, 3], reason="test", who="test")
+    assert _first_live_chunk(Datastore.open(ds_path)) is None
