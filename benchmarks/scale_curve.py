@@ -439,6 +439,7 @@ def main() -> None:
     ap.add_argument("--keep-index", action="store_true")
     ap.add_argument("--compare", type=float, default=None, metavar="TOKENS",
                     help="print `retromem plan` fitted on the scales up to TOKENS against every larger scale measured")
+    ap.add_argument("--table", action="store_true", help="print the rows as a markdown table")
     ap.add_argument("--dense-one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dense-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -448,6 +449,23 @@ def main() -> None:
         return
     if a.dense:
         dense_rows(a, rows_path)
+        return
+    if a.table:
+        print("| scale | stage | tokens | CPU-s | wall s | load | text MB / CPU-s | largest process | all processes | "
+              "disk bytes / token |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in sorted((r for r in read_rows(rows_path) if r.get("scale") and r["stage"] != "query"),
+                        key=lambda r: (STAGES.index(r["stage"]), r["scale"])):
+            big = max(r["peak_rss_max_child"], r["peak_rss_driver"])
+            anon = max(r.get("peak_anon_max_child", 0), r.get("peak_anon_driver", 0))
+            print(f"| x{r['scale']} | {r['stage']} | {r['tokens']:,} | {r['cpu_s']:,.1f} | {r['wall_s']:,.0f} | "
+                  f"{r['load_mean']:.0f} | {r['text_bytes'] / 1e6 / r['cpu_s']:.2f} | {big / 2**20:,.0f} MiB"
+                  + (f" ({anon / 2**20:,.0f} anon)" if anon else "") + f" | {r['peak_rss_sum'] / 2**20:,.0f} MiB | "
+                  f"{r['disk_bytes_per_token']:.2f} |")
+        for r in sorted((r for r in read_rows(rows_path) if r["stage"] == "query"), key=lambda r: r["scale"]):
+            c, f = r["ngram_count"], r.get("fm_count", {})
+            print(f"\nx{r['scale']} count over {r['ngram_shards']} suffix-array shard(s): p50 {c['p50_ms']:.3f} ms, p99 "
+                  f"{c['p99_ms']:.2f} ms; FM-index, {r.get('fm_shards')} shard(s): p50 {f.get('p50_ms', 0):.3f} ms, "
+                  f"p99 {f.get('p99_ms', 0):.2f} ms")
         return
     if a.compare is not None:
         print("| scale | tokens | component | plan | measured | error |\n| --- | ---: | --- | ---: | ---: | ---: |")

@@ -166,14 +166,15 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
 STACK_COSTS_MEASURED: dict[str, Any] = {
     "machine": "2-core x86_64 VM, 24 GiB, no GPU (retromem development machine, under load)",
     "text_bytes_per_token": 3.60,  # normalized UTF-8 text per SmolLM2 token
-    "datastore_bytes_per_token": 9.18,  # Parquet shards + memory-mapped arrays + text, all files
+    "datastore_bytes_per_token": 9.47,  # all files; scale curve 1x..16x (9.71, 9.50, 9.45: the fixed part shrinks)
     "documents_per_million_tokens": 371.0,
     "bloom_bytes_per_document": 35.3,  # LSHBloom (10 bands, fp 1e-5) + exact hashes (fp 1e-9)
-    "datastore_text_mb_per_cpu_s": 1.74,  # build with dedup (issue 19's side-by-side measurement)
+    # build with dedup, whole process tree, pooled over the scale curve 1x, 4x, 16x (2.23, 2.22, 2.68 MB/CPU-s)
+    "datastore_text_mb_per_cpu_s": 2.55,
     # the build's largest process (the driver: dedup's Bloom filters, one shard's arrays) and all of them together
     # (2 workers), shared corpora x1 (benchmarks/scale_curve.py); bounded by the shard size, not the datastore
-    "datastore_build_peak_bytes": 674 * 2**20,
-    "datastore_build_peak_all_bytes": 1293 * 2**20,
+    "datastore_build_peak_bytes": 643 * 2**20,  # largest at 1x; 418 MiB at 4x, 511 MiB at 16x
+    "datastore_build_peak_all_bytes": 1234 * 2**20,
     # token streams + suffix array of the shared corpora (21.2 M tokens) in shards of 12 M / 3 M tokens:
     # 10.7 / 8.2 CPU-s, peak RSS 311 / 254 MiB, so ~234 MiB fixed + 6.6 bytes per token of a shard
     "ngram_tokens_per_cpu_s": 2.0e6,
@@ -191,8 +192,9 @@ STACK_COSTS_MEASURED: dict[str, Any] = {
     # nprobe 64, 1 thread, loaded machine), i.e. 1.4 GB of codes; ADC cost grows with the code bytes
     "dense_code_bytes_per_cpu_s": 1.4e9,
     # on-disk lists: a query's probed lists hold this many times the mean list (queries fall where the data is
-    # dense, and k-means lists there are fuller); 1.0 until measured (benchmarks/scale_curve.py --dense)
-    "ivf_probed_list_ratio": 1.0,
+    # dense, and k-means lists there are fuller); measured by benchmarks/scale_curve.py --dense
+    # real MiniLM vectors (18.7k, IVF1024, nprobe 32): 1.30 (1.57 at nprobe 1); stand-ins at 1e5 (IVF2048): 1.49
+    "ivf_probed_list_ratio": 1.3,
 }
 
 
@@ -218,7 +220,7 @@ class StackCosts:
     datastore_build_peak_bytes: int = STACK_COSTS_MEASURED["datastore_build_peak_bytes"]
     datastore_build_peak_all_bytes: int = STACK_COSTS_MEASURED["datastore_build_peak_all_bytes"]
     fm_build_fixed_bytes: int = 0
-    ivf_probed_list_ratio: float = 1.0
+    ivf_probed_list_ratio: float = STACK_COSTS_MEASURED["ivf_probed_list_ratio"]
 
     @classmethod
     def load(cls, path: str | None = None) -> "StackCosts":

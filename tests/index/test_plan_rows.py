@@ -81,7 +81,7 @@ def test_auto_factory_keeps_nlist_in_faiss_range():
 
 def test_bytes_read_per_query_follow_the_probed_lists():
     p = predict(640_000_000, factory="IVF16384_HNSW32,PQ32")  # 10 M vectors, 610 per list
-    even = predict_stack(p, nprobe=32, costs=StackCosts.load())
+    even = predict_stack(p, nprobe=32, costs=StackCosts(**{**StackCosts.load().__dict__, "ivf_probed_list_ratio": 1.0}))
     full = predict_stack(p, nprobe=32, costs=StackCosts(**{**StackCosts.load().__dict__, "ivf_probed_list_ratio": 1.5}))
     assert even.ivf_bytes_read_per_query == int(32 * 10_000_000 / 16384 * (32 + 8))
     assert full.ivf_bytes_read_per_query == pytest.approx(1.5 * even.ivf_bytes_read_per_query, rel=1e-6)
