@@ -16,6 +16,12 @@ The job is four steps over shards, each resumable:
    ``doc_id``s and ``chunk_id``s, write the Parquet shards and each part's slice of the
    memory-mapped arrays; then the manifest.
 
+On the local executor one pool of worker processes runs every step (each worker starts and imports
+once per build); a worker loads the tokenizer on its first tokenize task. Tokenization waits for
+the dedup's partitions: each partition task reads every part's keys, so no part's keep/drop
+decision is known before all of them have run (part p's depends only on parts <= p: partitions
+fed part by part in corpus order would let tokenization follow dedup part by part).
+
 The output directory is a job of :mod:`retromem.datastore.job` (kind ``datastore``): locked
 while the build runs, never deleted on ``--overwrite`` unless it is a datastore. Every output is
 written atomically and every finished item leaves a done-marker in ``_work/``; the job helper
