@@ -72,7 +72,7 @@ def run_qa(a, emit) -> None:
     cfg = LongEvalConfig(out=str(Path(a.rows).parent), tasks=("qa",), qa_length=a.qa_length,
                          qa_questions=a.qa_questions, qa_contexts=a.qa_contexts, segment=a.segment,
                          fractions=tuple(float(x) for x in a.fractions.split(",")), seed=a.seed)
-    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(n_sink=a.n_sink, n_tail=a.n_tail),
+    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(n_sink=a.n_sink, n_tail=a.n_tail, cluster_size=a.cluster_size),
             selections=tuple(a.selection.split(",")), decoded=a.decoded)
 
 
@@ -135,7 +135,9 @@ def report(paths: list[str]) -> None:
         if not rs:
             continue
         key = (lambda r: r["method"]) if task == "recall" else \
-            (lambda r: "all keys" if r["fraction"] >= 1 else f"{r.get('selection', 'fraction')} {r['fraction']}")
+            (lambda r: "all keys" if r["fraction"] >= 1 else
+             f"{r.get('selection', 'fraction')} {r['fraction']}" + (f" (clusters of {r['cluster_size']})"
+                                                                    if r.get("cluster_size", 16) != 16 else ""))
         by: dict[str, dict[int, dict]] = defaultdict(dict)
         for r in rs:
             by[key(r)][r[unit]] = r
@@ -223,6 +225,7 @@ def main() -> None:
     ap.add_argument("--decoded", type=int, default=None,
                     help="questions per setting decoded token by token (timed); the rest in one call")
     ap.add_argument("--n-sink", type=int, default=4)
+    ap.add_argument("--cluster-size", type=int, default=16)
     ap.add_argument("--n-tail", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

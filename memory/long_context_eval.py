@@ -533,7 +533,7 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
                                                for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
                 right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
             emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
-                  "selection": selection, "length": cfg.qa_length, "context": c_i,
+                  "selection": selection, "cluster_size": base.cluster_size, "length": cfg.qa_length, "context": c_i,
                   "correct": sum(right) / len(right), "answered": sum(right),
                   "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
                   "decode_attention_ms": round(mem.decode_attention_ms(), 4),
