@@ -114,6 +114,8 @@ class SqueezedAttention(KVMemory):
         self.centroids: list[torch.Tensor | None] = [None] * L  # (Hkv, C, D)
         self.assign: list[torch.Tensor | None] = [None] * L  # (Hkv, n) cluster of each key
         self.sizes: list[torch.Tensor | None] = [None] * L  # (Hkv, C) keys per cluster
+        self.by_cluster: list[torch.Tensor | None] = [None] * L  # (Hkv, n) key indices sorted by cluster
+        self.starts: list[torch.Tensor | None] = [None] * L  # (Hkv, C) where each cluster starts in by_cluster
         self.new_k: list[torch.Tensor | None] = [None] * L  # tokens after the context
         self.new_v: list[torch.Tensor | None] = [None] * L
         self.frozen = False
@@ -160,6 +162,8 @@ class SqueezedAttention(KVMemory):
             self.centroids[layer] = torch.stack(cs).to(self.ctx_k[layer].device)
             self.assign[layer] = torch.stack(assigns).to(self.ctx_k[layer].device)
             self.sizes[layer] = torch.stack([torch.bincount(a, minlength=c.shape[0]) for a, c in zip(assigns, cs)])
+            self.by_cluster[layer] = self.assign[layer].argsort(dim=-1, stable=True)
+            self.starts[layer] = (self.sizes[layer].cumsum(-1) - self.sizes[layer]).to(self.ctx_k[layer].device)
             self.calib_mass[layer] = self.cluster_mass(layer, self.calib_q[layer])
             self.calib_q[layer] = None  # the masses are all calibration needs
         self.frozen = True
@@ -213,21 +217,38 @@ class SqueezedAttention(KVMemory):
         """(Hkv, T, n) mask of the context keys each query token attends to: the fixed keys, then
         whole clusters from the most relevant (q · centroid, the largest over the query heads that
         share the KV head) until ``fraction`` of the context's keys are taken."""
+        return self._by_key(self.select_clusters(layer, q), layer) | self.fixed_keys(q.device)
+
+    def select_clusters(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """(Hkv, T, C): the clusters each query token takes (see :meth:`select`)."""
         B, H, T, D = q.shape
         c = self.centroids[layer]  # (Hkv, C, D)
         Hkv, C = c.shape[:2]
         fixed = self.fixed_keys(q.device)
         if self.config.selection == "threshold":
-            take = self.cluster_mass(layer, q) >= self.threshold(layer)  # (Hkv, T, C)
-            return self._by_key(take, layer) | fixed
+            return self.cluster_mass(layer, q) >= self.threshold(layer)  # (Hkv, T, C)
         rel = torch.einsum("hgtd,hcd->hgtc", q[0].float().reshape(Hkv, H // Hkv, T, D), c.float()).amax(1)  # (Hkv, T, C)
         order = rel.argsort(-1, descending=True)
         sizes = self.sizes[layer].to(q.device)[:, None, :].expand(Hkv, T, C).gather(-1, order)  # (Hkv, T, C) sorted
         before = sizes.cumsum(-1) - sizes  # keys already taken when reaching each cluster
         take_sorted = before < self.config.fraction * self.context_length - int(fixed.sum())
-        take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (Hkv, T, C) by cluster id
-        sel = self._by_key(take, layer)  # (Hkv, T, n)
-        return sel | fixed
+        return torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (Hkv, T, C) by cluster id
+
+    def _decode_keys(self, layer: int, take: torch.Tensor) -> list[torch.Tensor]:
+        """Per KV head, the indices of the keys of the taken clusters ``take`` (Hkv, C) and of the
+        fixed keys, each once. Keys are stored by cluster (``by_cluster``), so this costs the
+        number of keys taken, not the context's length."""
+        fixed = self.fixed_keys(take.device)
+        fixed_idx = fixed.nonzero().flatten()
+        out = []
+        for h in range(take.shape[0]):
+            chosen = take[h].nonzero().flatten()
+            lens = self.sizes[layer][h].to(take.device)[chosen]
+            total = int(lens.sum())
+            offs = torch.repeat_interleave(self.starts[layer][h][chosen] - (lens.cumsum(0) - lens), lens)
+            idx = self.by_cluster[layer][h][torch.arange(total, device=take.device) + offs]
+            out.append(torch.cat([idx[~fixed[idx]], fixed_idx]))
+        return out
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -264,20 +285,22 @@ class SqueezedAttention(KVMemory):
             # (the fastest full attention this module has: the reference the time saved is measured against)
             ctx = (q, self.ctx_k[layer], self.ctx_v[layer], torch.ones(T, n, dtype=torch.bool, device=q.device))
             return group_attention([ctx, (q, self.new_k[layer], self.new_v[layer], after[0])], scaling)[0]
+        elif T == 1:  # decoding: copy out the selected keys so the work shrinks with the fraction
+            idx = self._decode_keys(layer, self.select_clusters(layer, q)[:, 0])
+            counts = torch.tensor([i.numel() for i in idx], device=q.device)  # (Hkv,)
+            self.attended += int(counts.sum())
+            self.offered += Hkv * self.context_length
+            width = int(counts.max())
+            idx = [torch.nn.functional.pad(i, (0, width - i.numel())) for i in idx]  # padding masked out below
+            # index_select copies whole rows: ~6x faster on CPU than gather with an index expanded over D
+            ck = torch.stack([self.ctx_k[layer][0, h].index_select(0, idx[h]) for h in range(Hkv)])[None]
+            cv = torch.stack([self.ctx_v[layer][0, h].index_select(0, idx[h]) for h in range(Hkv)])[None]
+            cmask = (torch.arange(width, device=q.device)[None] < counts[:, None])[:, None, :]  # (Hkv, 1, width)
         else:
             sel = self.select(layer, q)  # (Hkv, T, n)
             self.attended += int(sel.sum())
             self.offered += sel.numel()
-            if T == 1:  # decoding: gather the selected keys so the work shrinks with the fraction
-                counts = sel[:, 0].sum(-1)  # (Hkv,)
-                width = int(counts.max())
-                idx = sel[:, 0].float().argsort(dim=-1, descending=True, stable=True)[:, :width]  # selected first
-                # index_select copies whole rows: ~6x faster on CPU than gather with an index expanded over D
-                ck = torch.stack([self.ctx_k[layer][0, h].index_select(0, idx[h]) for h in range(Hkv)])[None]
-                cv = torch.stack([self.ctx_v[layer][0, h].index_select(0, idx[h]) for h in range(Hkv)])[None]
-                cmask = (torch.arange(width, device=q.device)[None] < counts[:, None])[:, None, :]  # (Hkv, 1, width)
-            else:
-                ck, cv, cmask = self.ctx_k[layer], self.ctx_v[layer], sel
+            ck, cv, cmask = self.ctx_k[layer], self.ctx_v[layer], sel
         # every key sits at its true position and every query is rotated at its own, so the context
         # and the later tokens are one group: a single attention call (group_attention's fused path
         # for two groups with per-head masks was ~35x slower on CPU)
