@@ -175,12 +175,13 @@ STACK_COSTS_MEASURED: dict[str, Any] = {
     # (2 workers), shared corpora x1 (benchmarks/scale_curve.py); bounded by the shard size, not the datastore
     "datastore_build_peak_bytes": 643 * 2**20,  # largest at 1x; 418 MiB at 4x, 511 MiB at 16x
     "datastore_build_peak_all_bytes": 1234 * 2**20,
-    # token streams + suffix array of the shared corpora (21.2 M tokens) in shards of 12 M / 3 M tokens:
-    # 10.7 / 8.2 CPU-s, peak RSS 311 / 254 MiB, so ~234 MiB fixed + 6.6 bytes per token of a shard
-    "ngram_tokens_per_cpu_s": 2.0e6,
+    # token streams + suffix array: 1.67 M tokens/CPU-s at 1x (21 M tokens, one shard), 1.30 M at 16x (six 64 M-token
+    # shards); the indexer's make-part holds ~20 bytes per token of its part (1,221 MiB anonymous for a 64 M-token
+    # shard at 16x, 230 MiB RSS for a 10.6 M-token part at 1x), the driver ~0.4 GiB anonymous
+    "ngram_tokens_per_cpu_s": 1.4e6,
     "ngram_shard_tokens": 1_000_000_000,  # the build's default shard size
-    "ngram_build_fixed_bytes": 234 * 2**20,
-    "ngram_build_bytes_per_shard_token": 6.6,
+    "ngram_build_fixed_bytes": 0,
+    "ngram_build_bytes_per_shard_token": 20.0,
     "ngram_count_ms_per_shard": 0.062,  # in-process binary search, p50, one shard
     "fm_bytes_per_text_byte": 0.402,  # zstd BWT blocks + checkpoints + 1/32 suffix-array samples
     "fm_text_mb_per_cpu_s": 4.6,
@@ -297,7 +298,10 @@ def stack_costs_from_rows(rows_path: str | Path, base: StackCosts | None = None,
     if not by["datastore"]:
         raise ConfigError(f"--measure-from {rows_path}: no datastore rows" + (f" up to {max_tokens:g} tokens" if max_tokens else ""))
     tot = lambda rs, k: float(sum(r[k] for r in rs))  # noqa: E731
-    biggest = lambda r: max(r.get("peak_rss_max_child", 0), r.get("peak_rss_driver", 0))  # noqa: E731
+    # a task's memory: its largest process, anonymous memory where the rows have it (RSS also counts the pages of
+    # memory-mapped files, which the kernel drops: a driver that hashed a 3 GB datastore shows 2.2 GB of RSS, 0.4 anonymous)
+    biggest = lambda r: (max(r["peak_anon_max_child"], r.get("peak_anon_driver", 0)) if r.get("peak_anon_max_child")  # noqa: E731
+                         else max(r.get("peak_rss_max_child", 0), r.get("peak_rss_driver", 0)))
     ds, ng, fm, q = by["datastore"], by["ngram"], by["fm"], by["query"]
     ch: dict[str, Any] = {
         "machine": f"scale-curve rows {Path(rows_path).name} ({len(ds)} scale(s) up to {max(r['tokens'] for r in ds):,} tokens)",
@@ -312,6 +316,9 @@ def stack_costs_from_rows(rows_path: str | Path, base: StackCosts | None = None,
         ch["ngram_tokens_per_cpu_s"] = tot(ng, "tokens") / tot(ng, "cpu_s")
         ch["ngram_shard_tokens"] = ngram_shard_tokens
         icpt, slope = _fit_line([min(r["tokens"], ngram_shard_tokens) for r in ng], [biggest(r) for r in ng])
+        if slope == 0:  # one shard size seen: keep the per-token cost, the rest is fixed
+            slope = base.ngram_build_bytes_per_shard_token
+            icpt = max(0.0, icpt - slope * float(np.mean([min(r["tokens"], ngram_shard_tokens) for r in ng])))
         ch["ngram_build_fixed_bytes"], ch["ngram_build_bytes_per_shard_token"] = int(icpt), slope
     if fm:
         ch["fm_bytes_per_text_byte"] = tot(fm, "disk_bytes") / tot(fm, "text_bytes")
