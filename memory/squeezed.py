@@ -23,10 +23,13 @@ of the attention is estimated as softmax_c(q · c_c * scaling + log N_c) (N_c ke
 largest over the query heads sharing the KV head), clusters above a per-layer threshold are kept,
 and each layer's threshold is calibrated at :meth:`freeze` on the queries of the context's last
 ``n_calib`` tokens so that they would attend ``fraction`` of the keys on average (questions then
-attend more or less; :meth:`attended_fraction` counts what they did). A single query
-token (decoding) gathers its selected keys, so its attention costs about ``fraction`` of full
-attention over the context (:meth:`SqueezedAttention.attended_fraction` counts what was attended);
-several query tokens at once use a mask over all keys (same result, no time saved). The context's
+attend more or less; :meth:`attended_fraction` counts what they did).
+
+A single query token (decoding) copies out its selected keys (stored by cluster at freeze, so the
+cost follows the keys taken) and attends per KV head over exactly those and the later tokens;
+several query tokens at once use a mask over all keys (same result, no time saved). On a CPU the
+copy costs about what attending in place would, so decoding saves time only when few keys of a
+long context are taken (BENCHMARKS.md: 1.2x at 1/4 of 32K keys, none at 2K-8K). The context's
 keys and values stay in memory (the method saves attention work, not storage); the keys of the
 tokens after the context grow with them. Hierarchical centroids are not implemented.
 """
