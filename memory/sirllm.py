@@ -10,6 +10,10 @@ every ``decay_every`` tokens) so that old key tokens eventually give way to new 
 Each layer keeps ``n_sink`` sinks + the ``n_keep`` highest-scored middle tokens + the ``n_local``
 most recent tokens, re-positioned inside the cache as StreamingLLM does
 (:class:`~retromem.memory.kv_budget.CachePositionMemory`). All layers keep the same tokens.
+The paper's runs keep no recent window (``n_local = 0``) and decay per dialogue turn (here per
+``decay_every`` tokens). On SmolLM2-135M that split recalled nothing of facts beyond the window,
+while half the budget as a window recalled some (BENCHMARKS.md, issue 20): isolated tokens packed
+side by side are text a small model cannot read, a contiguous window keeps it fluent.
 Feed input through :func:`~retromem.memory.kv_budget.stream` (or
 :func:`~retromem.memory.kv_budget.generate`), which hands every position's logits to the memory;
 a token never scored counts as 0.
