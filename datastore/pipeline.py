@@ -17,10 +17,12 @@ The job is four steps over shards, each resumable:
    memory-mapped arrays; then the manifest.
 
 On the local executor one pool of worker processes runs every step (each worker starts and imports
-once per build); a worker loads the tokenizer on its first tokenize task. Tokenization waits for
-the dedup's partitions: each partition task reads every part's keys, so no part's keep/drop
-decision is known before all of them have run (part p's depends only on parts <= p: partitions
-fed part by part in corpus order would let tokenization follow dedup part by part).
+once per build); a worker loads the tokenizer on its first tokenize task. Tokenization is
+pipelined behind dedup as far as the partitioned dedup allows: the task that writes a part's
+keep/drop reasons tokenizes that part next, while the Bloom filter tasks still run. It still waits
+for the dedup's partitions: each partition task reads every part's keys, so no part's decision is
+known before all of them have run (part p's depends only on parts <= p: partitions fed part by
+part in corpus order would let tokenization follow dedup part by part).
 
 The output directory is a job of :mod:`retromem.datastore.job` (kind ``datastore``): locked
 while the build runs, never deleted on ``--overwrite`` unless it is a datastore. Every output is
@@ -408,6 +410,7 @@ class DedupContext:
     first_doc: tuple[int, ...]  # len(parts) + 1
     partitions: int
     prior: tuple[tuple[str, int], ...] = ()  # an add's earlier generations: (file, expected docs), checked only
+    tokenize: Any = None  # the build's BuildContext: each reasons task then tokenizes its part (pipelined)
 
     @property
     def layout(self) -> Layout:
@@ -530,7 +533,10 @@ def dedup_task(ctx: DedupContext, item: tuple[str, int]) -> dict:
     if step == "generation":
         return dedup_generation(ctx, i)
     if step == "reasons":
-        return dedup_reasons(ctx, i)
+        res = dedup_reasons(ctx, i)
+        if ctx.tokenize is not None:  # the part's decision is final: tokenize it while other tasks run
+            res = {**res, "tokenized": tokenize_part(ctx.tokenize, i)}
+        return res
     raise AssertionError(f"unknown dedup step {step!r}")
 
 
@@ -542,11 +548,15 @@ def dedup_partitions(total_keys: int, shard_bytes: int, parallelism: int) -> int
 
 
 def run_dedup(job: Job, executor, cfg: BuildConfig, parts: list[tuple[int, int]], part_docs: list[int],
-              prior: list[tuple[Path, int]] = ()) -> dict:
+              prior: list[tuple[Path, int]] = (), tokenize: BuildContext | None = None) -> dict:
     """Dedup the staged parts as tasks (see the module docstring); ``prior``: (state file, expected
     docs) of the datastore's earlier dedup generations, checked but not written (an add). Writes a
     reasons file per part and this run's generation (``Layout.checkpoint``), which the caller keeps
-    with the datastore. Returns the counts and the Bloom bytes."""
+    with the datastore. Returns the counts and the Bloom bytes.
+
+    ``tokenize``: the build's context; each part is then tokenized by the task that decides it,
+    while the Bloom filter tasks still run, and its tokenize done-marker written (a part whose
+    marker is missing, after a kill, is left to the tokenize step)."""
     first_doc = tuple(int(x) for x in np.concatenate(([0], np.cumsum(part_docs, dtype=np.int64))))
     kinds = key_kinds(cfg.dedup)
     plan = job.done("dedup/plan")  # a resumed run keeps its partitioning: the scatter files depend on it
@@ -564,24 +574,31 @@ def run_dedup(job: Job, executor, cfg: BuildConfig, parts: list[tuple[int, int]]
     else:
         partitions = int(plan["partitions"])
     ctx = DedupContext(out=cfg.out, dedup=cfg.dedup, parts=tuple(parts), first_doc=first_doc, partitions=partitions,
-                       prior=tuple((str(path), int(n)) for path, n in prior))
+                       prior=tuple((str(path), int(n)) for path, n in prior), tokenize=tokenize)
 
     def run(items: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
         out = {}
         with tqdm(total=len(items), desc="dedup", unit="task", disable=None) as bar:
             for item, res in job.map(executor, dedup_task, ctx, items, lambda it: f"dedup/{it[0]}-{it[1]:05d}"):
                 out[tuple(item)] = res
+                if "tokenized" in res and job.done(_tokenize_marker(item[1])) is None:
+                    job.mark_done(_tokenize_marker(item[1]), res["tokenized"])
                 bar.update(1)
         return out
 
-    # scatter and filters read only staged parts; partitions need every scatter file; reasons every mark.
-    # One pool of local workers for the three maps (each is short: starting workers three times cost more).
+    # scatter and filters read only staged parts; partitions need every scatter file; reasons every
+    # mark (and, in an add, the filter tasks' hits against the earlier generations); the generation
+    # every filter. In a build the filters (needed only by the generation, kept for `datastore add`)
+    # run beside the reasons tasks, so tokenization (``tokenize``) overlaps them. One pool of local
+    # workers for the maps (each is short).
+    filters = [("filter", k) for k in kinds]
     with executor.pooled() if hasattr(executor, "pooled") else nullcontext():
-        first = run([("scatter", p) for p in range(len(parts))] + [("filter", k) for k in kinds])
-        run([("partition", q) for q in range(partitions)] + [("generation", 0)])
-        reasons = run([("reasons", p) for p in range(len(parts))])
-    counts = {name: sum(r[name] for r in reasons.values()) for name in REASONS.values()}
-    bloom_bytes = sum(first[("filter", k)]["bytes"] for k in kinds)
+        done = run([("scatter", p) for p in range(len(parts))] + (filters if prior else []))
+        run([("partition", q) for q in range(partitions)])
+        done |= run([("reasons", p) for p in range(len(parts))] + ([] if prior else filters))
+        run([("generation", 0)])
+    counts = {name: sum(done[("reasons", p)][name] for p in range(len(parts))) for name in REASONS.values()}
+    bloom_bytes = sum(done[("filter", k)]["bytes"] for k in kinds)
     logger.info("dedup: %d shards, %d partitions, Bloom filters %.1f MiB", len(parts), partitions, bloom_bytes / 2**20)
     return {"bloom_bytes": bloom_bytes, "partitions": partitions, **counts}
 
@@ -924,7 +941,7 @@ def _run_steps(job: Job, cfg: BuildConfig, files: list[InputFile], tok_info: dic
 
         t = time.perf_counter()
         part_docs = [ing[u]["parts"][k]["docs"] for u, k in parts]
-        dedup_stats = run_dedup(job, executor, cfg, list(parts), part_docs, list(prior))
+        dedup_stats = run_dedup(job, executor, cfg, list(parts), part_docs, list(prior), tokenize=ctx)
         seconds["dedup"] = time.perf_counter() - t
 
         t = time.perf_counter()
