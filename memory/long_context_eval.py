@@ -430,8 +430,8 @@ def build_dialogue(tok: Any, length: int, n_facts: int, filler: list[int], rng: 
     free = body_len - sum(len(f) for f in facts)  # filler tokens in the body
     room = free - far  # where facts may start (in filler tokens before them)
     if room < 8 * n_facts:
-        raise ValueError(f"`recall_length` {length} is too short for {n_facts} facts "
-                         f"ending at least {far} tokens before the questions")
+        fail("recall_length", f"leave room for {n_facts} facts ending at least {far} tokens (the budget) "
+             "before the questions", length, flag="--recall-length")
     starts = [int(room * (j + rng.random()) / n_facts) for j in range(n_facts)]  # one per stretch, ascending
     body: list[int] = []
     fact_end = []

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from retromem.errors import ConfigError
 from retromem.memory.kv_budget import enable, stream
 from retromem.memory.long_context_eval import FACT_KINDS, LongEvalConfig, build_dialogue, qa_task
 from retromem.memory.sirllm import SirLLM, SirLLMConfig
@@ -42,7 +43,7 @@ def test_dialogue_facts_end_beyond_the_window_and_mix_numbers_and_words(gpt2_tok
         assert value.isdigit() == (kind == "number")
         # the fact turn ends exactly at fact_end
         assert gpt2_tok.decode(d.body[:end]).endswith(f"{name}'s {FACT_KINDS[kind]} is {value}.\nAssistant: Noted.\n")
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ConfigError, match=r"`recall_length` \(--recall-length\) must leave room"):
         build_dialogue(gpt2_tok, 400, 6, filler, random.Random(0), far=300)
 
 
