@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None, help="Also write the accuracy-vs-length PNG here.")
+    ap.add_argument("--plot-score", default="correct", choices=("correct", "strict", "greedy"),
+                    help="Passkey score plotted: key digits teacher-forced, strict, or greedy decoding.")
     ap.add_argument("--from-rows", default=None,
                     help="Comma-separated result directories: only print their rows' table (and --plot); run nothing.")
     a = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
                 print(f"qa {r['method']} fraction {r['fraction']}: {r['answered']}/{r['questions']}, attended "
                       f"{r['attended_fraction']:.3f} of the context's keys, decode attention {r['decode_attention_ms']:.2f} ms/token")
         if a.plot:
-            print("plot:", plot(rows, Path(a.plot), f"{a.model}, budget {a.budget} tokens"))
+            print("plot:", plot(rows, Path(a.plot), f"{a.model}, budget {a.budget} tokens", score=a.plot_score))
         return
     from retromem.models import load_causal_lm
 

@@ -616,8 +616,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Passkey (and recall) accuracy against context length, one line per method."""
+def plot(rows: list[dict], path: Path, title: str, score: str = "correct") -> Path | None:
+    """Passkey (and recall) accuracy against context length, one line per method; ``score``: the
+    passkey rows' field plotted (``correct``, ``strict`` or ``greedy``), with 95% Wilson intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -631,7 +632,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
             if r["task"] == task:
-                by[r["method"]][r["length"]].append(float(r["correct"]))
+                by[r["method"]][r["length"]].append(float(r.get(score, r["correct"]) if task == "passkey" else r["correct"]))
         for method in [m for m in METHOD_LABELS if m in by] + sorted(m for m in by if m not in METHOD_LABELS):
             xs = sorted(by[method])
             n = sum(len(v) for v in by[method].values())
@@ -645,7 +646,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
                 ax.plot(xs, ys, "o-", color=METHOD_COLORS.get(method), label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("accuracy" if task == "passkey" else "share of facts recalled")
+        ax.set_ylabel(("accuracy" if score == "correct" else f"accuracy ({score})") if task == "passkey"
+                      else "share of facts recalled")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{task}: {title}", fontsize=9)
         ax.legend(fontsize=7)
