@@ -581,7 +581,8 @@ def run_dedup(job: Job, executor, cfg: BuildConfig, parts: list[tuple[int, int]]
         with tqdm(total=len(items), desc="dedup", unit="task", disable=None) as bar:
             for item, res in job.map(executor, dedup_task, ctx, items, lambda it: f"dedup/{it[0]}-{it[1]:05d}"):
                 out[tuple(item)] = res
-                if "tokenized" in res and job.done(_tokenize_marker(item[1])) is None:
+                if "tokenized" in res and job.done(_tokenize_marker(item[1])) is None \
+                        and tokenize.layout.tokenized(item[1]).exists():  # (a resumed run's stored result: check)
                     job.mark_done(_tokenize_marker(item[1]), res["tokenized"])
                 bar.update(1)
         return out

@@ -235,6 +235,27 @@ def test_a_killed_dedup_resumes_to_the_same_reasons_and_filters(built4):
     assert lay.checkpoint.read_bytes() == gen
 
 
+def test_parts_are_tokenized_by_their_dedup_task_and_a_missing_one_by_the_tokenize_step(built4, tmp_path):
+    """Pipelining: the task that decides a part tokenizes it (its reasons marker carries the
+    tokenize marker's result). A part whose tokenize marker is lost (a kill between the two
+    markers) is tokenized again by the tokenize step on resume, to the same datastore."""
+    _, cfg4 = built4
+    cfg = replace(cfg4, out=str(tmp_path / "built"))  # its own build: other tests rewrite built4's dedup markers
+    result = build(cfg)
+    with open_job(cfg.out, "datastore") as job:
+        for p in range(result.manifest["counts"]["shards"]):
+            assert job.done(f"dedup/reasons-{p:05d}")["tokenized"] == job.done(f"tokenize/part-{p:05d}")
+    out = tmp_path / "ds"
+    shutil.copytree(cfg.out, out)
+    for rel in ("manifest.json", "versions", "_work/tokenize/part-00001.json", "_work/tokenize/part-00001.npz", "_work/finalize"):
+        path = out / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = build(replace(cfg, out=str(out)))
+    assert not resumed.already_complete
+    assert resumed.manifest["datastore_id"] == result.manifest["datastore_id"]
+    assert [s["tokens_sha256"] for s in resumed.manifest["shards"]] == [s["tokens_sha256"] for s in result.manifest["shards"]]
+
+
 @pytest.mark.slow
 def test_ray_gives_the_same_bytes_as_local(built4, tmp_path):
     pytest.importorskip("ray")
