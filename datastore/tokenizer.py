@@ -80,8 +80,8 @@ def save_datastore_tokenizer(spec: str, dest: Path) -> None:
     ``retromem_tokenizer.json`` (:func:`describe`).
 
     A built-in tokenizer's files are copied from a cache that the first build with this version of
-    transformers fills (the same bytes ``save_pretrained`` writes): importing transformers and
-    loading the tokenizer cost a build about 2 CPU-s on the driver (issue 19).
+    transformers and of this file fills (the same bytes ``save_pretrained`` writes): importing
+    transformers and loading the tokenizer cost a build about 2 CPU-s on the driver (issue 19).
     """
     from dataclasses import asdict
     from importlib.metadata import version
@@ -92,7 +92,9 @@ def save_datastore_tokenizer(spec: str, dest: Path) -> None:
     dest = Path(dest)
     cache = None
     if spec in BUILTIN_TOKENIZERS:
-        cache = assets.cache_dir() / "tokenizers" / f"{spec}-datastore-transformers-{version('transformers')}"
+        # keyed by transformers' version and this file's code (describe() and the loading live here)
+        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+        cache = assets.cache_dir() / "tokenizers" / f"{spec}-datastore-transformers-{version('transformers')}-{code}"
         if (cache / "retromem_tokenizer.json").is_file():
             for f in sorted(cache.iterdir()):
                 shutil.copyfile(f, dest / f.name)
