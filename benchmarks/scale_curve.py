@@ -397,7 +397,10 @@ def plot(rows: list[dict], png: Path) -> None:
         a.loglog(t, [r["cpu_s"] for r in rs], "o-", color=colour, label=f"{stage} CPU-s")
         a.loglog(t, [r["wall_s"] for r in rs], "o--", color=colour, alpha=0.6, label=f"{stage} wall s")
         b.semilogx(t, [max(r["peak_rss_max_child"], r["peak_rss_driver"]) / 2**20 for r in rs], "o-", color=colour,
-                   label=f"{stage} largest process")
+                   label=f"{stage} largest process (RSS)")
+        an = [(r["tokens"], max(r["peak_anon_max_child"], r.get("peak_anon_driver", 0)) / 2**20) for r in rs if r.get("peak_anon_max_child")]
+        if an:  # RSS less the pages of mapped files, which the kernel drops
+            b.semilogx(*zip(*an), "s", color=colour, ms=9, mfc="none", label=f"{stage} largest process, anonymous")
         b.semilogx(t, [r["peak_rss_sum"] / 2**20 for r in rs], "o:", color=colour, alpha=0.6, label=f"{stage} all processes")
         b.semilogx(t, [r["peak_rss_driver"] / 2**20 for r in rs], "x--", color=colour, alpha=0.6, label=f"{stage} driver")
     rs = [r for r in rows if r["stage"] == "datastore"]
