@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from retromem.config import fail, integer, is_int, is_number, non_negative_int, positive_int
+from retromem.stats import wilson  # the interval every memory evaluation reports (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,6 @@ def modes_for(model: Any) -> tuple[str, ...]:
     from retromem.memory.infini_attention import InfiniAttentionLM
 
     return MODES if isinstance(model, InfiniAttentionLM) else tuple(m for m in MODES if m != "local_ungated")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k / n (95% for z = 1.96)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def sign_test(wins: int, losses: int) -> float:

@@ -48,6 +48,7 @@ import torch
 
 from retromem.config import fail, integer, is_int, is_number, non_negative_int, one_of, positive_int
 from retromem.memory.kv_budget import FullAttention, KVMemory, StreamingLLM, enable, stream
+from retromem.stats import wilson
 
 logger = logging.getLogger(__name__)
 
@@ -579,16 +580,6 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
                 row[key] = max(vals)
         table.append(row)
     return {"table": table}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (95% by default) for k successes in n trials."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _t_interval_ppl(nll_per_token: list[float]) -> tuple[float, float]:

@@ -182,12 +182,10 @@ def wilson(correct: int, n: int, level: float = 0.95) -> dict[str, float]:
 
     if n == 0:
         return {"rate": float("nan"), "low": float("nan"), "high": float("nan"), "correct": 0, "n": 0}
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = correct / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return {"rate": p, "low": max(0.0, c - h), "high": min(1.0, c + h), "correct": int(correct), "n": int(n)}
+    from retromem.stats import wilson as interval
+
+    low, high = interval(correct, n, NormalDist().inv_cdf(0.5 + level / 2))
+    return {"rate": correct / n, "low": low, "high": high, "correct": int(correct), "n": int(n)}
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:
