@@ -97,20 +97,23 @@ def save_datastore_tokenizer(spec: str, dest: Path) -> None:
         cache = assets.cache_dir() / "tokenizers" / f"{spec}-datastore-transformers-{version('transformers')}-{code}"
         if (cache / "retromem_tokenizer.json").is_file():
             for f in sorted(cache.iterdir()):
-                shutil.copyfile(f, dest / f.name)
+                try:
+                    shutil.copyfile(f, dest / f.name)
+                except OSError as exc:  # shutil names the source (the cache): a full disk is the output's
+                    raise OSError(exc.errno, exc.strerror, str(dest / f.name)) from exc
             return
     hf = load_hf_tokenizer(spec)
     hf.save_pretrained(str(dest))
     write_json(dest / "retromem_tokenizer.json", asdict(describe(hf, spec)))
     if cache is not None:  # retromem_tokenizer.json last: it says the cache is complete
         tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in sorted(dest.iterdir(), key=lambda f: f.name == "retromem_tokenizer.json"):
-            shutil.copyfile(f, tmp / f.name)
         try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in sorted(dest.iterdir(), key=lambda f: f.name == "retromem_tokenizer.json"):
+                shutil.copyfile(f, tmp / f.name)
             os.replace(tmp, cache)
-        except OSError:  # another build filled it meanwhile
+        except OSError:  # another build filled it meanwhile, or no room: the cache only saves time
             shutil.rmtree(tmp, ignore_errors=True)
 
 
