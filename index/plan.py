@@ -267,6 +267,16 @@ def stack_costs_from_artifacts(datastore: str | Path, fm: str | Path | None = No
     return StackCosts(**{**asdict(base), **changes})
 
 
+def _fit_peak(shard_sizes: list[float], peaks: list[float], default_slope: float) -> tuple[int, float]:
+    """(fixed bytes, bytes per unit of shard) of a build's peak memory against its shard size; with
+    one shard size seen, the per-unit cost stays ``default_slope`` and the rest is fixed."""
+    icpt, slope = _fit_line(shard_sizes, peaks)
+    if slope == 0:
+        slope = default_slope
+        icpt = max(0.0, icpt - slope * float(np.mean(shard_sizes)))
+    return int(icpt), slope
+
+
 def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line through the points (slope 0 through their mean
     when every x is the same); never a negative intercept or slope."""
@@ -315,20 +325,15 @@ def stack_costs_from_rows(rows_path: str | Path, base: StackCosts | None = None,
     if ng:
         ch["ngram_tokens_per_cpu_s"] = tot(ng, "tokens") / tot(ng, "cpu_s")
         ch["ngram_shard_tokens"] = ngram_shard_tokens
-        icpt, slope = _fit_line([min(r["tokens"], ngram_shard_tokens) for r in ng], [biggest(r) for r in ng])
-        if slope == 0:  # one shard size seen: keep the per-token cost, the rest is fixed
-            slope = base.ngram_build_bytes_per_shard_token
-            icpt = max(0.0, icpt - slope * float(np.mean([min(r["tokens"], ngram_shard_tokens) for r in ng])))
-        ch["ngram_build_fixed_bytes"], ch["ngram_build_bytes_per_shard_token"] = int(icpt), slope
+        ch["ngram_build_fixed_bytes"], ch["ngram_build_bytes_per_shard_token"] = _fit_peak(
+            [min(r["tokens"], ngram_shard_tokens) for r in ng], [biggest(r) for r in ng],
+            base.ngram_build_bytes_per_shard_token)
     if fm:
         ch["fm_bytes_per_text_byte"] = tot(fm, "disk_bytes") / tot(fm, "text_bytes")
         ch["fm_text_mb_per_cpu_s"] = tot(fm, "text_bytes") / 1e6 / tot(fm, "cpu_s")
         ch["fm_shard_text_bytes"] = fm_shard_bytes
-        icpt, slope = _fit_line([min(r["text_bytes"], fm_shard_bytes) for r in fm], [biggest(r) for r in fm])
-        if slope == 0:  # one shard size seen: keep the per-byte cost, the rest is fixed
-            slope = base.fm_build_bytes_per_text_byte
-            icpt = max(0.0, icpt - slope * float(np.mean([min(r["text_bytes"], fm_shard_bytes) for r in fm])))
-        ch["fm_build_fixed_bytes"], ch["fm_build_bytes_per_text_byte"] = int(icpt), slope
+        ch["fm_build_fixed_bytes"], ch["fm_build_bytes_per_text_byte"] = _fit_peak(
+            [min(r["text_bytes"], fm_shard_bytes) for r in fm], [biggest(r) for r in fm], base.fm_build_bytes_per_text_byte)
     if q:
         ch["ngram_count_ms_per_shard"] = float(np.median([r["ngram_count"]["p50_ms"] / r["ngram_shards"] for r in q]))
         fq = [r for r in q if "fm_count" in r]
