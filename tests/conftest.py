@@ -25,6 +25,23 @@ def demo_records() -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
+def shared_records(name: str, n: int, lo: int, hi: int) -> list[dict]:
+    """The first ``n`` records of shared corpus ``name`` whose text has lo < len < hi characters (small
+    documents: a quick build); skips the test when the shared corpora are not there."""
+    path = SHARED_CORPORA / f"{name}.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"shared corpus {path} not present")
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if lo < len(rec["text"]) < hi:
+                out.append(rec)
+                if len(out) == n:
+                    break
+    return out
+
+
 def near_duplicate(text: str, every: int = 400) -> str:
     """Change one word in every `every` words: Jaccard of 13-gram shingles stays well above 0.8."""
     words = text.split(" ")

@@ -10,9 +10,7 @@ same bytes. Real text from the shared corpora, the GPT-2 tokenizer.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -27,23 +25,12 @@ from retromem.datastore.dedup import (DedupConfig, Deduplicator, MinHasher, key_
 from retromem.datastore.executors import LocalExecutor
 from retromem.datastore.job import open_job
 from retromem.datastore.pipeline import Layout, _read_hashes, add, run_dedup
-from tests.conftest import SHARED_CORPORA, write_jsonl
+from tests.conftest import shared_records, write_jsonl
 
 
 def shared_docs(name: str, n: int, lo: int, hi: int) -> list[dict]:
-    """The first ``n`` documents of a shared corpus with lo < len(text) < hi (small: a quick build)."""
-    path = SHARED_CORPORA / f"{name}.jsonl.gz"
-    if not path.exists():
-        pytest.skip(f"shared corpus {path} not present")
-    out = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if lo < len(rec["text"]) < hi:
-                out.append({"id": rec["id"], "text": rec["text"]})
-                if len(out) == n:
-                    break
-    return out
+    """The first ``n`` documents of a shared corpus with lo < len(text) < hi, id and text only."""
+    return [{"id": r["id"], "text": r["text"]} for r in shared_records(name, n, lo, hi)]
 
 
 def near_copy(text: str) -> str:

@@ -5,7 +5,6 @@ shared corpora, the GPT-2 tokenizer."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -23,22 +22,11 @@ from retromem.datastore import BuildConfig, Datastore, build
 from retromem.datastore.pipeline import add
 from retromem.datastore.tombstones import delete
 from retromem.errors import ConfigError, DocumentDeletedError, InputError
-from tests.conftest import SHARED_CORPORA, near_duplicate, write_jsonl
+from tests.conftest import near_duplicate, shared_records, write_jsonl
 
 
 def shared_docs(n: int, name: str = "python-docs") -> list[dict]:
-    path = SHARED_CORPORA / f"{name}.jsonl.gz"
-    if not path.exists():
-        pytest.skip(f"shared corpus {path} not present")
-    out = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if 2_000 < len(rec["text"]) < 20_000:  # small documents: a quick build
-                out.append(rec)
-            if len(out) == n:
-                break
-    return out
+    return shared_records(name, n, 2_000, 20_000)
 
 
 @pytest.fixture(scope="module")
