@@ -1,28 +1,39 @@
 """InfLLM (Xiao et al. 2024, "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an
 Efficient Context Memory") for any RoPE decoder from Hugging Face, with no weight changed.
 
-Each layer keeps:
-- the first ``n_init`` tokens and a local window of ``n_local`` tokens, attended exactly (true
-  distances inside the window);
-- a context memory: tokens leaving the window are grouped into blocks of ``block_size`` tokens;
-  each block is represented by ``n_repr`` representative keys per KV head, the tokens that
-  received the most attention while they were in the window (the paper's representative score).
-  Blocks live in a store on ``store_device`` (CPU by default) that grows with the input.
+Each layer keeps, as the paper's reference code (thunlp/InfLLM ``context_manager.py``) does:
+- the first ``n_init`` tokens and a local window of the ``n_local`` most recent tokens, attended
+  exactly (true distances inside the window);
+- a context memory: tokens leaving the window are grouped into blocks of ``block_size`` tokens.
+  Each block is represented by the mean of its ``n_repr`` representative keys per KV head, the
+  tokens that received the most attention while they were in the window (the paper's
+  representative score). Blocks live in a store on ``store_device`` (CPU by default) that grows
+  with the input; the representatives sit in one contiguous (n_blocks, Hkv * D) tensor.
 
-For each call (a segment, or one generated token) and KV head, a block's relevance is the
-attention its representatives draw: Σ_t Σ_r softmax_{all representatives}(q_t · k / √D)_r over the
-call's queries t (all query heads sharing the KV head) and the block's representatives r (the
-paper sums raw dot products q_t · k_r; on SmolLM2-135M that picked the passkey's block in fewer
-layers, see BENCHMARKS.md); the ``topk`` most relevant blocks are fetched (through an LRU cache of
-``cache_blocks`` blocks per layer in front of the store) and attended exactly, together with the
-initial tokens, as the paper does: all memory tokens at one distance, the window size (query
-rotated to position ``n_local``, memory keys to position 0). One softmax covers the window and
-the memory (:class:`~retromem.memory.kv_budget.TwoBranchMemory`).
+Lookup (one per layer and chunk, shared by all heads, as the paper): a call is cut into chunks of
+``chunk`` queries (the paper's ``exc_block_size``, 512; one generated token is a chunk of one);
+with q̄_h the mean query of head h over the chunk, rotated to position ``n_local``, and r̄_{b,h}
+block b's mean representative key (at position 0) of h's KV head, block b's relevance is the raw
+dot product Σ_h q̄_h · r̄_{b,h}, i.e. Σ_t Σ_r Σ_h q_{t,h} · k_{r,h} up to the constant T · n_repr:
+one matrix-vector product over all stored blocks. The ``topk`` most relevant blocks (all of them
+while there are at most ``topk``) are fetched, through an LRU cache of ``cache_blocks`` blocks per
+layer in front of the store, and attended exactly together with the initial tokens and the tokens
+that left the window but do not fill a block yet, all at one distance, the window size (query
+rotated to position ``n_local``, memory keys to position 0). One softmax covers the window and the
+memory (:class:`~retromem.memory.kv_budget.TwoBranchMemory`).
 
 Memory held for attention per layer: n_init + n_local + block_size - 1 pending tokens + the
-cached blocks (at most ``cache_blocks`` per KV head, >= topk). The block store and the
-representative keys grow with the input and are reported apart (:meth:`InfLLM.store_bytes`).
-Batches hold one sequence.
+cached blocks (at most ``cache_blocks``, >= topk); a query attends to at most
+``budget_tokens`` = n_init + n_local + block_size - 1 + topk * block_size keys. The paper's
+configuration (:meth:`InfLLMConfig.paper`): 128 initial tokens, a 4,096-token window, 16 blocks
+of 128 tokens with 4 representatives, chunks of 512: 6,399 keys per query at most. The block
+store and the representatives grow with the input and are reported apart
+(:meth:`InfLLM.store_bytes`). Batches hold one sequence.
+
+One difference from the reference code: with grouped-query attention the paper picks
+representatives per query head (from the attention each query head gives); here per KV head
+(the attention summed over the query heads that share it), so a block has one representative
+vector per KV head and the lookup sums q̄ over each KV head's query heads first.
 """
 
 from __future__ import annotations
@@ -40,15 +51,17 @@ from retromem.memory.kv_budget import TwoBranchMemory, cat, check_budget, tensor
 @dataclass(frozen=True)
 class InfLLMConfig:
     """n_init / n_local: initial tokens and local window; block_size: tokens per memory block;
-    n_repr: representative keys per block and KV head; topk: blocks attended per call;
+    n_repr: representative tokens per block and KV head (their keys averaged); topk: blocks
+    attended per chunk; chunk: queries per lookup (a longer call is attended chunk by chunk);
     cache_blocks: blocks per layer kept on the compute device (>= topk); store_device: where the
-    block store lives."""
+    block store lives. Defaults: the paper's configuration."""
 
     n_init: int = 128
-    n_local: int = 1024
+    n_local: int = 4096
     block_size: int = 128
-    n_repr: int = 8
-    topk: int = 8
+    n_repr: int = 4
+    topk: int = 16
+    chunk: int = 512
     cache_blocks: int = 32
     store_device: str = "cpu"
 
@@ -58,6 +71,7 @@ class InfLLMConfig:
         check_budget(self.block_size, "infllm.block_size", "--block-size")
         check_budget(self.n_repr, "infllm.n_repr", "--n-repr")
         check_budget(self.topk, "infllm.topk", "--topk")
+        check_budget(self.chunk, "infllm.chunk", "--chunk")
         check_budget(self.cache_blocks, "infllm.cache_blocks", "--cache-blocks")
         if self.n_repr > self.block_size:
             fail("infllm.n_repr", f"be <= block_size ({self.block_size})", self.n_repr, flag="--n-repr")
@@ -68,37 +82,86 @@ class InfLLMConfig:
 
     @property
     def budget_tokens(self) -> int:
-        """Tokens attended per query at most: initial + window + pending + selected blocks."""
+        """Keys attended per query at most: initial + window + pending + selected blocks."""
         return self.n_init + self.n_local + self.block_size - 1 + self.topk * self.block_size
+
+    @classmethod
+    def paper(cls) -> "InfLLMConfig":
+        """The paper's configuration (Mistral / Llama-3 configs of thunlp/InfLLM)."""
+        return cls()
+
+    @classmethod
+    def for_budget(cls, budget: int) -> "InfLLMConfig":
+        """The paper's proportions within ``budget`` keys per query: blocks of 128 tokens (4
+        representatives) and 128 initial tokens (both scaled down below a budget of 1,024), then
+        the window and the selected blocks 2 : 1 (the paper's 4,096 : 2,048); the pending partial
+        block counts against the budget. ``for_budget(6399)`` is :meth:`paper`."""
+        check_budget(budget, "budget", "--budget", minimum=64)
+        block = 128 if budget >= 1024 else max(8, budget // 8)
+        n_init = block
+        rest = budget - n_init - (block - 1)
+        topk = max(1, rest // (3 * block))
+        n_local = rest - topk * block
+        return cls(n_init=n_init, n_local=n_local, block_size=block, n_repr=min(4, block), topk=topk,
+                   chunk=min(512, n_local), cache_blocks=2 * topk)
 
 
 class BlockStore:
-    """One layer's memory blocks: raw keys/values (Hkv, n, block_size, D) on the store device in a
-    buffer that doubles when full, and representative keys (Hkv, n, n_repr, D) on the compute device."""
+    """One layer's memory blocks: keys/values (Hkv, n, block_size, D) on the store device, and the
+    blocks' mean representative keys (n, Hkv * D) on the compute device, each in a buffer that
+    doubles when full; ``repr_index`` (n, Hkv, n_repr): which tokens of each block they average."""
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.repr: torch.Tensor | None = None
+        self.repr_index: torch.Tensor | None = None
         self.n = 0
 
-    def add(self, k: torch.Tensor, v: torch.Tensor, rep: torch.Tensor) -> None:
-        """k, v (Hkv, block_size, D); rep (Hkv, n_repr, D)."""
+    @staticmethod
+    def _grow(old: torch.Tensor | None, x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+        """A buffer along ``dim`` holding the first n rows of ``old``, with room for 2n (>= 4)."""
+        cap = max(4, 2 * n)
+        shape = list(x.shape)
+        shape.insert(dim, cap)
+        new = x.new_zeros(shape)
+        if old is not None:
+            new.narrow(dim, 0, n).copy_(old.narrow(dim, 0, n))
+        return new
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, rep: torch.Tensor, index: torch.Tensor) -> None:
+        """k, v (Hkv, block_size, D); rep (Hkv * D,) the mean representative keys; index (Hkv, n_repr)."""
         if self.k is None or self.n == self.k.shape[1]:
-            cap = max(4, 2 * self.n)
-            grow = lambda old, x: torch.cat([old[:, :self.n], x.new_zeros(x.shape[0], cap - self.n, *x.shape[1:])], 1) \
-                if old is not None else x.new_zeros(x.shape[0], cap, *x.shape[1:])  # noqa: E731
-            self.k = grow(self.k, k.to(self.device))
-            self.v = grow(self.v, v.to(self.device))
+            self.k = self._grow(self.k, k.to(self.device), self.n, 1)
+            self.v = self._grow(self.v, v.to(self.device), self.n, 1)
+            self.repr = self._grow(self.repr, rep, self.n, 0)
+            self.repr_index = self._grow(self.repr_index, index, self.n, 0)
         self.k[:, self.n] = k.to(self.device)
         self.v[:, self.n] = v.to(self.device)
-        self.repr = cat(self.repr, rep[:, None], dim=1)
+        self.repr[self.n] = rep
+        self.repr_index[self.n] = index
         self.n += 1
 
+    def reprs(self) -> torch.Tensor:
+        """(n, Hkv * D): the stored blocks' mean representative keys."""
+        return self.repr[:self.n]
+
     def nbytes(self) -> int:
-        """Bytes of the blocks stored (the buffer's spare capacity not counted)."""
-        return 0 if self.k is None else 2 * self.n * self.k[:, 0].numel() * self.k.element_size()
+        """Bytes of the blocks and their representatives (the buffers' spare capacity not counted)."""
+        if self.k is None:
+            return 0
+        return self.n * (2 * self.k[:, 0].numel() * self.k.element_size() + self.repr[0].numel() * self.repr.element_size()
+                         + self.repr_index[0].numel() * self.repr_index.element_size())
+
+
+def block_scores(q_far: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
+    """The paper's block relevance: q_far (1, H, T, D) queries at position n_local, reprs (n, Hkv * D)
+    mean representative keys; returns (n,) = Σ_h mean_t q_{t,h} · r̄_{b,kv(h)}, one matrix-vector product."""
+    _, H, T, D = q_far.shape
+    Hkv = reprs.shape[1] // D
+    q = q_far[0].float().mean(1).reshape(Hkv, H // Hkv, D).sum(1)  # (Hkv, D): the query heads of each KV head summed
+    return reprs.float() @ q.reshape(-1)  # (n,)
 
 
 class InfLLM(TwoBranchMemory):
@@ -115,7 +178,8 @@ class InfLLM(TwoBranchMemory):
         self.pend_v: list[torch.Tensor | None] = [None] * L
         self.pend_score: list[torch.Tensor | None] = [None] * L
         self.blocks = [BlockStore(c.store_device) for _ in range(L)]
-        self.cache: list[OrderedDict] = [OrderedDict() for _ in range(L)]  # (head, block) -> (k, v) on device
+        self.cache: list[OrderedDict] = [OrderedDict() for _ in range(L)]  # block -> (k, v) (Hkv, block_size, D) on device
+        self.selected: list[list[int]] = [[] for _ in range(L)]  # the blocks the last lookup chose, per layer
         self.hits = self.misses = 0
 
     def wants_scores(self) -> bool:
@@ -125,6 +189,17 @@ class InfLLM(TwoBranchMemory):
     def budget_tokens(self) -> int:
         return self.config.budget_tokens
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        # chunked prefill: each chunk of queries does its own lookup and is stored before the next
+        # attends, exactly as if the call had come in chunks (every layer's attention depends only
+        # on that layer's memory and the chunk's queries, keys and values)
+        T, n = q.shape[2], self.config.chunk
+        if T <= n:
+            return super().attend(layer, q, k, v, positions, scaling)
+        return torch.cat([super(InfLLM, self).attend(layer, q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n],
+                                                     positions[s:s + n], scaling) for s in range(0, T, n)], 2)
+
     def evict(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, score: torch.Tensor) -> None:
         bs = self.config.block_size
         self.pend_k[layer] = cat(self.pend_k[layer], self.rope.shift(k, -pos))
@@ -133,49 +208,42 @@ class InfLLM(TwoBranchMemory):
         while self.pend_k[layer].shape[-2] >= bs:
             bk, bv, bsc = self.pend_k[layer][0, :, :bs], self.pend_v[layer][0, :, :bs], self.pend_score[layer][0, :, :bs]
             top = bsc.topk(self.config.n_repr, dim=-1).indices  # (Hkv, n_repr): the most-attended tokens
-            rep = torch.gather(bk, 1, top[..., None].expand(-1, -1, bk.shape[-1]))  # (Hkv, n_repr, D)
-            self.blocks[layer].add(bk, bv, rep)
+            rep = torch.gather(bk, 1, top[..., None].expand(-1, -1, bk.shape[-1])).mean(1)  # (Hkv, D)
+            self.blocks[layer].add(bk, bv, rep.reshape(-1), top)
             self.pend_k[layer] = self.pend_k[layer][:, :, bs:]
             self.pend_v[layer] = self.pend_v[layer][:, :, bs:]
             self.pend_score[layer] = self.pend_score[layer][..., bs:]
 
-    def _fetch(self, layer: int, head: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self, layer: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.cache[layer]
-        key = (head, block)
-        if key in cache:
+        if block in cache:
             self.hits += 1
-            cache.move_to_end(key)
-            return cache[key]
+            cache.move_to_end(block)
+            return cache[block]
         self.misses += 1
         store = self.blocks[layer]
-        kv = (store.k[head, block].to(device), store.v[head, block].to(device))
-        cache[key] = kv
-        Hkv = store.k.shape[0]
-        while len(cache) > self.config.cache_blocks * Hkv:
+        kv = (store.k[:, block].to(device), store.v[:, block].to(device))  # (Hkv, block_size, D)
+        cache[block] = kv
+        while len(cache) > self.config.cache_blocks:
             cache.popitem(last=False)
         return kv
 
-    def far_memory(self, layer: int, q_far: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lookup(self, layer: int, q_far: torch.Tensor) -> list[int]:
+        """The blocks (in stream order) the queries q_far (1, H, T, D), at position n_local, attend."""
         store = self.blocks[layer]
+        if store.n <= self.config.topk:
+            return list(range(store.n))
+        top = block_scores(q_far, store.reprs()).topk(self.config.topk).indices
+        return sorted(top.tolist())
+
+    def far_memory(self, layer: int, q_far: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         parts_k, parts_v = [], []
-        if store.n:
-            Hkv = store.repr.shape[0]
-            B, H, T, D = q_far.shape
-            q = q_far[0].float().reshape(Hkv, H // Hkv, T, D)
-            s = torch.einsum("hnrd,hgtd->hgtnr", store.repr.float(), q) * D ** -0.5  # (Hkv, G, T, n_blocks, n_repr)
-            # each query's attention over all representatives, summed per block: a block wins by the
-            # attention mass its representatives would draw, not by raw dot products (which favour
-            # blocks whose representatives are sink-like tokens every query scores high)
-            p = torch.softmax(s.flatten(3), dim=-1).reshape(s.shape)
-            rel = p.sum((1, 2, 4))  # (Hkv, n_blocks)
-            top = rel.topk(min(self.config.topk, store.n), dim=-1).indices.sort(-1).values  # (Hkv, k) in stream order
-            ks, vs = [], []
-            for h in range(Hkv):
-                kv = [self._fetch(layer, h, int(b), q_far.device) for b in top[h]]
-                ks.append(torch.cat([x[0] for x in kv], 0))  # (k * block_size, D)
-                vs.append(torch.cat([x[1] for x in kv], 0))
-            parts_k.append(torch.stack(ks)[None])
-            parts_v.append(torch.stack(vs)[None])
+        chosen = self.lookup(layer, q_far) if self.blocks[layer].n else []
+        self.selected[layer] = chosen
+        if chosen:
+            kv = [self._fetch(layer, b, q_far.device) for b in chosen]
+            parts_k.append(torch.cat([x[0] for x in kv], 1)[None])  # (1, Hkv, k * block_size, D)
+            parts_v.append(torch.cat([x[1] for x in kv], 1)[None])
         if self.pend_k[layer] is not None and self.pend_k[layer].shape[-2]:
             parts_k.append(self.pend_k[layer])
             parts_v.append(self.pend_v[layer])
@@ -193,11 +261,11 @@ class InfLLM(TwoBranchMemory):
 
     def store_bytes(self) -> int:
         """The block store and the representative keys: both grow with the input. The
-        representatives stay on the compute device for the lookup (n_repr / block_size of the blocks)."""
-        return sum(b.nbytes() + tensors_bytes([b.repr]) for b in self.blocks)
+        representatives stay on the compute device for the lookup (one vector per block and KV head)."""
+        return sum(b.nbytes() for b in self.blocks)
 
     def cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for c in self.cache for k, v in c.values())
+        return sum(tensors_bytes(kv) for c in self.cache for kv in c.values())
 
     def held_tokens(self, layer: int = 0) -> int:
         pend = 0 if self.pend_k[layer] is None else self.pend_k[layer].shape[-2]

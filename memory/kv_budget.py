@@ -160,13 +160,14 @@ class Rope:
 # ----------------------------------------------------------------------------------------------
 
 def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], scaling: float,
-                    want_probs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                    want_probs: bool = False, probs_groups: int | None = None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """One softmax over several groups of keys.
 
     Each group is (q, k, v, mask): q (B, H, T, D) rotated as this group needs; k, v (B, Hkv, N, D);
     mask broadcastable to (B, Hkv, 1, T, N), True = attend. Returns (B, H, T, D) and, with
     ``want_probs``, each group's probabilities summed over the query heads of each KV head
-    (B, Hkv, T, N).
+    (B, Hkv, T, N) (of the first ``probs_groups`` groups only, when given: each costs a matmul).
 
     With 2-D masks (every method but Squeezed Attention's per-head selection) each group is one
     flash-attention call that also returns its log-sum-exp, and the groups are merged exactly
@@ -188,7 +189,7 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     if not want_probs:
         return out.to(groups[0][0].dtype), None
     probs = []
-    for q, k, _, mask in groups:
+    for q, k, _, mask in groups[:probs_groups]:
         Hkv = k.shape[1]
         G = H // Hkv
         s = torch.matmul(q.reshape(B, Hkv, G * T, D), k.transpose(-1, -2))  # (B, Hkv, G*T, N)
@@ -222,7 +223,7 @@ def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
 
 def reference_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-                              scaling: float, want_probs: bool = False
+                              scaling: float, want_probs: bool = False, probs_groups: int | None = None
                               ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """:func:`group_attention` written out (scores, one softmax, weighted values): the reference
     the fast path is tested against, and the path for per-head masks with probabilities."""
@@ -248,7 +249,7 @@ def reference_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, tor
         o = torch.einsum("bkgtn,bknd->bkgtd", p, v.float())
         out = o if out is None else out + o
     out = out.reshape(B, H, T, D).to(groups[0][0].dtype)
-    return out, ([p.sum(2) for p in parts] if want_probs else None)
+    return out, ([p.sum(2) for p in parts[:probs_groups]] if want_probs else None)
 
 
 def _fused_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -479,7 +480,8 @@ class TwoBranchMemory(KVMemory):
             far_mask.append(torch.ones(q.shape[2], extra[0].shape[-2], dtype=torch.bool, device=q.device))
         if far_k:
             groups.append((q_far, torch.cat(far_k, -2), torch.cat(far_v, -2), torch.cat(far_mask, -1)))
-        out, probs = group_attention(groups, scaling, want_probs=self.wants_scores())
+        # only the local group's probabilities are kept (the attention each window token receives)
+        out, probs = group_attention(groups, scaling, want_probs=self.wants_scores(), probs_groups=1)
         self._store(layer, k, v, positions, probs[0].sum(2) if probs is not None else None)
         return out
 

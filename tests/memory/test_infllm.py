@@ -1,5 +1,7 @@
 """InfLLM on tiny real decoders: exact when the window covers the input, bounded attention memory
-with the block store growing apart, block lookup by representative keys, and generate()."""
+with the block store growing apart, one block lookup per layer by the raw dot product of the
+chunk's queries with the representative keys (the one-matmul path against the sum written out),
+chunked calls equal to separate calls, the paper's configuration within a budget, and generate()."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from retromem.errors import ConfigError
-from retromem.memory.infllm import InfLLM, InfLLMConfig
+from retromem.memory.infllm import InfLLM, InfLLMConfig, block_scores
 from retromem.memory.kv_budget import enable, generate, stream
 
 from .conftest import tiny_decoder
@@ -45,31 +47,75 @@ def test_attention_memory_is_bounded_and_the_block_store_grows_apart():
         blocks.append(mem.blocks[0].n)
         # every token is somewhere: initial, window, pending, or a block
         assert 4 + mem.win_pos[0].numel() + mem.pend_k[0].shape[-2] + 8 * mem.blocks[0].n == n
-        assert mem.win_pos[0].numel() == 16 and mem.blocks[0].repr.shape == (2, mem.blocks[0].n, 2, 16)
+        assert mem.win_pos[0].numel() == 16 and mem.blocks[0].reprs().shape == (mem.blocks[0].n, 2 * 16)
     assert blocks == [(64 - 20) // 8, (128 - 20) // 8, (256 - 20) // 8]
     # initial tokens (keys at their position and at 0, values) and the window (keys, values), 2 layers
     assert core == [2 * (4 * 3 + 16 * 2) * row] * 3
     assert stored[0] < stored[1] < stored[2]
 
 
-def test_lookup_picks_the_block_whose_representatives_match_the_query():
+def test_one_lookup_per_layer_picks_the_block_whose_representatives_match_the_queries():
     model = enable(tiny_decoder("llama"))
     mem = InfLLM(model, SMALL)
     store = mem.blocks[0]
     g = torch.Generator().manual_seed(0)
-    reps = [torch.randn(2, 2, 16, generator=g) * 0.1 for _ in range(5)]
     target = torch.zeros(16)
     target[3] = 5.0
-    reps[3][:, 0] = target  # block 3's first representative points where the queries point
-    for i, r in enumerate(reps):
-        store.add(torch.full((2, 8, 16), float(i)), torch.full((2, 8, 16), float(i)), r)
+    for i in range(5):
+        rep = torch.randn(2, 16, generator=g) * 0.1
+        if i == 3:
+            rep[1] = target  # block 3's representative of KV head 1 points where the queries point
+        store.add(torch.full((2, 8, 16), float(i)), torch.full((2, 8, 16), float(i)), rep.reshape(-1),
+                  torch.zeros(2, 2, dtype=torch.long))
     q = target.expand(1, 4, 3, 16).clone()  # (B, H, T, D)
     k, v = mem.far_memory(0, q)
-    assert k.shape == (1, 2, 2 * 8, 16)  # topk = 2 blocks of 8 per kv head
-    assert 3.0 in set(k[0, 0, :, 0].tolist()) and 3.0 in set(k[0, 1, :, 0].tolist())
-    assert mem.misses == 4 and mem.hits == 0
+    assert k.shape == (1, 2, 2 * 8, 16)  # topk = 2 blocks of 8, the same blocks for both KV heads
+    assert 3.0 in set(k[0, 0, :, 0].tolist()) and torch.equal(k[0, 0], k[0, 1])
+    assert mem.selected[0][1] == 3 or mem.selected[0][0] == 3
+    assert mem.misses == 2 and mem.hits == 0
     mem.far_memory(0, q)
-    assert mem.hits == 4  # the same blocks again: served by the cache
+    assert mem.hits == 2  # the same blocks again: served by the cache
+
+
+def test_block_scores_are_the_raw_dot_products_of_queries_and_representatives():
+    """The one-matmul lookup against Σ_t Σ_h Σ_r q_{t,h} · k_{r,h} / (T n_repr) over each block's
+    representative tokens (the most-attended ones, kept by index), from a real stream."""
+    model = enable(tiny_decoder("mistral"))
+    mem = InfLLM(model, SMALL)
+    stream(model, _ids(150), mem, segment=32)
+    store = mem.blocks[1]
+    assert store.n == (150 - 20) // 8
+    q = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(3))
+    ref = torch.zeros(store.n)
+    for b in range(store.n):
+        for h in range(4):
+            kv = h // 2  # 2 query heads per KV head
+            reps = store.k[kv, b, store.repr_index[b, kv]]  # (n_repr, D) at position 0
+            ref[b] += (q[0, h] @ reps.T).sum() / (5 * SMALL.n_repr)
+    torch.testing.assert_close(block_scores(q, store.reprs()), ref, atol=1e-5, rtol=1e-5)
+    assert mem.lookup(1, q) == sorted(ref.topk(SMALL.topk).indices.tolist())
+
+
+def test_chunked_calls_equal_separate_calls():
+    model = enable(tiny_decoder("qwen2"))
+    ids = _ids(130, seed=4)
+    cfg = InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2, topk=2, chunk=12, cache_blocks=3)
+    whole = stream(model, ids, InfLLM(model, cfg), segment=48, keep_logits="all")  # calls of 48 in chunks of 12
+    apart = stream(model, ids, InfLLM(model, cfg), segment=12, keep_logits="all")
+    torch.testing.assert_close(whole, apart, atol=1e-6, rtol=1e-5)
+
+
+def test_budget_gives_the_papers_proportions():
+    assert InfLLMConfig.for_budget(6399) == InfLLMConfig.paper()
+    paper = InfLLMConfig.paper()
+    assert (paper.n_init, paper.n_local, paper.block_size, paper.n_repr, paper.topk, paper.chunk) == \
+        (128, 4096, 128, 4, 16, 512)
+    for budget in (64, 300, 1024, 2048, 6399, 10000):
+        c = InfLLMConfig.for_budget(budget)
+        assert budget - c.block_size < c.budget_tokens <= budget, budget
+        assert c.chunk <= c.n_local and c.topk >= 1
+    with pytest.raises(ConfigError, match="budget"):
+        InfLLMConfig.for_budget(32)
 
 
 def test_generate_and_refusals():
@@ -81,6 +127,8 @@ def test_generate_and_refusals():
     assert generate(model, ids, InfLLM(model, SMALL), segment=16, max_new_tokens=4, do_sample=True).shape == (1, 84)
     with pytest.raises(ConfigError, match="infllm.cache_blocks"):
         InfLLMConfig(topk=8, cache_blocks=4)
+    with pytest.raises(ConfigError, match="infllm.chunk"):
+        InfLLMConfig(chunk=0)
     with pytest.raises(ConfigError, match="infllm.n_repr"):
         InfLLMConfig(block_size=4, n_repr=8)
     with pytest.raises(ConfigError, match="at most 1"):
