@@ -55,10 +55,19 @@ logger = logging.getLogger(__name__)
 METHODS = ("full", "streaming_llm", "lm_infinite", "infllm", "sirllm")
 TASKS = ("passkey", "perplexity", "recall", "qa")
 METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks + window)",
-                 "lm_infinite": "LM-Infinite", "infllm": "InfLLM", "sirllm": "SirLLM", "squeezed": "Squeezed Attention"}
+                 "lm_infinite": "LM-Infinite", "infllm": "InfLLM", "sirllm": "SirLLM", "squeezed": "Squeezed Attention",
+                 # trained memories and their ablation on the same weights (TrainedMemory)
+                 "infini_attention": "Infini-attention (fine-tuned), memory on",
+                 "infini_attention_knocked_out": "Infini-attention, memory read zeroed (same weights)",
+                 "autocompressor": "AutoCompressor (fine-tuned), summaries on",
+                 "autocompressor_knocked_out": "AutoCompressor, no summaries (same weights)",
+                 # the field's libraries, run in their own environments on the exported examples
+                 "kvpress_streaming_llm": "kvpress StreamingLLMPress", "attention_sinks": "attention-sinks"}
 
 METHOD_COLORS = {"full": "tab:blue", "streaming_llm": "tab:orange", "lm_infinite": "tab:green", "infllm": "tab:red",
-                 "sirllm": "tab:purple", "squeezed": "tab:brown"}
+                 "sirllm": "tab:purple", "squeezed": "tab:brown", "infini_attention": "tab:olive",
+                 "infini_attention_knocked_out": "tab:gray", "autocompressor": "tab:cyan",
+                 "autocompressor_knocked_out": "tab:pink", "kvpress_streaming_llm": "gold", "attention_sinks": "black"}
 
 NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kemal", "Lena",
          "Marek", "Nadia", "Oskar", "Priya")
@@ -70,7 +79,8 @@ class LongEvalConfig:
     segment: tokens per call; lengths / depths / samples: passkey grid; ppl_lengths / ppl_score:
     perplexity of the last ppl_score tokens of inputs of each length; recall_length / recall_facts
     / recall_dialogues: the multi-turn task; qa_length / qa_questions / qa_contexts / fractions: Squeezed
-    Attention's task; full_max: longest input run with full attention."""
+    Attention's task; full_max: longest input run with full attention; trained: saved Infini-attention /
+    AutoCompressor directories run on the same passkey and perplexity inputs (:func:`trained_task`)."""
 
     out: str
     methods: tuple[str, ...] = METHODS
@@ -91,6 +101,7 @@ class LongEvalConfig:
     qa_contexts: int = 1
     fractions: tuple[float, ...] = (1.0, 0.25)
     full_max: int = 16384
+    trained: tuple[str, ...] = ()
     seed: int = 0
     corpus: str | None = None
 
@@ -114,6 +125,7 @@ class LongEvalConfig:
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "trained", tuple(str(p) for p in self.trained))
         non_negative_int(self.samples, "samples", flag="--samples")
         integer(self.ppl_score, "ppl_score", ge=16, flag="--ppl-score")
         positive_int(self.ppl_streams, "ppl_streams", flag="--ppl-streams")
@@ -135,8 +147,8 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     """The memory of ``method`` holding about ``budget`` tokens per layer (``full``: unbounded).
 
     StreamingLLM / LM-Infinite: 4 sinks + a window of the rest. SirLLM: 4 sinks, half the rest
-    for entropy-selected tokens, half for the window. InfLLM: 32 initial tokens, a window of a
-    quarter of the budget, and blocks of 64 tokens (8 representatives) for the rest (topk = what fits)."""
+    for entropy-selected tokens, half for the window. InfLLM: the paper's proportions
+    (:meth:`~retromem.memory.infllm.InfLLMConfig.for_budget`; 6,399 is the paper's configuration)."""
     from retromem.memory.infllm import InfLLM, InfLLMConfig
     from retromem.memory.lm_infinite import LMInfinite, LMInfiniteConfig
     from retromem.memory.sirllm import SirLLM, SirLLMConfig
@@ -151,10 +163,7 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
         half = (budget - 4) // 2
         return SirLLM(model, SirLLMConfig(n_sink=4, n_keep=half, n_local=budget - 4 - half))
     if method == "infllm":
-        n_local = budget // 4
-        topk = max(1, (budget - n_local - 32) // 64)
-        return InfLLM(model, InfLLMConfig(n_init=32, n_local=n_local, block_size=64, n_repr=8, topk=topk,
-                                          cache_blocks=2 * topk))
+        return InfLLM(model, InfLLMConfig.for_budget(budget))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -190,52 +199,36 @@ def _answer_right(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int)
 # Tasks
 # ----------------------------------------------------------------------------------------------
 
-def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples: list[tuple[torch.Tensor, int]],
-                      segment: int, greedy: tuple[list[int], int] | None = None
-                      ) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
-    """:func:`run_pieces` over ``examples`` whose tokens share prefixes, each shared prefix run once.
+def walk_prefix_tree(examples: list[tuple[torch.Tensor, int]], segment: int, state: Any,
+                     advance: Callable[[Any, torch.Tensor], Any], fork: Callable[[Any], Any],
+                     leaf: Callable[[Any, int, int], Any]) -> Iterator[tuple[int, Any]]:
+    """Visit ``examples`` whose tokens share prefixes, each shared prefix advanced once.
 
-    Each example is (ids (1, n), cut): the pieces ``ids[:, :cut]`` and ``ids[:, cut:]`` (the latter
-    scored, as one call). The examples form a tree (passkey examples over one haystack share the
-    text before their needles; examples of several lengths with the needle at the same place share
-    everything before their questions): a common prefix is fed once, up to the last segment
-    boundary before the examples part, where the memory is copied and each part continues from its
-    copy. Every example sees exactly the calls of a fresh :func:`run_pieces` (the same segment
-    boundaries from the same memory state), so its logits are identical (tested). Yields
-    (index, scored logits (1, n - cut, V), stats over the tokens run for this example alone;
-    ``shared_tokens`` came from common prefixes) as each example completes.
-
-    ``greedy`` = (prompt ends, new tokens): also decode greedily from a copy of each example's
-    memory after ``ids[:, cut:end]`` (the question without its answer); the tokens go in the
-    stats as ``generated``."""
-    import copy
+    Each example is (ids (1, n), cut): ``ids[:, :cut]`` is what any state may see before the
+    example parts from the others. The examples form a tree (passkey examples over one haystack
+    share the text before their needles; examples of several lengths with the needle at the same
+    place share everything before their questions): a common prefix is advanced once, up to the
+    last multiple of ``segment`` before the examples part, where the state is forked and each part
+    continues from its own copy. ``advance(state, ids) -> state`` feeds ids (a memory may change in
+    place and return itself); ``fork(state)`` copies it; ``leaf(state, pos, i)`` finishes example
+    ``i`` from a state that has seen ``ids[:, :pos]`` (pos a multiple of ``segment``). Yields
+    (i, leaf's result) as each example completes; at most one fork per level of the tree is alive."""
 
     def lcp(a: torch.Tensor, b: torch.Tensor) -> int:
         n = min(a.shape[1], b.shape[1])
         diff = (a[0, :n] != b[0, :n]).nonzero()
         return int(diff[0]) if diff.numel() else n
 
-    def solve(memory: KVMemory, pos: int, group: list[int]) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
-        # every example of ``group`` starts with ids[:pos], which ``memory`` has seen (pos on a boundary)
+    def solve(state: Any, pos: int, group: list[int]) -> Iterator[tuple[int, Any]]:
+        # every example of ``group`` starts with ids[:pos], which ``state`` has seen (pos on a boundary)
         first = examples[group[0]][0]
         common = min([lcp(first, examples[i][0]) for i in group[1:]] + [examples[i][1] for i in group])
         upto = (common // segment) * segment if len(group) > 1 else pos
         if upto > pos:
-            stream(model, first[:, pos:upto], memory, segment=segment)
+            state = advance(state, first[:, pos:upto])
             pos = upto
         if len(group) == 1:
-            ids, cut = examples[group[0]]
-            t0 = time.perf_counter()
-            if cut > pos:
-                stream(model, ids[:, pos:cut], memory, segment=segment)
-            extra: dict[str, Any] = {}
-            if greedy is not None:  # not timed: tokens/s is over the example's own input tokens
-                t1 = time.perf_counter()
-                extra["generated"] = _greedy(model, copy.deepcopy(memory), ids[:, cut:greedy[0][group[0]]], greedy[1])
-                t0 += time.perf_counter() - t1
-            logits = stream(model, ids[:, cut:], memory, segment=max(segment, ids.shape[1] - cut), keep_logits="all")
-            st = _stats(memory, ids.shape[1] - pos, time.perf_counter() - t0)
-            yield group[0], logits, {**st, "shared_tokens": pos, **extra}
+            yield group[0], leaf(state, pos, group[0])
             return
         # parts: examples that end within the next segment go alone, the rest by their next segment
         parts: list[list[int]] = []
@@ -249,11 +242,50 @@ def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples:
                     break
             else:
                 parts.append([i])
-        parts.sort(key=len)  # the largest part goes on with this memory: at most one copy per level is alive
+        parts.sort(key=len)  # the largest part goes on with this state: at most one copy per level is alive
         for n, part in enumerate(parts):
-            yield from solve(copy.deepcopy(memory) if n < len(parts) - 1 else memory, pos, part)
+            yield from solve(fork(state) if n < len(parts) - 1 else state, pos, part)
 
-    yield from solve(make_memory(), 0, list(range(len(examples))))
+    yield from solve(state, 0, list(range(len(examples))))
+
+
+def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples: list[tuple[torch.Tensor, int]],
+                      segment: int, greedy: tuple[list[int], int] | None = None
+                      ) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
+    """:func:`run_pieces` over ``examples`` whose tokens share prefixes, each shared prefix run once
+    (:func:`walk_prefix_tree` with a memory that is deep-copied where examples part).
+
+    Each example is (ids (1, n), cut): the pieces ``ids[:, :cut]`` and ``ids[:, cut:]`` (the latter
+    scored, as one call). Every example sees exactly the calls of a fresh :func:`run_pieces` (the
+    same segment boundaries from the same memory state), so its logits are identical (tested).
+    Yields (index, scored logits (1, n - cut, V), stats over the tokens run for this example alone;
+    ``shared_tokens`` came from common prefixes) as each example completes.
+
+    ``greedy`` = (prompt ends, new tokens): also decode greedily from a copy of each example's
+    memory after ``ids[:, cut:end]`` (the question without its answer); the tokens go in the
+    stats as ``generated``."""
+    import copy
+
+    def advance(memory: KVMemory, ids: torch.Tensor) -> KVMemory:
+        stream(model, ids, memory, segment=segment)
+        return memory
+
+    def leaf(memory: KVMemory, pos: int, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        ids, cut = examples[i]
+        t0 = time.perf_counter()
+        if cut > pos:
+            stream(model, ids[:, pos:cut], memory, segment=segment)
+        extra: dict[str, Any] = {}
+        if greedy is not None:  # not timed: tokens/s is over the example's own input tokens
+            t1 = time.perf_counter()
+            extra["generated"] = _greedy(model, copy.deepcopy(memory), ids[:, cut:greedy[0][i]], greedy[1])
+            t0 += time.perf_counter() - t1
+        logits = stream(model, ids[:, cut:], memory, segment=max(segment, ids.shape[1] - cut), keep_logits="all")
+        st = _stats(memory, ids.shape[1] - pos, time.perf_counter() - t0)
+        return logits, {**st, "shared_tokens": pos, **extra}
+
+    for i, (logits, st) in walk_prefix_tree(examples, segment, make_memory(), advance, copy.deepcopy, leaf):
+        yield i, logits, st
 
 
 def _greedy(model: Any, memory: KVMemory, prompt: torch.Tensor, new_tokens: int) -> list[int]:
@@ -286,11 +318,12 @@ def passkey_grid(lengths: tuple[int, ...], depths: tuple[float, ...]) -> dict[in
     return {L: sorted({round(d * L) for d in depths}) for L in lengths}
 
 
-def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
-    """Passkey examples: per sample one stretch of haystack and, for every length and depth, a
-    needle (:func:`passkey_grid`; one key per needle place). All examples of a sample form one
-    tree of shared prefixes, run once per method (:func:`run_shared_prefix`: the logits of
-    separate runs); each example is scored on its own answer."""
+def passkey_examples(tok: Any, cfg: LongEvalConfig) -> Iterator[tuple[int, list[tuple[int, Any, float]],
+                                                                     list[tuple[torch.Tensor, int]]]]:
+    """The passkey examples of ``cfg``, sample by sample: (sample, [(length, PasskeyExample, depth)],
+    [(ids (1, n), start of the question)]). Per sample one stretch of haystack and, for every length
+    and depth, a needle (:func:`passkey_grid`; one key per needle place): every method, trained or
+    not, and the library baselines (exported with ``--export-passkey``) read these same examples."""
     from retromem.memory.passkey import NEEDLE, PREFIX, QUESTION, make_passkey, token_stream
 
     rng = random.Random(cfg.seed)
@@ -312,50 +345,221 @@ def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict
                 assert ex.needle_start == enc(PREFIX) + min(place, n_hay)
                 meta.append((n, ex, min(place, n_hay) / n_hay))
                 examples.append((torch.tensor([ex.input_ids]), ex.answer_start - n_question))
+        yield s, meta, examples
+
+
+GREEDY_TOKENS = 8  # new tokens decoded greedily after the passkey question
+
+
+def passkey_scores(tok: Any, logits: torch.Tensor, ids: torch.Tensor, ex: Any, generated: list[int]) -> dict[str, Any]:
+    """The three passkey scores of one example from the logits (1, n - c, V) of its last n - c
+    tokens ``ids`` (1, n - c) (c: where the scored call starts) and the greedily generated tokens.
+
+    correct: every digit of the key is the argmax after "The pass key is" and the answer's leading
+    space (teacher-forced); strict: the space too (SmolLM2 writes the space before digits as its own
+    token, which the small model often puts after " a"); greedy: the first number greedy decoding
+    writes is the key (InfiniteBench's rule)."""
+    n = len(ex.input_ids)
+    c = n - ids.shape[1]
+    first_digit = next(i for i in range(ex.answer_start, n) if any(ch.isdigit() for ch in tok.decode(ex.input_ids[i])))
+    text = tok.decode(generated)
+    found = re.findall(r"\d+", text)
+    return {"correct": _answer_right(logits, ids, first_digit - c, n - c),
+            "strict": _answer_right(logits, ids, ex.answer_start - c, n - c),
+            "greedy": bool(found) and found[0] == ex.key, "generated": text}
+
+
+def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    """Passkey examples (:func:`passkey_examples`); all examples of a sample form one tree of shared
+    prefixes, run once per method (:func:`run_shared_prefix`: the logits of separate runs); each
+    example is scored on its own answer (:func:`passkey_scores`)."""
+    for s, meta, examples in passkey_examples(tok, cfg):
         runs = []
         for method in cfg.methods:
             keep = [i for i, m in enumerate(meta) if not (method == "full" and m[0] > cfg.full_max)]
             runs.append((method, keep, run_shared_prefix(
                 model, lambda method=method: build_memory(method, model, cfg.budget), [examples[i] for i in keep],
-                cfg.segment, greedy=([meta[i][1].answer_start for i in keep], 8))))
+                cfg.segment, greedy=([meta[i][1].answer_start for i in keep], GREEDY_TOKENS))))
         # the methods take turns, one example each, so a long run has every method's rows on the same
         # examples so far
         for method, keep, j, logits, st in _round_robin(runs):
-                n, ex, depth = meta[keep[j]]
-                ids, cut = examples[keep[j]]
-                strict = _answer_right(logits, ids[:, cut:], ex.answer_start - cut, n - cut)
-                first_digit = next(i for i in range(ex.answer_start, n) if any(c.isdigit() for c in tok.decode(ids[0, i])))
-                text = tok.decode(st.pop("generated"))
-                found = re.findall(r"\d+", text)
-                # correct: every digit of the key is the argmax after "The pass key is" and the
-                # answer's leading space (teacher-forced); strict: the space too (SmolLM2 writes the
-                # space before digits as its own token, which the small model often puts after " a");
-                # greedy: the first number greedy decoding writes is the key (InfiniteBench's rule)
-                emit({"task": "passkey", "method": method, "length": n, "depth": round(depth, 4), "sample": s,
-                      "correct": _answer_right(logits, ids[:, cut:], first_digit - cut, n - cut), "strict": strict,
-                      "greedy": bool(found) and found[0] == ex.key, "generated": text, "needle_at": ex.needle_start,
-                      **st})
+            n, ex, depth = meta[keep[j]]
+            ids, cut = examples[keep[j]]
+            scores = passkey_scores(tok, logits, ids[:, cut:], ex, st.pop("generated"))
+            emit({"task": "passkey", "method": method, "length": n, "depth": round(depth, 4), "sample": s,
+                  **scores, "needle_at": ex.needle_start, **st})
 
 
-def perplexity_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+def perplexity_inputs(tok: Any, cfg: LongEvalConfig) -> Iterator[tuple[int, int, torch.Tensor, int]]:
+    """(stream, length, ids (1, length), cut): ``ppl_streams`` disjoint stretches of the corpus
+    (consecutive, each of the longest length); every length scores the same last ``ppl_score``
+    tokens (from ``cut`` on) after more or less context."""
     from retromem.memory.passkey import token_stream
 
     longest = max(cfg.ppl_lengths)
-    # ppl_streams disjoint stretches of the corpus (consecutive, each of the longest length)
     text = token_stream(tok, longest * cfg.ppl_streams, cfg.corpus)
     for k in range(cfg.ppl_streams):
         stream_ids = torch.tensor([text[k * longest:(k + 1) * longest]])
         for n in cfg.ppl_lengths:
-            ids = stream_ids[:, -n:]  # every length scores the same last tokens, after more or less context
-            cut = n - cfg.ppl_score
-            for method in cfg.methods:
-                if method == "full" and n > cfg.full_max:
-                    continue
-                mem = build_memory(method, model, cfg.budget)
-                logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
-                nll = torch.nn.functional.cross_entropy(logits[1][0, :-1].float(), ids[0, cut + 1:], reduction="sum")
-                emit({"task": "perplexity", "method": method, "length": n, "stream": k, "nll": float(nll),
-                      "scored": n - cut - 1, "perplexity": math.exp(float(nll) / (n - cut - 1)), **st})
+            yield k, n, stream_ids[:, -n:], n - cfg.ppl_score
+
+
+def perplexity_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    for k, n, ids, cut in perplexity_inputs(tok, cfg):
+        for method in cfg.methods:
+            if method == "full" and n > cfg.full_max:
+                continue
+            mem = build_memory(method, model, cfg.budget)
+            logits, st = run_pieces(model, mem, [ids[:, :cut], ids[:, cut:]], cfg.segment, {1})
+            nll = torch.nn.functional.cross_entropy(logits[1][0, :-1].float(), ids[0, cut + 1:], reduction="sum")
+            emit({"task": "perplexity", "method": method, "length": n, "stream": k, "nll": float(nll),
+                  "scored": n - cut - 1, "perplexity": math.exp(float(nll) / (n - cut - 1)), **st})
+
+
+# ----------------------------------------------------------------------------------------------
+# Trained memories (Infini-attention, AutoCompressor) on the same inputs
+# ----------------------------------------------------------------------------------------------
+
+TRAINED_MODES = ("memory", "knocked_out")
+
+
+class TrainedMemory:
+    """A saved Infini-attention / AutoCompressor model's memory as a value that the passkey tree and
+    the perplexity inputs advance segment by segment.
+
+    The state is Infini-attention's compressive memory (:class:`~retromem.memory.infini_attention.InfiniMemory`)
+    or the AutoCompressor's accumulated summary vectors (its soft prompt); both are advanced over
+    whole segments only, as in training and in :func:`retromem.memory.evaluation.logits_for` (which
+    this reproduces, tested). Two modes, the fidelity issue's ablation beside the memory:
+    ``memory`` (as trained) and ``knocked_out`` (Infini: the memory read zeroed, the gate's damping
+    kept; AutoCompressor: no summaries, every segment alone), on the same weights. No model
+    fine-tuned the same way without a memory module exists; that control is not run."""
+
+    def __init__(self, model: Any) -> None:
+        from retromem.memory.evaluation import segment_length_of
+        from retromem.memory.infini_attention import InfiniAttentionLM
+
+        self.model = model
+        self.infini = isinstance(model, InfiniAttentionLM)
+        self.seg = segment_length_of(model)
+        self.name = "infini_attention" if self.infini else "autocompressor"
+        base = model.base.config
+        heads = getattr(base, "num_key_value_heads", None) or base.num_attention_heads
+        head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+        # bytes of one token's keys and values over all layers (fp32, as the models run here)
+        self.kv_token_bytes = 2 * base.num_hidden_layers * heads * head_dim * 4
+
+    def method(self, mode: str) -> str:
+        return self.name if mode == "memory" else f"{self.name}_knocked_out"
+
+    def advance(self, state: Any, ids: torch.Tensor) -> Any:
+        """The state after ``ids`` (1, whole segments) more; ``state`` itself is not changed."""
+        assert ids.shape[1] % self.seg == 0, (ids.shape, self.seg)
+        with torch.inference_mode():
+            if self.infini:
+                return self.model(ids, memory=state, keep_logits="none").memory
+            return self.model.compress(ids, softprompt=state, segment_lengths=[self.seg])
+
+    def logits(self, state: Any, ids: torch.Tensor, mode: str) -> torch.Tensor:
+        """Logits (1, n, V) of ``ids`` (1, n), which start on a segment boundary after ``state``."""
+        from retromem.memory.evaluation import logits_for
+
+        if mode == "knocked_out":  # nothing is read from before: the state does not matter
+            return logits_for(self.model, ids, "knocked_out", 0)
+        with torch.inference_mode():
+            if self.infini:
+                old = self.model.gate_mode
+                try:
+                    self.model.set_gate_mode("learned")
+                    return self.model(ids, memory=state, keep_logits="all").logits
+                finally:
+                    self.model.set_gate_mode(old)
+            return self.model(ids, softprompt=state, segment_lengths=[self.seg]).logits
+
+    def held_mib(self, state: Any, mode: str) -> float:
+        """Memory held for attention: the local segment's keys and values, plus the compressive
+        memory (Infini) or the summary vectors' keys and values (AutoCompressor), memory on only."""
+        held = self.seg * self.kv_token_bytes
+        if mode == "memory" and state is not None:
+            held += state.nbytes() if self.infini else (state.shape[1] + self.model.memory_config.summary_length) * self.kv_token_bytes
+        return round(held / 2 ** 20, 3)
+
+
+def trained_passkey(tm: TrainedMemory, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    """The passkey examples of :func:`passkey_examples` through a trained memory, in both
+    :data:`TRAINED_MODES`, with the three scores of :func:`passkey_scores`. The shared prefixes of a
+    sample are advanced once (:func:`walk_prefix_tree`; the states are values, so a fork is the
+    state itself); each example then advances to the segment boundary before its question's last
+    token and reads the rest (question and answer) in one call, and greedy decoding re-reads that
+    short tail with each new token (at most a segment plus :data:`GREEDY_TOKENS`)."""
+    if cfg.segment % tm.seg:
+        fail("segment", f"be a multiple of the trained model's segment length {tm.seg}", cfg.segment, flag="--segment")
+    for s, meta, examples in passkey_examples(tok, cfg):
+        def leaf(state: Any, pos: int, i: int) -> list[dict[str, Any]]:
+            n, ex, depth = meta[i]
+            ids = examples[i][0]
+            first = (ex.answer_start - 1) // tm.seg * tm.seg  # the segments before it are what the memory holds
+            rows = []
+            t0 = time.perf_counter()
+            if first > pos:
+                state = tm.advance(state, ids[:, pos:first])
+            for mode in TRAINED_MODES:
+                t1 = time.perf_counter()
+                tail = ids[:, first:]
+                logits = tm.logits(state, tail, mode)
+                own = time.perf_counter() - (t0 if mode == "memory" else t1)
+                prompt = ids[:, first:ex.answer_start]
+                generated: list[int] = []
+                for _ in range(GREEDY_TOKENS):
+                    nxt = int(tm.logits(state, torch.cat([prompt, torch.tensor([generated], dtype=prompt.dtype)], 1)
+                                        if generated else prompt, mode)[0, -1].argmax())
+                    generated.append(nxt)
+                rows.append({"task": "passkey", "method": tm.method(mode), "length": n, "depth": round(depth, 4),
+                             "sample": s, **passkey_scores(tok, logits, tail, ex, generated), "needle_at": ex.needle_start,
+                             "seconds": round(own, 3), "tokens": n - pos if mode == "memory" else n - first,
+                             "tokens_per_s": round((n - pos) / own, 2) if mode == "memory" else None,
+                             "attention_mib": tm.held_mib(state, mode), "store_mib": 0.0, "shared_tokens": pos})
+            return rows
+
+        for _, rows in walk_prefix_tree(examples, cfg.segment, None, tm.advance, lambda st: st, leaf):
+            for row in rows:
+                emit(row)
+
+
+def trained_perplexity(tm: TrainedMemory, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    """The perplexity inputs of :func:`perplexity_inputs` through a trained memory in both modes: the
+    memory of the segments before the scored tokens' first segment, then that segment on."""
+    for k, n, ids, cut in perplexity_inputs(tok, cfg):
+        first = cut // tm.seg * tm.seg
+        t0 = time.perf_counter()
+        state = tm.advance(None, ids[:, :first]) if first else None
+        for mode in TRAINED_MODES:
+            t1 = time.perf_counter()
+            logits = tm.logits(state, ids[:, first:], mode)[:, cut - first:]
+            own = time.perf_counter() - (t0 if mode == "memory" else t1)
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, cut + 1:], reduction="sum")
+            emit({"task": "perplexity", "method": tm.method(mode), "length": n, "stream": k, "nll": float(nll),
+                  "scored": n - cut - 1, "perplexity": math.exp(float(nll) / (n - cut - 1)),
+                  "seconds": round(own, 3), "tokens": n, "tokens_per_s": round(n / own, 2) if mode == "memory" else None,
+                  "attention_mib": tm.held_mib(state, mode), "store_mib": 0.0})
+
+
+def trained_task(path: str, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
+    """Passkey and perplexity (those of ``cfg.tasks``) for the saved memory model at ``path``, on the
+    inputs of the other methods (built with ``tok``: the checkpoint's own tokenizer must agree)."""
+    from retromem.memory.loading import load_memory_model
+    from retromem.memory.passkey import NEEDLE, PREFIX, QUESTION
+
+    model, own_tok = load_memory_model(path)
+    model.eval()
+    probe = PREFIX + NEEDLE.format(key="48213") + QUESTION
+    if _enc(own_tok, probe) != _enc(tok, probe):
+        fail("trained", "use the evaluated model's tokenizer (the examples are built with it)", path, flag="--trained")
+    tm = TrainedMemory(model)
+    if "passkey" in cfg.tasks:
+        trained_passkey(tm, tok, cfg, emit)
+    if "perplexity" in cfg.tasks:
+        trained_perplexity(tm, tok, cfg, emit)
 
 
 def _enc(tok: Any, text: str) -> list[int]:
@@ -380,11 +584,19 @@ class Dialogue:
     questions: list[tuple[list[int], int, int]]
     kinds: list[str]
     fact_end: list[int]
+    turn_ends: tuple[int, ...] = ()  # body index after each turn, ascending, the last = len(body)
+
+    def turns(self) -> list[list[int]]:
+        """The body cut into its turns (fed one call per turn, as SirLLM's runs feed a dialogue)."""
+        starts = (0,) + self.turn_ends[:-1]
+        return [self.body[a:b] for a, b in zip(starts, self.turn_ends)]
 
 
-def _filler_turns(tok: Any, n: int, filler: list[int], offset: int, rng: random.Random) -> tuple[list[int], int]:
+def _filler_turns(tok: Any, n: int, filler: list[int], offset: int, rng: random.Random,
+                  ends: list[int] | None = None) -> tuple[list[int], int]:
     """Exactly ``n`` tokens of user turns of real text ("User: ...\\nAssistant: Thanks, go on.\\n");
-    returns (ids, the filler offset after them)."""
+    returns (ids, the filler offset after them); appends each turn's end (index in the returned
+    ids) to ``ends``."""
     head, tail = _enc(tok, "User: "), _enc(tok, "\nAssistant: Thanks, go on.\n")
     out: list[int] = []
     while len(out) < n:
@@ -393,10 +605,12 @@ def _filler_turns(tok: Any, n: int, filler: list[int], offset: int, rng: random.
             take = n - len(out)
             out += filler[offset:offset + take]
             offset += take
-            break
-        take = min(rng.randrange(60, 160), room)
-        out += head + filler[offset:offset + take] + tail
-        offset += take
+        else:
+            take = min(rng.randrange(60, 160), room)
+            out += head + filler[offset:offset + take] + tail
+            offset += take
+        if ends is not None:
+            ends.append(len(out))
     return out, offset
 
 
@@ -438,15 +652,21 @@ def build_dialogue(tok: Any, length: int, n_facts: int, filler: list[int], rng: 
     fact_end = []
     offset = rng.randrange(0, max(1, len(filler) - length * 2))
     done = 0  # filler tokens placed so far
+    turn_ends: list[int] = []
     for s, fact in zip(starts, facts):
-        gap, offset = _filler_turns(tok, s - done, filler, offset, rng)
+        ends: list[int] = []
+        gap, offset = _filler_turns(tok, s - done, filler, offset, rng, ends)
+        turn_ends += [len(body) + e for e in ends]
         body += gap + fact
         done = s
         fact_end.append(len(body))
-    gap, offset = _filler_turns(tok, free - done, filler, offset, rng)
+        turn_ends.append(len(body))
+    ends = []
+    gap, offset = _filler_turns(tok, free - done, filler, offset, rng, ends)
+    turn_ends += [len(body) + e for e in ends]
     body += gap
-    assert len(body) == body_len and body_len - fact_end[-1] >= far
-    return Dialogue(body, questions, [kind_of[i] for i in order], [fact_end[i] for i in order])
+    assert len(body) == body_len and body_len - fact_end[-1] >= far and turn_ends[-1] == body_len
+    return Dialogue(body, questions, [kind_of[i] for i in order], [fact_end[i] for i in order], tuple(turn_ends))
 
 
 def make_dialogue(tok: Any, length: int, n_facts: int, filler: list[int], rng: random.Random
@@ -481,22 +701,49 @@ def recall_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict]
                   "right": right, "kinds": dia.kinds, "fact_distance": [len(body) - e for e in dia.fact_end], **st})
 
 
+CALIBRATION_NAMES = ("Quinn", "Rosa", "Sven", "Tomas")  # asked only to calibrate thresholds, never planted
+
+
+def parse_variant(spec: str) -> dict[str, Any]:
+    """``CLUSTER/SELECTION/HEADS/COARSE`` (``4/fraction/query/2``): keys per cluster, ``fraction`` or
+    ``threshold``, ``kv`` or ``query`` selecting heads, and ``flat`` or the coarse clusters kept as a
+    multiple of the keys taken (hierarchical centroids; needs the config's ``coarse_size``)."""
+    parts = spec.split("/")
+    if len(parts) != 4 or not parts[0].isdigit():
+        fail("qa variants", "be CLUSTER/SELECTION/HEADS/COARSE like 4/fraction/query/flat", spec, flag="--variants")
+    one_of(parts[1], "qa variant selection", ("fraction", "threshold"), flag="--variants")
+    one_of(parts[2], "qa variant heads", ("kv", "query"), flag="--variants")
+    coarse = math.inf if parts[3] == "flat" else float(parts[3])
+    return {"cluster_size": int(parts[0]), "selection": parts[1], "heads": parts[2], "coarse_keep": coarse}
+
+
 def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None], squeezed: Any = None,
-            selections: tuple[str, ...] | None = None, decoded: int | None = None) -> None:
+            selections: tuple[str, ...] | None = None, decoded: int | None = None,
+            variants: tuple[str, ...] | None = None) -> None:
     """Squeezed Attention over fixed contexts with planted facts: ``qa_contexts`` contexts of
     ``qa_length`` tokens (consecutive stretches of the corpus), each prefilled and clustered once
     and asked its ``qa_questions`` questions at every fraction (1 = full attention, no selection).
-    One row per context and fraction, each question's result in ``right`` (paired across fractions).
+    One row per context and setting, each question's result in ``right`` (paired across settings).
     ``squeezed``: a :class:`~retromem.memory.squeezed.SqueezedConfig` for everything but the fraction;
     ``selections``: ways of picking clusters to ask at each fraction below 1 (default: the config's),
-    on the same clusters; ``decoded``: how many questions per setting decode their answer one token
-    at a time (the gather path, timed); the others are scored in one call (the mask path, which
-    gives the same logits, tested), which costs a sixth of the calls (default: all decoded)."""
+    on the same clusters; ``variants``: instead of ``selections``, settings of :func:`parse_variant`
+    (each cluster size clustered once from the same prefill; threshold variants calibrated on
+    questions about :data:`CALIBRATION_NAMES`, never planted); ``decoded``: how many questions per
+    setting decode their answer one token at a time (the gather path, timed); the others are scored
+    in one call (the mask path, which gives the same logits, tested), which costs a sixth of the calls
+    (default: all decoded). Rows of fractions below 1 carry ``fact_selected``: per question and
+    layer, the share of the question's planted fact (its context keys) selected by the query that
+    predicts the answer's first token, averaged over the selecting heads."""
     from retromem.memory.passkey import token_stream
     from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
 
     rng = random.Random(cfg.seed + 2)
     hays = token_stream(tok, cfg.qa_length * cfg.qa_contexts, cfg.corpus, skip_docs=20)
+    base = squeezed or SqueezedConfig()
+    specs = [parse_variant(v) for v in variants] if variants else \
+        [{"cluster_size": base.cluster_size, "selection": s, "heads": base.heads, "coarse_keep": base.coarse_keep}
+         for s in (selections or (base.selection,))]
+    question = "\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is"
     for c_i in range(cfg.qa_contexts):
         names = rng.sample(NAMES, cfg.qa_questions)
         keys = [str(rng.randrange(10000, 100000)) for _ in names]
@@ -505,41 +752,68 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
         n_hay = cfg.qa_length - sum(len(f) for f in facts)
         cuts = sorted(rng.sample(range(n_hay), len(facts)))
         ctx: list[int] = []
+        spans = []  # (start, end) of each fact in the context
         prev = 0
         for c, f in zip(cuts, facts):
-            ctx += hay[prev:c] + f
+            ctx += hay[prev:c]
+            spans.append((len(ctx), len(ctx) + len(f)))
+            ctx += f
             prev = c
         ctx += hay[prev:n_hay]
         t0 = time.perf_counter()
-        base = squeezed or SqueezedConfig()
-        mem = SqueezedAttention.prefill(model, torch.tensor([ctx]), replace(base, fraction=cfg.fractions[0]),
-                                        segment=cfg.segment)
+        first = replace(base, fraction=cfg.fractions[0], cluster_size=specs[0]["cluster_size"])
+        mems = {first.cluster_size: SqueezedAttention.prefill(model, torch.tensor([ctx]), first, segment=cfg.segment)}
         build_s = time.perf_counter() - t0
-        settings = [(f, s) for f in cfg.fractions for s in ((selections or (base.selection,)) if f < 1 else ("none",))]
-        for fraction, selection in settings:
-            mem.set_fraction(fraction, None if selection == "none" else selection)
-            right = []
+        calibrated: set[int] = set()
+        for sp in specs:
+            if sp["cluster_size"] not in mems:
+                mems[sp["cluster_size"]] = mems[first.cluster_size].reclustered(
+                    model, replace(first, cluster_size=sp["cluster_size"]))
+            if sp["selection"] == "threshold" and sp["cluster_size"] not in calibrated:
+                mems[sp["cluster_size"]].calibrate(model, [torch.tensor([_enc(tok, question.format(n=n))])
+                                                          for n in CALIBRATION_NAMES])
+                calibrated.add(sp["cluster_size"])
+        settings = [(f, sp) for f in cfg.fractions for sp in (specs if f < 1 else [None])]
+        for fraction, sp in settings:
+            mem = mems[(sp or specs[0])["cluster_size"]]
+            if sp is None:
+                mem.set_fraction(fraction)
+                label = "none"
+            else:
+                mem.set_fraction(fraction, sp["selection"], sp["heads"], sp["coarse_keep"])
+                label = sp["selection"]
+            right, fact_selected = [], []
             for q_i, (n, k) in enumerate(zip(names, keys)):
                 mem.reset_queries()
-                head = _enc(tok, f"\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is")
+                head = _enc(tok, question.format(n=n))
                 ans = _enc(tok, " " + k)
                 ids = torch.tensor([head + ans])
+                mem.probe = (*spans[names.index(n)], len(head) - 1) if fraction < 1 else None
                 if decoded is not None and q_i >= decoded:  # question and answer in one call
                     logits = stream(model, ids, mem, segment=ids.shape[1], keep_logits="all")
                     right.append(_answer_right(logits, ids, len(head), ids.shape[1]))
-                    continue
-                # the question in one call, then the answer one token at a time (decoding: keys gathered)
-                logits = stream(model, ids[:, :len(head) + 1], mem, segment=len(head) + 1, keep_logits="all")
-                logits = torch.cat([logits] + [stream(model, ids[:, j:j + 1], mem, segment=1, keep_logits="all")
-                                               for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
-                right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
-            emit({"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
-                  "selection": selection, "cluster_size": base.cluster_size, "length": cfg.qa_length, "context": c_i,
-                  "correct": sum(right) / len(right), "answered": sum(right),
-                  "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
-                  "decode_attention_ms": round(mem.decode_attention_ms(), 4),
-                  "decode_attention_cpu_ms": round(mem.decode_attention_ms(cpu=True), 4), "prefill_and_cluster_s": round(build_s, 2),
-                  "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)})
+                else:
+                    # the question in one call, then the answer one token at a time (decoding: keys gathered)
+                    logits = stream(model, ids[:, :len(head) + 1], mem, segment=len(head) + 1, keep_logits="all")
+                    logits = torch.cat([logits] + [stream(model, ids[:, j:j + 1], mem, segment=1, keep_logits="all")
+                                                   for j in range(len(head) + 1, ids.shape[1] - 1)], 1)
+                    right.append(_answer_right(torch.cat([logits, logits[:, -1:]], 1), ids, len(head), ids.shape[1]))
+                if mem.probe is not None:
+                    fact_selected.append([round(float(h.mean()), 3) for h in mem.probe_hits])
+                mem.probe = None
+            row = {"task": "qa", "method": "squeezed" if fraction < 1 else "full", "fraction": fraction,
+                   "selection": label, "cluster_size": mem.config.cluster_size, "length": cfg.qa_length,
+                   "context": c_i, "correct": sum(right) / len(right), "answered": sum(right),
+                   "questions": len(right), "right": right, "attended_fraction": mem.attended_fraction(),
+                   "decode_attention_ms": round(mem.decode_attention_ms(), 4),
+                   "decode_attention_cpu_ms": round(mem.decode_attention_ms(cpu=True), 4),
+                   "prefill_and_cluster_s": round(build_s, 2), "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)}
+            if variants:
+                row["variant"] = "all keys" if sp is None else variants[specs.index(sp)]
+                row["centroid_comparisons"] = mem.compared
+            if fact_selected:
+                row["fact_selected"] = fact_selected
+            emit(row)
 
 
 TASK_FUNCTIONS = {"passkey": passkey_task, "perplexity": perplexity_task, "recall": recall_task, "qa": qa_task}
@@ -570,6 +844,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             for key in ("strict", "greedy"):  # passkey's other two scores
                 if all(key in r for r in rs):
                     row[key] = sum(r[key] for r in rs) / len(rs)
+            if all("greedy" in r for r in rs):
+                row["greedy_ci"] = wilson(sum(r["greedy"] for r in rs), len(rs))
         for key in ("tokens_per_s", "decode_attention_ms", "attended_fraction"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
@@ -605,6 +881,29 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append(f"| {r['task']} | {name} | {r['length']} | {r['n']} | {score} | {other} | {tps} | "
                      f"{r.get('attention_mib', float('nan')):.1f} | {r.get('store_mib', 0.0):.1f} |")
     return "\n".join(lines)
+
+
+def greedy_table(summary: dict[str, Any]) -> str:
+    """The one passkey table: greedy accuracy (what a user gets) with its 95% Wilson interval, speed
+    and memory held, one row per method and length (long-document perplexity rows follow, with their
+    t interval over streams where there are several)."""
+    lines = ["| method | tokens | n | greedy [95% CI] | tok/s | attention KV MiB | block store MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ppl = ["| method | tokens | streams | perplexity [95% CI] | tok/s | attention KV MiB |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary["table"]:
+        name = METHOD_LABELS.get(r["method"], r["method"])
+        tps = f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"
+        kv = f"{r['attention_mib']:.1f}" if "attention_mib" in r else "-"
+        if r["task"] == "passkey" and "greedy" in r:
+            lo, hi = r["greedy_ci"]
+            k = round(r["greedy"] * r["n"])
+            lines.append(f"| {name} | {r['length']} | {r['n']} | {k}/{r['n']} = {r['greedy']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                         f"{tps} | {kv} | {r.get('store_mib', 0.0):.1f} |")
+        elif r["task"] == "perplexity":
+            ci = f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if "ci" in r else ""
+            ppl.append(f"| {name} | {r['length']} | {r['n']} | {r['perplexity']:.2f}{ci} | {tps} | {kv} |")
+    return "\n".join(lines + ([""] + ppl if len(ppl) > 2 else []))
 
 
 def plot(rows: list[dict], path: Path, title: str, score: str = "correct") -> Path | None:
@@ -669,6 +968,8 @@ def evaluate(model: Any, tok: Any, cfg: LongEvalConfig, title: str = "") -> dict
     try:
         for task in cfg.tasks:
             TASK_FUNCTIONS[task](model, tok, cfg, emit)
+        for path in cfg.trained:
+            trained_task(path, tok, cfg, emit)
     finally:
         log.close()
     summary = summarize(rows)
