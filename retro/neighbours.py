@@ -257,6 +257,7 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
             raise ConfigError("tasks open their own retriever: give `index` (a dense index directory every worker "
                               "sees) or a retriever spec (a server)")
         spec = RetrieverSpec(index=cfg.index)
+    opened_here = retriever is None  # a client this function opens (a --server spec) is closed by it too
     if retriever is None:
         if spec is not None:
             retriever = spec.open(ds)
@@ -266,11 +267,15 @@ def compute_neighbours(cfg: NeighboursConfig, retriever: Retriever | None = None
             from retromem.index.dense import DenseIndex
 
             retriever = DenseIndex.open(cfg.index, datastore=ds)
-    if not callable(getattr(retriever, "search", None)):
-        raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
-    _check_served_datastore(retriever, ds)
-    with open_job(cfg.out, "neighbours", overwrite=overwrite, legacy=(MANIFEST,)) as job:
-        return _run(cfg, retriever, ds, job, progress, t0, executor, spec)
+    try:
+        if not callable(getattr(retriever, "search", None)):
+            raise TypeError(f"the retriever must have a search(queries, k, exclude_doc_ids=...) method, got {type(retriever).__name__}")
+        _check_served_datastore(retriever, ds)
+        with open_job(cfg.out, "neighbours", overwrite=overwrite, legacy=(MANIFEST,)) as job:
+            return _run(cfg, retriever, ds, job, progress, t0, executor, spec)
+    finally:
+        if opened_here and callable(getattr(retriever, "close", None)):
+            retriever.close()
 
 
 def _run(cfg: NeighboursConfig, retriever: Retriever, ds: Any, job: Job, progress: bool, t0: float,

@@ -17,8 +17,13 @@ One small module so that every job says the same thing in the same way:
   put to the URL when the job ends: the old top-level JSON files (the manifest and the kind
   marker) are removed first, every new or changed file is put, and the top-level JSON files go
   last. Files the job no longer has stay at the URL (the manifest names the artifact's files;
-  another artifact may live below the same prefix, such as a datastore's embeddings). Every retromem artifact's manifest is a top-level JSON
-  file written last, so a reader never takes a half-written tree for a finished one.
+  another artifact may live below the same prefix, such as a datastore's embeddings), except after
+  ``overwrite``, which replaces the whole tree as a local ``--overwrite`` empties the directory. Every
+  retromem artifact's manifest is a top-level JSON file written last, so a reader never takes a
+  half-written tree for a finished one. Once the put succeeded the staging directory is deleted (it
+  would double the local disk an artifact takes); after a failed job or put it stays, to resume.
+  ``overwrite`` pulls only the top-level JSON files (enough for the job to check that it replaces
+  its own kind of artifact), never the old artifact itself.
 
 The cache root is ``$RETROMEM_CACHE`` (default ``~/.cache/retromem``): ``remote/`` holds the
 mirrors, ``staging/`` the outputs being written. ``memory://`` lives inside one process: worker
@@ -46,6 +51,10 @@ logger = logging.getLogger(__name__)
 LOCK_SUFFIX = ".sync-lock"
 STATE_SUFFIX = ".sync.json"
 _OWN = (".retromem.lock",)  # never copied either way: the job lock is per machine
+# datastore/job.py's kind marker (this floor cannot import it): an overwrite pulls the top-level JSON
+# files only where it is there to say whose the tree is; elsewhere everything, for the job to refuse
+KIND_MARKER = ".retromem-artifact.json"
+PRUNE_SUFFIX = ".overwrite"  # beside a staging directory: the next put replaces the URL's whole tree
 
 
 def is_url(path: str | os.PathLike[str] | None) -> bool:
@@ -203,10 +212,12 @@ def _remote_files(fs: Any, path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _pull(fs: Any, path: str, local: Path, state: dict[str, list]) -> dict[str, list]:
-    """Make ``local`` mirror the files below ``path``: fetch new and changed files (each to a
-    temporary name, then renamed), drop files the remote no longer has. Returns the new state."""
-    remote = _remote_files(fs, path)
+def _pull(fs: Any, path: str, local: Path, state: dict[str, list],
+          remote: dict[str, dict[str, Any]] | None = None) -> dict[str, list]:
+    """Make ``local`` mirror the files below ``path`` (or only ``remote``, a part of their listing):
+    fetch new and changed files (each to a temporary name, then renamed), drop files the remote no
+    longer has. Returns the new state."""
+    remote = _remote_files(fs, path) if remote is None else remote
     new_state: dict[str, list] = {}
     for rel, info in sorted(remote.items()):
         tag = [int(info.get("size") or 0), _tag(info)]
@@ -253,9 +264,11 @@ def _is_last(rel: str) -> bool:
     return "/" not in rel and rel.endswith(".json")
 
 
-def put_tree(local: Path, url: str, flag: str = "--out") -> int:
+def put_tree(local: Path, url: str, flag: str = "--out", *, prune: bool = False) -> int:
     """Put the job directory ``local`` to ``url``, top-level JSON files last (see the module doc);
-    files unchanged since the last put (size and mtime) are skipped. Returns the files put."""
+    files unchanged since the last put (size and mtime) are skipped. ``prune``: also delete the
+    files at ``url`` that ``local`` does not have (before the manifest goes up), so that the URL
+    holds exactly this tree, as an overwritten local directory does. Returns the files put."""
     fs, rpath = url_fs(url, flag)
     base = rpath.rstrip("/")
     with _locked(local):
@@ -265,25 +278,62 @@ def put_tree(local: Path, url: str, flag: str = "--out") -> int:
         stamp = {rel: [p.stat().st_size, str(p.stat().st_mtime_ns)] for rel, p in files.items()}
         remote = _remote_files(fs, rpath)
         changed = [rel for rel in files if state.get(rel) != stamp[rel] or rel not in remote]
-        if changed:
+        stale = sorted(rel for rel in remote if rel not in files) if prune else []
+        if changed or stale:
             for rel in sorted(r for r in remote if _is_last(r)):  # "not finished" while the tree changes
                 fs.rm_file(f"{base}/{rel}")
         for rel in sorted(rel for rel in changed if not _is_last(rel)):
             fs.makedirs(f"{base}/{rel}".rsplit("/", 1)[0], exist_ok=True)
             fs.put_file(str(files[rel]), f"{base}/{rel}")
+        for rel in stale:  # the overwritten artifact's files (its top-level JSON went above)
+            if not _is_last(rel):
+                fs.rm_file(f"{base}/{rel}")
         for rel in sorted(rel for rel in files if _is_last(rel)):  # all of them: the first loop removed them
             fs.put_file(str(files[rel]), f"{base}/{rel}")
         _write_state(local, stamp)
-    logger.info("put %d files to %s", len(changed), url)
+    logger.info("put %d files to %s%s", len(changed), url, f", deleted {len(stale)} old ones" if stale else "")
     return len(changed)
 
 
+def _job_running(staging: Path) -> bool:
+    """Whether a job holds the job lock inside ``staging`` (another process of this node writing it)."""
+    lock = staging / _OWN[0]
+    if not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the flock taken here
+    return False
+
+
+def _drop_staging(staging: Path) -> None:
+    """Delete a staging directory and its state once its tree is at the URL (not while a job of
+    another process writes in it; its own put will clear it)."""
+    with _locked(staging):
+        if _job_running(staging):
+            logger.info("staging %s kept: a job is writing it", staging)
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+        for suffix in (STATE_SUFFIX, PRUNE_SUFFIX):
+            staging.with_name(staging.name + suffix).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def output_dir(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[Path]:
+def output_dir(path: str | os.PathLike[str], flag: str = "--out", *, overwrite: bool = False) -> Iterator[Path]:
     """The local directory a job writes: ``path`` itself when local; for a URL, a staging directory
     kept per URL (pulled from the URL first when it is empty here, so a job begun elsewhere resumes)
-    and put to the URL when the block ends without an error. After an error the staging directory
-    stays, and the same command resumes from it."""
+    and put to the URL when the block ends without an error, then deleted. After an error (in the
+    job or the put) the staging directory stays, and the same command resumes from it.
+
+    ``overwrite`` (the job's ``--overwrite``): the old artifact is not downloaded, only its top-level
+    JSON files (its kind marker and manifest, for the job to check it replaces its own kind; a tree
+    without the marker is pulled whole, so that the job refuses it as it would locally), and the put
+    deletes the old files the new tree does not have. The overwrite is remembered beside the staging
+    directory until a put succeeds, so a resumed run without the flag still replaces the tree."""
     if not is_url(path):
         yield Path(path)
         return
@@ -293,17 +343,24 @@ def output_dir(path: str | os.PathLike[str], flag: str = "--out") -> Iterator[Pa
         yield Path(rpath)
         return
     staging = _slot("staging", url)
+    prune_flag = staging.with_name(staging.name + PRUNE_SUFFIX)
     with _locked(staging):
-        if not any(p.name not in _OWN for p in staging.iterdir()) and _remote_files(fs, rpath):
-            state = _pull(fs, rpath, staging, {})
+        remote = _remote_files(fs, rpath) if not any(p.name not in _OWN for p in staging.iterdir()) else {}
+        if overwrite:
+            prune_flag.touch()
+            if KIND_MARKER in remote:
+                remote = {rel: info for rel, info in remote.items() if _is_last(rel)}
+        if remote:
+            state = _pull(fs, rpath, staging, {}, remote)
             _write_state(staging, {rel: [(staging / rel).stat().st_size, str((staging / rel).stat().st_mtime_ns)]
                                    for rel in state})
     yield staging
-    put_tree(staging, url, flag)
+    put_tree(staging, url, flag, prune=prune_flag.exists())
+    _drop_staging(staging)
 
 
 def clear_staging(path: str) -> None:
-    """Drop the staging directory of an output URL (after a finished job, to free local disk)."""
+    """Drop the staging directory of an output URL (a failed job's, to start again from the URL)."""
     if is_url(path):
         shutil.rmtree(_slot("staging", str(path)), ignore_errors=True)
 

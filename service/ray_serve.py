@@ -31,7 +31,9 @@ A replica that dies is routed around: a call that reached it (the actor died und
 again, once or twice, through the handle, which has by then dropped the dead replica; what is still
 unanswered returns UNAVAILABLE, which :class:`retromem.service.client.RetrievalClient` retries.
 Every path in the deployment file must be readable by every node that may run a replica (shared
-storage); the paths are opened where the replica runs.
+storage); the paths are opened where the replica runs. A URL (``s3://...``, any fsspec filesystem)
+instead of a path is mirrored by each replica into its node's ``$RETROMEM_CACHE`` (one copy per node,
+shared by its replicas under a lock; ``memory://`` is per process and reaches no replica).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, Mapping
 
 import grpc
 
+from retromem import storage
 from retromem.config import fail, integer, is_int, number
 from retromem.errors import ConfigError, QueryError, ServiceError
 from retromem.service.common import stream_search
@@ -190,9 +193,15 @@ def parse_ray_deployment(data: Any, base: Path | None = None) -> RayDeployment:
                 continue
             if not isinstance(p, str) or not p:
                 fail(f"{w}.{key}", "be a directory path", p)
+            if storage.is_url(p):  # each replica mirrors it into its node's cache (retromem.storage.local_dir)
+                fs, rpath = storage.url_fs(p, f"{w}.{key}")
+                if not fs.exists(rpath):
+                    fail(f"{w}.{key}", "be a URL that holds the artifact", p)
+                paths[key] = p
+                continue
             path = Path(p) if base is None or Path(p).is_absolute() else base / p
             if not path.is_dir():  # replicas memory-map their files: a local path on storage every node mounts
-                fail(f"{w}.{key}", "be a directory every node can read (shared storage)", str(path))
+                fail(f"{w}.{key}", "be a directory every node can read (shared storage), or a URL", str(path))
             paths[key] = str(path)
         if not any(paths.values()):
             fail(w, "name at least one of `datastore`, `dense`, `ngram`", dict(e))

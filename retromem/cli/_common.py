@@ -164,13 +164,14 @@ PATH_OR_URL = PathOrURL()
 
 
 @contextlib.contextmanager
-def local_out(out: str):
+def local_out(out: str, overwrite: bool = False):
     """The local directory a job writes for ``--out``: ``out`` itself, or for a URL its staging
-    directory, put to the URL (manifest last) when the block ends without an error
-    (:func:`retromem.storage.output_dir`)."""
+    directory, put to the URL (manifest last) when the block ends without an error, then deleted
+    (:func:`retromem.storage.output_dir`; ``overwrite``: the job's --overwrite, which downloads
+    nothing of the old artifact but its top-level JSON)."""
     from retromem import storage
 
-    with storage.output_dir(out, "--out") as local:
+    with storage.output_dir(out, "--out", overwrite=overwrite) as local:
         yield str(local)
 
 

@@ -103,7 +103,7 @@ def datastore_build(ctx: click.Context, inputs: tuple[str, ...], out: str | None
     if isinstance(settings.get("shard_bytes"), str):
         settings["shard_bytes"] = parse_size(settings["shard_bytes"], "shard_bytes")
     cfg = from_dict(BuildConfig, settings, where=config_path or "")  # unknown keys refused by name, `dedup.foo` too
-    with local_out(cfg.out) as out_dir:  # a URL: built in a staging directory, then put there
+    with local_out(cfg.out, overwrite) as out_dir:  # a URL: built in a staging directory, then put there
         result = build(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(_summary(result.manifest), indent=2))
@@ -155,7 +155,7 @@ def _detection_line(d: dict[str, Any]) -> str:
 
 
 @group.command("info")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=PATH_OR_URL)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 @click.option("--verify", is_flag=True, help="Recompute and check every checksum.")
 @handle_errors
@@ -173,7 +173,7 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
         if ds.metadata_fields:
             click.echo("metadata    " + ", ".join(f"{k}: {v}" for k, v in ds.metadata_fields.items()))
         click.echo(_detection_line(ds.manifest["dedup"]))
-        on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        on_disk = sum(f.stat().st_size for f in ds.path.rglob("*") if f.is_file())  # a URL: its local mirror
         click.echo(f"on disk     {fmt_bytes(on_disk)}  ({on_disk / max(ds.manifest['counts']['tokens'], 1):.2f} bytes per token)")
     if verify:
         problems = ds.verify()
@@ -185,7 +185,7 @@ def datastore_info(path: str, as_json: bool, verify: bool) -> None:
 
 
 @group.command("show")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=PATH_OR_URL)
 @click.argument("chunk_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--continuation/--no-continuation", default=True, show_default=True, help="Also show the next chunk of the document.")
@@ -259,9 +259,10 @@ def verify_path(path: str | Path, datastore: str | None = None, echo=click.echo)
     structural checks. Prints what was checked; returns ``file: what`` for each problem."""
     import time
 
+    from retromem import storage
     from retromem.datastore.integrity import VerifyReport, artifact_kind, recorded_files, verify_artifact
 
-    path = Path(path)
+    path = storage.local_dir(str(path))  # a URL (`serve --verify`): the local mirror the server will open
     kind = artifact_kind(path)
     if kind == "datastore":
         from retromem.datastore import Datastore

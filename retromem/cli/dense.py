@@ -51,7 +51,7 @@ def index_embed(datastore: str, out: str | None, model: str, batch_size: int, de
                       document_prompt_name=document_prompt_name, similarity=similarity, backend=backend)
     if out is None and "://" in datastore:
         raise click.UsageError("a DATASTORE URL needs --out (the default is a folder inside DATASTORE)")
-    with local_out(out if out is not None else str(cfg.out_path)) as out_dir:  # a URL: written in a staging directory, then put there
+    with local_out(out if out is not None else str(cfg.out_path), overwrite) as out_dir:  # a URL: written in a staging directory, then put there
         res = embed_datastore(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     m = res.manifest
     e = m["embedder"]
@@ -91,7 +91,7 @@ def index_build_dense(embeddings: str, out: str, factory: str, memory_budget: st
                            memory_budget=parse_size(memory_budget, "--memory-budget") if memory_budget else None,
                            target_recall=target_recall, train_size=train_size, shard_vectors=shard_vectors,
                            merge=merge, gpu=gpu, tune=tune, executor=executor, workers=workers, ray_address=ray_address)
-    with local_out(cfg.out) as out_dir:  # a URL: built in a staging directory, then put there
+    with local_out(cfg.out, overwrite) as out_dir:  # a URL: built in a staging directory, then put there
         res = build_dense(dataclasses.replace(cfg, out=out_dir), overwrite=overwrite)
     _print_index(res.meta)
 
@@ -114,13 +114,13 @@ def _print_index(m: dict) -> None:
 
 
 @group.command("search")
-@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("index_dir", type=PATH_OR_URL)
 @click.argument("queries", nargs=-1, required=True)
 @click.option("-k", type=int, default=5, show_default=True)
 @click.option("--nprobe", type=int, default=None)
 @click.option("--ef-search", type=int, default=None)
 @click.option("--exclude-doc", "exclude_docs", type=int, multiple=True, help="doc_id to exclude (every query).")
-@click.option("--datastore", "datastore_path", default=None, type=click.Path(exists=True, file_okay=False),
+@click.option("--datastore", "datastore_path", default=None, type=PATH_OR_URL,
               help="Datastore directory, if it moved (default: the one the index records); must be the same datastore_id.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -179,7 +179,7 @@ def index_tune(index_dir: str, target_recall: float, k: int, n_queries: int, que
 
 
 @group.command("eval")
-@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("index_dir", type=PATH_OR_URL)
 @click.option("--queries", "n_queries", type=int, default=1000, show_default=True)
 @click.option("--nprobe", type=int, default=None)
 @click.option("--ef-search", type=int, default=None)

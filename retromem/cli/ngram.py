@@ -56,7 +56,7 @@ def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem
 
     cfg = NgramBuildConfig(shard_tokens=parse_size(shard_tokens, "--shard-tokens"), cpus=cpus,
                            mem_bytes=parse_size(mem, "--mem"), executor=executor, workers=workers, ray_address=ray_address)
-    with local_out(out) as out_dir:  # a URL: built in a staging directory, then put there
+    with local_out(out, overwrite) as out_dir:  # a URL: built in a staging directory, then put there
         r = build_ngram_index(datastore_path, out_dir, cfg, overwrite=overwrite)
     m = r.manifest
     if as_json:
@@ -76,7 +76,7 @@ def build_ngram(datastore_path: str, out: str, shard_tokens: str, cpus: int, mem
 
 
 @group.command("query")
-@click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
+@click.argument("index_path", metavar="INDEX", type=PATH_OR_URL)
 @click.argument("query")
 @click.option("--verb", type=click.Choice(VERBS), default="count", show_default=True)
 @click.option("--next", "next_token", default=None, help="The next token for prob / infgram-prob (one-token text, or an id with --ids).")
@@ -147,7 +147,7 @@ def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, shar
     """Build the FM-index (compressed exact substring search) of DATASTORE's normalized text."""
     from retromem.index.fm_index import build_fm_index
 
-    with local_out(out) as out_dir:  # a URL: built in a staging directory, then put there
+    with local_out(out, overwrite) as out_dir:  # a URL: built in a staging directory, then put there
         r = build_fm_index(datastore_path, out_dir, backend=backend, sample_rate=sample_rate,
                            shard_bytes=parse_size(shard_size, "--shard-size"), executor=executor, workers=workers,
                            ray_address=ray_address, overwrite=overwrite)
@@ -161,7 +161,7 @@ def build_fm(datastore_path: str, out: str, backend: str, sample_rate: int, shar
 
 
 @fm_group.command("query")
-@click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
+@click.argument("index_path", metavar="INDEX", type=PATH_OR_URL)
 @click.argument("pattern")
 @click.option("--limit", type=int, default=3, show_default=True, help="Hits to show with their context.")
 @click.option("--window", type=int, default=80, show_default=True, help="Characters of context either side.")
@@ -182,7 +182,7 @@ def fm_query(index_path: str, pattern: str, limit: int, window: int, datastore_p
 
 
 @group.command("score")
-@click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
+@click.argument("index_path", metavar="INDEX", type=PATH_OR_URL)
 @click.argument("text")
 @click.option("--datastore", "datastore_path", default=None, help="Datastore directory (default: the one the index records).")
 @click.option("--json", "as_json", is_flag=True)
@@ -208,7 +208,7 @@ def ngram_score(index_path: str, text: str, datastore_path: str | None, as_json:
 
 
 @group.command("eval-interpolation")
-@click.argument("index_path", metavar="INDEX", type=click.Path(exists=True, file_okay=False))
+@click.argument("index_path", metavar="INDEX", type=PATH_OR_URL)
 @click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False),
               help="JSONL (.gz/.zst) of held-out test documents, not in the datastore.")
 @click.option("--validation", default=None, type=click.Path(exists=True, dir_okay=False),

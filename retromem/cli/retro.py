@@ -61,7 +61,7 @@ def retro_neighbours(datastore: str, index_dir: str | None, server: str | None, 
         spec = (RetrieverSpec(server=server, token=secret(token_file, "RETROMEM_TOKEN"), tls_ca=tls_ca) if server
                 else RetrieverSpec(index=_node_path(index_dir)))
     try:
-        with local_out(out) as out_dir:  # a URL: written in a staging directory, then put there
+        with local_out(out, overwrite) as out_dir:  # a URL: written in a staging directory, then put there
             res = compute_neighbours(dataclasses.replace(cfg, out=out_dir), retriever, overwrite=overwrite,
                                      executor=run_on, spec=spec)
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from retromem.cli._common import handle_errors, parse_list, parse_number, parse_size, secret, snippet
+from retromem.cli._common import PATH_OR_URL, handle_errors, parse_list, parse_number, parse_size, secret, snippet
 from retromem.cli.datastore import verify_option
 from retromem.errors import ConfigError
 
@@ -35,9 +35,9 @@ def read_deployment(path: str) -> tuple[tuple[str, ...], tuple[tuple[str, int, i
 
 
 @click.command("serve")
-@click.option("--datastore", "datastore_path", type=click.Path(exists=True, file_okay=False), help="Datastore directory.")
-@click.option("--dense", type=click.Path(exists=True, file_okay=False), help="Dense index directory.")
-@click.option("--ngram", type=click.Path(exists=True, file_okay=False), help="N-gram (suffix array) index directory.")
+@click.option("--datastore", "datastore_path", type=PATH_OR_URL, help="Datastore directory or URL (mirrored locally).")
+@click.option("--dense", type=PATH_OR_URL, help="Dense index directory or URL (mirrored locally).")
+@click.option("--ngram", type=PATH_OR_URL, help="N-gram (suffix array) index directory or URL (mirrored locally).")
 @click.option("--shard", "shards", multiple=True, help="Router mode: host:port of a shard server (repeat, in id order).")
 @click.option("--deployment", type=click.Path(exists=True, dir_okay=False),
               help="Router mode: YAML/JSON `shards:` list of {target, datastore_id, first_doc, first_chunk}; ids come "
