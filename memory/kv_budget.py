@@ -465,7 +465,12 @@ class TwoBranchMemory(KVMemory):
         q_far = self.rope.shift(q, self.far_distance - positions)  # (B, H, T, D): every query at far_distance
         aged = [(self.init_raw[layer], self.init_v[layer], init_pos)]
         if self.far_window and self.win_k[layer] is not None:
-            aged.append((self.rope.shift(self.win_k[layer], -win_pos), self.win_v[layer], win_pos))
+            # only the window's oldest tokens can age out during this call (positions ascend): the
+            # rest would sit masked in the far group, costing as much as the memory itself
+            n_aged = int((win_pos <= positions.max() - self.n_local).sum())
+            if n_aged:
+                aged.append((self.rope.shift(self.win_k[layer][:, :, :n_aged], -win_pos[:n_aged]),
+                             self.win_v[layer][:, :, :n_aged], win_pos[:n_aged]))
         for kk, vv, pp in aged:
             if kk is not None and pp.numel():
                 far = (positions[:, None] - pp[None, :]) >= self.n_local  # (T, n)
