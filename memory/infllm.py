@@ -107,38 +107,44 @@ class InfLLMConfig:
 
 
 class BlockStore:
-    """One layer's memory blocks: keys/values (Hkv, n, block_size, D) on the store device, and the
-    blocks' mean representative keys (n, Hkv * D) on the compute device, each in a buffer that
-    doubles when full; ``repr_index`` (n, Hkv, n_repr): which tokens of each block they average."""
+    """One layer's memory blocks: each block's keys and values (Hkv, block_size, D) on the store
+    device, never changed once written (so a copy of the memory shares them: see
+    :meth:`__deepcopy__`), and the blocks' mean representative keys (n, Hkv * D) on the compute
+    device in a buffer that doubles when full; ``repr_index`` (n, Hkv, n_repr): which tokens of
+    each block they average."""
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
         self.repr: torch.Tensor | None = None
         self.repr_index: torch.Tensor | None = None
         self.n = 0
 
+    def __deepcopy__(self, memo: dict) -> "BlockStore":
+        # a copy of the memory (a shared prefix branching) shares the written blocks and copies
+        # only the representatives' buffer: the store is most of the memory's bytes at 32K tokens
+        new = BlockStore.__new__(BlockStore)
+        new.device, new.n, new.k, new.v = self.device, self.n, list(self.k), list(self.v)
+        new.repr = None if self.repr is None else self.repr.clone()
+        new.repr_index = None if self.repr_index is None else self.repr_index.clone()
+        return new
+
     @staticmethod
-    def _grow(old: torch.Tensor | None, x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-        """A buffer along ``dim`` holding the first n rows of ``old``, with room for 2n (>= 4)."""
-        cap = max(4, 2 * n)
-        shape = list(x.shape)
-        shape.insert(dim, cap)
-        new = x.new_zeros(shape)
+    def _grow(old: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+        """A buffer holding the first n rows of ``old``, with room for 2n (>= 4) rows like x."""
+        new = x.new_zeros(max(4, 2 * n), *x.shape)
         if old is not None:
-            new.narrow(dim, 0, n).copy_(old.narrow(dim, 0, n))
+            new[:n] = old[:n]
         return new
 
     def add(self, k: torch.Tensor, v: torch.Tensor, rep: torch.Tensor, index: torch.Tensor) -> None:
         """k, v (Hkv, block_size, D); rep (Hkv * D,) the mean representative keys; index (Hkv, n_repr)."""
-        if self.k is None or self.n == self.k.shape[1]:
-            self.k = self._grow(self.k, k.to(self.device), self.n, 1)
-            self.v = self._grow(self.v, v.to(self.device), self.n, 1)
-            self.repr = self._grow(self.repr, rep, self.n, 0)
-            self.repr_index = self._grow(self.repr_index, index, self.n, 0)
-        self.k[:, self.n] = k.to(self.device)
-        self.v[:, self.n] = v.to(self.device)
+        if self.repr is None or self.n == self.repr.shape[0]:
+            self.repr = self._grow(self.repr, rep, self.n)
+            self.repr_index = self._grow(self.repr_index, index, self.n)
+        self.k.append(k.to(self.device, copy=True))
+        self.v.append(v.to(self.device, copy=True))
         self.repr[self.n] = rep
         self.repr_index[self.n] = index
         self.n += 1
@@ -148,10 +154,10 @@ class BlockStore:
         return self.repr[:self.n]
 
     def nbytes(self) -> int:
-        """Bytes of the blocks and their representatives (the buffers' spare capacity not counted)."""
-        if self.k is None:
+        """Bytes of the blocks and their representatives (the buffer's spare capacity not counted)."""
+        if not self.n:
             return 0
-        return self.n * (2 * self.k[:, 0].numel() * self.k.element_size() + self.repr[0].numel() * self.repr.element_size()
+        return self.n * (2 * self.k[0].numel() * self.k[0].element_size() + self.repr[0].numel() * self.repr.element_size()
                          + self.repr_index[0].numel() * self.repr_index.element_size())
 
 
@@ -222,7 +228,7 @@ class InfLLM(TwoBranchMemory):
             return cache[block]
         self.misses += 1
         store = self.blocks[layer]
-        kv = (store.k[:, block].to(device), store.v[:, block].to(device))  # (Hkv, block_size, D)
+        kv = (store.k[block].to(device), store.v[block].to(device))  # (Hkv, block_size, D)
         cache[block] = kv
         while len(cache) > self.config.cache_blocks:
             cache.popitem(last=False)

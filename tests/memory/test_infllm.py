@@ -90,10 +90,26 @@ def test_block_scores_are_the_raw_dot_products_of_queries_and_representatives():
     for b in range(store.n):
         for h in range(4):
             kv = h // 2  # 2 query heads per KV head
-            reps = store.k[kv, b, store.repr_index[b, kv]]  # (n_repr, D) at position 0
+            reps = store.k[b][kv, store.repr_index[b, kv]]  # (n_repr, D) at position 0
             ref[b] += (q[0, h] @ reps.T).sum() / (5 * SMALL.n_repr)
     torch.testing.assert_close(block_scores(q, store.reprs()), ref, atol=1e-5, rtol=1e-5)
     assert mem.lookup(1, q) == sorted(ref.topk(SMALL.topk).indices.tolist())
+
+
+def test_a_copied_memory_shares_its_blocks_and_goes_on_alone():
+    import copy
+
+    model = enable(tiny_decoder("llama"))
+    ids, other = _ids(200, seed=5), _ids(100, seed=6)
+    mem, fresh = InfLLM(model, SMALL), InfLLM(model, SMALL)
+    stream(model, ids[:, :100], mem, segment=20)
+    twin = copy.deepcopy(mem)
+    assert twin.blocks[0].k[0] is mem.blocks[0].k[0]  # written blocks are shared, not copied
+    stream(model, other, twin, segment=20)  # the copy goes on with other text first ...
+    got = stream(model, ids[:, 100:], mem, segment=20, keep_logits="all")  # ... and the original is untouched
+    ref = stream(model, ids, fresh, segment=20, keep_logits="all")[:, 100:]
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    assert twin.blocks[0].n > mem.blocks[0].n - 5 and len(twin.blocks[0].k) == twin.blocks[0].n
 
 
 def test_chunked_calls_equal_separate_calls():
