@@ -65,7 +65,9 @@ _SHARD_KEYS = {"name", "datastore", "dense", "ngram", "datastore_id", "first_doc
 _FANOUT_KEYS = {"replicas", "autoscaling", "num_cpus", "max_ongoing_requests", "in_front"}
 RELOAD_REFUSED = ("Reload is not served with --engine ray (a handle reaches one replica of each shard, not all): "
                   "redeploy the application with the new paths and Serve replaces the replicas one by one")
-_AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas"}
+_AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas",
+                     # how fast Serve reacts (its defaults: up after 30 s, down after 600 s, over a 30 s window)
+                     "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s"}
 _METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Retrieval"].methods}
 
 
@@ -154,6 +156,12 @@ def _scaling(entry: Mapping[str, Any], where: str, default: Scaling) -> Scaling:
         number(auto.get("target_ongoing_requests", 2), f"{where}.autoscaling.target_ongoing_requests", gt=0)
         if "initial_replicas" in auto:
             integer(auto["initial_replicas"], f"{where}.autoscaling.initial_replicas", ge=lo, le=hi)
+        for key in ("upscale_delay_s", "downscale_delay_s"):
+            if key in auto:
+                number(auto[key], f"{where}.autoscaling.{key}", ge=0)
+        for key in ("look_back_period_s", "metrics_interval_s"):
+            if key in auto:
+                number(auto[key], f"{where}.autoscaling.{key}", gt=0)
         auto = dict(auto)
     num_cpus = number(entry.get("num_cpus", default.num_cpus), f"{where}.num_cpus", ge=0)
     ongoing = integer(entry.get("max_ongoing_requests", default.max_ongoing_requests), f"{where}.max_ongoing_requests", ge=1)
