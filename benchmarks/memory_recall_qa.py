@@ -28,11 +28,13 @@ from pathlib import Path
 
 
 def sirllm_variant(spec: str, budget: int):
-    """``sirllm:LOCAL:DECAY``: 4 sinks, LOCAL recent tokens, the rest entropy-selected, DECAY per 512 tokens."""
+    """``sirllm:LOCAL:DECAY[:call]``: 4 sinks, LOCAL recent tokens, the rest entropy-selected, DECAY per
+    512 tokens (or per call with ``:call``: per turn when the dialogue is fed turn by turn)."""
     from retromem.memory.sirllm import SirLLMConfig
 
-    _, local, decay = spec.split(":")
-    return SirLLMConfig(n_sink=4, n_keep=budget - 4 - int(local), n_local=int(local), decay=float(decay))
+    _, local, decay, *unit = spec.split(":")
+    return SirLLMConfig(n_sink=4, n_keep=budget - 4 - int(local), n_local=int(local), decay=float(decay),
+                        decay_per=unit[0] if unit else "tokens")
 
 
 def run_recall(a, emit) -> None:
@@ -49,17 +51,23 @@ def run_recall(a, emit) -> None:
     methods = a.methods.split(",")
     for d in range(a.dialogues):
         dia = build_dialogue(tok, a.recall_length, a.recall_facts, filler, rng, kinds=("number", "word"), far=a.budget)
-        pieces = [torch.tensor([dia.body])] + [torch.tensor([q[0]]) for q in dia.questions]
+        # the body in one piece (fed in segments of --segment) or one call per turn (SirLLM's runs)
+        body = [torch.tensor([t]) for t in dia.turns()] if a.feed == "turns" else [torch.tensor([dia.body])]
+        pieces = body + [torch.tensor([q[0]]) for q in dia.questions]
+        nb = len(body)
         for method in methods:
+            if method == "full" and a.full_dialogues is not None and d >= a.full_dialogues:
+                continue
             if method == "full":
                 mem = FullAttention(model)
             elif method == "streaming_llm":
                 mem = StreamingLLM(model, n_sink=4, n_local=a.budget - 4)
             else:
                 mem = SirLLM(model, sirllm_variant(method, a.budget))
-            logits, st = run_pieces(model, mem, pieces, a.segment, set(range(1, len(pieces))))
-            right = [_answer_right(logits[i + 1], pieces[i + 1], s, e) for i, (_, s, e) in enumerate(dia.questions)]
+            logits, st = run_pieces(model, mem, pieces, a.segment, set(range(nb, len(pieces))))
+            right = [_answer_right(logits[nb + i], pieces[nb + i], s, e) for i, (_, s, e) in enumerate(dia.questions)]
             emit({"task": "recall", "method": method, "budget": a.budget, "length": a.recall_length, "dialogue": d,
+                  "feed": a.feed,
                   "right": right, "kinds": dia.kinds, "fact_distance": [len(dia.body) - e for e in dia.fact_end],
                   "correct": sum(right) / len(right), **st})
 
@@ -72,8 +80,10 @@ def run_qa(a, emit) -> None:
     cfg = LongEvalConfig(out=str(Path(a.rows).parent), tasks=("qa",), qa_length=a.qa_length,
                          qa_questions=a.qa_questions, qa_contexts=a.qa_contexts, segment=a.segment,
                          fractions=tuple(float(x) for x in a.fractions.split(",")), seed=a.seed)
-    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(n_sink=a.n_sink, n_tail=a.n_tail, cluster_size=a.cluster_size),
-            selections=tuple(a.selection.split(",")), decoded=a.decoded)
+    qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(n_sink=a.n_sink, n_tail=a.n_tail, cluster_size=a.cluster_size,
+                                                           coarse_size=a.coarse_size, heads=a.heads),
+            selections=tuple(a.selection.split(",")), decoded=a.decoded,
+            variants=tuple(a.variants.split(",")) if a.variants else None)
 
 
 def run_attention_time(a, emit) -> None:
@@ -126,22 +136,70 @@ def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tupl
     return float(sums.sum() / cnts.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def report(paths: list[str]) -> None:
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
+    from math import comb
+
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(0, min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def fact_report(by: dict[str, dict[int, dict]], ref: str) -> None:
+    """Which questions a setting loses and whether their fact was selected: per setting, the share
+    of the planted fact's keys selected by the query before the answer, averaged over layers, for
+    questions lost (right with all keys, wrong here) and kept (right with both); and the layers
+    where lost questions had the least of their fact."""
+    import numpy as np
+
+    print("\nfact selected by the query before the answer (mean share of the fact's keys over layers and heads):")
+    for m, units in by.items():
+        if m == ref:
+            continue
+        lost, kept = [], []
+        for u, r in units.items():
+            if "fact_selected" not in r or u not in by[ref]:
+                continue
+            for q, (a_, b_) in enumerate(zip(r["right"], by[ref][u]["right"])):
+                if b_:
+                    (kept if a_ else lost).append(r["fact_selected"][q])
+        if not (lost or kept):
+            continue
+        line = f"- {m}: lost {len(lost)}, kept {len(kept)}"
+        for name, xs in (("lost", lost), ("kept", kept)):
+            if xs:
+                arr = np.array(xs)  # (questions, layers)
+                line += f"; {name}: {arr.mean():.2f} (layers with < half the fact: {float((arr < 0.5).mean(0).mean()):.2f})"
+        if lost and kept:
+            diff = np.array(kept).mean(0) - np.array(lost).mean(0)
+            worst = np.argsort(-diff)[:5]
+            line += "; layers where lost questions had least of their fact vs kept: " + ", ".join(
+                f"{int(i)} ({np.array(lost).mean(0)[i]:.2f} vs {np.array(kept).mean(0)[i]:.2f})" for i in worst)
+        print(line)
+
+
+def report(paths: list[str], table_rows: str | None = None) -> None:
     from retromem.stats import paired_bootstrap
+
+    table: list[dict] | None = [] if table_rows else None
 
     rows = [json.loads(x) for p in paths for x in Path(p).read_text().splitlines() if x.strip()]
     for task, unit in (("recall", "dialogue"), ("qa", "context")):
         rs = [r for r in rows if r["task"] == task]
         if not rs:
             continue
-        key = (lambda r: r["method"]) if task == "recall" else \
-            (lambda r: "all keys" if r["fraction"] >= 1 else
+        key = (lambda r: r["method"] + (" (per turn)" if r.get("feed") == "turns" else "")) if task == "recall" else \
+            (lambda r: "all keys" if r["fraction"] >= 1 else f"{r['variant']} @ {r['fraction']}" if "variant" in r else
              f"{r.get('selection', 'fraction')} {r['fraction']}" + (f" (clusters of {r['cluster_size']})"
                                                                     if r.get("cluster_size", 16) != 16 else ""))
         by: dict[str, dict[int, dict]] = defaultdict(dict)
         for r in rs:
             by[key(r)][r[unit]] = r
         ref = "full" if task == "recall" else "all keys"
+        if task == "recall" and ref not in by and "full (per turn)" in by:
+            ref = "full (per turn)"
         print(f"\n{task}: per method (95% interval: {unit}s resampled)")
         print("| method | items | accuracy [95% CI] | number facts | word facts | vs full [95% CI] | extra |")
         print("| --- | ---: | --- | --- | --- | --- | --- |")
@@ -177,22 +235,32 @@ def report(paths: list[str]) -> None:
             else:
                 extra = f"{sum(units[u]['tokens_per_s'] for u in ids) / len(ids):.0f} tok/s; KV {max(units[u]['attention_mib'] for u in ids):.1f} MiB"
             n_items = sum(len(v) for v in vals)
+            if table is not None:
+                table.append({"task": task, "method": m, "n": n_items, "accuracy": round(mean, 4),
+                              "ci": [round(lo, 4), round(hi, 4)], "vs_reference": vs or None, "extra": extra,
+                              "tokens_per_s": round(sum(units[u].get("tokens_per_s") or 0 for u in ids) / len(ids), 2)
+                              if task == "recall" else None,
+                              "attention_mib": max(units[u].get("attention_mib", 0) for u in ids)})
             print(f"| {m} | {n_items} | {sum(sum(v) for v in vals)}/{n_items} = {mean:.3f} [{lo:.3f}, {hi:.3f}] | {kinds} | {vs} | {extra} |")
-        if task == "recall" and "streaming_llm" in by:
+        base = next((b for b in ("streaming_llm", "streaming_llm (per turn)") if b in by), None)
+        if task == "recall" and base:
             print("\npaired against StreamingLLM (same dialogues and questions):")
             for m, units in by.items():
-                if m in ("streaming_llm", "full"):
+                if m.startswith("streaming_llm") or m.startswith("full") or \
+                        m.endswith("(per turn)") != base.endswith("(per turn)"):
                     continue
-                common = [u for u in sorted(units) if u in by["streaming_llm"]]
+                common = [u for u in sorted(units) if u in by[base]]
                 a_ = [float(x) for u in common for x in units[u]["right"]]
-                b_ = [float(x) for u in common for x in by["streaming_llm"][u]["right"]]
+                b_ = [float(x) for u in common for x in by[base][u]["right"]]
                 grp = [u for u in common for _ in units[u]["right"]]
                 res = paired_bootstrap(a_, b_, groups=grp, n=2000)
                 only_a = sum(1 for x, y in zip(a_, b_) if x and not y)
                 only_b = sum(1 for x, y in zip(a_, b_) if y and not x)
                 print(f"- {m} - StreamingLLM: {res.mean:+.3f} [{res.low:+.3f}, {res.high:+.3f}] over {len(a_)} questions "
-                      f"({only_a} right only with {m}, {only_b} only with StreamingLLM)")
+                      f"({only_a} right only with {m}, {only_b} only with StreamingLLM; exact McNemar p = "
+                      f"{mcnemar_exact(only_a, only_b):.2g})")
         if task == "qa" and ref in by:
+            fact_report(by, ref)
             for field, what in (("decode_attention_ms", "wall"), ("decode_attention_cpu_ms", "CPU")):
                 if not all(field in r for r in rs):
                     continue
@@ -202,6 +270,10 @@ def report(paths: list[str]) -> None:
                         ms = sum(units[u][field] for u in units) / len(units)
                         print(f"- {m}: attention per decoded token {ms:.1f} ms vs {full_ms:.1f} ms with all keys "
                               f"({what} time, {full_ms / ms:.2f}x less)")
+    if table is not None:
+        with open(table_rows, "w") as f:
+            for row in table:
+                f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -226,6 +298,15 @@ def main() -> None:
                     help="questions per setting decoded token by token (timed); the rest in one call")
     ap.add_argument("--n-sink", type=int, default=4)
     ap.add_argument("--cluster-size", type=int, default=16)
+    ap.add_argument("--heads", default="kv", help="qa: who selects clusters, kv or query heads")
+    ap.add_argument("--coarse-size", type=int, default=0, help="qa: keys per coarse centroid (0 = one level)")
+    ap.add_argument("--variants", default=None,
+                    help="qa: settings CLUSTER/SELECTION/HEADS/COARSE (e.g. 16/fraction/kv/flat,4/fraction/query/2) "
+                         "asked on one prefill per context, instead of --selection")
+    ap.add_argument("--feed", choices=("segments", "turns"), default="segments",
+                    help="recall: the dialogue body in --segment calls or one call per turn")
+    ap.add_argument("--full-dialogues", type=int, default=None, help="recall: full attention on the first N dialogues only")
+    ap.add_argument("--table-rows", default=None, help="with --report: also write one summary row per method (JSONL)")
     ap.add_argument("--n-tail", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -234,7 +315,7 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.report:
-        report(a.report.split(","))
+        report(a.report.split(","), a.table_rows)
         return
     import torch
 

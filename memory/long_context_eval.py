@@ -705,16 +705,18 @@ CALIBRATION_NAMES = ("Quinn", "Rosa", "Sven", "Tomas")  # asked only to calibrat
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``CLUSTER/SELECTION/HEADS/COARSE`` (``4/fraction/query/2``): keys per cluster, ``fraction`` or
-    ``threshold``, ``kv`` or ``query`` selecting heads, and ``flat`` or the coarse clusters kept as a
-    multiple of the keys taken (hierarchical centroids; needs the config's ``coarse_size``)."""
+    """``CLUSTER/SELECTION/HEADS/COARSE[/FRACTIONS]`` (``4/fraction/query/2/0.25+0.125``): keys per
+    cluster, ``fraction`` or ``threshold``, ``kv`` or ``query`` selecting heads, ``flat`` or the
+    coarse clusters kept as a multiple of the keys taken (hierarchical centroids; needs the config's
+    ``coarse_size``), and optionally the fractions it is asked at ("+"-separated; default: all)."""
     parts = spec.split("/")
-    if len(parts) != 4 or not parts[0].isdigit():
+    if len(parts) not in (4, 5) or not parts[0].isdigit():
         fail("qa variants", "be CLUSTER/SELECTION/HEADS/COARSE like 4/fraction/query/flat", spec, flag="--variants")
     one_of(parts[1], "qa variant selection", ("fraction", "threshold"), flag="--variants")
     one_of(parts[2], "qa variant heads", ("kv", "query"), flag="--variants")
-    coarse = math.inf if parts[3] == "flat" else float(parts[3])
-    return {"cluster_size": int(parts[0]), "selection": parts[1], "heads": parts[2], "coarse_keep": coarse}
+    coarse = 0.0 if parts[3] == "flat" else float(parts[3])
+    only = tuple(float(f) for f in parts[4].split("+")) if len(parts) == 5 else None
+    return {"cluster_size": int(parts[0]), "selection": parts[1], "heads": parts[2], "coarse_keep": coarse, "only": only}
 
 
 def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None], squeezed: Any = None,
@@ -743,6 +745,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
     specs = [parse_variant(v) for v in variants] if variants else \
         [{"cluster_size": base.cluster_size, "selection": s, "heads": base.heads, "coarse_keep": base.coarse_keep}
          for s in (selections or (base.selection,))]
+    for sp in specs:
+        sp.setdefault("only", None)
     question = "\n\nQuestion: What is the secret number of {n}? Answer: The secret number of {n} is"
     for c_i in range(cfg.qa_contexts):
         names = rng.sample(NAMES, cfg.qa_questions)
@@ -773,7 +777,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
                 mems[sp["cluster_size"]].calibrate(model, [torch.tensor([_enc(tok, question.format(n=n))])
                                                           for n in CALIBRATION_NAMES])
                 calibrated.add(sp["cluster_size"])
-        settings = [(f, sp) for f in cfg.fractions for sp in (specs if f < 1 else [None])]
+        settings = [(f, sp) for f in cfg.fractions
+                    for sp in ([x for x in specs if x["only"] is None or f in x["only"]] if f < 1 else [None])]
         for fraction, sp in settings:
             mem = mems[(sp or specs[0])["cluster_size"]]
             if sp is None:
@@ -809,7 +814,7 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
                    "decode_attention_cpu_ms": round(mem.decode_attention_ms(cpu=True), 4),
                    "prefill_and_cluster_s": round(build_s, 2), "attention_mib": round(mem.attention_bytes() / 2 ** 20, 3)}
             if variants:
-                row["variant"] = "all keys" if sp is None else variants[specs.index(sp)]
+                row["variant"] = "all keys" if sp is None else "/".join(variants[specs.index(sp)].split("/")[:4])
                 row["centroid_comparisons"] = mem.compared
             if fact_selected:
                 row["fact_selected"] = fact_selected

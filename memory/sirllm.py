@@ -10,8 +10,9 @@ every ``decay_every`` tokens) so that old key tokens eventually give way to new 
 Each layer keeps ``n_sink`` sinks + the ``n_keep`` highest-scored middle tokens + the ``n_local``
 most recent tokens, re-positioned inside the cache as StreamingLLM does
 (:class:`~retromem.memory.kv_budget.CachePositionMemory`). All layers keep the same tokens.
-The paper's runs keep no recent window (``n_local = 0``) and decay per dialogue turn (here per
-``decay_every`` tokens). On SmolLM2-135M that split recalled nothing of facts beyond the window,
+The paper's runs keep no recent window (``n_local = 0``) and decay per dialogue turn
+(``decay_per="call"`` with one call per turn; otherwise per ``decay_every`` tokens); its code prunes
+once before each turn, so the turn being read is whole in the cache, as here before each call. On SmolLM2-135M that split recalled nothing of facts beyond the window,
 while half the budget as a window recalled some (BENCHMARKS.md, issue 20): isolated tokens packed
 side by side are text a small model cannot read, a contiguous window keeps it fluent.
 Feed input through :func:`~retromem.memory.kv_budget.stream` (or
@@ -26,20 +27,23 @@ from typing import Any
 
 import torch
 
-from retromem.config import number
+from retromem.config import number, one_of
 from retromem.memory.kv_budget import CachePositionMemory, check_budget
 
 
 @dataclass(frozen=True)
 class SirLLMConfig:
     """n_sink: attention sinks; n_keep: entropy-selected tokens; n_local: recent window;
-    decay: factor applied to every kept score each ``decay_every`` tokens (1 = no decay)."""
+    decay: factor applied to every kept score each ``decay_every`` tokens (``decay_per`` =
+    ``tokens``) or once per call (``call``: per dialogue turn when each turn is one call, the
+    paper's); 1 = no decay."""
 
     n_sink: int = 4
     n_keep: int = 512
     n_local: int = 512
     decay: float = 0.9
     decay_every: int = 512
+    decay_per: str = "tokens"
 
     def __post_init__(self) -> None:
         check_budget(self.n_sink, "sirllm.n_sink", "--n-sink", minimum=0)
@@ -47,6 +51,7 @@ class SirLLMConfig:
         check_budget(self.n_local, "sirllm.n_local", "--n-local", minimum=0)
         number(self.decay, "sirllm.decay", gt=0, le=1, flag="--decay")
         check_budget(self.decay_every, "sirllm.decay_every", "--decay-every")
+        one_of(self.decay_per, "sirllm.decay_per", ("tokens", "call"), flag="--decay-per")
 
     @property
     def budget_tokens(self) -> int:
@@ -83,7 +88,8 @@ class SirLLM(CachePositionMemory):
             ent[T - Tl + 1:] = (lg[:-1].logsumexp(-1) - lg[:-1].gather(1, nxt[:, None])[:, 0]).cpu()
         if self.last_logprobs is not None:
             ent[0] = -self.last_logprobs[ids[0]]
-        self.score_val = self.score_val * self.config.decay ** (T / self.config.decay_every)
+        per_call = self.config.decay_per == "call"
+        self.score_val = self.score_val * self.config.decay ** (1 if per_call else T / self.config.decay_every)
         start = self.scored_until
         self.score_pos = torch.cat([self.score_pos, torch.arange(start, start + T)])
         self.score_val = torch.cat([self.score_val, ent])

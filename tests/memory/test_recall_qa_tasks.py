@@ -111,3 +111,43 @@ def test_squeezed_threshold_is_calibrated_per_layer_to_the_fraction():
         stream(model, ids[:, 128:], mem, segment=1)
         seen.append(mem.attended_fraction())
     assert fixed_share < seen[0] < seen[1] < 1
+
+
+def test_dialogue_turns_cut_the_body_at_turn_ends(gpt2_tok):
+    filler = gpt2_tok("The module returns a value of the function. " * 400)["input_ids"]
+    d = build_dialogue(gpt2_tok, 1200, 6, filler, random.Random(1), kinds=("number", "word"), far=300)
+    turns = d.turns()
+    assert sum(turns, []) == d.body and all(turns)
+    assert set(d.fact_end) <= set(d.turn_ends)  # every fact is a turn of its own
+    text = [gpt2_tok.decode(t) for t in turns]
+    assert sum(t.startswith("User: Please remember this:") for t in text) == 6
+
+
+def test_qa_variants_parse_and_refuse():
+    from retromem.memory.long_context_eval import parse_variant
+
+    assert parse_variant("4/fraction/query/2/0.25+0.125") == {
+        "cluster_size": 4, "selection": "fraction", "heads": "query", "coarse_keep": 2.0, "only": (0.25, 0.125)}
+    assert parse_variant("16/threshold/kv/flat")["coarse_keep"] == 0.0
+    with pytest.raises(ConfigError, match="--variants"):
+        parse_variant("16/fraction/kv")
+    with pytest.raises(ConfigError, match="--variants"):
+        parse_variant("16/fraction/heads/flat")
+
+
+@pytest.mark.slow
+def test_qa_task_variants_share_one_prefill_and_record_the_fact_selected(tmp_path, gpt2_tok):
+    model = enable(tiny_decoder("llama", vocab=50304))
+    cfg = LongEvalConfig(out=str(tmp_path), tasks=("qa",), qa_length=256, qa_questions=2, qa_contexts=1,
+                         segment=128, fractions=(1.0, 0.5, 0.25))
+    rows: list[dict] = []
+    qa_task(model, gpt2_tok, cfg, rows.append, squeezed=SqueezedConfig(n_sink=2, n_tail=4, coarse_size=32),
+            decoded=1, variants=("4/fraction/query/flat", "4/threshold/query/flat/0.25", "8/fraction/kv/2/0.25"))
+    assert [(r["fraction"], r["variant"]) for r in rows] == [
+        (1.0, "all keys"), (0.5, "4/fraction/query/flat"), (0.25, "4/fraction/query/flat"),
+        (0.25, "4/threshold/query/flat"), (0.25, "8/fraction/kv/2")]
+    assert [r["cluster_size"] for r in rows] == [4, 4, 4, 4, 8]
+    for r in rows[1:]:
+        assert len(r["fact_selected"]) == 2 and all(len(q) == 2 and all(0 <= x <= 1 for x in q)
+                                                    for q in r["fact_selected"])
+    assert "fact_selected" not in rows[0] and rows[2]["attended_fraction"] < rows[1]["attended_fraction"]

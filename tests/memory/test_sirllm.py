@@ -73,3 +73,16 @@ def test_generate_scores_decoded_tokens_and_refusals():
     assert out.shape == (1, 45) and int(mem.score_pos[-1]) == 43  # the last decoded token is not fed back
     with pytest.raises(ConfigError, match="sirllm.decay"):
         SirLLMConfig(decay=1.5)
+
+
+def test_decay_per_call_is_one_step_per_turn():
+    model = enable(tiny_decoder("llama"))
+    mem = SirLLM(model, SirLLMConfig(n_sink=2, n_keep=8, n_local=0, decay=0.5, decay_per="call"))
+    mem.observe(_ids(4), torch.zeros(1, 4, 128))
+    before = mem.score_val.clone()
+    mem.observe(_ids(100, 1), torch.zeros(1, 100, 128))  # one turn of 100 tokens: one step, whatever its length
+    torch.testing.assert_close(mem.score_val[:4], before * 0.5)
+    mem.observe(_ids(3, 2), torch.zeros(1, 3, 128))
+    torch.testing.assert_close(mem.score_val[:4], before * 0.25)
+    with pytest.raises(ConfigError, match="sirllm.decay_per"):
+        SirLLMConfig(decay_per="turn")

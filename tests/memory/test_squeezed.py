@@ -63,3 +63,89 @@ def test_refusals():
     model = enable(tiny_decoder("llama"))
     with pytest.raises(ConfigError, match="prefill"):
         SqueezedAttention(model).freeze()
+
+
+def test_per_query_head_selection_gathers_what_it_masks_and_heads_differ():
+    model = enable(tiny_decoder("llama"))
+    ids = _ids(140, seed=1)
+    cfg = SqueezedConfig(fraction=0.25, cluster_size=4, heads="query", n_sink=2, n_tail=4)
+    mem = SqueezedAttention.prefill(model, ids[:, :128], cfg, segment=64)
+    q = torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(0))
+    sel = mem.select(0, q)  # (H, T, n): one selection per query head
+    assert sel.shape == (4, 3, 128)
+    assert not torch.equal(sel[0], sel[1])  # query heads sharing KV head 0 chose differently
+    masked = stream(model, ids[:, 128:], mem, segment=12, keep_logits="all")
+    assert 0.25 <= mem.attended_fraction() < 0.3
+    mem.reset_queries()
+    gathered = stream(model, ids[:, 128:], mem, segment=1, keep_logits="all")
+    torch.testing.assert_close(gathered, masked, atol=2e-5, rtol=1e-4)
+    # the mask path equals attention written out with each query head's own mask
+    mem.reset_queries()
+    mem.set_fraction(0.25, heads="kv")
+    kv = stream(model, ids[:, 128:], mem, segment=12, keep_logits="all")
+    assert not torch.allclose(kv, masked, atol=1e-4)
+
+
+def test_hierarchical_centroids_take_fine_clusters_inside_the_kept_coarse_ones():
+    model = enable(tiny_decoder("qwen3"))
+    ids = _ids(256, seed=2)
+    cfg = SqueezedConfig(fraction=0.25, cluster_size=4, coarse_size=32, coarse_keep=1.0, heads="query")
+    mem = SqueezedAttention.prefill(model, ids, cfg, segment=128)
+    assert mem.coarse[0].shape[:2] == (2, 8) and int(mem.coarse_sizes[0].sum()) == 2 * 256
+    q = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(0))
+    take = mem.select_clusters(0, q)  # (H, T, C)
+    parent = mem.parent[0].repeat_interleave(2, 0)  # (H, C) coarse cluster of each fine cluster
+    for s in range(4):
+        for t in range(2):
+            coarse_rel = q[0, s, t] @ mem.coarse[0][s // 2].T
+            # coarse clusters in rank order until they hold the budget (the fine keys a query may take)
+            order = coarse_rel.argsort(descending=True)
+            sizes = mem.coarse_sizes[0][s // 2][order]
+            kept = set(order[(sizes.cumsum(0) - sizes) < 0.25 * 256 - 36].tolist())
+            assert set(parent[s][take[s, t]].tolist()) <= kept
+    flat_compared = 4 * 2 * mem.centroids[0].shape[1]
+    assert mem.compared < flat_compared
+    mem.set_fraction(0.25, coarse_keep=0)  # 0: the coarse level skipped, the flat selection
+    flat = mem.select_clusters(0, q)
+    mem.set_fraction(0.25, coarse_keep=100.0)  # every coarse cluster kept: the flat selection again
+    assert torch.equal(mem.select_clusters(0, q), flat)
+    with pytest.raises(ConfigError, match="squeezed.coarse_size"):
+        SqueezedConfig(cluster_size=16, coarse_size=8)
+    with pytest.raises(ConfigError, match="squeezed.heads"):
+        SqueezedConfig(heads="all")
+
+
+def test_threshold_calibrated_on_prompts_and_reclustering_share_the_prefill():
+    model = enable(tiny_decoder("llama"))
+    ids = _ids(160, seed=4)
+    with torch.no_grad():
+        ref = model(ids).logits[:, 128:]
+    cfg = SqueezedConfig(fraction=0.3, cluster_size=4, n_sink=2, n_tail=4, selection="threshold", heads="query")
+    mem = SqueezedAttention.prefill(model, ids[:, :128], cfg, segment=64)
+    prompts = [_ids(20, seed=s) for s in (5, 6)]
+    mem.calibrate(model, prompts)
+    assert mem.calib_q[0].shape == (1, 4, 40, 16) and mem.held_tokens() == 128
+    seen = 0.0
+    for p in prompts:  # the calibration prompts themselves take about the fraction on average
+        mem.reset_queries()
+        mem.set_fraction(0.3)
+        stream(model, p, mem, segment=20)
+        seen += mem.attended_fraction() / 2
+    assert abs(seen - 0.3) < 0.08  # layer 1 sees queries computed after a selective layer 0: near, not exact
+    other = mem.reclustered(model, SqueezedConfig(fraction=1.0, cluster_size=8))
+    assert other.ctx_k[0] is mem.ctx_k[0] and other.centroids[0].shape[1] == 16
+    torch.testing.assert_close(stream(model, ids[:, 128:], other, segment=32, keep_logits="all"), ref,
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_probe_records_the_share_of_a_span_each_layer_selected():
+    model = enable(tiny_decoder("llama"))
+    ids = _ids(140)
+    mem = SqueezedAttention.prefill(model, ids[:, :128], SqueezedConfig(fraction=0.25, cluster_size=4), segment=64)
+    mem.probe = (0, 4, 5)  # the sinks, always attended
+    stream(model, ids[:, 128:], mem, segment=12)
+    assert [h.tolist() for h in mem.probe_hits] == [[1.0, 1.0]] * 2
+    mem.reset_queries()
+    mem.probe = (40, 60, 0)
+    stream(model, ids[:, 128:], mem, segment=12)
+    assert all(((h >= 0) & (h <= 1)).all() for h in mem.probe_hits)
