@@ -101,7 +101,8 @@ def run_attention_time(a, emit) -> None:
                                          num_attention_heads=9, num_key_value_heads=3, head_dim=64))
     g = torch.Generator().manual_seed(0)
     for n in (int(x) for x in a.attn_lengths.split(",")):
-        mem = SqueezedAttention(model, SqueezedConfig(kmeans_iters=2))
+        mem = SqueezedAttention(model, SqueezedConfig(kmeans_iters=2, cluster_size=a.cluster_size, heads=a.heads,
+                                                      coarse_size=a.coarse_size))
         mem.ctx_k[0] = torch.randn(1, 3, n, 64, generator=g)
         mem.ctx_v[0] = torch.randn(1, 3, n, 64, generator=g)
         mem.calib_q[0] = torch.randn(1, 9, 64, 64, generator=g)
@@ -109,7 +110,7 @@ def run_attention_time(a, emit) -> None:
         mem.freeze()
         cluster_s = time.perf_counter() - t0
         for rep_ in range(2):  # each fraction twice, interleaved, to see the drift of a shared machine
-            for f in (1.0, 0.5, 0.25, 0.125):
+            for f in [float(x) for x in a.fractions.split(",")]:
                 mem.set_fraction(f)
                 mem.reset_queries()
                 for t in range(a.attn_tokens):
@@ -121,7 +122,8 @@ def run_attention_time(a, emit) -> None:
                       "attended_fraction": mem.attended_fraction(), "tokens": mem.decode_tokens,
                       "ms_per_token_per_layer": round(mem.decode_attention_ms(), 4),
                       "cpu_ms_per_token_per_layer": round(mem.decode_attention_ms(cpu=True), 4),
-                      "cluster_s": round(cluster_s, 2)})
+                      "cluster_s": round(cluster_s, 2), "heads": a.heads, "cluster_size": a.cluster_size,
+                      "coarse_size": a.coarse_size})
 
 
 def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tuple[float, float, float]:
