@@ -27,6 +27,14 @@ service instead of ``grpc.health.v1`` with no reflection, runs none of the serve
 method sets codes by hand. The front keeps the API byte for byte the same: same service, messages,
 status codes and messages, health and reflection.
 
+``Reload`` reaches every replica, though a handle call reaches one: the front redeploys the same
+application with a new ``generation`` in the shard deployments' ``user_config`` (a lightweight
+update: Serve calls each replica's ``reconfigure`` in place, which re-opens the shard's newest
+version as ``retromem serve``'s Reload does, the old version serving until the new one is open),
+then the same for the fan-out, whose replicas each run the router's Reload (re-read every shard's
+size, re-place them within the declared ranges). The answer is the fan-out's; a replica whose
+re-open failed keeps serving its previous version, and the router's Reload reports it.
+
 A replica that dies is routed around: a call that reached it (the actor died under it) is sent
 again, once or twice, through the handle, which has by then dropped the dead replica; what is still
 unanswered returns UNAVAILABLE, which :class:`retromem.service.client.RetrievalClient` retries.
@@ -63,11 +71,10 @@ FANOUT = "fanout"
 _SHARD_KEYS = {"name", "datastore", "dense", "ngram", "datastore_id", "first_doc", "first_chunk", "replicas",
                "autoscaling", "num_cpus", "max_ongoing_requests"}
 _FANOUT_KEYS = {"replicas", "autoscaling", "num_cpus", "max_ongoing_requests", "in_front"}
-RELOAD_REFUSED = ("Reload is not served with --engine ray (a handle reaches one replica of each shard, not all): "
-                  "redeploy the application with the new paths and Serve replaces the replicas one by one")
+RELOAD_TIMEOUT_S = 600.0  # a fan-out replica's Reload: every shard re-opens, then the router re-reads them
 _AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas",
                      # how fast Serve reacts (its defaults: up after 30 s, down after 600 s, over a 30 s window)
-                     "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s"}
+                     "upscale_delay_s", "downscale_delay_s", "look_back_period_s"}
 _METHODS = {m.name: m for m in pb.DESCRIPTOR.services_by_name["Retrieval"].methods}
 
 
@@ -159,9 +166,8 @@ def _scaling(entry: Mapping[str, Any], where: str, default: Scaling) -> Scaling:
         for key in ("upscale_delay_s", "downscale_delay_s"):
             if key in auto:
                 number(auto[key], f"{where}.autoscaling.{key}", ge=0)
-        for key in ("look_back_period_s", "metrics_interval_s"):
-            if key in auto:
-                number(auto[key], f"{where}.autoscaling.{key}", gt=0)
+        if "look_back_period_s" in auto:
+            number(auto["look_back_period_s"], f"{where}.autoscaling.look_back_period_s", gt=0)
         auto = dict(auto)
     num_cpus = number(entry.get("num_cpus", default.num_cpus), f"{where}.num_cpus", ge=0)
     ongoing = integer(entry.get("max_ongoing_requests", default.max_ongoing_requests), f"{where}.max_ongoing_requests", ge=1)
@@ -472,6 +478,18 @@ class ShardReplica:
     def call(self, method: str, request: Any, timeout: float | None) -> tuple:
         return answer_in_process(self.servicer, method, request, timeout)
 
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """Serve calls this after ``__init__`` and again on every replica when the application's
+        ``user_config`` changes: a new ``generation`` is a Reload (this shard's newest version opened
+        anew; on failure the old one keeps serving, and the router's Reload reports it)."""
+        generation = int(config.get("generation", 0))
+        last, self.generation = getattr(self, "generation", None), generation
+        if last is None or last == generation:  # the first call: __init__ opened the newest version already
+            return
+        answer = answer_in_process(self.servicer, "Reload", pb.ReloadRequest(), None)
+        if answer[0] != "ok":
+            logger.error("reload (generation %d) failed: %s: %s", generation, answer[1], answer[2])
+
     def check_health(self) -> None:
         """Serve calls this every few seconds: read a chunk, count a token, search one vector. A
         replica that cannot is restarted, and no call is routed to it meanwhile."""
@@ -523,11 +541,25 @@ class FanOutReplica:
     def placement_error(self) -> str | None:
         return self.error
 
+    async def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """A new ``generation`` (after the shards' own): the router's Reload, whose answer the next
+        ``Reload`` call returns. Off the event loop: it waits on the shards' handles."""
+        import asyncio
+
+        generation = int(config.get("generation", 0))
+        last, self.generation = getattr(self, "generation", None), generation
+        if last is None or last == generation or self.servicer is None:
+            self.reloaded = None
+            return
+        self.reloaded = await asyncio.to_thread(answer_in_process, self.servicer, "Reload", pb.ReloadRequest(),
+                                                RELOAD_TIMEOUT_S)
+
     def call(self, method: str, request: Any, timeout: float | None) -> tuple:
         if self.servicer is None:
             return "error", "FAILED_PRECONDITION", f"the deployment is refused: {self.error}"
-        if method == "Reload":
-            return "error", "FAILED_PRECONDITION", RELOAD_REFUSED
+        if method == "Reload":  # done by reconfigure on every fan-out replica; this is its outcome
+            return self.reloaded or ("error", "FAILED_PRECONDITION", "Reload goes through the gRPC front, which "
+                                                                      "redeploys the application with a new generation")
         return answer_in_process(self.servicer, method, request, timeout)
 
 
@@ -542,31 +574,111 @@ def shard_config(spec: ShardSpec, cfg: ServerConfig) -> ServerConfig:
                         torch_threads=cfg.torch_threads, faiss_threads=cfg.faiss_threads, limits=cfg.limits)
 
 
-def build_app(dep: RayDeployment, cfg: ServerConfig, health_check_period_s: float = 5.0) -> Any:
-    """The Serve application: one deployment per shard and the fan-out (its ingress)."""
+def build_app(dep: RayDeployment, cfg: ServerConfig, health_check_period_s: float = 5.0, *,
+              shard_generation: int = 0, fanout_generation: int = 0) -> Any:
+    """The Serve application: one deployment per shard and the fan-out (its ingress). The
+    generations go in each deployment's ``user_config``: raising one is a Reload of those replicas."""
+    import hashlib
+
     from ray import serve
 
     # the fan-out never sees the front's secrets: it needs only to know whether a token is asked for
     fan_cfg = dataclasses.replace(cfg, token=None, tls_cert=None, tls_key=None, shard_token=None, shard_tls_ca=None)
+    # a fixed code version for this description, so that a redeploy changing only user_config
+    # reconfigures the running replicas in place (not `fanout_in_front`: where the front merges changes
+    # no deployment). Serve draws a random version for each serve.run otherwise, and then replaces every
+    # replica (one by one: still a reload, each new replica opening the newest version, only slower)
+    what = (dep.shards, dep.fanout, dep.app, fan_cfg, health_check_period_s)
+    version = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
+    def versioned(d: Any) -> Any:
+        try:  # the switch Serve's own config deploys use; `version` alone is refused since Ray 2.x
+            return d.options(version=version, _internal=True)
+        except (TypeError, ValueError):  # a Ray without it: replicas replaced on each Reload
+            return d
+
     health = {"health_check_period_s": health_check_period_s, "health_check_timeout_s": 30.0}
     shard = serve.deployment(ShardReplica)
-    bound = [shard.options(name=s.deployment, **s.scaling.options(), **health).bind(shard_config(s, cfg))
+    bound = [versioned(shard.options(name=s.deployment, **s.scaling.options(), **health,
+                                     user_config={"generation": shard_generation})).bind(shard_config(s, cfg))
              for s in dep.shards]
-    fanout = serve.deployment(FanOutReplica).options(name=FANOUT, **dep.fanout.options(), **health)
+    fanout = versioned(serve.deployment(FanOutReplica).options(name=FANOUT, **dep.fanout.options(), **health,
+                                                               user_config={"generation": fanout_generation}))
     return fanout.bind(fan_cfg, [s.name for s in dep.shards], *bound)
+
+
+class Redeployer:
+    """Runs (and re-runs) the application of a deployment description: :meth:`run` deploys it,
+    :meth:`reload_shards` and :meth:`reload_fanout` redeploy it with the next generation of the
+    shards' or the fan-out's ``user_config`` (see :func:`build_app`); one at a time."""
+
+    def __init__(self, dep: RayDeployment, cfg: ServerConfig, health_check_period_s: float = 5.0) -> None:
+        import threading
+
+        self.dep, self.cfg, self.health_check_period_s = dep, cfg, health_check_period_s
+        self.shard_generation = self.fanout_generation = 0
+        self.lock = threading.Lock()
+
+    def run(self) -> Any:
+        """``serve.run`` of the application at the current generations; the fan-out's handle once
+        every replica is up (and reconfigured)."""
+        from ray import serve
+
+        # no access log: a line per call per replica would cost CPU on every hop and fill the log directory
+        return serve.run(build_app(self.dep, self.cfg, self.health_check_period_s, shard_generation=self.shard_generation,
+                                   fanout_generation=self.fanout_generation),
+                         name=self.dep.app, route_prefix=None, logging_config={"enable_access_log": False})
+
+    def reload_shards(self) -> None:
+        self.shard_generation += 1
+        self.run()
+
+    def reload_fanout(self) -> None:
+        self.fanout_generation += 1
+        self.run()
 
 
 class FrontServicer(pb_grpc.RetrievalServicer):
     """The ``retromem.v1.Retrieval`` service of the gRPC front: every call goes to the fan-out
     deployment and comes back as its message or status code."""
 
-    def __init__(self, cfg: ServerConfig, fanout: Any, metrics: Any = None) -> None:
+    def __init__(self, cfg: ServerConfig, fanout: Any, metrics: Any = None, redeployer: Redeployer | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self._stub = HandleStub(fanout, "the fan-out")
+        self._redeployer = redeployer
         for name, m in _METHODS.items():
             if not m.client_streaming and not m.server_streaming:
                 setattr(self, name, self._unary(name))
+        self.Reload = self._reload
+
+    def reload(self) -> None:
+        """Every shard replica re-opens its shard, then every fan-out replica re-places the shards
+        (two lightweight redeploys, one after the other); what SIGHUP runs."""
+        if self._redeployer is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this front was started without its "
+                                                                   "application's description: Reload cannot redeploy it")
+        with self._redeployer.lock:
+            self._redeployer.reload_shards()
+            self._redeployer.reload_fanout()
+
+    def _reload(self, request, context):
+        """:meth:`reload`; the answer is the fan-out's Reload (sizes, deleted documents, or the shard
+        that failed to re-open and still serves its previous version)."""
+        t0 = time.perf_counter()
+        try:
+            self.reload()
+        except ServiceError as exc:
+            context.abort(exc.code, exc.message)
+        except Exception as exc:  # Serve could not apply the new generation
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"Reload: redeploying the application failed: "
+                                                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        try:
+            answer = self._stub.Reload(request, timeout=context.time_remaining())
+        except RemoteStatus as exc:
+            context.abort(exc.code(), exc.details())
+        answer.seconds = time.perf_counter() - t0
+        return answer
 
     def _unary(self, method: str):
         def handler(request, context):
@@ -594,18 +706,28 @@ class FrontServicer(pb_grpc.RetrievalServicer):
         pass
 
 
-def front_servicer(dep: RayDeployment, cfg: ServerConfig, fanout: Any) -> Any:
+def front_servicer(dep: RayDeployment, cfg: ServerConfig, fanout: Any, redeployer: Redeployer | None = None) -> Any:
     """The front's servicer: a thin one over the fan-out deployment, or with ``fanout.in_front`` the
-    router itself over the shards' handles."""
+    router itself over the shards' handles. ``redeployer``: what Reload redeploys (default: ``dep``
+    at generation 0, as :func:`deploy` ran it)."""
+    redeployer = redeployer or Redeployer(dep, cfg)
     if not dep.fanout_in_front:
-        return FrontServicer(cfg, fanout)
+        return FrontServicer(cfg, fanout, redeployer=redeployer)
     from ray import serve
 
     from retromem.service.router import RouterServicer
 
     class InFrontRouter(RouterServicer):
         def Reload(self, request, context):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, RELOAD_REFUSED)
+            """Every shard replica re-opens its shard (a lightweight redeploy), then this router's own
+            Reload re-reads and re-places them."""
+            with redeployer.lock:
+                try:
+                    redeployer.reload_shards()
+                except Exception as exc:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"Reload: redeploying the application failed: "
+                                                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                return super().Reload(request, context)
 
     stubs = {s.target: HandleStub(serve.get_deployment_handle(s.deployment, app_name=dep.app), f"shard {s.target}")
              for s in dep.shards}
@@ -619,6 +741,7 @@ class RayService:
     dep: RayDeployment
     front: Any
     fanout: Any  # the fan-out's DeploymentHandle
+    redeployer: Redeployer | None = None
 
     @property
     def target(self) -> str:
@@ -633,11 +756,12 @@ class RayService:
 
 
 def deploy(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = None,
-           health_check_period_s: float = 5.0) -> Any:
+           health_check_period_s: float = 5.0, redeployer: Redeployer | None = None) -> Any:
     """Connect to Ray (``ray_address``, or the running/a new local instance) and deploy the
-    application; returns the fan-out's handle once every replica is up. A deployment whose placement
-    the router refuses (overlapping ranges, a datastore id that is not what the shard serves) is
-    deleted again and raised as :class:`ConfigError`."""
+    application (through ``redeployer`` when given, which Reload then uses again); returns the
+    fan-out's handle once every replica is up. A deployment whose placement the router refuses
+    (overlapping ranges, a datastore id that is not what the shard serves) is deleted again and
+    raised as :class:`ConfigError`."""
     import ray
     from ray import serve
 
@@ -645,9 +769,7 @@ def deploy(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = N
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")  # the gRPC front is the only way in
     t0 = time.perf_counter()
-    # no access log: a line per call per replica would cost CPU on every hop and fill the log directory
-    fanout = serve.run(build_app(dep, cfg, health_check_period_s), name=dep.app, route_prefix=None,
-                       logging_config={"enable_access_log": False})
+    fanout = (redeployer or Redeployer(dep, cfg, health_check_period_s)).run()
     error = fanout.placement_error.remote().result()
     if error:
         serve.delete(dep.app)
@@ -662,15 +784,16 @@ def start_ray_service(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str
     """:func:`deploy`, then start the gRPC front on ``cfg``'s address; returns at once."""
     from retromem.service.server import start_server
 
-    fanout = deploy(dep, cfg, ray_address=ray_address, health_check_period_s=health_check_period_s)
+    redeployer = Redeployer(dep, cfg, health_check_period_s)
+    fanout = deploy(dep, cfg, ray_address=ray_address, redeployer=redeployer)
     try:
-        front = start_server(cfg, servicer=front_servicer(dep, cfg, fanout))
+        front = start_server(cfg, servicer=front_servicer(dep, cfg, fanout, redeployer))
     except Exception:
         from ray import serve
 
         serve.delete(dep.app)
         raise
-    return RayService(dep, front, fanout)
+    return RayService(dep, front, fanout, redeployer)
 
 
 def serve_ray(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None = None, on_ready=None) -> int:
@@ -684,9 +807,10 @@ def serve_ray(dep: RayDeployment, cfg: ServerConfig, *, ray_address: str | None 
 
     started = not ray.is_initialized()
     try:
-        fanout = deploy(dep, cfg, ray_address=ray_address)
+        redeployer = Redeployer(dep, cfg)
+        fanout = deploy(dep, cfg, ray_address=ray_address, redeployer=redeployer)
         try:
-            return run(cfg, on_ready=on_ready, servicer=front_servicer(dep, cfg, fanout))
+            return run(cfg, on_ready=on_ready, servicer=front_servicer(dep, cfg, fanout, redeployer))
         finally:
             serve.delete(dep.app)
     finally:
