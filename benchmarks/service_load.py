@@ -12,6 +12,10 @@ Workloads: n-gram count (2-4 token ids sampled from the datastore), dense search
 and continuation.
 
     python benchmarks/service_load.py --demo retromem-demo --seconds 3 --concurrency 1,8,32
+
+With ``--rounds R`` every cell is measured R times, the workloads interleaved within each round
+(so that a change in the machine's load hits them alike), and a summary gives each cell's median
+and range over the rounds, and its QPS as a fraction of the ``info`` floor's in the same round.
 """
 
 from __future__ import annotations
@@ -138,6 +142,28 @@ def proc_cpu(pid: int) -> float:
         return float("nan")
 
 
+def summary(rows: list[dict], only: list[str], conc: list[int]) -> None:
+    """Each cell's median [min, max] over the rounds; QPS also as a fraction of the info floor's QPS
+    at the same concurrency in the same round."""
+    def spread(xs) -> str:
+        xs = np.asarray(xs, dtype=float)
+        return f"{np.median(xs):,.3g} [{xs.min():,.3g}, {xs.max():,.3g}]"
+
+    cell = {(r["round"], r["workload"], r["concurrency"]): r for r in rows}
+    rounds = sorted({r["round"] for r in rows})
+    print(f"\nsummary over {len(rounds)} rounds: median [min, max]")
+    print(f"{'workload':<8} {'C':>3}  {'gRPC QPS':>26}  {'/ info QPS':>24}  {'gRPC p50 ms':>24}  {'gRPC p99 ms':>24}  "
+          f"{'server CPU us/req':>24}")
+    for w in only:
+        for c in conc:
+            rs = [cell[(i, w, c)]["grpc"] for i in rounds]
+            ratio = [cell[(i, w, c)]["grpc"]["qps"] / cell[(i, "info", c)]["grpc"]["qps"] for i in rounds] \
+                if "info" in only else [float("nan")]
+            print(f"{w:<8} {c:>3}  {spread([r['qps'] for r in rs]):>26}  {spread(ratio):>24}  "
+                  f"{spread([r['p50_ms'] for r in rs]):>24}  {spread([r['p99_ms'] for r in rs]):>24}  "
+                  f"{spread([r['server_cpu_us_per_req'] for r in rs]):>24}")
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "retromem.cli", "serve", "--datastore", args.datastore, "--dense", args.dense,
@@ -165,6 +191,8 @@ def main() -> None:
                     help="spread the gRPC load over this many client processes, each with its own channel "
                          "(0: client threads in this process sharing one channel)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `retromem serve` argument (repeat)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, interleaved")
+    ap.add_argument("--no-local", action="store_true", help="skip the in-process measurement of each cell")
     ap.add_argument("--json", dest="json_out", help="also write the figures here")
     args = ap.parse_args()
     demo = Path(args.demo)
@@ -237,36 +265,43 @@ def main() -> None:
     print(f"datastore {ds.num_chunks:,} chunks, dense {dense.factory} over {dense.ntotal:,}, n-gram {ng.num_tokens:,} tokens")
     print(f"{'workload':<8} {'C':>3}  {'in-process p50/p99 ms':>22} {'QPS':>8}   {'gRPC p50/p99 ms':>17} {'QPS':>8}  "
           f"{'overhead p50':>12}  {'server/client CPU us/req':>24}  errors")
+    nan = {"p50_ms": float("nan"), "p99_ms": float("nan"), "qps": float("nan"), "errors": 0}
+    cpu_start = proc_cpu(proc.pid)
     try:
-        for w in only:
-            local_call, local_make, method, reqs, timeout = workloads[w]
-            rpc_call = getattr(stub, method)
-            for c in conc:
-                loc = closed_loop(local_call, local_make, c, args.seconds)
-                cpu0 = proc_cpu(proc.pid)
-                if args.client_procs:
-                    rem = remote_closed_loop(ctx, args.client_procs, target, method, reqs, timeout, c, args.seconds)
-                else:
-                    c_cpu0 = time.process_time()
-                    rem = closed_loop(lambda q: rpc_call(q, timeout=timeout), pick(reqs), c, args.seconds)
-                    rem["client_cpu_s"] = time.process_time() - c_cpu0
-                # the server's CPU over the cell (warm-up included; per request over all requests it answered)
-                n_all = rem["n"] * (1 + 0.3 / args.seconds)
-                rem["server_cpu_us_per_req"] = (proc_cpu(proc.pid) - cpu0) / max(n_all, 1) * 1e6
-                rem["client_cpu_us_per_req"] = rem["client_cpu_s"] / max(n_all, 1) * 1e6
-                q_unit = 64 if w == "dense64" else 1
-                rows.append({"workload": w, "concurrency": c, "in_process": loc, "grpc": rem,
-                             "overhead_p50_ms": rem["p50_ms"] - loc["p50_ms"], "queries_per_request": q_unit,
-                             "loadavg": os.getloadavg()[0]})
-                print(f"{w:<8} {c:>3}  {loc['p50_ms']:>9.3f} / {loc['p99_ms']:>8.3f} {loc['qps']:>8,.0f}   "
-                      f"{rem['p50_ms']:>7.3f} / {rem['p99_ms']:>7.3f} {rem['qps']:>8,.0f}  "
-                      f"{rem['p50_ms'] - loc['p50_ms']:>+9.3f} ms  {rem['server_cpu_us_per_req']:>11,.0f} / "
-                      f"{rem['client_cpu_us_per_req']:>10,.0f}  {loc['errors'] + rem['errors']}", flush=True)
+        for rnd in range(args.rounds):
+            for w in only:
+                local_call, local_make, method, reqs, timeout = workloads[w]
+                rpc_call = getattr(stub, method)
+                for c in conc:
+                    loc = nan if args.no_local or w == "info" else closed_loop(local_call, local_make, c, args.seconds)
+                    cpu0 = proc_cpu(proc.pid)
+                    if args.client_procs:
+                        rem = remote_closed_loop(ctx, args.client_procs, target, method, reqs, timeout, c, args.seconds)
+                    else:
+                        c_cpu0 = time.process_time()
+                        rem = closed_loop(lambda q: rpc_call(q, timeout=timeout), pick(reqs), c, args.seconds)
+                        rem["client_cpu_s"] = time.process_time() - c_cpu0
+                    # the server's CPU over the cell (warm-up included; per request over all requests it answered)
+                    n_all = rem["n"] * (1 + 0.3 / args.seconds)
+                    rem["server_cpu_us_per_req"] = (proc_cpu(proc.pid) - cpu0) / max(n_all, 1) * 1e6
+                    rem["client_cpu_us_per_req"] = rem["client_cpu_s"] / max(n_all, 1) * 1e6
+                    q_unit = 64 if w == "dense64" else 1
+                    rows.append({"round": rnd, "workload": w, "concurrency": c, "in_process": loc, "grpc": rem,
+                                 "overhead_p50_ms": rem["p50_ms"] - loc["p50_ms"], "queries_per_request": q_unit,
+                                 "loadavg": os.getloadavg()[0]})
+                    print(f"{w:<8} {c:>3}  {loc['p50_ms']:>9.3f} / {loc['p99_ms']:>8.3f} {loc['qps']:>8,.0f}   "
+                          f"{rem['p50_ms']:>7.3f} / {rem['p99_ms']:>7.3f} {rem['qps']:>8,.0f}  "
+                          f"{rem['p50_ms'] - loc['p50_ms']:>+9.3f} ms  {rem['server_cpu_us_per_req']:>11,.0f} / "
+                          f"{rem['client_cpu_us_per_req']:>10,.0f}  {loc['errors'] + rem['errors']}", flush=True)
     finally:
+        server_cpu = proc_cpu(proc.pid) - cpu_start
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         ch.close()
-    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; server CPU over the cells "
+          f"{server_cpu:.1f} s")
+    if args.rounds > 1:
+        summary(rows, only, conc)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
 

@@ -11,6 +11,11 @@ embeds every text in one encoder call and runs one search per group of requests 
 ``nprobe``, ``efSearch``, the fetch flags and the metadata filters. A request whose deadline passed while it waited is
 dropped unsearched. A failing group is re-run request by request so that one bad request fails
 alone.
+
+:meth:`DenseBatcher.solo` is the lone request's short way: when no batch is running and nobody is
+on the way, it runs the caller's search at once in the caller's thread, holding the lead meanwhile
+(requests that come while it runs queue up and the oldest of them leads the next batch, as after
+any batch), without a queue entry, a future or a wake-up event.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -30,6 +35,8 @@ from retromem.index.dense import DenseIndex
 from retromem.index.types import SearchResult
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -109,8 +116,34 @@ class DenseBatcher:
             self._lead()
         return item.future.result(timeout=0)
 
+    def solo(self, search: Callable[[], T], queries: int = 1) -> tuple[bool, T | None]:
+        """``(True, search())`` run at once in this thread when no batch is running, queued or on
+        its way (nobody announced by :meth:`arrive`); else ``(False, None)`` without running it
+        (the caller takes the batched path). Meanwhile this thread holds the lead: requests that
+        come queue up and are handed the lead when ``search`` returns or raises."""
+        with self._lock:
+            if self._leading or self._arriving:
+                return False, None
+            self._leading = True
+        try:
+            if self.on_batch is not None:
+                self.on_batch(queries)
+            return True, search()
+        finally:
+            self._pass_lead()
+
     def close(self) -> None:
         """Nothing to stop: batches run in the request threads."""
+
+    def _pass_lead(self) -> None:
+        """The running batch is done: hand the lead to the oldest queued request, or drop it."""
+        with self._lock:
+            if self._pending:
+                nxt = self._pending[0]
+                nxt.lead = True
+                nxt.wake.set()
+            else:
+                self._leading = False
 
     def _lead(self) -> None:
         """Collect one batch (the oldest pending request first), search it, hand the lead on."""
@@ -136,13 +169,7 @@ class DenseBatcher:
                     if not it.future.done():
                         it.future.set_exception(exc)
         finally:
-            with self._lock:
-                if self._pending:
-                    nxt = self._pending[0]
-                    nxt.lead = True
-                    nxt.wake.set()
-                else:
-                    self._leading = False
+            self._pass_lead()
             for it in batch:
                 it.wake.set()
 

@@ -29,6 +29,8 @@ import numpy as np
 
 from retromem import __version__
 from retromem.errors import ConfigError
+from retromem.index.dense import MAX_SEARCH_PARAM
+from retromem.index.types import deleted_chunk_ids
 from retromem.service.batcher import DeadlinePassed, DenseBatcher, DenseItem
 from retromem.service.common import (SEARCH_ADVICE, AnswerSize, ServiceError, check_answer, check_chunk_ids,
                                      check_knob, check_search_request, decode_text, invalid, message_budget, rpc,
@@ -87,6 +89,7 @@ class ServingState:
     info: pb.InfoResponse
     size: AnswerSize
     opened_at: float  # time.monotonic() when it was opened
+    bare_knn: bool = False  # a CPU dense index over a datastore without tombstones: search() is knn() plus checks
 
 
 def pinned(fn: Callable) -> Callable:
@@ -142,8 +145,10 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             batcher = DenseBatcher(backend.dense, max_batch=self.cfg.max_dense_batch, wait_s=self.cfg.batch_wait_ms / 1000,
                                    on_batch=self.metrics.dense_batch.observe if self.metrics else None)
         info = self._build_info(backend)
+        d = backend.dense
+        bare = d is not None and not d.gpu and not len(deleted_chunk_ids(d.datastore))
         return ServingState(backend, batcher, info, AnswerSize.of(info.datastore if info.HasField("datastore") else None),
-                            time.monotonic())
+                            time.monotonic(), bare)
 
     # the state of the running call (pinned), else the current one
     @property
@@ -313,9 +318,48 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             self.batcher.abandon()
             raise
 
+    def _solo_search(self, req: pb.SearchRequest, context) -> pb.SearchResponse | None:
+        """The short way for the commonest request, one vector with no exclusions, filters or fetch:
+        the same checks as the batched path, then a bare top-k (:meth:`DenseIndex.knn`, what
+        :meth:`DenseIndex.search` runs for such a query) in this thread while no dense batch is
+        running (:meth:`DenseBatcher.solo`); the answer equals the batched path's. None: take the
+        batched path (another request's shape, or a batch running or on its way)."""
+        st = self.state
+        q = req.queries[0]
+        if (not st.bare_knn or q.WhichOneof("query") != "vector" or len(q.exclude_doc_ids) or len(req.filters)
+                or req.nprobe > MAX_SEARCH_PARAM or req.ef_search > MAX_SEARCH_PARAM
+                or (req.HasField("fetch") and fetch_flags(req.fetch))):
+            return None
+        dense = st.backend.dense
+        check_search_request(req, self.limits, dense.ntotal, "", st.size)
+        k = dense.check_k(int(req.k))
+        x = np.asarray(q.vector.values, dtype=np.float32)
+        if len(x) != dense.dim:
+            raise invalid(f"`queries[0].vector` has {len(x)} values; this index takes {dense.dim}")
+        if not np.isfinite(x).all():
+            raise invalid(f"`queries[0].vector` holds NaN or infinity at position {int(np.flatnonzero(~np.isfinite(x))[0])}")
+        x = x.reshape(1, -1)  # (1, dim)
+        nprobe, ef = req.nprobe or None, req.ef_search or None
+        done, got = st.batcher.solo(lambda: dense.knn(x, k, nprobe=nprobe, ef_search=ef))
+        if not done:  # a batch is running: join the queue with what is parsed already
+            st.batcher.arrive()
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            res = self._dense_search(DenseItem(x, {}, k, nprobe, ef, None, (), deadline), context)
+            D, I = res.scores, res.chunk_ids
+        else:
+            D, I = got
+        keep = I[0] >= 0
+        out = pb.SearchResponse(results=[pb.QueryResult(chunk_ids=I[0][keep].tolist(), scores=D[0][keep].tolist())])
+        return check_answer(out, self.limits.max_message_bytes, f"1 query x {k:,} hits", SEARCH_ADVICE)
+
     @pinned
     @rpc
     def Search(self, request, context):
+        if len(request.queries) == 1 and self.state.batcher is not None:
+            out = self._solo_search(request, context)
+            if out is not None:
+                return out
         item = self._announced_item(request, context)
         res = self._dense_search(item, context)
         out = pb.SearchResponse()

@@ -135,3 +135,57 @@ def test_a_bad_request_fails_alone(index, vectors):
     for i, r in zip([1, 2, 3, 4, 5, 6], got[:3] + got[4:]):
         assert not isinstance(r, Exception), r
         np.testing.assert_array_equal(r.chunk_ids, index.search(vectors[i:i + 1], 5).chunk_ids)
+
+
+def test_solo_runs_at_once_and_queued_requests_get_the_lead_after_it(index, vectors):
+    batches: list[int] = []
+    b = DenseBatcher(index, max_batch=64, wait_s=0.002, on_batch=batches.append)
+    done, (D, I) = b.solo(lambda: index.knn(vectors[:1], 5))
+    assert done and batches == [1]
+    ref = index.search(vectors[:1], 5)
+    np.testing.assert_array_equal(I, ref.chunk_ids)
+    np.testing.assert_array_equal(D, ref.scores)
+    # a solo search holds the lead: a second solo is refused, batched requests queue behind it
+    gate, entered, held = threading.Event(), threading.Event(), []
+
+    def hold():
+        entered.set()
+        assert gate.wait(10)
+        return "held"
+
+    lead = threading.Thread(target=lambda: held.append(b.solo(hold)))
+    lead.start()
+    assert entered.wait(10)
+    assert b.solo(lambda: "second") == (False, None)
+    items = [item(vectors[i:i + 1]) for i in range(1, 5)]
+    out: list = []
+    queued = threading.Thread(target=lambda: out.extend(run_concurrently(b, items)))
+    queued.start()
+    deadline = time.monotonic() + 10
+    while b.depth < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert b.depth == 4 and not out  # nobody searched while the solo search runs
+    gate.set()
+    lead.join(10)
+    queued.join(10)
+    assert held == [(True, "held")]
+    for i, r in zip(range(1, 5), out):
+        np.testing.assert_array_equal(r.chunk_ids, index.search(vectors[i:i + 1], 5).chunk_ids)
+    assert b.depth == 0 and batches == [1, 1, 4]  # two solo searches, then the queued four in one call
+    assert b.solo(lambda: "idle again") == (True, "idle again")
+
+
+def test_solo_yields_to_announced_requests_and_passes_the_lead_when_it_fails(index, vectors):
+    b = DenseBatcher(index, wait_s=0.002)
+    b.arrive()  # a request on its way: it may batch with others, so no solo search meanwhile
+    assert b.solo(lambda: "x") == (False, None)
+    b.abandon()
+
+    def fail():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        b.solo(fail)
+    assert b.solo(lambda: "after") == (True, "after")  # the failure did not keep the lead
+    b.arrive()
+    assert b.search(item(vectors[:1])).chunk_ids.shape == (1, 5)

@@ -492,3 +492,88 @@ def test_unparseable_request_bytes_are_invalid_argument_and_the_server_keeps_ser
         assert method in details and "Request" in details and "not a valid" in details
     with RetrievalClient(server.target) as c:
         assert c.health() == "SERVING" and c.count(" the").count > 0
+
+
+# -- a lone one-vector Search is answered inline (issue 19: the batcher's hand-off cost) ------
+
+
+def _one(v: np.ndarray, k: int = 5, copies: int = 1) -> pb.SearchRequest:
+    return pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=v))] * copies, k=k)
+
+
+def test_lone_one_vector_search_skips_the_queue_and_equals_the_batched_path(client, server, backend, monkeypatch):
+    batcher = server.servicer.batcher
+    queued: list[int] = []
+    orig = batcher.search
+    monkeypatch.setattr(batcher, "search", lambda it, timeout=None: (queued.append(len(it.vectors)), orig(it, timeout))[1])
+    x = backend.dense.embedder.encode(QUERIES + ["a file"])
+    for v in x:
+        one = client.stub.Search(_one(v), timeout=20).results[0]
+        two = client.stub.Search(_one(v, copies=2), timeout=20).results[0]  # two queries: the batched path
+        want = backend.dense.search(v[None], 5)
+        assert list(one.chunk_ids) == list(two.chunk_ids) == want.chunk_ids[0].tolist()
+        assert list(one.scores) == list(two.scores)  # bit for bit
+        np.testing.assert_allclose(one.scores, want.scores[0], rtol=1e-6)
+    assert queued == [2] * len(x)  # only the two-query requests went through the queue
+    # the same checks as the batched path, with the same codes and messages
+    for req, code, text in [(_one(np.ones(3, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "`queries[0].vector` has 3 values"),
+                            (_one(np.full(384, np.nan, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "holds NaN"),
+                            (_one(x[0], k=51), grpc.StatusCode.OUT_OF_RANGE, "`k` is 51"),
+                            (_one(x[0], k=0), grpc.StatusCode.INVALID_ARGUMENT, "`k` must be positive")]:
+        for copies in (1, 2):
+            with pytest.raises(grpc.RpcError) as e:
+                client.stub.Search(pb.SearchRequest(queries=list(req.queries) * copies, k=req.k), timeout=20)
+            assert e.value.code() == code and text in e.value.details(), (copies, e.value.details())
+
+
+def test_one_vector_search_queues_behind_a_running_batch(client, server, backend):
+    batcher = server.servicer.batcher
+    v = backend.dense.embedder.encode(["sorting lists"])[0]
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold():
+        entered.set()
+        gate.wait(10)
+
+    lead = threading.Thread(target=batcher.solo, args=(hold,))
+    lead.start()
+    try:
+        assert entered.wait(10)
+        fut = client.stub.Search.future(_one(v), timeout=20)
+        deadline = time.time() + 10
+        while batcher.depth < 1 and time.time() < deadline:
+            time.sleep(0.005)
+        assert batcher.depth == 1 and not fut.done()  # queued behind the running search, not run beside it
+    finally:
+        gate.set()
+        lead.join(10)
+    got = fut.result(10).results[0]
+    assert list(got.chunk_ids) == backend.dense.search(v[None], 5).chunk_ids[0].tolist()
+
+
+def test_one_vector_search_honours_tombstones(tmp_path, union):
+    import shutil
+
+    from retromem.datastore import Datastore
+    from retromem.datastore.tombstones import delete
+
+    root = tmp_path / "union"
+    shutil.copytree(union.datastore.parent, root)
+    ds_path = root / union.datastore.name
+    before = Datastore.open(ds_path)
+    first = before.doc_first_chunk_array
+    text = before.chunk_texts([int(first[0])])  # a chunk of the document taken down below
+    delete(ds_path, doc_ids=[0], reason="test takedown")
+    cfg = ServerConfig(datastore=str(ds_path), dense=str(root / union.dense.name), port=0, workers=2)
+    b = Backend.open(cfg)
+    running = start_server(cfg, b)
+    try:
+        assert not running.servicer.state.bare_knn  # the selector path, not the bare top-k
+        v = b.dense.embedder.encode(text)[0]
+        with RetrievalClient(running.target, timeout=20) as c:
+            got = c.stub.Search(_one(v), timeout=20).results[0]
+        want = b.dense.search(v[None], 5).chunk_ids[0].tolist()
+        assert list(got.chunk_ids) == want and len(want) == 5
+        assert not set(want) & set(range(int(first[0]), int(first[1])))
+    finally:
+        running.stop(0)
