@@ -441,8 +441,12 @@ def load_legacy(cls: type, path: Path):
     base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
     model = cls(base, cls.settings_class(**data["config"]))
     state = {cls.legacy_key(k): v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"base.lm_head.weight"} if getattr(base.config, "tie_word_embeddings", False) else set()
+    embed = "base." + next(n for n, p in base.named_parameters() if p is base.get_input_embeddings().weight)
+    if tied and embed not in state and "base.lm_head.weight" in state:
+        # safetensors stores a tied matrix once, and older saves kept it under the head's name
+        state[embed] = state["base.lm_head.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if k not in tied]
     if real_missing or unexpected:
         raise RetromemError(f"weights in {path} do not fit the model: missing {real_missing[:5]}, "
