@@ -219,17 +219,26 @@ def real_vectors(dirs: tuple[str, ...] = REAL_EMBEDDINGS) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def stand_ins(real: np.ndarray, start: int, n: int, noise: float = 0.3) -> np.ndarray:
+def stand_ins(real: np.ndarray, start: int, n: int, noise: float = 0.3, block: int = 65536) -> np.ndarray:
     """Vectors [start, start + n) of the stand-in database: the real vectors, then real vectors plus
     isotropic noise of norm ~``noise`` (cosine ~0.96 to their origin), renormalized; deterministic in
-    ``start``. Real neighbourhoods, repeated: time and memory behave as with real data; recall is not claimed."""
-    out = np.empty((n, real.shape[1]), dtype=np.float32)
-    i = np.arange(start, start + n)
+    ``start``. Real neighbourhoods, repeated: time and memory behave as with real data; recall is not claimed.
+
+    Filled ``block`` rows at a time, in place: the only array of size n is the output (the noise drawn
+    block by block is the same stream as one draw, so the values do not depend on ``block``)."""
+    d = real.shape[1]
+    out = np.empty((n, d), dtype=np.float32)
     rng = np.random.default_rng(start)
-    out[:] = real[i % len(real)]
-    fresh = i >= len(real)
-    out[fresh] += rng.standard_normal((int(fresh.sum()), real.shape[1]), dtype=np.float32) * np.float32(noise / np.sqrt(real.shape[1]))
-    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    scale = np.float32(noise / np.sqrt(d))
+    for b0 in range(0, n, block):
+        i = np.arange(start + b0, start + min(n, b0 + block))
+        o = out[b0 : b0 + len(i)]
+        o[:] = real[i % len(real)]
+        fresh = i >= len(real)
+        k = int(fresh.sum())
+        if k:
+            o[fresh] += rng.standard_normal((k, d), dtype=np.float32) * scale
+        o /= np.linalg.norm(o, axis=1, keepdims=True)
     return out
 
 
@@ -238,68 +247,148 @@ def nlist_for(n: int) -> int:
     return 2 ** int(round(np.log2(8 * np.sqrt(n))))
 
 
-def dense_one(n: int, work: Path, pq: int, queries: int, out_json: Path) -> None:
-    """Build IVF{nlist}_HNSW32,PQ{pq} over n vectors (real ones first, then stand-ins), write it, search it
-    memory-mapped (IO_FLAG_MMAP: the inverted lists stay on disk) with real held-out queries; recall@10
-    against exact search over the same n vectors, at nprobe 1..nlist/4."""
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _step(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save_step(path: Path, rec: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec))
+    tmp.replace(path)
+
+
+def dense_one(n: int, work: Path, pq: int, queries: int, out_json: Path, shard: int = 2_000_000,
+              batch: int = 50_000) -> None:
+    """Build IVF{nlist}_HNSW32,PQ{pq} over n vectors (real ones first, then stand-ins) as the dense build
+    does at scale, then search it memory-mapped with real held-out queries; recall@10 against exact search
+    over the same n vectors, at nprobe 1..nlist/4.
+
+    Build: train once on a sample (39 points per list) as ``index build-dense`` does (two-level k-means from
+    4,096 lists on, no polysemous training of the codes); add ``shard``
+    vectors at a time to a copy of the trained index, in batches of ``batch`` generated on the fly, and
+    write each shard; merge the shards' lists into one on-disk ``.ivfdata`` (``faiss.contrib.ondisk``).
+    No step holds more than the training sample or one shard, so memory does not grow with n. Every step
+    is written to ``work/ivf-<n>/`` as it finishes with its CPU and wall time: a killed run resumes."""
     import faiss
-    from faiss.contrib.clustering import train_ivf_index_with_2level
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from retromem.index.dense_faiss import no_polysemous_training, train_ivf
 
     faiss.omp_set_num_threads(1)
+    wd = work / f"ivf-{n}"
+    wd.mkdir(parents=True, exist_ok=True)
     real = real_vectors()
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(real))
     q, base = real[perm[:queries]], real[perm[queries:]]
     d = base.shape[1]
     nlist = nlist_for(n)
-    res: dict = {"n": n, "nlist": nlist, "nlist_range": [4 * int(np.sqrt(n)), 16 * int(np.sqrt(n))], "pq_bytes": pq,
-                 "real_base": len(base), "queries": queries}
-    t = time.process_time()
-    ntrain = min(n, 39 * nlist)
-    xt = stand_ins(base, 0, ntrain) if ntrain <= len(base) else stand_ins(base, n - ntrain, ntrain)
-    index = faiss.index_factory(d, f"IVF{nlist}_HNSW32,PQ{pq}")
-    # two-level k-means (sqrt(nlist) coarse clusters, each split): FAISS's own recipe for large nlist
-    train_ivf_index_with_2level(index, xt, clustering_niter=10)
-    res["train_cpu_s"], res["train_points"] = time.process_time() - t, ntrain
-    del xt
-    t = time.process_time()
-    batch = 200_000
-    top_d = np.full((queries, 10), np.inf, dtype=np.float32)
-    top_i = np.zeros((queries, 10), dtype=np.int64)
-    gt_s = 0.0
-    for s0 in range(0, n, batch):
-        x = stand_ins(base, s0, min(batch, n - s0))
-        g0 = time.process_time()
-        # exact top-10 by squared L2 (unit vectors): merged batch by batch, as the index is filled
-        dist = 2 - 2 * q @ x.T
-        k = np.argpartition(dist, 10, axis=1)[:, :10] if x.shape[0] > 10 else np.tile(np.arange(x.shape[0]), (queries, 1))
-        cd = np.concatenate([top_d, np.take_along_axis(dist, k, 1)], 1)
-        ci = np.concatenate([top_i, k + s0], 1)
-        o = np.argsort(cd, 1)[:, :10]
-        top_d, top_i = np.take_along_axis(cd, o, 1), np.take_along_axis(ci, o, 1)
-        gt_s += time.process_time() - g0
-        index.add(x)
-    res["add_cpu_s"] = time.process_time() - t - gt_s
-    res["exact_cpu_s"] = gt_s
-    path = work / f"ivf-{n}.faiss"
-    faiss.write_index(index, str(path))
-    res["index_bytes"] = path.stat().st_size
+    res: dict = {"n": n, "dim": d, "nlist": nlist, "nlist_range": [4 * int(np.sqrt(n)), 16 * int(np.sqrt(n))], "pq_bytes": pq,
+                 "real_base": len(base), "queries": queries, "shard_vectors": shard, "add_batch": batch}
+
+    # 1. train
+    trained = wd / "trained.index"
+    tr = _step(wd / "train.json")
+    if tr is None or not trained.exists():
+        c0, w0 = time.process_time(), time.perf_counter()
+        ntrain = min(n, 39 * nlist)
+        xt = stand_ins(base, 0, ntrain) if ntrain <= len(base) else stand_ins(base, n - ntrain, ntrain)
+        gen = time.process_time() - c0
+        c1, w1 = time.process_time(), time.perf_counter()
+        index = faiss.index_factory(d, f"IVF{nlist}_HNSW32,PQ{pq}")
+        # as `index build-dense` trains: two-level k-means from TWO_LEVEL_MIN_NLIST lists on, no polysemous codes
+        no_polysemous_training(index)
+        train_ivf(index, xt)
+        tr = {"train_cpu_s": time.process_time() - c1, "train_wall_s": time.perf_counter() - w1, "train_points": ntrain,
+              "train_standin_cpu_s": gen, "train_maxrss": _maxrss()}
+        del xt
+        faiss.write_index(index, str(trained))
+        _save_step(wd / "train.json", tr)
+        del index
+    res.update(tr)
+
+    # 2. add, shard by shard; the exact top-10 of the queries merged batch by batch as the vectors go by
+    shard_files = []
+    for k, s0 in enumerate(range(0, n, shard)):
+        s1 = min(n, s0 + shard)
+        f = wd / f"shard-{k:04d}.index"
+        shard_files.append(f)
+        if _step(wd / f"shard-{k:04d}.json") is not None and (f.exists() or (wd / "merge.json").exists()):
+            continue
+        index = faiss.read_index(str(trained))
+        top_d = np.full((queries, 10), np.inf, dtype=np.float32)
+        top_i = np.zeros((queries, 10), dtype=np.int64)
+        gen = gt = add = 0.0
+        w0 = time.perf_counter()
+        for b0 in range(s0, s1, batch):
+            c = time.process_time()
+            x = stand_ins(base, b0, min(batch, s1 - b0))
+            c2 = time.process_time()
+            dist = q @ x.T  # unit vectors: the smallest L2 is the largest inner product
+            np.multiply(dist, -2, out=dist)
+            dist += 2
+            kk = np.argpartition(dist, 10, axis=1)[:, :10] if x.shape[0] > 10 else np.tile(np.arange(x.shape[0]), (queries, 1))
+            cd = np.concatenate([top_d, np.take_along_axis(dist, kk, 1)], 1)
+            ci = np.concatenate([top_i, kk + b0], 1)
+            o = np.argsort(cd, 1)[:, :10]
+            top_d, top_i = np.take_along_axis(cd, o, 1), np.take_along_axis(ci, o, 1)
+            del dist
+            c3 = time.process_time()
+            index.add_with_ids(x, np.arange(b0, b0 + len(x), dtype=np.int64))
+            c4 = time.process_time()
+            gen, gt, add = gen + c2 - c, gt + c3 - c2, add + c4 - c3
+        faiss.write_index(index, str(f))
+        del index
+        _save_step(wd / f"shard-{k:04d}.json", {"lo": s0, "hi": s1, "add_cpu_s": add, "standin_cpu_s": gen, "exact_cpu_s": gt,
+                                                 "wall_s": time.perf_counter() - w0, "maxrss": _maxrss(),
+                                                 "top_d": top_d.tolist(), "top_i": top_i.tolist()})
+    shards = [_step(wd / f"shard-{k:04d}.json") for k in range(len(shard_files))]
+    res["add_cpu_s"] = sum(s["add_cpu_s"] for s in shards)
+    res["add_wall_s"] = sum(s["wall_s"] for s in shards)
+    res["standin_cpu_s"] = sum(s["standin_cpu_s"] for s in shards)
+    res["exact_cpu_s"] = sum(s["exact_cpu_s"] for s in shards)
+    cd = np.concatenate([np.array(s["top_d"], dtype=np.float32) for s in shards], 1)
+    ci = np.concatenate([np.array(s["top_i"], dtype=np.int64) for s in shards], 1)
+    top_i = np.take_along_axis(ci, np.argsort(cd, 1)[:, :10], 1)
+
+    # 3. merge the shards' lists into one on-disk file; the index file keeps only the quantizer + list offsets
+    path, ivfdata = wd / "merged.index", wd / "merged.ivfdata"
+    mg = _step(wd / "merge.json")
+    if mg is None or not path.exists():
+        c0, w0 = time.process_time(), time.perf_counter()
+        index = faiss.read_index(str(trained))
+        ivfdata.unlink(missing_ok=True)
+        merge_ondisk(index, [str(f) for f in shard_files], str(ivfdata))
+        faiss.write_index(index, str(path))
+        del index
+        mg = {"merge_cpu_s": time.process_time() - c0, "merge_wall_s": time.perf_counter() - w0, "merge_maxrss": _maxrss()}
+        _save_step(wd / "merge.json", mg)
+        for f in shard_files:
+            f.unlink(missing_ok=True)
+    res.update(mg)
+    res["index_bytes"] = path.stat().st_size + ivfdata.stat().st_size
+    res["ivfdata_bytes"] = ivfdata.stat().st_size
+    res["build_maxrss"] = max([tr["train_maxrss"], mg["merge_maxrss"]] + [s["maxrss"] for s in shards])
+
+    # 4. search: only the quantizer and the list offsets are read in; the lists are mapped from disk
+    res["rss_before_open"] = _maxrss()
+    t = time.perf_counter()
+    # OnDiskInvertedLists map their .ivfdata themselves (IO_FLAG_MMAP on top of them crashes FAISS 1.15's search)
+    index = faiss.read_index(str(path))
+    res["open_s"] = time.perf_counter() - t
     ivf = faiss.extract_index_ivf(index)
     sizes = np.array([ivf.invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
     res["list_size_max_over_mean"] = float(sizes.max() / max(sizes.mean(), 1))
-    del index, ivf
-    import resource as _r
-
-    res["rss_before_mmap"] = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
-    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
-    res["open_s"] = time.perf_counter() - t
-    ivf = faiss.extract_index_ivf(index)
     # which lists each query probes: bytes read from the on-disk lists = their codes + ids
     _, probed = ivf.quantizer.search(q, min(nlist, 1024))
     rows = []
     for nprobe in [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist // 4]:
         ivf.nprobe = nprobe
+        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(16, nprobe)  # the graph must return nprobe lists
         index.search(q[:10], 10)  # warm the quantizer
         ns = []
         found = np.zeros((queries, 10), dtype=np.int64)
@@ -312,7 +401,7 @@ def dense_one(n: int, work: Path, pq: int, queries: int, out_json: Path) -> None
         rows.append({"nprobe": nprobe, "recall_at_10": recall, "bytes_read_per_query": read, **percentiles(ns)})
     best = max(r["recall_at_10"] for r in rows)
     tuned = next(r for r in rows if r["recall_at_10"] >= best - 0.02)
-    res.update(sweep=rows, tuned=tuned, peak_rss=_r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024)
+    res.update(sweep=rows, tuned=tuned, peak_rss=_maxrss())
     out_json.write_text(json.dumps(res))
 
 
@@ -333,7 +422,8 @@ def dense_rows(a: argparse.Namespace, rows_path: Path) -> None:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         if not a.keep_index:
-            (work / f"ivf-{n}.faiss").unlink(missing_ok=True)
+            for f in ("merged.index", "merged.ivfdata", "trained.index"):
+                (work / f"ivf-{n}" / f).unlink(missing_ok=True)
 
 
 def compare(rows_path: Path, fit_up_to: float) -> list[dict]:
@@ -373,6 +463,31 @@ def compare(rows_path: Path, fit_up_to: float) -> list[dict]:
                 fp = sp.fm_shards * costs.fm_count_ms
                 out.append({"scale": scale, "tokens": t, "component": "fm count p50 ms", "predicted": fp,
                             "measured": q["fm_count"]["p50_ms"], "error": fp / q["fm_count"]["p50_ms"] - 1})
+    return out
+
+
+def compare_dense(rows_path: Path, fit_up_to: float) -> list[dict]:
+    """`retromem plan`'s dense costs fitted on the dense rows up to ``fit_up_to`` tokens (64 per vector)
+    against every larger dense row: train and add CPU-seconds, index bytes on disk, the build's peak, and
+    at the row's tuned nprobe the bytes a query reads from the on-disk lists and its scanning time."""
+    from retromem.index.plan import dense_costs_from_rows, predict, predict_stack
+
+    costs = dense_costs_from_rows(rows_path, max_tokens=fit_up_to)
+    out = []
+    for r in sorted((r for r in read_rows(rows_path) if r["stage"] == "dense" and r["tokens"] > fit_up_to), key=lambda r: r["n"]):
+        p = predict(r["tokens"], dim=r.get("dim", 384), factory=f"IVF{r['nlist']}_HNSW32,PQ{r['pq_bytes']}", costs=costs,
+                    train_size=r["train_points"])
+        sp = predict_stack(p, nprobe=r["tuned"]["nprobe"])
+        pairs = [("dense train CPU-s", p.train_cpu_core_hours * 3600, r["train_cpu_s"]),
+                 ("dense add CPU-s", p.add_cpu_core_hours * 3600, r["add_cpu_s"]),
+                 ("dense index disk bytes", p.index_bytes, r["index_bytes"]),
+                 ("dense build peak RSS", p.build_peak_bytes, r.get("build_maxrss", r["peak_rss"])),
+                 (f"dense bytes read / query (nprobe {r['tuned']['nprobe']})", sp.ivf_bytes_read_per_query,
+                  r["tuned"]["bytes_read_per_query"]),
+                 ("dense query p50 ms (plan: list scan only)", sp.dense_query_cpu_ms, r["tuned"]["p50_ms"])]
+        for what, pred, m in pairs:
+            out.append({"scale": f"{r['n']:.0e} vectors", "tokens": r["tokens"], "component": what, "predicted": pred,
+                        "measured": m, "error": pred / m - 1 if m else None})
     return out
 
 
@@ -444,6 +559,8 @@ def main() -> None:
     ap.add_argument("--keep-index", action="store_true")
     ap.add_argument("--compare", type=float, default=None, metavar="TOKENS",
                     help="print `retromem plan` fitted on the scales up to TOKENS against every larger scale measured")
+    ap.add_argument("--compare-dense", type=float, default=None, metavar="VECTORS",
+                    help="only the dense rows: `retromem plan` fitted on the rows up to VECTORS against the larger ones")
     ap.add_argument("--table", action="store_true", help="print the rows as a markdown table")
     ap.add_argument("--dense-one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dense-out", default=None, help=argparse.SUPPRESS)
@@ -472,11 +589,13 @@ def main() -> None:
                   f"{c['p99_ms']:.2f} ms; FM-index, {r.get('fm_shards')} shard(s): p50 {f.get('p50_ms', 0):.3f} ms, "
                   f"p99 {f.get('p99_ms', 0):.2f} ms")
         return
-    if a.compare is not None:
+    if a.compare is not None or a.compare_dense is not None:
         print("| scale | tokens | component | plan | measured | error |\n| --- | ---: | --- | ---: | ---: | ---: |")
-        for c in compare(rows_path, a.compare):
+        for c in (compare(rows_path, a.compare) if a.compare else []) + compare_dense(rows_path, a.compare or a.compare_dense * 64):
             f = (lambda v: f"{v / 2**20:,.0f} MiB") if "bytes" in c["component"] or "RSS" in c["component"] else (lambda v: f"{v:,.2f}")
-            print(f"| x{c['scale']} | {c['tokens']:,} | {c['component']} | {f(c['predicted'])} | {f(c['measured'])} | "
+            if "/ query" in c["component"]:
+                f = lambda v: f"{v / 1e3:,.0f} KB"  # noqa: E731
+            print(f"| {'x' if isinstance(c['scale'], int) else ''}{c['scale']} | {c['tokens']:,} | {c['component']} | {f(c['predicted'])} | {f(c['measured'])} | "
                   f"{c['error']:+.1%} |")
         return
     if a.plot_only:

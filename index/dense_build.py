@@ -32,8 +32,8 @@ from retromem.datastore.job import Job, open_job
 from retromem.diskspace import preflight
 from retromem.errors import ConfigError, IndexFormatError
 from retromem.index.dense_eval import tune
-from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has_search_param, read_index, to_gpu,
-                                        use_gpu, write_index)
+from retromem.index.dense_faiss import (INDEX_FORMAT, default_search_params, has_search_param, no_polysemous_training,
+                                        read_index, to_gpu, train_ivf, use_gpu, write_index)
 from retromem.index.embed import Embeddings, faiss_metric, index_similarity
 from retromem.index.factory import AutoChoice, choose_factory, parse_factory
 from retromem.index.types import DenseBuildResult, portable_meta, record_path, resolve_path
@@ -89,6 +89,7 @@ def _new_index(factory: str, d: int, similarity: str = "cosine"):
     except RuntimeError as exc:
         raise ConfigError(f"FAISS cannot build factory {factory!r} for dimension {d}: {str(exc).splitlines()[-1]}") from exc
     if _has_ivf(index):
+        no_polysemous_training(index)  # a fixed ~55 CPU-s for codes no search here reads as Hamming codes
         return index  # inverted lists store the ids themselves
     return faiss.IndexIDMap(index)  # flat and graph indexes keep chunk_ids in an id map
 
@@ -110,7 +111,10 @@ def _train(index, xt: np.ndarray, gpu: bool) -> None:
         # the FAISS recipe (bench_gpu_1bn): k-means of the coarse quantizer on the GPU(s)
         ivf = faiss.extract_index_ivf(index)
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-    index.train(xt)
+        index.train(xt)
+        return
+    # on CPU, two-level k-means from TWO_LEVEL_MIN_NLIST lists on (flat k-means there is ~sqrt(nlist)/2 x the FLOPs)
+    train_ivf(index, xt)
 
 
 def _shard_marker(i: int) -> str:

@@ -9,9 +9,13 @@ and BENCHMARKS.md); ``measure_unit_costs`` re-measures them on the machine at ha
 Assumptions, stated so a reader can disagree with them:
 - embedding time scales linearly in chunks (fixed-length 64-token chunks, so it does);
 - FAISS add time scales linearly in vectors for IVF (each vector is assigned to one list);
-- coarse k-means costs ``2 x iterations x points x centroids x dim`` FLOPs over the training
-  sample the build would draw (256 points per centroid, at most 1M points, at least 39 per
-  centroid), 10 iterations (FAISS's default for IVF training);
+- training costs the FLOPs of the k-means the build runs (:func:`retromem.index.dense_faiss.kmeans_flops`)
+  over the training sample it would draw (256 points per centroid, at most 1M points, at least 39
+  per centroid; ``--train-size`` overrides): the coarse quantizer's k-means, 10 iterations (FAISS's
+  default for IVF training), flat below 4,096 lists and in two levels from there on as
+  ``index build-dense`` trains on CPU (sqrt(nlist) clusters, each split: ~2 sqrt(nlist) instead of
+  nlist distances per point), plus the PQ codebooks (25 iterations on at most 256 x 2**nbits
+  points); GPU training is flat k-means (FAISS's GPU recipe);
 - search RAM is the whole index in memory; with ``--merge ondisk`` only the fixed part
   (centroids, rotations, codebooks) must be resident and the inverted lists are paged;
 - GPU figures: the shipped embedding rate on a GPU is the issue's H100 target (5,000 chunks/s with
@@ -22,6 +26,7 @@ Assumptions, stated so a reader can disagree with them:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -32,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from retromem.index.dense_faiss import kmeans_flops
 from retromem.index.factory import parse_factory
 from retromem.errors import ConfigError
 
@@ -65,6 +71,9 @@ class UnitCosts:
     gpu_speedup_faiss: float
     gpu_speedup_measured: bool
     cpu_cores: int
+    # what a build's largest process holds besides its training sample (interpreter, FAISS, the quantizer);
+    # 0 until fitted from scale-curve rows (dense_costs_from_rows)
+    build_fixed_bytes: int = 0
 
     @classmethod
     def load(cls, path: str | None = None) -> "UnitCosts":
@@ -72,7 +81,7 @@ class UnitCosts:
             return cls(**UNIT_COSTS_MEASURED)
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{k: data[k] for k in UNIT_COSTS_MEASURED})
+            return cls(**{k: data[k] for k in UNIT_COSTS_MEASURED}, build_fixed_bytes=int(data.get("build_fixed_bytes", 0)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--unit-costs {path}: cannot read unit costs ({exc}); expected keys {sorted(UNIT_COSTS_MEASURED)}") from exc
 
@@ -92,6 +101,9 @@ class Prediction:
     train_cpu_core_hours: float
     add_cpu_core_hours: float
     faiss_gpu_hours: float
+    train_points: int  # the training sample the build draws
+    train_flops: float  # its k-means on CPU (two levels from TWO_LEVEL_MIN_NLIST lists on)
+    build_peak_bytes: int  # the build's largest process: the training sample in float32 + a fixed part
     costs: UnitCosts
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,7 +123,8 @@ class Prediction:
             f"build       embed {self.embed_gpu_hours:,.1f} GPU-hours ({'measured' if c.embed_gpu_measured else 'assumed'} "
             f"{c.embed_chunks_per_s_gpu:,.0f} chunks/s/GPU) or {self.embed_cpu_core_hours:,.0f} CPU core-hours "
             f"(measured {c.embed_chunks_per_s_cpu / c.cpu_cores:,.1f} chunks/s/core)",
-            f"            FAISS train {self.train_cpu_core_hours:,.1f} + add {self.add_cpu_core_hours:,.1f} CPU core-hours (measured), "
+            f"            FAISS train {self.train_cpu_core_hours:,.2f} ({self.train_points:,} points, {self.train_flops:.2g} k-means "
+            f"FLOPs, peak {gb(self.build_peak_bytes)}) + add {self.add_cpu_core_hours:,.2f} CPU core-hours (measured), "
             f"or {self.faiss_gpu_hours:,.2f} GPU-hours ({'measured' if c.gpu_speedup_measured else 'assumed'} "
             f"k-means {c.kmeans_flops_per_s_gpu / 1e12:.0f} TFLOP/s, add {c.gpu_speedup_faiss:.0f}x this machine)",
             f"            total on GPUs: {self.embed_gpu_hours + self.faiss_gpu_hours:,.1f} GPU-hours",
@@ -126,9 +139,15 @@ def auto_factory(chunks: int, code: str = "PQ64") -> str:
     return f"OPQ64_384,IVF{nlist}_HNSW32,{code}" if code == "PQ64" else f"IVF{nlist}_HNSW32,{code}"
 
 
+def _train_flops(spec, points: int, *, two_level: bool | None = None) -> float:
+    pq_m = round(spec.code_bytes * 8 / math.log2(spec.pq_ksub)) if spec.pq_ksub > 1 else 0
+    return kmeans_flops(spec.nlist, points, spec.d, two_level=two_level, pq_m=pq_m, pq_ksub=spec.pq_ksub)
+
+
 def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str = "OPQ64_384,IVF262144_HNSW32,PQ64",
-            costs: UnitCosts | None = None) -> Prediction:
-    """``factory`` ``auto``: :func:`auto_factory` for the datastore's chunk count."""
+            costs: UnitCosts | None = None, train_size: int | None = None) -> Prediction:
+    """``factory`` ``auto``: :func:`auto_factory` for the datastore's chunk count; ``train_size``: the
+    training sample (``build-dense --train-size``), by default what the factory needs (``good_train``)."""
     if tokens <= 0:
         raise ConfigError(f"`--tokens` must be positive, got {tokens}")
     if chunk_length <= 0:
@@ -141,11 +160,14 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
         factory = auto_factory(chunks)
     spec = parse_factory(factory, dim)
     index_bytes = spec.index_bytes(chunks)
-    train_points = min(chunks, spec.good_train()) if spec.needs_training else 0
-    kmeans_flops = 10 * train_points * max(spec.nlist, spec.pq_ksub) * spec.d * 2
+    if train_size is not None and train_size <= 0:
+        raise ConfigError(f"`--train-size` must be positive, got {train_size}")
+    train_points = min(chunks, train_size or spec.good_train()) if spec.needs_training else 0
+    flops = _train_flops(spec, train_points)  # CPU: two-level k-means from TWO_LEVEL_MIN_NLIST lists on
+    gpu_flops = _train_flops(spec, train_points, two_level=False)  # GPU: flat k-means
     cores = max(costs.cpu_cores, 1)
     # measured rates are for the whole machine: per core-hour, multiply by its cores
-    train_core_h = kmeans_flops / costs.kmeans_flops_per_s_cpu * cores / 3600
+    train_core_h = flops / costs.kmeans_flops_per_s_cpu * cores / 3600
     add_core_h = chunks / costs.add_vectors_per_s_cpu * cores / 3600
     return Prediction(
         tokens=int(tokens), chunks=chunks, factory=factory, dim=dim,
@@ -154,7 +176,8 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
         embed_gpu_hours=chunks / costs.embed_chunks_per_s_gpu / 3600,
         embed_cpu_core_hours=chunks / costs.embed_chunks_per_s_cpu * cores / 3600,
         train_cpu_core_hours=train_core_h, add_cpu_core_hours=add_core_h,
-        faiss_gpu_hours=kmeans_flops / costs.kmeans_flops_per_s_gpu / 3600 + add_core_h / cores / costs.gpu_speedup_faiss,
+        faiss_gpu_hours=gpu_flops / costs.kmeans_flops_per_s_gpu / 3600 + add_core_h / cores / costs.gpu_speedup_faiss,
+        train_points=train_points, train_flops=flops, build_peak_bytes=int(costs.build_fixed_bytes + train_points * spec.d_in * 4),
         costs=costs,
     )
 
@@ -340,6 +363,35 @@ def stack_costs_from_rows(rows_path: str | Path, base: StackCosts | None = None,
         if fq:
             ch["fm_count_ms"] = float(np.median([r["fm_count"]["p50_ms"] / r["fm_shards"] for r in fq]))
     return StackCosts(**{**asdict(base), **ch})
+
+
+def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, *,
+                          max_tokens: float | None = None) -> UnitCosts:
+    """FAISS's build costs from the dense rows of ``benchmarks/scale_curve.py --dense`` (IVF<nlist>_HNSW32,PQ<m>
+    over n vectors, trained as ``index build-dense`` trains): vectors added and k-means FLOPs (as
+    :func:`retromem.index.dense_faiss.kmeans_flops` counts them) per CPU-second, pooled over the rows
+    (total work / total CPU-seconds), and the fixed part of the build's peak memory (its largest peak less
+    the training sample). The rows ran at one thread; the shipped rates are for the whole machine, so
+    they are multiplied by its cores. ``max_tokens`` keeps the rows of up to that many tokens (64 per
+    vector); without dense rows the costs are ``base``."""
+    base = base or UnitCosts.load()
+    try:
+        rows = [json.loads(line) for line in Path(rows_path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--measure-from {rows_path}: cannot read the scale-curve rows ({exc})") from exc
+    dense = [r for r in rows if r.get("stage") == "dense" and (max_tokens is None or r["tokens"] <= max_tokens)]
+    if not dense:
+        return base
+    cores = max(base.cpu_cores, 1)
+    spec = lambda r: parse_factory(f"IVF{r['nlist']}_HNSW32,PQ{r['pq_bytes']}", int(r.get("dim", 384)))  # noqa: E731
+    flops = sum(_train_flops(spec(r), int(r["train_points"])) for r in dense)
+    peak = max(int(r.get("build_maxrss", r["peak_rss"])) - int(r["train_points"]) * spec(r).d_in * 4 for r in dense)
+    return dataclasses.replace(
+        base, machine=f"{base.machine}; FAISS from {len(dense)} dense row(s) of {Path(rows_path).name} "
+                      f"(up to {max(r['n'] for r in dense):,} vectors, 1 thread)",
+        add_vectors_per_s_cpu=sum(r["n"] for r in dense) / sum(r["add_cpu_s"] for r in dense) * cores,
+        kmeans_flops_per_s_cpu=flops / sum(r["train_cpu_s"] for r in dense) * cores,
+        build_fixed_bytes=max(0, peak))
 
 
 def _ptr_bytes(tokens: int, width: int) -> int:

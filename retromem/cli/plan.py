@@ -44,8 +44,8 @@ def plan_cmd(tokens: str, chunk_length: int, dim: int, factory: str, unit_costs:
     from pathlib import Path
 
     from retromem.cli._common import parse_size
-    from retromem.index.plan import (StackCosts, UnitCosts, describe_stack, measure_unit_costs, plot_plan, predict,
-                                     predict_stack, stack_costs_from_artifacts, stack_costs_from_rows)
+    from retromem.index.plan import (StackCosts, UnitCosts, dense_costs_from_rows, describe_stack, measure_unit_costs,
+                                     plot_plan, predict, predict_stack, stack_costs_from_artifacts, stack_costs_from_rows)
 
     n_tokens = parse_number(tokens, "--tokens", int, example="1e12")
     if fm and not measure_from:
@@ -58,6 +58,8 @@ def plan_cmd(tokens: str, chunk_length: int, dim: int, factory: str, unit_costs:
         stack_costs = stack_costs_from_rows(
             measure_from, stack_costs,
             max_tokens=parse_number(fit_up_to, "--fit-up-to", float, example="4e8") if fit_up_to else None)
+        costs = dense_costs_from_rows(  # FAISS train/add rates from the rows' dense rows, where they have some
+            measure_from, costs, max_tokens=parse_number(fit_up_to, "--fit-up-to", float, example="4e8") if fit_up_to else None)
     elif measure_from:
         stack_costs = stack_costs_from_artifacts(measure_from, fm, base=stack_costs)
     if fit_up_to and not (measure_from and Path(measure_from).is_file()):
