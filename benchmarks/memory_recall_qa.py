@@ -55,6 +55,8 @@ def run_recall(a, emit) -> None:
         body = [torch.tensor([t]) for t in dia.turns()] if a.feed == "turns" else [torch.tensor([dia.body])]
         pieces = body + [torch.tensor([q[0]]) for q in dia.questions]
         nb = len(body)
+        if d < a.first_dialogue:  # built (the dialogues that follow stay the same), not run
+            continue
         for method in methods:
             if method == "full" and a.full_dialogues is not None and d >= a.full_dialogues:
                 continue
@@ -308,6 +310,8 @@ def main() -> None:
     ap.add_argument("--feed", choices=("segments", "turns"), default="segments",
                     help="recall: the dialogue body in --segment calls or one call per turn")
     ap.add_argument("--full-dialogues", type=int, default=None, help="recall: full attention on the first N dialogues only")
+    ap.add_argument("--first-dialogue", type=int, default=0,
+                    help="recall: run dialogues from this index on (the earlier ones are built, not run: resume a run)")
     ap.add_argument("--table-rows", default=None, help="with --report: also write one summary row per method (JSONL)")
     ap.add_argument("--n-tail", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
