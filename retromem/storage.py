@@ -360,9 +360,13 @@ def output_dir(path: str | os.PathLike[str], flag: str = "--out", *, overwrite: 
 
 
 def clear_staging(path: str) -> None:
-    """Drop the staging directory of an output URL (a failed job's, to start again from the URL)."""
+    """Drop the staging directory of an output URL (a failed job's, to start again from the URL),
+    with what is recorded beside it (its put state, a pending overwrite)."""
     if is_url(path):
-        shutil.rmtree(_slot("staging", str(path)), ignore_errors=True)
+        staging = _slot("staging", str(path))
+        shutil.rmtree(staging, ignore_errors=True)
+        for suffix in (STATE_SUFFIX, PRUNE_SUFFIX):
+            staging.with_name(staging.name + suffix).unlink(missing_ok=True)
 
 
 __all__ = ["cache_root", "clear_staging", "is_url", "list_inputs", "local_dir", "node_path", "open_input",

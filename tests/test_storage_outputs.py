@@ -129,6 +129,8 @@ def test_overwrite_downloads_only_the_top_level_json_and_replaces_the_tree(url):
         with storage.output_dir(url, overwrite=True) as staging:
             open_job(staging, "ngram-index", overwrite=True)
     assert _remote(url) == before
+    storage.clear_staging(url)  # starting again from the URL: no overwrite left pending either
+    assert not staging.exists() and not staging.with_name(staging.name + storage.PRUNE_SUFFIX).exists()
 
 
 def test_overwrite_of_a_tree_without_a_marker_pulls_it_so_the_job_refuses(url):
