@@ -85,7 +85,7 @@ def run_qa(a, emit) -> None:
     qa_task(model, tok, cfg, emit, squeezed=SqueezedConfig(n_sink=a.n_sink, n_tail=a.n_tail, cluster_size=a.cluster_size,
                                                            coarse_size=a.coarse_size, heads=a.heads),
             selections=tuple(a.selection.split(",")), decoded=a.decoded,
-            variants=tuple(a.variants.split(",")) if a.variants else None)
+            variants=tuple(a.variants.split(",")) if a.variants else None, first_context=a.first_context)
 
 
 def run_attention_time(a, emit) -> None:
@@ -310,6 +310,8 @@ def main() -> None:
     ap.add_argument("--feed", choices=("segments", "turns"), default="segments",
                     help="recall: the dialogue body in --segment calls or one call per turn")
     ap.add_argument("--full-dialogues", type=int, default=None, help="recall: full attention on the first N dialogues only")
+    ap.add_argument("--first-context", type=int, default=0,
+                    help="qa: run contexts from this index on (the earlier ones are built, not run: resume a run)")
     ap.add_argument("--first-dialogue", type=int, default=0,
                     help="recall: run dialogues from this index on (the earlier ones are built, not run: resume a run)")
     ap.add_argument("--table-rows", default=None, help="with --report: also write one summary row per method (JSONL)")

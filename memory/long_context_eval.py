@@ -721,7 +721,7 @@ def parse_variant(spec: str) -> dict[str, Any]:
 
 def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None], squeezed: Any = None,
             selections: tuple[str, ...] | None = None, decoded: int | None = None,
-            variants: tuple[str, ...] | None = None) -> None:
+            variants: tuple[str, ...] | None = None, first_context: int = 0) -> None:
     """Squeezed Attention over fixed contexts with planted facts: ``qa_contexts`` contexts of
     ``qa_length`` tokens (consecutive stretches of the corpus), each prefilled and clustered once
     and asked its ``qa_questions`` questions at every fraction (1 = full attention, no selection).
@@ -735,7 +735,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
     in one call (the mask path, which gives the same logits, tested), which costs a sixth of the calls
     (default: all decoded). Rows of fractions below 1 carry ``fact_selected``: per question and
     layer, the share of the question's planted fact (its context keys) selected by the query that
-    predicts the answer's first token, averaged over the selecting heads."""
+    predicts the answer's first token, averaged over the selecting heads. ``first_context``: run the
+    contexts from this index on (the earlier ones are built, not run: resume a run)."""
     from retromem.memory.passkey import token_stream
     from retromem.memory.squeezed import SqueezedAttention, SqueezedConfig
 
@@ -764,6 +765,8 @@ def qa_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], No
             ctx += f
             prev = c
         ctx += hay[prev:n_hay]
+        if c_i < first_context:
+            continue
         t0 = time.perf_counter()
         first = replace(base, fraction=cfg.fractions[0], cluster_size=specs[0]["cluster_size"])
         mems = {first.cluster_size: SqueezedAttention.prefill(model, torch.tensor([ctx]), first, segment=cfg.segment)}
