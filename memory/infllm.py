@@ -5,15 +5,15 @@ Each layer keeps, as the paper's reference code (thunlp/InfLLM ``context_manager
 - the first ``n_init`` tokens and a local window of the ``n_local`` most recent tokens, attended
   exactly (true distances inside the window);
 - a context memory: tokens leaving the window are grouped into blocks of ``block_size`` tokens.
-  Each block is represented by the mean of its ``n_repr`` representative keys per KV head, the
-  tokens that received the most attention while they were in the window (the paper's
-  representative score). Blocks live in a store on ``store_device`` (CPU by default) that grows
-  with the input; the representatives sit in one contiguous (n_blocks, Hkv * D) tensor.
+  Each block is represented, per query head, by the mean key of its ``n_repr`` representative
+  tokens: those that received the most attention from that head while they were in the window
+  (the paper's representative score; with grouped-query attention the key is the head's KV head's). Blocks live in a store on ``store_device`` (CPU by default) that grows
+  with the input; the representatives sit in one contiguous (n_blocks, H * D) tensor.
 
 Lookup (one per layer and chunk, shared by all heads, as the paper): a call is cut into chunks of
 ``chunk`` queries (the paper's ``exc_block_size``, 512; one generated token is a chunk of one);
 with q̄_h the mean query of head h over the chunk, rotated to position ``n_local``, and r̄_{b,h}
-block b's mean representative key (at position 0) of h's KV head, block b's relevance is the raw
+block b's mean representative key (at position 0) for head h, block b's relevance is the raw
 dot product Σ_h q̄_h · r̄_{b,h}, i.e. Σ_t Σ_r Σ_h q_{t,h} · k_{r,h} up to the constant T · n_repr:
 one matrix-vector product over all stored blocks. The ``topk`` most relevant blocks (all of them
 while there are at most ``topk``) are fetched, through an LRU cache of ``cache_blocks`` blocks per
@@ -29,11 +29,6 @@ configuration (:meth:`InfLLMConfig.paper`): 128 initial tokens, a 4,096-token wi
 of 128 tokens with 4 representatives, chunks of 512: 6,399 keys per query at most. The block
 store and the representatives grow with the input and are reported apart
 (:meth:`InfLLM.store_bytes`). Batches hold one sequence.
-
-One difference from the reference code: with grouped-query attention the paper picks
-representatives per query head (from the attention each query head gives); here per KV head
-(the attention summed over the query heads that share it), so a block has one representative
-vector per KV head and the lookup sums q̄ over each KV head's query heads first.
 """
 
 from __future__ import annotations
@@ -51,7 +46,7 @@ from retromem.memory.kv_budget import TwoBranchMemory, cat, check_budget, tensor
 @dataclass(frozen=True)
 class InfLLMConfig:
     """n_init / n_local: initial tokens and local window; block_size: tokens per memory block;
-    n_repr: representative tokens per block and KV head (their keys averaged); topk: blocks
+    n_repr: representative tokens per block and query head (their keys averaged); topk: blocks
     attended per chunk; chunk: queries per lookup (a longer call is attended chunk by chunk);
     cache_blocks: blocks per layer kept on the compute device (>= topk); store_device: where the
     block store lives. Defaults: the paper's configuration."""
@@ -109,7 +104,7 @@ class InfLLMConfig:
 class BlockStore:
     """One layer's memory blocks: each block's keys and values (Hkv, block_size, D) on the store
     device, never changed once written (so a copy of the memory shares them: see
-    :meth:`__deepcopy__`), and the blocks' mean representative keys (n, Hkv * D) on the compute
+    :meth:`__deepcopy__`), and the blocks' mean representative keys (n, H * D) on the compute
     device in a buffer that doubles when full; ``repr_index`` (n, Hkv, n_repr): which tokens of
     each block they average."""
 
@@ -139,7 +134,7 @@ class BlockStore:
         return new
 
     def add(self, k: torch.Tensor, v: torch.Tensor, rep: torch.Tensor, index: torch.Tensor) -> None:
-        """k, v (Hkv, block_size, D); rep (Hkv * D,) the mean representative keys; index (Hkv, n_repr)."""
+        """k, v (Hkv, block_size, D); rep (H * D,) the mean representative key of each query head; index (H, n_repr)."""
         if self.repr is None or self.n == self.repr.shape[0]:
             self.repr = self._grow(self.repr, rep, self.n)
             self.repr_index = self._grow(self.repr_index, index, self.n)
@@ -150,7 +145,7 @@ class BlockStore:
         self.n += 1
 
     def reprs(self) -> torch.Tensor:
-        """(n, Hkv * D): the stored blocks' mean representative keys."""
+        """(n, H * D): the stored blocks' mean representative keys, per query head."""
         return self.repr[:self.n]
 
     def nbytes(self) -> int:
@@ -162,12 +157,10 @@ class BlockStore:
 
 
 def block_scores(q_far: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
-    """The paper's block relevance: q_far (1, H, T, D) queries at position n_local, reprs (n, Hkv * D)
-    mean representative keys; returns (n,) = Σ_h mean_t q_{t,h} · r̄_{b,kv(h)}, one matrix-vector product."""
-    _, H, T, D = q_far.shape
-    Hkv = reprs.shape[1] // D
-    q = q_far[0].float().mean(1).reshape(Hkv, H // Hkv, D).sum(1)  # (Hkv, D): the query heads of each KV head summed
-    return reprs.float() @ q.reshape(-1)  # (n,)
+    """The paper's block relevance: q_far (1, H, T, D) queries at position n_local, reprs (n, H * D)
+    mean representative keys per query head; returns (n,) = Σ_h mean_t q_{t,h} · r̄_{b,h}, one
+    matrix-vector product over all stored blocks."""
+    return reprs.float() @ q_far[0].float().mean(1).reshape(-1)  # (n,)
 
 
 class InfLLM(TwoBranchMemory):
@@ -213,8 +206,9 @@ class InfLLM(TwoBranchMemory):
         self.pend_score[layer] = cat(self.pend_score[layer], score, dim=-1)
         while self.pend_k[layer].shape[-2] >= bs:
             bk, bv, bsc = self.pend_k[layer][0, :, :bs], self.pend_v[layer][0, :, :bs], self.pend_score[layer][0, :, :bs]
-            top = bsc.topk(self.config.n_repr, dim=-1).indices  # (Hkv, n_repr): the most-attended tokens
-            rep = torch.gather(bk, 1, top[..., None].expand(-1, -1, bk.shape[-1])).mean(1)  # (Hkv, D)
+            top = bsc.topk(self.config.n_repr, dim=-1).indices  # (H, n_repr): the tokens each query head attended most
+            bkh = bk.repeat_interleave(bsc.shape[0] // bk.shape[0], 0)  # (H, block_size, D): each query head's keys
+            rep = torch.gather(bkh, 1, top[..., None].expand(-1, -1, bk.shape[-1])).mean(1)  # (H, D)
             self.blocks[layer].add(bk, bv, rep.reshape(-1), top)
             self.pend_k[layer] = self.pend_k[layer][:, :, bs:]
             self.pend_v[layer] = self.pend_v[layer][:, :, bs:]
@@ -267,7 +261,7 @@ class InfLLM(TwoBranchMemory):
 
     def store_bytes(self) -> int:
         """The block store and the representative keys: both grow with the input. The
-        representatives stay on the compute device for the lookup (one vector per block and KV head)."""
+        representatives stay on the compute device for the lookup (one vector per block and query head)."""
         return sum(b.nbytes() for b in self.blocks)
 
     def cache_bytes(self) -> int:

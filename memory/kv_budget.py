@@ -160,14 +160,15 @@ class Rope:
 # ----------------------------------------------------------------------------------------------
 
 def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], scaling: float,
-                    want_probs: bool = False, probs_groups: int | None = None
+                    want_probs: bool = False, probs_groups: int | None = None, per_query_head: bool = False
                     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """One softmax over several groups of keys.
 
     Each group is (q, k, v, mask): q (B, H, T, D) rotated as this group needs; k, v (B, Hkv, N, D);
     mask broadcastable to (B, Hkv, 1, T, N), True = attend. Returns (B, H, T, D) and, with
     ``want_probs``, each group's probabilities summed over the query heads of each KV head
-    (B, Hkv, T, N) (of the first ``probs_groups`` groups only, when given: each costs a matmul).
+    (B, Hkv, T, N) (of the first ``probs_groups`` groups only, when given: each costs a matmul), or
+    with ``per_query_head`` each query head's own (B, H, T, N)).
 
     With 2-D masks (every method but Squeezed Attention's per-head selection) each group is one
     flash-attention call that also returns its log-sum-exp, and the groups are merged exactly
@@ -176,7 +177,8 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     if not all(mask.dim() == 2 for _, _, _, mask in groups) or groups[0][0].dtype not in (torch.float32, torch.float64) \
             or groups[0][0].device.type != "cpu":
         if want_probs:
-            return reference_group_attention(groups, scaling, want_probs=True)
+            return reference_group_attention(groups, scaling, want_probs=True, probs_groups=probs_groups,
+                                             per_query_head=per_query_head)
         return _fused_group_attention(groups, scaling), None
     B, H, T, D = groups[0][0].shape
     parts = [_flash_lse(q, k, v, mask, scaling) for q, k, v, mask in groups]
@@ -194,7 +196,8 @@ def group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
         G = H // Hkv
         s = torch.matmul(q.reshape(B, Hkv, G * T, D), k.transpose(-1, -2))  # (B, Hkv, G*T, N)
         p = (s * scaling - lse.reshape(B, Hkv, G * T, 1)).exp().reshape(B, Hkv, G, T, -1)
-        probs.append((p * mask.to(p.dtype)).sum(2))  # (B, Hkv, T, N)
+        p = p * mask.to(p.dtype)
+        probs.append(p.reshape(B, H, T, -1) if per_query_head else p.sum(2))  # (B, H or Hkv, T, N)
     return out.to(groups[0][0].dtype), probs
 
 
@@ -223,8 +226,8 @@ def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
 
 def reference_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-                              scaling: float, want_probs: bool = False, probs_groups: int | None = None
-                              ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                              scaling: float, want_probs: bool = False, probs_groups: int | None = None,
+                              per_query_head: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """:func:`group_attention` written out (scores, one softmax, weighted values): the reference
     the fast path is tested against, and the path for per-head masks with probabilities."""
     B, H, T, D = groups[0][0].shape
@@ -249,7 +252,9 @@ def reference_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, tor
         o = torch.einsum("bkgtn,bknd->bkgtd", p, v.float())
         out = o if out is None else out + o
     out = out.reshape(B, H, T, D).to(groups[0][0].dtype)
-    return out, ([p.sum(2) for p in parts[:probs_groups]] if want_probs else None)
+    if not want_probs:
+        return out, None
+    return out, [p.reshape(B, H, T, -1) if per_query_head else p.sum(2) for p in parts[:probs_groups]]
 
 
 def _fused_group_attention(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -437,7 +442,7 @@ class TwoBranchMemory(KVMemory):
         self.win_k: list[torch.Tensor | None] = [None] * L  # (B, Hkv, <=n_local, D) rotated at true positions
         self.win_v: list[torch.Tensor | None] = [None] * L
         self.win_pos: list[torch.Tensor | None] = [None] * L
-        self.win_score: list[torch.Tensor | None] = [None] * L  # (B, Hkv, <=n_local): attention received
+        self.win_score: list[torch.Tensor | None] = [None] * L  # (B, H, <=n_local): attention received per query head
 
     # hooks for subclasses
     def far_memory(self, layer: int, q_far: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -486,7 +491,7 @@ class TwoBranchMemory(KVMemory):
         if far_k:
             groups.append((q_far, torch.cat(far_k, -2), torch.cat(far_v, -2), torch.cat(far_mask, -1)))
         # only the local group's probabilities are kept (the attention each window token receives)
-        out, probs = group_attention(groups, scaling, want_probs=self.wants_scores(), probs_groups=1)
+        out, probs = group_attention(groups, scaling, want_probs=self.wants_scores(), probs_groups=1, per_query_head=True)
         self._store(layer, k, v, positions, probs[0].sum(2) if probs is not None else None)
         return out
 
@@ -495,7 +500,7 @@ class TwoBranchMemory(KVMemory):
         """Keep the new tokens: the first n_init of the stream as initial tokens, the rest in the window."""
         n_old_init = 0 if self.init_pos[layer] is None else self.init_pos[layer].numel()
         n_win = 0 if self.win_pos[layer] is None else self.win_pos[layer].numel()
-        if received is not None:  # (B, Hkv, Nl): attention each local key received from these queries
+        if received is not None:  # (B, H, Nl): attention each local key received from these queries, per query head
             if n_win:
                 self.win_score[layer] = self.win_score[layer] + received[..., n_old_init:n_old_init + n_win]
             new_score = received[..., n_old_init + n_win:]

@@ -47,7 +47,7 @@ def test_attention_memory_is_bounded_and_the_block_store_grows_apart():
         blocks.append(mem.blocks[0].n)
         # every token is somewhere: initial, window, pending, or a block
         assert 4 + mem.win_pos[0].numel() + mem.pend_k[0].shape[-2] + 8 * mem.blocks[0].n == n
-        assert mem.win_pos[0].numel() == 16 and mem.blocks[0].reprs().shape == (mem.blocks[0].n, 2 * 16)
+        assert mem.win_pos[0].numel() == 16 and mem.blocks[0].reprs().shape == (mem.blocks[0].n, 4 * 16)
     assert blocks == [(64 - 20) // 8, (128 - 20) // 8, (256 - 20) // 8]
     # initial tokens (keys at their position and at 0, values) and the window (keys, values), 2 layers
     assert core == [2 * (4 * 3 + 16 * 2) * row] * 3
@@ -62,11 +62,11 @@ def test_one_lookup_per_layer_picks_the_block_whose_representatives_match_the_qu
     target = torch.zeros(16)
     target[3] = 5.0
     for i in range(5):
-        rep = torch.randn(2, 16, generator=g) * 0.1
+        rep = torch.randn(4, 16, generator=g) * 0.1
         if i == 3:
-            rep[1] = target  # block 3's representative of KV head 1 points where the queries point
+            rep[1] = target  # block 3's representative for query head 1 points where the queries point
         store.add(torch.full((2, 8, 16), float(i)), torch.full((2, 8, 16), float(i)), rep.reshape(-1),
-                  torch.zeros(2, 2, dtype=torch.long))
+                  torch.zeros(4, 2, dtype=torch.long))
     q = target.expand(1, 4, 3, 16).clone()  # (B, H, T, D)
     k, v = mem.far_memory(0, q)
     assert k.shape == (1, 2, 2 * 8, 16)  # topk = 2 blocks of 8, the same blocks for both KV heads
@@ -79,7 +79,7 @@ def test_one_lookup_per_layer_picks_the_block_whose_representatives_match_the_qu
 
 def test_block_scores_are_the_raw_dot_products_of_queries_and_representatives():
     """The one-matmul lookup against Σ_t Σ_h Σ_r q_{t,h} · k_{r,h} / (T n_repr) over each block's
-    representative tokens (the most-attended ones, kept by index), from a real stream."""
+    representative tokens for each query head (the ones it attended most, kept by index), from a real stream."""
     model = enable(tiny_decoder("mistral"))
     mem = InfLLM(model, SMALL)
     stream(model, _ids(150), mem, segment=32)
@@ -89,8 +89,7 @@ def test_block_scores_are_the_raw_dot_products_of_queries_and_representatives():
     ref = torch.zeros(store.n)
     for b in range(store.n):
         for h in range(4):
-            kv = h // 2  # 2 query heads per KV head
-            reps = store.k[b][kv, store.repr_index[b, kv]]  # (n_repr, D) at position 0
+            reps = store.k[b][h // 2, store.repr_index[b, h]]  # (n_repr, D) at position 0; 2 query heads per KV head
             ref[b] += (q[0, h] @ reps.T).sum() / (5 * SMALL.n_repr)
     torch.testing.assert_close(block_scores(q, store.reprs()), ref, atol=1e-5, rtol=1e-5)
     assert mem.lookup(1, q) == sorted(ref.topk(SMALL.topk).indices.tolist())
@@ -149,3 +148,17 @@ def test_generate_and_refusals():
         InfLLMConfig(block_size=4, n_repr=8)
     with pytest.raises(ConfigError, match="at most 1"):
         stream(model, ids.repeat(2, 1), InfLLM(model, SMALL))
+
+
+def test_attention_received_per_query_head_sums_to_the_kv_heads():
+    from retromem.memory.kv_budget import group_attention, reference_group_attention
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(1, 4, 5, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
+    mask = torch.ones(5, 9, dtype=torch.bool).tril(4)
+    _, per_kv = group_attention([(q, k, v, mask)], 0.25, want_probs=True)
+    _, per_q = group_attention([(q, k, v, mask)], 0.25, want_probs=True, per_query_head=True)
+    _, ref = reference_group_attention([(q, k, v, mask)], 0.25, want_probs=True, per_query_head=True)
+    assert per_q[0].shape == (1, 4, 5, 9)
+    torch.testing.assert_close(per_q[0], ref[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(per_q[0].reshape(1, 2, 2, 5, 9).sum(2), per_kv[0], atol=1e-6, rtol=1e-5)
