@@ -56,6 +56,19 @@ def test_costs_from_rows_pool_rates_and_fit_memory(rows):
     assert c.datastore_build_peak_bytes == 600 * MiB
 
 
+def test_count_latency_is_fitted_on_cpu_time_where_the_rows_have_it(tmp_path):
+    # on a loaded machine the wall p50 adds the waits for a core; the plan fits a query's CPU time
+    rows = [r for s in (1, 4) for r in _rows(s)]
+    for r in rows:
+        if r["stage"] == "query":
+            r["ngram_count"] = {"p50_ms": 1.0 * r["ngram_shards"], "cpu_p50_ms": 0.05 * r["ngram_shards"]}
+            r["fm_count"] = {"p50_ms": 3.0, "cpu_p50_ms": 0.3}
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = stack_costs_from_rows(p)
+    assert c.ngram_count_ms_per_shard == pytest.approx(0.05) and c.fm_count_ms == pytest.approx(0.3)
+
+
 def test_a_plan_fitted_on_small_scales_predicts_the_large_one(rows):
     c = stack_costs_from_rows(rows, max_tokens=4 * 21_000_000)  # 1x and 4x only
     big = {r["stage"]: r for r in _rows(16)}
