@@ -71,9 +71,11 @@ class UnitCosts:
     gpu_speedup_faiss: float
     gpu_speedup_measured: bool
     cpu_cores: int
-    # what a build's largest process holds besides its training sample (interpreter, FAISS, the quantizer);
-    # 0 until fitted from scale-curve rows (dense_costs_from_rows)
+    # a build's largest process: fixed bytes (interpreter, FAISS, the quantizer) + bytes per byte of its float32
+    # training sample (k-means copies part of it: level 1 samples it down); fitted from scale-curve rows
+    # (dense_costs_from_rows), the sample alone until then
     build_fixed_bytes: int = 0
+    build_bytes_per_train_byte: float = 1.0
 
     @classmethod
     def load(cls, path: str | None = None) -> "UnitCosts":
@@ -81,7 +83,8 @@ class UnitCosts:
             return cls(**UNIT_COSTS_MEASURED)
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{k: data[k] for k in UNIT_COSTS_MEASURED}, build_fixed_bytes=int(data.get("build_fixed_bytes", 0)))
+            return cls(**{k: data[k] for k in UNIT_COSTS_MEASURED}, build_fixed_bytes=int(data.get("build_fixed_bytes", 0)),
+                       build_bytes_per_train_byte=float(data.get("build_bytes_per_train_byte", 1.0)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--unit-costs {path}: cannot read unit costs ({exc}); expected keys {sorted(UNIT_COSTS_MEASURED)}") from exc
 
@@ -103,7 +106,7 @@ class Prediction:
     faiss_gpu_hours: float
     train_points: int  # the training sample the build draws
     train_flops: float  # its k-means on CPU (two levels from TWO_LEVEL_MIN_NLIST lists on)
-    build_peak_bytes: int  # the build's largest process: the training sample in float32 + a fixed part
+    build_peak_bytes: int  # the build's largest process: a fixed part + a multiple of the float32 training sample
     costs: UnitCosts
 
     def as_dict(self) -> dict[str, Any]:
@@ -177,7 +180,8 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
         embed_cpu_core_hours=chunks / costs.embed_chunks_per_s_cpu * cores / 3600,
         train_cpu_core_hours=train_core_h, add_cpu_core_hours=add_core_h,
         faiss_gpu_hours=gpu_flops / costs.kmeans_flops_per_s_gpu / 3600 + add_core_h / cores / costs.gpu_speedup_faiss,
-        train_points=train_points, train_flops=flops, build_peak_bytes=int(costs.build_fixed_bytes + train_points * spec.d_in * 4),
+        train_points=train_points, train_flops=flops,
+        build_peak_bytes=int(costs.build_fixed_bytes + costs.build_bytes_per_train_byte * train_points * spec.d_in * 4),
         costs=costs,
     )
 
@@ -372,8 +376,8 @@ def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, 
     """FAISS's build costs from the dense rows of ``benchmarks/scale_curve.py --dense`` (IVF<nlist>_HNSW32,PQ<m>
     over n vectors, trained as ``index build-dense`` trains): vectors added and k-means FLOPs (as
     :func:`retromem.index.dense_faiss.kmeans_flops` counts them) per CPU-second, pooled over the rows
-    (total work / total CPU-seconds), and the fixed part of the build's peak memory (its largest peak less
-    the training sample). The rows ran at one thread; the shipped rates are for the whole machine, so
+    (total work / total CPU-seconds), and the build's peak memory fitted as fixed + per byte of the float32
+    training sample (the largest step of a build is its training). The rows ran at one thread; the shipped rates are for the whole machine, so
     they are multiplied by its cores. ``max_tokens`` keeps the rows of up to that many tokens (64 per
     vector); without dense rows the costs are ``base``."""
     base = base or UnitCosts.load()
@@ -387,13 +391,14 @@ def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, 
     cores = max(base.cpu_cores, 1)
     spec = lambda r: parse_factory(f"IVF{r['nlist']}_HNSW32,PQ{r['pq_bytes']}", int(r.get("dim", 384)))  # noqa: E731
     flops = sum(_train_flops(spec(r), int(r["train_points"])) for r in dense)
-    peak = max(int(r.get("build_maxrss", r["peak_rss"])) - int(r["train_points"]) * spec(r).d_in * 4 for r in dense)
+    fixed, per_byte = _fit_peak([int(r["train_points"]) * spec(r).d_in * 4 for r in dense],
+                                [int(r.get("build_maxrss", r["peak_rss"])) for r in dense], 1.0)
     return dataclasses.replace(
         base, machine=f"{base.machine}; FAISS from {len(dense)} dense row(s) of {Path(rows_path).name} "
                       f"(up to {max(r['n'] for r in dense):,} vectors, 1 thread)",
         add_vectors_per_s_cpu=sum(r["n"] for r in dense) / sum(r["add_cpu_s"] for r in dense) * cores,
         kmeans_flops_per_s_cpu=flops / sum(r["train_cpu_s"] for r in dense) * cores,
-        build_fixed_bytes=max(0, peak))
+        build_fixed_bytes=fixed, build_bytes_per_train_byte=per_byte)
 
 
 def _ptr_bytes(tokens: int, width: int) -> int:
