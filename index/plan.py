@@ -392,7 +392,7 @@ def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, 
     spec = lambda r: parse_factory(f"IVF{r['nlist']}_HNSW32,PQ{r['pq_bytes']}", int(r.get("dim", 384)))  # noqa: E731
     flops = sum(_train_flops(spec(r), int(r["train_points"])) for r in dense)
     fixed, per_byte = _fit_peak([int(r["train_points"]) * spec(r).d_in * 4 for r in dense],
-                                [int(r.get("build_maxrss", r["peak_rss"])) for r in dense], 1.0)
+                                [int(r["build_maxrss"] if "build_maxrss" in r else r["peak_rss"]) for r in dense], 1.0)
     return dataclasses.replace(
         base, machine=f"{base.machine}; FAISS from {len(dense)} dense row(s) of {Path(rows_path).name} "
                       f"(up to {max(r['n'] for r in dense):,} vectors, 1 thread)",
