@@ -63,6 +63,16 @@ def test_fm_query_from_a_url_built_at_a_url(remote, tmp_path):
     assert not storage._slot("staging", f"{url}/fm").exists()  # put, then the staging copy dropped
     got = _run("index", "fm", "query", f"{url}/fm", "file", "--limit", "2")
     assert got == _run("index", "fm", "query", str(tmp_path / "fm"), "file", "--limit", "2") and "occurrences" in got
+    # --overwrite through the command line: the URL then holds exactly the new index's files
+    fs = fsspec.filesystem("memory")
+    listing = lambda: sorted(p.rsplit("/fm/", 1)[1] for p in fs.find(f"{url}/fm"))  # noqa: E731
+    _run("index", "fm", "build", f"{url}/ds", "--out", f"{url}/fm", "--shard-size", "3000", "--overwrite")
+    listing_one = sorted(p.relative_to(tmp_path / "fm").as_posix() for p in (tmp_path / "fm").rglob("*")
+                         if p.is_file() and p.name != ".retromem.lock")  # the one-shard build's files
+    assert len(listing()) > len(listing_one)
+    assert _run("index", "fm", "query", f"{url}/fm", "file", "--limit", "2") == got  # same answers, more shards
+    _run("index", "fm", "build", f"{url}/ds", "--out", f"{url}/fm", "--overwrite")
+    assert listing() == listing_one  # the sharded build's files are gone, not left beside the new ones
 
 
 def test_serve_opens_urls(remote):
