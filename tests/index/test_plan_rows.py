@@ -67,6 +67,13 @@ def test_count_latency_is_fitted_on_cpu_time_where_the_rows_have_it(tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = stack_costs_from_rows(p)
     assert c.ngram_count_ms_per_shard == pytest.approx(0.05) and c.fm_count_ms == pytest.approx(0.3)
+    # the per-shard cost comes from the scales whose shards are full (4x: 84 M tokens, shards of 64 M) where
+    # there are any; a 1x row's small shard searches faster
+    for r in rows:
+        if r["stage"] == "query" and r["scale"] == 1:
+            r["ngram_count"]["cpu_p50_ms"] = 0.01
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert stack_costs_from_rows(p).ngram_count_ms_per_shard == pytest.approx(0.05)
 
 
 def test_a_plan_fitted_on_small_scales_predicts_the_large_one(rows):
