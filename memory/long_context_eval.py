@@ -925,30 +925,36 @@ def plot(rows: list[dict], path: Path, title: str, score: str = "correct") -> Pa
     tasks = [t for t in ("passkey", "recall") if any(r["task"] == t for r in rows)]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in rows:
             if r["task"] == task:
                 by[r["method"]][r["length"]].append(float(r.get(score, r["correct"]) if task == "passkey" else r["correct"]))
-        for method in [m for m in METHOD_LABELS if m in by] + sorted(m for m in by if m not in METHOD_LABELS):
+        order = [m for m in METHOD_LABELS if m in by] + sorted(m for m in by if m not in METHOD_LABELS)
+        spare = iter(c for c in ("tab:brown", "darkred", "navy", "teal", "indigo", "salmon")
+                     if c not in {METHOD_COLORS.get(m) for m in order})
+        for k, method in enumerate(order):
+            # methods that score alike at one length would hide each other: a small shift along x each
+            shift = 2 ** (0.04 * (k - (len(order) - 1) / 2))
             xs = sorted(by[method])
             n = sum(len(v) for v in by[method].values())
             ys = [sum(by[method][x]) / len(by[method][x]) for x in xs]
             label = f"{METHOD_LABELS.get(method, method)} ({n} example{'s' if n > 1 else ''})"
+            color = METHOD_COLORS.get(method) or next(spare, None)
             if task == "passkey":  # 95% Wilson intervals
                 ci = [wilson(round(sum(by[method][x])), len(by[method][x])) for x in xs]
                 yerr = [[y - lo for y, (lo, _) in zip(ys, ci)], [hi - y for y, (_, hi) in zip(ys, ci)]]
-                ax.errorbar(xs, ys, yerr=yerr, fmt="o-", capsize=3, color=METHOD_COLORS.get(method), label=label)
+                ax.errorbar([x * shift for x in xs], ys, yerr=yerr, fmt="o-", capsize=3, color=color, label=label)
             else:
-                ax.plot(xs, ys, "o-", color=METHOD_COLORS.get(method), label=label)
+                ax.plot([x * shift for x in xs], ys, "o-", color=color, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(("accuracy" if score == "correct" else f"accuracy ({score})") if task == "passkey"
                       else "share of facts recalled")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{task}: {title}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
