@@ -76,6 +76,10 @@ class UnitCosts:
     # (dense_costs_from_rows), the sample alone until then
     build_fixed_bytes: int = 0
     build_bytes_per_train_byte: float = 1.0
+    # adding a vector costs more as nlist grows (its HNSW coarse assignment): CPU-s per vector per doubling of
+    # nlist, from add_log2_nlist (where add_vectors_per_s_cpu holds) on; 0: no such term (fitted from rows)
+    add_cpu_s_per_log2_nlist: float = 0.0
+    add_log2_nlist: float = 0.0
 
     @classmethod
     def load(cls, path: str | None = None) -> "UnitCosts":
@@ -84,7 +88,9 @@ class UnitCosts:
         try:
             data = json.loads(Path(path).read_text())
             return cls(**{k: data[k] for k in UNIT_COSTS_MEASURED}, build_fixed_bytes=int(data.get("build_fixed_bytes", 0)),
-                       build_bytes_per_train_byte=float(data.get("build_bytes_per_train_byte", 1.0)))
+                       build_bytes_per_train_byte=float(data.get("build_bytes_per_train_byte", 1.0)),
+                       add_cpu_s_per_log2_nlist=float(data.get("add_cpu_s_per_log2_nlist", 0.0)),
+                       add_log2_nlist=float(data.get("add_log2_nlist", 0.0)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--unit-costs {path}: cannot read unit costs ({exc}); expected keys {sorted(UNIT_COSTS_MEASURED)}") from exc
 
@@ -171,7 +177,10 @@ def predict(tokens: int, *, chunk_length: int = 64, dim: int = 384, factory: str
     cores = max(costs.cpu_cores, 1)
     # measured rates are for the whole machine: per core-hour, multiply by its cores
     train_core_h = flops / costs.kmeans_flops_per_s_cpu * cores / 3600
-    add_core_h = chunks / costs.add_vectors_per_s_cpu * cores / 3600
+    per_vector = cores / costs.add_vectors_per_s_cpu  # CPU-s, at add_log2_nlist lists
+    if costs.add_cpu_s_per_log2_nlist and spec.nlist:
+        per_vector = max(0.0, per_vector + costs.add_cpu_s_per_log2_nlist * (math.log2(spec.nlist) - costs.add_log2_nlist))
+    add_core_h = chunks * per_vector / 3600
     return Prediction(
         tokens=int(tokens), chunks=chunks, factory=factory, dim=dim,
         embedding_bytes=chunks * dim * 2, index_bytes=index_bytes, search_ram_bytes=index_bytes,
@@ -380,7 +389,8 @@ def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, 
     """FAISS's build costs from the dense rows of ``benchmarks/scale_curve.py --dense`` (IVF<nlist>_HNSW32,PQ<m>
     over n vectors, trained as ``index build-dense`` trains): vectors added and k-means FLOPs (as
     :func:`retromem.index.dense_faiss.kmeans_flops` counts them) per CPU-second, pooled over the rows
-    (total work / total CPU-seconds), and the build's peak memory fitted as fixed + per byte of the float32
+    (total work / total CPU-seconds; the add cost per vector as a line in log2(nlist) where the rows have
+    several list counts and it rises with them), and the build's peak memory fitted as fixed + per byte of the float32
     training sample (the largest step of a build is its training). The rows ran at one thread; the shipped rates are for the whole machine, so
     they are multiplied by its cores. ``max_tokens`` keeps the rows of up to that many tokens (64 per
     vector); without dense rows the costs are ``base``."""
@@ -395,12 +405,20 @@ def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, 
     cores = max(base.cpu_cores, 1)
     spec = lambda r: parse_factory(f"IVF{r['nlist']}_HNSW32,PQ{r['pq_bytes']}", int(r.get("dim", 384)))  # noqa: E731
     flops = sum(_train_flops(spec(r), int(r["train_points"])) for r in dense)
+    # CPU-s per vector added against log2(nlist): the coarse assignment searches an HNSW graph over the lists
+    x = [math.log2(r["nlist"]) for r in dense]
+    slope, icpt = (np.polyfit(x, [r["add_cpu_s"] / r["n"] for r in dense], 1) if len(set(x)) > 1 else (0.0, 0.0))
+    add_rate = sum(r["n"] for r in dense) / sum(r["add_cpu_s"] for r in dense) * cores  # pooled, without an nlist term
+    ref = 0.0
+    if slope > 0:
+        ref = max(x)
+        add_rate = cores / (icpt + slope * ref)
     fixed, per_byte = _fit_peak([int(r["train_points"]) * spec(r).d_in * 4 for r in dense],
                                 [int(r["build_maxrss"] if "build_maxrss" in r else r["peak_rss"]) for r in dense], 1.0)
     return dataclasses.replace(
         base, machine=f"{base.machine}; FAISS from {len(dense)} dense row(s) of {Path(rows_path).name} "
                       f"(up to {max(r['n'] for r in dense):,} vectors, 1 thread)",
-        add_vectors_per_s_cpu=sum(r["n"] for r in dense) / sum(r["add_cpu_s"] for r in dense) * cores,
+        add_vectors_per_s_cpu=add_rate, add_cpu_s_per_log2_nlist=slope if ref else 0.0, add_log2_nlist=ref,
         kmeans_flops_per_s_cpu=flops / sum(r["train_cpu_s"] for r in dense) * cores,
         build_fixed_bytes=fixed, build_bytes_per_train_byte=per_byte)
 
