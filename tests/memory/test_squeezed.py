@@ -79,7 +79,7 @@ def test_per_query_head_selection_gathers_what_it_masks_and_heads_differ():
     mem.reset_queries()
     gathered = stream(model, ids[:, 128:], mem, segment=1, keep_logits="all")
     torch.testing.assert_close(gathered, masked, atol=2e-5, rtol=1e-4)
-    # the mask path equals attention written out with each query head's own mask
+    # the same clusters selected per KV head give other logits: the per-query-head selection changed what is attended
     mem.reset_queries()
     mem.set_fraction(0.25, heads="kv")
     kv = stream(model, ids[:, 128:], mem, segment=12, keep_logits="all")
