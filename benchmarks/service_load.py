@@ -15,7 +15,8 @@ and continuation.
 
 With ``--rounds R`` every cell is measured R times, the workloads interleaved within each round
 (so that a change in the machine's load hits them alike), and a summary gives each cell's median
-and range over the rounds, and its QPS as a fraction of the ``info`` floor's in the same round.
+and range over the rounds, and its QPS as a fraction of the ``info`` floor's measured next to it:
+the geometric mean of the per-round ratios with a paired bootstrap 95% interval over the rounds.
 """
 
 from __future__ import annotations
@@ -149,17 +150,22 @@ def summary(rows: list[dict], only: list[str], conc: list[int]) -> None:
         xs = np.asarray(xs, dtype=float)
         return f"{np.median(xs):,.3g} [{xs.min():,.3g}, {xs.max():,.3g}]"
 
+    from retromem.stats import paired_bootstrap
+
     cell = {(r["round"], r["workload"], r["concurrency"]): r for r in rows}
     rounds = sorted({r["round"] for r in rows})
-    print(f"\nsummary over {len(rounds)} rounds: median [min, max]")
-    print(f"{'workload':<8} {'C':>3}  {'gRPC QPS':>26}  {'/ info QPS':>24}  {'gRPC p50 ms':>24}  {'gRPC p99 ms':>24}  "
+    print(f"\nsummary over {len(rounds)} rounds: median [min, max]; / info: geometric mean [95% interval]")
+    print(f"{'workload':<8} {'C':>3}  {'gRPC QPS':>26}  {'/ info QPS':>20}  {'gRPC p50 ms':>24}  {'gRPC p99 ms':>24}  "
           f"{'server CPU us/req':>24}")
     for w in only:
         for c in conc:
             rs = [cell[(i, w, c)]["grpc"] for i in rounds]
-            ratio = [cell[(i, w, c)]["grpc"]["qps"] / cell[(i, "info", c)]["grpc"]["qps"] for i in rounds] \
-                if "info" in only else [float("nan")]
-            print(f"{w:<8} {c:>3}  {spread([r['qps'] for r in rs]):>26}  {spread(ratio):>24}  "
+            ratio = "-"
+            if "info" in only and w != "info":
+                bs = paired_bootstrap(np.log([r["qps"] for r in rs]),
+                                      np.log([cell[(i, "info", c)]["grpc"]["qps"] for i in rounds]))
+                ratio = f"{np.exp(bs.mean):.2f} [{np.exp(bs.low):.2f}, {np.exp(bs.high):.2f}]"
+            print(f"{w:<8} {c:>3}  {spread([r['qps'] for r in rs]):>26}  {ratio:>20}  "
                   f"{spread([r['p50_ms'] for r in rs]):>24}  {spread([r['p99_ms'] for r in rs]):>24}  "
                   f"{spread([r['server_cpu_us_per_req'] for r in rs]):>24}")
 
@@ -260,7 +266,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     rows = []
     gen = f"{args.client_procs} client processes" if args.client_procs else "client threads in this process, one channel"
-    print(f"server {target}, {args.workers} worker threads; {os.cpu_count()} cores; {args.seconds:.0f}s per cell; "
+    print(f"server {target}, {args.workers} worker threads; {os.cpu_count()} cores; {args.seconds:g}s per cell; "
           f"load generator: {gen}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"datastore {ds.num_chunks:,} chunks, dense {dense.factory} over {dense.ntotal:,}, n-gram {ng.num_tokens:,} tokens")
     print(f"{'workload':<8} {'C':>3}  {'in-process p50/p99 ms':>22} {'QPS':>8}   {'gRPC p50/p99 ms':>17} {'QPS':>8}  "
@@ -269,30 +275,30 @@ def main() -> None:
     cpu_start = proc_cpu(proc.pid)
     try:
         for rnd in range(args.rounds):
-            for w in only:
+            # the workloads of one concurrency back to back: each is compared with the info floor next to it
+            for c, w in [(c, w) for c in conc for w in only]:
                 local_call, local_make, method, reqs, timeout = workloads[w]
                 rpc_call = getattr(stub, method)
-                for c in conc:
-                    loc = nan if args.no_local or w == "info" else closed_loop(local_call, local_make, c, args.seconds)
-                    cpu0 = proc_cpu(proc.pid)
-                    if args.client_procs:
-                        rem = remote_closed_loop(ctx, args.client_procs, target, method, reqs, timeout, c, args.seconds)
-                    else:
-                        c_cpu0 = time.process_time()
-                        rem = closed_loop(lambda q: rpc_call(q, timeout=timeout), pick(reqs), c, args.seconds)
-                        rem["client_cpu_s"] = time.process_time() - c_cpu0
-                    # the server's CPU over the cell (warm-up included; per request over all requests it answered)
-                    n_all = rem["n"] * (1 + 0.3 / args.seconds)
-                    rem["server_cpu_us_per_req"] = (proc_cpu(proc.pid) - cpu0) / max(n_all, 1) * 1e6
-                    rem["client_cpu_us_per_req"] = rem["client_cpu_s"] / max(n_all, 1) * 1e6
-                    q_unit = 64 if w == "dense64" else 1
-                    rows.append({"round": rnd, "workload": w, "concurrency": c, "in_process": loc, "grpc": rem,
-                                 "overhead_p50_ms": rem["p50_ms"] - loc["p50_ms"], "queries_per_request": q_unit,
-                                 "loadavg": os.getloadavg()[0]})
-                    print(f"{w:<8} {c:>3}  {loc['p50_ms']:>9.3f} / {loc['p99_ms']:>8.3f} {loc['qps']:>8,.0f}   "
-                          f"{rem['p50_ms']:>7.3f} / {rem['p99_ms']:>7.3f} {rem['qps']:>8,.0f}  "
-                          f"{rem['p50_ms'] - loc['p50_ms']:>+9.3f} ms  {rem['server_cpu_us_per_req']:>11,.0f} / "
-                          f"{rem['client_cpu_us_per_req']:>10,.0f}  {loc['errors'] + rem['errors']}", flush=True)
+                loc = nan if args.no_local or w == "info" else closed_loop(local_call, local_make, c, args.seconds)
+                cpu0 = proc_cpu(proc.pid)
+                if args.client_procs:
+                    rem = remote_closed_loop(ctx, args.client_procs, target, method, reqs, timeout, c, args.seconds)
+                else:
+                    c_cpu0 = time.process_time()
+                    rem = closed_loop(lambda q: rpc_call(q, timeout=timeout), pick(reqs), c, args.seconds)
+                    rem["client_cpu_s"] = time.process_time() - c_cpu0
+                # the server's CPU over the cell (warm-up included; per request over all requests it answered)
+                n_all = rem["n"] * (1 + 0.3 / args.seconds)
+                rem["server_cpu_us_per_req"] = (proc_cpu(proc.pid) - cpu0) / max(n_all, 1) * 1e6
+                rem["client_cpu_us_per_req"] = rem["client_cpu_s"] / max(n_all, 1) * 1e6
+                q_unit = 64 if w == "dense64" else 1
+                rows.append({"round": rnd, "workload": w, "concurrency": c, "in_process": loc, "grpc": rem,
+                             "overhead_p50_ms": rem["p50_ms"] - loc["p50_ms"], "queries_per_request": q_unit,
+                             "loadavg": os.getloadavg()[0]})
+                print(f"{w:<8} {c:>3}  {loc['p50_ms']:>9.3f} / {loc['p99_ms']:>8.3f} {loc['qps']:>8,.0f}   "
+                      f"{rem['p50_ms']:>7.3f} / {rem['p99_ms']:>7.3f} {rem['qps']:>8,.0f}  "
+                      f"{rem['p50_ms'] - loc['p50_ms']:>+9.3f} ms  {rem['server_cpu_us_per_req']:>11,.0f} / "
+                      f"{rem['client_cpu_us_per_req']:>10,.0f}  {loc['errors'] + rem['errors']}", flush=True)
     finally:
         server_cpu = proc_cpu(proc.pid) - cpu_start
         proc.send_signal(signal.SIGTERM)
