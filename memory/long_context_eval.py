@@ -24,11 +24,15 @@ Tasks:
   prefilled once and clustered; each question is asked against it (the tokens after the context
   dropped between questions) at each keys ``fraction`` (1 = full attention).
 
-Baselines from the field's libraries were tried and could not run here: ``kvpress`` 0.5.5
+Baselines from the field's libraries cannot run beside transformers 5.24: ``kvpress`` 0.5.5
 (the newest) requires transformers < 5.3 and its hooks read the ``past_key_values`` and
 ``cache_position`` attention arguments that transformers 5.24 renamed (``cache``) and removed;
-``attention-sinks`` 0.4.0 pins transformers 4.34. ``streaming_llm`` is this package's own
-sink + window cache (:class:`~retromem.memory.kv_budget.StreamingLLM`).
+``attention-sinks`` 0.4.0 pins transformers 4.34. They run in their own environments on the
+examples :func:`passkey_examples` builds (``benchmarks/memory_long_context.py --export-passkey``,
+``benchmarks/library_streaming_llm.py``). ``streaming_llm`` is this package's own sink + window
+cache (:class:`~retromem.memory.kv_budget.StreamingLLM`); on the shared examples it writes what both
+libraries write. Trained memories (Infini-attention, AutoCompressor) run on the same inputs with
+their fixed ablation beside them (:class:`TrainedMemory`, ``LongEvalConfig.trained``).
 """
 
 from __future__ import annotations
