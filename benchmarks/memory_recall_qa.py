@@ -321,6 +321,9 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="JSONL file the rows are appended to")
     ap.add_argument("--report", default=None, help="comma-separated row files: print the tables, run nothing")
     a = ap.parse_args()
+    for flag, v in (("--first-context", a.first_context), ("--first-dialogue", a.first_dialogue)):
+        if v < 0:
+            ap.error(f"{flag} must be >= 0, got {v}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.report:
         report(a.report.split(","), a.table_rows)

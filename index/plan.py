@@ -402,6 +402,11 @@ def dense_costs_from_rows(rows_path: str | Path, base: UnitCosts | None = None, 
     dense = [r for r in rows if r.get("stage") == "dense" and (max_tokens is None or r["tokens"] <= max_tokens)]
     if not dense:
         return base
+    need = ("n", "nlist", "pq_bytes", "train_points", "train_cpu_s", "add_cpu_s")
+    for r in dense:
+        missing = [k for k in need if k not in r] + ([] if "build_maxrss" in r or "peak_rss" in r else ["peak_rss"])
+        if missing:
+            raise ConfigError(f"--measure-from {rows_path}: a dense row ({r.get('n', '?')} vectors) lacks {', '.join(missing)}")
     cores = max(base.cpu_cores, 1)
     spec = lambda r: parse_factory(f"IVF{r['nlist']}_HNSW32,PQ{r['pq_bytes']}", int(r.get("dim", 384)))  # noqa: E731
     flops = sum(_train_flops(spec(r), int(r["train_points"])) for r in dense)

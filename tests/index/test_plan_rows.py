@@ -119,3 +119,14 @@ def test_cli_plan_from_rows(rows):
     assert r.exit_code == 0 and "suffix arr. 1 shard(s)" in r.output
     r = CliRunner().invoke(main, ["plan", "--fit-up-to", "1e8"])
     assert r.exit_code == 2 and "--fit-up-to needs --measure-from" in r.output
+
+
+def test_a_dense_row_missing_a_field_is_named(tmp_path):
+    from retromem.errors import ConfigError
+    from retromem.index.plan import dense_costs_from_rows
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps({"stage": "dense", "n": 100000, "tokens": 6_400_000, "nlist": 2048, "pq_bytes": 32,
+                             "train_points": 79872, "add_cpu_s": 6.3, "peak_rss": 2**29}) + "\n")
+    with pytest.raises(ConfigError, match=r"--measure-from .*100000 vectors.*lacks train_cpu_s"):
+        dense_costs_from_rows(p)
