@@ -217,7 +217,8 @@ class RouterServicer(pb_grpc.RetrievalServicer):
                 chunk_length=first.datastore.chunk_length, num_tokens=sum(s.info.datastore.num_tokens for s in self.shards),
                 tokenizer=first.datastore.tokenizer, vocab_size=first.datastore.vocab_size,
                 vocab_sha256=first.datastore.vocab_sha256,
-                text_bytes=sum(s.info.datastore.text_bytes for s in self.shards)))
+                text_bytes=sum(s.info.datastore.text_bytes for s in self.shards),
+                deleted_documents=sum(s.info.datastore.deleted_documents for s in self.shards)))
         if first.HasField("dense"):
             m.dense.CopyFrom(first.dense)
             m.dense.ntotal = sum(s.info.dense.ntotal for s in self.shards)

@@ -253,3 +253,26 @@ def test_router_next_tokens_equal_one_server_over_the_union(cluster):
         if w is not None and not w.approx:
             assert (g.count, g.read) == (w.count, w.read)
             assert dict(g.sequences) == dict(w.sequences)
+
+
+def test_router_info_sums_the_shards_takedowns(stores, tmp_path):
+    """The router's datastore Info counts the documents taken down in every shard (it said 0)."""
+    import shutil
+
+    from retromem.datastore.tombstones import delete
+
+    b = stores["b"]
+    for part in ("datastore", "dense", "ngram"):
+        shutil.copytree(getattr(b, part), tmp_path / part)
+    delete(tmp_path / "datastore", doc_ids=[0, 2], reason="test takedown", who="test")
+    a = _serve(stores["a"])
+    b2 = start_server(ServerConfig(datastore=str(tmp_path / "datastore"), dense=str(tmp_path / "dense"),
+                                   ngram=str(tmp_path / "ngram"), port=0, workers=2))
+    router = start_server(ServerConfig(shards=(a.target, b2.target), port=0, workers=2))
+    try:
+        with RetrievalClient(router.target) as r, RetrievalClient(b2.target) as s:
+            assert s.info().datastore.deleted_documents == 2
+            assert r.info().datastore.deleted_documents == 2
+    finally:
+        for srv in (router, a, b2):
+            srv.stop(0)
