@@ -26,8 +26,16 @@ def _recall(index, xb: np.ndarray, q: np.ndarray, truth: np.ndarray, nprobe: int
     return float(np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(len(q))]))
 
 
-def test_two_level_recall_matches_flat_kmeans():
+@pytest.fixture()
+def one_thread():
+    """FAISS at one thread for the test (reproducible k-means), the process's setting restored after."""
+    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def test_two_level_recall_matches_flat_kmeans(one_thread):
     x = _blobs(6000)
     xb, q = x[:5800], x[5800:]
     truth = faiss.knn(q, xb, 10)[1]
@@ -42,8 +50,7 @@ def test_two_level_recall_matches_flat_kmeans():
     assert out[True] >= out[False] - 0.05, out
 
 
-def test_two_level_through_a_pretransform_and_inner_product():
-    faiss.omp_set_num_threads(1)
+def test_two_level_through_a_pretransform_and_inner_product(one_thread):
     x = _blobs(4000, seed=1)
     xb, q = x[:3900], x[3900:]
     truth = faiss.knn(q, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
