@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,16 +37,32 @@ def _ray_processes(temp_dir: str) -> list[int]:
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout: float, seen: list[str]) -> re.Match | None:
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    """The first line of ``proc``'s output matching ``pattern``, or None once ``timeout`` passed or it
+    exited. Lines come from a reader thread: a select() on the pipe misses lines that an earlier
+    readline() already pulled into the file object's buffer (two lines written together)."""
+    lines: queue.Queue = getattr(proc, "_lines", None) or queue.Queue()
+    if not hasattr(proc, "_lines"):
+        proc._lines = lines  # type: ignore[attr-defined]
+
+        def reader() -> None:
+            for x in iter(proc.stdout.readline, ""):
+                lines.put(x)
+            lines.put(None)  # end of the output
+
+        threading.Thread(target=reader, daemon=True).start()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if sel.select(timeout=1.0):
-            line = proc.stdout.readline()
-            seen.append(line)
-            m = re.search(pattern, line)
-            if m:
-                return m
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if line is None:
+            lines.put(None)  # a later call sees the end too
+            return None
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
     return None
 
 
@@ -82,10 +99,10 @@ def test_serve_engine_ray_from_the_command_line(stores, tmp_path):
                 assert c.count(q).count == ngram.count(q).count
             assert c.count(" the").count > 0 and c.health() == "SERVING"
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=120)
-        seen.append(rest)
+        stopped = _read_until(proc, r"stopped: ", 120, seen)
+        proc.wait(120)
         assert proc.returncode == 0, "".join(seen[-40:])
-        assert "stopped: in-flight requests drained" in rest
+        assert stopped and "stopped: in-flight requests drained" in stopped.string, "".join(seen[-40:])
         deadline = time.monotonic() + 30
         while _ray_processes(ray_tmp) and time.monotonic() < deadline:
             time.sleep(0.5)
