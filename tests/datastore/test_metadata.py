@@ -4,7 +4,6 @@ error naming the field (int64 and double widen to double)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -17,22 +16,12 @@ import pytest
 from retromem.datastore import BuildConfig, Datastore, build
 from retromem.datastore.pipeline import add
 from retromem.errors import ConfigError, InputError
-from tests.conftest import SHARED_CORPORA, write_jsonl
+from tests.conftest import shared_records, write_jsonl
 
 
 def records(n: int) -> list[dict]:
-    path = SHARED_CORPORA / "gcide.jsonl.gz"
-    if not path.exists():
-        pytest.skip(f"shared corpus {path} not present")
-    out = []
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if len(rec["text"]) > 200:
-                out.append(rec)
-            if len(out) == n:
-                return out
-    return out
+    """The first ``n`` gcide entries longer than 200 characters."""
+    return shared_records("gcide", n, 200, 10**9)
 
 
 @pytest.fixture(scope="module")
