@@ -15,7 +15,13 @@ Lookup (one per layer and chunk, shared by all heads, as the paper): a call is c
 with q̄_h the mean query of head h over the chunk, rotated to position ``n_local``, and r̄_{b,h}
 block b's mean representative key (at position 0) for head h, block b's relevance is the raw
 dot product Σ_h q̄_h · r̄_{b,h}, i.e. Σ_t Σ_r Σ_h q_{t,h} · k_{r,h} up to the constant T · n_repr:
-one matrix-vector product over all stored blocks. The ``topk`` most relevant blocks (all of them
+one matrix-vector product over all stored blocks. With ``lookup="keys"`` a short call (at most
+``keys_upto`` queries: a question, a generated token) scores every stored key instead: block b's
+relevance is max over query heads h, queries t and the block's keys j of q_{t,h} · k_{j,h}, so one
+head that matches one token (an induction head finding the key it copies) is enough to fetch the
+block, where the mean over heads, queries and representatives dilutes it; longer calls (prefill
+chunks) use the representatives. This reads the whole block store (all its keys, on the store's
+device) once per short call, O(stored tokens), and is not the paper's. The ``topk`` most relevant blocks (all of them
 while there are at most ``topk``) are fetched, through an LRU cache of ``cache_blocks`` blocks per
 layer in front of the store, and attended exactly together with the initial tokens and the tokens
 that left the window but do not fill a block yet, all at one distance, the window size (query
@@ -42,6 +48,8 @@ import torch
 from retromem.config import fail, one_of
 from retromem.memory.kv_budget import TwoBranchMemory, cat, check_budget, tensors_bytes
 
+LOOKUPS = ("repr", "keys")
+
 
 @dataclass(frozen=True)
 class InfLLMConfig:
@@ -49,7 +57,9 @@ class InfLLMConfig:
     n_repr: representative tokens per block and query head (their keys averaged); topk: blocks
     attended per chunk; chunk: queries per lookup (a longer call is attended chunk by chunk);
     cache_blocks: blocks per layer kept on the compute device (>= topk); store_device: where the
-    block store lives. Defaults: the paper's configuration."""
+    block store lives; lookup: "repr" (the paper's: mean representatives) or "keys" (calls of at
+    most ``keys_upto`` queries score every stored key, max over heads, queries and keys; longer
+    calls use the representatives). Defaults: the paper's configuration."""
 
     n_init: int = 128
     n_local: int = 4096
@@ -59,6 +69,8 @@ class InfLLMConfig:
     chunk: int = 512
     cache_blocks: int = 32
     store_device: str = "cpu"
+    lookup: str = "repr"
+    keys_upto: int = 64
 
     def __post_init__(self) -> None:
         check_budget(self.n_init, "infllm.n_init", "--n-init", minimum=0)
@@ -74,6 +86,8 @@ class InfLLMConfig:
             fail("infllm.cache_blocks", f"be >= topk ({self.topk}): the selected blocks pass through the cache",
                  self.cache_blocks, flag="--cache-blocks")
         one_of(self.store_device.split(":")[0], "infllm.store_device", ("cpu", "cuda", "mps"), flag="--store-device")
+        one_of(self.lookup, "infllm.lookup", LOOKUPS, flag="--lookup")
+        check_budget(self.keys_upto, "infllm.keys_upto", "--keys-upto")
 
     @property
     def budget_tokens(self) -> int:
@@ -86,7 +100,7 @@ class InfLLMConfig:
         return cls()
 
     @classmethod
-    def for_budget(cls, budget: int) -> "InfLLMConfig":
+    def for_budget(cls, budget: int, lookup: str = "repr") -> "InfLLMConfig":
         """The paper's proportions within ``budget`` keys per query: blocks of 128 tokens (4
         representatives) and 128 initial tokens (both scaled down below a budget of 1,024), then
         the window and the selected blocks 2 : 1 (the paper's 4,096 : 2,048); the pending partial
@@ -98,7 +112,7 @@ class InfLLMConfig:
         topk = max(1, rest // (3 * block))
         n_local = rest - topk * block
         return cls(n_init=n_init, n_local=n_local, block_size=block, n_repr=min(4, block), topk=topk,
-                   chunk=min(512, n_local), cache_blocks=2 * topk)
+                   chunk=min(512, n_local), cache_blocks=2 * topk, lookup=lookup)
 
 
 class BlockStore:
@@ -106,10 +120,15 @@ class BlockStore:
     device, never changed once written (so a copy of the memory shares them: see
     :meth:`__deepcopy__`), and the blocks' mean representative keys (n, H * D) on the compute
     device in a buffer that doubles when full; ``repr_index`` (n, Hkv, n_repr): which tokens of
-    each block they average."""
+    each block they average. The keys are written into pages of ``PAGE`` blocks, (Hkv, PAGE *
+    block_size, D) each, and ``k[b]`` is a view of its page, so :meth:`key_scores` scans the store
+    page by page without copying it."""
+
+    PAGE = 64
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
+        self.pages: list[torch.Tensor] = []
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.repr: torch.Tensor | None = None
@@ -121,6 +140,12 @@ class BlockStore:
         # only the representatives' buffer: the store is most of the memory's bytes at 32K tokens
         new = BlockStore.__new__(BlockStore)
         new.device, new.n, new.k, new.v = self.device, self.n, list(self.k), list(self.v)
+        new.pages = list(self.pages)
+        full = self.n - self.n % self.PAGE
+        if full < self.n:  # the last page is still being written: the copy writes its own
+            new.pages[-1] = self.pages[-1].clone()
+            bs = self.k[0].shape[1]
+            new.k[full:] = [new.pages[-1][:, j * bs:(j + 1) * bs] for j in range(self.n - full)]
         new.repr = None if self.repr is None else self.repr.clone()
         new.repr_index = None if self.repr_index is None else self.repr_index.clone()
         return new
@@ -138,11 +163,32 @@ class BlockStore:
         if self.repr is None or self.n == self.repr.shape[0]:
             self.repr = self._grow(self.repr, rep, self.n)
             self.repr_index = self._grow(self.repr_index, index, self.n)
-        self.k.append(k.to(self.device, copy=True))
+        j, bs = self.n % self.PAGE, k.shape[1]
+        if j == 0:
+            self.pages.append(k.new_empty(k.shape[0], self.PAGE * bs, k.shape[2], device=self.device))
+        page = self.pages[-1][:, j * bs:(j + 1) * bs]
+        page.copy_(k)
+        self.k.append(page)
         self.v.append(v.to(self.device, copy=True))
         self.repr[self.n] = rep
         self.repr_index[self.n] = index
         self.n += 1
+
+    def key_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """q (H, T, D) queries at the memory's distance; returns (n,): for each block, max over
+        query heads, queries and the block's keys of q · k, scanning every stored key on the
+        store's device."""
+        if not self.n:
+            return q.new_zeros(0)
+        Hkv, D = self.k[0].shape[0], q.shape[-1]
+        bs = self.k[0].shape[1]
+        qg = q.to(self.device, self.pages[0].dtype).reshape(Hkv, -1, D)  # (Hkv, G * T, D): query heads by KV head
+        out = []
+        for i, page in enumerate(self.pages):
+            nb = min(self.PAGE, self.n - i * self.PAGE)
+            logits = qg @ page[:, :nb * bs].transpose(1, 2)  # (Hkv, G * T, nb * bs)
+            out.append(logits.amax((0, 1)).reshape(nb, bs).amax(1))
+        return torch.cat(out).to(q.device, torch.float32)
 
     def reprs(self) -> torch.Tensor:
         """(n, H * D): the stored blocks' mean representative keys, per query head."""
@@ -230,10 +276,14 @@ class InfLLM(TwoBranchMemory):
 
     def lookup(self, layer: int, q_far: torch.Tensor) -> list[int]:
         """The blocks (in stream order) the queries q_far (1, H, T, D), at position n_local, attend."""
-        store = self.blocks[layer]
-        if store.n <= self.config.topk:
+        store, c = self.blocks[layer], self.config
+        if store.n <= c.topk:
             return list(range(store.n))
-        top = block_scores(q_far, store.reprs()).topk(self.config.topk).indices
+        if c.lookup == "keys" and q_far.shape[2] <= c.keys_upto:
+            scores = store.key_scores(q_far[0])
+        else:
+            scores = block_scores(q_far, store.reprs())
+        top = scores.topk(c.topk).indices
         return sorted(top.tolist())
 
     def far_memory(self, layer: int, q_far: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -5,7 +5,9 @@ per second, on the same inputs for every method.
 Methods (:data:`METHODS`) are bounded KV memories over the unmodified model
 (:mod:`retromem.memory.kv_budget`): ``full`` (every token kept: the reference, where it fits),
 ``streaming_llm`` (sinks + window; the kvpress / attention-sinks baseline, see below),
-``lm_infinite``, ``infllm`` and ``sirllm``, all at one token budget (:func:`build_memory` splits
+``lm_infinite``, ``infllm`` (the paper's lookup), ``infllm_keys`` (the same memory; a question
+or a generated token looks up blocks by every stored key, ``InfLLMConfig.lookup = "keys"``) and
+``sirllm``, all at one token budget (:func:`build_memory` splits
 it), plus ``squeezed`` for the fixed-context task. Each input is fed in segments of
 ``segment`` tokens; the part that is scored (the question and its answer) comes as its own last
 call, as it would at generation time, and is scored teacher-forced: an answer is right when the
@@ -56,10 +58,11 @@ from retromem.stats import wilson
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "streaming_llm", "lm_infinite", "infllm", "sirllm")
+METHODS = ("full", "streaming_llm", "lm_infinite", "infllm", "infllm_keys", "sirllm")
 TASKS = ("passkey", "perplexity", "recall", "qa")
 METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks + window)",
-                 "lm_infinite": "LM-Infinite", "infllm": "InfLLM", "sirllm": "SirLLM", "squeezed": "Squeezed Attention",
+                 "lm_infinite": "LM-Infinite", "infllm": "InfLLM",
+                 "infllm_keys": "InfLLM, key lookup for short calls", "sirllm": "SirLLM", "squeezed": "Squeezed Attention",
                  # trained memories and their ablation on the same weights (TrainedMemory)
                  "infini_attention": "Infini-attention (fine-tuned), memory on",
                  "infini_attention_knocked_out": "Infini-attention, memory read zeroed (same weights)",
@@ -69,7 +72,7 @@ METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks
                  "kvpress_streaming_llm": "kvpress StreamingLLMPress", "attention_sinks": "attention-sinks"}
 
 METHOD_COLORS = {"full": "tab:blue", "streaming_llm": "tab:orange", "lm_infinite": "tab:green", "infllm": "tab:red",
-                 "sirllm": "tab:purple", "squeezed": "tab:brown", "infini_attention": "tab:olive",
+                 "infllm_keys": "darkred", "sirllm": "tab:purple", "squeezed": "tab:brown", "infini_attention": "tab:olive",
                  "infini_attention_knocked_out": "tab:gray", "autocompressor": "tab:cyan",
                  "autocompressor_knocked_out": "tab:pink", "kvpress_streaming_llm": "gold", "attention_sinks": "black"}
 
@@ -152,7 +155,8 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
 
     StreamingLLM / LM-Infinite: 4 sinks + a window of the rest. SirLLM: 4 sinks, half the rest
     for entropy-selected tokens, half for the window. InfLLM: the paper's proportions
-    (:meth:`~retromem.memory.infllm.InfLLMConfig.for_budget`; 6,399 is the paper's configuration)."""
+    (:meth:`~retromem.memory.infllm.InfLLMConfig.for_budget`; 6,399 is the paper's configuration);
+    ``infllm_keys`` the same with ``lookup="keys"``."""
     from retromem.memory.infllm import InfLLM, InfLLMConfig
     from retromem.memory.lm_infinite import LMInfinite, LMInfiniteConfig
     from retromem.memory.sirllm import SirLLM, SirLLMConfig
@@ -166,8 +170,8 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     if method == "sirllm":
         half = (budget - 4) // 2
         return SirLLM(model, SirLLMConfig(n_sink=4, n_keep=half, n_local=budget - 4 - half))
-    if method == "infllm":
-        return InfLLM(model, InfLLMConfig.for_budget(budget))
+    if method in ("infllm", "infllm_keys"):
+        return InfLLM(model, InfLLMConfig.for_budget(budget, lookup="keys" if method == "infllm_keys" else "repr"))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 

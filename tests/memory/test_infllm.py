@@ -1,7 +1,9 @@
 """InfLLM on tiny real decoders: exact when the window covers the input, bounded attention memory
 with the block store growing apart, one block lookup per layer by the raw dot product of the
 chunk's queries with the representative keys (the one-matmul path against the sum written out),
-chunked calls equal to separate calls, the paper's configuration within a budget, and generate()."""
+chunked calls equal to separate calls, the paper's configuration within a budget, and generate();
+the key lookup (``lookup="keys"``) against the max over every stored key written out, and a block
+it finds where the representatives miss it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from retromem.errors import ConfigError
-from retromem.memory.infllm import InfLLM, InfLLMConfig, block_scores
+from retromem.memory.infllm import BlockStore, InfLLM, InfLLMConfig, block_scores
 from retromem.memory.kv_budget import enable, generate, stream
 
 from .conftest import tiny_decoder
@@ -95,20 +97,77 @@ def test_block_scores_are_the_raw_dot_products_of_queries_and_representatives():
     assert mem.lookup(1, q) == sorted(ref.topk(SMALL.topk).indices.tolist())
 
 
-def test_a_copied_memory_shares_its_blocks_and_goes_on_alone():
+@pytest.mark.parametrize("lookup", ["repr", "keys"])
+def test_a_copied_memory_shares_its_blocks_and_goes_on_alone(monkeypatch, lookup):
     import copy
 
+    monkeypatch.setattr(BlockStore, "PAGE", 4)  # 10 blocks at the copy: 2 full pages shared, a partial one
+    cfg = InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2, topk=2, cache_blocks=3, lookup=lookup, keys_upto=20)
     model = enable(tiny_decoder("llama"))
     ids, other = _ids(200, seed=5), _ids(100, seed=6)
-    mem, fresh = InfLLM(model, SMALL), InfLLM(model, SMALL)
+    mem = InfLLM(model, cfg)
     stream(model, ids[:, :100], mem, segment=20)
     twin = copy.deepcopy(mem)
-    assert twin.blocks[0].k[0] is mem.blocks[0].k[0]  # written blocks are shared, not copied
+    assert mem.blocks[0].n == 10
+    assert twin.blocks[0].k[0] is mem.blocks[0].k[0]  # blocks in full pages are shared, not copied ...
+    assert twin.blocks[0].pages[2] is not mem.blocks[0].pages[2]  # ... the page still being written is the copy's own
     stream(model, other, twin, segment=20)  # the copy goes on with other text first ...
     got = stream(model, ids[:, 100:], mem, segment=20, keep_logits="all")  # ... and the original is untouched
-    ref = stream(model, ids, fresh, segment=20, keep_logits="all")[:, 100:]
+    ref = stream(model, ids, InfLLM(model, cfg), segment=20, keep_logits="all")[:, 100:]
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
-    assert twin.blocks[0].n > mem.blocks[0].n - 5 and len(twin.blocks[0].k) == twin.blocks[0].n
+    # and the copy's own blocks are what a fresh run over the same tokens writes
+    alone = InfLLM(model, cfg)
+    stream(model, ids[:, :100], alone, segment=20)
+    stream(model, other, alone, segment=20)
+    assert twin.blocks[0].n == alone.blocks[0].n > 10
+    for b in range(alone.blocks[0].n):
+        torch.testing.assert_close(twin.blocks[1].k[b], alone.blocks[1].k[b], atol=0, rtol=0)
+
+
+def test_key_lookup_takes_the_max_over_every_stored_key(monkeypatch):
+    """lookup="keys": block b scores max over query heads, queries and b's keys of q · k (every key
+    of the store, page by page), for calls of at most keys_upto queries; longer calls use the
+    representatives."""
+    monkeypatch.setattr(BlockStore, "PAGE", 3)  # 16 blocks over 6 pages
+    cfg = InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2, topk=3, cache_blocks=3, lookup="keys", keys_upto=5)
+    model = enable(tiny_decoder("mistral"))
+    mem = InfLLM(model, cfg)
+    stream(model, _ids(150), mem, segment=32)
+    store = mem.blocks[1]
+    assert store.n == 16 and len(store.pages) == 6
+    q = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(3))
+    ref = torch.full((store.n,), -float("inf"))
+    for b in range(store.n):
+        for h in range(4):
+            ref[b] = max(ref[b], (q[0, h] @ store.k[b][h // 2].T).max())  # 2 query heads per KV head
+    torch.testing.assert_close(store.key_scores(q[0]), ref, atol=1e-5, rtol=1e-5)
+    assert mem.lookup(1, q) == sorted(ref.topk(3).indices.tolist())
+    q6 = torch.randn(1, 4, 6, 16, generator=torch.Generator().manual_seed(4))  # longer than keys_upto
+    assert mem.lookup(1, q6) == sorted(block_scores(q6, store.reprs()).topk(3).indices.tolist())
+
+
+def test_key_lookup_finds_one_matching_key_that_the_representatives_average_away():
+    """One head of one query matches one key of block 3, which is not among its representatives:
+    the paper's lookup (mean representatives, summed over heads) misses it, the key lookup fetches it."""
+    g = torch.Generator().manual_seed(0)
+    mems = {lk: InfLLM(enable(tiny_decoder("llama")), InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2,
+                                                                    topk=2, cache_blocks=3, lookup=lk)) for lk in ("repr", "keys")}
+    target = torch.zeros(16)
+    target[5] = 4.0
+    blocks = []
+    for i in range(6):
+        k = torch.randn(2, 8, 16, generator=g) * 0.3
+        rep = torch.randn(4, 16, generator=g) * 0.3 + (0.3 if i != 3 else 0.0)  # the others' representatives lean to the queries
+        if i == 3:
+            k[1, 6] = target  # KV head 1 (query heads 2, 3), token 6: not a representative (index 0, 1)
+        blocks.append((k, rep))
+    for mem in mems.values():
+        for k, rep in blocks:
+            mem.blocks[0].add(k, k, rep.reshape(-1), torch.tensor([[0, 1]] * 4))
+    q = torch.full((1, 4, 2, 16), 0.3)  # every head leans to the others' representatives ...
+    q[0, 2, 1] = target  # ... and one head of one query looks for block 3's key
+    assert 3 not in mems["repr"].lookup(0, q)
+    assert 3 in mems["keys"].lookup(0, q)
 
 
 def test_chunked_calls_equal_separate_calls():
@@ -140,12 +199,18 @@ def test_generate_and_refusals():
     assert out.shape == (1, 84)
     torch.manual_seed(0)
     assert generate(model, ids, InfLLM(model, SMALL), segment=16, max_new_tokens=4, do_sample=True).shape == (1, 84)
+    keys = InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2, topk=2, cache_blocks=3, lookup="keys")
+    assert generate(model, ids, InfLLM(model, keys), segment=16, max_new_tokens=4, do_sample=False).shape == (1, 84)
     with pytest.raises(ConfigError, match="infllm.cache_blocks"):
         InfLLMConfig(topk=8, cache_blocks=4)
     with pytest.raises(ConfigError, match="infllm.chunk"):
         InfLLMConfig(chunk=0)
     with pytest.raises(ConfigError, match="infllm.n_repr"):
         InfLLMConfig(block_size=4, n_repr=8)
+    with pytest.raises(ConfigError, match="infllm.lookup"):
+        InfLLMConfig(lookup="exact")
+    with pytest.raises(ConfigError, match="infllm.keys_upto"):
+        InfLLMConfig(lookup="keys", keys_upto=0)
     with pytest.raises(ConfigError, match="at most 1"):
         stream(model, ids.repeat(2, 1), InfLLM(model, SMALL))
 
