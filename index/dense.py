@@ -94,6 +94,7 @@ class DenseIndex(BoundToDatastore):
             self._indexes = [(to_gpu(i) or i) for i in self._indexes]
         self._datastore = None
         self._tomb_sel = None  # (datastore key, faiss selector of its deleted chunks)
+        self._params_cache: dict = {}  # (shard, nprobe, efSearch) -> FAISS SearchParameters, without a selector
         self._deleted = None  # (datastore, its deleted chunk ids)
         if datastore is not None:
             self.attach_datastore(datastore)
@@ -171,7 +172,7 @@ class DenseIndex(BoundToDatastore):
         nprobe = self.defaults.get("nprobe") if nprobe is None else nprobe
         ef_search = self.defaults.get("efSearch") if ef_search is None else ef_search
         Ds, Is = [], []
-        for index in self._indexes:
+        for i, index in enumerate(self._indexes):
             kk = min(k, int(index.ntotal))
             if kk == 0:
                 continue
@@ -180,18 +181,32 @@ class DenseIndex(BoundToDatastore):
                     set_gpu_params(index, nprobe)
                     D, I = index.search(x, kk)
             else:
-                params = search_parameters(index, nprobe, ef_search, sel)
-                D, I = index.search(x, kk, params=params)
+                D, I = index.search(x, kk, params=self._params(i, nprobe, ef_search, sel))
             Ds.append(D)
             Is.append(I)
-        D = faiss_scores(np.concatenate(Ds, axis=1), index_similarity(self.meta))  # higher is better, any metric
-        I = np.concatenate(Is, axis=1)
-        D = np.where(I < 0, -np.inf, D).astype(np.float32)
+        D = Ds[0] if len(Ds) == 1 else np.concatenate(Ds, axis=1)
+        I = Is[0] if len(Is) == 1 else np.concatenate(Is, axis=1)
+        D = faiss_scores(D, index_similarity(self.meta))  # higher is better, any metric
+        D = np.where(I < 0, np.float32(-np.inf), D).astype(np.float32, copy=False)
         if len(self._indexes) > 1:  # merge shards by score
             order = np.argsort(-D, axis=1, kind="stable")[:, :k]
             D = np.take_along_axis(D, order, axis=1)
             I = np.take_along_axis(I, order, axis=1)
         return D, I.astype(np.int64)
+
+    def _params(self, i: int, nprobe: int | None, ef_search: int | None, sel):
+        """Shard i's FAISS search parameters; without a selector they are built once per (shard,
+        nprobe, efSearch) and shared by every call (FAISS only reads them): building the tree
+        through SWIG costs more than a small index's search."""
+        if sel is not None:
+            return search_parameters(self._indexes[i], nprobe, ef_search, sel)
+        key = (i, nprobe, ef_search)
+        cache = self._params_cache
+        if key not in cache:
+            if len(cache) >= 64:  # nprobe / efSearch come from requests: keep the cache small
+                cache.clear()
+            cache[key] = search_parameters(self._indexes[i], nprobe, ef_search)
+        return cache[key]
 
     def search(self, queries, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
                exclude_doc_ids: Sequence[Iterable[int] | int | None] | None = None,

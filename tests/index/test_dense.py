@@ -210,6 +210,25 @@ def test_shards_merged_by_score_and_on_disk_equal_one_index(emb_dir, tmp_path):
     assert (a.chunk_ids == c.chunk_ids).mean() > 0.97
 
 
+def test_search_parameters_reused_across_calls_answer_as_fresh_ones(ivf_index, emb_dir):
+    """Parameters without a selector are built once per (shard, nprobe, efSearch) and reused: calls
+    alternating nprobe answer as a freshly opened index does, and the cache stays bounded."""
+    from retromem.index.dense import DenseIndex
+    from retromem.index.embed import Embeddings
+
+    _, q = Embeddings(emb_dir).sample(20, seed=11)
+    idx = DenseIndex.open(ivf_index.path)
+    got = [idx.search(q, 10, nprobe=n) for n in (1, 8, 1, 8)]
+    for n, res in zip((1, 8, 1, 8), got):
+        ref = DenseIndex.open(ivf_index.path).search(q, 10, nprobe=n)
+        np.testing.assert_array_equal(res.chunk_ids, ref.chunk_ids)
+        np.testing.assert_array_equal(res.scores, ref.scores)
+    assert (got[0].chunk_ids != got[1].chunk_ids).any()  # nprobe reached FAISS through the cached parameters
+    for n in range(1, 80):
+        idx.knn(q[:1], 5, nprobe=n)
+    assert len(idx._params_cache) <= 64
+
+
 @pytest.mark.slow  # starts a local Ray
 def test_shards_added_at_once_locally_and_on_ray_equal_the_sequential_build(emb_dir, tmp_path):
     """Train once, then one task per shard: two local processes, and Ray tasks, write shard files
