@@ -1,5 +1,5 @@
 """What InfLLM's block lookup costs per layer, the paper's rule against the key lookup
-(``InfLLMConfig.lookup = "keys"``), with SmolLM2-135M's shapes (9 query heads, 3 KV heads, 64
+(``InfLLMConfig.lookup = "keys"``: the attention mass each block would get among every stored key), with SmolLM2-135M's shapes (9 query heads, 3 KV heads, 64
 dims, blocks of 128 tokens), on a real :class:`~retromem.memory.infllm.BlockStore`, at several
 stored lengths; beside them, the attention the lookup feeds (one layer's queries over the
 budget's keys), the reference the lookup cost is read against.
@@ -49,7 +49,7 @@ def main() -> None:
             q = torch.randn(1, H, T, D, generator=g)
             kv = torch.randn(1, H, c.budget_tokens, D, generator=g)
             paper = per_call(lambda: block_scores(q, store.reprs()).topk(c.topk), a.seconds)
-            keys = per_call(lambda: store.key_scores(q[0]).topk(c.topk), a.seconds)
+            keys = per_call(lambda: store.key_scores(q[0], D ** -0.5).topk(c.topk), a.seconds)
             attn = per_call(lambda: torch.nn.functional.scaled_dot_product_attention(q, kv, kv), a.seconds)
             print(json.dumps({"stored_tokens": store.n * c.block_size, "queries": T, "paper_ms": round(paper, 4),
                               "keys_ms": round(keys, 4), "attention_ms": round(attn, 4),

@@ -69,6 +69,7 @@ def main() -> None:
                     "AutoCompressor) run on the same passkey and perplexity inputs, memory on and knocked out.")
     ap.add_argument("--export-passkey", default=None, help="Write the passkey examples (JSONL) here and run nothing.")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="Draws the haystack offsets and keys (another seed: other examples).")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None, help="Also write the accuracy-vs-length PNG here.")
     ap.add_argument("--plot-score", default="correct", choices=("correct", "strict", "greedy"),
@@ -103,7 +104,7 @@ def main() -> None:
                          ppl_lengths=split(a.ppl_lengths), ppl_score=a.ppl_score, ppl_streams=a.ppl_streams, recall_length=a.recall_length,
                          recall_facts=a.recall_facts, recall_dialogues=a.recall_dialogues, qa_length=a.qa_length,
                          qa_questions=a.qa_questions, fractions=split(a.fractions, float), full_max=a.full_max,
-                         trained=split(a.trained, str))
+                         trained=split(a.trained, str), seed=a.seed)
     model, tok = load_causal_lm(a.model)
     if a.export_passkey:
         print(f"{export_passkey(tok, cfg, Path(a.export_passkey))} passkey examples -> {a.export_passkey}")

@@ -17,11 +17,13 @@ block b's mean representative key (at position 0) for head h, block b's relevanc
 dot product Σ_h q̄_h · r̄_{b,h}, i.e. Σ_t Σ_r Σ_h q_{t,h} · k_{r,h} up to the constant T · n_repr:
 one matrix-vector product over all stored blocks. With ``lookup="keys"`` a short call (at most
 ``keys_upto`` queries: a question, a generated token) scores every stored key instead: block b's
-relevance is max over query heads h, queries t and the block's keys j of q_{t,h} · k_{j,h}, so one
-head that matches one token (an induction head finding the key it copies) is enough to fetch the
-block, where the mean over heads, queries and representatives dilutes it; longer calls (prefill
-chunks) use the representatives. This reads the whole block store (all its keys, on the store's
-device) once per short call, O(stored tokens), and is not the paper's. The ``topk`` most relevant blocks (all of them
+relevance is the attention it would get, max over query heads h and queries t of
+Σ_{j in b} softmax_j(q_{t,h} · k_{j,h} · scaling) with the softmax over every stored key. One head
+of one query that attends the block (an induction head finding the key it copies) is enough to
+fetch it, where the mean over heads, queries and representatives dilutes it, and the softmax puts
+heads with large and small logits on one scale. Longer calls (prefill chunks) use the
+representatives. This reads the whole block store (all its keys, on the store's device) once per
+short call, O(stored tokens), and is not the paper's. The ``topk`` most relevant blocks (all of them
 while there are at most ``topk``) are fetched, through an LRU cache of ``cache_blocks`` blocks per
 layer in front of the store, and attended exactly together with the initial tokens and the tokens
 that left the window but do not fill a block yet, all at one distance, the window size (query
@@ -58,8 +60,8 @@ class InfLLMConfig:
     attended per chunk; chunk: queries per lookup (a longer call is attended chunk by chunk);
     cache_blocks: blocks per layer kept on the compute device (>= topk); store_device: where the
     block store lives; lookup: "repr" (the paper's: mean representatives) or "keys" (calls of at
-    most ``keys_upto`` queries score every stored key, max over heads, queries and keys; longer
-    calls use the representatives). Defaults: the paper's configuration."""
+    most ``keys_upto`` queries score each block by the attention its keys would get among all
+    stored keys, max over heads and queries; longer calls use the representatives). Defaults: the paper's configuration."""
 
     n_init: int = 128
     n_local: int = 4096
@@ -174,21 +176,23 @@ class BlockStore:
         self.repr_index[self.n] = index
         self.n += 1
 
-    def key_scores(self, q: torch.Tensor) -> torch.Tensor:
+    def key_scores(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """q (H, T, D) queries at the memory's distance; returns (n,): for each block, max over
-        query heads, queries and the block's keys of q · k, scanning every stored key on the
-        store's device."""
+        query heads and queries of the softmax attention mass its keys get among every stored key
+        (logits q · k · scaling), scanning the store page by page on the store's device."""
         if not self.n:
             return q.new_zeros(0)
         Hkv, D = self.k[0].shape[0], q.shape[-1]
         bs = self.k[0].shape[1]
-        qg = q.to(self.device, self.pages[0].dtype).reshape(Hkv, -1, D)  # (Hkv, G * T, D): query heads by KV head
-        out = []
+        qg = q.to(self.device, torch.float32).reshape(Hkv, -1, D) * scaling  # (Hkv, G * T, D): query heads by KV head
+        lse = []
         for i, page in enumerate(self.pages):
             nb = min(self.PAGE, self.n - i * self.PAGE)
-            logits = qg @ page[:, :nb * bs].transpose(1, 2)  # (Hkv, G * T, nb * bs)
-            out.append(logits.amax((0, 1)).reshape(nb, bs).amax(1))
-        return torch.cat(out).to(q.device, torch.float32)
+            logits = qg @ page[:, :nb * bs].float().transpose(1, 2)  # (Hkv, G * T, nb * bs)
+            lse.append(logits.reshape(Hkv, -1, nb, bs).logsumexp(-1))  # each block's log-mass, unnormalized
+        blocks = torch.cat(lse, -1)  # (Hkv, G * T, n)
+        mass = (blocks - blocks.logsumexp(-1, keepdim=True)).exp()
+        return mass.amax((0, 1)).to(q.device)
 
     def reprs(self) -> torch.Tensor:
         """(n, H * D): the stored blocks' mean representative keys, per query head."""
@@ -226,6 +230,8 @@ class InfLLM(TwoBranchMemory):
         self.cache: list[OrderedDict] = [OrderedDict() for _ in range(L)]  # block -> (k, v) (Hkv, block_size, D) on device
         self.selected: list[list[int]] = [[] for _ in range(L)]  # the blocks the last lookup chose, per layer
         self.hits = self.misses = 0
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        self._scaling = head_dim ** -0.5  # until the first call brings the model's own
 
     def wants_scores(self) -> bool:
         return True
@@ -239,6 +245,7 @@ class InfLLM(TwoBranchMemory):
         # chunked prefill: each chunk of queries does its own lookup and is stored before the next
         # attends, exactly as if the call had come in chunks (every layer's attention depends only
         # on that layer's memory and the chunk's queries, keys and values)
+        self._scaling = scaling  # the key lookup's softmax uses the model's own
         T, n = q.shape[2], self.config.chunk
         if T <= n:
             return super().attend(layer, q, k, v, positions, scaling)
@@ -280,7 +287,7 @@ class InfLLM(TwoBranchMemory):
         if store.n <= c.topk:
             return list(range(store.n))
         if c.lookup == "keys" and q_far.shape[2] <= c.keys_upto:
-            scores = store.key_scores(q_far[0])
+            scores = store.key_scores(q_far[0], self._scaling)
         else:
             scores = block_scores(q_far, store.reprs())
         top = scores.topk(c.topk).indices

@@ -124,10 +124,10 @@ def test_a_copied_memory_shares_its_blocks_and_goes_on_alone(monkeypatch, lookup
         torch.testing.assert_close(twin.blocks[1].k[b], alone.blocks[1].k[b], atol=0, rtol=0)
 
 
-def test_key_lookup_takes_the_max_over_every_stored_key(monkeypatch):
-    """lookup="keys": block b scores max over query heads, queries and b's keys of q · k (every key
-    of the store, page by page), for calls of at most keys_upto queries; longer calls use the
-    representatives."""
+def test_key_lookup_scores_the_attention_each_block_would_get(monkeypatch):
+    """lookup="keys": block b scores the softmax attention mass its keys get among every stored key
+    (the store read page by page), max over query heads and queries, for calls of at most
+    keys_upto queries; longer calls use the representatives."""
     monkeypatch.setattr(BlockStore, "PAGE", 3)  # 16 blocks over 6 pages
     cfg = InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2, topk=3, cache_blocks=3, lookup="keys", keys_upto=5)
     model = enable(tiny_decoder("mistral"))
@@ -136,18 +136,21 @@ def test_key_lookup_takes_the_max_over_every_stored_key(monkeypatch):
     store = mem.blocks[1]
     assert store.n == 16 and len(store.pages) == 6
     q = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(3))
-    ref = torch.full((store.n,), -float("inf"))
-    for b in range(store.n):
-        for h in range(4):
-            ref[b] = max(ref[b], (q[0, h] @ store.k[b][h // 2].T).max())  # 2 query heads per KV head
-    torch.testing.assert_close(store.key_scores(q[0]), ref, atol=1e-5, rtol=1e-5)
+    ref = torch.zeros(store.n)
+    for h in range(4):
+        keys = torch.cat([store.k[b][h // 2] for b in range(store.n)])  # 2 query heads per KV head
+        for t in range(5):
+            p = torch.softmax(q[0, h, t] @ keys.T * 0.25, -1).reshape(store.n, 8).sum(-1)  # scaling 16 ** -0.5
+            ref = torch.maximum(ref, p)
+    torch.testing.assert_close(store.key_scores(q[0], 0.25), ref, atol=1e-5, rtol=1e-5)
+    assert mem._scaling == 0.25
     assert mem.lookup(1, q) == sorted(ref.topk(3).indices.tolist())
     q6 = torch.randn(1, 4, 6, 16, generator=torch.Generator().manual_seed(4))  # longer than keys_upto
     assert mem.lookup(1, q6) == sorted(block_scores(q6, store.reprs()).topk(3).indices.tolist())
 
 
 def test_key_lookup_finds_one_matching_key_that_the_representatives_average_away():
-    """One head of one query matches one key of block 3, which is not among its representatives:
+    """One head of one query attends one key of block 3, which is not among its representatives:
     the paper's lookup (mean representatives, summed over heads) misses it, the key lookup fetches it."""
     g = torch.Generator().manual_seed(0)
     mems = {lk: InfLLM(enable(tiny_decoder("llama")), InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2,
