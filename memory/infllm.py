@@ -21,8 +21,11 @@ relevance is the attention it would get, max over query heads h and queries t of
 Σ_{j in b} softmax_j(q_{t,h} · k_{j,h} · scaling) with the softmax over every stored key. One head
 of one query that attends the block (an induction head finding the key it copies) is enough to
 fetch it, where the mean over heads, queries and representatives dilutes it, and the softmax puts
-heads with large and small logits on one scale. Longer calls (prefill chunks) use the
-representatives. This reads the whole block store (all its keys, on the store's device) once per
+heads with large and small logits on one scale. A run of short calls (a question, then the tokens
+generated after it) also looks up with the last ``recent_queries`` queries of the run's earlier
+calls, so a generated token keeps what the question found (on SmolLM2-135M a lookup by a lone
+digit's query loses the passkey's block). Longer calls (prefill chunks) use the representatives
+and end the run. This reads the whole block store (all its keys, on the store's device) once per
 short call, O(stored tokens), and is not the paper's. The ``topk`` most relevant blocks (all of them
 while there are at most ``topk``) are fetched, through an LRU cache of ``cache_blocks`` blocks per
 layer in front of the store, and attended exactly together with the initial tokens and the tokens
@@ -61,7 +64,8 @@ class InfLLMConfig:
     cache_blocks: blocks per layer kept on the compute device (>= topk); store_device: where the
     block store lives; lookup: "repr" (the paper's: mean representatives) or "keys" (calls of at
     most ``keys_upto`` queries score each block by the attention its keys would get among all
-    stored keys, max over heads and queries; longer calls use the representatives). Defaults: the paper's configuration."""
+    stored keys, max over heads and queries, together with the last ``recent_queries`` queries of
+    the short calls just before; longer calls use the representatives). Defaults: the paper's configuration."""
 
     n_init: int = 128
     n_local: int = 4096
@@ -73,6 +77,7 @@ class InfLLMConfig:
     store_device: str = "cpu"
     lookup: str = "repr"
     keys_upto: int = 64
+    recent_queries: int = 16
 
     def __post_init__(self) -> None:
         check_budget(self.n_init, "infllm.n_init", "--n-init", minimum=0)
@@ -90,6 +95,7 @@ class InfLLMConfig:
         one_of(self.store_device.split(":")[0], "infllm.store_device", ("cpu", "cuda", "mps"), flag="--store-device")
         one_of(self.lookup, "infllm.lookup", LOOKUPS, flag="--lookup")
         check_budget(self.keys_upto, "infllm.keys_upto", "--keys-upto")
+        check_budget(self.recent_queries, "infllm.recent_queries", "--recent-queries", minimum=0)
 
     @property
     def budget_tokens(self) -> int:
@@ -229,6 +235,7 @@ class InfLLM(TwoBranchMemory):
         self.blocks = [BlockStore(c.store_device) for _ in range(L)]
         self.cache: list[OrderedDict] = [OrderedDict() for _ in range(L)]  # block -> (k, v) (Hkv, block_size, D) on device
         self.selected: list[list[int]] = [[] for _ in range(L)]  # the blocks the last lookup chose, per layer
+        self.recent_q: list[torch.Tensor | None] = [None] * L  # (1, H, <= recent_queries, D): this run of short calls
         self.hits = self.misses = 0
         head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
         self._scaling = head_dim ** -0.5  # until the first call brings the model's own
@@ -284,9 +291,16 @@ class InfLLM(TwoBranchMemory):
     def lookup(self, layer: int, q_far: torch.Tensor) -> list[int]:
         """The blocks (in stream order) the queries q_far (1, H, T, D), at position n_local, attend."""
         store, c = self.blocks[layer], self.config
+        short = c.lookup == "keys" and q_far.shape[2] <= c.keys_upto
+        if short:  # a run of short calls looks up with its recent queries too
+            prev = self.recent_q[layer]
+            q_far = q_far if prev is None else torch.cat([prev, q_far], 2)
+            self.recent_q[layer] = q_far[:, :, max(0, q_far.shape[2] - c.recent_queries):] if c.recent_queries else None
+        else:
+            self.recent_q[layer] = None
         if store.n <= c.topk:
             return list(range(store.n))
-        if c.lookup == "keys" and q_far.shape[2] <= c.keys_upto:
+        if short:
             scores = store.key_scores(q_far[0], self._scaling)
         else:
             scores = block_scores(q_far, store.reprs())

@@ -145,8 +145,17 @@ def test_key_lookup_scores_the_attention_each_block_would_get(monkeypatch):
     torch.testing.assert_close(store.key_scores(q[0], 0.25), ref, atol=1e-5, rtol=1e-5)
     assert mem._scaling == 0.25
     assert mem.lookup(1, q) == sorted(ref.topk(3).indices.tolist())
-    q6 = torch.randn(1, 4, 6, 16, generator=torch.Generator().manual_seed(4))  # longer than keys_upto
+    # the next short call of the run looks up with its own queries and the last recent_queries (16) before
+    q2 = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(5))
+    both = torch.cat([q, q2], 2)
+    assert mem.lookup(1, q2) == sorted(store.key_scores(both[0], 0.25).topk(3).indices.tolist())
+    assert torch.equal(mem.recent_q[1], both)
+    q6 = torch.randn(1, 4, 6, 16, generator=torch.Generator().manual_seed(4))  # longer than keys_upto: ends the run
     assert mem.lookup(1, q6) == sorted(block_scores(q6, store.reprs()).topk(3).indices.tolist())
+    assert mem.recent_q[1] is None
+    for t in range(20):  # a long run keeps the last 16 queries
+        mem.lookup(1, q[:, :, :1] + t)
+    assert mem.recent_q[1].shape[2] == 16 and torch.equal(mem.recent_q[1][:, :, -1], q[:, :, 0] + 19)
 
 
 def test_key_lookup_finds_one_matching_key_that_the_representatives_average_away():
@@ -212,6 +221,8 @@ def test_generate_and_refusals():
         InfLLMConfig(block_size=4, n_repr=8)
     with pytest.raises(ConfigError, match="infllm.lookup"):
         InfLLMConfig(lookup="exact")
+    with pytest.raises(ConfigError, match="infllm.recent_queries"):
+        InfLLMConfig(lookup="keys", recent_queries=-1)
     with pytest.raises(ConfigError, match="infllm.keys_upto"):
         InfLLMConfig(lookup="keys", keys_upto=0)
     with pytest.raises(ConfigError, match="at most 1"):
