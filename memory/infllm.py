@@ -188,17 +188,22 @@ class BlockStore:
         (logits q · k · scaling), scanning the store page by page on the store's device."""
         if not self.n:
             return q.new_zeros(0)
-        Hkv, D = self.k[0].shape[0], q.shape[-1]
-        bs = self.k[0].shape[1]
-        qg = q.to(self.device, torch.float32).reshape(Hkv, -1, D) * scaling  # (Hkv, G * T, D): query heads by KV head
+        return block_mass(self.block_lse(q, scaling)).to(q.device)
+
+    def block_lse(self, q: torch.Tensor, scaling: float, start: int = 0) -> torch.Tensor:
+        """q (H, T, D); returns (Hkv, G, T, n - start) float32: each block's log-sum-exp of the
+        logits q · k · scaling of its keys, for blocks start..n-1 (query heads grouped by KV head)."""
+        Hkv, bs = self.k[0].shape[0], self.k[0].shape[1]
+        H, T, D = q.shape
+        qg = q.to(self.device, torch.float32).reshape(Hkv, H // Hkv * T, D) * scaling  # query heads by KV head
         lse = []
         for i, page in enumerate(self.pages):
-            nb = min(self.PAGE, self.n - i * self.PAGE)
-            logits = qg @ page[:, :nb * bs].float().transpose(1, 2)  # (Hkv, G * T, nb * bs)
-            lse.append(logits.reshape(Hkv, -1, nb, bs).logsumexp(-1))  # each block's log-mass, unnormalized
-        blocks = torch.cat(lse, -1)  # (Hkv, G * T, n)
-        mass = (blocks - blocks.logsumexp(-1, keepdim=True)).exp()
-        return mass.amax((0, 1)).to(q.device)
+            lo, hi = max(start - i * self.PAGE, 0), min(self.PAGE, self.n - i * self.PAGE)
+            if hi <= lo:
+                continue
+            logits = qg @ page[:, lo * bs:hi * bs].float().transpose(1, 2)  # (Hkv, G * T, (hi - lo) * bs)
+            lse.append(logits.reshape(Hkv, -1, hi - lo, bs).logsumexp(-1))  # each block's log-mass, unnormalized
+        return torch.cat(lse, -1).reshape(Hkv, H // Hkv, T, -1)
 
     def reprs(self) -> torch.Tensor:
         """(n, H * D): the stored blocks' mean representative keys, per query head."""
@@ -210,6 +215,12 @@ class BlockStore:
             return 0
         return self.n * (2 * self.k[0].numel() * self.k[0].element_size() + self.repr[0].numel() * self.repr.element_size()
                          + self.repr_index[0].numel() * self.repr_index.element_size())
+
+
+def block_mass(lse: torch.Tensor) -> torch.Tensor:
+    """lse (Hkv, G, T, n) per-block log-sum-exps (:meth:`BlockStore.block_lse`) -> (n,): the
+    softmax mass of each block among all n, max over query heads and queries."""
+    return (lse - lse.logsumexp(-1, keepdim=True)).exp().amax((0, 1, 2))
 
 
 def block_scores(q_far: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
@@ -236,6 +247,7 @@ class InfLLM(TwoBranchMemory):
         self.cache: list[OrderedDict] = [OrderedDict() for _ in range(L)]  # block -> (k, v) (Hkv, block_size, D) on device
         self.selected: list[list[int]] = [[] for _ in range(L)]  # the blocks the last lookup chose, per layer
         self.recent_q: list[torch.Tensor | None] = [None] * L  # (1, H, <= recent_queries, D): this run of short calls
+        self.recent_lse: list[torch.Tensor | None] = [None] * L  # their per-block log-sum-exps (Hkv, G, T, blocks then)
         self.hits = self.misses = 0
         head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
         self._scaling = head_dim ** -0.5  # until the first call brings the model's own
@@ -291,21 +303,35 @@ class InfLLM(TwoBranchMemory):
     def lookup(self, layer: int, q_far: torch.Tensor) -> list[int]:
         """The blocks (in stream order) the queries q_far (1, H, T, D), at position n_local, attend."""
         store, c = self.blocks[layer], self.config
-        short = c.lookup == "keys" and q_far.shape[2] <= c.keys_upto
-        if short:  # a run of short calls looks up with its recent queries too
-            prev = self.recent_q[layer]
-            q_far = q_far if prev is None else torch.cat([prev, q_far], 2)
-            self.recent_q[layer] = q_far[:, :, max(0, q_far.shape[2] - c.recent_queries):] if c.recent_queries else None
+        if c.lookup == "keys" and q_far.shape[2] <= c.keys_upto:
+            scores = self._run_scores(layer, q_far)
         else:
-            self.recent_q[layer] = None
+            self.recent_q[layer] = self.recent_lse[layer] = None  # a long call ends a run of short calls
+            scores = None if store.n <= c.topk else block_scores(q_far, store.reprs())
         if store.n <= c.topk:
             return list(range(store.n))
-        if short:
-            scores = store.key_scores(q_far[0], self._scaling)
-        else:
-            scores = block_scores(q_far, store.reprs())
         top = scores.topk(c.topk).indices
         return sorted(top.tolist())
+
+    def _run_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The key lookup's block scores for a short call's queries q (1, H, T, D) together with the
+        last ``recent_queries`` queries of the run so far. The recent queries' per-block
+        log-sum-exps are kept (``recent_lse``, for the blocks stored when they were computed): a
+        call computes its own queries' over every block and the recent ones' over new blocks only."""
+        store, R = self.blocks[layer], self.config.recent_queries
+        new = store.block_lse(q[0], self._scaling)  # (Hkv, G, T, n)
+        prev_q, prev = self.recent_q[layer], self.recent_lse[layer]
+        if prev_q is not None:
+            if prev is None:
+                prev = store.block_lse(prev_q[0], self._scaling)
+            elif prev.shape[-1] < store.n:  # blocks written since
+                prev = torch.cat([prev, store.block_lse(prev_q[0], self._scaling, start=prev.shape[-1])], -1)
+            new = torch.cat([prev, new], 2)
+            q = torch.cat([prev_q, q], 2)
+        keep = max(0, q.shape[2] - R)
+        self.recent_q[layer] = q[:, :, keep:] if R else None
+        self.recent_lse[layer] = new[:, :, keep:] if R else None
+        return block_mass(new).to(q.device)
 
     def far_memory(self, layer: int, q_far: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         parts_k, parts_v = [], []

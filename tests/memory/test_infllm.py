@@ -158,6 +158,30 @@ def test_key_lookup_scores_the_attention_each_block_would_get(monkeypatch):
     assert mem.recent_q[1].shape[2] == 16 and torch.equal(mem.recent_q[1][:, :, -1], q[:, :, 0] + 19)
 
 
+def test_key_lookup_keeps_its_recent_queries_scores_as_computed_afresh(monkeypatch):
+    """A run of short calls keeps its recent queries' per-block log-sum-exps and extends them to the
+    blocks written since: the same selections and logits as recomputing them at every call."""
+    monkeypatch.setattr(BlockStore, "PAGE", 3)
+
+    class Afresh(InfLLM):
+        def _run_scores(self, layer, q):
+            self.recent_lse[layer] = None
+            return super()._run_scores(layer, q)
+
+    cfg = InfLLMConfig(n_init=4, n_local=16, block_size=8, n_repr=2, topk=2, cache_blocks=3, lookup="keys", recent_queries=6)
+    model = enable(tiny_decoder("qwen2"))
+    ids = _ids(160, seed=9)
+    kept, fresh = InfLLM(model, cfg), Afresh(model, cfg)
+    a = stream(model, ids, kept, segment=5, keep_logits="all")  # 32 short calls, a block written every 8 tokens
+    b = stream(model, ids, fresh, segment=5, keep_logits="all")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert kept.selected == fresh.selected and kept.blocks[0].n == (160 - 20) // 8
+    assert kept.recent_lse[0].shape[2] == 6 and kept.blocks[0].n - 1 <= kept.recent_lse[0].shape[3] <= kept.blocks[0].n
+    q = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(2))  # (H, T, D)
+    whole = kept.blocks[0].block_lse(q, 0.25)
+    torch.testing.assert_close(torch.cat([whole[..., :5], kept.blocks[0].block_lse(q, 0.25, start=5)], -1), whole)
+
+
 def test_key_lookup_finds_one_matching_key_that_the_representatives_average_away():
     """One head of one query attends one key of block 3, which is not among its representatives:
     the paper's lookup (mean representatives, summed over heads) misses it, the key lookup fetches it."""
