@@ -249,8 +249,7 @@ class InfLLM(TwoBranchMemory):
         self.recent_q: list[torch.Tensor | None] = [None] * L  # (1, H, <= recent_queries, D): this run of short calls
         self.recent_lse: list[torch.Tensor | None] = [None] * L  # their per-block log-sum-exps (Hkv, G, T, blocks then)
         self.hits = self.misses = 0
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        self._scaling = head_dim ** -0.5  # until the first call brings the model's own
+        self._scaling = (2 * self.rope.inv_freq.numel()) ** -0.5  # head_dim ** -0.5 (RoPE spans the head) until a call brings the model's own
 
     def wants_scores(self) -> bool:
         return True
