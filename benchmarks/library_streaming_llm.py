@@ -33,7 +33,9 @@ from types import SimpleNamespace
 
 class ByteLevelDecoder:
     """Decoding only, from a byte-level BPE tokenizer.json's vocabulary (GPT-2's byte-to-character
-    map): for environments whose ``tokenizers`` cannot read a file written by a newer one."""
+    map): for environments whose ``tokenizers`` cannot read a file written by a newer one. The map
+    is ``retromem.datastore.tokenizer.bytes_to_unicode``'s, written out again because this script
+    runs in the libraries' own environments and imports nothing from retromem."""
 
     def __init__(self, path: Path) -> None:
         data = json.loads(Path(path).read_text())
