@@ -45,7 +45,7 @@ store and the representatives grow with the input and are reported apart
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import torch
@@ -65,7 +65,9 @@ class InfLLMConfig:
     block store lives; lookup: "repr" (the paper's: mean representatives) or "keys" (calls of at
     most ``keys_upto`` queries score each block by the attention its keys would get among all
     stored keys, max over heads and queries, together with the last ``recent_queries`` queries of
-    the short calls just before; longer calls use the representatives). Defaults: the paper's configuration."""
+    the short calls just before; longer calls use the representatives); min_share: with the key
+    lookup, a block of the top ``topk`` is fetched only if its score is at least this share of the
+    best block's (0: always ``topk`` blocks). Defaults: the paper's configuration."""
 
     n_init: int = 128
     n_local: int = 4096
@@ -78,6 +80,7 @@ class InfLLMConfig:
     lookup: str = "repr"
     keys_upto: int = 64
     recent_queries: int = 16
+    min_share: float = 0.5
 
     def __post_init__(self) -> None:
         check_budget(self.n_init, "infllm.n_init", "--n-init", minimum=0)
@@ -96,6 +99,8 @@ class InfLLMConfig:
         one_of(self.lookup, "infllm.lookup", LOOKUPS, flag="--lookup")
         check_budget(self.keys_upto, "infllm.keys_upto", "--keys-upto")
         check_budget(self.recent_queries, "infllm.recent_queries", "--recent-queries", minimum=0)
+        if not 0.0 <= self.min_share <= 1.0:
+            fail("infllm.min_share", "be in [0, 1]", self.min_share, flag="--min-share")
 
     @property
     def budget_tokens(self) -> int:
@@ -285,6 +290,24 @@ class InfLLM(TwoBranchMemory):
             self.pend_v[layer] = self.pend_v[layer][:, :, bs:]
             self.pend_score[layer] = self.pend_score[layer][..., bs:]
 
+    def short_lookup(self, n: int) -> bool:
+        """Does a call of ``n`` queries have a chunk of at most ``keys_upto`` queries, i.e. a lookup
+        that depends on ``lookup`` / ``min_share``? Memories that differ only in those fields and
+        have seen only calls for which this is False hold the same state (one prefill serves them all)."""
+        c = self.config
+        sizes = [n] if n <= c.chunk else [c.chunk] * (n // c.chunk) + [n % c.chunk]
+        return any(0 < s <= c.keys_upto for s in sizes)
+
+    def relookup(self, **fields: Any) -> None:
+        """Switch this memory to another lookup (``lookup``, ``keys_upto``, ``recent_queries``,
+        ``min_share``) from the next call on; the blocks, window and cache stay."""
+        bad = set(fields) - {"lookup", "keys_upto", "recent_queries", "min_share"}
+        if bad:
+            raise ValueError(f"relookup changes the lookup only, not {', '.join(sorted(bad))}")
+        self.config = replace(self.config, **fields)
+        self.recent_q = [None] * self.num_layers
+        self.recent_lse = [None] * self.num_layers
+
     def _fetch(self, layer: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.cache[layer]
         if block in cache:
@@ -303,14 +326,19 @@ class InfLLM(TwoBranchMemory):
         """The blocks (in stream order) the queries q_far (1, H, T, D), at position n_local, attend."""
         store, c = self.blocks[layer], self.config
         if c.lookup == "keys" and q_far.shape[2] <= c.keys_upto:
+            # the key lookup's scores are attention masses: blocks far below the best are left out
+            # (min_share), since on SmolLM2-135M the blocks filling up the top-k carry text the
+            # model copies instead of the needle (passkey at 32K: BENCHMARKS.md)
             scores = self._run_scores(layer, q_far)
-        else:
-            self.recent_q[layer] = self.recent_lse[layer] = None  # a long call ends a run of short calls
-            scores = None if store.n <= c.topk else block_scores(q_far, store.reprs())
+            if not store.n:
+                return []
+            top = scores.topk(min(c.topk, store.n))
+            keep = top.values >= c.min_share * top.values[0]
+            return sorted(top.indices[keep].tolist())
+        self.recent_q[layer] = self.recent_lse[layer] = None  # a long call ends a run of short calls
         if store.n <= c.topk:
             return list(range(store.n))
-        top = scores.topk(c.topk).indices
-        return sorted(top.tolist())
+        return sorted(block_scores(q_far, store.reprs()).topk(c.topk).indices.tolist())
 
     def _run_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The key lookup's block scores for a short call's queries q (1, H, T, D) together with the

@@ -58,11 +58,16 @@ from retromem.stats import wilson
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "streaming_llm", "lm_infinite", "infllm", "infllm_keys", "sirllm")
+METHODS = ("full", "streaming_llm", "lm_infinite", "infllm", "infllm_keys", "infllm_keys_topk", "sirllm")
+# InfLLM's lookups: the same memory, differing only in what a short call (a question, a generated
+# token) looks up; requested together, they share one prefill (:func:`passkey_task`)
+INFLLM_LOOKUPS = {"infllm": {"lookup": "repr"}, "infllm_keys": {"lookup": "keys"},
+                  "infllm_keys_topk": {"lookup": "keys", "min_share": 0.0}}
 TASKS = ("passkey", "perplexity", "recall", "qa")
 METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks + window)",
                  "lm_infinite": "LM-Infinite", "infllm": "InfLLM",
-                 "infllm_keys": "InfLLM, key lookup for short calls", "sirllm": "SirLLM", "squeezed": "Squeezed Attention",
+                 "infllm_keys": "InfLLM, key lookup for short calls",
+                 "infllm_keys_topk": "InfLLM, key lookup, always top-k (ablation)", "sirllm": "SirLLM", "squeezed": "Squeezed Attention",
                  # trained memories and their ablation on the same weights (TrainedMemory)
                  "infini_attention": "Infini-attention (fine-tuned), memory on",
                  "infini_attention_knocked_out": "Infini-attention, memory read zeroed (same weights)",
@@ -72,7 +77,7 @@ METHOD_LABELS = {"full": "full attention", "streaming_llm": "StreamingLLM (sinks
                  "kvpress_streaming_llm": "kvpress StreamingLLMPress", "attention_sinks": "attention-sinks"}
 
 METHOD_COLORS = {"full": "tab:blue", "streaming_llm": "tab:orange", "lm_infinite": "tab:green", "infllm": "tab:red",
-                 "infllm_keys": "darkred", "sirllm": "tab:purple", "squeezed": "tab:brown", "infini_attention": "tab:olive",
+                 "infllm_keys": "darkred", "infllm_keys_topk": "salmon", "sirllm": "tab:purple", "squeezed": "tab:brown", "infini_attention": "tab:olive",
                  "infini_attention_knocked_out": "tab:gray", "autocompressor": "tab:cyan",
                  "autocompressor_knocked_out": "tab:pink", "kvpress_streaming_llm": "gold", "attention_sinks": "black"}
 
@@ -156,7 +161,8 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     StreamingLLM / LM-Infinite: 4 sinks + a window of the rest. SirLLM: 4 sinks, half the rest
     for entropy-selected tokens, half for the window. InfLLM: the paper's proportions
     (:meth:`~retromem.memory.infllm.InfLLMConfig.for_budget`; 6,399 is the paper's configuration);
-    ``infllm_keys`` the same with ``lookup="keys"``."""
+    ``infllm_keys`` the same with ``lookup="keys"``, ``infllm_keys_topk`` also with ``min_share=0``
+    (:data:`INFLLM_LOOKUPS`)."""
     from retromem.memory.infllm import InfLLM, InfLLMConfig
     from retromem.memory.lm_infinite import LMInfinite, LMInfiniteConfig
     from retromem.memory.sirllm import SirLLM, SirLLMConfig
@@ -170,8 +176,8 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     if method == "sirllm":
         half = (budget - 4) // 2
         return SirLLM(model, SirLLMConfig(n_sink=4, n_keep=half, n_local=budget - 4 - half))
-    if method in ("infllm", "infllm_keys"):
-        return InfLLM(model, InfLLMConfig.for_budget(budget, lookup="keys" if method == "infllm_keys" else "repr"))
+    if method in INFLLM_LOOKUPS:
+        return InfLLM(model, replace(InfLLMConfig.for_budget(budget), **INFLLM_LOOKUPS[method]))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -258,7 +264,8 @@ def walk_prefix_tree(examples: list[tuple[torch.Tensor, int]], segment: int, sta
 
 
 def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples: list[tuple[torch.Tensor, int]],
-                      segment: int, greedy: tuple[list[int], int] | None = None
+                      segment: int, greedy: tuple[list[int], int] | None = None,
+                      variants: list[Callable[[KVMemory], None]] | None = None
                       ) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
     """:func:`run_pieces` over ``examples`` whose tokens share prefixes, each shared prefix run once
     (:func:`walk_prefix_tree` with a memory that is deep-copied where examples part).
@@ -271,29 +278,50 @@ def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples:
 
     ``greedy`` = (prompt ends, new tokens): also decode greedily from a copy of each example's
     memory after ``ids[:, cut:end]`` (the question without its answer); the tokens go in the
-    stats as ``generated``."""
+    stats as ``generated``.
+
+    ``variants``: functions that turn a copy of the memory into another method's (for InfLLM, its
+    lookup: :meth:`~retromem.memory.infllm.InfLLM.relookup`). Each example's last, partial segment
+    before ``cut``, its question and its greedy decoding then run once per variant, from a copy
+    taken at that segment boundary; everything before it runs once. That equals a fresh run of each
+    variant only where the variants make the same calls identically up to there (InfLLM's lookups
+    on full segments: :meth:`~retromem.memory.infllm.InfLLM.short_lookup`, checked by the caller).
+    Yields one tuple per variant, in order, with ``variant`` (its index) in the stats."""
     import copy
 
     def advance(memory: KVMemory, ids: torch.Tensor) -> KVMemory:
         stream(model, ids, memory, segment=segment)
         return memory
 
-    def leaf(memory: KVMemory, pos: int, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def leaf(memory: KVMemory, pos: int, i: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         ids, cut = examples[i]
         t0 = time.perf_counter()
-        if cut > pos:
-            stream(model, ids[:, pos:cut], memory, segment=segment)
-        extra: dict[str, Any] = {}
-        if greedy is not None:  # not timed: tokens/s is over the example's own input tokens
-            t1 = time.perf_counter()
-            extra["generated"] = _greedy(model, copy.deepcopy(memory), ids[:, cut:greedy[0][i]], greedy[1])
-            t0 += time.perf_counter() - t1
-        logits = stream(model, ids[:, cut:], memory, segment=max(segment, ids.shape[1] - cut), keep_logits="all")
-        st = _stats(memory, ids.shape[1] - pos, time.perf_counter() - t0)
-        return logits, {**st, "shared_tokens": pos, **extra}
+        split = cut if variants is None else cut - (cut - pos) % segment
+        if split > pos:
+            stream(model, ids[:, pos:split], memory, segment=segment)
+        shared_s = time.perf_counter() - t0
+        out = []
+        for v, setup in enumerate(variants or [None]):
+            t0 = time.perf_counter()
+            mem = memory
+            if setup is not None:
+                mem = copy.deepcopy(memory) if v < len(variants) - 1 else memory
+                setup(mem)
+            if cut > split:
+                stream(model, ids[:, split:cut], mem, segment=segment)
+            extra: dict[str, Any] = {} if variants is None else {"variant": v}
+            if greedy is not None:  # not timed: tokens/s is over the example's own input tokens
+                t1 = time.perf_counter()
+                extra["generated"] = _greedy(model, copy.deepcopy(mem), ids[:, cut:greedy[0][i]], greedy[1])
+                t0 += time.perf_counter() - t1
+            logits = stream(model, ids[:, cut:], mem, segment=max(segment, ids.shape[1] - cut), keep_logits="all")
+            st = _stats(mem, ids.shape[1] - pos, shared_s + time.perf_counter() - t0)
+            out.append((logits, {**st, "shared_tokens": pos, **extra}))
+        return out
 
-    for i, (logits, st) in walk_prefix_tree(examples, segment, make_memory(), advance, copy.deepcopy, leaf):
-        yield i, logits, st
+    for i, results in walk_prefix_tree(examples, segment, make_memory(), advance, copy.deepcopy, leaf):
+        for logits, st in results:
+            yield i, logits, st
 
 
 def _greedy(model: Any, memory: KVMemory, prompt: torch.Tensor, new_tokens: int) -> list[int]:
@@ -380,17 +408,29 @@ def passkey_scores(tok: Any, logits: torch.Tensor, ids: torch.Tensor, ex: Any, g
 def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict], None]) -> None:
     """Passkey examples (:func:`passkey_examples`); all examples of a sample form one tree of shared
     prefixes, run once per method (:func:`run_shared_prefix`: the logits of separate runs); each
-    example is scored on its own answer (:func:`passkey_scores`)."""
+    example is scored on its own answer (:func:`passkey_scores`). InfLLM's lookups
+    (:data:`INFLLM_LOOKUPS`) requested together share one prefill where that is exact (every
+    full segment's lookup is the paper's): only the last partial segment, the question and the
+    answer run per lookup, so they are compared on the same memory."""
+    lookups = [m for m in cfg.methods if m in INFLLM_LOOKUPS]
+    groups = [[m] for m in cfg.methods if m not in INFLLM_LOOKUPS]
+    if len(lookups) > 1 and not any(build_memory(m, model, cfg.budget).short_lookup(cfg.segment) for m in lookups):
+        groups.append(lookups)
+    else:
+        groups += [[m] for m in lookups]
     for s, meta, examples in passkey_examples(tok, cfg):
         runs = []
-        for method in cfg.methods:
+        for group in groups:
+            method = group[0]
             keep = [i for i, m in enumerate(meta) if not (method == "full" and m[0] > cfg.full_max)]
-            runs.append((method, keep, run_shared_prefix(
+            variants = None if len(group) == 1 else [lambda mem, m=m: mem.relookup(**INFLLM_LOOKUPS[m]) for m in group]
+            runs.append((group, keep, run_shared_prefix(
                 model, lambda method=method: build_memory(method, model, cfg.budget), [examples[i] for i in keep],
-                cfg.segment, greedy=([meta[i][1].answer_start for i in keep], GREEDY_TOKENS))))
+                cfg.segment, greedy=([meta[i][1].answer_start for i in keep], GREEDY_TOKENS), variants=variants)))
         # the methods take turns, one example each, so a long run has every method's rows on the same
         # examples so far
-        for method, keep, j, logits, st in _round_robin(runs):
+        for group, keep, j, logits, st in _round_robin(runs):
+            method = group[st.pop("variant", 0)]
             n, ex, depth = meta[keep[j]]
             ids, cut = examples[keep[j]]
             scores = passkey_scores(tok, logits, ids[:, cut:], ex, st.pop("generated"))

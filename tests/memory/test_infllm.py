@@ -144,7 +144,10 @@ def test_key_lookup_scores_the_attention_each_block_would_get(monkeypatch):
             ref = torch.maximum(ref, p)
     torch.testing.assert_close(store.key_scores(q[0], 0.25), ref, atol=1e-5, rtol=1e-5)
     assert mem._scaling == 0.25
-    assert mem.lookup(1, q) == sorted(ref.topk(3).indices.tolist())
+    top = ref.topk(3)
+    assert mem.lookup(1, q) == sorted(top.indices[top.values >= 0.5 * top.values[0]].tolist())  # min_share 0.5
+    mem.relookup(min_share=0.0)
+    assert mem.lookup(1, q) == sorted(top.indices.tolist())
     # the next short call of the run looks up with its own queries and the last recent_queries (16) before
     q2 = torch.randn(1, 4, 2, 16, generator=torch.Generator().manual_seed(5))
     both = torch.cat([q, q2], 2)
@@ -203,7 +206,24 @@ def test_key_lookup_finds_one_matching_key_that_the_representatives_average_away
     q = torch.full((1, 4, 2, 16), 0.3)  # every head leans to the others' representatives ...
     q[0, 2, 1] = target  # ... and one head of one query looks for block 3's key
     assert 3 not in mems["repr"].lookup(0, q)
-    assert 3 in mems["keys"].lookup(0, q)
+    assert mems["keys"].lookup(0, q) == [3]  # min_share 0.5: the other blocks get far less of that head's attention
+    mems["keys"].relookup(min_share=0.0)
+    picked = mems["keys"].lookup(0, q)
+    assert 3 in picked and len(picked) == 2  # always topk
+
+
+def test_relookup_changes_the_lookup_only():
+    model = enable(tiny_decoder("llama"))
+    mem = InfLLM(model, SMALL)
+    assert mem.short_lookup(1) and not mem.short_lookup(65)  # keys_upto 64
+    chunked = InfLLM(model, InfLLMConfig(n_init=4, n_local=100, block_size=8, chunk=70, topk=2, cache_blocks=3))
+    assert chunked.short_lookup(75) and not chunked.short_lookup(140)  # chunks 70 + 5 and 70 + 70
+    mem.relookup(lookup="keys", min_share=0.25)
+    assert (mem.config.lookup, mem.config.min_share, mem.config.topk) == ("keys", 0.25, SMALL.topk)
+    with pytest.raises(ValueError, match="topk"):
+        mem.relookup(topk=4)
+    with pytest.raises(ConfigError, match="infllm.min_share"):
+        mem.relookup(min_share=1.5)
 
 
 def test_chunked_calls_equal_separate_calls():
@@ -249,6 +269,8 @@ def test_generate_and_refusals():
         InfLLMConfig(lookup="keys", recent_queries=-1)
     with pytest.raises(ConfigError, match="infllm.keys_upto"):
         InfLLMConfig(lookup="keys", keys_upto=0)
+    with pytest.raises(ConfigError, match="infllm.min_share"):
+        InfLLMConfig(lookup="keys", min_share=-0.1)
     with pytest.raises(ConfigError, match="at most 1"):
         stream(model, ids.repeat(2, 1), InfLLM(model, SMALL))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,3 +107,42 @@ def test_shared_prefix_gives_the_logits_of_separate_runs(method):
             plain = model.generate(ids[:, :ends[i]], max_new_tokens=3, do_sample=False, min_new_tokens=3)
             assert got[i][1]["generated"] == plain[0, ends[i]:].tolist()
     assert [got[i][1]["shared_tokens"] for i in range(5)] == [0, 64, 128, 128, 64]
+
+
+def test_infllm_lookups_on_one_prefill_equal_their_own_runs():
+    """The InfLLM lookups share one prefill per example tree (only the last partial segment, the
+    question and the greedy answer run per lookup): each gives the logits and greedy tokens of a
+    fresh run with its own lookup, and the lookups do differ."""
+    from retromem.memory.infllm import InfLLM, InfLLMConfig
+    from retromem.memory.kv_budget import enable
+    from retromem.memory.long_context_eval import INFLLM_LOOKUPS, _greedy, run_pieces, run_shared_prefix
+
+    model = enable(tiny_decoder("llama"))
+    base = InfLLMConfig(n_init=4, n_local=32, block_size=8, n_repr=2, topk=3, chunk=32, cache_blocks=6, keys_upto=8)
+    segment = 32
+    assert not InfLLM(model, base).short_lookup(segment)  # full segments take the paper's lookup whatever the variant
+    g = torch.Generator().manual_seed(5)
+    hay = torch.randint(3, 128, (1, 300), generator=g)
+    question = torch.randint(3, 128, (1, 6), generator=g)
+    examples = []
+    for needle, length in ((30, 300), (150, 300), (155, 300), (150, 230)):  # cuts leave 4 or 6 tokens after a boundary
+        ids = torch.cat([hay[:, :needle], torch.full((1, 4), needle % 100 + 3), hay[:, needle:length - 10], question], 1)
+        examples.append((ids, ids.shape[1] - 6))
+    ends = [ids.shape[1] - 3 for ids, _ in examples]
+    names = list(INFLLM_LOOKUPS)
+    variants = [lambda mem, m=m: mem.relookup(**INFLLM_LOOKUPS[m]) for m in names]
+    got = {}
+    for i, logits, st in run_shared_prefix(model, lambda: InfLLM(model, base), examples, segment,
+                                           greedy=(ends, 3), variants=variants):
+        got[i, st["variant"]] = (logits, st)
+    assert len(got) == len(examples) * len(names)
+    for i, (ids, cut) in enumerate(examples):
+        for v, m in enumerate(names):
+            cfg = replace(base, **INFLLM_LOOKUPS[m])
+            ref, _ = run_pieces(model, InfLLM(model, cfg), [ids[:, :cut], ids[:, cut:]], segment, {1})
+            torch.testing.assert_close(got[i, v][0], ref[1], atol=1e-5, rtol=1e-5)
+            fresh = InfLLM(model, cfg)
+            run_pieces(model, fresh, [ids[:, :cut]], segment, set())
+            assert got[i, v][1]["generated"] == _greedy(model, fresh, ids[:, cut:ends[i]], 3)
+    differ = [not torch.equal(got[i, 0][0], got[i, v][0]) for i in range(len(examples)) for v in (1, 2)]
+    assert any(differ)
