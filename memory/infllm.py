@@ -24,8 +24,11 @@ fetch it, where the mean over heads, queries and representatives dilutes it, and
 heads with large and small logits on one scale. A run of short calls (a question, then the tokens
 generated after it) also looks up with the last ``recent_queries`` queries of the run's earlier
 calls, so a generated token keeps what the question found (on SmolLM2-135M a lookup by a lone
-digit's query loses the passkey's block). Longer calls (prefill chunks) use the representatives
-and end the run. This reads the whole block store (all its keys, on the store's device) once per
+digit's query loses the passkey's block). Of the ``topk`` best blocks, the key lookup fetches only
+those scoring at least ``min_share`` (0.5) of the best block's score: blocks far below it add text
+the model may copy instead of what it looked for (on SmolLM2-135M at 32K tokens, the passkey's
+block is found, yet the answer is right only when the weakly scored blocks around it are left
+out). Longer calls (prefill chunks) use the representatives and end the run. This reads the whole block store (all its keys, on the store's device) once per
 short call, O(stored tokens), and is not the paper's. The ``topk`` most relevant blocks (all of them
 while there are at most ``topk``) are fetched, through an LRU cache of ``cache_blocks`` blocks per
 layer in front of the store, and attended exactly together with the initial tokens and the tokens

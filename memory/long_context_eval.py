@@ -6,8 +6,9 @@ Methods (:data:`METHODS`) are bounded KV memories over the unmodified model
 (:mod:`retromem.memory.kv_budget`): ``full`` (every token kept: the reference, where it fits),
 ``streaming_llm`` (sinks + window; the kvpress / attention-sinks baseline, see below),
 ``lm_infinite``, ``infllm`` (the paper's lookup), ``infllm_keys`` (the same memory; a question
-or a generated token looks up blocks by every stored key, ``InfLLMConfig.lookup = "keys"``) and
-``sirllm``, all at one token budget (:func:`build_memory` splits
+or a generated token looks up blocks by every stored key, ``InfLLMConfig.lookup = "keys"``),
+``infllm_keys_topk`` (its ablation: always the top-k blocks, ``min_share = 0``; the three InfLLM
+lookups share one prefill) and ``sirllm``, all at one token budget (:func:`build_memory` splits
 it), plus ``squeezed`` for the fixed-context task. Each input is fed in segments of
 ``segment`` tokens; the part that is scored (the question and its answer) comes as its own last
 call, as it would at generation time, and is scored teacher-forced: an answer is right when the
