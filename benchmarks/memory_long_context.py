@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 
 def read_rows(spec: str) -> list[dict]:
-    """Rows from comma-separated result directories (their rows.jsonl) or JSONL files."""
+    """Rows from comma-separated result directories (their rows.jsonl) or JSONL files; each row's
+    ``run`` is the index of the file it came from (runs of different seeds share sample numbers)."""
     rows = []
-    for d in spec.split(","):
+    for run, d in enumerate(spec.split(",")):
         path = Path(d) / "rows.jsonl" if Path(d).is_dir() else Path(d)
-        rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        rows += [{**json.loads(x), "run": run} for x in path.read_text().splitlines() if x.strip()]
     return rows
 
 
@@ -76,12 +76,16 @@ def main() -> None:
                     help="Passkey score plotted: key digits teacher-forced, strict, or greedy decoding.")
     ap.add_argument("--from-rows", default=None,
                     help="Comma-separated result directories or JSONL files: only print their rows' tables (and --plot); run nothing.")
+    ap.add_argument("--paired", default=None,
+                    help="With --from-rows: also this method against every other on the same passkey examples "
+                    "(paired difference of --plot-score, McNemar), per length.")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import torch
 
-    from retromem.memory.long_context_eval import LongEvalConfig, evaluate, greedy_table, markdown_table, plot, summarize
+    from retromem.memory.long_context_eval import (LongEvalConfig, evaluate, greedy_table, markdown_table, paired_passkey,
+                                                   paired_table, plot, summarize)
 
     if a.from_rows:
         rows = read_rows(a.from_rows)
@@ -92,6 +96,9 @@ def main() -> None:
             if r["task"] == "qa":
                 print(f"qa {r['method']} fraction {r['fraction']}: {r['answered']}/{r['questions']}, attended "
                       f"{r['attended_fraction']:.3f} of the context's keys, decode attention {r['decode_attention_ms']:.2f} ms/token")
+        if a.paired:
+            print()
+            print(paired_table(paired_passkey(rows, a.paired, score=a.plot_score)))
         if a.plot:
             print("plot:", plot(rows, Path(a.plot), f"{a.model}, budget {a.budget} tokens", score=a.plot_score))
         return

@@ -140,17 +140,6 @@ def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tupl
     return float(sums.sum() / cnts.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for b and c discordant pairs (binomial, p = 1/2)."""
-    from math import comb
-
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, i) for i in range(0, min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
 def fact_report(by: dict[str, dict[int, dict]], ref: str) -> None:
     """Which questions a setting loses and whether their fact was selected: per setting, the share
     of the planted fact's keys selected by the query before the answer, averaged over layers, for
@@ -185,7 +174,7 @@ def fact_report(by: dict[str, dict[int, dict]], ref: str) -> None:
 
 
 def report(paths: list[str], table_rows: str | None = None) -> None:
-    from retromem.stats import paired_bootstrap
+    from retromem.stats import mcnemar_p, paired_bootstrap
 
     table: list[dict] | None = [] if table_rows else None
 
@@ -262,7 +251,7 @@ def report(paths: list[str], table_rows: str | None = None) -> None:
                 only_b = sum(1 for x, y in zip(a_, b_) if y and not x)
                 print(f"- {m} - StreamingLLM: {res.mean:+.3f} [{res.low:+.3f}, {res.high:+.3f}] over {len(a_)} questions "
                       f"({only_a} right only with {m}, {only_b} only with StreamingLLM; exact McNemar p = "
-                      f"{mcnemar_exact(only_a, only_b):.2g})")
+                      f"{mcnemar_p(only_a, only_b):.2g})")
         if task == "qa" and ref in by:
             fact_report(by, ref)
             for field, what in (("decode_attention_ms", "wall"), ("decode_attention_cpu_ms", "CPU")):

@@ -963,6 +963,48 @@ def greedy_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines + ([""] + ppl if len(ppl) > 2 else []))
 
 
+def paired_passkey(rows: list[dict], method: str, score: str = "greedy") -> list[dict[str, Any]]:
+    """``method`` against every other method on the same passkey examples: rows are matched by
+    (``run``, sample, length, depth), ``run`` being whatever tells runs of other seeds apart (the
+    row file they came from; absent: one run). Per other method and length (and all lengths
+    together): the examples both ran, how many each answered (``score``), the discordant ones, the
+    exact McNemar p and the paired difference with a bootstrap interval (examples resampled)."""
+    from retromem.stats import mcnemar_p, paired_bootstrap
+
+    by: dict[str, dict[tuple, bool]] = defaultdict(dict)
+    for r in rows:
+        if r["task"] == "passkey":
+            by[r["method"]][(r.get("run", 0), r["sample"], r["length"], r["depth"])] = bool(r[score])
+    if method not in by:
+        fail("paired", f"name a method of the rows ({', '.join(sorted(by))})", method)
+    out = []
+    for other in sorted(set(by) - {method}):
+        both = sorted(set(by[method]) & set(by[other]))
+        for length in sorted({k[2] for k in both}) + ["all"]:
+            keys = [k for k in both if length in ("all", k[2])]
+            a = [by[method][k] for k in keys]
+            b = [by[other][k] for k in keys]
+            a_only = sum(x and not y for x, y in zip(a, b))
+            b_only = sum(y and not x for x, y in zip(a, b))
+            diff = paired_bootstrap([float(x) for x in a], [float(y) for y in b], n=2000, seed=0)
+            out.append({"method": method, "other": other, "length": length, "n": len(keys), "method_right": sum(a),
+                        "other_right": sum(b), "method_only": a_only, "other_only": b_only,
+                        "mcnemar_p": mcnemar_p(a_only, b_only), "diff": diff.mean, "low": diff.low, "high": diff.high})
+    return out
+
+
+def paired_table(pairs: list[dict[str, Any]]) -> str:
+    """:func:`paired_passkey` as markdown."""
+    lines = ["| method - other | tokens | n | method / other right | difference [95% CI] | only method / only other (McNemar p) |",
+             "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for p in pairs:
+        name = f"{METHOD_LABELS.get(p['method'], p['method'])} - {METHOD_LABELS.get(p['other'], p['other'])}"
+        lines.append(f"| {name} | {p['length']} | {p['n']} | {p['method_right']} / {p['other_right']} | "
+                     f"{p['diff']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] | {p['method_only']} / {p['other_only']} "
+                     f"({p['mcnemar_p']:.2g}) |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, title: str, score: str = "correct") -> Path | None:
     """Passkey (and recall) accuracy against context length, one line per method; ``score``: the
     passkey rows' field plotted (``correct``, ``strict`` or ``greedy``), with 95% Wilson intervals."""

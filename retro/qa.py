@@ -44,7 +44,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,7 +53,7 @@ import torch
 
 from retromem.config import integer, number, positive_int
 from retromem.errors import ConfigError
-from retromem.stats import paired_bootstrap
+from retromem.stats import mcnemar_p, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +185,6 @@ def wilson(correct: int, n: int, level: float = 0.95) -> dict[str, float]:
 
     low, high = interval(correct, n, NormalDist().inv_cdf(0.5 + level / 2))
     return {"rate": correct / n, "low": low, "high": high, "correct": int(correct), "n": int(n)}
-
-
-def mcnemar_p(a_only: int, b_only: int) -> float:
-    """Exact two-sided McNemar p-value: the discordant pairs under Binomial(a_only + b_only, 1/2)."""
-    n = a_only + b_only
-    if n == 0:
-        return 1.0
-    m = min(a_only, b_only)
-    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2.0 ** n
-    return min(1.0, 2 * tail)
 
 
 def compare(a: Sequence[bool], b: Sequence[bool], cfg: QaConfig, *, names: tuple[str, str] = ("a", "b")) -> dict[str, Any]:

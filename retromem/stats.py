@@ -59,6 +59,16 @@ class BootstrapResult:
         return asdict(self)
 
 
+def mcnemar_p(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar p-value: the discordant pairs under Binomial(a_only + b_only, 1/2)."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    m = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2.0 ** n
+    return min(1.0, 2 * tail)
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion k / n (95% for z = 1.96); (0, 1) when n is 0."""
     if n == 0:

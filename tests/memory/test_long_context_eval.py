@@ -146,3 +146,24 @@ def test_infllm_lookups_on_one_prefill_equal_their_own_runs():
             assert got[i, v][1]["generated"] == _greedy(model, fresh, ids[:, cut:ends[i]], 3)
     differ = [not torch.equal(got[i, 0][0], got[i, v][0]) for i in range(len(examples)) for v in (1, 2)]
     assert any(differ)
+
+
+def test_paired_passkey_matches_examples_across_runs_and_counts_the_discordant_ones():
+    from retromem.memory.long_context_eval import paired_passkey, paired_table
+
+    rows = []
+    # two runs (seeds) with the same sample numbers: only (run, sample, length, depth) tells examples apart
+    for run in (0, 1):
+        for depth, a, b in ((0.1, True, False), (0.5, True, True), (0.9, False, False)):
+            for method, right in (("infllm_keys", a), ("infllm", b)):
+                rows.append({"task": "passkey", "method": method, "length": 8192, "depth": depth, "sample": 0,
+                             "run": run, "greedy": right})
+    rows.append({"task": "passkey", "method": "infllm_keys", "length": 32768, "depth": 0.5, "sample": 0, "greedy": True})
+    pairs = {(p["other"], p["length"]): p for p in paired_passkey(rows, "infllm_keys")}
+    p = pairs["infllm", 8192]
+    assert (p["n"], p["method_right"], p["other_right"], p["method_only"], p["other_only"]) == (6, 4, 2, 2, 0)
+    assert p["mcnemar_p"] == 0.5 and abs(p["diff"] - 1 / 3) < 1e-9 and p["low"] <= p["diff"] <= p["high"]
+    assert pairs["infllm", "all"]["n"] == 6  # the 32K row has no partner
+    assert "| 8192 | 6 | 4 / 2 |" in paired_table(list(pairs.values()))
+    with pytest.raises(ConfigError, match="paired"):
+        paired_passkey(rows, "sirllm")
