@@ -165,7 +165,8 @@ def two_level_centroids(xt, nlist: int, *, spherical: bool = False, seed: int = 
 
     n, d = xt.shape
     if n < nlist:
-        raise ConfigError(f"two-level k-means into {nlist:,} lists needs at least {nlist:,} training vectors, got {n:,}")
+        raise ConfigError(f"two-level k-means into {nlist:,} lists needs at least {nlist:,} training vectors, got {n:,} "
+                          "(build-dense --train-size, or fewer lists)")
     nc1 = max(1, math.isqrt(nlist))
     km = faiss.Kmeans(d, nc1, niter=KMEANS_NITER, max_points_per_centroid=LEVEL1_POINTS_PER_CENTROID,
                       spherical=spherical, seed=seed)

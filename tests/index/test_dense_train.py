@@ -83,7 +83,7 @@ def test_default_two_level_only_for_many_lists():
 
 
 def test_two_level_needs_a_point_per_list():
-    with pytest.raises(ConfigError, match="needs at least 64 training vectors, got 50"):
+    with pytest.raises(ConfigError, match=r"needs at least 64 training vectors, got 50 \(build-dense --train-size"):
         two_level_centroids(_blobs(50), 64)
 
 
