@@ -438,7 +438,7 @@ def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict
             ids, cut = examples[keep[j]]
             scores = passkey_scores(tok, logits, ids[:, cut:], ex, st.pop("generated"))
             emit({"task": "passkey", "method": method, "length": n, "depth": round(depth, 4), "sample": s,
-                  **scores, "needle_at": ex.needle_start, **st})
+                  "seed": cfg.seed, "key": ex.key, **scores, "needle_at": ex.needle_start, **st})
 
 
 def perplexity_inputs(tok: Any, cfg: LongEvalConfig) -> Iterator[tuple[int, int, torch.Tensor, int]]:
@@ -967,23 +967,27 @@ def greedy_table(summary: dict[str, Any]) -> str:
 
 def paired_passkey(rows: list[dict], method: str, score: str = "greedy") -> list[dict[str, Any]]:
     """``method`` against every other method on the same passkey examples: rows are matched by
-    (``run``, sample, length, depth), ``run`` being whatever tells runs of other seeds apart (the
-    row file they came from; absent: one run). Per other method and length (and all lengths
-    together): the examples both ran, how many each answered (``score``), the discordant ones, the
-    exact McNemar p and the paired difference with a bootstrap interval (examples resampled)."""
+    (seed, key, sample, length, depth), so runs of one seed in separate files (one method each)
+    pair up and two depth or length sets that draw other keys under one seed do not. Rows written
+    before the seed and key were recorded match by (``run``, sample, length, depth), ``run`` being
+    whatever tells runs of other seeds apart (the row file they came from; absent: one run). Per
+    other method and length (and all lengths together): the examples both ran, how many each
+    answered (``score``), the discordant ones, the exact McNemar p and the paired difference with a
+    bootstrap interval (examples resampled)."""
     from retromem.stats import mcnemar_p, paired_bootstrap
 
     by: dict[str, dict[tuple, bool]] = defaultdict(dict)
     for r in rows:
         if r["task"] == "passkey":
-            by[r["method"]][(r.get("run", 0), r["sample"], r["length"], r["depth"])] = bool(r[score])
+            which = ("seed", r["seed"], r.get("key")) if "seed" in r else ("run", r.get("run", 0), None)
+            by[r["method"]][(*which, r["sample"], r["length"], r["depth"])] = bool(r[score])
     if method not in by:
         fail("paired", f"name a method of the rows ({', '.join(sorted(by))})", method)
     out = []
     for other in sorted(set(by) - {method}):
         both = sorted(set(by[method]) & set(by[other]))
-        for length in sorted({k[2] for k in both}) + ["all"]:
-            keys = [k for k in both if length in ("all", k[2])]
+        for length in sorted({k[4] for k in both}) + ["all"]:
+            keys = [k for k in both if length in ("all", k[4])]
             a = [by[method][k] for k in keys]
             b = [by[other][k] for k in keys]
             a_only = sum(x and not y for x, y in zip(a, b))

@@ -167,3 +167,13 @@ def test_paired_passkey_matches_examples_across_runs_and_counts_the_discordant_o
     assert "| 8192 | 6 | 4 / 2 |" in paired_table(list(pairs.values()))
     with pytest.raises(ConfigError, match="paired"):
         paired_passkey(rows, "sirllm")
+    # rows that record their seed and key: one seed's methods in two files (runs) pair up; the same
+    # (seed, sample, length, depth) with another key (another depth set drew it) does not
+    rows = [{"task": "passkey", "method": "infllm_keys", "length": 4096, "depth": 0.5, "sample": 0, "seed": 3,
+             "key": "12345", "run": 0, "greedy": True},
+            {"task": "passkey", "method": "infllm", "length": 4096, "depth": 0.5, "sample": 0, "seed": 3,
+             "key": "12345", "run": 1, "greedy": False},
+            {"task": "passkey", "method": "infllm", "length": 4096, "depth": 0.5, "sample": 0, "seed": 3,
+             "key": "67890", "run": 2, "greedy": True}]
+    p = {(p["other"], p["length"]): p for p in paired_passkey(rows, "infllm_keys")}["infllm", 4096]
+    assert (p["n"], p["method_only"], p["other_only"]) == (1, 1, 0)
