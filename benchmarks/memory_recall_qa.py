@@ -140,7 +140,12 @@ def _group_mean_ci(vals: list[list[bool]], seed: int = 0, n: int = 2000) -> tupl
     return float(sums.sum() / cnts.sum()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def fact_report(by: dict[str, dict[int, dict]], ref: str) -> None:
+def _group_id(unit: tuple[int, int]) -> int:
+    """(seed, dialogue or context) as one integer that sorts the same (the bootstrap's group ids)."""
+    return unit[0] * 1_000_000 + unit[1]
+
+
+def fact_report(by: dict[str, dict[tuple[int, int], dict]], ref: str) -> None:
     """Which questions a setting loses and whether their fact was selected: per setting, the share
     of the planted fact's keys selected by the query before the answer, averaged over layers, for
     questions lost (right with all keys, wrong here) and kept (right with both); and the layers
@@ -187,9 +192,11 @@ def report(paths: list[str], table_rows: str | None = None) -> None:
             (lambda r: "all keys" if r["fraction"] >= 1 else f"{r['variant']} @ {r['fraction']}" if "variant" in r else
              f"{r.get('selection', 'fraction')} {r['fraction']}" + (f" (clusters of {r['cluster_size']})"
                                                                     if r.get("cluster_size", 16) != 16 else ""))
-        by: dict[str, dict[int, dict]] = defaultdict(dict)
+        # a dialogue / context is (seed, number): row files of other seeds reuse the numbers (rows
+        # written before the seed was recorded count as one seed, -1)
+        by: dict[str, dict[tuple[int, int], dict]] = defaultdict(dict)
         for r in rs:
-            by[key(r)][r[unit]] = r
+            by[key(r)][r.get("seed", -1), r[unit]] = r
         ref = "full" if task == "recall" else "all keys"
         if task == "recall" and ref not in by and "full (per turn)" in by:
             ref = "full (per turn)"
@@ -214,7 +221,7 @@ def report(paths: list[str], table_rows: str | None = None) -> None:
             if m != ref and common:
                 a_ = [float(x) for u in common for x in units[u]["right"]]
                 b_ = [float(x) for u in common for x in by[ref][u]["right"]]
-                grp = [u for u in common for _ in units[u]["right"]]
+                grp = [_group_id(u) for u in common for _ in units[u]["right"]]
                 res = paired_bootstrap(a_, b_, groups=grp, n=2000)
                 vs = f"{res.mean:+.3f} [{res.low:+.3f}, {res.high:+.3f}]"
             extra = ""
@@ -245,7 +252,7 @@ def report(paths: list[str], table_rows: str | None = None) -> None:
                 common = [u for u in sorted(units) if u in by[base]]
                 a_ = [float(x) for u in common for x in units[u]["right"]]
                 b_ = [float(x) for u in common for x in by[base][u]["right"]]
-                grp = [u for u in common for _ in units[u]["right"]]
+                grp = [_group_id(u) for u in common for _ in units[u]["right"]]
                 res = paired_bootstrap(a_, b_, groups=grp, n=2000)
                 only_a = sum(1 for x, y in zip(a_, b_) if x and not y)
                 only_b = sum(1 for x, y in zip(a_, b_) if y and not x)
@@ -331,6 +338,7 @@ def main() -> None:
     Path(a.rows).parent.mkdir(parents=True, exist_ok=True)
     with open(a.rows, "a") as log:
         def emit(row: dict) -> None:
+            row = {**row, "seed": a.seed}  # dialogues / contexts of other seeds share their numbers
             log.write(json.dumps(row) + "\n")
             log.flush()
             logging.info("%s", {k: v for k, v in row.items() if k not in ("right", "kinds", "fact_distance")})

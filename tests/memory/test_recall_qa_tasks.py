@@ -151,3 +151,28 @@ def test_qa_task_variants_share_one_prefill_and_record_the_fact_selected(tmp_pat
         assert len(r["fact_selected"]) == 2 and all(len(q) == 2 and all(0 <= x <= 1 for x in q)
                                                     for q in r["fact_selected"])
     assert "fact_selected" not in rows[0] and rows[2]["attended_fraction"] < rows[1]["attended_fraction"]
+
+
+def test_recall_report_keeps_dialogues_of_other_seeds_apart(tmp_path, capsys):
+    # benchmarks/memory_recall_qa.py --report over two seeds' row files: both number their dialogues
+    # from 0, and a dialogue is (seed, number), so neither file's rows replace the other's
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_recall_qa.py"
+    spec = importlib.util.spec_from_file_location("memory_recall_qa", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = []
+    for seed, sir in ((3, [True, False]), (4, [True, True])):
+        f = tmp_path / f"rec_s{seed}.jsonl"
+        f.write_text("".join(json.dumps({"task": "recall", "method": m, "dialogue": 0, "feed": "turns", "seed": seed,
+                                         "right": right, "kinds": ["number", "word"], "tokens_per_s": 1.0,
+                                         "attention_mib": 1.0}) + "\n"
+                             for m, right in (("streaming_llm", [False, False]), ("sirllm:254:0.9", sir))))
+        files.append(str(f))
+    bench.report(files)
+    out = capsys.readouterr().out
+    assert "| sirllm:254:0.9 (per turn) | 4 | 3/4 = 0.750" in out
+    assert "over 4 questions (3 right only with sirllm:254:0.9 (per turn), 0 only with StreamingLLM" in out
