@@ -110,6 +110,13 @@ class InfLLMConfig:
         """Keys attended per query at most: initial + window + pending + selected blocks."""
         return self.n_init + self.n_local + self.block_size - 1 + self.topk * self.block_size
 
+    def short_lookup(self, n: int) -> bool:
+        """Does a call of ``n`` queries have a chunk of at most ``keys_upto`` queries, i.e. a lookup
+        that depends on ``lookup`` / ``min_share``? Memories that differ only in those fields and
+        have seen only calls for which this is False hold the same state (one prefill serves them all)."""
+        sizes = [n] if n <= self.chunk else [self.chunk] * (n // self.chunk) + [n % self.chunk]
+        return any(0 < s <= self.keys_upto for s in sizes)
+
     @classmethod
     def paper(cls) -> "InfLLMConfig":
         """The paper's configuration (Mistral / Llama-3 configs of thunlp/InfLLM)."""
@@ -294,12 +301,8 @@ class InfLLM(TwoBranchMemory):
             self.pend_score[layer] = self.pend_score[layer][..., bs:]
 
     def short_lookup(self, n: int) -> bool:
-        """Does a call of ``n`` queries have a chunk of at most ``keys_upto`` queries, i.e. a lookup
-        that depends on ``lookup`` / ``min_share``? Memories that differ only in those fields and
-        have seen only calls for which this is False hold the same state (one prefill serves them all)."""
-        c = self.config
-        sizes = [n] if n <= c.chunk else [c.chunk] * (n // c.chunk) + [n % c.chunk]
-        return any(0 < s <= c.keys_upto for s in sizes)
+        """:meth:`InfLLMConfig.short_lookup` of this memory's config."""
+        return self.config.short_lookup(n)
 
     def relookup(self, **fields: Any) -> None:
         """Switch this memory to another lookup (``lookup``, ``keys_upto``, ``recent_queries``,

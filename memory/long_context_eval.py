@@ -156,6 +156,13 @@ class LongEvalConfig:
         integer(self.seed, "seed")
 
 
+def infllm_config(method: str, budget: int) -> Any:
+    """The :class:`~retromem.memory.infllm.InfLLMConfig` of an InfLLM method (:data:`INFLLM_LOOKUPS`) at ``budget``."""
+    from retromem.memory.infllm import InfLLMConfig
+
+    return replace(InfLLMConfig.for_budget(budget), **INFLLM_LOOKUPS[method])
+
+
 def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     """The memory of ``method`` holding about ``budget`` tokens per layer (``full``: unbounded).
 
@@ -164,7 +171,7 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
     (:meth:`~retromem.memory.infllm.InfLLMConfig.for_budget`; 6,399 is the paper's configuration);
     ``infllm_keys`` the same with ``lookup="keys"``, ``infllm_keys_topk`` also with ``min_share=0``
     (:data:`INFLLM_LOOKUPS`)."""
-    from retromem.memory.infllm import InfLLM, InfLLMConfig
+    from retromem.memory.infllm import InfLLM
     from retromem.memory.lm_infinite import LMInfinite, LMInfiniteConfig
     from retromem.memory.sirllm import SirLLM, SirLLMConfig
 
@@ -178,7 +185,7 @@ def build_memory(method: str, model: Any, budget: int) -> KVMemory:
         half = (budget - 4) // 2
         return SirLLM(model, SirLLMConfig(n_sink=4, n_keep=half, n_local=budget - 4 - half))
     if method in INFLLM_LOOKUPS:
-        return InfLLM(model, replace(InfLLMConfig.for_budget(budget), **INFLLM_LOOKUPS[method]))
+        return InfLLM(model, infllm_config(method, budget))
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -286,7 +293,7 @@ def run_shared_prefix(model: Any, make_memory: Callable[[], KVMemory], examples:
     before ``cut``, its question and its greedy decoding then run once per variant, from a copy
     taken at that segment boundary; everything before it runs once. That equals a fresh run of each
     variant only where the variants make the same calls identically up to there (InfLLM's lookups
-    on full segments: :meth:`~retromem.memory.infllm.InfLLM.short_lookup`, checked by the caller).
+    on full segments: :meth:`~retromem.memory.infllm.InfLLMConfig.short_lookup`, checked by the caller).
     Yields one tuple per variant, in order, with ``variant`` (its index) in the stats."""
     import copy
 
@@ -417,7 +424,7 @@ def passkey_task(model: Any, tok: Any, cfg: LongEvalConfig, emit: Callable[[dict
     answer run per lookup, so they are compared on the same memory."""
     lookups = [m for m in cfg.methods if m in INFLLM_LOOKUPS]
     groups = [[m] for m in cfg.methods if m not in INFLLM_LOOKUPS]
-    if len(lookups) > 1 and not any(build_memory(m, model, cfg.budget).short_lookup(cfg.segment) for m in lookups):
+    if len(lookups) > 1 and not any(infllm_config(m, cfg.budget).short_lookup(cfg.segment) for m in lookups):
         groups.append(lookups)
     else:
         groups += [[m] for m in lookups]
