@@ -197,6 +197,8 @@ def main() -> None:
                     help="spread the gRPC load over this many client processes, each with its own channel "
                          "(0: client threads in this process sharing one channel)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `retromem serve` argument (repeat)")
+    ap.add_argument("--nprobe", type=int, default=0,
+                    help="nprobe of every dense request, in process and over gRPC (0: the index's tuned value)")
     ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, interleaved")
     ap.add_argument("--no-local", action="store_true", help="skip the in-process measurement of each cell")
     ap.add_argument("--json", dest="json_out", help="also write the figures here")
@@ -241,9 +243,10 @@ def main() -> None:
     stub = pb_grpc.RetrievalStub(ch)
     grpc.channel_ready_future(ch).result(timeout=30)
     count_reqs = [pb.NgramRequest(query=pb.NgramQuery(ids=pb.TokenIds(ids=g))) for g in ngrams]
-    one_reqs = [pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=v))], k=10) for v in vecs]
-    batch_reqs = [pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=v)) for v in vecs[i:i + 64]], k=10)
-                  for i in range(0, 192, 8)]
+    nprobe = args.nprobe or None
+    one_reqs = [pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=v))], k=10, nprobe=args.nprobe) for v in vecs]
+    batch_reqs = [pb.SearchRequest(queries=[pb.Query(vector=pb.Vector(values=v)) for v in vecs[i:i + 64]], k=10,
+                                   nprobe=args.nprobe) for i in range(0, 192, 8)]
     fetch_all = pb.Fetch(text=True, tokens=True, continuation=True)
     chunk_reqs = [pb.GetChunksRequest(chunk_ids=rng.integers(0, n_chunks, 8).tolist(), fetch=fetch_all)
                   for _ in range(512)]
@@ -254,8 +257,8 @@ def main() -> None:
     # workload -> (in-process call, its argument maker, RPC method, its requests, timeout)
     workloads = {
         "count": (lambda g: ng.count(g), pick(ngrams), "Count", count_reqs, 10),
-        "dense1": (lambda v: dense.search(v[None], 10), pick(list(vecs)), "Search", one_reqs, 10),
-        "dense64": (lambda i: dense.search(vecs[i:i + 64], 10), lambda r: int(r.integers(0, 24)) * 8, "Search",
+        "dense1": (lambda v: dense.search(v[None], 10, nprobe=nprobe), pick(list(vecs)), "Search", one_reqs, 10),
+        "dense64": (lambda i: dense.search(vecs[i:i + 64], 10, nprobe=nprobe), lambda r: int(r.integers(0, 24)) * 8, "Search",
                     batch_reqs, 30),
         "chunks": (lambda ids: fetch_payloads(ds, ids), lambda r: r.integers(0, n_chunks, 8), "GetChunks", chunk_reqs, 10),
         # the cheapest RPC there is (a cached message): what the server plus the load generator can do at best
