@@ -217,6 +217,12 @@ def _answer_right(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int)
     return bool((pred == ids[0, start:end]).all())
 
 
+def _answer_logprob(logits: torch.Tensor, ids: torch.Tensor, start: int, end: int) -> float:
+    """Teacher-forced log-probability (nats) of tokens start..end-1 of ``ids`` under ``logits``."""
+    lp = torch.log_softmax(logits[0, start - 1:end - 1].float(), -1)
+    return float(lp.gather(-1, ids[0, start:end, None]).sum())
+
+
 # ----------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +408,8 @@ def passkey_scores(tok: Any, logits: torch.Tensor, ids: torch.Tensor, ex: Any, g
     correct: every digit of the key is the argmax after "The pass key is" and the answer's leading
     space (teacher-forced); strict: the space too (SmolLM2 writes the space before digits as its own
     token, which the small model often puts after " a"); greedy: the first number greedy decoding
-    writes is the key (InfiniteBench's rule). The teacher-forced scores flatter a memory that looks
+    writes is the key (InfiniteBench's rule); key_logprob: the teacher-forced log-probability of the
+    key's tokens in nats (graded, where the other three are right or wrong). The teacher-forced scores flatter a memory that looks
     up by its queries (InfLLM): the question and answer come as one call, so the answer's own
     queries help choose what the question attends; greedy decoding has no such help."""
     n = len(ex.input_ids)
@@ -412,6 +419,7 @@ def passkey_scores(tok: Any, logits: torch.Tensor, ids: torch.Tensor, ex: Any, g
     found = re.findall(r"\d+", text)
     return {"correct": _answer_right(logits, ids, first_digit - c, n - c),
             "strict": _answer_right(logits, ids, ex.answer_start - c, n - c),
+            "key_logprob": round(_answer_logprob(logits, ids, first_digit - c, n - c), 4),
             "greedy": bool(found) and found[0] == ex.key, "generated": text}
 
 
@@ -907,7 +915,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             row["accuracy"] = sum(r["correct"] for r in rs) / len(rs)
             if all(isinstance(r["correct"], bool) for r in rs):
                 row["ci"] = wilson(sum(r["correct"] for r in rs), len(rs))
-            for key in ("strict", "greedy"):  # passkey's other two scores
+            for key in ("strict", "greedy", "key_logprob"):  # passkey's other scores (rows before key_logprob lack it)
                 if all(key in r for r in rs):
                     row[key] = sum(r[key] for r in rs) / len(rs)
             if all("greedy" in r for r in rs):

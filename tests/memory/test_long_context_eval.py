@@ -177,3 +177,36 @@ def test_paired_passkey_matches_examples_across_runs_and_counts_the_discordant_o
              "key": "67890", "run": 2, "greedy": True}]
     p = {(p["other"], p["length"]): p for p in paired_passkey(rows, "infllm_keys")}["infllm", 4096]
     assert (p["n"], p["method_only"], p["other_only"]) == (1, 1, 0)
+
+
+def test_passkey_task_labels_each_grouped_infllm_lookup_with_its_own_rows(gpt2_tok):
+    """passkey_task runs the InfLLM lookups requested together on one prefill per example tree and
+    labels each variant's rows with its method: every row equals the one the method gives run on
+    its own (scores, greedy text, needle, key). (On this tiny random decoder the three lookups give
+    equal scores, so this checks the grouping and that each method gets all of its rows; a swap of
+    two lookups' labels would need a model whose answer depends on what was looked up.)"""
+    from retromem.memory.long_context_eval import INFLLM_LOOKUPS, infllm_config, passkey_task, summarize
+
+    model = tiny_decoder("llama", vocab=50304)
+    names = list(INFLLM_LOOKUPS)
+    cfg = LongEvalConfig(out="unused", methods=tuple(names), tasks=("passkey",), budget=256, segment=128,
+                         lengths=(512, 640), depths=(0.2, 0.7))
+    assert not any(infllm_config(m, cfg.budget).short_lookup(cfg.segment) for m in names)  # so they are grouped
+    grouped: list[dict] = []
+    passkey_task(model, gpt2_tok, cfg, grouped.append)
+    alone: list[dict] = []
+    for m in names:
+        passkey_task(model, gpt2_tok, replace(cfg, methods=(m,)), alone.append)
+    fields = ("correct", "strict", "key_logprob", "greedy", "generated", "needle_at", "key")
+
+    def by_example(rows):
+        return {(r["method"], r["length"], r["depth"], r["sample"]): tuple(r[f] for f in fields) for r in rows}
+
+    got, want = by_example(grouped), by_example(alone)
+    assert len(got) == len(grouped) == len(names) * 4
+    assert got == want
+    # the summary carries the graded score beside the three right-or-wrong ones
+    table = summarize(grouped)["table"]
+    for row in table:
+        rs = [r for r in grouped if (r["method"], r["length"]) == (row["method"], row["length"])]
+        assert row["key_logprob"] == pytest.approx(sum(r["key_logprob"] for r in rs) / len(rs)) and row["key_logprob"] < 0
