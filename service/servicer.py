@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -336,7 +337,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         x = np.asarray(q.vector.values, dtype=np.float32)
         if len(x) != dense.dim:
             raise invalid(f"`queries[0].vector` has {len(x)} values; this index takes {dense.dim}")
-        if not np.isfinite(x).all():
+        # one dot product is finite for every finite vector short of overflow; only then the full scan
+        if not math.isfinite(x @ x) and not np.isfinite(x).all():
             raise invalid(f"`queries[0].vector` holds NaN or infinity at position {int(np.flatnonzero(~np.isfinite(x))[0])}")
         x = x.reshape(1, -1)  # (1, dim)
         nprobe, ef = req.nprobe or None, req.ef_search or None
@@ -349,8 +351,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             D, I = res.scores, res.chunk_ids
         else:
             D, I = got
-        keep = I[0] >= 0
-        out = pb.SearchResponse(results=[pb.QueryResult(chunk_ids=I[0][keep].tolist(), scores=D[0][keep].tolist())])
+        ids, scores = I[0], D[0]
+        if ids[-1] < 0:  # fewer than k reachable: FAISS pads the end with -1
+            keep = ids >= 0
+            ids, scores = ids[keep], scores[keep]
+        out = pb.SearchResponse(results=[pb.QueryResult(chunk_ids=ids.tolist(), scores=scores.tolist())])
         return check_answer(out, self.limits.max_message_bytes, f"1 query x {k:,} hits", SEARCH_ADVICE)
 
     @pinned

@@ -552,3 +552,24 @@ def test_cli_tune_with_query_file(emb_dir, outside_queries, tmp_path):
     assert "held out" in r.output and "held-out queries: recall@10=" in r.output and "efSearch=" in r.output
     r = CliRunner().invoke(main, ["index", "dense", "tune", str(out), "--query-file", str(tmp_path / "nope.txt")])
     assert r.exit_code == 2 and "--query-file" in r.output and "Traceback" not in r.output
+
+
+def test_knn_pads_rows_with_fewer_reachable_hits(ivf_index):
+    """One probed list holds fewer than k vectors: the row ends in chunk id -1 with score -inf, and
+    the hits before the padding are the list's best, as FAISS ranks them."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(ivf_index._indexes[0])
+    sizes = [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
+    k = min(max(sizes) + 1, ivf_index.ntotal)
+    x = np.random.default_rng(0).standard_normal((8, ivf_index.dim)).astype(np.float32)
+    D, I = ivf_index.knn(x, k, nprobe=1)
+    assert D.shape == I.shape == (8, k) and D.dtype == np.float32 and I.dtype == np.int64
+    pad = I < 0
+    assert pad[:, -1].all()  # one list never holds k vectors here
+    assert np.isneginf(D[pad]).all() and np.isfinite(D[~pad]).all()
+    for row in range(8):  # the padding is at the end, after scores in order
+        n = int((~pad[row]).sum())
+        assert not pad[row, :n].any() and (np.diff(D[row, :n]) <= 1e-6).all()
+    full = ivf_index.knn(x, k, nprobe=ivf.nlist)[1]  # every list probed: no padding
+    assert (full >= 0).all()

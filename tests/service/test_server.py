@@ -524,6 +524,16 @@ def test_lone_one_vector_search_skips_the_queue_and_equals_the_batched_path(clie
             with pytest.raises(grpc.RpcError) as e:
                 client.stub.Search(pb.SearchRequest(queries=list(req.queries) * copies, k=req.k), timeout=20)
             assert e.value.code() == code and text in e.value.details(), (copies, e.value.details())
+    inf = x[0].copy()
+    inf[7] = np.inf
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Search(_one(inf), timeout=20)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN or infinity at position 7" in e.value.details()
+    # finite values whose dot product overflows: the quick check's overflow is no reason to refuse
+    big = np.full(384, 1e30, np.float32)
+    one = client.stub.Search(_one(big), timeout=20).results[0]
+    two = client.stub.Search(_one(big, copies=2), timeout=20).results[0]
+    assert list(one.chunk_ids) == list(two.chunk_ids) and list(one.scores) == list(two.scores)
 
 
 def test_one_vector_search_queues_behind_a_running_batch(client, server, backend):
