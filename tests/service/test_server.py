@@ -17,7 +17,6 @@ from retromem.service.config import ServerConfig, ServiceLimits
 from retromem.service.server import start_server
 from retromem.service.servicer import Backend
 from retromem.service.v1 import retrieval_pb2 as pb
-from retromem.service.v1 import retrieval_pb2_grpc as pb_grpc
 
 QUERIES = ["How do I read a file line by line?", "sort a list of dictionaries by a key", "porting extension modules"]
 
