@@ -409,9 +409,10 @@ def passkey_scores(tok: Any, logits: torch.Tensor, ids: torch.Tensor, ex: Any, g
     space (teacher-forced); strict: the space too (SmolLM2 writes the space before digits as its own
     token, which the small model often puts after " a"); greedy: the first number greedy decoding
     writes is the key (InfiniteBench's rule); key_logprob: the teacher-forced log-probability of the
-    key's tokens in nats (graded, where the other three are right or wrong). The teacher-forced scores flatter a memory that looks
-    up by its queries (InfLLM): the question and answer come as one call, so the answer's own
-    queries help choose what the question attends; greedy decoding has no such help."""
+    key's tokens in nats (graded, where the other three are right or wrong). The teacher-forced
+    scores flatter a memory that looks up by its queries (InfLLM): the question and answer come as
+    one call, so the answer's own queries help choose what the question attends; greedy decoding
+    has no such help."""
     n = len(ex.input_ids)
     c = n - ids.shape[1]
     first_digit = next(i for i in range(ex.answer_start, n) if any(ch.isdigit() for ch in tok.decode(ex.input_ids[i])))
