@@ -187,14 +187,12 @@ class DenseIndex(BoundToDatastore):
         D = Ds[0] if len(Ds) == 1 else np.concatenate(Ds, axis=1)
         I = Is[0] if len(Is) == 1 else np.concatenate(Is, axis=1)
         D = faiss_scores(D, index_similarity(self.meta))  # higher is better, any metric
-        if (I < 0).any():
-            D = np.where(I < 0, np.float32(-np.inf), D)
-        D = D.astype(np.float32, copy=False)
+        D = np.where(I < 0, np.float32(-np.inf), D).astype(np.float32, copy=False)
         if len(self._indexes) > 1:  # merge shards by score
             order = np.argsort(-D, axis=1, kind="stable")[:, :k]
             D = np.take_along_axis(D, order, axis=1)
             I = np.take_along_axis(I, order, axis=1)
-        return D, I.astype(np.int64, copy=False)
+        return D, I.astype(np.int64)
 
     def _params(self, i: int, nprobe: int | None, ef_search: int | None, sel):
         """Shard i's FAISS search parameters; without a selector they are built once per (shard,

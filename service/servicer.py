@@ -349,11 +349,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             D, I = res.scores, res.chunk_ids
         else:
             D, I = got
-        ids, scores = I[0], D[0]
-        if ids[-1] < 0:  # fewer than k reachable: FAISS pads the end with -1
-            keep = ids >= 0
-            ids, scores = ids[keep], scores[keep]
-        out = pb.SearchResponse(results=[pb.QueryResult(chunk_ids=ids.tolist(), scores=scores.tolist())])
+        keep = I[0] >= 0
+        out = pb.SearchResponse(results=[pb.QueryResult(chunk_ids=I[0][keep].tolist(), scores=D[0][keep].tolist())])
         return check_answer(out, self.limits.max_message_bytes, f"1 query x {k:,} hits", SEARCH_ADVICE)
 
     @pinned

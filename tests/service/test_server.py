@@ -528,7 +528,7 @@ def test_lone_one_vector_search_skips_the_queue_and_equals_the_batched_path(clie
     with pytest.raises(grpc.RpcError) as e:
         client.stub.Search(_one(inf), timeout=20)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN or infinity at position 7" in e.value.details()
-    # finite values whose dot product overflows: the quick check's overflow is no reason to refuse
+    # finite values whose dot product overflows float32 are still a valid query (no overflow-prone shortcut check)
     big = np.full(384, 1e30, np.float32)
     one = client.stub.Search(_one(big), timeout=20).results[0]
     two = client.stub.Search(_one(big, copies=2), timeout=20).results[0]
